@@ -1,0 +1,21 @@
+"""Shared fixtures: local Minari datasets are built once per checkout into .cache/minari."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Tests never touch the user's ~/.minari: every dataset they need is built locally, once.
+os.environ.setdefault("MINARI_DATASETS_PATH", str(ROOT / ".cache" / "minari"))
+os.environ.setdefault("WANDB_MODE", "disabled")
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def local_dataset():
+    """Return a builder `local_dataset(name) -> dataset_id` that builds the dataset if missing."""
+    from benchmark import datasets
+
+    return datasets.ensure
