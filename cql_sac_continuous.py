@@ -1,0 +1,986 @@
+"""Conservative Q-Learning (CQL) on top of Soft Actor-Critic, continuous actions, offline.
+
+Kumar, Zhou, Tucker, Levine. "Conservative Q-Learning for Offline Reinforcement Learning."
+NeurIPS 2020. https://arxiv.org/abs/2006.04779. Official code: github.com/aviralkumar2907/CQL
+(rlkit `cql.py`); points where the Cal-QL code (github.com/nakamotoo/Cal-QL) is followed are
+named where they appear.
+
+One file, top to bottom: arguments and presets, data, replay buffer, networks, losses,
+evaluation, checkpoints, training loop, main. Run `python cql_sac_continuous.py --help`.
+
+    python cql_sac_continuous.py --env pendulum-medium          # local dataset (see README)
+    python cql_sac_continuous.py --env hopper-medium --device cuda
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+# ======================================================================================
+# Arguments and presets
+# ======================================================================================
+
+
+@dataclass
+class Args:
+    """CQL-SAC. Fields left at None take the value of the `--env` preset, else the default."""
+
+    env: str = "pendulum-medium"
+    """Task name with a preset (see ENV_PRESETS / README), e.g. hopper-medium, antmaze-umaze,
+    pen-human, kitchen-mixed, pendulum-expert."""
+    dataset_id: str | None = None
+    """Any Minari dataset id; overrides the dataset of `--env` (the preset is still applied)."""
+    seed: int = 0
+    """Random seed (networks, sampling, evaluation episodes)."""
+    device: str = "auto"
+    """auto | cpu | cuda (auto picks CUDA when available)."""
+    total_steps: int | None = None
+    """Number of gradient steps (paper: 1M)."""
+    eval_every: int | None = None
+    """Evaluate (and checkpoint) every this many gradient steps."""
+    eval_episodes: int | None = None
+    """Episodes per evaluation, deterministic policy."""
+    batch_size: int = 256
+    """Transitions per gradient step (paper: 256)."""
+    run_dir: str | None = None
+    """Run directory; default runs/cql_sac_continuous__<env>__s<seed>__<time>."""
+    hidden_dims: tuple[int, ...] | None = None
+    """Hidden layer widths of every network (default 256 256 256, paper App. F)."""
+    actor_hidden_dims: tuple[int, ...] | None = None
+    """Actor hidden widths; overrides --hidden-dims for the actor."""
+    critic_hidden_dims: tuple[int, ...] | None = None
+    """Critic hidden widths; overrides --hidden-dims for the critics."""
+    orthogonal_init: bool | None = None
+    """Orthogonal init, hidden gain sqrt(2), last layer 1e-2 (Cal-QL code); else PyTorch default."""
+
+    # ---- SAC -------------------------------------------------------------------------
+    gamma: float = 0.99
+    """Discount factor."""
+    policy_lr: float | None = None
+    """Actor (and entropy alpha) learning rate (paper App. F: 3e-5; official README: 1e-4)."""
+    qf_lr: float = 3e-4
+    """Critic learning rate."""
+    soft_target_update: float = 5e-3
+    """Polyak rate of the target critics."""
+    target_entropy: float | None = None
+    """Entropy target of the automatic temperature; default -|A|."""
+    bc_steps: int | None = None
+    """Behaviour-cloning warm start of the actor for this many steps (official code: 40k)."""
+    backup_entropy: bool | None = None
+    """Keep the -alpha*log pi term in the Bellman target; False = the 'deterministic backup'
+    of the official code."""
+    max_backup: bool | None = None
+    """Max backup: max over N actions from pi(.|s') of the twin-min target Q (antmaze, kitchen)."""
+
+    # ---- CQL -------------------------------------------------------------------------
+    cql_weight: float | None = None
+    """Weight w of the conservative penalty (official: 5.0 gym; 0 gives naive offline SAC)."""
+    cql_variant: Literal["is", "plain", "rho"] = "is"
+    """is: CQL(H), importance-sampled logsumexp (App. F, official min_q_version 3);
+    plain: CQL(H), logsumexp over the sampled Q-values with temperature (min_q_version 2);
+    rho: CQL(rho), Eq. 7, softmax-weighted mean of Q under the previous policy."""
+    cql_data_term: bool = True
+    """Subtract E_D[Q(s,a)] (Eq. 2/4); False gives the Eq. 1 variant (Table 5 ablation)."""
+    cql_n_actions: int = 10
+    """N actions per state from each proposal (App. F: 10)."""
+    cql_temp: float = 1.0
+    """Temperature T of T*logsumexp(Q/T)."""
+    cql_clip_diff_min: float = -math.inf
+    """Lower clip of the penalty (pushed-down minus data Q), per critic (Cal-QL code)."""
+    cql_clip_diff_max: float = math.inf
+    """Upper clip of the penalty, per critic (Cal-QL code)."""
+    lagrange: bool | None = None
+    """Tune the CQL weight alpha' by dual gradient descent with target gap `--cql-tau` (Eq. 30)."""
+    cql_tau: float | None = None
+    """Target gap tau of the Lagrange form (paper: 10 gym, 5 Adroit/kitchen; 0.8 antmaze)."""
+    lagrange_form: Literal["calql", "cql"] = "calql"
+    """calql: alpha'*w*(gap - tau) (Cal-QL and CORL code); cql: alpha'*(w*gap - tau) (CQL code)."""
+    alpha_prime_lr: float = 3e-4
+    """Learning rate of log alpha' (Lagrange only)."""
+
+    # ---- data ------------------------------------------------------------------------
+    reward_mode: Literal["none", "locomotion", "scale_bias"] | None = None
+    """none; locomotion: r*1000/(max_return - min_return); scale_bias: r*scale + bias."""
+    reward_scale: float | None = None
+    """Scale for reward_mode scale_bias (antmaze: 10)."""
+    reward_bias: float | None = None
+    """Bias for reward_mode scale_bias (antmaze: -5)."""
+    normalize_states: bool | None = None
+    """Normalize observations with the dataset mean/std (eps 1e-3), at evaluation too."""
+
+    # ---- run -------------------------------------------------------------------------
+    log_every: int = 1000
+    """Read training metrics to the host (the only sync) every this many steps."""
+    max_abs_q: float = 1e6
+    """Stop the run when |Q| exceeds this (divergence guard), checked every log_every steps."""
+    compile: bool = False
+    """torch.compile the loss computation (CPU and CUDA)."""
+    cudagraphs: bool = False
+    """With --compile on CUDA: mode reduce-overhead (CUDA graphs)."""
+    resume: str | None = None
+    """Resume the run in this directory (same arguments; refused if the config differs)."""
+    track: bool = False
+    """Log to Weights & Biases."""
+    wandb_project: str = "cql-calql"
+    """W&B project."""
+    wandb_entity: str | None = None
+    """W&B entity."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+
+
+DEFAULTS: dict[str, Any] = dict(
+    total_steps=1_000_000, eval_every=10_000, eval_episodes=10, hidden_dims=(256, 256, 256),
+    orthogonal_init=False, policy_lr=3e-5, bc_steps=0, backup_entropy=False, max_backup=False,
+    cql_weight=5.0, lagrange=False, cql_tau=10.0, reward_mode="none", reward_scale=1.0,
+    reward_bias=0.0, normalize_states=False,
+)  # backup_entropy False: the official code's `deterministic_backup=True`.
+
+_GYM = dict(policy_lr=1e-4, bc_steps=40_000, cql_weight=5.0)  # official README command
+_ANTMAZE = dict(policy_lr=1e-4, bc_steps=40_000, cql_weight=5.0, lagrange=True, cql_tau=0.8,
+                max_backup=True, critic_hidden_dims=(256, 256, 256, 256),
+                actor_hidden_dims=(256, 256), reward_mode="scale_bias", reward_scale=10.0,
+                reward_bias=-5.0, orthogonal_init=True)  # Cal-QL / CORL antmaze
+_ADROIT = dict(policy_lr=1e-4, bc_steps=40_000, cql_weight=5.0, lagrange=True, cql_tau=5.0)
+_KITCHEN = dict(policy_lr=1e-4, bc_steps=40_000, cql_weight=5.0, lagrange=True, cql_tau=5.0,
+                max_backup=True)
+_LOCAL = dict(total_steps=20_000, eval_every=2_000, eval_episodes=10, hidden_dims=(256, 256),
+              policy_lr=1e-4, cql_weight=5.0)  # small enough for a CPU
+
+
+def _env_presets() -> dict[str, tuple[str, dict[str, Any]]]:
+    """`--env` name -> (Minari dataset id, preset overrides)."""
+    presets: dict[str, tuple[str, dict[str, Any]]] = {}
+    for robot in ("hopper", "halfcheetah", "walker2d", "ant"):
+        for level in ("simple", "medium", "expert"):
+            presets[f"{robot}-{level}"] = (f"mujoco/{robot}/{level}-v0", _GYM)
+    for maze in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play",
+                 "large-diverse"):
+        presets[f"antmaze-{maze}"] = (f"D4RL/antmaze/{maze}-v1", _ANTMAZE)
+    for task in ("pen", "door", "relocate", "hammer"):
+        for level in ("human", "cloned", "expert"):
+            presets[f"{task}-{level}"] = (f"D4RL/{task}/{level}-v2", _ADROIT)
+    for task in ("complete", "partial", "mixed"):
+        presets[f"kitchen-{task}"] = (f"D4RL/kitchen/{task}-v2", _KITCHEN)
+    for level in ("random", "medium", "expert", "medium-replay", "medium-expert"):
+        presets[f"pendulum-{level}"] = (f"local/pendulum/{level}-v0", _LOCAL)
+    return presets
+
+
+ENV_PRESETS = _env_presets()
+
+
+def fail(message: str) -> None:
+    """Stop with a one-line error (exit code 1, no traceback)."""
+    raise SystemExit(f"error: {message}")
+
+
+def resolve_args(args: Args) -> Args:
+    """Fill every None field from the env preset, then DEFAULTS; command-line values win."""
+    if args.env not in ENV_PRESETS and args.dataset_id is None:
+        fail(f"unknown --env {args.env!r}; choose one of {', '.join(ENV_PRESETS)} "
+             "or pass any Minari id with --dataset-id")
+    dataset_id, preset = ENV_PRESETS.get(args.env, (None, {}))
+    filled = {}
+    for f in fields(args):
+        value = getattr(args, f.name)
+        if value is None and f.name not in ("actor_hidden_dims", "critic_hidden_dims"):
+            value = preset.get(f.name, DEFAULTS.get(f.name))
+        filled[f.name] = value
+    # Per-network widths: explicit flag > --hidden-dims > preset per-network > preset/default.
+    for name in ("actor_hidden_dims", "critic_hidden_dims"):
+        filled[name] = tuple(getattr(args, name) or args.hidden_dims or preset.get(name)
+                             or filled["hidden_dims"])
+    filled["hidden_dims"] = tuple(filled["hidden_dims"])
+    filled["dataset_id"] = args.dataset_id or dataset_id
+    if filled["run_dir"] is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        filled["run_dir"] = f"runs/cql_sac_continuous__{args.env}__s{args.seed}__{stamp}"
+    return replace(args, **filled)
+
+
+# ======================================================================================
+# Data: Minari dataset -> transitions -> replay buffer on the training device
+# ======================================================================================
+
+
+def load_minari_dataset(dataset_id: str):
+    """Load a Minari dataset: local copy first, else download (needs network)."""
+    import minari
+
+    try:
+        return minari.load_dataset(dataset_id)
+    except FileNotFoundError:
+        pass
+    if dataset_id.startswith("local/"):
+        name = dataset_id.split("/")[1] + "-" + dataset_id.split("/")[2].rsplit("-v", 1)[0]
+        fail(f"dataset {dataset_id} not found; build it with: python benchmark/datasets.py {name}")
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except Exception as exc:  # network errors come in many types
+        fail(f"dataset {dataset_id} is not in {os.environ.get('MINARI_DATASETS_PATH', '~/.minari')}"
+             f" and could not be downloaded ({type(exc).__name__}); on a machine with network "
+             f"run `minari download {dataset_id}` and copy the datasets folder here")
+
+
+def flatten_obs(obs: Any) -> np.ndarray:
+    """Flatten (possibly nested dict) observations to float32 [..., d], keys in sorted order.
+
+    The same function serves the dataset (leading time axis) and the evaluation env (no time
+    axis), so the feature order is identical in both (antmaze / kitchen dict observations).
+    """
+    if isinstance(obs, dict):
+        parts = [flatten_obs(obs[k]) for k in sorted(obs)]
+        return np.concatenate(parts, axis=-1)
+    return np.asarray(obs, dtype=np.float32)
+
+
+def episode_to_transitions(observations: Any, actions: np.ndarray, rewards: np.ndarray,
+                           terminations: np.ndarray, truncations: np.ndarray
+                           ) -> dict[str, np.ndarray]:
+    """One episode (T+1 observations, T steps) -> T transitions.
+
+    `next_obs[t] = obs[t+1]`; `done` is the termination flag only: a truncation (time limit)
+    is not a terminal state, so its target still bootstraps from obs[T].
+    """
+    obs = flatten_obs(observations)
+    if obs.ndim == 1:
+        obs = obs[:, None]
+    steps = len(actions)
+    if len(obs) != steps + 1:
+        fail(f"episode has {len(obs)} observations for {steps} actions (expected T+1)")
+    return dict(
+        obs=obs[:-1], next_obs=obs[1:],
+        actions=np.asarray(actions, np.float32).reshape(steps, -1),
+        rewards=np.asarray(rewards, np.float32).reshape(steps),
+        dones=np.asarray(terminations, np.float32).reshape(steps),
+        timeouts=np.asarray(truncations, np.float32).reshape(steps),
+    )
+
+
+def episodes_to_transitions(episodes) -> dict[str, np.ndarray]:
+    """Concatenate the transitions of Minari episodes (objects with the EpisodeData fields)."""
+    parts = [episode_to_transitions(ep.observations, ep.actions, ep.rewards, ep.terminations,
+                                    ep.truncations) for ep in episodes]
+    if not parts:
+        fail("the dataset has no episodes")
+    data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    returns = np.array([p["rewards"].sum() for p in parts], np.float64)
+    data["episode_returns"] = returns  # per episode, for the locomotion reward scale
+    return data
+
+
+def check_finite(data: dict[str, np.ndarray], dataset_id: str) -> None:
+    """Refuse NaN/inf in the data, naming the field."""
+    for key in ("obs", "next_obs", "actions", "rewards"):
+        bad = int((~np.isfinite(data[key])).sum())
+        if bad:
+            fail(f"dataset {dataset_id} has {bad} non-finite values in '{key}'; clean or filter "
+                 "those episodes before training")
+
+
+@dataclass
+class Transform:
+    """Everything applied to data that must be applied identically at evaluation."""
+
+    obs_mean: np.ndarray
+    obs_std: np.ndarray
+    action_scale: np.ndarray
+    action_bias: np.ndarray
+    reward_scale: float
+    reward_bias: float
+
+    def obs(self, obs: np.ndarray) -> np.ndarray:
+        return ((obs - self.obs_mean) / self.obs_std).astype(np.float32)
+
+    def reward(self, reward: np.ndarray | float) -> np.ndarray | float:
+        return reward * self.reward_scale + self.reward_bias
+
+    def to_env_action(self, action: np.ndarray) -> np.ndarray:
+        """Actor output in [-1, 1]^d -> env action in [low, high]."""
+        return action * self.action_scale + self.action_bias
+
+
+def make_transform(data: dict[str, np.ndarray], action_space: gym.spaces.Box,
+                   args: Args) -> Transform:
+    """Observation statistics, action rescaling and reward scale/bias from the dataset."""
+    dim = data["obs"].shape[1]
+    if args.normalize_states:
+        mean = data["obs"].mean(0)
+        std = data["obs"].std(0) + 1e-3
+    else:
+        mean, std = np.zeros(dim, np.float32), np.ones(dim, np.float32)
+    low, high = action_space.low.astype(np.float32), action_space.high.astype(np.float32)
+    scale, bias = float(args.reward_scale), float(args.reward_bias)
+    if args.reward_mode == "none":
+        scale, bias = 1.0, 0.0
+    elif args.reward_mode == "locomotion":  # CORL / IQL: r * 1000 / (max_ret - min_ret)
+        spread = float(data["episode_returns"].max() - data["episode_returns"].min())
+        scale, bias = 1000.0 / max(spread, 1e-6), 0.0
+    return Transform(mean.astype(np.float32), std.astype(np.float32), (high - low) / 2,
+                     (high + low) / 2, scale, bias)
+
+
+def apply_transform(data: dict[str, np.ndarray], tf: Transform) -> dict[str, np.ndarray]:
+    """Normalized observations, actions in [-1, 1], scaled rewards: what the networks see."""
+    actions = (data["actions"] - tf.action_bias) / tf.action_scale
+    return dict(obs=tf.obs(data["obs"]), next_obs=tf.obs(data["next_obs"]),
+                actions=np.clip(actions, -1.0, 1.0).astype(np.float32),
+                rewards=np.asarray(tf.reward(data["rewards"]), np.float32),
+                dones=data["dones"])
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+class ReplayBuffer:
+    """The whole dataset as tensors on the training device; uniform sampling on the device."""
+
+    def __init__(self, data: dict[str, np.ndarray], device: torch.device, seed: int):
+        self.data = {k: torch.as_tensor(v, device=device) for k, v in data.items()}
+        self.size = len(self.data["obs"])
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, self.size, (batch_size,), device=self.data["obs"].device,
+                            generator=self.generator)
+        return {k: v[idx] for k, v in self.data.items()}
+
+
+def load_data(args: Args):
+    """Dataset id -> (replay buffer data, transform, eval env factory, dataset info)."""
+    dataset = load_minari_dataset(args.dataset_id)
+    if not isinstance(dataset.action_space, gym.spaces.Box):
+        fail(f"dataset {args.dataset_id} has a {type(dataset.action_space).__name__} action "
+             "space; this script needs continuous (Box) actions: use cql_qrdqn_atari.py")
+    data = episodes_to_transitions(dataset.iterate_episodes())
+    check_finite(data, args.dataset_id)
+    tf = make_transform(data, dataset.action_space, args)
+    meta = dataset.storage.metadata
+    info = dict(dataset_id=args.dataset_id, transitions=len(data["obs"]),
+                episodes=len(data["episode_returns"]), obs_dim=data["obs"].shape[1],
+                action_dim=data["actions"].shape[1],
+                ref_min_score=_float_or_none(meta.get("ref_min_score")),
+                ref_max_score=_float_or_none(meta.get("ref_max_score")))
+
+    def make_env() -> gym.Env:
+        try:
+            import gymnasium_robotics  # noqa: F401  (registers Adroit, AntMaze, Kitchen)
+
+            gym.register_envs(gymnasium_robotics)
+        except ImportError:
+            pass
+        return dataset.recover_environment(eval_env=True)
+
+    return apply_transform(data, tf), tf, make_env, info
+
+
+# ======================================================================================
+# Networks: tanh-Gaussian actor, twin critics fused into one batched ensemble
+# ======================================================================================
+
+
+class EnsembleLinear(nn.Module):
+    """E independent linear layers evaluated by one batched matmul: [E, B, in] -> [E, B, out]."""
+
+    def __init__(self, ensemble: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(ensemble, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(ensemble, 1, out_features))
+        bound = 1 / math.sqrt(in_features)  # nn.Linear's default init, per member
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor, detach: bool = False) -> torch.Tensor:
+        w, b = (self.weight.detach(), self.bias.detach()) if detach else (self.weight, self.bias)
+        return torch.baddbmm(b, x, w)
+
+
+def orthogonal_(weight: torch.Tensor, gain: float) -> None:
+    """Orthogonal init of a [in, out] (or [E, in, out]) weight, as nn.init does for [out, in]."""
+    mats = weight.data if weight.dim() == 3 else weight.data[None]
+    for mat in mats:
+        mat.copy_(nn.init.orthogonal_(torch.empty(mat.shape[1], mat.shape[0]), gain).T)
+
+
+class FusedCritic(nn.Module):
+    """Twin Q-networks as ONE ensemble: each layer is one baddbmm for both critics."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...],
+                 orthogonal: bool, ensemble: int = 2):
+        super().__init__()
+        dims = (obs_dim + action_dim, *hidden, 1)
+        self.layers = nn.ModuleList(
+            EnsembleLinear(ensemble, i, o) for i, o in zip(dims[:-1], dims[1:], strict=True))
+        self.ensemble = ensemble
+        if orthogonal:
+            for k, layer in enumerate(self.layers):
+                last = k == len(self.layers) - 1
+                orthogonal_(layer.weight, 1e-2 if last else math.sqrt(2))
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor,
+                detach: bool = False) -> torch.Tensor:
+        """obs [..., d], action [..., a] -> Q [E, ...]; detach=True gives no critic gradients."""
+        x = torch.cat([obs, action], -1)
+        lead = x.shape[:-1]
+        h = x.reshape(1, -1, x.shape[-1]).expand(self.ensemble, -1, -1)
+        for k, layer in enumerate(self.layers):
+            h = layer(h, detach)
+            if k < len(self.layers) - 1:
+                h = F.relu(h)
+        return h.reshape(self.ensemble, *lead)
+
+
+def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(in_dim, h), nn.ReLU()]
+        in_dim = h
+    layers.append(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # paper App. F / official code
+
+
+class TanhGaussianActor(nn.Module):
+    """pi(a|s) = tanh(N(mu(s), sigma(s))), log-std clamped to [-20, 2]."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...], orthogonal: bool):
+        super().__init__()
+        self.net = mlp(obs_dim, hidden, 2 * action_dim)
+        if orthogonal:
+            linears = [m for m in self.net if isinstance(m, nn.Linear)]
+            for k, layer in enumerate(linears):
+                nn.init.orthogonal_(layer.weight, 1e-2 if k == len(linears) - 1 else math.sqrt(2))
+                nn.init.zeros_(layer.bias)
+
+    def dist(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.net(obs).chunk(2, -1)
+        return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterized sample a ~ pi(.|s) and its log-density (tanh change of variables)."""
+        mean, log_std = self.dist(obs)
+        u = mean + log_std.exp() * torch.randn_like(mean)
+        return torch.tanh(u), tanh_gaussian_log_prob(u, mean, log_std)
+
+    def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """log pi(a|s) of a given action in (-1, 1) (behaviour cloning)."""
+        mean, log_std = self.dist(obs)
+        u = torch.atanh(action.clamp(-1 + 1e-6, 1 - 1e-6))
+        return tanh_gaussian_log_prob(u, mean, log_std)
+
+    @torch.no_grad()
+    def act_deterministic(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dist(obs)[0])
+
+
+def tanh_gaussian_log_prob(u: torch.Tensor, mean: torch.Tensor,
+                           log_std: torch.Tensor) -> torch.Tensor:
+    """log N(u; mean, std) - sum log(1 - tanh(u)^2), the latter in a stable softplus form."""
+    normal = -0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+    log_det = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
+    return (normal - log_det).sum(-1)
+
+
+class Agent(nn.Module):
+    """All trainable state: actor, fused twin critics and their target, log alpha, log alpha'."""
+
+    def __init__(self, obs_dim: int, action_dim: int, args: Args):
+        super().__init__()
+        self.actor = TanhGaussianActor(obs_dim, action_dim, args.actor_hidden_dims,
+                                       args.orthogonal_init)
+        self.critic = FusedCritic(obs_dim, action_dim, args.critic_hidden_dims,
+                                  args.orthogonal_init)
+        self.target_critic = FusedCritic(obs_dim, action_dim, args.critic_hidden_dims, False)
+        self.target_critic.load_state_dict(self.critic.state_dict())
+        self.target_critic.requires_grad_(False)
+        self.log_alpha = nn.Parameter(torch.zeros(()))
+        self.log_alpha_prime = nn.Parameter(torch.zeros(()))
+
+
+# ======================================================================================
+# Losses
+# ======================================================================================
+
+
+def cql_logsumexp_is(q_rand: torch.Tensor, q_pi: torch.Tensor, logp_pi: torch.Tensor,
+                     q_next_pi: torch.Tensor, logp_next_pi: torch.Tensor, action_dim: int,
+                     temp: float = 1.0) -> torch.Tensor:
+    """Importance-sampled log sum_a exp Q(s,a), App. F (official `min_q_version 3`).
+
+    q_*: [E, B, N], all scored at the CURRENT state s; logp_*: [B, N] proposal log-densities.
+    Each sample's Q has its proposal's log-density subtracted (detached: the penalty never
+    trains the actor); uniform density on [-1, 1]^d is 0.5^d. Returns [E, B]. The constant
+    log(3N) of a proper mean is omitted, as in the official code (it changes no gradient).
+    """
+    log_unif = action_dim * math.log(0.5)
+    cat = torch.cat([q_rand - log_unif, q_pi - logp_pi.detach(),
+                     q_next_pi - logp_next_pi.detach()], dim=-1)
+    return temp * torch.logsumexp(cat / temp, dim=-1)
+
+
+def cql_logsumexp_plain(q_rand: torch.Tensor, q_pi: torch.Tensor, q_next_pi: torch.Tensor,
+                        q_data: torch.Tensor, temp: float = 1.0) -> torch.Tensor:
+    """T * logsumexp(Q/T) over [Q_rand, Q_data, Q_pi(s'), Q_pi(s)] (official `min_q_version 2`)."""
+    cat = torch.cat([q_rand, q_data.unsqueeze(-1), q_next_pi, q_pi], dim=-1)
+    return temp * torch.logsumexp(cat / temp, dim=-1)
+
+
+def cql_rho_push_down(q_pi: torch.Tensor) -> torch.Tensor:
+    """CQL(rho), Eq. 7 with rho = previous policy: the maximizing mu is rho*exp(Q)/Z, so the
+    pushed-down value is the softmax(Q)-weighted mean of Q over actions drawn from rho.
+    The weights are the solution of the inner max, hence held fixed (detached)."""
+    weights = torch.softmax(q_pi.detach(), dim=-1)
+    return (weights * q_pi).sum(-1)
+
+
+def cql_penalty(push_down: torch.Tensor, q_data: torch.Tensor, data_term: bool,
+                clip_min: float, clip_max: float) -> torch.Tensor:
+    """Per-critic gap E_s[push-down] - E_D[Q(s,a)] (Eq. 4); without the data term: Eq. 1."""
+    diff = push_down - q_data if data_term else push_down
+    return diff.clamp(clip_min, clip_max).mean(-1)  # [E]
+
+
+def lagrange_terms(gap: torch.Tensor, log_alpha_prime: torch.Tensor, weight: float, tau: float,
+                   form: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 30 dual descent. Returns (critic penalty [E], alpha' loss, alpha').
+
+    alpha' = clamp(exp(log alpha'), 0, 1e6). The critic sees alpha' as a constant; alpha'
+    sees the gap as a constant and grows while gap > tau. calql: alpha'*w*(gap - tau) (Cal-QL,
+    CORL); cql: alpha'*(w*gap - tau) (CQL code).
+    """
+    alpha_prime = log_alpha_prime.exp().clamp(0.0, 1e6)
+    slack = weight * (gap - tau) if form == "calql" else weight * gap - tau
+    penalty = alpha_prime.detach() * slack
+    alpha_prime_loss = -(alpha_prime * slack.detach()).mean()  # mean over both critics
+    return penalty, alpha_prime_loss, alpha_prime
+
+
+def bellman_target(agent: Agent, batch: dict[str, torch.Tensor], args: Args,
+                   alpha: torch.Tensor) -> torch.Tensor:
+    """r + gamma (1 - d) * target value at s' (no gradient). Backups:
+    standard: min_j Qbar_j(s', a') - alpha log pi(a'|s');  deterministic: no entropy term
+    (official `deterministic_backup`); max: max over N a' ~ pi(.|s') of min_j Qbar_j (Cal-QL)."""
+    with torch.no_grad():
+        next_obs = batch["next_obs"]
+        if args.max_backup:
+            n = args.cql_n_actions
+            rep = next_obs.unsqueeze(1).expand(-1, n, -1)
+            a_next, logp_next = agent.actor(rep)  # [B, N, a], [B, N]
+            q_next = agent.target_critic(rep, a_next).min(0).values  # [B, N]
+            q_next, idx = q_next.max(-1)
+            logp_next = logp_next.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+        else:
+            a_next, logp_next = agent.actor(next_obs)
+            q_next = agent.target_critic(next_obs, a_next).min(0).values
+        if args.backup_entropy:
+            q_next = q_next - alpha * logp_next
+        return batch["rewards"] + args.gamma * (1.0 - batch["dones"]) * q_next
+
+
+def compute_losses(agent: Agent, batch: dict[str, torch.Tensor], args: Args, bc: bool,
+                   action_dim: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """All four losses from the same parameters; their sum has disjoint gradients:
+    actor (critic detached), critics (Bellman + CQL), log alpha, log alpha'."""
+    obs, actions = batch["obs"], batch["actions"]
+    alpha = agent.log_alpha.exp()
+
+    # ---- actor: SAC loss, or behaviour cloning for the first bc_steps (official code) ----
+    a_pi, logp_pi = agent.actor(obs)
+    if bc:
+        actor_loss = (alpha.detach() * logp_pi - agent.actor.log_prob(obs, actions)).mean()
+    else:
+        q_pi = agent.critic(obs, a_pi, detach=True).min(0).values
+        actor_loss = (alpha.detach() * logp_pi - q_pi).mean()
+    target_entropy = -action_dim if args.target_entropy is None else args.target_entropy
+    alpha_loss = -(agent.log_alpha * (logp_pi.detach() + target_entropy)).mean()
+
+    # ---- critics: Bellman error (MSE without the 1/2 of Eq. 4, as both official codes) ---
+    target = bellman_target(agent, batch, args, alpha.detach())
+    q_data = agent.critic(obs, actions)  # [E, B]
+    bellman = ((q_data - target) ** 2).mean(-1)  # [E]
+    metrics = dict(bellman_loss=bellman.mean(), q_data=q_data.mean(), actor_loss=actor_loss,
+                   alpha=alpha.detach(), log_pi=logp_pi.detach().mean())
+
+    critic_loss = bellman.sum()
+    if args.cql_weight > 0 or args.lagrange:
+        penalty, alpha_prime_loss = cql_term(agent, batch, args, q_data, action_dim, metrics)
+        critic_loss = critic_loss + penalty.sum()
+    else:
+        alpha_prime_loss = torch.zeros((), device=obs.device)
+    metrics["critic_loss"] = critic_loss.detach()
+    total = actor_loss + alpha_loss + critic_loss + alpha_prime_loss
+    return total, metrics
+
+
+def cql_term(agent: Agent, batch: dict[str, torch.Tensor], args: Args, q_data: torch.Tensor,
+             action_dim: int, metrics: dict[str, torch.Tensor]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conservative penalty per critic [E] and the alpha' loss (0 without Lagrange)."""
+    obs, next_obs = batch["obs"], batch["next_obs"]
+    batch_size, n = obs.shape[0], args.cql_n_actions
+    rep_obs = obs.unsqueeze(1).expand(-1, n, -1)  # [B, N, d]
+    with torch.no_grad():  # proposal samples: the penalty never trains the actor
+        a_rand = torch.rand(batch_size, n, action_dim, device=obs.device) * 2 - 1
+        a_cur, logp_cur = agent.actor(rep_obs)
+        a_next, logp_next = agent.actor(next_obs.unsqueeze(1).expand(-1, n, -1))
+    # One critic call for all 3N actions, every one of them scored at the CURRENT state s.
+    q_all = agent.critic(rep_obs.repeat(1, 3, 1), torch.cat([a_rand, a_cur, a_next], 1))
+    q_rand, q_cur, q_next = q_all.split(n, dim=-1)  # each [E, B, N]
+    if args.cql_variant == "is":
+        push_down = cql_logsumexp_is(q_rand, q_cur, logp_cur, q_next, logp_next, action_dim,
+                                     args.cql_temp)
+    elif args.cql_variant == "plain":
+        push_down = cql_logsumexp_plain(q_rand, q_cur, q_next, q_data, args.cql_temp)
+    else:
+        push_down = cql_rho_push_down(q_cur)
+    gap = cql_penalty(push_down, q_data, args.cql_data_term, args.cql_clip_diff_min,
+                      args.cql_clip_diff_max)
+    metrics["cql_gap"] = gap.detach().mean()
+    metrics["q_ood"] = push_down.detach().mean()
+    if args.lagrange:
+        penalty, alpha_prime_loss, alpha_prime = lagrange_terms(
+            gap, agent.log_alpha_prime, args.cql_weight, args.cql_tau, args.lagrange_form)
+        metrics["alpha_prime"] = alpha_prime.detach()
+        return penalty, alpha_prime_loss
+    metrics["alpha_prime"] = torch.full((), args.cql_weight, device=obs.device)
+    return args.cql_weight * gap, torch.zeros((), device=obs.device)
+
+
+# ======================================================================================
+# Training step
+# ======================================================================================
+
+
+class Trainer:
+    """One gradient step with no host sync: losses stay on the device until logged."""
+
+    def __init__(self, agent: Agent, args: Args, action_dim: int, device: torch.device):
+        self.agent, self.args, self.action_dim = agent, args, action_dim
+        fused = device.type == "cuda"
+        adam = lambda params, lr: torch.optim.Adam(params, lr=lr, fused=fused or None,
+                                                   foreach=None if fused else True)
+        self.optimizers = dict(
+            actor=adam(agent.actor.parameters(), args.policy_lr),
+            critic=adam(agent.critic.parameters(), args.qf_lr),
+            alpha=adam([agent.log_alpha], args.policy_lr),
+            alpha_prime=adam([agent.log_alpha_prime], args.alpha_prime_lr),
+        )
+        self.loss_fn = compute_losses
+        if args.compile:
+            mode = "reduce-overhead" if args.cudagraphs and device.type == "cuda" else None
+            self.loss_fn = torch.compile(compute_losses, mode=mode)
+        self.online = list(agent.critic.parameters())
+        self.target = list(agent.target_critic.parameters())
+
+    def step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        total, metrics = self.loss_fn(self.agent, batch, self.args, step < self.args.bc_steps,
+                                      self.action_dim)
+        total.backward()
+        for opt in self.optimizers.values():
+            opt.step()
+        with torch.no_grad():  # Polyak averaging of the target critics
+            torch._foreach_lerp_(self.target, self.online, self.args.soft_target_update)
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: opt.state_dict() for k, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(state[k])
+
+
+# ======================================================================================
+# Evaluation
+# ======================================================================================
+
+
+def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[str, Any],
+             device: torch.device) -> dict[str, float | None]:
+    """Deterministic policy for `eval_episodes` episodes, seeds fixed (independent of history).
+
+    value_gap (paper Table 4): the critics' predicted value of the policy at each episode's
+    first state, min over twins of Q(s0, pi(s0)), minus the discounted return actually
+    obtained (rewards transformed as in training). Negative = conservative.
+    """
+    returns, gaps, preds, successes, has_success = [], [], [], [], False
+    for i in range(args.eval_episodes):
+        obs, _ = env.reset(seed=10_000 * (args.seed + 1) + i)
+        done, ep_return, disc_return, discount, t = False, 0.0, 0.0, 1.0, 0
+        success = False
+        while not done:
+            x = torch.as_tensor(tf.obs(flatten_obs(obs)), device=device).reshape(1, -1)
+            action = agent.actor.act_deterministic(x)
+            if t == 0:
+                with torch.no_grad():
+                    pred = agent.critic(x, action).min(0).values.item()
+            obs, reward, terminated, truncated, step_info = env.step(
+                tf.to_env_action(action[0].cpu().numpy()))
+            ep_return += float(reward)
+            disc_return += discount * float(tf.reward(float(reward)))
+            discount *= args.gamma
+            has_success = has_success or "success" in step_info
+            success = success or bool(step_info.get("success", False))
+            done = terminated or truncated
+            t += 1
+        returns.append(ep_return)
+        preds.append(pred)
+        gaps.append(pred - disc_return)
+        successes.append(success)
+    ret = float(np.mean(returns))
+    lo, hi = info.get("ref_min_score"), info.get("ref_max_score")
+    norm = 100.0 * (ret - lo) / (hi - lo) if lo is not None and hi is not None else None
+    return dict(return_mean=ret, return_std=float(np.std(returns)), normalized_score=norm,
+                value_gap=float(np.mean(gaps)), q_pred_s0=float(np.mean(preds)),
+                success_rate=float(np.mean(successes)) if has_success else None)
+
+
+# ======================================================================================
+# Run directory, checkpoints, resume
+# ======================================================================================
+
+# Fields that may differ on resume without changing the result.
+RESUME_FREE = {"resume", "run_dir", "track", "wandb_project", "wandb_entity", "progress",
+               "log_every"}
+
+
+def config_dict(args: Args) -> dict[str, Any]:
+    cfg = asdict(args)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+def check_resume_config(run_dir: Path, args: Args) -> None:
+    """Refuse a resume whose resolved config differs from the run's config.json."""
+    path = run_dir / "config.json"
+    if not (run_dir / "checkpoint.pt").exists() or not path.exists():
+        fail(f"--resume {run_dir}: no checkpoint.pt/config.json there; start a new run instead")
+    saved = json.loads(path.read_text())["args"]
+    now = json.loads(json.dumps(config_dict(args)))  # tuples -> lists, inf -> Infinity
+    diff = sorted(k for k in now if k not in RESUME_FREE and saved.get(k) != now[k])
+    if diff:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
+        fail(f"--resume {run_dir} does not match its config.json ({detail}); "
+             "rerun with the original arguments or start a new run")
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write to a temp file in the same directory, fsync, then rename: never half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, agent: Agent, trainer: Trainer, buffer: ReplayBuffer,
+                    step: int, history: list[dict[str, Any]], timing: dict[str, float]) -> None:
+    atomic_torch_save(dict(
+        step=step, agent=agent.state_dict(), optimizers=trainer.state_dict(),
+        sampler=buffer.generator.get_state(), torch_rng=torch.get_rng_state(),
+        cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        history=history, timing=timing,
+    ), path)
+
+
+def load_checkpoint(path: Path, agent: Agent, trainer: Trainer, buffer: ReplayBuffer
+                    ) -> tuple[int, list[dict[str, Any]], dict[str, float]]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    agent.load_state_dict(ckpt["agent"])
+    trainer.load_state_dict(ckpt["optimizers"])
+    buffer.generator.set_state(ckpt["sampler"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    return ckpt["step"], ckpt["history"], ckpt["timing"]
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {s: signal.signal(s, self._set) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _set(self, signum, _frame) -> None:
+        self.signal = signum
+
+    def restore(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+# ======================================================================================
+# Main
+# ======================================================================================
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda but no CUDA device is visible; use --device cpu or auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """All randomness of training is torch's (numpy draws nothing); evaluation envs are seeded."""
+    torch.manual_seed(seed)
+
+
+def host_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The one host sync: all training metrics in a single transfer."""
+    keys = sorted(metrics)
+    values = torch.stack([metrics[k].float() for k in keys]).tolist()
+    return dict(zip(keys, values, strict=True))
+
+
+def check_divergence(values: dict[str, float], step: int, args: Args, run_dir: Path,
+                     last_good: int | None) -> None:
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if not bad and abs(values.get("q_data", 0.0)) > args.max_abs_q:
+        bad = ["q_data"]
+    if bad:
+        where = (f"last good checkpoint: {run_dir / 'checkpoint.pt'} (step {last_good})"
+                 if last_good is not None else "no checkpoint was written yet")
+        fail(f"training diverged at step {step} ({', '.join(bad)} non-finite or |Q| > "
+             f"{args.max_abs_q:g}); {where}; lower the learning rates or raise --cql-weight")
+
+
+def main(args: Args | None = None) -> dict[str, Any]:
+    args = resolve_args(args if args is not None else Args())
+    device = pick_device(args.device)
+    run_dir = Path(args.resume or args.run_dir)
+    if args.resume:
+        args = replace(args, run_dir=str(run_dir))
+        check_resume_config(run_dir, args)
+    seed_everything(args.seed)
+
+    data, tf, make_env, info = load_data(args)
+    buffer = ReplayBuffer(data, device, args.seed)
+    agent = Agent(info["obs_dim"], info["action_dim"], args).to(device)
+    trainer = Trainer(agent, args, info["action_dim"], device)
+    env = make_env()
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / "checkpoint.pt"
+    start, history, timing = 0, [], dict(train_s=0.0, wall_s=0.0)
+    if args.resume:
+        start, history, timing = load_checkpoint(ckpt_path, agent, trainer, buffer)
+        # metrics.jsonl may hold evaluations past the checkpoint (killed after writing it).
+        with open(run_dir / "metrics.jsonl", "w") as fh:
+            fh.writelines(json.dumps(row) + "\n" for row in history)
+    else:
+        (run_dir / "metrics.jsonl").write_text("")
+        (run_dir / "config.json").write_text(json.dumps(
+            dict(args=config_dict(args), dataset=info, torch=torch.__version__,
+                 device=str(device)), indent=2))
+    wandb_run = init_wandb(args, run_dir) if args.track else None
+
+    stop = StopFlag()
+    last_good = history[-1]["step"] if history else None
+    train_values: dict[str, float] = {}
+    bar = tqdm(total=args.total_steps, initial=start, disable=not args.progress,
+               desc=f"CQL {args.env}", dynamic_ncols=True)
+    step, t0 = start, time.perf_counter()
+    wall0 = t0 - timing["wall_s"]  # wall clock of all sessions so far
+
+    def checkpoint() -> None:
+        timing["wall_s"] = time.perf_counter() - wall0
+        save_checkpoint(ckpt_path, agent, trainer, buffer, step, history, timing)
+
+    try:
+        while step < args.total_steps:
+            metrics = trainer.step(buffer.sample(args.batch_size), step)
+            step += 1
+            bar.update(1)
+            if step % args.log_every == 0 or step % args.eval_every == 0 \
+                    or step == args.total_steps:
+                train_values = host_metrics(metrics)
+                check_divergence(train_values, step, args, run_dir, last_good)
+                bar.set_postfix(q=f"{train_values['q_data']:.1f}",
+                                gap=f"{train_values.get('cql_gap', 0.0):.2f}")
+                if wandb_run is not None:
+                    wandb_run.log({f"train/{k}": v for k, v in train_values.items()}, step=step)
+            if step % args.eval_every == 0 or step == args.total_steps:
+                timing["train_s"] += time.perf_counter() - t0  # updates only, no evaluation
+                row = dict(step=step, **evaluate(agent, env, tf, args, info, device),
+                           **train_values)
+                history.append(row)
+                with open(run_dir / "metrics.jsonl", "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                if wandb_run is not None:
+                    wandb_run.log({f"eval/{k}": v for k, v in row.items() if v is not None},
+                                  step=step)
+                checkpoint()
+                last_good = step
+                bar.write(f"step {step}: return {row['return_mean']:.1f}, normalized "
+                          f"{row['normalized_score']}, value_gap {row['value_gap']:.2f}")
+                t0 = time.perf_counter()
+            if stop.signal is not None and step < args.total_steps:
+                timing["train_s"] += time.perf_counter() - t0
+                checkpoint()
+                print(f"stopped by signal {stop.signal} at step {step}; resume with the same "
+                      f"arguments plus --resume {run_dir}", file=sys.stderr)
+                raise SystemExit(128 + stop.signal)
+    finally:
+        stop.restore()
+        bar.close()
+        env.close()
+    timing["wall_s"] = time.perf_counter() - wall0
+    summary = write_summary(run_dir, args, history, timing)
+    if wandb_run is not None:
+        wandb_run.summary.update(summary)
+        wandb_run.finish()
+    return summary
+
+
+def write_summary(run_dir: Path, args: Args, history: list[dict[str, Any]],
+                  timing: dict[str, float]) -> dict[str, Any]:
+    """summary.json: final evaluation, speed (updates/s excludes evaluation), wall time."""
+    last = history[-1]
+    summary = dict(final_normalized_score=last["normalized_score"],
+                   final_return=last["return_mean"], value_gap=last["value_gap"],
+                   success_rate=last["success_rate"], total_steps=args.total_steps,
+                   updates_per_sec=args.total_steps / max(timing["train_s"], 1e-9),
+                   wall_time_s=timing["wall_s"])
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, run_dir / "summary.json")
+    return summary
+
+
+def init_wandb(args: Args, run_dir: Path):
+    import wandb
+
+    return wandb.init(project=args.wandb_project, entity=args.wandb_entity,
+                      config=config_dict(args), name=run_dir.name, dir=str(run_dir),
+                      id=run_dir.name.replace("/", "_")[-64:], resume="allow")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
