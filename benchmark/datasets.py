@@ -1,0 +1,626 @@
+"""Small offline-RL datasets built locally in Minari's own format (no download needed).
+
+Minari cannot download here, so tests and CPU benchmarks use datasets that this module
+collects from real gymnasium environments with scripted, seeded behaviour policies and
+writes with ``minari.create_dataset_from_buffers``. Building is deterministic: every
+episode ``k`` of a segment resets its environment with ``seed + k`` (initial states come
+from ``env.reset``, so they follow the evaluation environment's distribution) and draws
+its behaviour noise from ``numpy.random.default_rng(seed + k)``.
+
+Datasets (short name -> Minari id), the behaviour that collects each episode, and sizes:
+
+Pendulum-v1 (200-step episodes, ended by truncation only; action bound 2):
+    The controller pumps energy ``E = thdot^2/2 + 15 cos(th)`` towards the upright value
+    15 (``u = 0.5 (15 - E) sign(thdot)``) and switches to a PD stabilizer
+    ``u = -(12 th + 2.5 thdot)`` when ``|th| < 0.6`` and ``|E - 15| < 6``; torques are
+    clipped to [-2, 2]. Noise: with probability ``eps`` a uniform random action,
+    otherwise controller + Gaussian noise of std ``noise * 2``.
+    pendulum-random         local/pendulum/random-v0         100 ep, uniform actions
+    pendulum-medium         local/pendulum/medium-v0         100 ep, eps 0.55, noise 0.3
+    pendulum-expert         local/pendulum/expert-v0         100 ep, eps 0, noise 0.1
+    pendulum-medium-replay  local/pendulum/medium-replay-v0  100 ep, eps 1.0 -> 0.55
+                            (linearly over the episodes, noise 0.3): a learning agent's buffer
+    pendulum-medium-expert  local/pendulum/medium-expert-v0  the medium and expert episodes
+    ref_min_score / ref_max_score: mean return of the uniform random policy / the noise-free
+    controller over 100 episodes with reset seeds 100000..100099.
+
+CartPole-v1 (discrete, up to 500 steps; pole falls or cart leaves -> termination):
+    Balancing controller: push right iff ``0.5 x + xdot + 10 th + 2 thdot > 0`` (500 steps
+    from every tested start). "Tilted" controller: push right iff ``th - 0.04 + 0.5 thdot
+    > 0``; it holds the pole leaning, drives the cart off the track after about 150-500
+    steps, and so visits a narrow part of the state space. ``eps`` = epsilon-random.
+    cartpole-random   local/cartpole/random-v0   200 ep, uniform actions
+    cartpole-medium   local/cartpole/medium-v0   100 ep, tilted controller, eps 0.05
+    cartpole-expert   local/cartpole/expert-v0    50 ep, balancing controller, eps 0.1
+    cartpole-mixed    local/cartpole/mixed-v0    the first 100 random, 50 medium and 25
+                                                 expert episodes of the three above
+    ref scores: uniform random policy / noise-free balancing controller, as for Pendulum.
+
+ALE/Pong-v5 (frame-skip 4, sticky actions 0.25, raw 210x160x3 RGB frames):
+    pong-random       local/ale-pong/random-v0   uniform random actions, 2500 transitions in
+                      all (random Pong episodes last about 900 steps; the last one is
+                      truncated by the budget). Frames are stored exactly (``jpeg_encoding=
+                      False``) and the HDF5 file is then repacked with lossless gzip, which
+                      shrinks it from about 250 MB to a few MB. No reference scores.
+
+``make_dqn_replay_dir`` writes a tiny synthetic directory in dopamine's DQN Replay format.
+
+Command line: ``python benchmark/datasets.py [NAME ...] [--force] [--list]`` (no names:
+build all). Datasets go to Minari's datasets folder (``MINARI_DATASETS_PATH`` if set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from minari.data_collector import EpisodeBuffer
+
+Policy = Callable[[np.ndarray], Any]
+
+REF_EPISODES = 100
+REF_SEED = 100_000
+
+
+# --------------------------------------------------------------------------- controllers
+def pendulum_controller(obs: np.ndarray) -> float:
+    """Energy-based swing-up with a PD stabilizer near upright for Pendulum-v1 (torque)."""
+    cos_th, sin_th, thdot = (float(x) for x in obs)
+    th = np.arctan2(sin_th, cos_th)
+    # Pendulum-v1: thddot = 15 sin(th) + 3 u, so E = thdot^2/2 + 15 cos(th) has dE/dt = 3 u thdot.
+    energy = 0.5 * thdot**2 + 15.0 * cos_th
+    if abs(th) < 0.6 and abs(energy - 15.0) < 6.0:
+        torque = -(12.0 * th + 2.5 * thdot)
+    else:
+        torque = 0.5 * (15.0 - energy) * (1.0 if thdot >= 0.0 else -1.0)
+    return float(np.clip(torque, -2.0, 2.0))
+
+
+def cartpole_controller(obs: np.ndarray) -> int:
+    """Linear balancing controller for CartPole-v1 that keeps the pole up for 500 steps."""
+    x, xdot, th, thdot = (float(v) for v in obs)
+    return int(0.5 * x + xdot + 10.0 * th + 2.0 * thdot > 0.0)
+
+
+def cartpole_tilted_controller(obs: np.ndarray) -> int:
+    """A mediocre CartPole controller: holds the pole tilted, so the cart drifts off the track."""
+    _, _, th, thdot = (float(v) for v in obs)
+    return int(th - 0.04 + 0.5 * thdot > 0.0)
+
+
+# --------------------------------------------------------------------------- specs
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive episodes collected by one behaviour schedule.
+
+    Episode ``k`` resets with ``seed + k``; with probability ``eps`` (linearly from
+    ``eps[0]`` at the first episode to ``eps[1]`` at the last) an action is uniform random,
+    otherwise it is ``policy(obs)`` plus Gaussian noise of std ``noise * action bound``
+    (continuous actions only). ``policy=None`` means uniform random actions throughout.
+    """
+
+    episodes: int
+    seed: int
+    policy: Policy | None = None
+    eps: tuple[float, float] = (0.0, 0.0)
+    noise: float = 0.0
+
+    def eps_at(self, k: int) -> float:
+        """Epsilon-random probability of episode ``k``."""
+        frac = k / (self.episodes - 1) if self.episodes > 1 else 0.0
+        return self.eps[0] + (self.eps[1] - self.eps[0]) * frac
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What to collect for one dataset and how to store it."""
+
+    dataset_id: str
+    env_id: str
+    segments: tuple[Segment, ...]
+    description: str
+    ref_policy: Policy | None = None  # noise-free controller for ref_max_score; None: no refs
+    max_steps: int | None = None  # total transition budget; the last episode is truncated
+    image_obs: bool = False  # exact frames (no JPEG) and a gzip-repacked HDF5 file
+
+
+_PEND_RANDOM = Segment(100, seed=0)
+_PEND_MEDIUM = Segment(100, seed=1_000, policy=pendulum_controller, eps=(0.55, 0.55), noise=0.3)
+_PEND_EXPERT = Segment(100, seed=2_000, policy=pendulum_controller, noise=0.1)
+_PEND_REPLAY = Segment(100, seed=3_000, policy=pendulum_controller, eps=(1.0, 0.55), noise=0.3)
+_CP_RANDOM = Segment(200, seed=0)
+_CP_MEDIUM = Segment(100, seed=1_000, policy=cartpole_tilted_controller, eps=(0.05, 0.05))
+_CP_EXPERT = Segment(50, seed=2_000, policy=cartpole_controller, eps=(0.1, 0.1))
+
+
+def _first(segment: Segment, episodes: int) -> Segment:
+    """The first ``episodes`` episodes of a constant-epsilon segment (identical data)."""
+    assert segment.eps[0] == segment.eps[1], "only constant schedules can be cut"
+    return Segment(episodes, segment.seed, segment.policy, segment.eps, segment.noise)
+
+
+def _pendulum(level: str, segments: tuple[Segment, ...], what: str) -> DatasetSpec:
+    return DatasetSpec(
+        f"local/pendulum/{level}-v0", "Pendulum-v1", segments,
+        f"Pendulum-v1, {what}. Scripted energy swing-up + PD controller; see "
+        "benchmark/datasets.py for noise levels.",
+        ref_policy=pendulum_controller,
+    )
+
+
+def _cartpole(level: str, segments: tuple[Segment, ...], what: str) -> DatasetSpec:
+    return DatasetSpec(
+        f"local/cartpole/{level}-v0", "CartPole-v1", segments,
+        f"CartPole-v1, {what}. Scripted linear controllers; see benchmark/datasets.py.",
+        ref_policy=cartpole_controller,
+    )
+
+
+LOCAL_DATASETS: dict[str, DatasetSpec] = {
+    "pendulum-random": _pendulum("random", (_PEND_RANDOM,), "uniform random actions"),
+    "pendulum-medium": _pendulum(
+        "medium", (_PEND_MEDIUM,), "controller with eps-random 0.55 and noise std 0.3"
+    ),
+    "pendulum-expert": _pendulum("expert", (_PEND_EXPERT,), "controller with noise std 0.1"),
+    "pendulum-medium-replay": _pendulum(
+        "medium-replay", (_PEND_REPLAY,), "eps-random annealed from 1.0 to 0.55, noise std 0.3"
+    ),
+    "pendulum-medium-expert": _pendulum(
+        "medium-expert", (_PEND_MEDIUM, _PEND_EXPERT), "the medium and expert episodes"
+    ),
+    "cartpole-random": _cartpole("random", (_CP_RANDOM,), "uniform random actions"),
+    "cartpole-medium": _cartpole(
+        "medium", (_CP_MEDIUM,), "tilted controller with eps-random 0.05"
+    ),
+    "cartpole-expert": _cartpole(
+        "expert", (_CP_EXPERT,), "balancing controller with eps-random 0.1"
+    ),
+    "cartpole-mixed": _cartpole(
+        "mixed",
+        (_first(_CP_RANDOM, 100), _first(_CP_MEDIUM, 50), _first(_CP_EXPERT, 25)),
+        "100 random, 50 medium and 25 expert episodes",
+    ),
+    "pong-random": DatasetSpec(
+        "local/ale-pong/random-v0", "ALE/Pong-v5", (Segment(10, seed=0),),
+        "ALE/Pong-v5 (frame-skip 4, sticky actions 0.25), uniform random actions, raw RGB "
+        "frames stored exactly, 2500 transitions.",
+        max_steps=2500, image_obs=True,
+    ),
+}
+
+
+def dataset_id(name: str) -> str:
+    """Map a short name (``pendulum-medium``) to its Minari id; an id passes through unchanged."""
+    if name in LOCAL_DATASETS:
+        return LOCAL_DATASETS[name].dataset_id
+    if "/" in name:
+        return name
+    raise KeyError(f"unknown dataset {name!r}; known: {', '.join(LOCAL_DATASETS)}")
+
+
+def _spec(name_or_id: str) -> DatasetSpec:
+    """The spec of a short name or of a local dataset id."""
+    wanted = dataset_id(name_or_id)
+    for spec in LOCAL_DATASETS.values():
+        if spec.dataset_id == wanted:
+            return spec
+    raise KeyError(f"{name_or_id!r} is not a locally buildable dataset")
+
+
+# --------------------------------------------------------------------------- collection
+def make_env(env_id: str) -> gym.Env:
+    """``gym.make`` that first registers the ALE environments when needed."""
+    if env_id.startswith("ALE/"):
+        import ale_py
+
+        gym.register_envs(ale_py)
+    return gym.make(env_id)
+
+
+def _uniform_action(space: gym.Space, rng: np.random.Generator) -> Any:
+    if isinstance(space, gym.spaces.Discrete):
+        return int(space.start + rng.integers(space.n))
+    assert isinstance(space, gym.spaces.Box)
+    return rng.uniform(space.low, space.high).astype(space.dtype)
+
+
+def _act(
+    space: gym.Space, policy: Policy | None, obs: np.ndarray, rng: np.random.Generator,
+    eps: float, noise: float,
+) -> Any:
+    """One behaviour action: epsilon-random, else the controller (+ Gaussian noise)."""
+    if policy is None or rng.random() < eps:
+        return _uniform_action(space, rng)
+    action = policy(obs)
+    if isinstance(space, gym.spaces.Discrete):
+        return int(action)
+    action = np.asarray(action, dtype=np.float64).reshape(space.shape)
+    if noise > 0.0:
+        action = action + noise * space.high * rng.standard_normal(space.shape)
+    return np.clip(action, space.low, space.high).astype(space.dtype)
+
+
+def _rollout(
+    env: gym.Env, seed: int, choose: Callable[[np.ndarray], Any], max_steps: int | None = None
+) -> EpisodeBuffer:
+    """Run one episode from ``env.reset(seed=seed)``; stop early (truncate) at ``max_steps``."""
+    obs, _ = env.reset(seed=seed)
+    observations, actions, rewards, terms, truncs = [obs], [], [], [], []
+    while True:
+        action = choose(obs)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        truncated = truncated or (max_steps is not None and len(rewards) + 1 >= max_steps)
+        observations.append(obs)
+        actions.append(action)
+        rewards.append(float(reward))
+        terms.append(bool(terminated))
+        truncs.append(bool(truncated) and not terminated)
+        if terminated or truncated:
+            break
+    return EpisodeBuffer(
+        seed=seed,
+        observations=np.stack(observations),
+        actions=np.stack([np.asarray(a) for a in actions]),
+        rewards=np.asarray(rewards, dtype=np.float64),
+        terminations=np.asarray(terms),
+        truncations=np.asarray(truncs),
+    )
+
+
+def collect_segment(
+    env: gym.Env, segment: Segment, budget: int | None = None
+) -> list[EpisodeBuffer]:
+    """Collect a segment's episodes; stop once ``budget`` transitions are collected."""
+    episodes: list[EpisodeBuffer] = []
+    for k in range(segment.episodes):
+        left = None if budget is None else budget - sum(len(e) for e in episodes)
+        if left is not None and left <= 0:
+            break
+        rng = np.random.default_rng(segment.seed + k)
+        eps = segment.eps_at(k)
+
+        def choose(obs: np.ndarray, rng: np.random.Generator = rng, eps: float = eps) -> Any:
+            return _act(env.action_space, segment.policy, obs, rng, eps, segment.noise)
+
+        episodes.append(_rollout(env, segment.seed + k, choose, left))
+    return episodes
+
+
+def collect(spec: DatasetSpec) -> list[EpisodeBuffer]:
+    """All episodes of a dataset, in order."""
+    env = make_env(spec.env_id)
+    try:
+        episodes: list[EpisodeBuffer] = []
+        for segment in spec.segments:
+            left = None if spec.max_steps is None else spec.max_steps - _steps(episodes)
+            episodes += collect_segment(env, segment, left)
+        return episodes
+    finally:
+        env.close()
+
+
+def _steps(episodes: Sequence[EpisodeBuffer]) -> int:
+    return sum(len(e) for e in episodes)
+
+
+def _returns(episodes: Sequence[EpisodeBuffer]) -> np.ndarray:
+    return np.array([float(np.sum(e.rewards)) for e in episodes])
+
+
+@cache
+def ref_scores(env_id: str, policy: Policy) -> tuple[float, float]:
+    """(mean return of uniform random actions, mean return of the noise-free controller).
+
+    Both over ``REF_EPISODES`` episodes with reset seeds ``REF_SEED + k``.
+    """
+    env = make_env(env_id)
+    try:
+        random = collect_segment(env, Segment(REF_EPISODES, REF_SEED))
+        expert = collect_segment(env, Segment(REF_EPISODES, REF_SEED, policy=policy))
+    finally:
+        env.close()
+    return float(_returns(random).mean()), float(_returns(expert).mean())
+
+
+# --------------------------------------------------------------------------- writing
+def datasets_root() -> Path:
+    """Minari's datasets folder (``MINARI_DATASETS_PATH`` if set)."""
+    from minari.storage.datasets_root_dir import get_dataset_path
+
+    return Path(get_dataset_path())
+
+
+def is_built(name_or_id: str) -> bool:
+    """Whether a complete dataset (metadata written after all episodes) exists locally."""
+    meta = datasets_root() / dataset_id(name_or_id) / "data" / "metadata.json"
+    try:
+        return json.loads(meta.read_text()).get("total_episodes", 0) > 0
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _minari_root(path: Path) -> Iterator[None]:
+    """Temporarily point ``MINARI_DATASETS_PATH`` at ``path``."""
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(path)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MINARI_DATASETS_PATH"]
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = old
+
+
+def _create(spec: DatasetSpec, episodes: list[EpisodeBuffer]) -> None:
+    """Write ``episodes`` with Minari into the current datasets root."""
+    import minari
+
+    refs: dict[str, float] = {}
+    if spec.ref_policy is not None:
+        low, high = ref_scores(spec.env_id, spec.ref_policy)
+        refs = {"ref_min_score": low, "ref_max_score": high}
+    env = make_env(spec.env_id)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*author_email")
+            minari.create_dataset_from_buffers(
+                spec.dataset_id, episodes, env=env.spec, eval_env=env.spec,
+                algorithm_name="scripted controller with noise (benchmark/datasets.py)",
+                author="cql-calql-reference", code_permalink="benchmark/datasets.py",
+                description=spec.description, jpeg_encoding=not spec.image_obs, **refs,
+            )
+    finally:
+        env.close()
+    if spec.image_obs:
+        _compress_hdf5(datasets_root() / spec.dataset_id / "data")
+
+
+def _copy_h5(src: Any, dst: Any) -> None:
+    """Copy an HDF5 group recursively, gzip-compressing datasets larger than 1 MB."""
+    import h5py
+
+    dst.attrs.update(src.attrs)
+    for key, item in src.items():
+        if isinstance(item, h5py.Group):
+            _copy_h5(item, dst.create_group(key, track_order=True))
+            continue
+        big = item.nbytes > 2**20
+        chunks = (1, *item.shape[1:]) if big and item.ndim >= 3 else (True if big else item.chunks)
+        out = dst.create_dataset(
+            key, data=item[()], chunks=chunks, maxshape=item.maxshape if chunks else None,
+            compression="gzip" if big else None, compression_opts=1 if big else None,
+        )
+        out.attrs.update(item.attrs)
+
+
+def _compress_hdf5(data_dir: Path) -> None:
+    """Repack Minari's HDF5 file with lossless gzip (exact frames, a fraction of the size)."""
+    import h5py
+    from minari.dataset.minari_storage import MinariStorage
+
+    main, tmp = data_dir / "main_data.hdf5", data_dir / "main_data.hdf5.tmp"
+    with h5py.File(main, "r") as src, h5py.File(tmp, "w", track_order=True) as dst:
+        _copy_h5(src, dst)
+    os.replace(tmp, main)
+    storage = MinariStorage.read(data_dir)
+    storage.update_metadata({"dataset_size": storage.get_size()})
+
+
+def _ensure_namespace(ds_id: str) -> None:
+    """Create the dataset's namespace metadata in the datasets root if missing."""
+    from minari.dataset.minari_dataset import parse_dataset_id
+    from minari.namespace import create_namespace, list_local_namespaces
+
+    namespace = parse_dataset_id(ds_id)[0]
+    if namespace is not None and namespace not in list_local_namespaces():
+        with contextlib.suppress(ValueError):  # created concurrently
+            create_namespace(namespace, description="Datasets built by benchmark/datasets.py")
+
+
+def _write_atomically(spec: DatasetSpec, episodes: list[EpisodeBuffer], force: bool) -> None:
+    """Create the dataset in a hidden staging root, then move it into place in one rename.
+
+    A failure half-way leaves nothing behind (the staging folder is always removed), so a
+    later build never meets a half-written folder that Minari would refuse to overwrite.
+    """
+    root = datasets_root()
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    try:
+        with _minari_root(staging):
+            _create(spec, episodes)
+        final = root / spec.dataset_id
+        if final.exists() and (force or not is_built(spec.dataset_id)):
+            shutil.rmtree(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(staging / spec.dataset_id, final)
+        except OSError:
+            if not is_built(spec.dataset_id):  # not a concurrent build of the same data
+                raise
+        _ensure_namespace(spec.dataset_id)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def summary(spec: DatasetSpec, episodes: Sequence[EpisodeBuffer]) -> str:
+    """One line: id, episodes, transitions, mean return (and normalized score if defined)."""
+    mean = float(_returns(episodes).mean())
+    line = f"{spec.dataset_id}: {len(episodes)} episodes, {_steps(episodes)} transitions, "
+    line += f"mean return {mean:.1f}"
+    if spec.ref_policy is not None:
+        low, high = ref_scores(spec.env_id, spec.ref_policy)
+        line += f" (normalized {100.0 * (mean - low) / (high - low):.1f})"
+    return line
+
+
+def build(name: str, *, force: bool = False) -> str:
+    """Build a dataset into Minari's datasets folder and return its id.
+
+    A no-op when the dataset already exists, unless ``force``.
+    """
+    spec = _spec(name)
+    if is_built(spec.dataset_id) and not force:
+        return spec.dataset_id
+    start = time.perf_counter()
+    episodes = collect(spec)
+    _write_atomically(spec, episodes, force)
+    print(f"built {summary(spec, episodes)} in {time.perf_counter() - start:.1f}s", flush=True)
+    return spec.dataset_id
+
+
+def ensure(name_or_id: str) -> str:
+    """Return the dataset id, building the dataset first if it is missing."""
+    ds_id = dataset_id(name_or_id)
+    if is_built(ds_id):
+        return ds_id
+    return build(name_or_id)
+
+
+# --------------------------------------------------------------------------- DQN Replay
+DQN_STACK_SIZE = 4
+DQN_UPDATE_HORIZON = 1
+DQN_NUM_ACTIONS = 6
+DQN_FRAME_SHAPE = (84, 84)
+DQN_REPLAY_ELEMENTS = (
+    "$store$_observation", "$store$_action", "$store$_reward", "$store$_terminal",
+    "add_count", "invalid_range",
+)
+
+
+def dqn_frame(step: int) -> np.ndarray:
+    """Synthetic 84x84 frame of agent step ``step`` (1-based; padding frames are all 0).
+
+    Bytes 0-3 of row 0 hold ``step`` little-endian; every other pixel is ``step % 251``.
+    """
+    frame = np.full(DQN_FRAME_SHAPE, step % 251, dtype=np.uint8)
+    frame[0, :4] = np.frombuffer(int(step).to_bytes(4, "little"), dtype=np.uint8)
+    return frame
+
+
+def dqn_frame_step(frame: np.ndarray) -> int:
+    """Inverse of ``dqn_frame``: the agent step a synthetic frame encodes (0 = padding)."""
+    return int.from_bytes(np.asarray(frame, dtype=np.uint8)[0, :4].tobytes(), "little")
+
+
+class _CircularReplay:
+    """Minimal model of dopamine's out-of-graph circular replay buffer (adds only)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.observation = np.zeros((capacity, *DQN_FRAME_SHAPE), dtype=np.uint8)
+        self.action = np.zeros(capacity, dtype=np.int32)
+        self.reward = np.zeros(capacity, dtype=np.float32)
+        self.terminal = np.zeros(capacity, dtype=np.uint8)
+        self.add_count = 0
+
+    def add(self, frame: np.ndarray, action: int, reward: float, terminal: int) -> None:
+        """Add a transition, first padding with stack-1 zero transitions at an episode start."""
+        if self.add_count == 0 or self.terminal[(self.add_count - 1) % self.capacity] == 1:
+            for _ in range(DQN_STACK_SIZE - 1):
+                self._put(np.zeros(DQN_FRAME_SHAPE, np.uint8), 0, 0.0, 0)
+        self._put(frame, action, reward, terminal)
+
+    def _put(self, frame: np.ndarray, action: int, reward: float, terminal: int) -> None:
+        cursor = self.add_count % self.capacity
+        self.observation[cursor] = frame
+        self.action[cursor], self.reward[cursor] = action, reward
+        self.terminal[cursor] = terminal
+        self.add_count += 1
+
+    def invalid_range(self) -> np.ndarray:
+        """Indices around the cursor with no valid transition (dopamine's definition)."""
+        cursor = self.add_count % self.capacity
+        offsets = range(DQN_STACK_SIZE + DQN_UPDATE_HORIZON)
+        return np.array([(cursor - DQN_UPDATE_HORIZON + i) % self.capacity for i in offsets])
+
+    def save(self, directory: Path, suffix: int) -> None:
+        """Write the six gzipped ``np.save`` files of one checkpoint."""
+        arrays = {
+            "$store$_observation": self.observation, "$store$_action": self.action,
+            "$store$_reward": self.reward, "$store$_terminal": self.terminal,
+            "add_count": np.array(self.add_count), "invalid_range": self.invalid_range(),
+        }
+        for name, array in arrays.items():
+            with gzip.open(directory / f"{name}_ckpt.{suffix}.gz", "wb") as f:
+                np.save(f, array, allow_pickle=False)
+
+
+def make_dqn_replay_dir(
+    path: str | os.PathLike, num_checkpoints: int = 2, steps_per_checkpoint: int = 1000,
+    seed: int = 0, episode_length: tuple[int, int] = (40, 160),
+) -> Path:
+    """Write a tiny synthetic DQN Replay directory (dopamine's on-disk format) at ``path``.
+
+    Like one run's ``replay_logs`` folder: one agent's stream of transitions goes into a
+    circular buffer of capacity ``steps_per_checkpoint``, saved as checkpoint ``K`` after
+    every ``steps_per_checkpoint`` agent steps (so, as in the real data, the padding makes
+    the buffer wrap and ``add_count`` exceeds the capacity). Files per checkpoint:
+    ``$store$_observation_ckpt.K.gz`` (capacity, 84, 84) uint8, ``$store$_action`` int32,
+    ``$store$_reward`` float32, ``$store$_terminal`` uint8 (1 on an episode's last
+    transition), ``add_count`` (0-d int64), ``invalid_range`` (stack 4 + horizon 1,) int64;
+    each an ``np.save`` array inside gzip. Every episode starts with 3 all-zero padding
+    transitions. Agent step ``g`` (1-based, global over the stream) stores
+    ``dqn_frame(g)``, action ``g % 6`` and reward ``g % 3 - 1``; episode lengths are
+    drawn uniformly from ``episode_length`` with ``numpy.random.default_rng(seed)``.
+    """
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    buffer = _CircularReplay(steps_per_checkpoint)
+    step, left_in_episode = 0, 0
+    for suffix in range(num_checkpoints):
+        for _ in range(steps_per_checkpoint):
+            if left_in_episode == 0:
+                left_in_episode = int(rng.integers(episode_length[0], episode_length[1] + 1))
+            step += 1
+            left_in_episode -= 1
+            terminal = int(left_in_episode == 0)
+            buffer.add(dqn_frame(step), step % DQN_NUM_ACTIONS, float(step % 3 - 1), terminal)
+        buffer.save(directory, suffix)
+    return directory
+
+
+# --------------------------------------------------------------------------- CLI
+def _list() -> None:
+    """Print every dataset with its id and whether it is built."""
+    print(f"datasets root: {datasets_root()}")
+    for name, spec in LOCAL_DATASETS.items():
+        state = "built" if is_built(spec.dataset_id) else "missing"
+        print(f"{name:24s} {spec.dataset_id:34s} {state}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI: build the named datasets (all when none is named), or ``--list`` them."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("names", nargs="*", help="short names or ids (default: all)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if present")
+    parser.add_argument("--list", action="store_true", help="list datasets and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        _list()
+        return
+    for name in args.names or list(LOCAL_DATASETS):
+        if not args.force and is_built(name):
+            print(f"present {dataset_id(name)} (use --force to rebuild)", flush=True)
+            continue
+        build(name, force=args.force)
+
+
+if __name__ == "__main__":
+    main()

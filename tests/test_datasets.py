@@ -1,0 +1,277 @@
+"""Tests of benchmark/datasets.py: ids, determinism, atomic builds, episode structure, scores."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import minari
+import numpy as np
+import pytest
+
+from benchmark import datasets
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def fresh_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Minari datasets root for this test only."""
+    root = tmp_path / "minari"
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    return root
+
+
+def _episodes(ds_id: str) -> list:
+    return list(minari.load_dataset(ds_id).iterate_episodes())
+
+
+def _normalized_mean(ds_id: str) -> float:
+    dataset = minari.load_dataset(ds_id)
+    returns = np.array([ep.rewards.sum() for ep in dataset.iterate_episodes()])
+    return float(np.mean(minari.get_normalized_score(dataset, returns)))
+
+
+# --------------------------------------------------------------------------- names, CLI
+def test_names_resolve_to_ids() -> None:
+    assert datasets.dataset_id("pendulum-medium") == "local/pendulum/medium-v0"
+    assert datasets.dataset_id("cartpole-mixed") == "local/cartpole/mixed-v0"
+    assert datasets.dataset_id("local/pendulum/expert-v0") == "local/pendulum/expert-v0"
+    assert datasets.dataset_id("D4RL/pen/human-v2") == "D4RL/pen/human-v2"
+    with pytest.raises(KeyError):
+        datasets.dataset_id("pendulum-nonsense")
+    ids = [spec.dataset_id for spec in datasets.LOCAL_DATASETS.values()]
+    assert len(set(ids)) == len(ids)
+    for level in ("random", "medium", "expert", "medium-replay", "medium-expert"):
+        assert f"local/pendulum/{level}-v0" in ids
+
+
+def test_cli_list_and_build(fresh_root: Path, capsys: pytest.CaptureFixture) -> None:
+    datasets.main(["--list"])
+    out = capsys.readouterr().out
+    for name, spec in datasets.LOCAL_DATASETS.items():
+        assert f"{name}" in out and spec.dataset_id in out
+    assert " built" not in out and not (fresh_root / "local").exists()
+
+    datasets.main(["pendulum-random"])
+    out = capsys.readouterr().out
+    assert "built local/pendulum/random-v0: 100 episodes, 20000 transitions, mean return" in out
+    datasets.main(["pendulum-random"])
+    assert "present local/pendulum/random-v0" in capsys.readouterr().out
+    datasets.main(["--list"])
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "pendulum-random" in ln)
+    assert line.split()[-1] == "built"
+
+
+def test_script_entry_point(fresh_root: Path) -> None:
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(fresh_root)}
+    result = subprocess.run(
+        [sys.executable, "benchmark/datasets.py", "--list"], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    assert f"datasets root: {fresh_root}" in result.stdout
+    assert "local/ale-pong/random-v0" in result.stdout
+
+
+# --------------------------------------------------------------------------- building
+def test_build_idempotent_and_deterministic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    runs = []
+    for name in ("a", "b"):
+        monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / name))
+        assert datasets.build("pendulum-medium") == "local/pendulum/medium-v0"
+        runs.append(_episodes("local/pendulum/medium-v0"))
+    meta = tmp_path / "b" / "local/pendulum/medium-v0/data/metadata.json"
+    stamp = meta.stat().st_mtime_ns
+    capsys.readouterr()
+    assert datasets.build("pendulum-medium") == "local/pendulum/medium-v0"
+    assert datasets.ensure("local/pendulum/medium-v0") == "local/pendulum/medium-v0"
+    assert capsys.readouterr().out == "" and meta.stat().st_mtime_ns == stamp
+
+    assert len(runs[0]) == len(runs[1]) == 100
+    for ep_a, ep_b in zip(*runs, strict=True):
+        for key in ("observations", "actions", "rewards", "terminations", "truncations"):
+            np.testing.assert_array_equal(getattr(ep_a, key), getattr(ep_b, key))
+
+    datasets.build("pendulum-medium", force=True)
+    assert "built local/pendulum/medium-v0" in capsys.readouterr().out
+    np.testing.assert_array_equal(_episodes("local/pendulum/medium-v0")[7].actions,
+                                  runs[0][7].actions)
+
+
+def test_failed_build_leaves_no_folder(
+    fresh_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from minari.dataset._storages.hdf5_storage import HDF5Storage
+
+    original = HDF5Storage.update_episodes
+    calls = []
+
+    def write_one_then_fail(self, episodes):  # a crash half-way through Minari's writing
+        calls.append(1)
+        original(self, list(episodes)[:1])
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(HDF5Storage, "update_episodes", write_one_then_fail)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        datasets.build("pendulum-random")
+    assert calls, "the simulated crash was never reached"
+    assert not (fresh_root / "local/pendulum/random-v0").exists()
+    assert not [p for p in fresh_root.iterdir() if p.name.startswith(".staging")]
+    assert not datasets.is_built("pendulum-random")
+
+    monkeypatch.setattr(HDF5Storage, "update_episodes", original)
+    assert datasets.ensure("pendulum-random") == "local/pendulum/random-v0"
+    assert minari.load_dataset("local/pendulum/random-v0").total_episodes == 100
+
+
+# --------------------------------------------------------------------------- Pendulum
+def test_pendulum_episode_structure(local_dataset) -> None:
+    ds_id = local_dataset("pendulum-expert")
+    dataset = minari.load_dataset(ds_id)
+    assert dataset.total_episodes == 100 and dataset.total_steps == 20_000
+    env = dataset.recover_environment()
+    assert env.spec.id == "Pendulum-v1"
+    for k, ep in enumerate(dataset.iterate_episodes()):
+        assert ep.observations.shape == (201, 3) and ep.actions.shape == (200, 1)
+        assert ep.rewards.shape == (200,) and np.all(ep.rewards <= 0.0)
+        assert not ep.terminations.any()
+        assert ep.truncations[-1] and not ep.truncations[:-1].any()
+        assert np.all(np.abs(ep.actions) <= 2.0)
+        if k < 5:  # initial states are the evaluation env's own resets
+            obs, _ = env.reset(seed=2_000 + k)
+            np.testing.assert_array_equal(ep.observations[0], obs)
+
+
+def test_pendulum_scores(local_dataset) -> None:
+    scores = {}
+    for level in ("random", "medium", "medium-replay", "expert"):
+        ds_id = local_dataset(f"pendulum-{level}")
+        meta = minari.load_dataset(ds_id).storage.metadata
+        assert meta["ref_min_score"] < -1000.0 < -200.0 < meta["ref_max_score"] < 0.0
+        scores[level] = _normalized_mean(ds_id)
+    assert scores["expert"] > 0.9
+    assert 0.4 < scores["medium"] < 0.65
+    assert abs(scores["random"]) < 0.1
+    assert scores["expert"] > scores["medium"] > scores["medium-replay"] > scores["random"]
+
+
+def test_pendulum_medium_expert_is_medium_plus_expert(local_dataset) -> None:
+    both = _episodes(local_dataset("pendulum-medium-expert"))
+    parts = _episodes(local_dataset("pendulum-medium")) + _episodes(
+        local_dataset("pendulum-expert"))
+    assert len(both) == len(parts) == 200
+    for ep, ref in zip(both[::37], parts[::37], strict=True):
+        np.testing.assert_array_equal(ep.observations, ref.observations)
+        np.testing.assert_array_equal(ep.actions, ref.actions)
+
+
+def test_pendulum_controller_swings_up() -> None:
+    env = gym.make("Pendulum-v1")
+    obs, _ = env.reset(seed=0)
+    env.unwrapped.state = np.array([np.pi, 0.0])  # hanging straight down, at rest
+    obs = np.array([-1.0, 0.0, 0.0], dtype=np.float32)
+    for _ in range(200):
+        obs, *_ = env.step(np.array([datasets.pendulum_controller(obs)], dtype=np.float32))
+    assert obs[0] > 0.99 and abs(obs[2]) < 0.1  # upright and still
+
+
+# --------------------------------------------------------------------------- CartPole
+def test_cartpole_structure_and_scores(local_dataset) -> None:
+    lengths, scores = {}, {}
+    for level in ("random", "medium", "expert", "mixed"):
+        ds_id = local_dataset(f"cartpole-{level}")
+        dataset = minari.load_dataset(ds_id)
+        assert dataset.total_steps < 50_000 and dataset.recover_environment().spec.id == (
+            "CartPole-v1")
+        eps = list(dataset.iterate_episodes())
+        for ep in eps:
+            n = len(ep.rewards)
+            assert ep.observations.shape == (n + 1, 4) and ep.actions.shape == (n,)
+            assert set(np.unique(ep.actions)) <= {0, 1}
+            ended = ep.terminations | ep.truncations
+            assert ended[-1] and not ended[:-1].any()
+            assert ep.terminations[-1] or n == 500  # before 500 steps only by failing
+            assert not ep.truncations[-1] or n == 500
+        lengths[level] = np.array([len(ep.rewards) for ep in eps])
+        scores[level] = _normalized_mean(ds_id)
+    assert lengths["random"].max() < 200 and np.all(lengths["expert"] == 500)
+    assert np.mean(lengths["medium"] < 500) > 0.8
+    assert scores["expert"] > 0.99 and abs(scores["random"]) < 0.1
+    assert 0.3 < scores["medium"] < 0.7
+    assert scores["random"] < scores["mixed"] < scores["expert"]
+
+
+# --------------------------------------------------------------------------- Pong
+def test_pong_frames_are_exact(local_dataset) -> None:
+    dataset = minari.load_dataset(local_dataset("pong-random"))
+    meta = dataset.storage.metadata
+    assert meta["jpeg_encoding"] is False and dataset.total_steps == 2500
+    size = sum(f.stat().st_size for f in dataset.storage.data_path.rglob("*") if f.is_file())
+    assert size < 30e6
+    ep = dataset[0]
+    assert ep.observations.shape[1:] == (210, 160, 3) and ep.observations.dtype == np.uint8
+    assert ep.terminations[-1]  # a random player loses the game
+    env = datasets.make_env("ALE/Pong-v5")
+    obs, _ = env.reset(seed=0)
+    np.testing.assert_array_equal(ep.observations[0], obs)
+    for t in range(30):  # same seed, same actions: identical frames (sticky actions included)
+        obs, *_ = env.step(int(ep.actions[t]))
+        np.testing.assert_array_equal(ep.observations[t + 1], obs)
+    last = dataset[dataset.total_episodes - 1]
+    assert last.truncations[-1] and not last.terminations.any()
+
+
+# --------------------------------------------------------------------------- DQN Replay
+def _load_ckpt(directory: Path, k: int) -> dict[str, np.ndarray]:
+    arrays = {}
+    for name in datasets.DQN_REPLAY_ELEMENTS:
+        with gzip.GzipFile(directory / f"{name}_ckpt.{k}.gz") as f:
+            arrays[name.removeprefix("$store$_")] = np.load(f, allow_pickle=False)
+    return arrays
+
+
+def test_dqn_replay_dir_format(tmp_path: Path) -> None:
+    cap = 300
+    directory = datasets.make_dqn_replay_dir(tmp_path / "Pong" / "1", num_checkpoints=2,
+                                             steps_per_checkpoint=cap, seed=3)
+    assert len(list(directory.glob("*.gz"))) == 12
+    last_step = 0
+    for k in range(2):
+        a = _load_ckpt(directory, k)
+        assert a["observation"].shape == (cap, 84, 84) and a["observation"].dtype == np.uint8
+        assert a["action"].shape == (cap,) and a["action"].dtype == np.int32
+        assert a["reward"].shape == (cap,) and a["reward"].dtype == np.float32
+        assert a["terminal"].shape == (cap,) and a["terminal"].dtype == np.uint8
+        assert a["add_count"].shape == () and a["add_count"].dtype == np.int64
+        assert a["invalid_range"].shape == (5,) and a["invalid_range"].dtype == np.int64
+        count = int(a["add_count"])
+        assert count > (k + 1) * cap  # padding made the circular buffer wrap
+        cursor = count % cap
+        assert sorted(a["invalid_range"]) == sorted((cursor - 1 + i) % cap for i in range(5))
+        steps = np.array([datasets.dqn_frame_step(f) for f in a["observation"]])
+        real = steps > 0
+        np.testing.assert_array_equal(a["action"][real], steps[real] % 6)
+        np.testing.assert_array_equal(a["reward"][real], steps[real] % 3 - 1)
+        assert not a["terminal"][~real].any() and not a["observation"][~real].any()
+        newest = steps[(cursor - 1) % cap]
+        assert newest == (k + 1) * cap and newest > last_step
+        last_step = newest
+        _check_stream(steps, a["terminal"], cursor)
+    assert 0 < np.sum(_load_ckpt(directory, 1)["terminal"]) < cap // 40 + 2
+
+
+def _check_stream(steps: np.ndarray, terminal: np.ndarray, cursor: int) -> None:
+    """Walk the buffer from oldest to newest: steps go up by one; 3 zero frames after ends."""
+    order = [(cursor + i) % len(steps) for i in range(len(steps))]
+    seq, term = steps[order], terminal[order]
+    real = np.flatnonzero(seq > 0)
+    for i, j in zip(real[:-1], real[1:], strict=True):
+        assert seq[j] == seq[i] + 1
+        gap = j - i - 1
+        assert gap == (3 if term[i] else 0)
