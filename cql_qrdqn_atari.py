@@ -1,0 +1,1039 @@
+"""CQL(H) on QR-DQN for discrete actions: Atari (DQN Replay, Minari) and vector envs (CartPole).
+
+Single-file reference implementation of the discrete-action CQL of
+Kumar et al., "Conservative Q-Learning for Offline Reinforcement Learning" (NeurIPS 2020), Sec. 6
+and App. F, as built on QR-DQN (Dabney et al., 2018) in the official code
+(github.com/aviralkumar2907/CQL, atari/batch_rl/multi_head/quantile_agent.py, on dopamine).
+
+    # the paper's 1% DQN Replay setting (Pong), CQL weight 4.0:
+    python cql_qrdqn_atari.py --env pong --dqn-replay-dir /data/Pong/1/replay_logs --data-fraction 0.01
+    # 10% with CQL weight 1.0:
+    python cql_qrdqn_atari.py --env pong --dqn-replay-dir /data/Pong/1/replay_logs --data-fraction 0.1
+    # offline on CPU, a local CartPole dataset (build it with benchmark/datasets.py):
+    python cql_qrdqn_atari.py --env cartpole-expert
+
+Sections: args/presets, data, replay buffer, networks, losses, evaluation, checkpoint/run dir,
+train loop, main.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import math
+import os
+import random
+import re
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import gymnasium as gym
+import minari
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+SCRIPT = "cql_qrdqn_atari.py"
+
+# ==================================================================================================
+# Args and presets
+# ==================================================================================================
+
+
+@dataclass
+class Args:
+    env: str
+    """pong|breakout|qbert|seaquest|asterix (or any ALE game id), or a local dataset name such as
+    cartpole-expert (= local/cartpole/expert-v0) or ale-pong"""
+    dataset_id: str | None = None
+    """any Minari dataset id with a discrete action space; overrides the env's dataset"""
+    dqn_replay_dir: str | None = None
+    """DQN Replay Dataset directory in dopamine's format, e.g. /data/Pong/1/replay_logs"""
+    data_fraction: float | None = None
+    """share of each DQN Replay checkpoint to load (its first transitions, as the official code):
+    0.01 = the paper's 1% setting, 0.1 = 10%"""
+    checkpoints: str = "all"
+    """which DQN Replay checkpoints to draw from: 'all' or a list such as '0-9,20'"""
+    seed: int = 0
+    """random seed (torch, numpy, python, batch sampling); evaluation seeds derive from it"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto picks cuda when available"""
+    total_steps: int | None = None
+    """number of gradient steps (Atari: 200 dopamine iterations of 62.5k gradient steps)"""
+    eval_every: int | None = None
+    """gradient steps between evaluations (and checkpoints)"""
+    eval_episodes: int | None = None
+    """episodes per evaluation"""
+    batch_size: int | None = None
+    """minibatch size (paper: 32)"""
+    lr: float | None = None
+    """Adam learning rate (paper: 5e-5)"""
+    adam_eps: float | None = None
+    """Adam epsilon (paper: 3.125e-4 = 0.01/32)"""
+    gamma: float = 0.99
+    """discount factor"""
+    num_quantiles: int | None = None
+    """quantiles per action (paper: 200)"""
+    kappa: float = 1.0
+    """quantile Huber loss threshold"""
+    target_update_every: int | None = None
+    """gradient steps between hard target-network updates (paper: 2000 = 8000 agent steps)"""
+    cql_alpha: float | None = None
+    """CQL weight alpha (paper: 4.0 for 1% data, 1.0 for 10%); 0 gives plain offline QR-DQN"""
+    lagrange: bool = False
+    """tune alpha' by dual gradient descent so that the CQL gap approaches --target-action-gap"""
+    target_action_gap: float = 1.0
+    """Lagrange threshold tau on E[logsumexp Q] - E_D[Q] (only with --lagrange)"""
+    alpha_lr: float = 3e-4
+    """Adam learning rate of log alpha' (only with --lagrange)"""
+    hidden_dims: tuple[int, ...] | None = None
+    """MLP torso for vector observations (the Nature DQN conv torso is used for frames)"""
+    torso_padding: Literal["same", "valid"] = "same"
+    """conv padding: 'same' as the official dopamine network, 'valid' as the Nature DQN paper"""
+    clip_reward: bool | None = None
+    """clip training rewards to [-1, 1] (Atari; the DQN Replay data is already clipped)"""
+    eval_epsilon: float | None = None
+    """epsilon-greedy evaluation (Atari: 0.001)"""
+    sticky_prob: float = 0.25
+    """Atari evaluation: sticky-action probability"""
+    noop_max: int = 30
+    """Atari evaluation: at most this many no-ops at reset"""
+    max_episode_steps: int = 27_000
+    """Atari evaluation: agent steps per episode at most (27k = 108k frames)"""
+    threads: int | None = None
+    """torch CPU threads (vector preset: 1, fastest for small MLPs); None keeps torch's default"""
+    run_dir: str | None = None
+    """default runs/cql_qrdqn_atari__{env}__s{seed}__{YYYYmmdd-HHMMSS}"""
+    log_every: int = 1000
+    """gradient steps between host syncs for logging and divergence checks"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project: str = "cql-calql"
+    """W&B project"""
+    wandb_entity: str | None = None
+    """W&B entity"""
+    compile: bool = False
+    """torch.compile the loss computation of the update step"""
+    resume: str | None = None
+    """RUN_DIR to resume from (same other arguments)"""
+    progress: bool = True
+    """show a tqdm progress bar"""
+
+
+# Atari: random and human reference scores (random agent / professional human tester, no-op
+# starts), as used for human-normalized scores by DQN (Mnih et al. 2015), Rainbow and dopamine;
+# values as in DeepMind's dqn_zoo/atari_data.py. Keys are ALE ROM ids.
+ATARI_RANDOM_HUMAN = {
+    "alien": (227.8, 7127.7), "amidar": (5.8, 1719.5), "assault": (222.4, 742.0),
+    "asterix": (210.0, 8503.3), "asteroids": (719.1, 47388.7), "atlantis": (12850.0, 29028.1),
+    "bank_heist": (14.2, 753.1), "battle_zone": (2360.0, 37187.5),
+    "beam_rider": (363.9, 16926.5), "berzerk": (123.7, 2630.4), "bowling": (23.1, 160.7),
+    "boxing": (0.1, 12.1), "breakout": (1.7, 30.5), "centipede": (2090.9, 12017.0),
+    "chopper_command": (811.0, 7387.8), "crazy_climber": (10780.5, 35829.4),
+    "defender": (2874.5, 18688.9), "demon_attack": (152.1, 1971.0),
+    "double_dunk": (-18.6, -16.4), "enduro": (0.0, 860.5), "fishing_derby": (-91.7, -38.7),
+    "freeway": (0.0, 29.6), "frostbite": (65.2, 4334.7), "gopher": (257.6, 2412.5),
+    "gravitar": (173.0, 3351.4), "hero": (1027.0, 30826.4), "ice_hockey": (-11.2, 0.9),
+    "jamesbond": (29.0, 302.8), "kangaroo": (52.0, 3035.0), "krull": (1598.0, 2665.5),
+    "kung_fu_master": (258.5, 22736.3), "montezuma_revenge": (0.0, 4753.3),
+    "ms_pacman": (307.3, 6951.6), "name_this_game": (2292.3, 8049.0),
+    "phoenix": (761.4, 7242.6), "pitfall": (-229.4, 6463.7), "pong": (-20.7, 14.6),
+    "private_eye": (24.9, 69571.3), "qbert": (163.9, 13455.0), "riverraid": (1338.5, 17118.0),
+    "road_runner": (11.5, 7845.0), "robotank": (2.2, 11.9), "seaquest": (68.4, 42054.7),
+    "skiing": (-17098.1, -4336.9), "solaris": (1236.3, 12326.7),
+    "space_invaders": (148.0, 1668.7), "star_gunner": (664.0, 10250.0),
+    "surround": (-10.0, 6.5), "tennis": (-23.8, -8.3), "time_pilot": (3568.0, 5229.2),
+    "tutankham": (11.4, 167.6), "up_n_down": (533.4, 11693.2), "venture": (0.0, 1187.5),
+    "video_pinball": (16256.9, 17667.9), "wizard_of_wor": (563.5, 4756.5),
+    "yars_revenge": (3092.9, 54576.9), "zaxxon": (32.5, 9173.3),
+}
+PAPER_GAMES = ("pong", "breakout", "qbert", "seaquest", "asterix")  # CQL paper, Table 3
+
+# Local datasets (built by benchmark/datasets.py into $MINARI_DATASETS_PATH).
+LOCAL_ENVS = {
+    "cartpole-random": "local/cartpole/random-v0",
+    "cartpole-medium": "local/cartpole/medium-v0",
+    "cartpole-expert": "local/cartpole/expert-v0",
+    "cartpole-mixed": "local/cartpole/mixed-v0",
+    "ale-pong": "local/ale-pong/mixed-v0",
+}
+
+# Presets: "atari" for frames (paper / official config), "vector" for small CPU problems.
+PRESETS = {
+    "atari": dict(
+        total_steps=12_500_000, eval_every=62_500, eval_episodes=10, batch_size=32, lr=5e-5,
+        adam_eps=3.125e-4, num_quantiles=200, target_update_every=2000, clip_reward=True,
+        eval_epsilon=0.001, hidden_dims=(512,),
+    ),
+    "vector": dict(
+        total_steps=20_000, eval_every=2000, eval_episodes=10, batch_size=64, lr=1e-3,
+        adam_eps=3.125e-4, num_quantiles=50, target_update_every=500, clip_reward=False,
+        eval_epsilon=0.0, hidden_dims=(128, 128), cql_alpha=1.0, threads=1,
+    ),
+}
+DEFAULTS = dict(data_fraction=0.01)  # fills what neither a preset nor the user set
+
+
+def fail(msg: str):
+    """One-line error, non-zero exit, no traceback."""
+    raise SystemExit(f"error: {msg}")
+
+
+def atari_game(name: str) -> str | None:
+    """ALE ROM id for an env name (pong, Pong, space-invaders...), or None."""
+    import ale_py
+
+    rom = name.lower().replace("-", "_")
+    roms = set(ale_py.roms.get_all_rom_ids())
+    if rom in roms:
+        return rom
+    squashed = {r.replace("_", ""): r for r in roms}
+    return squashed.get(rom.replace("_", ""))
+
+
+def ale_env_id(rom: str) -> str:
+    return "ALE/" + "".join(w.capitalize() for w in rom.split("_")) + "-v5"
+
+
+@dataclass
+class DataSource:
+    kind: Literal["dqn_replay", "minari"]
+    game: str | None  # ALE ROM id when the data is Atari
+    dataset_id: str | None
+    description: str
+
+
+def resolve_source(args: Args) -> DataSource:
+    """Which data the run uses, from --env, --dataset-id and --dqn-replay-dir."""
+    env = args.env.lower()
+    game = None if env in LOCAL_ENVS else atari_game(env)
+    if args.dqn_replay_dir is not None:
+        if game is None:
+            fail(f"--dqn-replay-dir needs an Atari game as --env ({', '.join(PAPER_GAMES)} or "
+                 f"any ALE game id), got '{args.env}'")
+        return DataSource("dqn_replay", game, None,
+                          f"dqn_replay:{args.dqn_replay_dir}:fraction={args.data_fraction}"
+                          f":checkpoints={args.checkpoints}")
+    if args.dataset_id is not None:  # any Minari id; --env is then only a label
+        m = re.match(r"atari/([a-z0-9_]+)/", args.dataset_id)
+        if m:
+            game = atari_game(m.group(1)) or game
+        return DataSource("minari", game, args.dataset_id, args.dataset_id)
+    if env in LOCAL_ENVS:
+        return DataSource("minari", None, LOCAL_ENVS[env], LOCAL_ENVS[env])
+    if game is None:
+        valid = ", ".join(list(PAPER_GAMES) + list(LOCAL_ENVS))
+        fail(f"unknown env or game '{args.env}'; valid: {valid}, or any ALE game id "
+             f"(python -c 'import ale_py; print(ale_py.roms.get_all_rom_ids())')")
+    dataset_id = f"atari/{game.replace('_', '')}/expert-v0"
+    return DataSource("minari", game, dataset_id, dataset_id)
+
+
+def resolve_args(args: Args) -> Args:
+    """Fill every None field from the env's preset, then from the global defaults."""
+    src = resolve_source(args)
+    atari = src.game is not None or src.kind == "dqn_replay"
+    preset = dict(PRESETS["atari" if atari else "vector"])
+    if src.kind == "dqn_replay" and "cql_alpha" not in preset:
+        # Paper: alpha = 4.0 with 1% of the data, 1.0 with 10% (0.5 in the 20% curves).
+        frac = args.data_fraction if args.data_fraction is not None else DEFAULTS["data_fraction"]
+        preset["cql_alpha"] = 4.0 if frac <= 0.05 else 1.0
+    preset.setdefault("cql_alpha", 4.0)  # Minari Atari expert-v0: 10 episodes, a small data set
+    updates = {}
+    for f in dataclasses.fields(Args):
+        if getattr(args, f.name) is None:
+            if f.name in preset:
+                updates[f.name] = preset[f.name]
+            elif f.name in DEFAULTS:
+                updates[f.name] = DEFAULTS[f.name]
+    args = dataclasses.replace(args, **updates)
+    if args.hidden_dims is not None:
+        args = dataclasses.replace(args, hidden_dims=tuple(args.hidden_dims))
+    for name in ("total_steps", "eval_every", "eval_episodes", "batch_size", "num_quantiles",
+                 "target_update_every", "log_every"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0.0 < args.data_fraction <= 1.0:
+        fail(f"--data-fraction must be in (0, 1], got {args.data_fraction}")
+    if args.cql_alpha < 0:
+        fail(f"--cql-alpha must be >= 0, got {args.cql_alpha}")
+    return args
+
+
+# ==================================================================================================
+# Data
+# ==================================================================================================
+# One layout for every source, dopamine's: single observations (frames) in time order; before each
+# episode STACK-1 zero frames, so that a frame stack [t-3..t] never reaches into the previous
+# episode; `valid` lists the indices i whose transition (stack at i, a_i, r_i, d_i, stack at i+1)
+# may be sampled.
+
+
+@dataclass
+class Dataset:
+    frames: np.ndarray  # (N, 84, 84) uint8 or (N, obs_dim) float32
+    actions: np.ndarray  # (N,) int64
+    rewards: np.ndarray  # (N,) float32
+    dones: np.ndarray  # (N,) float32: 1 where the transition at i ended the episode (terminal)
+    valid: np.ndarray  # (M,) int64
+    stack: int  # frames per state (4 for Atari, 1 for vector observations)
+    n_actions: int
+    ref_scores: tuple[float, float] | None  # (min, max) for the normalized score
+    env_spec: object = None  # Minari env spec for evaluation (None for DQN Replay)
+    atari_internal_frameskip: bool = False  # Minari Atari: ALE v5 frameskip, no max-pooling
+
+
+def preprocess_rgb(rgb: np.ndarray) -> np.ndarray:
+    """Raw ALE RGB frame (210, 160, 3) -> 84x84 gray, as the evaluation env does it: ALE grayscale
+    (equal to OpenCV's RGB2GRAY) then cv2.resize with INTER_AREA (gymnasium AtariPreprocessing,
+    dopamine)."""
+    gray = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+    return cv2.resize(gray, (84, 84), interpolation=cv2.INTER_AREA)
+
+
+def _local_build_hint(dataset_id: str) -> str:
+    return f"build it with: python benchmark/datasets.py {dataset_id}"
+
+
+def load_minari(dataset_id: str):
+    try:
+        return minari.load_dataset(dataset_id)
+    except Exception as e:  # noqa: BLE001 - any failure: not there locally
+        local_error = e
+    root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+    if dataset_id.startswith("local/"):
+        fail(f"dataset {dataset_id} not found under {root}; {_local_build_hint(dataset_id)}")
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except Exception as e:  # noqa: BLE001 - no network, unknown id, ...
+        fail(f"dataset {dataset_id} is not under {root} and could not be downloaded "
+             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else local_error}); "
+             f"get it with `minari download {dataset_id}` where there is network, "
+             f"or set MINARI_DATASETS_PATH")
+
+
+def _ref_scores(ds) -> tuple[float, float] | None:
+    meta = ds.storage.metadata
+    lo, hi = meta.get("ref_min_score"), meta.get("ref_max_score")
+    if lo is None or hi is None or hi == lo:
+        return None
+    return float(lo), float(hi)
+
+
+def load_minari_dataset(dataset_id: str, progress: bool = True) -> Dataset:
+    ds = load_minari(dataset_id)
+    act_space, obs_space = ds.action_space, ds.observation_space
+    if isinstance(act_space, gym.spaces.Box):
+        fail(f"dataset {dataset_id} has a continuous action space {act_space.shape}; "
+             f"use cql_sac_continuous.py")
+    if not isinstance(act_space, gym.spaces.Discrete):
+        fail(f"dataset {dataset_id}: action space {act_space} is not Discrete")
+    if not isinstance(obs_space, gym.spaces.Box):
+        fail(f"dataset {dataset_id}: observation space {obs_space} is not a Box")
+    shape = obs_space.shape
+    rgb = len(shape) == 3 and shape[-1] == 3 and obs_space.dtype == np.uint8
+    gray = shape == (84, 84) and obs_space.dtype == np.uint8
+    if not (rgb or gray or len(shape) == 1):
+        fail(f"dataset {dataset_id}: observation shape {shape} is neither a vector, "
+             f"Atari RGB frames nor 84x84 gray frames")
+    frames_mode = rgb or gray
+    stack = 4 if frames_mode else 1
+    pad = stack - 1
+    n_total = ds.total_steps + ds.total_episodes * (1 + pad)
+    fshape = (84, 84) if frames_mode else shape
+    frames = np.zeros((n_total, *fshape), np.uint8 if frames_mode else np.float32)
+    actions = np.zeros(n_total, np.int64)
+    rewards = np.zeros(n_total, np.float32)
+    dones = np.zeros(n_total, np.float32)
+    valid = []
+    cur = 0
+    episodes = ds.iterate_episodes()
+    for ep in tqdm(episodes, total=ds.total_episodes, desc=f"loading {dataset_id}",
+                   disable=not progress, leave=False):
+        obs = np.asarray(ep.observations)
+        T = len(ep.actions)
+        start = cur + pad
+        if rgb:
+            for t in range(T + 1):
+                frames[start + t] = preprocess_rgb(obs[t])
+        else:
+            frames[start:start + T + 1] = obs
+        actions[start:start + T] = np.asarray(ep.actions).reshape(T)
+        rewards[start:start + T] = np.asarray(ep.rewards, np.float32).reshape(T)
+        dones[start:start + T] = np.asarray(ep.terminations, np.float32).reshape(T)
+        valid.append(np.arange(start, start + T))
+        cur = start + T + 1
+    if not (np.isfinite(rewards).all() and (frames_mode or np.isfinite(frames).all())):
+        fail(f"dataset {dataset_id} contains NaN or inf in its observations or rewards; "
+             f"clean or rebuild it")
+    import ale_py
+
+    gym.register_envs(ale_py)
+    try:  # the dataset's evaluation env (its data-collection env unless it names another)
+        probe = ds.recover_environment(eval_env=True)
+        spec = probe.spec
+        probe.close()
+    except Exception as e:  # noqa: BLE001
+        fail(f"dataset {dataset_id}: cannot create its environment ({type(e).__name__}: {e})")
+    internal_skip = rgb and spec.kwargs.get("frameskip", 4) != 1
+    return Dataset(frames[:cur], actions[:cur], rewards[:cur], dones[:cur],
+                   np.concatenate(valid).astype(np.int64), stack, int(act_space.n),
+                   _ref_scores(ds), spec, bool(internal_skip))
+
+
+# --- DQN Replay Dataset (dopamine's OutOfGraphReplayBuffer checkpoints) ---------------------------
+# Files per checkpoint K: $store$_{observation,action,reward,terminal}_ckpt.K.gz (np.save'd arrays,
+# gzipped; observation (capacity, 84, 84) uint8 single frames), add_count_ckpt.K.gz,
+# invalid_range_ckpt.K.gz. Dopamine already wrote STACK-1 zero "padding" transitions before each
+# episode, and its rewards are already clipped to [-1, 1].
+
+DQN_STORE = "$store$_{}_ckpt.{}.gz"
+
+
+def _read_npy_gz(path: Path, rows: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """Read (the first `rows` rows of) a gzipped .npy without decompressing the rest."""
+    with gzip.open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        if fortran and len(shape) > 1:
+            raise ValueError(f"{path}: Fortran-ordered arrays are not supported")
+        if len(shape) == 0:
+            return np.frombuffer(f.read(dtype.itemsize), dtype).reshape(())
+        n = shape[0] if rows is None else min(rows, shape[0])
+        if out is None:
+            out = np.empty((n, *shape[1:]), dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        got = 0
+        while got < view.nbytes:
+            k = f.readinto(view[got:])
+            if not k:
+                raise ValueError(f"{path}: truncated file")
+            got += k
+        return out
+
+
+def parse_checkpoint_list(spec: str, available: list[int]) -> list[int]:
+    if spec == "all":
+        return available
+    chosen = []
+    for part in spec.split(","):
+        part = part.strip()
+        if "-" in part:
+            lo, hi = part.split("-")
+            chosen += list(range(int(lo), int(hi) + 1))
+        elif part:
+            chosen.append(int(part))
+    missing = sorted(set(chosen) - set(available))
+    if missing:
+        fail(f"DQN Replay checkpoints {missing} not found; available: {available}")
+    return sorted(set(chosen))
+
+
+def load_dqn_replay(path: str, fraction: float, checkpoints: str = "all",
+                    progress: bool = True) -> Dataset:
+    """The first `fraction` of each chosen checkpoint, as the official CQL 1%/10% data (its README:
+    'subsampling the first 10000 samples from each of [the 50 buffers]' for 1%)."""
+    root = Path(path)
+    if not root.is_dir():
+        fail(f"--dqn-replay-dir {path} does not exist; download a game's logs with "
+             f"`gsutil -m cp -R gs://atari-replay-datasets/dqn/Pong/1 DIR` and pass "
+             f"DIR/Pong/1/replay_logs")
+    found = sorted(int(m.group(1)) for p in root.iterdir()
+                   if (m := re.fullmatch(r"\$store\$_observation_ckpt\.(\d+)\.gz", p.name)))
+    if not found:
+        fail(f"--dqn-replay-dir {path} has no $store$_observation_ckpt.K.gz files "
+             f"(pass the replay_logs folder of one run, e.g. .../Pong/1/replay_logs)")
+    chosen = parse_checkpoint_list(checkpoints, found)
+    stack = 4
+    plan = []
+    for k in chosen:
+        for name in ("action", "reward", "terminal"):
+            if not (root / DQN_STORE.format(name, k)).exists():
+                fail(f"checkpoint {k} in {path} lacks {DQN_STORE.format(name, k)}")
+        add_count = int(_read_npy_gz(root / f"add_count_ckpt.{k}.gz"))
+        terminal = _read_npy_gz(root / DQN_STORE.format("terminal", k))
+        filled = min(add_count, len(terminal))
+        n = int(round(fraction * filled))
+        if n < stack + 1:
+            fail(f"--data-fraction {fraction} leaves {n} transitions of checkpoint {k}")
+        plan.append((k, n))
+    total = sum(n for _, n in plan)
+    frames = np.empty((total, 84, 84), np.uint8)
+    actions = np.empty(total, np.int64)
+    rewards = np.empty(total, np.float32)
+    dones = np.empty(total, np.float32)
+    valid = []
+    cur = 0
+    for k, n in tqdm(plan, desc=f"loading DQN Replay {root}", disable=not progress):
+        _read_npy_gz(root / DQN_STORE.format("observation", k), n, out=frames[cur:cur + n])
+        actions[cur:cur + n] = _read_npy_gz(root / DQN_STORE.format("action", k), n)
+        rewards[cur:cur + n] = _read_npy_gz(root / DQN_STORE.format("reward", k), n)
+        term = _read_npy_gz(root / DQN_STORE.format("terminal", k), n).astype(np.float32)
+        dones[cur:cur + n] = term
+        ok = np.zeros(n, bool)
+        ok[stack - 1:n - 1] = True  # the whole stack and the next frame lie inside the chunk
+        # dopamine's is_valid_transition: no terminal among the first STACK-1 frames of the stack
+        # (the stack would cross an episode end; this also rejects the padding transitions)
+        term_before = np.convolve(term, np.ones(stack - 1), mode="full")[:n]  # term[i-3..i-1]
+        term_before = np.concatenate([[0.0], term_before[:-1]])
+        ok &= term_before == 0
+        inv_path = root / f"invalid_range_ckpt.{k}.gz"
+        if inv_path.exists():  # the transitions that straddle the buffer's write cursor
+            inv = np.asarray(_read_npy_gz(inv_path)).reshape(-1).astype(np.int64)
+            ok[inv[(inv >= 0) & (inv < n)]] = False
+        valid.append(cur + np.flatnonzero(ok))
+        cur += n
+    if not np.isfinite(rewards).all():
+        fail(f"DQN Replay data in {path} contains NaN or inf rewards")
+    return Dataset(frames, actions, rewards, dones, np.concatenate(valid).astype(np.int64), stack,
+                   int(actions.max()) + 1, None)
+
+
+# ==================================================================================================
+# Replay buffer: tensors on the training device, sampling with a torch.Generator on the device
+# ==================================================================================================
+
+
+class ReplayBuffer:
+    def __init__(self, data: Dataset, device: torch.device, seed: int, clip_reward: bool):
+        self.device = device
+        self.frames = torch.as_tensor(data.frames).to(device)
+        self.actions = torch.as_tensor(data.actions).to(device)
+        rewards = torch.as_tensor(data.rewards)
+        self.rewards = (rewards.clamp(-1.0, 1.0) if clip_reward else rewards).to(device)
+        self.dones = torch.as_tensor(data.dones).to(device)
+        self.valid = torch.as_tensor(data.valid).to(device)
+        self.stack = data.stack
+        self.offsets = torch.arange(-data.stack + 1, 1, device=device)
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.valid)
+
+    def stacked(self, idx: torch.Tensor) -> torch.Tensor:
+        """Observation at indices idx: (B, stack, 84, 84) frames [i-3..i] or (B, obs_dim)."""
+        if self.stack == 1:
+            return self.frames[idx]
+        return self.frames[idx[:, None] + self.offsets]
+
+    def sample(self, batch_size: int):
+        j = torch.randint(len(self.valid), (batch_size,), device=self.device,
+                          generator=self.generator)
+        idx = self.valid[j]
+        return (self.stacked(idx), self.actions[idx], self.rewards[idx], self.stacked(idx + 1),
+                self.dones[idx])
+
+
+# ==================================================================================================
+# Networks
+# ==================================================================================================
+
+
+def variance_scaling_(module: nn.Module):
+    """dopamine's init: VarianceScaling(scale=1/sqrt(3), mode='fan_in', 'uniform'), zero bias."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            fan_in = m.weight[0].numel()
+            bound = math.sqrt(3.0 * (1.0 / math.sqrt(3.0)) / fan_in)
+            nn.init.uniform_(m.weight, -bound, bound)
+            nn.init.zeros_(m.bias)
+
+
+def _tf_same_pad(size: int, k: int, s: int) -> tuple[int, int, int]:
+    """TensorFlow 'same' padding (before, after) and the output size."""
+    out = -(-size // s)
+    total = max((out - 1) * s + k - size, 0)
+    return total // 2, total - total // 2, out
+
+
+class QRNetwork(nn.Module):
+    """obs -> (B, A, N) quantiles. Nature DQN torso (conv 32x8x8/4, 64x4x4/2, 64x3x3/1, dense 512)
+    for (stack, 84, 84) uint8 frames, an MLP torso for vector observations."""
+
+    def __init__(self, obs_shape: tuple[int, ...], n_actions: int, n_quantiles: int,
+                 hidden_dims: tuple[int, ...], padding: str = "same"):
+        super().__init__()
+        self.n_actions, self.n_quantiles = n_actions, n_quantiles
+        self.frames = len(obs_shape) == 3
+        if self.frames:
+            layers, c, size = [], obs_shape[0], obs_shape[1]
+            for out_c, k, s in ((32, 8, 4), (64, 4, 2), (64, 3, 1)):
+                if padding == "same":  # official dopamine network (Keras padding='same')
+                    lo, hi, size = _tf_same_pad(size, k, s)
+                    layers.append(nn.ZeroPad2d((lo, hi, lo, hi)))
+                else:
+                    size = (size - k) // s + 1
+                layers += [nn.Conv2d(c, out_c, k, s), nn.ReLU()]
+                c = out_c
+            layers += [nn.Flatten(), nn.Linear(c * size * size, 512), nn.ReLU()]
+            width = 512
+        else:
+            layers, width = [], obs_shape[0]
+            for h in hidden_dims:
+                layers += [nn.Linear(width, h), nn.ReLU()]
+                width = h
+        self.torso = nn.Sequential(*layers)
+        self.head = nn.Linear(width, n_actions * n_quantiles)
+        variance_scaling_(self)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = obs.float() / 255.0 if self.frames else obs.float()
+        return self.head(self.torso(x)).view(-1, self.n_actions, self.n_quantiles)
+
+
+# ==================================================================================================
+# Losses
+# ==================================================================================================
+
+
+def quantile_huber_loss(pred: torch.Tensor, target: torch.Tensor, kappa: float = 1.0):
+    """QR-DQN loss per sample. pred (B, N) quantiles of Q(s, a_D); target (B, N') (no gradient).
+    Returns (B,): sum over the N predicted quantiles of the mean over the N' targets."""
+    n = pred.shape[1]
+    u = target[:, None, :] - pred[:, :, None]  # (B, N, N'): input u of Eq. 9 (Dabney et al.)
+    abs_u = u.abs()
+    # Huber loss L_kappa(u) (Eq. 9), as written in quantile_agent.py (no division by kappa)
+    huber = torch.where(abs_u <= kappa, 0.5 * u.pow(2), kappa * (abs_u - 0.5 * kappa))
+    tau_hat = (torch.arange(n, device=pred.device, dtype=pred.dtype) + 0.5) / n  # midpoints
+    # rho^kappa_tau(u) = |tau - 1{u < 0}| * L_kappa(u)  (Eq. 10)
+    rho = (tau_hat[None, :, None] - (u.detach() < 0).to(pred.dtype)).abs() * huber
+    # official: tf.reduce_sum(tf.reduce_mean(quantile_huber_loss, 2), 1)
+    return rho.mean(dim=2).sum(dim=1)
+
+
+def qr_target(next_quantiles_target: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor,
+              gamma: float) -> torch.Tensor:
+    """Target quantiles r + gamma (1 - d) theta_j(s', a*), a* = argmax_a mean_j theta_j(s', a)
+    from the target network (quantile_agent.py _build_target_distribution). (B, N)."""
+    q_next = next_quantiles_target.mean(dim=2)  # (B, A)
+    a_star = q_next.argmax(dim=1)
+    theta = next_quantiles_target[torch.arange(len(a_star), device=a_star.device), a_star]
+    return rewards[:, None] + gamma * (1.0 - dones[:, None]) * theta
+
+
+def cql_gap(q: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """CQL(H) regularizer (paper Eq. 4) with the exact logsumexp over the discrete actions:
+    E_s[log sum_a exp Q(s,a)] - E_D[Q(s,a)] on Q = mean over quantiles (quantile_agent.py:
+    negative_sampling - dataset_expec). Lowers Q of all actions, raises Q of the data action."""
+    logsumexp = torch.logsumexp(q, dim=1).mean()
+    data_q = q.gather(1, actions[:, None]).mean()
+    return logsumexp - data_q
+
+
+# ==================================================================================================
+# Evaluation
+# ==================================================================================================
+
+
+def make_atari_env(game: str, seed: int | None = None, internal_frameskip: bool = False,
+                   sticky_prob: float = 0.25, noop_max: int = 30,
+                   max_episode_steps: int = 27_000, stack: int = 4) -> gym.Env:
+    """ALE v5, sticky actions, frame-skip 4, 84x84 gray, no-op starts, 4-frame stack (zero
+    padding, as dopamine's agent state). internal_frameskip: the Minari Atari convention (ALE's own
+    frameskip=4, observations = the last frame, no max-pooling); otherwise dopamine's (max over the
+    last two of the 4 frames)."""
+    import ale_py
+
+    gym.register_envs(ale_py)
+    env = gym.make(ale_env_id(game), frameskip=4 if internal_frameskip else 1,
+                   repeat_action_probability=sticky_prob, full_action_space=False,
+                   max_num_frames_per_episode=max_episode_steps * 4)
+    env = gym.wrappers.AtariPreprocessing(env, noop_max=noop_max,
+                                          frame_skip=1 if internal_frameskip else 4,
+                                          screen_size=84, grayscale_obs=True)
+    env = gym.wrappers.FrameStackObservation(env, stack, padding_type="zero")
+    if seed is not None:
+        env.reset(seed=seed)
+    return env
+
+
+def eval_seed(seed: int, eval_index: int) -> int:
+    """Evaluation env seed from (seed, eval index) only: evaluation never depends on history."""
+    return int(np.random.SeedSequence([seed, eval_index, 0xE7A1]).generate_state(1)[0])
+
+
+@torch.no_grad()
+def evaluate(q: QRNetwork, make_env, episodes: int, epsilon: float, seed: int, device,
+             max_steps: int) -> np.ndarray:
+    env = make_env()
+    rng = np.random.default_rng(seed)
+    n_actions = env.action_space.n
+    returns = []
+    for e in range(episodes):
+        obs, _ = env.reset(seed=seed + e)
+        total, steps, done = 0.0, 0, False
+        while not done and steps < max_steps:
+            if rng.random() < epsilon:
+                action = int(rng.integers(n_actions))
+            else:
+                x = torch.as_tensor(np.asarray(obs), device=device)[None]
+                action = int(q(x).mean(dim=2).argmax(dim=1).item())
+            obs, r, term, trunc, _ = env.step(action)
+            total += float(r)
+            steps += 1
+            done = term or trunc
+        returns.append(total)
+    env.close()
+    return np.asarray(returns)
+
+
+def normalized_score(ret: float, game: str | None, ref: tuple[float, float] | None):
+    """Atari: 100 (R - random) / (human - random); local datasets: 100 (R - min) / (max - min)."""
+    if game is not None and game in ATARI_RANDOM_HUMAN:
+        lo, hi = ATARI_RANDOM_HUMAN[game]
+    elif ref is not None:
+        lo, hi = ref
+    else:
+        return None
+    return 100.0 * (ret - lo) / (hi - lo)
+
+
+# ==================================================================================================
+# Checkpoint and run directory
+# ==================================================================================================
+
+IGNORED_ON_RESUME = {"resume", "run_dir", "track", "wandb_project", "wandb_entity", "progress",
+                     "compile", "total_steps"}
+
+
+def config_dict(args: Args, source: DataSource) -> dict:
+    d = asdict(args)
+    d["hidden_dims"] = list(d["hidden_dims"]) if d["hidden_dims"] is not None else None
+    d["dataset"] = source.description
+    return d
+
+
+def check_resume_config(run_dir: Path, config: dict):
+    path = run_dir / "config.json"
+    if not path.exists():
+        fail(f"--resume {run_dir}: no config.json there (not a run directory of {SCRIPT})")
+    old = json.loads(path.read_text())
+    differ = sorted(k for k in set(old) | set(config)
+                    if k not in IGNORED_ON_RESUME and old.get(k) != config.get(k))
+    if differ:
+        details = ", ".join(f"{k} (run: {old.get(k)!r}, now: {config.get(k)!r})" for k in differ)
+        fail(f"--resume {run_dir}: arguments differ from the run's config.json: {details}; "
+             f"pass the same arguments")
+
+
+def save_checkpoint(path: Path, state: dict):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate(), "sampler": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    generator.set_state(state["sampler"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ==================================================================================================
+# Train loop
+# ==================================================================================================
+
+
+class CQLQRDQN:
+    """Networks, optimizers and the update step (no host sync inside)."""
+
+    def __init__(self, args: Args, obs_shape, n_actions: int, device: torch.device):
+        self.args, self.device = args, device
+        self.q = QRNetwork(obs_shape, n_actions, args.num_quantiles, args.hidden_dims,
+                           args.torso_padding).to(device)
+        self.q_target = QRNetwork(obs_shape, n_actions, args.num_quantiles, args.hidden_dims,
+                                  args.torso_padding).to(device)
+        self.q_target.load_state_dict(self.q.state_dict())
+        self.q_target.requires_grad_(False)
+        self.opt = torch.optim.Adam(self.q.parameters(), lr=args.lr, eps=args.adam_eps)
+        self.log_alpha = torch.zeros((), device=device, requires_grad=True)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=args.alpha_lr)
+        self.losses_fn = torch.compile(self.losses) if args.compile else self.losses
+
+    def losses(self, obs, actions, rewards, next_obs, dones, alpha_prime):
+        a = self.args
+        quantiles = self.q(obs)  # (B, A, N)
+        with torch.no_grad():
+            target = qr_target(self.q_target(next_obs), rewards, dones, a.gamma)
+        chosen = quantiles[torch.arange(len(actions), device=actions.device), actions]
+        qr_loss = quantile_huber_loss(chosen, target, a.kappa).mean()  # batch mean
+        q = quantiles.mean(dim=2)  # Q(s, a) = mean over quantiles
+        gap = cql_gap(q, actions)
+        if a.lagrange:
+            # Lagrange form (paper Eq. 30; Cal-QL/CORL code): alpha' * w * (gap - tau)
+            cql_loss = alpha_prime * a.cql_alpha * (gap - a.target_action_gap)
+        else:
+            cql_loss = a.cql_alpha * gap  # official: min_q_loss * minq_weight
+        loss = qr_loss + cql_loss
+        q_data = q.gather(1, actions[:, None]).mean()
+        return loss, qr_loss, cql_loss, gap, q_data, q.abs().max()
+
+    def alpha_prime(self) -> torch.Tensor:
+        return self.log_alpha.exp().clamp(0.0, 1e6)
+
+    def update(self, batch) -> torch.Tensor:
+        """One gradient step; returns the metrics as one device tensor (no host sync)."""
+        obs, actions, rewards, next_obs, dones = batch
+        alpha_prime = self.alpha_prime().detach()
+        loss, qr_loss, cql_loss, gap, q_data, q_max = self.losses_fn(
+            obs, actions, rewards, next_obs, dones, alpha_prime)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.args.lagrange:
+            # dual step: alpha' grows while the gap exceeds tau (alpha loss = -alpha' w (gap - tau))
+            alpha_loss = -(self.alpha_prime() * self.args.cql_alpha
+                           * (gap.detach() - self.args.target_action_gap))
+            self.alpha_opt.zero_grad(set_to_none=True)
+            alpha_loss.backward()
+            self.alpha_opt.step()
+        return torch.stack([loss.detach(), qr_loss.detach(), cql_loss.detach(), gap.detach(),
+                            q_data.detach(), q_max.detach(), alpha_prime])
+
+    def sync_target(self):
+        self.q_target.load_state_dict(self.q.state_dict())
+
+    def state_dict(self) -> dict:
+        return {"q": self.q.state_dict(), "q_target": self.q_target.state_dict(),
+                "opt": self.opt.state_dict(), "log_alpha": self.log_alpha.detach().clone(),
+                "alpha_opt": self.alpha_opt.state_dict()}
+
+    def load_state_dict(self, s: dict):
+        self.q.load_state_dict(s["q"])
+        self.q_target.load_state_dict(s["q_target"])
+        self.opt.load_state_dict(s["opt"])
+        with torch.no_grad():
+            self.log_alpha.copy_(s["log_alpha"])
+        self.alpha_opt.load_state_dict(s["alpha_opt"])
+
+
+METRIC_NAMES = ("loss", "qr_loss", "cql_loss", "cql_gap", "q_data", "q_abs_max", "alpha")
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and exits."""
+
+    def __init__(self):
+        self.set = False
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handler(self, signum, frame):
+        self.set = True
+
+    def __exit__(self, *exc):
+        for sig, h in self.previous.items():
+            signal.signal(sig, h)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda but CUDA is not available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def train(args: Args) -> dict:
+    source = resolve_source(args)
+    device = pick_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # run directory and config
+    if args.resume is not None:
+        run_dir = Path(args.resume)
+        if not (run_dir / "checkpoint.pt").exists():
+            fail(f"--resume {run_dir}: no checkpoint.pt there")
+    elif args.run_dir is not None:
+        run_dir = Path(args.run_dir)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / f"cql_qrdqn_atari__{args.env}__s{args.seed}__{stamp}"
+    config = config_dict(args, source)
+    if args.resume is not None:
+        check_resume_config(run_dir, config)
+
+    # data
+    if source.kind == "dqn_replay":
+        data = load_dqn_replay(args.dqn_replay_dir, args.data_fraction, args.checkpoints,
+                               args.progress)
+    else:
+        data = load_minari_dataset(source.dataset_id, args.progress)
+    if data.stack == 4 and source.game is None and data.env_spec is not None:
+        m = re.fullmatch(r"ALE/(\w+)-v\d+", data.env_spec.id)
+        source.game = atari_game(m.group(1)) if m else None
+    if data.stack == 4 and source.game is None:
+        fail(f"dataset {source.dataset_id} holds Atari frames but its game is unknown; "
+             f"pass --env GAME")
+    atari = data.stack == 4
+    buffer = ReplayBuffer(data, device, args.seed, args.clip_reward)
+    obs_shape = (4, 84, 84) if atari else tuple(data.frames.shape[1:])
+
+    if atari:
+        game = source.game
+
+        def make_env():
+            return make_atari_env(game, None, data.atari_internal_frameskip, args.sticky_prob,
+                                  args.noop_max, args.max_episode_steps)
+        max_steps = args.max_episode_steps
+    else:
+        game = None
+        env_spec = data.env_spec
+
+        def make_env():
+            return gym.make(env_spec)
+        max_steps = 10**9
+    probe = make_env()
+    if probe.action_space.n != data.n_actions and source.kind == "minari":
+        fail(f"evaluation env has {probe.action_space.n} actions, the data {data.n_actions}")
+    n_actions = int(probe.action_space.n)
+    probe.close()
+
+    agent = CQLQRDQN(args, obs_shape, n_actions, device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start_step, last_metrics = 0, None
+    if args.resume is not None:
+        ckpt = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=False)
+        agent.load_state_dict(ckpt["agent"])
+        set_rng_state(ckpt["rng"], buffer.generator)
+        start_step = ckpt["step"]
+        print(f"resumed {run_dir} at step {start_step}")
+    else:
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    ckpt_path = run_dir / "checkpoint.pt"
+    last_good = {"step": start_step if args.resume else None}
+
+    def checkpoint(step: int):
+        save_checkpoint(ckpt_path, {"agent": agent.state_dict(),
+                                    "rng": rng_state(buffer.generator), "step": step,
+                                    "config": config})
+        last_good["step"] = step
+
+    wandb_run = None
+    if args.track:
+        import wandb
+
+        wandb_run = wandb.init(project=args.wandb_project, entity=args.wandb_entity,
+                               config=config, name=run_dir.name, id=run_dir.name.replace("/", "_"),
+                               resume="allow", dir=str(run_dir))
+
+    def diverged(step: int, why: str):
+        where = (f"last good checkpoint: {ckpt_path} (step {last_good['step']})"
+                 if last_good["step"] is not None else "no checkpoint was written yet")
+        fail(f"training diverged at step {step} ({why}); {where}; "
+             f"try a smaller --lr or a larger --cql-alpha")
+
+    metrics_file = run_dir / "metrics.jsonl"
+    train_time, steps_done = 0.0, 0
+    final = None
+    t_start = time.time()
+    with StopFlag() as stop:
+        pbar = tqdm(range(start_step + 1, args.total_steps + 1), disable=not args.progress,
+                    initial=start_step, total=args.total_steps, desc="cql-qrdqn", smoothing=0.05)
+        stats = None
+        t0 = time.perf_counter()
+        for step in pbar:
+            stats = agent.update(buffer.sample(args.batch_size))
+            if step % args.target_update_every == 0:
+                agent.sync_target()
+            steps_done += 1
+            do_eval = step % args.eval_every == 0 or step == args.total_steps
+            if step % args.log_every == 0 or do_eval or stop.set:
+                host = stats.tolist()  # the only host sync of the loop
+                last_metrics = dict(zip(METRIC_NAMES, host, strict=True))
+                if not all(math.isfinite(v) for v in host):
+                    diverged(step, "non-finite loss or Q")
+                if last_metrics["q_abs_max"] > 1e6:
+                    diverged(step, f"|Q| reached {last_metrics['q_abs_max']:.3g}")
+                pbar.set_postfix(qr=f"{host[1]:.3f}", gap=f"{host[3]:.2f}", q=f"{host[4]:.2f}")
+                if wandb_run is not None:
+                    wandb_run.log({f"train/{k}": v for k, v in last_metrics.items()}, step=step)
+            if do_eval:
+                train_time += time.perf_counter() - t0
+                rets = evaluate(agent.q, make_env, args.eval_episodes, args.eval_epsilon,
+                                eval_seed(args.seed, step), device, max_steps)
+                ret = float(rets.mean())
+                score = normalized_score(ret, game, data.ref_scores)
+                final = {"step": step, "return_mean": ret, "return_std": float(rets.std()),
+                         "normalized_score": score, **{f"train/{k}": v
+                                                       for k, v in last_metrics.items()}}
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(final) + "\n")
+                if wandb_run is not None:
+                    wandb_run.log({"eval/return": ret, "eval/normalized_score": score}, step=step)
+                tqdm.write(f"step {step}: return {ret:.2f}"
+                           + (f", normalized {score:.1f}" if score is not None else ""))
+                checkpoint(step)
+                t0 = time.perf_counter()
+            if stop.set and step < args.total_steps:
+                checkpoint(step)
+                pbar.close()
+                cmd = f"python {SCRIPT} --env {args.env} ... --resume {run_dir}"
+                raise SystemExit(f"interrupted at step {step}; checkpoint saved to {ckpt_path}; "
+                                 f"resume with the same arguments plus --resume: {cmd}")
+        pbar.close()
+        train_time += time.perf_counter() - t0
+
+    if final is None:  # resumed at the end: report the last evaluation
+        lines = metrics_file.read_text().splitlines() if metrics_file.exists() else []
+        final = json.loads(lines[-1]) if lines else {"return_mean": None,
+                                                     "normalized_score": None}
+    summary = {"final_normalized_score": final["normalized_score"],
+               "final_return": final["return_mean"], "total_steps": args.total_steps,
+               "updates_per_sec": steps_done / train_time if train_time > 0 else None,
+               "wall_time_s": time.time() - t_start, "dataset": source.description,
+               "transitions": len(buffer)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if wandb_run is not None:
+        wandb_run.summary.update(summary)
+        wandb_run.finish()
+    return summary
+
+
+# ==================================================================================================
+# Main
+# ==================================================================================================
+
+
+def main(args: Args | None = None) -> dict:
+    if args is None:
+        args = tyro.cli(Args)
+    args = resolve_args(args)
+    return train(args)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
