@@ -627,8 +627,9 @@ def compute_losses(agent: Agent, batch: dict[str, torch.Tensor], args: Args, bc:
     if args.cql_weight > 0 or args.lagrange:
         penalty, alpha_prime_loss = cql_term(agent, batch, args, q_data, action_dim, metrics)
         critic_loss = critic_loss + penalty.sum()
-    else:
+    else:  # naive offline SAC
         alpha_prime_loss = torch.zeros((), device=obs.device)
+        metrics["alpha_prime"] = alpha_prime_loss
     metrics["critic_loss"] = critic_loss.detach()
     total = actor_loss + alpha_loss + critic_loss + alpha_prime_loss
     return total, metrics
@@ -765,7 +766,7 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
 
 # Fields that may differ on resume without changing the result.
 RESUME_FREE = {"resume", "run_dir", "track", "wandb_project", "wandb_entity", "progress",
-               "log_every"}
+               "log_every", "total_steps"}  # total_steps: a finished run may be extended
 
 
 def config_dict(args: Args) -> dict[str, Any]:

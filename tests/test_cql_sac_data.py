@@ -1,0 +1,138 @@
+"""CQL-SAC data handling against hand-made episodes, presets and the device replay buffer."""
+
+from types import SimpleNamespace
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import cql_sac_continuous as cql
+
+
+def episode(obs, terminated: bool, truncated: bool, action_dim: int = 2):
+    steps = len(obs) - 1 if not isinstance(obs, dict) else len(next(iter(obs.values()))) - 1
+    term = np.zeros(steps, bool)
+    trunc = np.zeros(steps, bool)
+    term[-1], trunc[-1] = terminated, truncated
+    return SimpleNamespace(observations=obs, actions=np.arange(steps * action_dim,
+                                                               dtype=np.float32
+                                                               ).reshape(steps, action_dim),
+                           rewards=np.arange(steps, dtype=np.float32) + 1.0,
+                           terminations=term, truncations=trunc)
+
+
+def test_termination_is_done_truncation_is_not():
+    obs_a = np.arange(4 * 3, dtype=np.float32).reshape(4, 3)  # T+1 = 4 observations
+    obs_b = 100 + np.arange(3 * 3, dtype=np.float32).reshape(3, 3)
+    data = cql.episodes_to_transitions([episode(obs_a, True, False),
+                                        episode(obs_b, False, True)])
+    assert data["obs"].shape == (5, 3)
+    np.testing.assert_array_equal(data["dones"], [0, 0, 1, 0, 0])
+    np.testing.assert_array_equal(data["timeouts"], [0, 0, 0, 0, 1])
+    # next_obs comes from each episode's own T+1 observations, never from the next episode.
+    np.testing.assert_array_equal(data["next_obs"][2], obs_a[3])
+    np.testing.assert_array_equal(data["next_obs"][4], obs_b[2])
+    np.testing.assert_array_equal(data["obs"][3], obs_b[0])
+    np.testing.assert_array_equal(data["rewards"], [1, 2, 3, 1, 2])
+    np.testing.assert_array_equal(data["episode_returns"], [6, 3])
+
+
+def test_dict_observations_flatten_identically_for_dataset_and_env():
+    steps = 3
+    obs = {"observation": np.arange((steps + 1) * 4).reshape(steps + 1, 4),
+           "desired_goal": 50 + np.arange((steps + 1) * 2).reshape(steps + 1, 2),
+           "achieved_goal": {"b": np.full((steps + 1, 1), 7), "a": np.full((steps + 1, 1), 9)}}
+    data = cql.episodes_to_transitions([episode(obs, False, True)])
+    assert data["obs"].shape == (steps, 8)
+    # sorted keys, recursively: achieved_goal.a, achieved_goal.b, desired_goal, observation
+    np.testing.assert_array_equal(data["obs"][1], [9, 7, 52, 53, 4, 5, 6, 7])
+    single = {k: ({kk: vv[1] for kk, vv in v.items()} if isinstance(v, dict) else v[1])
+              for k, v in obs.items()}  # what the evaluation env returns at step 1
+    np.testing.assert_array_equal(cql.flatten_obs(single), data["obs"][1])
+
+
+def test_observation_count_mismatch_is_refused():
+    bad = episode(np.zeros((4, 3), np.float32), False, True)
+    bad.actions = bad.actions[:2]
+    with pytest.raises(SystemExit, match="expected T\\+1"):
+        cql.episodes_to_transitions([bad])
+
+
+def test_non_finite_data_is_refused_naming_the_field():
+    data = cql.episodes_to_transitions([episode(np.zeros((4, 3), np.float32), False, True)])
+    data["rewards"][1] = np.nan
+    with pytest.raises(SystemExit, match="'rewards'"):
+        cql.check_finite(data, "local/x/y-v0")
+
+
+def box(low: float, high: float, dim: int = 2) -> gym.spaces.Box:
+    return gym.spaces.Box(low, high, (dim,), np.float32)
+
+
+def test_transform_rewards_states_and_actions():
+    obs = np.array([[0, 0], [1, 2], [2, 4], [3, 6]], np.float32)
+    data = cql.episodes_to_transitions([episode(obs, False, True)])
+    data["actions"] = np.array([[-2, 2], [0, 1], [1, -2]], np.float32)
+    data["episode_returns"] = np.array([10.0, -40.0])
+    args = cql.resolve_args(cql.Args(env="pendulum-medium", run_dir="x", normalize_states=True,
+                                     reward_mode="locomotion"))
+    tf = cql.make_transform(data, box(-2, 2), args)
+    assert tf.reward_scale == pytest.approx(1000 / 50) and tf.reward_bias == 0.0
+    np.testing.assert_allclose(tf.obs_mean, [1, 2])
+    np.testing.assert_allclose(tf.obs_std, np.array([np.std([0, 1, 2]), np.std([0, 2, 4])]) + 1e-3)
+    out = cql.apply_transform(data, tf)
+    np.testing.assert_allclose(out["actions"], [[-1, 1], [0, 0.5], [0.5, -1]])
+    np.testing.assert_allclose(out["rewards"], np.array([1, 2, 3]) * 20.0)
+    np.testing.assert_allclose(tf.to_env_action(out["actions"]), data["actions"])
+    np.testing.assert_allclose(out["next_obs"][0], tf.obs(obs[1]))
+    bias = cql.make_transform(data, box(0, 4), cql.replace(
+        args, reward_mode="scale_bias", reward_scale=10.0, reward_bias=-5.0))
+    assert bias.reward(np.array([0.0, 1.0])).tolist() == [-5.0, 5.0]
+    np.testing.assert_allclose(bias.to_env_action(np.array([-1.0, 1.0])), [0.0, 4.0])
+
+
+def test_replay_buffer_samples_real_rows_deterministically():
+    data = dict(obs=np.arange(100, dtype=np.float32)[:, None],
+                rewards=np.arange(100, dtype=np.float32) * 2)
+    a = cql.ReplayBuffer(data, torch.device("cpu"), seed=3)
+    b = cql.ReplayBuffer(data, torch.device("cpu"), seed=3)
+    s1, s2 = a.sample(64), b.sample(64)
+    torch.testing.assert_close(s1["obs"], s2["obs"])
+    torch.testing.assert_close(s1["rewards"], s1["obs"][:, 0] * 2)  # rows stay aligned
+    assert len(torch.unique(s1["obs"])) > 30
+    assert not torch.equal(a.sample(64)["obs"], s1["obs"])
+
+
+def test_presets_fill_none_fields_and_the_command_line_wins():
+    ant = cql.resolve_args(cql.Args(env="antmaze-medium-play"))
+    assert ant.dataset_id == "D4RL/antmaze/medium-play-v1"
+    assert (ant.lagrange, ant.cql_tau, ant.cql_weight, ant.max_backup) == (True, 0.8, 5.0, True)
+    assert (ant.reward_scale, ant.reward_bias) == (10.0, -5.0)
+    assert ant.critic_hidden_dims == (256,) * 4 and ant.actor_hidden_dims == (256, 256)
+    over = cql.resolve_args(cql.Args(env="antmaze-medium-play", cql_tau=2.0, lagrange=False,
+                                     hidden_dims=(64, 64)))
+    assert (over.cql_tau, over.lagrange) == (2.0, False)
+    assert over.critic_hidden_dims == (64, 64) == over.actor_hidden_dims
+    hop = cql.resolve_args(cql.Args(env="hopper-medium", critic_hidden_dims=(32,)))
+    assert hop.dataset_id == "mujoco/hopper/medium-v0" and hop.policy_lr == 1e-4
+    assert hop.actor_hidden_dims == (256, 256, 256) and hop.critic_hidden_dims == (32,)
+    assert cql.resolve_args(cql.Args(env="pen-human")).dataset_id == "D4RL/pen/human-v2"
+    assert cql.resolve_args(cql.Args(env="kitchen-mixed")).dataset_id == "D4RL/kitchen/mixed-v2"
+    custom = cql.resolve_args(cql.Args(env="anything", dataset_id="mujoco/ant/expert-v0"))
+    assert custom.dataset_id == "mujoco/ant/expert-v0" and custom.cql_weight == 5.0
+    with pytest.raises(SystemExit, match="unknown --env 'hoper-medium'.*hopper-medium"):
+        cql.resolve_args(cql.Args(env="hoper-medium"))
+
+
+def test_load_data_on_local_pendulum(local_dataset):
+    local_dataset("pendulum-medium")
+    args = cql.resolve_args(cql.Args(env="pendulum-medium", run_dir="x"))
+    data, tf, make_env, info = cql.load_data(args)
+    assert info["transitions"] == 20_000 and info["episodes"] == 100
+    assert (info["obs_dim"], info["action_dim"]) == (3, 1)
+    assert info["ref_min_score"] < info["ref_max_score"] < 0
+    assert np.abs(data["actions"]).max() <= 1.0 and data["dones"].sum() == 0  # time limits only
+    assert float(tf.action_scale[0]) == 2.0
+    env = make_env()
+    assert env.spec.id == "Pendulum-v1" and env.spec.max_episode_steps == 200

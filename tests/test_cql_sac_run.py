@@ -1,0 +1,213 @@
+"""CQL-SAC end to end: run directory contract, variants, compile, kill/resume, bad inputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import minari
+import numpy as np
+import pytest
+from minari.data_collector import EpisodeBuffer
+
+import cql_sac_continuous as cql
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "cql_sac_continuous.py")
+TINY = ["--hidden-dims", "16", "16", "--batch-size", "32", "--cql-n-actions", "3",
+        "--eval-episodes", "1", "--log-every", "25", "--no-progress"]
+
+
+def tiny_args(run_dir: Path, **overrides) -> cql.Args:
+    base = dict(env="pendulum-medium", run_dir=str(run_dir), hidden_dims=(16, 16), batch_size=32,
+                cql_n_actions=3, eval_episodes=1, total_steps=60, eval_every=30, log_every=25,
+                progress=False)
+    return cql.Args(**{**base, **overrides})
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_script(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_run_directory_contract(local_dataset, tmp_path):
+    local_dataset("pendulum-medium")
+    summary = cql.main(tiny_args(tmp_path / "run", bc_steps=20))
+    run = tmp_path / "run"
+    config = json.loads((run / "config.json").read_text())
+    assert config["args"]["cql_weight"] == 5.0 and config["args"]["hidden_dims"] == [16, 16]
+    assert config["dataset"]["dataset_id"] == "local/pendulum/medium-v0"
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [30, 60]
+    for key in ("normalized_score", "return_mean", "value_gap", "critic_loss", "actor_loss",
+                "alpha", "alpha_prime", "cql_gap", "bellman_loss"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    assert (run / "checkpoint.pt").exists() and not (run / "checkpoint.pt.tmp").exists()
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk == summary
+    assert summary["final_return"] == rows[-1]["return_mean"]
+    assert summary["final_normalized_score"] == rows[-1]["normalized_score"]
+    assert summary["updates_per_sec"] > 0 and summary["wall_time_s"] > 0
+    lo, hi = config["dataset"]["ref_min_score"], config["dataset"]["ref_max_score"]
+    assert rows[-1]["normalized_score"] == pytest.approx(
+        100 * (rows[-1]["return_mean"] - lo) / (hi - lo))
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(cql_variant="plain", cql_temp=0.5),
+    dict(cql_variant="rho"),
+    dict(cql_data_term=False),
+    dict(lagrange=True, cql_tau=1.0, lagrange_form="cql"),
+    dict(max_backup=True, backup_entropy=True, orthogonal_init=True),
+    dict(cql_weight=0.0, normalize_states=True, reward_mode="scale_bias", reward_scale=0.1),
+], ids=["plain", "rho", "eq1", "lagrange", "max-backup", "naive-sac"])
+def test_variants_run_end_to_end(local_dataset, tmp_path, overrides):
+    local_dataset("pendulum-medium")
+    summary = cql.main(tiny_args(tmp_path / "run", total_steps=30, **overrides))
+    assert np.isfinite(summary["final_return"]) and np.isfinite(summary["value_gap"])
+    alpha_primes = [r["alpha_prime"] for r in read_metrics(tmp_path / "run")]
+    if overrides.get("lagrange"):
+        assert alpha_primes[-1] != 1.0  # tuned away from exp(0)
+
+
+def test_compile_gives_the_eager_losses(local_dataset, tmp_path, monkeypatch):
+    """torch.compile of the loss computation runs on CPU and computes the same numbers
+    (inductor draws its own random numbers unless told to use eager's)."""
+    local_dataset("pendulum-medium")
+    monkeypatch.setattr(cql.torch._inductor.config, "fallback_random", True)
+    eager = cql.main(tiny_args(tmp_path / "eager", total_steps=20, eval_every=20))
+    compiled = cql.main(tiny_args(tmp_path / "compiled", total_steps=20, eval_every=20,
+                                  compile=True))
+    a, b = read_metrics(tmp_path / "eager")[-1], read_metrics(tmp_path / "compiled")[-1]
+    for key in ("critic_loss", "actor_loss", "q_data", "cql_gap"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), key
+    assert compiled["final_return"] == pytest.approx(eager["final_return"], rel=1e-3)
+
+
+def test_sigterm_then_resume_matches_an_uninterrupted_run(local_dataset, tmp_path):
+    local_dataset("pendulum-medium")
+    steps = ["--total-steps", "400", "--eval-every", "100", "--seed", "3"]
+    reference = cql.main(cql.resolve_args(tiny_args(tmp_path / "ref", total_steps=400,
+                                                    eval_every=100, seed=3)))
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, SCRIPT, *TINY, *steps, "--run-dir", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").exists() or \
+            not (run / "metrics.jsonl").read_text():
+        time.sleep(0.05)  # first evaluation written: the run is mid-way
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert f"--resume {run}" in err
+    stopped_at = len(read_metrics(run))
+    assert stopped_at < 4 and not (run / "summary.json").exists()
+    resumed = run_script(*TINY, *steps, "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    ref_rows, rows = read_metrics(tmp_path / "ref"), read_metrics(run)
+    assert [r["step"] for r in rows] == [100, 200, 300, 400]
+    for a, b in zip(ref_rows, rows, strict=True):
+        assert a == b  # bit-identical evaluations and training metrics
+    for key in ("final_return", "final_normalized_score", "value_gap"):
+        assert summary[key] == reference[key]
+
+
+def test_resume_after_a_hard_kill_continues_from_the_last_checkpoint(local_dataset, tmp_path):
+    local_dataset("pendulum-medium")
+    args = tiny_args(tmp_path / "run", total_steps=90, eval_every=30)
+    reference = cql.main(tiny_args(tmp_path / "ref", total_steps=90, eval_every=30))
+    cql.main(cql.replace(args, total_steps=60))  # as if killed right after step 60's eval...
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as fh:  # ...mid-way through the next
+        fh.write('{"step": 75, "stale": true}\n')
+    resumed = cql.main(cql.replace(args, resume=str(tmp_path / "run")))
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [30, 60, 90]
+    assert resumed["final_return"] == reference["final_return"]
+
+
+def test_resume_with_a_different_config_is_refused(local_dataset, tmp_path):
+    local_dataset("pendulum-medium")
+    cql.main(tiny_args(tmp_path / "run", total_steps=30))
+    with pytest.raises(SystemExit, match="cql_weight: 5.0 -> 1.0"):
+        cql.main(tiny_args(tmp_path / "run", total_steps=30, cql_weight=1.0,
+                           resume=str(tmp_path / "run")))
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        cql.main(tiny_args(tmp_path / "new", resume=str(tmp_path / "nothing-here")))
+
+
+def test_divergence_stops_with_step_and_last_checkpoint(local_dataset, tmp_path, monkeypatch):
+    local_dataset("pendulum-medium")
+    sample, calls = cql.ReplayBuffer.sample, []
+
+    def poisoned(self, batch_size):  # NaN rewards from the 41st batch on
+        batch = sample(self, batch_size)
+        calls.append(1)
+        if len(calls) > 40:
+            batch["rewards"] = batch["rewards"] * float("nan")
+        return batch
+
+    monkeypatch.setattr(cql.ReplayBuffer, "sample", poisoned)
+    with pytest.raises(SystemExit, match=r"diverged at step 50 .*checkpoint.pt \(step 30\)"):
+        cql.main(tiny_args(tmp_path / "run", log_every=25, eval_every=30, total_steps=90))
+
+
+def write_dataset(root: Path, dataset_id: str, env_id: str, episodes: int = 2,
+                  corrupt: bool = False) -> None:
+    """A tiny hand-made Minari dataset in `root` (random actions)."""
+    os.environ["MINARI_DATASETS_PATH"], old = str(root), os.environ["MINARI_DATASETS_PATH"]
+    try:
+        env = gym.make(env_id)
+        buffers = []
+        for k in range(episodes):
+            obs, _ = env.reset(seed=k)
+            rows = dict(observations=[obs], actions=[], rewards=[], terminations=[],
+                        truncations=[])
+            for t in range(10):
+                obs, r, term, trunc, _ = env.step(env.action_space.sample())
+                rows["observations"].append(obs)
+                rows["actions"].append(env.action_space.sample())
+                rows["rewards"].append(np.nan if corrupt and t == 3 else r)
+                rows["terminations"].append(term)
+                rows["truncations"].append(t == 9)
+                if term:
+                    break
+            buffers.append(EpisodeBuffer(**{k: np.asarray(v) for k, v in rows.items()},
+                                         infos={}))
+        minari.create_dataset_from_buffers(dataset_id, buffers, env=env_id)
+    finally:
+        os.environ["MINARI_DATASETS_PATH"] = old
+
+
+BAD_INPUTS = {
+    "unknown-env": (["--env", "hopper-mediun"], "unknown --env 'hopper-mediun'"),
+    "missing-local": (["--dataset-id", "local/pendulum/nope-v0"],
+                      "build it with: python benchmark/datasets.py pendulum-nope"),
+    "discrete": (["--dataset-id", "test/cartpole/tiny-v0"], "use cql_qrdqn_atari.py"),
+    "nan": (["--dataset-id", "test/pendulum/nan-v0"], "non-finite values in 'rewards'"),
+    "no-cuda": (["--device", "cuda"], "no CUDA device"),
+    "no-network": (["--dataset-id", "D4RL/pen/human-v2"], "could not be downloaded"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_give_one_line_errors(tmp_path, case):
+    if case == "no-cuda" and cql.torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    write_dataset(tmp_path, "test/cartpole/tiny-v0", "CartPole-v1")
+    write_dataset(tmp_path, "test/pendulum/nan-v0", "Pendulum-v1", corrupt=True)
+    argv, message = BAD_INPUTS[case]
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, SCRIPT, *argv, *TINY, "--run-dir",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert message in proc.stderr.strip().splitlines()[-1], proc.stderr[-3000:]
