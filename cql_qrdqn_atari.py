@@ -6,9 +6,9 @@ and App. F, as built on QR-DQN (Dabney et al., 2018) in the official code
 (github.com/aviralkumar2907/CQL, atari/batch_rl/multi_head/quantile_agent.py, on dopamine).
 
     # the paper's 1% DQN Replay setting (Pong), CQL weight 4.0:
-    python cql_qrdqn_atari.py --env pong --dqn-replay-dir /data/Pong/1/replay_logs --data-fraction 0.01
+    python cql_qrdqn_atari.py --env pong --dqn-replay-dir D/Pong/1/replay_logs --data-fraction 0.01
     # 10% with CQL weight 1.0:
-    python cql_qrdqn_atari.py --env pong --dqn-replay-dir /data/Pong/1/replay_logs --data-fraction 0.1
+    python cql_qrdqn_atari.py --env pong --dqn-replay-dir D/Pong/1/replay_logs --data-fraction 0.1
     # offline on CPU, a local CartPole dataset (build it with benchmark/datasets.py):
     python cql_qrdqn_atari.py --env cartpole-expert
 
@@ -18,6 +18,7 @@ train loop, main.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import json
@@ -37,7 +38,6 @@ import minari
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
@@ -52,7 +52,7 @@ SCRIPT = "cql_qrdqn_atari.py"
 class Args:
     env: str
     """pong|breakout|qbert|seaquest|asterix (or any ALE game id), or a local dataset name such as
-    cartpole-expert (= local/cartpole/expert-v0) or ale-pong"""
+    cartpole-expert (= local/cartpole/expert-v0) or pong-random (= local/ale-pong/random-v0)"""
     dataset_id: str | None = None
     """any Minari dataset id with a discrete action space; overrides the env's dataset"""
     dqn_replay_dir: str | None = None
@@ -163,7 +163,7 @@ LOCAL_ENVS = {
     "cartpole-medium": "local/cartpole/medium-v0",
     "cartpole-expert": "local/cartpole/expert-v0",
     "cartpole-mixed": "local/cartpole/mixed-v0",
-    "ale-pong": "local/ale-pong/mixed-v0",
+    "pong-random": "local/ale-pong/random-v0",
 }
 
 # Presets: "atari" for frames (paper / official config), "vector" for small CPU problems.
@@ -211,6 +211,18 @@ class DataSource:
     description: str
 
 
+def _peek_game(dataset_id: str) -> str | None:
+    """The ALE game of a local Minari dataset of frames (from its env spec), else None."""
+    try:
+        spec = minari.load_dataset(dataset_id).spec
+    except Exception:  # noqa: BLE001 - missing: reported when the data is loaded
+        return None
+    if len(spec.observation_space.shape or ()) < 2 or spec.env_spec is None:
+        return None
+    m = re.fullmatch(r"ALE/(\w+)-v\d+", spec.env_spec.id)
+    return atari_game(m.group(1)) if m else None
+
+
 def resolve_source(args: Args) -> DataSource:
     """Which data the run uses, from --env, --dataset-id and --dqn-replay-dir."""
     env = args.env.lower()
@@ -224,11 +236,10 @@ def resolve_source(args: Args) -> DataSource:
                           f":checkpoints={args.checkpoints}")
     if args.dataset_id is not None:  # any Minari id; --env is then only a label
         m = re.match(r"atari/([a-z0-9_]+)/", args.dataset_id)
-        if m:
-            game = atari_game(m.group(1)) or game
+        game = (atari_game(m.group(1)) if m else None) or _peek_game(args.dataset_id) or game
         return DataSource("minari", game, args.dataset_id, args.dataset_id)
     if env in LOCAL_ENVS:
-        return DataSource("minari", None, LOCAL_ENVS[env], LOCAL_ENVS[env])
+        return DataSource("minari", _peek_game(LOCAL_ENVS[env]), LOCAL_ENVS[env], LOCAL_ENVS[env])
     if game is None:
         valid = ", ".join(list(PAPER_GAMES) + list(LOCAL_ENVS))
         fail(f"unknown env or game '{args.env}'; valid: {valid}, or any ALE game id "
@@ -300,7 +311,8 @@ def preprocess_rgb(rgb: np.ndarray) -> np.ndarray:
 
 
 def _local_build_hint(dataset_id: str) -> str:
-    return f"build it with: python benchmark/datasets.py {dataset_id}"
+    names = [k for k, v in LOCAL_ENVS.items() if v == dataset_id]
+    return f"build it with: python benchmark/datasets.py {names[0] if names else dataset_id}"
 
 
 def load_minari(dataset_id: str):
@@ -328,6 +340,39 @@ def _ref_scores(ds) -> tuple[float, float] | None:
     return float(lo), float(hi)
 
 
+def episodes_layout(episodes, n_total: int, stack: int, rgb: bool = False):
+    """Episodes (observations (T+1, ...), actions (T,), rewards (T,), terminations (T,)) -> the
+    flat layout: per episode STACK-1 zero frames, then its T+1 observations (RGB frames go
+    through preprocess_rgb). The last observation is stored for the bootstrap of a truncated
+    episode but starts no transition. n_total: an upper bound on the number of rows."""
+    pad = stack - 1
+    frames = actions = rewards = dones = None
+    valid, cur = [], 0
+    for obs, act, rew, term in episodes:
+        T = len(act)
+        if frames is None:
+            fshape = (84, 84) if rgb else obs.shape[1:]
+            frames = np.zeros((n_total, *fshape), np.uint8 if stack > 1 else np.float32)
+            actions = np.zeros(n_total, np.int64)
+            rewards = np.zeros(n_total, np.float32)
+            dones = np.zeros(n_total, np.float32)
+        start = cur + pad
+        if rgb:
+            for t in range(T + 1):
+                frames[start + t] = preprocess_rgb(obs[t])
+        else:
+            frames[start:start + T + 1] = obs
+        actions[start:start + T] = act.reshape(T)
+        rewards[start:start + T] = rew.reshape(T)
+        dones[start:start + T] = term.reshape(T)
+        valid.append(np.arange(start, start + T))
+        cur = start + T + 1
+    if frames is None:
+        fail("the dataset has no episodes")
+    return (frames[:cur], actions[:cur], rewards[:cur], dones[:cur],
+            np.concatenate(valid).astype(np.int64))
+
+
 def load_minari_dataset(dataset_id: str, progress: bool = True) -> Dataset:
     ds = load_minari(dataset_id)
     act_space, obs_space = ds.action_space, ds.observation_space
@@ -345,32 +390,14 @@ def load_minari_dataset(dataset_id: str, progress: bool = True) -> Dataset:
         fail(f"dataset {dataset_id}: observation shape {shape} is neither a vector, "
              f"Atari RGB frames nor 84x84 gray frames")
     frames_mode = rgb or gray
-    stack = 4 if frames_mode else 1
-    pad = stack - 1
-    n_total = ds.total_steps + ds.total_episodes * (1 + pad)
-    fshape = (84, 84) if frames_mode else shape
-    frames = np.zeros((n_total, *fshape), np.uint8 if frames_mode else np.float32)
-    actions = np.zeros(n_total, np.int64)
-    rewards = np.zeros(n_total, np.float32)
-    dones = np.zeros(n_total, np.float32)
-    valid = []
-    cur = 0
-    episodes = ds.iterate_episodes()
-    for ep in tqdm(episodes, total=ds.total_episodes, desc=f"loading {dataset_id}",
-                   disable=not progress, leave=False):
-        obs = np.asarray(ep.observations)
-        T = len(ep.actions)
-        start = cur + pad
-        if rgb:
-            for t in range(T + 1):
-                frames[start + t] = preprocess_rgb(obs[t])
-        else:
-            frames[start:start + T + 1] = obs
-        actions[start:start + T] = np.asarray(ep.actions).reshape(T)
-        rewards[start:start + T] = np.asarray(ep.rewards, np.float32).reshape(T)
-        dones[start:start + T] = np.asarray(ep.terminations, np.float32).reshape(T)
-        valid.append(np.arange(start, start + T))
-        cur = start + T + 1
+    n_total = ds.total_steps + ds.total_episodes * (1 + (3 if frames_mode else 0))
+    episodes = (
+        (np.asarray(ep.observations), np.asarray(ep.actions), np.asarray(ep.rewards),
+         np.asarray(ep.terminations))
+        for ep in tqdm(ds.iterate_episodes(), total=ds.total_episodes,
+                       desc=f"loading {dataset_id}", disable=not progress, leave=False))
+    frames, actions, rewards, dones, valid = episodes_layout(
+        episodes, n_total, stack=4 if frames_mode else 1, rgb=rgb)
     if not (np.isfinite(rewards).all() and (frames_mode or np.isfinite(frames).all())):
         fail(f"dataset {dataset_id} contains NaN or inf in its observations or rewards; "
              f"clean or rebuild it")
@@ -384,9 +411,8 @@ def load_minari_dataset(dataset_id: str, progress: bool = True) -> Dataset:
     except Exception as e:  # noqa: BLE001
         fail(f"dataset {dataset_id}: cannot create its environment ({type(e).__name__}: {e})")
     internal_skip = rgb and spec.kwargs.get("frameskip", 4) != 1
-    return Dataset(frames[:cur], actions[:cur], rewards[:cur], dones[:cur],
-                   np.concatenate(valid).astype(np.int64), stack, int(act_space.n),
-                   _ref_scores(ds), spec, bool(internal_skip))
+    return Dataset(frames, actions, rewards, dones, valid, 4 if frames_mode else 1,
+                   int(act_space.n), _ref_scores(ds), spec, bool(internal_skip))
 
 
 # --- DQN Replay Dataset (dopamine's OutOfGraphReplayBuffer checkpoints) ---------------------------
@@ -735,7 +761,7 @@ def save_checkpoint(path: Path, state: dict):
 
 
 def rng_state(generator: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),  # noqa: NPY002
              "python": random.getstate(), "sampler": generator.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -744,7 +770,7 @@ def rng_state(generator: torch.Generator) -> dict:
 
 def set_rng_state(state: dict, generator: torch.Generator):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002
     random.setstate(state["python"])
     generator.set_state(state["sampler"])
     if "cuda" in state and torch.cuda.is_available():
@@ -841,10 +867,8 @@ class StopFlag:
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: no handler
                 self.previous[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread
-                pass
         return self
 
     def _handler(self, signum, frame):
@@ -869,7 +893,7 @@ def train(args: Args) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     random.seed(args.seed)
-    np.random.seed(args.seed)
+    np.random.seed(args.seed)  # noqa: NPY002 - the global numpy RNG, for any library use
     torch.manual_seed(args.seed)
 
     # run directory and config
