@@ -67,7 +67,8 @@ def test_run_directory_contract(local_dataset, tmp_path):
     dict(cql_data_term=False),
     dict(lagrange=True, cql_tau=1.0, lagrange_form="cql"),
     dict(max_backup=True, backup_entropy=True, orthogonal_init=True),
-    dict(cql_weight=0.0, normalize_states=True, reward_mode="scale_bias", reward_scale=0.1),
+    dict(cql_weight=0.0, normalize_states=True, reward_mode="scale_bias", reward_scale=0.1,
+         track=True),  # W&B code path, disabled by conftest
 ], ids=["plain", "rho", "eq1", "lagrange", "max-backup", "naive-sac"])
 def test_variants_run_end_to_end(local_dataset, tmp_path, overrides):
     local_dataset("pendulum-medium")
