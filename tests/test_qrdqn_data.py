@@ -1,0 +1,210 @@
+"""cql_qrdqn_atari.py data: frame stacking, the DQN Replay loader, Minari Atari preprocessing."""
+
+import gzip
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import cql_qrdqn_atari as m
+from benchmark import datasets as bd
+
+# --- frame stacking at episode boundaries ---------------------------------------------------------
+
+
+def encoded_episode(ep: int, T: int, terminal: bool):
+    """Frames whose pixels encode (episode, t): pixel [0,0] = ep+1, pixel [0,1] = t+1."""
+    obs = np.zeros((T + 1, 84, 84), np.uint8)
+    obs[:, 0, 0] = ep + 1
+    obs[:, 0, 1] = np.arange(T + 1) + 1
+    term = np.zeros(T, bool)
+    term[-1] = terminal
+    return obs, np.arange(T) % 3, np.ones(T, np.float32) * ep, term
+
+
+def decode(frame):
+    return int(frame[0, 0]) - 1, int(frame[0, 1]) - 1  # (-1, -1) for a zero frame
+
+
+def test_frame_stack_never_crosses_episode_ends():
+    lengths = [5, 1, 7, 2]
+    eps = [encoded_episode(i, T, terminal=i != 2) for i, T in enumerate(lengths)]
+    n_total = sum(lengths) + len(lengths) * 4
+    frames, actions, rewards, dones, valid = m.episodes_layout(iter(eps), n_total, stack=4)
+    data = m.Dataset(frames, actions, rewards, dones, valid, 4, 3, None)
+    buf = m.ReplayBuffer(data, torch.device("cpu"), 0, clip_reward=False)
+    assert len(buf) == sum(lengths)  # every transition of every episode, nothing else
+    idx = torch.as_tensor(valid)
+    obs, nxt = buf.stacked(idx).numpy(), buf.stacked(idx + 1).numpy()
+    seen = set()
+    for k, i in enumerate(valid):
+        ep, t = decode(obs[k, -1])
+        seen.add((ep, t))
+        for j in range(4):  # frame j of the stack is step t-3+j of the SAME episode, or zero
+            want = (ep, t - 3 + j) if t - 3 + j >= 0 else (-1, -1)
+            assert decode(obs[k, j]) == want, (ep, t, j)
+            want_next = (ep, t - 2 + j) if t - 2 + j >= 0 else (-1, -1)
+            assert decode(nxt[k, j]) == want_next
+        assert actions[i] == t % 3 and rewards[i] == ep
+        assert dones[i] == float(t == lengths[ep] - 1 and ep != 2)
+    assert seen == {(e, t) for e, T in enumerate(lengths) for t in range(T)}
+    # the first state of an episode is [0, 0, 0, o_0] as dopamine's agent state at reset
+    first = obs[[k for k in range(len(valid)) if decode(obs[k, -1]) == (2, 0)][0]]
+    assert (first[:3] == 0).all()
+
+
+def test_vector_layout_next_obs_and_truncation():
+    T = 4
+    obs = np.arange((T + 1) * 2, dtype=np.float32).reshape(T + 1, 2)
+    ep = (obs, np.zeros(T, np.int64), np.ones(T, np.float32), np.zeros(T, bool))  # truncated
+    frames, actions, rewards, dones, valid = m.episodes_layout(iter([ep, ep]), 2 * (T + 1), 1)
+    data = m.Dataset(frames, actions, rewards, dones, valid, 1, 2, None)
+    buf = m.ReplayBuffer(data, torch.device("cpu"), 0, clip_reward=False)
+    assert len(buf) == 2 * T
+    s, a, r, s2, d = buf.sample(64)
+    torch.testing.assert_close(s2, s + 2)  # next obs is the following row, also at truncation
+    assert (d == 0).all()
+
+
+def test_reward_clipping():
+    frames, actions, rewards, dones, valid = m.episodes_layout(
+        iter([(np.zeros((3, 2), np.float32), np.zeros(2), np.array([5.0, -3.0]),
+               np.zeros(2, bool))]), 3, 1)
+    data = m.Dataset(frames, actions, rewards, dones, valid, 1, 1, None)
+    assert m.ReplayBuffer(data, torch.device("cpu"), 0, True).rewards[:2].tolist() == [1, -1]
+    assert m.ReplayBuffer(data, torch.device("cpu"), 0, False).rewards[:2].tolist() == [5, -3]
+
+
+# --- DQN Replay (dopamine format) ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def replay_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dqn") / "Pong" / "1" / "replay_logs"
+    return bd.make_dqn_replay_dir(path, num_checkpoints=3, steps_per_checkpoint=1000, seed=0)
+
+
+def read_gz(path):
+    with gzip.open(path, "rb") as f:
+        return np.load(f)
+
+
+def check_transitions(data: m.Dataset):
+    """Every valid transition: consecutive agent steps of one episode, zeros only as a prefix
+    right after an episode start, matching action/reward, next state shifted by one."""
+    buf = m.ReplayBuffer(data, torch.device("cpu"), 0, clip_reward=False)
+    idx = torch.as_tensor(data.valid)
+    obs, nxt = buf.stacked(idx).numpy(), buf.stacked(idx + 1).numpy()
+    terminal_steps = {bd.dqn_frame_step(data.frames[i]) for i in np.flatnonzero(data.dones)}
+    for k, i in enumerate(data.valid):
+        steps = [bd.dqn_frame_step(f) for f in obs[k]]
+        g = steps[-1]
+        assert g > 0, "a padding frame never starts a transition"
+        n_zero = sum(s == 0 for s in steps)
+        assert steps[:n_zero] == [0] * n_zero
+        assert steps[n_zero:] == list(range(g - 3 + n_zero, g + 1)), steps
+        # no episode end inside the stack; zero padding only right after an episode end
+        assert not any(s in terminal_steps for s in steps[n_zero:-1])
+        if n_zero:
+            assert g - 3 + n_zero - 1 in terminal_steps or g - 3 + n_zero == 1
+        assert data.actions[i] == g % 6 and data.rewards[i] == g % 3 - 1
+        next_last = bd.dqn_frame_step(nxt[k, -1])
+        if data.dones[i]:
+            assert g in terminal_steps
+        else:
+            assert next_last == g + 1
+            assert [bd.dqn_frame_step(f) for f in nxt[k, :-1]] == steps[1:]
+
+
+def test_dqn_replay_loader_full(replay_dir):
+    data = m.load_dqn_replay(str(replay_dir), 1.0, "all", progress=False)
+    assert data.frames.shape == (3000, 84, 84) and data.stack == 4
+    check_transitions(data)
+    # nearly all of the 3000 stored rows are usable: only padding, each chunk's first rows
+    # (3), its last row (1) and the rows around its write cursor (5) are not
+    n_pad = sum(int((read_gz(replay_dir / f"$store$_observation_ckpt.{k}.gz")
+                     .reshape(1000, -1).max(1) == 0).sum()) for k in range(3))
+    assert 3000 - n_pad - 3 * (3 + 1 + 5) <= len(data.valid) <= 3000 - n_pad
+    # cursor straddles are excluded (check_transitions would catch a jump in steps)
+    assert data.n_actions == 6
+
+
+def test_dqn_replay_fraction_takes_the_first_rows_of_each_chosen_checkpoint(replay_dir):
+    data = m.load_dqn_replay(str(replay_dir), 0.1, "0,2", progress=False)
+    assert data.frames.shape == (200, 84, 84)
+    for chunk, k in enumerate((0, 2)):
+        stored = read_gz(replay_dir / f"$store$_observation_ckpt.{k}.gz")
+        np.testing.assert_array_equal(data.frames[chunk * 100:(chunk + 1) * 100], stored[:100])
+        np.testing.assert_array_equal(
+            data.dones[chunk * 100:(chunk + 1) * 100],
+            read_gz(replay_dir / f"$store$_terminal_ckpt.{k}.gz")[:100])
+    check_transitions(data)
+    assert all(v % 100 >= 3 for v in data.valid)  # a stack never reaches outside its chunk
+    assert all(v % 100 <= 98 for v in data.valid)  # the next frame lies inside the chunk
+    assert m.parse_checkpoint_list("0-1", [0, 1, 2]) == [0, 1]
+    with pytest.raises(SystemExit, match="checkpoints \\[7\\] not found"):
+        m.load_dqn_replay(str(replay_dir), 0.1, "7", progress=False)
+
+
+def test_read_npy_gz_partial(tmp_path):
+    arr = np.arange(5 * 3 * 2, dtype=np.int16).reshape(5, 3, 2)
+    with gzip.open(tmp_path / "a.gz", "wb") as f:
+        np.save(f, arr)
+    np.testing.assert_array_equal(m._read_npy_gz(tmp_path / "a.gz", 2), arr[:2])
+    np.testing.assert_array_equal(m._read_npy_gz(tmp_path / "a.gz"), arr)
+    with gzip.open(tmp_path / "s.gz", "wb") as f:
+        np.save(f, np.array(1234))
+    assert int(m._read_npy_gz(tmp_path / "s.gz")) == 1234
+
+
+# --- Minari Atari: preprocessing equals the evaluation env's observations -----------------------
+
+
+def test_minari_atari_frames_equal_eval_env_observations(local_dataset):
+    """Replaying the dataset's actions in the evaluation env (same reset seed, no no-ops) gives
+    exactly the loaded, preprocessed and stacked frames of the data."""
+    ds_id = local_dataset("pong-random")
+    data = m.load_minari_dataset(ds_id, progress=False)
+    assert data.stack == 4 and data.atari_internal_frameskip
+    assert data.frames.dtype == np.uint8 and data.frames.shape[1:] == (84, 84)
+    env = m.make_atari_env("pong", internal_frameskip=True, noop_max=0)
+    obs, _ = env.reset(seed=0)  # benchmark/datasets.py: episode k resets with seed + k
+    first = int(data.valid[0])
+    buf = m.ReplayBuffer(data, torch.device("cpu"), 0, clip_reward=False)
+    np.testing.assert_array_equal(np.asarray(obs), buf.stacked(torch.tensor([first]))[0].numpy())
+    for t in range(300):
+        i = first + t
+        obs, r, term, trunc, _ = env.step(int(data.actions[i]))
+        np.testing.assert_array_equal(np.asarray(obs),
+                                      buf.stacked(torch.tensor([i + 1]))[0].numpy(), err_msg=t)
+        assert r == data.rewards[i]
+    env.close()
+
+
+def test_preprocess_rgb_equals_ale_grayscale_resize():
+    import ale_py
+
+    gym.register_envs(ale_py)
+    env = gym.make("ALE/Breakout-v5", repeat_action_probability=0.0)
+    env.reset(seed=3)
+    for _ in range(20):
+        rgb, *_ = env.step(env.action_space.sample())
+    import cv2
+
+    gray = env.unwrapped.ale.getScreenGrayscale()
+    np.testing.assert_array_equal(m.preprocess_rgb(rgb),
+                                  cv2.resize(gray, (84, 84), interpolation=cv2.INTER_AREA))
+    env.close()
+
+
+def test_eval_env_settings():
+    env = m.make_atari_env("breakout", seed=0)
+    base = env.unwrapped
+    assert base._frameskip == 1  # frame skip (with max-pooling) done by AtariPreprocessing
+    assert env.observation_space.shape == (4, 84, 84)
+    assert base.ale.getFloat("repeat_action_probability") == pytest.approx(0.25)
+    assert base.ale.getInt("max_num_frames_per_episode") == 108_000
+    obs, _ = env.reset(seed=1)
+    assert (np.asarray(obs)[:3] == 0).all()  # zero-padded stack at reset
+    env.close()
