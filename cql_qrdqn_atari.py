@@ -229,8 +229,9 @@ def resolve_source(args: Args) -> DataSource:
     game = None if env in LOCAL_ENVS else atari_game(env)
     if args.dqn_replay_dir is not None:
         if game is None:
-            fail(f"--dqn-replay-dir needs an Atari game as --env ({', '.join(PAPER_GAMES)} or "
-                 f"any ALE game id), got '{args.env}'")
+            what = "is a local dataset, not an Atari game" if env in LOCAL_ENVS else "unknown"
+            fail(f"--dqn-replay-dir needs an Atari game as --env: '{args.env}' {what}; valid: "
+                 f"{', '.join(PAPER_GAMES)} or any ALE game id")
         return DataSource("dqn_replay", game, None,
                           f"dqn_replay:{args.dqn_replay_dir}:fraction={args.data_fraction}"
                           f":checkpoints={args.checkpoints}")

@@ -1,0 +1,260 @@
+"""cql_qrdqn_atari.py end to end: run directory, resume, signals, bad inputs, learning."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cql_qrdqn_atari as m
+from benchmark import datasets as bd
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "cql_qrdqn_atari.py")
+
+
+def small(env="cartpole-medium", **kw):
+    base = dict(env=env, total_steps=300, eval_every=150, eval_episodes=2, log_every=50,
+                progress=False, hidden_dims=(32, 32), num_quantiles=8)
+    base.update(kw)
+    return m.Args(**base)
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_cli(*argv, env=None, timeout=120):
+    return subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+# --- end to end -----------------------------------------------------------------------------------
+
+
+def test_cartpole_run_writes_the_run_directory(tmp_path, local_dataset):
+    local_dataset("cartpole-medium")
+    run_dir = tmp_path / "run"
+    summary = m.main(small(run_dir=str(run_dir)))
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["env"] == "cartpole-medium" and config["dataset"] == "local/cartpole/medium-v0"
+    assert config["cql_alpha"] == 1.0 and config["hidden_dims"] == [32, 32]  # preset + override
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [150, 300]
+    for r in rows:
+        for key in ("return_mean", "normalized_score", "train/qr_loss", "train/cql_loss",
+                    "train/cql_gap", "train/alpha"):
+            assert r[key] is not None and np.isfinite(r[key]), key
+    lo, hi = 9.0, 500.0  # CartPole ref scores are about random ~22 / controller 500
+    assert lo < rows[-1]["return_mean"] <= hi
+    ds = m.minari.load_dataset("local/cartpole/medium-v0")
+    ref_lo, ref_hi = ds.storage.metadata["ref_min_score"], ds.storage.metadata["ref_max_score"]
+    want = 100 * (rows[-1]["return_mean"] - ref_lo) / (ref_hi - ref_lo)
+    assert rows[-1]["normalized_score"] == pytest.approx(want)
+    for key in ("final_normalized_score", "final_return", "updates_per_sec", "wall_time_s",
+                "total_steps"):
+        assert summary[key] is not None
+    assert json.loads((run_dir / "summary.json").read_text())["final_return"] == \
+        rows[-1]["return_mean"]
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 300 and not list(run_dir.glob("*.tmp"))
+
+
+def test_pong_local_run_with_nature_torso(tmp_path, local_dataset):
+    local_dataset("pong-random")
+    run_dir = tmp_path / "pong"
+    summary = m.main(m.Args(env="pong-random", total_steps=4, eval_every=2, eval_episodes=1,
+                            batch_size=8, max_episode_steps=60, log_every=2, progress=False,
+                            run_dir=str(run_dir)))
+    config = json.loads((run_dir / "config.json").read_text())
+    # the Atari preset: paper optimizer and QR-DQN settings
+    assert (config["lr"], config["adam_eps"], config["num_quantiles"]) == (5e-5, 3.125e-4, 200)
+    assert config["target_update_every"] == 2000 and config["clip_reward"] is True
+    assert config["eval_epsilon"] == 0.001
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [2, 4]
+    ret = rows[-1]["return_mean"]
+    assert summary["final_normalized_score"] == pytest.approx(100 * (ret + 20.7) / (14.6 + 20.7))
+
+
+def test_dqn_replay_run(tmp_path):
+    replay = bd.make_dqn_replay_dir(tmp_path / "Pong" / "1" / "replay_logs", num_checkpoints=2)
+    run_dir = tmp_path / "run"
+    summary = m.main(m.Args(env="pong", dqn_replay_dir=str(replay), data_fraction=0.5,
+                            total_steps=2, eval_every=2, eval_episodes=1, batch_size=4,
+                            max_episode_steps=30, log_every=1, progress=False,
+                            run_dir=str(run_dir)))
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["cql_alpha"] == 4.0 or config["data_fraction"] > 0.05
+    assert summary["transitions"] > 0 and config["dataset"].startswith("dqn_replay:")
+    # the paper's presets: alpha 4.0 with 1% of the data, 1.0 with 10%
+    assert m.resolve_args(m.Args(env="pong", dqn_replay_dir="x", data_fraction=0.01)).cql_alpha \
+        == 4.0
+    assert m.resolve_args(m.Args(env="pong", dqn_replay_dir="x", data_fraction=0.1)).cql_alpha \
+        == 1.0
+    assert m.resolve_args(m.Args(env="pong", dqn_replay_dir="x", data_fraction=0.1,
+                                 cql_alpha=2.5)).cql_alpha == 2.5
+
+
+def test_compile_runs_on_cpu(tmp_path, local_dataset):
+    local_dataset("cartpole-medium")
+    summary = m.main(small(total_steps=20, eval_every=20, eval_episodes=1, compile=True,
+                           run_dir=str(tmp_path / "c")))
+    assert summary["final_return"] > 0
+
+
+# --- checkpoint and resume ------------------------------------------------------------------------
+
+
+def test_resume_gives_identical_numbers(tmp_path, local_dataset):
+    local_dataset("cartpole-medium")
+    args = dict(total_steps=400, eval_every=100, lagrange=True, target_action_gap=0.5,
+                target_update_every=60)
+    full = m.main(small(run_dir=str(tmp_path / "full"), **args))
+    half_dir = tmp_path / "half"
+    m.main(small(run_dir=str(half_dir), **{**args, "total_steps": 200}))
+    resumed = m.main(small(resume=str(half_dir), **args))
+    assert read_metrics(half_dir) == read_metrics(tmp_path / "full")
+    assert resumed["final_return"] == full["final_return"]
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    b = torch.load(half_dir / "checkpoint.pt", weights_only=False)
+    for k, v in a["agent"]["q"].items():
+        assert torch.equal(v, b["agent"]["q"][k]), k
+    assert torch.equal(a["agent"]["log_alpha"], b["agent"]["log_alpha"])
+
+
+def test_resume_refuses_different_arguments(tmp_path, local_dataset):
+    local_dataset("cartpole-medium")
+    run_dir = tmp_path / "r"
+    m.main(small(run_dir=str(run_dir), total_steps=50, eval_every=50, eval_episodes=1))
+    with pytest.raises(SystemExit, match=r"error: .*differ.*cql_alpha.*lr"):
+        m.main(small(resume=str(run_dir), total_steps=100, lr=0.5, cql_alpha=3.0))
+    # ignored fields (total_steps, progress, compile, ...) may change
+    m.main(small(resume=str(run_dir), total_steps=60, eval_every=50, eval_episodes=1,
+                 progress=True))
+    assert [r["step"] for r in read_metrics(run_dir)] == [50, 60]
+
+
+def test_sigint_saves_checkpoint_and_resume_continues_identically(tmp_path, local_dataset):
+    local_dataset("cartpole-medium")
+    run_dir = tmp_path / "sig"
+    common = ["--env", "cartpole-medium", "--eval-every", "100", "--eval-episodes", "1",
+              "--hidden-dims", "32", "32", "--num-quantiles", "8", "--log-every", "50"]
+    proc = subprocess.Popen([sys.executable, SCRIPT, *common, "--total-steps", "100000",
+                             "--run-dir", str(run_dir), "--no-progress"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 90
+    while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode not in (0, None)
+    assert "interrupted at step" in err and f"--resume {run_dir}" in err, err[-2000:]
+    assert "Traceback" not in err
+    step = torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"]
+    assert 100 <= step < 100000
+    target = (step // 100 + 1) * 100 + 30
+    kw = dict(env="cartpole-medium", eval_every=100, eval_episodes=1, hidden_dims=(32, 32),
+              num_quantiles=8, log_every=50, progress=False, total_steps=target)
+    resumed = m.main(m.Args(resume=str(run_dir), **kw))
+    full = m.main(m.Args(run_dir=str(tmp_path / "full"), **kw))
+    assert resumed["final_return"] == full["final_return"]
+    assert read_metrics(run_dir)[-1] == read_metrics(tmp_path / "full")[-1]
+
+
+# --- bad inputs -----------------------------------------------------------------------------------
+
+
+def test_unknown_env_lists_valid_names():
+    with pytest.raises(SystemExit, match="unknown env or game 'walker'; valid: pong, breakout"):
+        m.main(m.Args(env="walker"))
+    r = run_cli("--env", "notagame", "--no-progress")
+    assert r.returncode != 0 and "error: unknown env or game 'notagame'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_continuous_dataset_points_to_sac_script(local_dataset):
+    ds_id = local_dataset("pendulum-random")
+    with pytest.raises(SystemExit, match="continuous action space.*cql_sac_continuous.py"):
+        m.main(m.Args(env="custom", dataset_id=ds_id, progress=False))
+
+
+def test_missing_replay_dir_and_unknown_game(tmp_path):
+    with pytest.raises(SystemExit, match="--dqn-replay-dir .* does not exist.*gsutil"):
+        m.main(m.Args(env="pong", dqn_replay_dir=str(tmp_path / "nope"), progress=False))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"no \$store\$_observation_ckpt"):
+        m.main(m.Args(env="pong", dqn_replay_dir=str(tmp_path / "empty"), progress=False))
+    with pytest.raises(SystemExit, match="Atari game as --env: 'pongg' unknown; valid: pong"):
+        m.main(m.Args(env="pongg", dqn_replay_dir=str(tmp_path), progress=False))
+    with pytest.raises(SystemExit, match="'cartpole-expert' is a local dataset, not an Atari"):
+        m.main(m.Args(env="cartpole-expert", dqn_replay_dir=str(tmp_path), progress=False))
+
+
+def test_missing_local_dataset_says_how_to_build(tmp_path):
+    r = run_cli("--env", "cartpole-expert", env={"MINARI_DATASETS_PATH": str(tmp_path)})
+    assert r.returncode != 0
+    assert "local/cartpole/expert-v0 not found" in r.stderr
+    assert "build it with: python benchmark/datasets.py cartpole-expert" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_atari_dataset_without_network(tmp_path):
+    r = run_cli("--env", "breakout", env={"MINARI_DATASETS_PATH": str(tmp_path),
+                                          "HF_HUB_OFFLINE": "1"})
+    assert r.returncode != 0
+    assert "error: dataset atari/breakout/expert-v0 is not under" in r.stderr
+    assert "minari download atari/breakout/expert-v0" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_nan_in_data_is_refused(tmp_path, monkeypatch):
+    import gymnasium as gym
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    obs = np.zeros((4, 4), np.float32)
+    buf = EpisodeBuffer(observations=obs, actions=np.zeros(3, np.int64),
+                        rewards=np.array([1.0, np.nan, 1.0]), terminations=np.zeros(3, bool),
+                        truncations=np.array([False, False, True]))
+    with pytest.warns(UserWarning):
+        minari.create_dataset_from_buffers("test/nan/bad-v0", [buf], env=gym.make("CartPole-v1"))
+    with pytest.raises(SystemExit, match="test/nan/bad-v0 contains NaN"):
+        m.main(m.Args(env="custom", dataset_id="test/nan/bad-v0", progress=False))
+
+
+def test_divergence_names_step_and_last_checkpoint(tmp_path, local_dataset):
+    local_dataset("cartpole-medium")
+    run_dir = tmp_path / "div"
+    with pytest.raises(SystemExit) as e:
+        m.main(small(run_dir=str(run_dir), lr=100.0, cql_alpha=0.0, eval_every=10,
+                     eval_episodes=1, log_every=10, total_steps=2000))
+    msg = str(e.value)
+    assert msg.startswith("error: training diverged at step 20 (")
+    assert f"last good checkpoint: {run_dir / 'checkpoint.pt'} (step 10)" in msg
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 10
+
+
+# --- learning -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_cql_beats_plain_qrdqn_on_narrow_cartpole_data(tmp_path, local_dataset):
+    """Expert CartPole data (balancing controller, 10% random actions): CQL reaches near-expert
+    return; plain offline QR-DQN (CQL weight 0) overestimates the rare actions and fails."""
+    local_dataset("cartpole-expert")
+    kw = dict(env="cartpole-expert", total_steps=4000, eval_every=4000, eval_episodes=5,
+              progress=False)
+    cql = m.main(m.Args(run_dir=str(tmp_path / "cql"), **kw))
+    plain = m.main(m.Args(run_dir=str(tmp_path / "plain"), cql_alpha=0.0, **kw))
+    print(f"CQL normalized {cql['final_normalized_score']:.1f} (return {cql['final_return']}), "
+          f"CQL weight 0: {plain['final_normalized_score']:.1f} ({plain['final_return']})")
+    assert cql["final_normalized_score"] >= 90.0
+    assert plain["final_normalized_score"] <= cql["final_normalized_score"] - 40.0
