@@ -43,6 +43,25 @@ ALE/Pong-v5 (frame-skip 4, sticky actions 0.25, raw 210x160x3 RGB frames):
                       False``) and the HDF5 file is then repacked with lossless gzip, which
                       shrinks it from about 250 MB to a few MB. No reference scores.
 
+Sparse-reward tasks with a per-step ``success`` info (for calql_finetune.py's binary
+pipeline: reward ``success - 1``, success terminal, failures dropped, cut after the last
+success). Episodes store ``infos["success"]`` with T+1 entries (the reset's, False, first),
+as Minari's own collectors write them.
+
+PointMaze_UMaze-v3 on a 1x4 corridor (``maze_map`` [[1]*6, [1, r, 0, 0, g, 1], [1]*6],
+``continuing_task=False``: the episode terminates at the goal; 100-step limit; sparse
+reward 1 at success):
+    The controller drives the ball at the goal, ``a = clip(2 (goal - x) - 0.5 v, -1, 1)``
+    (the shortest path needs about 65 steps). Noise as for Pendulum (bound 1).
+    pointmaze-sparse  local/pointmaze/sparse-v0  100 ep, eps 0.6, noise 1.0: about 50 % of
+                                                 the episodes reach the goal
+AdroitHandPen-v1 (100-step episodes ended by truncation; dense rewards stored, as in
+``D4RL/pen/cloned-v2``, whose env spec also has ``max_episode_steps=100``):
+    Actions: Gaussian noise of std 0.3 around the hand's mean posture (action 0). The pen
+    falls through the target orientation in about 15 % of the episodes (success for a few
+    steps around step 10-45), the rest fail.
+    pen-cloned-local  local/pen/cloned-v0        40 ep, noise 0.3
+
 ``make_dqn_replay_dir`` writes a tiny synthetic directory in dopamine's DQN Replay format.
 
 Command line: ``python benchmark/datasets.py [NAME ...] [--force] [--list]`` (no names:
@@ -61,7 +80,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -102,6 +121,18 @@ def cartpole_tilted_controller(obs: np.ndarray) -> int:
     return int(th - 0.04 + 0.5 * thdot > 0.0)
 
 
+def pointmaze_controller(obs: dict[str, np.ndarray]) -> np.ndarray:
+    """PD controller driving the PointMaze ball straight at the goal (force in [-1, 1]^2)."""
+    pos, vel = obs["observation"][:2], obs["observation"][2:4]
+    return np.clip(2.0 * (obs["desired_goal"] - pos) - 0.5 * vel, -1.0, 1.0)
+
+
+def adroit_rest_controller(obs: np.ndarray) -> np.ndarray:
+    """The Adroit hand's mean posture (action 0 is the middle of every joint's range)."""
+    del obs
+    return np.zeros(24)
+
+
 # --------------------------------------------------------------------------- specs
 @dataclass(frozen=True)
 class Segment:
@@ -136,8 +167,11 @@ class DatasetSpec:
     ref_policy: Policy | None = None  # noise-free controller for ref_max_score; None: no refs
     max_steps: int | None = None  # total transition budget; the last episode is truncated
     image_obs: bool = False  # exact frames (no JPEG) and a gzip-repacked HDF5 file
+    env_kwargs: dict[str, Any] = field(default_factory=dict)  # gym.make keyword arguments
+    record_success: bool = False  # store the env's per-step ``success`` info
 
 
+POINTMAZE_CORRIDOR = [[1, 1, 1, 1, 1, 1], [1, "r", 0, 0, "g", 1], [1, 1, 1, 1, 1, 1]]
 _PEND_RANDOM = Segment(100, seed=0)
 _PEND_MEDIUM = Segment(100, seed=1_000, policy=pendulum_controller, eps=(0.55, 0.55), noise=0.3)
 _PEND_EXPERT = Segment(100, seed=2_000, policy=pendulum_controller, noise=0.1)
@@ -200,6 +234,24 @@ LOCAL_DATASETS: dict[str, DatasetSpec] = {
         "frames stored exactly, 2500 transitions.",
         max_steps=2500, image_obs=True,
     ),
+    "pointmaze-sparse": DatasetSpec(
+        "local/pointmaze/sparse-v0", "PointMaze_UMaze-v3",
+        (Segment(100, seed=0, policy=pointmaze_controller, eps=(0.6, 0.6), noise=1.0),),
+        "PointMaze 1x4 corridor, sparse reward, episode ends at the goal (100 steps max); "
+        "noisy goal-seeking controller (eps-random 0.6, noise std 1.0), about 50 % success; "
+        "per-step 'success' infos.",
+        env_kwargs=dict(maze_map=POINTMAZE_CORRIDOR, continuing_task=False,
+                        reward_type="sparse", max_episode_steps=100),
+        record_success=True,
+    ),
+    "pen-cloned-local": DatasetSpec(
+        "local/pen/cloned-v0", "AdroitHandPen-v1",
+        (Segment(40, seed=0, policy=adroit_rest_controller, noise=0.3),),
+        "AdroitHandPen-v1, the structure of D4RL/pen/cloned-v2 (100-step episodes, dense "
+        "rewards, per-step 'success' infos); Gaussian actions around the rest posture, "
+        "about 15 % of the episodes succeed.",
+        env_kwargs=dict(max_episode_steps=100), record_success=True,
+    ),
 }
 
 
@@ -222,13 +274,17 @@ def _spec(name_or_id: str) -> DatasetSpec:
 
 
 # --------------------------------------------------------------------------- collection
-def make_env(env_id: str) -> gym.Env:
-    """``gym.make`` that first registers the ALE environments when needed."""
+def make_env(env_id: str, **kwargs: Any) -> gym.Env:
+    """``gym.make`` that first registers the ALE / gymnasium-robotics environments."""
     if env_id.startswith("ALE/"):
         import ale_py
 
         gym.register_envs(ale_py)
-    return gym.make(env_id)
+    if env_id.startswith(("AdroitHand", "PointMaze", "AntMaze")):
+        import gymnasium_robotics
+
+        gym.register_envs(gymnasium_robotics)
+    return gym.make(env_id, **kwargs)
 
 
 def _uniform_action(space: gym.Space, rng: np.random.Generator) -> Any:
@@ -255,14 +311,20 @@ def _act(
 
 
 def _rollout(
-    env: gym.Env, seed: int, choose: Callable[[np.ndarray], Any], max_steps: int | None = None
+    env: gym.Env, seed: int, choose: Callable[[np.ndarray], Any], max_steps: int | None = None,
+    record_success: bool = False,
 ) -> EpisodeBuffer:
-    """Run one episode from ``env.reset(seed=seed)``; stop early (truncate) at ``max_steps``."""
+    """Run one episode from ``env.reset(seed=seed)``; stop early (truncate) at ``max_steps``.
+
+    ``record_success``: store ``infos={"success": [False, s_1, ..., s_T]}`` (reset first).
+    """
     obs, _ = env.reset(seed=seed)
     observations, actions, rewards, terms, truncs = [obs], [], [], [], []
+    success = [False]
     while True:
         action = choose(obs)
-        obs, reward, terminated, truncated, _ = env.step(action)
+        obs, reward, terminated, truncated, info = env.step(action)
+        success.append(bool(info.get("success", False)))
         truncated = truncated or (max_steps is not None and len(rewards) + 1 >= max_steps)
         observations.append(obs)
         actions.append(action)
@@ -271,18 +333,23 @@ def _rollout(
         truncs.append(bool(truncated) and not terminated)
         if terminated or truncated:
             break
+    if isinstance(observations[0], dict):  # dict observations: one stacked array per key
+        stacked: Any = {k: np.stack([o[k] for o in observations]) for k in observations[0]}
+    else:
+        stacked = np.stack(observations)
     return EpisodeBuffer(
         seed=seed,
-        observations=np.stack(observations),
+        observations=stacked,
         actions=np.stack([np.asarray(a) for a in actions]),
         rewards=np.asarray(rewards, dtype=np.float64),
         terminations=np.asarray(terms),
         truncations=np.asarray(truncs),
+        infos={"success": np.asarray(success)} if record_success else None,
     )
 
 
 def collect_segment(
-    env: gym.Env, segment: Segment, budget: int | None = None
+    env: gym.Env, segment: Segment, budget: int | None = None, record_success: bool = False
 ) -> list[EpisodeBuffer]:
     """Collect a segment's episodes; stop once ``budget`` transitions are collected."""
     episodes: list[EpisodeBuffer] = []
@@ -296,18 +363,18 @@ def collect_segment(
         def choose(obs: np.ndarray, rng: np.random.Generator = rng, eps: float = eps) -> Any:
             return _act(env.action_space, segment.policy, obs, rng, eps, segment.noise)
 
-        episodes.append(_rollout(env, segment.seed + k, choose, left))
+        episodes.append(_rollout(env, segment.seed + k, choose, left, record_success))
     return episodes
 
 
 def collect(spec: DatasetSpec) -> list[EpisodeBuffer]:
     """All episodes of a dataset, in order."""
-    env = make_env(spec.env_id)
+    env = make_env(spec.env_id, **spec.env_kwargs)
     try:
         episodes: list[EpisodeBuffer] = []
         for segment in spec.segments:
             left = None if spec.max_steps is None else spec.max_steps - _steps(episodes)
-            episodes += collect_segment(env, segment, left)
+            episodes += collect_segment(env, segment, left, spec.record_success)
         return episodes
     finally:
         env.close()
@@ -375,7 +442,7 @@ def _create(spec: DatasetSpec, episodes: list[EpisodeBuffer]) -> None:
     if spec.ref_policy is not None:
         low, high = ref_scores(spec.env_id, spec.ref_policy)
         refs = {"ref_min_score": low, "ref_max_score": high}
-    env = make_env(spec.env_id)
+    env = make_env(spec.env_id, **spec.env_kwargs)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*author_email")

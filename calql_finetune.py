@@ -1,0 +1,1296 @@
+"""Cal-QL: calibrated CQL pre-training, then online fine-tuning (offline-to-online RL).
+
+Nakamoto, Zhai, Singh, Sobol Mark, Ma, Finn, Kumar, Levine. "Cal-QL: Calibrated Offline RL
+Pre-Training for Efficient Online Fine-Tuning." NeurIPS 2023. https://arxiv.org/abs/2303.05479
+Official code: github.com/nakamotoo/Cal-QL (JAX, built on JaxCQL). CQL: Kumar et al. 2020.
+
+Cal-QL is CQL (importance-sampled logsumexp, twin critics, max backup, fixed or Lagrange
+weight) plus ONE change: in the logsumexp, the Q-values of the policy actions (pi(.|s) and
+pi(.|s'), both scored at s) are replaced by max(Q(s,a), V_mu(s)), V_mu the Monte-Carlo
+return-to-go of the behaviour policy. `--enable-calql false` gives plain CQL, all else equal.
+Where the official code and the paper's appendix differ, the official code is followed and
+the comment says so.
+
+One file, top to bottom: arguments and presets, data (binary relabelling, MC returns),
+replay buffers (offline, online, mixed batches), networks, losses, evaluation, checkpoints,
+training loop (offline pre-training, then online fine-tuning), main.
+
+    python benchmark/datasets.py pointmaze-sparse pen-cloned-local   # local datasets
+    python calql_finetune.py --env pointmaze-binary                 # CPU, about a minute
+    python calql_finetune.py --env pen-binary --dataset-id local/pen/cloned-v0
+    python calql_finetune.py --env pen-binary --device cuda          # D4RL/pen/cloned-v2
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+# ======================================================================================
+# Arguments and presets
+# ======================================================================================
+
+
+@dataclass
+class Args:
+    """Cal-QL fine-tuning. Fields left at None take the `--env` preset's value, else the default."""
+
+    env: str = "pen-binary"
+    """Task with a preset: pen-binary, door-binary, relocate-binary, antmaze-<maze>,
+    pointmaze-binary (local, CPU)."""
+    dataset_id: str | None = None
+    """Any Minari dataset id; overrides the dataset of `--env` (the preset is still applied),
+    e.g. D4RL/pen/human-v2 or local/pen/cloned-v0."""
+    seed: int = 0
+    """Random seed (networks, sampling, online and evaluation episodes)."""
+    device: str = "auto"
+    """auto | cpu | cuda (auto picks CUDA when available)."""
+    offline_steps: int | None = None
+    """Gradient steps of offline pre-training (Adroit: 20k; AntMaze: 1M)."""
+    online_steps: int | None = None
+    """Environment steps of online fine-tuning (pen: 200k; door, relocate, AntMaze: 1M)."""
+    offline_eval_every: int | None = None
+    """Evaluate (and checkpoint) every this many gradient steps during pre-training; the end
+    of pre-training is always evaluated (the 'offline score')."""
+    eval_every: int | None = None
+    """Evaluate (and checkpoint) every this many env steps during fine-tuning (paper: 2000)."""
+    eval_episodes: int | None = None
+    """Deterministic evaluation episodes (paper: 20)."""
+    batch_size: int = 256
+    """Transitions per gradient step; online: mixing_ratio of them offline, the rest online."""
+    mixing_ratio: float = 0.5
+    """Share of each online-phase batch drawn from the offline data (paper: 0.5)."""
+    utd: int = 1
+    """Online update-to-data ratio: gradient steps per collected env step (paper: 1)."""
+    run_dir: str | None = None
+    """Run directory; default runs/calql_finetune__<env>__s<seed>__<time>."""
+    hidden_dims: tuple[int, ...] | None = None
+    """Hidden widths of both networks (overridden per network by the two flags below)."""
+    actor_hidden_dims: tuple[int, ...] | None = None
+    """Actor hidden widths (Adroit: 512 512; AntMaze: 256 256)."""
+    critic_hidden_dims: tuple[int, ...] | None = None
+    """Critic hidden widths (Adroit: 512 512 512; AntMaze: 256 x4)."""
+    orthogonal_init: bool | None = None
+    """Orthogonal init, hidden gain sqrt(2), last layer 1e-2 (Cal-QL code)."""
+
+    # ---- SAC -------------------------------------------------------------------------
+    gamma: float = 0.99
+    """Discount factor."""
+    policy_lr: float | None = None
+    """Actor (and entropy alpha) learning rate (Cal-QL: 1e-4)."""
+    qf_lr: float = 3e-4
+    """Critic learning rate."""
+    soft_target_update: float = 5e-3
+    """Polyak rate of the target critics."""
+    target_entropy: float | None = None
+    """Entropy target of the automatic temperature; default -|A|."""
+    bc_steps: int = 0
+    """Behaviour-cloning warm start of the actor for this many offline steps (Cal-QL: 0)."""
+    backup_entropy: bool = False
+    """Keep -alpha*log pi in the Bellman target (JaxCQL `backup_entropy`, off in Cal-QL)."""
+    max_backup: bool | None = None
+    """Max backup: max over N actions from pi(.|s') of the twin-min target Q (Cal-QL)."""
+
+    # ---- CQL / Cal-QL ------------------------------------------------------------------
+    enable_calql: bool = True
+    """Calibrate the policy-action Q-values with max(Q, V_mu); False gives plain CQL."""
+    cql_weight: float | None = None
+    """CQL weight alpha during pre-training (Adroit: 1.0; AntMaze: 5.0)."""
+    cql_alpha_online: float | None = None
+    """CQL weight during fine-tuning; default: the same as --cql-weight (the paper keeps it)."""
+    cql_n_actions: int = 10
+    """N actions per state from each proposal (uniform, pi(.|s), pi(.|s'))."""
+    cql_importance_sample: bool = True
+    """Importance-sampled logsumexp (official default); False: plain logsumexp incl. Q_data."""
+    cql_temp: float = 1.0
+    """Temperature T of T*logsumexp(Q/T)."""
+    cql_clip_diff_min: float = -math.inf
+    """Lower clip of the per-critic CQL gap (Cal-QL code)."""
+    cql_clip_diff_max: float = math.inf
+    """Upper clip of the per-critic CQL gap (Cal-QL code)."""
+    lagrange: bool | None = None
+    """Tune alpha' by dual gradient descent towards the gap `--cql-tau` (AntMaze)."""
+    cql_tau: float | None = None
+    """Target action gap of the Lagrange form (AntMaze: 0.8)."""
+    alpha_prime_lr: float = 3e-4
+    """Learning rate of log alpha' (Lagrange only)."""
+
+    # ---- data ------------------------------------------------------------------------
+    binary: bool | None = None
+    """Binary relabelling (Adroit): r = success - 1, success step terminal, failed
+    trajectories dropped, each cut after its last success; online episodes end at success."""
+    horizon: int | None = None
+    """Episode length limit of online and evaluation episodes (pen 100, door/relocate 200)."""
+    reward_scale: float | None = None
+    """Rewards become r * scale + bias (Adroit: 10; AntMaze: 10)."""
+    reward_bias: float | None = None
+    """Rewards become r * scale + bias (Adroit: 5; AntMaze: -5)."""
+    sparse_reward: bool | None = None
+    """Apply the all-failure rule to MC returns (sparse tasks)."""
+    reward_neg: float | None = None
+    """Raw failure reward r_neg (binary: -1; AntMaze: 0); a trajectory whose every reward is
+    r_neg (after scale and bias) gets MC returns r_neg / (1 - gamma) at every step."""
+    normalize_states: bool = False
+    """Normalize observations with the offline data's mean/std (eps 1e-3), at evaluation too."""
+
+    # ---- run -------------------------------------------------------------------------
+    log_every: int = 1000
+    """Read training metrics to the host (the only sync in pre-training) every this many
+    gradient steps."""
+    max_abs_q: float = 1e6
+    """Stop the run when |Q| exceeds this (divergence guard), checked when metrics are read."""
+    compile: bool = False
+    """torch.compile the loss computation (CPU and CUDA)."""
+    resume: str | None = None
+    """Resume the run in this directory (same arguments; refused if the config differs)."""
+    track: bool = False
+    """Log to Weights & Biases."""
+    wandb_project: str = "cql-calql"
+    """W&B project."""
+    wandb_entity: str | None = None
+    """W&B entity."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+
+
+DEFAULTS: dict[str, Any] = dict(
+    offline_steps=20_000, online_steps=200_000, offline_eval_every=10_000, eval_every=2_000,
+    eval_episodes=20, hidden_dims=(256, 256), orthogonal_init=True, policy_lr=1e-4,
+    max_backup=True, cql_weight=1.0, lagrange=False, cql_tau=1.0, binary=False,
+    horizon=None, reward_scale=1.0, reward_bias=0.0, sparse_reward=False, reward_neg=0.0,
+)
+
+# Paper App. / official scripts: Adroit binary tasks.
+_ADROIT = dict(offline_steps=20_000, online_steps=200_000, offline_eval_every=10_000,
+               eval_every=2_000, eval_episodes=20, actor_hidden_dims=(512, 512),
+               critic_hidden_dims=(512, 512, 512), policy_lr=1e-4, cql_weight=1.0,
+               lagrange=False, max_backup=True, binary=True, reward_scale=10.0,
+               reward_bias=5.0, sparse_reward=True, reward_neg=-1.0)
+# AntMaze: r*10 - 5, Lagrange with tau 0.8 and w 5, critic 4x256, policy 2x256.
+_ANTMAZE = dict(offline_steps=1_000_000, online_steps=1_000_000, offline_eval_every=50_000,
+                eval_every=10_000, eval_episodes=20, actor_hidden_dims=(256, 256),
+                critic_hidden_dims=(256, 256, 256, 256), policy_lr=1e-4, cql_weight=5.0,
+                lagrange=True, cql_tau=0.8, max_backup=True, binary=False, reward_scale=10.0,
+                reward_bias=-5.0, sparse_reward=True, reward_neg=0.0)
+# Local sparse task (benchmark/datasets.py): small enough for a CPU in about a minute.
+_LOCAL = dict(_ADROIT, offline_steps=2_000, online_steps=3_000, offline_eval_every=1_000,
+              eval_every=1_000, eval_episodes=10, hidden_dims=(64, 64),
+              actor_hidden_dims=None, critic_hidden_dims=None, horizon=None)
+
+BINARY_TASKS = {"pen": 100, "door": 200, "relocate": 200}  # task -> episode length
+
+
+def _env_presets() -> dict[str, tuple[str, dict[str, Any]]]:
+    """`--env` name -> (Minari dataset id, preset overrides)."""
+    presets: dict[str, tuple[str, dict[str, Any]]] = {}
+    for task, horizon in BINARY_TASKS.items():
+        online = 200_000 if task == "pen" else 1_000_000
+        presets[f"{task}-binary"] = (f"D4RL/{task}/cloned-v2",
+                                     dict(_ADROIT, horizon=horizon, online_steps=online))
+    for maze in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play",
+                 "large-diverse"):
+        presets[f"antmaze-{maze}"] = (f"D4RL/antmaze/{maze}-v1", _ANTMAZE)
+    presets["pointmaze-binary"] = ("local/pointmaze/sparse-v0", _LOCAL)
+    return presets
+
+
+ENV_PRESETS = _env_presets()
+DENSE_TASKS = ("hopper", "halfcheetah", "walker2d", "ant", "pendulum", "cartpole", "hammer",
+               "kitchen", "humanoid", "swimmer")
+
+
+def fail(message: str) -> None:
+    """Stop with a one-line error (exit code 1, no traceback)."""
+    raise SystemExit(f"error: {message}")
+
+
+def resolve_args(args: Args) -> Args:
+    """Fill every None field from the env preset, then DEFAULTS; command-line values win."""
+    if args.env.endswith("-binary") and args.env not in ENV_PRESETS:
+        base = args.env.removesuffix("-binary")
+        kind = "a dense-reward task" if base.split("-")[0] in DENSE_TASKS else "not a task"
+        fail(f"--env {args.env}: {base} is {kind} with no binary (success) version; binary "
+             f"tasks: {', '.join(k for k in ENV_PRESETS if k.endswith('-binary'))}")
+    if args.env not in ENV_PRESETS:
+        fail(f"unknown --env {args.env!r}; choose one of {', '.join(ENV_PRESETS)}")
+    if not 0.0 <= args.mixing_ratio <= 1.0:
+        fail(f"--mixing-ratio {args.mixing_ratio} is outside [0, 1] (share of offline data "
+             "in each online batch)")
+    if args.utd < 1:
+        fail(f"--utd {args.utd} must be at least 1")
+    dataset_id, preset = ENV_PRESETS[args.env]
+    filled = {}
+    for f in fields(args):
+        value = getattr(args, f.name)
+        if value is None and f.name not in ("actor_hidden_dims", "critic_hidden_dims"):
+            value = preset.get(f.name, DEFAULTS.get(f.name))
+        filled[f.name] = value
+    # Per-network widths: explicit flag > --hidden-dims > preset per-network > preset/default.
+    for name in ("actor_hidden_dims", "critic_hidden_dims"):
+        filled[name] = tuple(getattr(args, name) or args.hidden_dims or preset.get(name)
+                             or filled["hidden_dims"])
+    filled["hidden_dims"] = tuple(filled["hidden_dims"])
+    filled["dataset_id"] = args.dataset_id or dataset_id
+    if filled["cql_alpha_online"] is None:
+        filled["cql_alpha_online"] = filled["cql_weight"]
+    if filled["run_dir"] is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        filled["run_dir"] = f"runs/calql_finetune__{args.env}__s{args.seed}__{stamp}"
+    return replace(args, **filled)
+
+
+# ======================================================================================
+# Data: Minari dataset -> (binary relabelling) -> transitions with MC returns
+# ======================================================================================
+
+
+def load_minari_dataset(dataset_id: str):
+    """Load a Minari dataset: local copy first, else download (needs network)."""
+    import minari
+
+    try:
+        return minari.load_dataset(dataset_id)
+    except FileNotFoundError:
+        pass
+    if dataset_id.startswith("local/"):
+        parts = dataset_id.split("/")
+        name = parts[1] + "-" + parts[2].rsplit("-v", 1)[0] if len(parts) == 3 else dataset_id
+        fail(f"dataset {dataset_id} not found; build it with: python benchmark/datasets.py "
+             f"{name}")
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except Exception as exc:  # network errors come in many types
+        fail(f"dataset {dataset_id} is not in {os.environ.get('MINARI_DATASETS_PATH', '~/.minari')}"
+             f" and could not be downloaded ({type(exc).__name__}); on a machine with network "
+             f"run `minari download {dataset_id}` and copy the datasets folder here")
+
+
+def flatten_obs(obs: Any) -> np.ndarray:
+    """Flatten (possibly nested dict) observations to float32 [..., d], keys in sorted order.
+
+    The same function serves the dataset (leading time axis) and the env (no time axis).
+    """
+    if isinstance(obs, dict):
+        parts = [flatten_obs(obs[k]) for k in sorted(obs)]
+        return np.concatenate(parts, axis=-1)
+    return np.asarray(obs, dtype=np.float32)
+
+
+def step_success(infos: dict | None, steps: int) -> np.ndarray | None:
+    """Per-step `success` flags [T] from Minari episode infos, or None if not recorded.
+
+    Minari's collectors store the reset info first (T+1 entries); the last T are the steps.
+    """
+    if not infos or "success" not in infos:
+        return None
+    success = np.asarray(infos["success"]).astype(bool).reshape(-1)
+    if len(success) not in (steps, steps + 1):
+        fail(f"'success' info has {len(success)} entries for {steps} steps")
+    return success[-steps:]
+
+
+def binary_relabel(rewards: np.ndarray, terminations: np.ndarray, truncations: np.ndarray,
+                   success: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Adroit binary task (Cal-QL): r = success - 1 in {-1, 0}; a success step is terminal;
+    a trajectory with no success is dropped (None); a kept one is cut after its last success.
+
+    Returns (rewards, terminations, truncations) of the kept prefix; the caller cuts the
+    observations and actions to the same length.
+    """
+    del rewards, terminations  # the dense reward and env terminations are replaced
+    if not success.any():
+        return None
+    end = int(np.flatnonzero(success)[-1]) + 1
+    flags = success[:end].astype(np.float32)
+    return flags - 1.0, flags, np.zeros(end, np.float32)  # ends at a success: a terminal
+
+
+def mc_returns(rewards: np.ndarray, dones: np.ndarray, gamma: float, sparse: bool,
+               reward_neg: float) -> np.ndarray:
+    """Monte-Carlo return-to-go of ONE trajectory on its scaled rewards (Cal-QL official
+    `calc_return_to_go`): G_t = r_t + gamma * G_{t+1} * (1 - done_t), G_T = 0.
+
+    A trajectory cut by a time limit is not terminal for the TD target, but its MC return
+    only sums the rewards that were observed (the tail is 0), as in the official code.
+    All-failure rule (sparse tasks): if every reward equals the scaled failure reward r_neg,
+    every step gets r_neg / (1 - gamma), the value of never succeeding.
+    """
+    rewards = np.asarray(rewards, np.float64)
+    if len(rewards) == 0:
+        return np.zeros(0, np.float32)
+    if sparse and np.all(rewards == reward_neg):
+        return np.full(len(rewards), reward_neg / (1.0 - gamma), np.float32)
+    out = np.zeros(len(rewards), np.float64)
+    following = 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        following = rewards[t] + gamma * following * (1.0 - float(dones[t]))
+        out[t] = following
+    return out.astype(np.float32)
+
+
+@dataclass
+class Transform:
+    """Everything applied to data that must be applied identically online and at evaluation."""
+
+    obs_mean: np.ndarray
+    obs_std: np.ndarray
+    action_scale: np.ndarray
+    action_bias: np.ndarray
+    reward_scale: float
+    reward_bias: float
+
+    def obs(self, obs: np.ndarray) -> np.ndarray:
+        return ((obs - self.obs_mean) / self.obs_std).astype(np.float32)
+
+    def reward(self, reward: np.ndarray | float) -> np.ndarray | float:
+        return reward * self.reward_scale + self.reward_bias
+
+    def to_env_action(self, action: np.ndarray) -> np.ndarray:
+        """Actor output in [-1, 1]^d -> env action in [low, high]."""
+        return action * self.action_scale + self.action_bias
+
+    def from_env_action(self, action: np.ndarray) -> np.ndarray:
+        return np.clip((action - self.action_bias) / self.action_scale, -1.0, 1.0)
+
+
+def episode_transitions(ep, args: Args) -> dict[str, np.ndarray] | None:
+    """One Minari episode -> raw transitions (rewards relabelled if binary), or None if a
+    binary trajectory without success is dropped."""
+    obs = flatten_obs(ep.observations)
+    obs = obs[:, None] if obs.ndim == 1 else obs
+    steps = len(ep.actions)
+    if len(obs) != steps + 1:
+        fail(f"episode has {len(obs)} observations for {steps} actions (expected T+1)")
+    rewards = np.asarray(ep.rewards, np.float32).reshape(steps)
+    terms = np.asarray(ep.terminations, np.float32).reshape(steps)
+    truncs = np.asarray(ep.truncations, np.float32).reshape(steps)
+    success = step_success(getattr(ep, "infos", None), steps)
+    if args.binary:
+        if success is None:
+            fail(f"dataset {args.dataset_id} has no per-step 'success' info; the binary task "
+                 f"--env {args.env} needs it (Adroit D4RL/<task>/*-v2 datasets record it)")
+        kept = binary_relabel(rewards, terms, truncs, success)
+        if kept is None:
+            return None
+        rewards, terms, truncs = kept
+        steps = len(rewards)
+    actions = np.asarray(ep.actions, np.float32).reshape(len(ep.actions), -1)
+    return dict(obs=obs[:steps], next_obs=obs[1:steps + 1], actions=actions[:steps],
+                rewards=rewards, dones=terms, timeouts=truncs)
+
+
+def load_data(args: Args):
+    """Dataset id -> (offline transitions with MC returns, transform, env factory, info)."""
+    dataset = load_minari_dataset(args.dataset_id)
+    if not isinstance(dataset.action_space, gym.spaces.Box):
+        fail(f"dataset {args.dataset_id} has a {type(dataset.action_space).__name__} action "
+             "space; Cal-QL needs continuous (Box) actions")
+    episodes, total = [], 0
+    for ep in dataset.iterate_episodes():
+        total += 1
+        tr = episode_transitions(ep, args)
+        if tr is not None and len(tr["rewards"]):
+            episodes.append(tr)
+    if not episodes:
+        fail(f"dataset {args.dataset_id}: none of its {total} trajectories reaches success; "
+             "nothing is left after dropping failures")
+    raw = {k: np.concatenate([e[k] for e in episodes]) for k in episodes[0]}
+    for key in ("obs", "next_obs", "actions", "rewards"):
+        bad = int((~np.isfinite(raw[key])).sum())
+        if bad:
+            fail(f"dataset {args.dataset_id} has {bad} non-finite values in '{key}'")
+    low = dataset.action_space.low.astype(np.float32)
+    high = dataset.action_space.high.astype(np.float32)
+    dim = raw["obs"].shape[1]
+    mean, std = np.zeros(dim, np.float32), np.ones(dim, np.float32)
+    if args.normalize_states:
+        mean, std = raw["obs"].mean(0), raw["obs"].std(0) + 1e-3
+    tf = Transform(mean.astype(np.float32), std.astype(np.float32), (high - low) / 2,
+                   (high + low) / 2, float(args.reward_scale), float(args.reward_bias))
+    r_neg = float(tf.reward(args.reward_neg))
+    # MC returns per trajectory, on the scaled rewards (Cal-QL official order).
+    mc = [mc_returns(tf.reward(e["rewards"]), e["dones"], args.gamma, args.sparse_reward, r_neg)
+          for e in episodes]
+    data = dict(obs=tf.obs(raw["obs"]), next_obs=tf.obs(raw["next_obs"]),
+                actions=tf.from_env_action(raw["actions"]).astype(np.float32),
+                rewards=np.asarray(tf.reward(raw["rewards"]), np.float32),
+                dones=raw["dones"].astype(np.float32), mc_returns=np.concatenate(mc))
+    meta = dataset.storage.metadata
+    horizon = args.horizon
+    info = dict(dataset_id=args.dataset_id, episodes_in_dataset=total,
+                episodes_kept=len(episodes), transitions=len(data["obs"]), obs_dim=dim,
+                action_dim=data["actions"].shape[1], horizon=horizon,
+                success_in_data=float(np.mean([e["dones"].any() for e in episodes])),
+                ref_min_score=_float_or_none(meta.get("ref_min_score")),
+                ref_max_score=_float_or_none(meta.get("ref_max_score")))
+
+    def make_env() -> gym.Env:
+        try:
+            import gymnasium_robotics
+
+            gym.register_envs(gymnasium_robotics)  # Adroit, AntMaze, PointMaze
+        except ImportError:
+            pass
+        kwargs = {} if horizon is None else dict(max_episode_steps=horizon)
+        return dataset.recover_environment(eval_env=True, **kwargs)
+
+    return data, tf, make_env, info
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+# ======================================================================================
+# Replay buffers: offline data and online trajectories on the device, mixed batches
+# ======================================================================================
+
+KEYS = ("obs", "next_obs", "actions", "rewards", "dones", "mc_returns")
+
+
+class ReplayBuffer:
+    """Fixed data as tensors on the training device; uniform sampling on the device."""
+
+    def __init__(self, data: dict[str, np.ndarray], device: torch.device, seed: int):
+        self.data = {k: torch.as_tensor(data[k], device=device) for k in KEYS}
+        self.size = len(self.data["obs"])
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, self.size, (batch_size,), device=self.data["obs"].device,
+                            generator=self.generator)
+        return {k: v[idx] for k, v in self.data.items()}
+
+
+class OnlineBuffer(ReplayBuffer):
+    """Preallocated device storage for online trajectories; each trajectory is added whole,
+    with its MC returns, once it has ended."""
+
+    def __init__(self, capacity: int, obs_dim: int, action_dim: int, device: torch.device,
+                 seed: int):
+        shapes = dict(obs=(obs_dim,), next_obs=(obs_dim,), actions=(action_dim,))
+        self.data = {k: torch.zeros((capacity, *shapes.get(k, ())), device=device)
+                     for k in KEYS}
+        self.size, self.capacity = 0, capacity
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed + 1)
+
+    def add_trajectory(self, traj: dict[str, np.ndarray]) -> None:
+        n = len(traj["rewards"])
+        if self.size + n > self.capacity:
+            fail(f"online buffer full ({self.capacity} transitions)")
+        for k in KEYS:
+            self.data[k][self.size:self.size + n] = torch.as_tensor(
+                traj[k], device=self.data[k].device).reshape(self.data[k][:n].shape)
+        self.size += n
+
+    def state(self) -> dict[str, Any]:
+        return dict(size=self.size, data={k: v[:self.size].cpu() for k, v in self.data.items()},
+                    generator=self.generator.get_state())
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.size = state["size"]
+        for k, v in state["data"].items():
+            self.data[k][:self.size] = v.to(self.data[k].device)
+        self.generator.set_state(state["generator"])
+
+
+def mixed_batch(offline: ReplayBuffer, online: OnlineBuffer | None, batch_size: int,
+                mixing_ratio: float) -> dict[str, torch.Tensor]:
+    """Online phase: round(batch * mixing_ratio) offline transitions, the rest online
+    (Cal-QL official `concatenate_batches`; paper: 128 + 128). Pre-training: all offline."""
+    if online is None or online.size == 0:
+        return offline.sample(batch_size)
+    n_off = int(round(batch_size * mixing_ratio))
+    if n_off == batch_size:
+        return offline.sample(batch_size)
+    if n_off == 0:
+        return online.sample(batch_size)
+    a, b = offline.sample(n_off), online.sample(batch_size - n_off)
+    return {k: torch.cat([a[k], b[k]]) for k in KEYS}
+
+
+# ======================================================================================
+# Networks: tanh-Gaussian actor, twin critics fused into one batched ensemble
+# ======================================================================================
+
+
+class EnsembleLinear(nn.Module):
+    """E independent linear layers evaluated by one batched matmul: [E, B, in] -> [E, B, out]."""
+
+    def __init__(self, ensemble: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(ensemble, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(ensemble, 1, out_features))
+        bound = 1 / math.sqrt(in_features)  # nn.Linear's default init, per member
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor, detach: bool = False) -> torch.Tensor:
+        w, b = (self.weight.detach(), self.bias.detach()) if detach else (self.weight, self.bias)
+        return torch.baddbmm(b, x, w)
+
+
+def orthogonal_(weight: torch.Tensor, gain: float) -> None:
+    """Orthogonal init of a [in, out] (or [E, in, out]) weight, as nn.init does for [out, in]."""
+    mats = weight.data if weight.dim() == 3 else weight.data[None]
+    for mat in mats:
+        mat.copy_(nn.init.orthogonal_(torch.empty(mat.shape[1], mat.shape[0]), gain).T)
+
+
+class FusedCritic(nn.Module):
+    """Twin Q-networks as ONE ensemble: each layer is one baddbmm for both critics."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...],
+                 orthogonal: bool, ensemble: int = 2):
+        super().__init__()
+        dims = (obs_dim + action_dim, *hidden, 1)
+        self.layers = nn.ModuleList(
+            EnsembleLinear(ensemble, i, o) for i, o in zip(dims[:-1], dims[1:], strict=True))
+        self.ensemble = ensemble
+        if orthogonal:
+            for k, layer in enumerate(self.layers):
+                last = k == len(self.layers) - 1
+                orthogonal_(layer.weight, 1e-2 if last else math.sqrt(2))
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor,
+                detach: bool = False) -> torch.Tensor:
+        """obs [..., d], action [..., a] -> Q [E, ...]; detach=True gives no critic gradients."""
+        x = torch.cat([obs, action], -1)
+        lead = x.shape[:-1]
+        h = x.reshape(1, -1, x.shape[-1]).expand(self.ensemble, -1, -1)
+        for k, layer in enumerate(self.layers):
+            h = layer(h, detach)
+            if k < len(self.layers) - 1:
+                h = F.relu(h)
+        return h.reshape(self.ensemble, *lead)
+
+
+def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(in_dim, h), nn.ReLU()]
+        in_dim = h
+    layers.append(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+
+
+class TanhGaussianActor(nn.Module):
+    """pi(a|s) = tanh(N(mu(s), sigma(s))). As in JaxCQL/Cal-QL, the network's log-std passes
+    through a learnable scalar multiplier (init 1) and offset (init -1), then is clamped to
+    [-20, 2]."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...], orthogonal: bool):
+        super().__init__()
+        self.net = mlp(obs_dim, hidden, 2 * action_dim)
+        self.log_std_multiplier = nn.Parameter(torch.ones(()))
+        self.log_std_offset = nn.Parameter(torch.full((), -1.0))
+        if orthogonal:
+            linears = [m for m in self.net if isinstance(m, nn.Linear)]
+            for k, layer in enumerate(linears):
+                nn.init.orthogonal_(layer.weight, 1e-2 if k == len(linears) - 1 else math.sqrt(2))
+                nn.init.zeros_(layer.bias)
+
+    def dist(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.net(obs).chunk(2, -1)
+        log_std = self.log_std_multiplier * log_std + self.log_std_offset
+        return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterized sample a ~ pi(.|s) and its log-density (tanh change of variables)."""
+        mean, log_std = self.dist(obs)
+        u = mean + log_std.exp() * torch.randn_like(mean)
+        return torch.tanh(u), tanh_gaussian_log_prob(u, mean, log_std)
+
+    def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """log pi(a|s) of a given action in (-1, 1) (behaviour cloning)."""
+        mean, log_std = self.dist(obs)
+        u = torch.atanh(action.clamp(-1 + 1e-6, 1 - 1e-6))
+        return tanh_gaussian_log_prob(u, mean, log_std)
+
+    @torch.no_grad()
+    def act_deterministic(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dist(obs)[0])
+
+
+def tanh_gaussian_log_prob(u: torch.Tensor, mean: torch.Tensor,
+                           log_std: torch.Tensor) -> torch.Tensor:
+    """log N(u; mean, std) - sum log(1 - tanh(u)^2), the latter in a stable softplus form."""
+    normal = -0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+    log_det = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
+    return (normal - log_det).sum(-1)
+
+
+class Agent(nn.Module):
+    """All trainable state: actor, fused twin critics and their target, log alpha, log alpha'."""
+
+    def __init__(self, obs_dim: int, action_dim: int, args: Args):
+        super().__init__()
+        self.actor = TanhGaussianActor(obs_dim, action_dim, args.actor_hidden_dims,
+                                       args.orthogonal_init)
+        self.critic = FusedCritic(obs_dim, action_dim, args.critic_hidden_dims,
+                                  args.orthogonal_init)
+        self.target_critic = FusedCritic(obs_dim, action_dim, args.critic_hidden_dims, False)
+        self.target_critic.load_state_dict(self.critic.state_dict())
+        self.target_critic.requires_grad_(False)
+        self.log_alpha = nn.Parameter(torch.zeros(()))
+        self.log_alpha_prime = nn.Parameter(torch.zeros(()))
+
+
+# ======================================================================================
+# Losses
+# ======================================================================================
+
+
+def calibrate(q_pi: torch.Tensor, mc_returns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cal-QL's one change: max(Q(s,a), V_mu(s)) for policy actions. q_pi [E, B, N],
+    mc_returns [B]. Returns (calibrated Q, bound rate = share of Q-values below V_mu)."""
+    lower = mc_returns.reshape(1, -1, 1)
+    bound_rate = (q_pi < lower).float().mean()
+    return torch.maximum(q_pi, lower), bound_rate
+
+
+def calql_logsumexp(q_rand: torch.Tensor, q_pi: torch.Tensor, logp_pi: torch.Tensor,
+                    q_next_pi: torch.Tensor, logp_next_pi: torch.Tensor,
+                    mc_returns: torch.Tensor | None, action_dim: int, temp: float = 1.0,
+                    importance_sample: bool = True, q_data: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The pushed-down term of the CQL/Cal-QL critic loss, per critic and state: [E, B].
+
+    q_*: [E, B, N], every action scored at the CURRENT state s; logp_*: [B, N] proposal
+    log-densities (detached: the penalty never trains the actor). mc_returns None = CQL.
+    Order of operations of the Cal-QL official code (`enable_calql` branch): the max with
+    V_mu is taken on the RAW policy-action Q-values (pi(s) and pi(s') sets), BEFORE the
+    importance-sampling correction; the random actions are never calibrated. (The paper's
+    appendix listing takes the max after subtracting log pi and uses 4 samples of pi(s)
+    only: the official code is followed.) Then random - log(0.5^d), pi - log pi, the three
+    sets concatenated and T * logsumexp(./T) (App. F; log(3N) omitted as in the code).
+    """
+    stats: dict[str, torch.Tensor] = {}
+    if mc_returns is not None:
+        # Cal-QL official: max with V_mu before the IS correction, policy actions only.
+        q_pi, stats["bound_rate_pi"] = calibrate(q_pi, mc_returns)
+        q_next_pi, stats["bound_rate_pi_next"] = calibrate(q_next_pi, mc_returns)
+    if importance_sample:
+        log_unif = action_dim * math.log(0.5)  # log density of Uniform(-1, 1)^d
+        cat = torch.cat([q_rand - log_unif, q_pi - logp_pi.detach(),
+                         q_next_pi - logp_next_pi.detach()], dim=-1)
+    else:  # official `cql_importance_sample=False`: [Q_rand, Q_data, Q_pi(s'), Q_pi(s)]
+        assert q_data is not None
+        cat = torch.cat([q_rand, q_data.unsqueeze(-1), q_next_pi, q_pi], dim=-1)
+    return temp * torch.logsumexp(cat / temp, dim=-1), stats
+
+
+def lagrange_terms(gap: torch.Tensor, log_alpha_prime: torch.Tensor, weight: float, tau: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 30 dual descent in the Cal-QL code's form alpha' * w * (gap - tau).
+    Returns (critic penalty [E], alpha' loss, alpha'); alpha' = clamp(exp(log a'), 0, 1e6)."""
+    alpha_prime = log_alpha_prime.exp().clamp(0.0, 1e6)
+    slack = weight * (gap - tau)
+    penalty = alpha_prime.detach() * slack  # critic sees alpha' as a constant
+    alpha_prime_loss = -(alpha_prime * slack.detach()).mean()  # alpha' grows while gap > tau
+    return penalty, alpha_prime_loss, alpha_prime
+
+
+def bellman_target(agent: Agent, batch: dict[str, torch.Tensor], args: Args,
+                   alpha: torch.Tensor) -> torch.Tensor:
+    """r + gamma (1 - d) * target value at s' (no gradient). Max backup (Cal-QL
+    `cql_max_target_backup`): max over N a' ~ pi(.|s') of min_j Qbar_j(s', a'); else one a'.
+    -alpha log pi only with --backup-entropy (off in Cal-QL)."""
+    with torch.no_grad():
+        next_obs = batch["next_obs"]
+        if args.max_backup:
+            n = args.cql_n_actions
+            rep = next_obs.unsqueeze(1).expand(-1, n, -1)
+            a_next, logp_next = agent.actor(rep)  # [B, N, a], [B, N]
+            q_next = agent.target_critic(rep, a_next).min(0).values  # [B, N]
+            q_next, idx = q_next.max(-1)
+            logp_next = logp_next.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+        else:
+            a_next, logp_next = agent.actor(next_obs)
+            q_next = agent.target_critic(next_obs, a_next).min(0).values
+        if args.backup_entropy:
+            q_next = q_next - alpha * logp_next
+        return batch["rewards"] + args.gamma * (1.0 - batch["dones"]) * q_next
+
+
+def compute_losses(agent: Agent, batch: dict[str, torch.Tensor], args: Args, bc: bool,
+                   action_dim: int, cql_weight: float
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """All four losses from the same parameters; their sum has disjoint gradients:
+    actor (critic detached), critics (Bellman + CQL), log alpha, log alpha'."""
+    obs, actions = batch["obs"], batch["actions"]
+    alpha = agent.log_alpha.exp()
+
+    # ---- actor: SAC loss E[alpha log pi - min_j Q_j(s, a~pi)] (JaxCQL policy_loss) ------
+    a_pi, logp_pi = agent.actor(obs)
+    q_pi = agent.critic(obs, a_pi, detach=True).min(0).values  # [B], also for calibration
+    if bc:  # optional BC warm start: E[alpha log pi - log pi(a_D|s)]
+        actor_loss = (alpha.detach() * logp_pi - agent.actor.log_prob(obs, actions)).mean()
+    else:
+        actor_loss = (alpha.detach() * logp_pi - q_pi).mean()
+    # Automatic entropy tuning: -log alpha * (log pi + target entropy) (SAC, JaxCQL).
+    target_entropy = -action_dim if args.target_entropy is None else args.target_entropy
+    alpha_loss = -(agent.log_alpha * (logp_pi.detach() + target_entropy)).mean()
+
+    # ---- critics: Bellman MSE (JaxCQL `mse_loss(q_pred, td_target)`, no 1/2) -----------
+    target = bellman_target(agent, batch, args, alpha.detach())
+    q_data = agent.critic(obs, actions)  # [E, B]
+    bellman = ((q_data - target) ** 2).mean(-1)  # [E]
+    below = (q_pi.detach() < batch["mc_returns"]).float()
+    metrics = dict(bellman_loss=bellman.mean(), q_data=q_data.mean(), actor_loss=actor_loss,
+                   alpha=alpha.detach(), log_pi=logp_pi.detach().mean(),
+                   # calibration: share of batch states with Q(s, pi(s)) < V_mu(s); mean gap
+                   calib_below_share=below.mean(),
+                   calib_q_minus_vmu=(q_pi.detach() - batch["mc_returns"]).mean())
+
+    penalty, alpha_prime_loss = cql_term(agent, batch, args, q_data, action_dim, cql_weight,
+                                         metrics)
+    critic_loss = bellman.sum() + penalty.sum()  # the penalty applies to each critic
+    metrics["critic_loss"] = critic_loss.detach()
+    total = actor_loss + alpha_loss + critic_loss + alpha_prime_loss
+    return total, metrics
+
+
+def cql_term(agent: Agent, batch: dict[str, torch.Tensor], args: Args, q_data: torch.Tensor,
+             action_dim: int, cql_weight: float, metrics: dict[str, torch.Tensor]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conservative penalty per critic [E] and the alpha' loss (0 without Lagrange)."""
+    obs, next_obs = batch["obs"], batch["next_obs"]
+    batch_size, n = obs.shape[0], args.cql_n_actions
+    rep_obs = obs.unsqueeze(1).expand(-1, n, -1)  # [B, N, d]
+    with torch.no_grad():  # proposal samples: the penalty never trains the actor
+        a_rand = torch.rand(batch_size, n, action_dim, device=obs.device) * 2 - 1
+        a_cur, logp_cur = agent.actor(rep_obs)
+        a_next, logp_next = agent.actor(next_obs.unsqueeze(1).expand(-1, n, -1))
+    # One critic call for all 3N actions; pi(s') actions are scored at the CURRENT s
+    # (official `cql_next_actions` evaluated with `observations`).
+    q_all = agent.critic(rep_obs.repeat(1, 3, 1), torch.cat([a_rand, a_cur, a_next], 1))
+    q_rand, q_cur, q_next = q_all.split(n, dim=-1)  # each [E, B, N]
+    mc = batch["mc_returns"] if args.enable_calql else None
+    push_down, stats = calql_logsumexp(q_rand, q_cur, logp_cur, q_next, logp_next, mc,
+                                       action_dim, args.cql_temp, args.cql_importance_sample,
+                                       q_data)
+    metrics.update(stats)
+    # CQL gap per critic: E_s[logsumexp] - E_D[Q(s,a)], clipped (official `cql_qf_diff`).
+    gap = (push_down - q_data).clamp(args.cql_clip_diff_min, args.cql_clip_diff_max).mean(-1)
+    metrics["cql_gap"] = gap.detach().mean()
+    metrics["q_ood"] = push_down.detach().mean()
+    if args.lagrange:
+        penalty, alpha_prime_loss, alpha_prime = lagrange_terms(
+            gap, agent.log_alpha_prime, cql_weight, args.cql_tau)
+        metrics["alpha_prime"] = alpha_prime.detach()
+        return penalty, alpha_prime_loss
+    metrics["alpha_prime"] = torch.full((), cql_weight, device=obs.device)
+    # Fixed weight: alpha * gap (official `cql_min_q_weight * cql_qf_diff`).
+    return cql_weight * gap, torch.zeros((), device=obs.device)
+
+
+class Trainer:
+    """One gradient step with no host sync: losses stay on the device until logged."""
+
+    def __init__(self, agent: Agent, args: Args, action_dim: int, device: torch.device):
+        self.agent, self.args, self.action_dim = agent, args, action_dim
+        fused = device.type == "cuda"
+        adam = lambda params, lr: torch.optim.Adam(params, lr=lr, fused=fused or None,
+                                                   foreach=None if fused else True)
+        self.optimizers = dict(
+            actor=adam(agent.actor.parameters(), args.policy_lr),
+            critic=adam(agent.critic.parameters(), args.qf_lr),
+            alpha=adam([agent.log_alpha], args.policy_lr),
+            alpha_prime=adam([agent.log_alpha_prime], args.alpha_prime_lr),
+        )
+        self.loss_fn = torch.compile(compute_losses) if args.compile else compute_losses
+        self.online = list(agent.critic.parameters())
+        self.target = list(agent.target_critic.parameters())
+
+    def step(self, batch: dict[str, torch.Tensor], bc: bool, cql_weight: float
+             ) -> dict[str, torch.Tensor]:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        total, metrics = self.loss_fn(self.agent, batch, self.args, bc, self.action_dim,
+                                      cql_weight)
+        total.backward()
+        for opt in self.optimizers.values():
+            opt.step()
+        with torch.no_grad():  # Polyak averaging of the target critics
+            torch._foreach_lerp_(self.target, self.online, self.args.soft_target_update)
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: opt.state_dict() for k, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(state[k])
+
+
+@torch.no_grad()
+def calibration_stats(agent: Agent, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Calibration of the current critic on a batch: share of states with
+    min_j Q_j(s, a~pi(s)) < V_mu(s), and mean Q - V_mu."""
+    a_pi, _ = agent.actor(batch["obs"])
+    q = agent.critic(batch["obs"], a_pi).min(0).values
+    diff = q - batch["mc_returns"]
+    return dict(below_share=float((diff < 0).float().mean()), q_minus_vmu=float(diff.mean()))
+
+
+# ======================================================================================
+# Online interaction and evaluation
+# ======================================================================================
+
+
+def env_step(env: gym.Env, action: np.ndarray, args: Args
+             ) -> tuple[Any, float, bool, bool, bool | None]:
+    """One env step -> (obs, raw reward, terminal, time-limit truncation, success or None
+    when the env reports no success). Binary tasks: reward success - 1, and the episode
+    ends, as a terminal, at success."""
+    obs, reward, terminated, truncated, info = env.step(action)
+    success = bool(info["success"]) if "success" in info else None
+    if args.binary:
+        reward, terminated = float(bool(success)) - 1.0, bool(success)
+    return obs, float(reward), bool(terminated), bool(truncated) and not terminated, success
+
+
+def collect_trajectory(agent: Agent, env: gym.Env, tf: Transform, args: Args,
+                       device: torch.device, seed: int) -> tuple[dict[str, np.ndarray], bool]:
+    """One whole trajectory with the current STOCHASTIC policy (Cal-QL official sampler),
+    from env.reset(seed=seed); its MC returns are computed once it has ended."""
+    obs, _ = env.reset(seed=seed)
+    rows: dict[str, list] = {k: [] for k in ("obs", "next_obs", "actions", "rewards", "dones")}
+    done, success = False, False
+    while not done:
+        x = torch.as_tensor(tf.obs(flatten_obs(obs)), device=device).reshape(1, -1)
+        with torch.no_grad():
+            action = agent.actor(x)[0][0].cpu().numpy()
+        next_obs, reward, terminal, truncated, ok = env_step(env, tf.to_env_action(action),
+                                                             args)
+        success = success or bool(ok)
+        rows["obs"].append(x[0].cpu().numpy())
+        rows["next_obs"].append(tf.obs(flatten_obs(next_obs)))
+        rows["actions"].append(action)
+        rows["rewards"].append(tf.reward(reward))
+        rows["dones"].append(float(terminal))
+        obs, done = next_obs, terminal or truncated
+    traj = {k: np.asarray(v, np.float32) for k, v in rows.items()}
+    traj["mc_returns"] = mc_returns(traj["rewards"], traj["dones"], args.gamma,
+                                    args.sparse_reward, float(tf.reward(args.reward_neg)))
+    return traj, success
+
+
+def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[str, Any],
+             device: torch.device) -> dict[str, float | None]:
+    """Deterministic policy for `eval_episodes` episodes with fixed seeds; binary episodes
+    end at success; success rate = share of episodes that reach success at any step.
+
+    score: 100 * success rate where success is reported, else the normalized return (if the
+    dataset has reference scores), else the mean return. value_gap: min_j Q_j(s0, pi(s0))
+    minus the discounted (scaled) return obtained; negative = conservative.
+    """
+    returns, gaps, successes, has_success = [], [], [], False
+    for i in range(args.eval_episodes):
+        obs, _ = env.reset(seed=10_000 * (args.seed + 1) + i)
+        done, ep_return, disc_return, discount, t, success = False, 0.0, 0.0, 1.0, 0, False
+        while not done:
+            x = torch.as_tensor(tf.obs(flatten_obs(obs)), device=device).reshape(1, -1)
+            action = agent.actor.act_deterministic(x)
+            if t == 0:
+                with torch.no_grad():
+                    pred = agent.critic(x, action).min(0).values.item()
+            obs, reward, terminal, truncated, ok = env_step(
+                env, tf.to_env_action(action[0].cpu().numpy()), args)
+            has_success = has_success or ok is not None
+            success = success or bool(ok)
+            ep_return += reward
+            disc_return += discount * float(tf.reward(reward))
+            discount *= args.gamma
+            done = terminal or truncated
+            t += 1
+        returns.append(ep_return)
+        gaps.append(pred - disc_return)
+        successes.append(success)
+    ret = float(np.mean(returns))
+    lo, hi = info.get("ref_min_score"), info.get("ref_max_score")
+    norm = 100.0 * (ret - lo) / (hi - lo) if lo is not None and hi is not None else None
+    rate = float(np.mean(successes)) if has_success else None
+    score = 100.0 * rate if rate is not None else (norm if norm is not None else ret)
+    return dict(score=score, success_rate=rate, return_mean=ret, normalized_score=norm,
+                value_gap=float(np.mean(gaps)))
+
+
+# ======================================================================================
+# Run directory, checkpoints, resume
+# ======================================================================================
+
+# Fields that may differ on resume without changing the result.
+RESUME_FREE = {"resume", "run_dir", "track", "wandb_project", "wandb_entity", "progress",
+               "log_every", "online_steps"}  # online_steps: a finished run may be extended
+
+
+def config_dict(args: Args) -> dict[str, Any]:
+    cfg = asdict(args)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+def check_resume_config(run_dir: Path, args: Args) -> None:
+    """Refuse a resume whose resolved config differs from the run's config.json."""
+    path = run_dir / "config.json"
+    if not (run_dir / "checkpoint.pt").exists() or not path.exists():
+        fail(f"--resume {run_dir}: no checkpoint.pt/config.json there; start a new run instead")
+    saved = json.loads(path.read_text())["args"]
+    now = json.loads(json.dumps(config_dict(args)))  # tuples -> lists, inf -> Infinity
+    diff = sorted(k for k in now if k not in RESUME_FREE and saved.get(k) != now[k])
+    if diff:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
+        fail(f"--resume {run_dir} does not match its config.json ({detail}); "
+             "rerun with the original arguments or start a new run")
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write to a temp file in the same directory, fsync, then rename: never half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class Progress:
+    """Loop counters, all in the checkpoint. The online phase checkpoints only between
+    gradient steps, never inside a trajectory: the environment's state is not
+    checkpointable, so a stop signal during collection is honoured once the trajectory has
+    ended and been stored. Each online episode k resets with its own seed, so a resumed run
+    continues bit-identically on CPU."""
+
+    step: int = 0  # gradient steps, offline + online
+    phase: str = "offline"  # offline | online
+    env_steps: int = 0  # online env steps collected
+    episodes: int = 0  # online trajectories collected
+    pending_updates: int = 0  # gradient steps still owed to the last trajectory (UTD)
+    next_eval: int = 0  # env-step count of the next online evaluation
+
+
+def save_checkpoint(path: Path, agent: Agent, trainer: Trainer, offline: ReplayBuffer,
+                    online: OnlineBuffer, progress: Progress, history: list[dict[str, Any]],
+                    timing: dict[str, float]) -> None:
+    atomic_torch_save(dict(
+        progress=asdict(progress), agent=agent.state_dict(), optimizers=trainer.state_dict(),
+        sampler=offline.generator.get_state(), online=online.state(),
+        torch_rng=torch.get_rng_state(),
+        cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        history=history, timing=timing,
+    ), path)
+
+
+def load_checkpoint(path: Path, agent: Agent, trainer: Trainer, offline: ReplayBuffer,
+                    online: OnlineBuffer) -> tuple[Progress, list[dict[str, Any]], dict]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    agent.load_state_dict(ckpt["agent"])
+    trainer.load_state_dict(ckpt["optimizers"])
+    offline.generator.set_state(ckpt["sampler"])
+    online.load(ckpt["online"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    return Progress(**ckpt["progress"]), ckpt["history"], ckpt["timing"]
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints and exits at the next safe point."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {s: signal.signal(s, self._set) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _set(self, signum, _frame) -> None:
+        self.signal = signum
+
+    def restore(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+# ======================================================================================
+# Training loop: offline pre-training, then online fine-tuning
+# ======================================================================================
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda but no CUDA device is visible; use --device cpu or auto")
+    return torch.device(name)
+
+
+def host_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The one host sync: all training metrics in a single transfer."""
+    keys = sorted(metrics)
+    values = torch.stack([metrics[k].float() for k in keys]).tolist()
+    return dict(zip(keys, values, strict=True))
+
+
+def check_divergence(values: dict[str, float], step: int, args: Args, run_dir: Path,
+                     last_good: int | None) -> None:
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if not bad and abs(values.get("q_data", 0.0)) > args.max_abs_q:
+        bad = ["q_data"]
+    if bad:
+        where = (f"last good checkpoint: {run_dir / 'checkpoint.pt'} (step {last_good})"
+                 if last_good is not None else "no checkpoint was written yet")
+        fail(f"training diverged at step {step} ({', '.join(bad)} non-finite or |Q| > "
+             f"{args.max_abs_q:g}); {where}; lower the learning rates or raise --cql-weight")
+
+
+class Loop:
+    """The run: state, logging, evaluation rows, checkpoints and the stop signal."""
+
+    def __init__(self, args: Args, device: torch.device):
+        self.args, self.device = args, device
+        self.run_dir = Path(args.run_dir)
+        data, self.tf, make_env, self.info = load_data(args)
+        self.offline = ReplayBuffer(data, device, args.seed)
+        obs_dim, self.action_dim = self.info["obs_dim"], self.info["action_dim"]
+        horizon = args.horizon or 1000
+        self.online = OnlineBuffer(args.online_steps + horizon, obs_dim, self.action_dim,
+                                   device, args.seed)
+        self.agent = Agent(obs_dim, self.action_dim, args).to(device)
+        self.trainer = Trainer(self.agent, args, self.action_dim, device)
+        self.env, self.eval_env = make_env(), make_env()
+        self.progress = Progress(next_eval=args.eval_every)
+        self.history: list[dict[str, Any]] = []
+        self.timing = dict(train_s=0.0, wall_s=0.0, env_s=0.0)
+        self.train_values: dict[str, float] = {}
+        self.last_good: int | None = None
+        self.wandb_run = None
+        self.stop: StopFlag | None = None
+
+    # ---- bookkeeping ---------------------------------------------------------------
+    def checkpoint(self) -> None:
+        self.timing["wall_s"] = time.perf_counter() - self.wall0
+        save_checkpoint(self.run_dir / "checkpoint.pt", self.agent, self.trainer, self.offline,
+                        self.online, self.progress, self.history, self.timing)
+
+    def read_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
+        self.train_values = host_metrics(metrics)
+        check_divergence(self.train_values, self.progress.step, self.args, self.run_dir,
+                         self.last_good)
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"train/{k}": v for k, v in self.train_values.items()},
+                               step=self.progress.step)
+
+    def evaluate_and_save(self, bar: tqdm) -> None:
+        p = self.progress
+        row = dict(step=p.step, phase=p.phase, env_steps=p.env_steps,
+                   **evaluate(self.agent, self.eval_env, self.tf, self.args, self.info,
+                              self.device), **self.train_values)
+        self.history.append(row)
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"eval/{k}": v for k, v in row.items()
+                                if isinstance(v, (int, float))}, step=p.step)
+        self.checkpoint()
+        self.last_good = p.step
+        bar.write(f"{p.phase} step {p.step} env {p.env_steps}: score {row['score']:.1f}, "
+                  f"success {row['success_rate']}, value_gap {row['value_gap']:.2f}")
+
+    def maybe_stop(self) -> None:
+        if self.stop is not None and self.stop.signal is not None:
+            self.checkpoint()
+            print(f"stopped by signal {self.stop.signal} at step {self.progress.step} "
+                  f"({self.progress.phase}); resume with the same arguments plus --resume "
+                  f"{self.run_dir}", file=sys.stderr)
+            raise SystemExit(128 + self.stop.signal)
+
+    def train_step(self, online: bool) -> dict[str, torch.Tensor]:
+        args, p = self.args, self.progress
+        batch = mixed_batch(self.offline, self.online if online else None, args.batch_size,
+                            args.mixing_ratio)
+        bc = not online and p.step < args.bc_steps
+        weight = args.cql_alpha_online if online else args.cql_weight
+        metrics = self.trainer.step(batch, bc, weight)
+        p.step += 1
+        return metrics
+
+    # ---- phases --------------------------------------------------------------------
+    def run_offline(self, bar: tqdm) -> None:
+        """Pre-training: CQL/Cal-QL gradient steps on offline batches."""
+        args, p = self.args, self.progress
+        if args.offline_steps == 0 and not self.history:  # no pre-training: score the init
+            self.evaluate_and_save(bar)
+        t0 = time.perf_counter()
+        while p.step < args.offline_steps:
+            metrics = self.train_step(online=False)
+            bar.update(1)
+            end = p.step == args.offline_steps
+            if p.step % args.log_every == 0 or p.step % args.offline_eval_every == 0 or end:
+                self.read_metrics(metrics)
+                bar.set_postfix(q=f"{self.train_values['q_data']:.1f}",
+                                gap=f"{self.train_values['cql_gap']:.2f}")
+            if p.step % args.offline_eval_every == 0 or end:
+                # end: the offline score, evaluated and checkpointed at the phase boundary
+                self.timing["train_s"] += time.perf_counter() - t0
+                self.evaluate_and_save(bar)
+                t0 = time.perf_counter()
+            self.maybe_stop()
+        self.timing["train_s"] += time.perf_counter() - t0
+        p.phase = "online"
+
+    def run_online(self, bar: tqdm) -> None:
+        """Fine-tuning: whole trajectories with the stochastic policy, then len(traj) * UTD
+        gradient steps on mixed batches (Cal-QL official loop); evaluation every
+        `eval_every` env steps."""
+        args, p = self.args, self.progress
+        metrics = None
+        while p.env_steps < args.online_steps or p.pending_updates > 0:
+            if p.pending_updates == 0:
+                t_env = time.perf_counter()
+                traj, _ = collect_trajectory(self.agent, self.env, self.tf, args, self.device,
+                                             seed=1_000_000 * (args.seed + 1) + p.episodes)
+                self.online.add_trajectory(traj)
+                n = len(traj["rewards"])
+                p.env_steps += n
+                p.episodes += 1
+                p.pending_updates = n * args.utd
+                self.timing["env_s"] += time.perf_counter() - t_env
+                bar.update(n)
+            t0 = time.perf_counter()
+            while p.pending_updates > 0:
+                metrics = self.train_step(online=True)
+                p.pending_updates -= 1
+                if p.step % args.log_every == 0:
+                    self.read_metrics(metrics)
+                if self.stop is not None and self.stop.signal is not None:
+                    break
+            self.timing["train_s"] += time.perf_counter() - t0
+            if p.pending_updates == 0 and (p.env_steps >= p.next_eval
+                                           or p.env_steps >= args.online_steps):
+                if metrics is not None:
+                    self.read_metrics(metrics)
+                while p.next_eval <= p.env_steps:
+                    p.next_eval += args.eval_every
+                self.evaluate_and_save(bar)
+            self.maybe_stop()
+
+
+def fine_tuning_summary(history: list[dict[str, Any]], args: Args) -> dict[str, Any]:
+    """Offline score (end of pre-training), final score, cumulative regret (mean over online
+    evaluations of 1 - success rate), largest drop below the pre-trained score."""
+    offline = [r for r in history if r["phase"] == "offline"]
+    online = [r for r in history if r["phase"] == "online"]
+    pre = offline[-1]["score"] if offline else None
+    last = history[-1]
+    out = dict(offline_score=pre, offline_success_rate=offline[-1]["success_rate"]
+               if offline else None, final_score=last["score"],
+               final_success_rate=last["success_rate"], final_return=last["return_mean"],
+               value_gap=last["value_gap"])
+    rates = [r["success_rate"] for r in online if r["success_rate"] is not None]
+    out["cumulative_regret"] = float(np.mean([1.0 - s for s in rates])) if rates else None
+    if pre is not None and online:
+        out["max_drop_below_offline"] = max(0.0, pre - min(r["score"] for r in online))
+    else:
+        out["max_drop_below_offline"] = None
+    for key in ("calib_below_share", "calib_q_minus_vmu"):
+        out[key] = last.get(key)
+    out["calib_below_share_offline_end"] = offline[-1].get("calib_below_share") if offline \
+        else None
+    return out
+
+
+def main(args: Args | None = None) -> dict[str, Any]:
+    args = resolve_args(args if args is not None else Args())
+    device = pick_device(args.device)
+    run_dir = Path(args.resume or args.run_dir)
+    args = replace(args, run_dir=str(run_dir))
+    if args.resume:
+        check_resume_config(run_dir, args)
+    torch.manual_seed(args.seed)  # all training randomness is torch's; envs are seeded
+
+    loop = Loop(args, device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if args.resume:
+        loop.progress, loop.history, loop.timing = load_checkpoint(
+            run_dir / "checkpoint.pt", loop.agent, loop.trainer, loop.offline, loop.online)
+        loop.timing.setdefault("env_s", 0.0)
+        # metrics.jsonl may hold evaluations past the checkpoint (killed after writing it).
+        with open(run_dir / "metrics.jsonl", "w") as fh:
+            fh.writelines(json.dumps(row) + "\n" for row in loop.history)
+        loop.last_good = loop.history[-1]["step"] if loop.history else None
+        if loop.progress.next_eval <= loop.progress.env_steps:  # extended finished run
+            loop.progress.next_eval = loop.progress.env_steps + args.eval_every
+    else:
+        (run_dir / "metrics.jsonl").write_text("")
+        (run_dir / "config.json").write_text(json.dumps(
+            dict(args=config_dict(args), dataset=loop.info, torch=torch.__version__,
+                 device=str(device)), indent=2))
+    loop.wandb_run = init_wandb(args, run_dir) if args.track else None
+    loop.stop = StopFlag()
+    loop.wall0 = time.perf_counter() - loop.timing["wall_s"]
+    total = args.offline_steps + args.online_steps
+    done = min(loop.progress.step, args.offline_steps) + loop.progress.env_steps
+    bar = tqdm(total=total, initial=done, disable=not args.progress,
+               desc=f"Cal-QL {args.env}" if args.enable_calql else f"CQL {args.env}",
+               dynamic_ncols=True)
+    try:
+        if loop.progress.phase == "offline":
+            loop.run_offline(bar)
+        loop.run_online(bar)
+    finally:
+        loop.stop.restore()
+        bar.close()
+        loop.env.close()
+        loop.eval_env.close()
+    loop.timing["wall_s"] = time.perf_counter() - loop.wall0
+    summary = write_summary(run_dir, args, loop)
+    if loop.wandb_run is not None:
+        loop.wandb_run.summary.update(summary)
+        loop.wandb_run.finish()
+    return summary
+
+
+def write_summary(run_dir: Path, args: Args, loop: Loop) -> dict[str, Any]:
+    """summary.json: offline/final scores, regret, unlearning, calibration, speed."""
+    p, timing = loop.progress, loop.timing
+    summary = fine_tuning_summary(loop.history, args)
+    summary.update(gradient_steps=p.step, env_steps=p.env_steps, episodes=p.episodes,
+                   updates_per_sec=p.step / max(timing["train_s"], 1e-9),
+                   wall_time_s=timing["wall_s"])
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, run_dir / "summary.json")
+    return summary
+
+
+def init_wandb(args: Args, run_dir: Path):
+    import wandb
+
+    return wandb.init(project=args.wandb_project, entity=args.wandb_entity,
+                      config=config_dict(args), name=run_dir.name, dir=str(run_dir),
+                      id=run_dir.name.replace("/", "_")[-64:], resume="allow")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
