@@ -688,32 +688,37 @@ def make_atari_env(game: str, seed: int | None = None, internal_frameskip: bool 
 
 def eval_seed(seed: int, eval_index: int) -> int:
     """Evaluation env seed from (seed, eval index) only: evaluation never depends on history."""
-    return int(np.random.SeedSequence([seed, eval_index, 0xE7A1]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed, eval_index, 0xE7A1]).generate_state(1)[0]) % 2**30
 
 
 @torch.no_grad()
 def evaluate(q: QRNetwork, make_env, episodes: int, epsilon: float, seed: int, device,
              max_steps: int) -> np.ndarray:
-    env = make_env()
-    rng = np.random.default_rng(seed)
-    n_actions = env.action_space.n
-    returns = []
-    for e in range(episodes):
-        obs, _ = env.reset(seed=seed + e)
-        total, steps, done = 0.0, 0, False
-        while not done and steps < max_steps:
-            if rng.random() < epsilon:
-                action = int(rng.integers(n_actions))
-            else:
-                x = torch.as_tensor(np.asarray(obs), device=device)[None]
-                action = int(q(x).mean(dim=2).argmax(dim=1).item())
-            obs, r, term, trunc, _ = env.step(action)
-            total += float(r)
-            steps += 1
-            done = term or trunc
-        returns.append(total)
-    env.close()
-    return np.asarray(returns)
+    """Returns of `episodes` epsilon-greedy episodes on mean-over-quantiles Q, run side by side
+    (one env per episode, env e reset with seed + e, its own epsilon RNG) so that the network
+    sees one batch per step; the result equals running the episodes one after the other."""
+    envs = [make_env() for _ in range(episodes)]
+    rngs = [np.random.default_rng([seed, e]) for e in range(episodes)]
+    obs = [np.asarray(env.reset(seed=seed + e)[0]) for e, env in enumerate(envs)]
+    returns, steps = np.zeros(episodes), np.zeros(episodes, np.int64)
+    active = list(range(episodes))
+    while active:
+        x = torch.as_tensor(np.stack([obs[e] for e in active]), device=device)
+        greedy = q(x).mean(dim=2).argmax(dim=1).tolist()
+        still = []
+        for e, a in zip(active, greedy, strict=True):
+            if rngs[e].random() < epsilon:
+                a = int(rngs[e].integers(envs[e].action_space.n))
+            o, r, term, trunc, _ = envs[e].step(a)
+            obs[e] = np.asarray(o)
+            returns[e] += float(r)
+            steps[e] += 1
+            if not (term or trunc or steps[e] >= max_steps):
+                still.append(e)
+        active = still
+    for env in envs:
+        env.close()
+    return returns
 
 
 def normalized_score(ret: float, game: str | None, ref: tuple[float, float] | None):
@@ -889,6 +894,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def train(args: Args) -> dict:
+    t_start = time.time()
     source = resolve_source(args)
     device = pick_device(args.device)
     if args.threads is not None:
@@ -926,6 +932,7 @@ def train(args: Args) -> dict:
     atari = data.stack == 4
     buffer = ReplayBuffer(data, device, args.seed, args.clip_reward)
     obs_shape = (4, 84, 84) if atari else tuple(data.frames.shape[1:])
+    data.frames = data.actions = data.rewards = data.dones = data.valid = None  # host copy
 
     if atari:
         game = source.game
@@ -951,7 +958,9 @@ def train(args: Args) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     start_step, last_metrics = 0, None
     if args.resume is not None:
-        ckpt = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=False)
+        # on the CPU: RNG states must stay CPU tensors; parameters and Adam moments are copied
+        # to the device by load_state_dict
+        ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
         agent.load_state_dict(ckpt["agent"])
         set_rng_state(ckpt["rng"], buffer.generator)
         start_step = ckpt["step"]
@@ -984,7 +993,6 @@ def train(args: Args) -> dict:
     metrics_file = run_dir / "metrics.jsonl"
     train_time, steps_done = 0.0, 0
     final = None
-    t_start = time.time()
     with StopFlag() as stop:
         pbar = tqdm(range(start_step + 1, args.total_steps + 1), disable=not args.progress,
                     initial=start_step, total=args.total_steps, desc="cql-qrdqn", smoothing=0.05)

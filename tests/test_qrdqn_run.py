@@ -258,3 +258,56 @@ def test_cql_beats_plain_qrdqn_on_narrow_cartpole_data(tmp_path, local_dataset):
           f"CQL weight 0: {plain['final_normalized_score']:.1f} ({plain['final_return']})")
     assert cql["final_normalized_score"] >= 90.0
     assert plain["final_normalized_score"] <= cql["final_normalized_score"] - 40.0
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+
+
+def test_evaluation_is_seeded_batched_and_uses_epsilon():
+    import gymnasium as gym
+
+    torch.manual_seed(0)
+    q = m.QRNetwork((4,), 2, 3, (8,))
+    make_env = lambda: gym.make("CartPole-v1")  # noqa: E731
+    a = m.evaluate(q, make_env, 3, 0.0, 123, "cpu", 10**9)
+    b = m.evaluate(q, make_env, 3, 0.0, 123, "cpu", 10**9)
+    np.testing.assert_array_equal(a, b)
+    # side by side == one after the other (greedy): episode e is env seed 123 + e
+    one_by_one = [m.evaluate(q, make_env, 1, 0.0, 123 + e, "cpu", 10**9)[0] for e in range(3)]
+    np.testing.assert_array_equal(a, one_by_one)
+    assert (m.evaluate(q, make_env, 2, 0.0, 5, "cpu", 7) <= 7).all()  # step cap
+    # epsilon 1: uniformly random actions, whatever the network
+    rand = m.evaluate(q, make_env, 20, 1.0, 0, "cpu", 10**9)
+    assert 12 < rand.mean() < 40
+    assert m.eval_seed(0, 100) == m.eval_seed(0, 100) != m.eval_seed(0, 200) != m.eval_seed(1, 100)
+
+
+def test_track_logs_to_wandb(tmp_path, local_dataset, monkeypatch):
+    """--track: wandb is imported lazily and gets the config, train/eval metrics and summary
+    (a stand-in module records the calls; the real wandb import alone takes seconds)."""
+    import types
+
+    calls = {"log": [], "summary": {}}
+
+    class Run:
+        summary = calls["summary"]
+
+        def log(self, data, step):
+            calls["log"].append((step, data))
+
+        def finish(self):
+            calls["finished"] = True
+
+    def init(**kw):
+        calls["init"] = kw
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    local_dataset("cartpole-medium")
+    m.main(small(run_dir=str(tmp_path / "w"), total_steps=20, eval_every=20, eval_episodes=1,
+                 log_every=10, track=True, wandb_entity="me"))
+    assert calls["init"]["project"] == "cql-calql" and calls["init"]["entity"] == "me"
+    assert calls["init"]["config"]["env"] == "cartpole-medium"
+    assert [s for s, d in calls["log"] if "train/qr_loss" in d] == [10, 20]
+    assert [s for s, d in calls["log"] if "eval/normalized_score" in d] == [20]
+    assert "final_return" in calls["summary"] and calls.get("finished")
