@@ -693,18 +693,24 @@ def eval_seed(seed: int, eval_index: int) -> int:
 
 @torch.no_grad()
 def evaluate(q: QRNetwork, make_env, episodes: int, epsilon: float, seed: int, device,
-             max_steps: int) -> np.ndarray:
-    """Returns of `episodes` epsilon-greedy episodes on mean-over-quantiles Q, run side by side
-    (one env per episode, env e reset with seed + e, its own epsilon RNG) so that the network
-    sees one batch per step; the result equals running the episodes one after the other."""
+             max_steps: int, gamma: float = 0.99, clip_reward: bool = False) -> dict:
+    """`episodes` epsilon-greedy episodes on mean-over-quantiles Q, run side by side (one env
+    per episode, env e reset with seed + e, its own epsilon RNG) so that the network sees one
+    batch per step; the result equals running the episodes one after the other.
+    Also the lower-bound check (paper Table 4): max_a Q(s_0, a) minus the discounted return
+    (of the training rewards, i.e. clipped for Atari) actually obtained from s_0."""
     envs = [make_env() for _ in range(episodes)]
     rngs = [np.random.default_rng([seed, e]) for e in range(episodes)]
     obs = [np.asarray(env.reset(seed=seed + e)[0]) for e, env in enumerate(envs)]
-    returns, steps = np.zeros(episodes), np.zeros(episodes, np.int64)
+    returns, disc, steps = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes, np.int64)
+    q_s0 = None
     active = list(range(episodes))
     while active:
         x = torch.as_tensor(np.stack([obs[e] for e in active]), device=device)
-        greedy = q(x).mean(dim=2).argmax(dim=1).tolist()
+        q_mean = q(x).mean(dim=2)
+        if q_s0 is None:
+            q_s0 = q_mean.max(dim=1).values.cpu().numpy()
+        greedy = q_mean.argmax(dim=1).tolist()
         still = []
         for e, a in zip(active, greedy, strict=True):
             if rngs[e].random() < epsilon:
@@ -712,13 +718,15 @@ def evaluate(q: QRNetwork, make_env, episodes: int, epsilon: float, seed: int, d
             o, r, term, trunc, _ = envs[e].step(a)
             obs[e] = np.asarray(o)
             returns[e] += float(r)
+            disc[e] += gamma ** steps[e] * (float(np.clip(r, -1, 1)) if clip_reward else float(r))
             steps[e] += 1
             if not (term or trunc or steps[e] >= max_steps):
                 still.append(e)
         active = still
     for env in envs:
         env.close()
-    return returns
+    return {"returns": returns, "q_pred_s0": float(q_s0.mean()),
+            "value_gap": float((q_s0 - disc).mean())}
 
 
 def normalized_score(ret: float, game: str | None, ref: tuple[float, float] | None):
@@ -1016,17 +1024,21 @@ def train(args: Args) -> dict:
                     wandb_run.log({f"train/{k}": v for k, v in last_metrics.items()}, step=step)
             if do_eval:
                 train_time += time.perf_counter() - t0
-                rets = evaluate(agent.q, make_env, args.eval_episodes, args.eval_epsilon,
-                                eval_seed(args.seed, step), device, max_steps)
+                ev = evaluate(agent.q, make_env, args.eval_episodes, args.eval_epsilon,
+                              eval_seed(args.seed, step), device, max_steps, args.gamma,
+                              args.clip_reward)
+                rets = ev["returns"]
                 ret = float(rets.mean())
                 score = normalized_score(ret, game, data.ref_scores)
                 final = {"step": step, "return_mean": ret, "return_std": float(rets.std()),
-                         "normalized_score": score, **{f"train/{k}": v
-                                                       for k, v in last_metrics.items()}}
+                         "normalized_score": score, "q_pred_s0": ev["q_pred_s0"],
+                         "value_gap": ev["value_gap"],
+                         **{f"train/{k}": v for k, v in last_metrics.items()}}
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(final) + "\n")
                 if wandb_run is not None:
-                    wandb_run.log({"eval/return": ret, "eval/normalized_score": score}, step=step)
+                    wandb_run.log({"eval/return": ret, "eval/normalized_score": score,
+                                   "eval/value_gap": ev["value_gap"]}, step=step)
                 tqdm.write(f"step {step}: return {ret:.2f}"
                            + (f", normalized {score:.1f}" if score is not None else ""))
                 checkpoint(step)

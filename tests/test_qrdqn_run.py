@@ -49,7 +49,7 @@ def test_cartpole_run_writes_the_run_directory(tmp_path, local_dataset):
     assert [r["step"] for r in rows] == [150, 300]
     for r in rows:
         for key in ("return_mean", "normalized_score", "train/qr_loss", "train/cql_loss",
-                    "train/cql_gap", "train/alpha"):
+                    "train/cql_gap", "train/alpha", "q_pred_s0", "value_gap"):
             assert r[key] is not None and np.isfinite(r[key]), key
     lo, hi = 9.0, 500.0  # CartPole ref scores are about random ~22 / controller 500
     assert lo < rows[-1]["return_mean"] <= hi
@@ -269,17 +269,33 @@ def test_evaluation_is_seeded_batched_and_uses_epsilon():
     torch.manual_seed(0)
     q = m.QRNetwork((4,), 2, 3, (8,))
     make_env = lambda: gym.make("CartPole-v1")  # noqa: E731
-    a = m.evaluate(q, make_env, 3, 0.0, 123, "cpu", 10**9)
-    b = m.evaluate(q, make_env, 3, 0.0, 123, "cpu", 10**9)
-    np.testing.assert_array_equal(a, b)
+
+    def ev(n, eps, seed, cap=10**9):
+        return m.evaluate(q, make_env, n, eps, seed, "cpu", cap)["returns"]
+
+    a = ev(3, 0.0, 123)
+    np.testing.assert_array_equal(a, ev(3, 0.0, 123))
     # side by side == one after the other (greedy): episode e is env seed 123 + e
-    one_by_one = [m.evaluate(q, make_env, 1, 0.0, 123 + e, "cpu", 10**9)[0] for e in range(3)]
-    np.testing.assert_array_equal(a, one_by_one)
-    assert (m.evaluate(q, make_env, 2, 0.0, 5, "cpu", 7) <= 7).all()  # step cap
+    np.testing.assert_array_equal(a, [ev(1, 0.0, 123 + e)[0] for e in range(3)])
+    assert (ev(2, 0.0, 5, cap=7) <= 7).all()  # step cap
     # epsilon 1: uniformly random actions, whatever the network
-    rand = m.evaluate(q, make_env, 20, 1.0, 0, "cpu", 10**9)
-    assert 12 < rand.mean() < 40
+    assert 12 < ev(20, 1.0, 0).mean() < 40
     assert m.eval_seed(0, 100) == m.eval_seed(0, 100) != m.eval_seed(0, 200) != m.eval_seed(1, 100)
+
+
+def test_value_gap_is_q_s0_minus_discounted_return():
+    import gymnasium as gym
+
+    class Const(torch.nn.Module):  # Q = 7 everywhere, 1 quantile
+        frames = False
+
+        def forward(self, x):
+            return torch.full((len(x), 2, 1), 7.0)
+
+    out = m.evaluate(Const(), lambda: gym.make("CartPole-v1"), 2, 0.0, 0, "cpu", 5, gamma=0.5)
+    # 5 steps of reward 1 (capped): discounted return 1 + .5 + .25 + .125 + .0625
+    assert out["q_pred_s0"] == 7.0
+    assert out["value_gap"] == pytest.approx(7.0 - 1.9375)
 
 
 def test_track_logs_to_wandb(tmp_path, local_dataset, monkeypatch):
