@@ -268,10 +268,8 @@ def load_minari_dataset(dataset_id: str):
     except FileNotFoundError:
         pass
     if dataset_id.startswith("local/"):
-        parts = dataset_id.split("/")
-        name = parts[1] + "-" + parts[2].rsplit("-v", 1)[0] if len(parts) == 3 else dataset_id
         fail(f"dataset {dataset_id} not found; build it with: python benchmark/datasets.py "
-             f"{name}")
+             f"{dataset_id}")
     try:
         return minari.load_dataset(dataset_id, download=True)
     except Exception as exc:  # network errors come in many types

@@ -1,0 +1,214 @@
+"""Cal-QL data: MC returns by hand, binary relabelling, mixed batches, online trajectories."""
+
+from types import SimpleNamespace
+
+import gymnasium as gym
+import minari
+import numpy as np
+import pytest
+import torch
+
+import calql_finetune as calql
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The CPU is shared: one intra-op thread avoids oversubscription (restored after)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def args_for(env: str = "pen-binary", **overrides) -> calql.Args:
+    return calql.resolve_args(calql.Args(env=env, run_dir="unused", **overrides))
+
+
+# ---------------------------------------------------------------- Monte-Carlo returns
+
+
+def test_mc_returns_dense_truncated_trajectory():
+    # Time-limit truncation is not terminal: no done flag, the MC tail after T is 0.
+    got = calql.mc_returns(np.array([1.0, 2.0, 3.0]), np.zeros(3), gamma=0.5, sparse=False,
+                           reward_neg=-5.0)
+    np.testing.assert_allclose(got, [1 + 0.5 * 2 + 0.25 * 3, 2 + 0.5 * 3, 3.0])
+
+
+def test_mc_returns_stop_at_terminals():
+    # A terminal (done=1) at t=1: G_1 = r_1 only, and G_0 bootstraps from G_1, not beyond.
+    got = calql.mc_returns(np.array([1.0, 2.0, 3.0, 4.0]), np.array([0, 1, 0, 0]), gamma=0.5,
+                           sparse=False, reward_neg=-5.0)
+    np.testing.assert_allclose(got, [1 + 0.5 * 2, 2.0, 3 + 0.5 * 4, 4.0])
+
+
+def test_mc_returns_sparse_success_and_all_failure_rule():
+    gamma = 0.9
+    success = calql.mc_returns(np.array([-5.0, -5.0, 5.0]), np.array([0, 0, 1]), gamma,
+                               sparse=True, reward_neg=-5.0)
+    np.testing.assert_allclose(success, [-5 + 0.9 * (-5 + 0.9 * 5), -5 + 0.9 * 5, 5.0],
+                               rtol=1e-6)
+    # Every reward is the failure reward: r_neg / (1 - gamma) at EVERY step (not the
+    # finite discounted sum), the value of never succeeding.
+    failed = calql.mc_returns(np.full(4, -5.0), np.zeros(4), gamma, sparse=True,
+                              reward_neg=-5.0)
+    np.testing.assert_allclose(failed, np.full(4, -50.0), rtol=1e-6)
+    # The rule is for sparse tasks only: a dense task sums what it saw.
+    dense = calql.mc_returns(np.full(2, -5.0), np.zeros(2), gamma, sparse=False,
+                             reward_neg=-5.0)
+    np.testing.assert_allclose(dense, [-5 - 4.5, -5.0])
+    assert calql.mc_returns(np.zeros(0), np.zeros(0), gamma, True, -5.0).shape == (0,)
+
+
+def test_binary_relabel_drops_failures_and_cuts_after_last_success():
+    success = np.array([0, 1, 1, 0, 1, 0, 0], bool)
+    rewards, terms, truncs = calql.binary_relabel(np.arange(7.0), np.zeros(7), np.zeros(7),
+                                                  success)
+    np.testing.assert_array_equal(rewards, [-1, 0, 0, -1, 0])  # success - 1, cut after t=4
+    np.testing.assert_array_equal(terms, [0, 1, 1, 0, 1])  # every success step is terminal
+    assert not truncs.any()
+    assert calql.binary_relabel(np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3, bool)) is None
+
+
+def test_success_info_accepts_minari_reset_entry():
+    steps = 3
+    with_reset = calql.step_success({"success": np.array([False, False, True, False])}, steps)
+    np.testing.assert_array_equal(with_reset, [False, True, False])
+    np.testing.assert_array_equal(calql.step_success({"success": [1, 0, 0]}, steps),
+                                  [True, False, False])
+    assert calql.step_success({}, steps) is None and calql.step_success(None, steps) is None
+    with pytest.raises(SystemExit, match="5 entries for 3 steps"):
+        calql.step_success({"success": np.zeros(5)}, steps)
+
+
+def test_pen_binary_relabelling_on_the_local_pen_dataset(local_dataset):
+    ds_id = local_dataset("pen-cloned-local")
+    episodes = list(minari.load_dataset(ds_id).iterate_episodes())
+    args = args_for("pen-binary", dataset_id=ds_id)
+    data, tf, _, info = calql.load_data(args)
+    kept = [ep for ep in episodes if ep.infos["success"][1:].any()]
+    assert 0 < len(kept) < len(episodes)  # some failures to drop, some successes to keep
+    assert info["episodes_in_dataset"] == 40 and info["episodes_kept"] == len(kept)
+    lengths = [int(np.flatnonzero(ep.infos["success"][1:])[-1]) + 1 for ep in kept]
+    assert any(n < 100 for n in lengths)  # trajectories really are cut
+    assert info["transitions"] == len(data["obs"]) == sum(lengths)
+    assert set(np.unique(data["rewards"])) == {-5.0, 5.0}  # (success - 1) * 10 + 5
+    start = 0
+    for ep, n in zip(kept, lengths, strict=True):
+        flags = ep.infos["success"][1:n + 1].astype(np.float32)
+        sl = slice(start, start + n)
+        np.testing.assert_array_equal(data["rewards"][sl], (flags - 1) * 10 + 5)
+        np.testing.assert_array_equal(data["dones"][sl], flags)
+        np.testing.assert_array_equal(data["obs"][sl], ep.observations[:n].astype(np.float32))
+        np.testing.assert_array_equal(data["next_obs"][sl],
+                                      ep.observations[1:n + 1].astype(np.float32))
+        np.testing.assert_array_equal(data["actions"][sl], ep.actions[:n])
+        assert data["rewards"][start + n - 1] == 5.0 and data["dones"][start + n - 1] == 1.0
+        # MC returns per trajectory on the scaled rewards, restarting at each success.
+        want = np.zeros(n)
+        following = 0.0
+        for t in reversed(range(n)):
+            following = data["rewards"][start + t] + 0.99 * following * (1 - flags[t])
+            want[t] = following
+        np.testing.assert_allclose(data["mc_returns"][sl], want, rtol=1e-5, atol=1e-4)
+        start += n
+    assert tf.reward_scale == 10.0 and tf.reward_bias == 5.0
+
+
+# ---------------------------------------------------------------- presets
+
+
+def test_presets_match_the_reference():
+    pen = args_for("pen-binary")
+    assert pen.dataset_id == "D4RL/pen/cloned-v2" and pen.horizon == 100
+    assert pen.cql_weight == 1.0 and not pen.lagrange and pen.max_backup
+    assert pen.actor_hidden_dims == (512, 512) and pen.critic_hidden_dims == (512, 512, 512)
+    assert pen.offline_steps == 20_000 and pen.online_steps == 200_000
+    assert pen.batch_size == 256 and pen.mixing_ratio == 0.5 and pen.utd == 1
+    assert pen.policy_lr == 1e-4 and pen.qf_lr == 3e-4 and pen.enable_calql
+    assert pen.eval_every == 2_000 and pen.eval_episodes == 20
+    assert (pen.reward_scale, pen.reward_bias, pen.reward_neg) == (10.0, 5.0, -1.0)
+    assert pen.cql_alpha_online == 1.0 and pen.cql_n_actions == 10
+    for task, horizon in (("door", 200), ("relocate", 200)):
+        a = args_for(f"{task}-binary")
+        assert a.horizon == horizon and a.online_steps == 1_000_000
+        assert a.dataset_id == f"D4RL/{task}/cloned-v2"
+    ant = args_for("antmaze-medium-play")
+    assert ant.dataset_id == "D4RL/antmaze/medium-play-v1"
+    assert ant.lagrange and ant.cql_tau == 0.8 and ant.cql_weight == 5.0
+    assert ant.critic_hidden_dims == (256,) * 4 and ant.actor_hidden_dims == (256, 256)
+    assert (ant.reward_scale, ant.reward_bias, ant.reward_neg) == (10.0, -5.0, 0.0)
+    assert args_for("pen-binary", cql_alpha_online=0.3).cql_alpha_online == 0.3
+
+
+# ---------------------------------------------------------------- buffers
+
+
+def test_mixed_batches_have_the_requested_ratio():
+    n = 500
+    offline = calql.ReplayBuffer({k: np.zeros((n, 2) if k in ("obs", "next_obs", "actions")
+                                              else n, np.float32) for k in calql.KEYS},
+                                 torch.device("cpu"), seed=0)
+    online = calql.OnlineBuffer(100, 2, 2, torch.device("cpu"), seed=0)
+    traj = {k: np.ones((40, 2) if k in ("obs", "next_obs", "actions") else 40, np.float32)
+            for k in calql.KEYS}
+    assert calql.mixed_batch(offline, online, 64, 0.5)["obs"].sum() == 0  # online empty
+    online.add_trajectory(traj)
+    assert online.size == 40
+    for ratio, n_off in ((0.5, 32), (0.25, 16), (0.0, 0), (1.0, 64), (0.3, 19)):
+        batch = calql.mixed_batch(offline, online, 64, ratio)
+        assert batch["obs"].shape == (64, 2)
+        from_offline = int((batch["rewards"] == 0).sum())
+        assert from_offline == n_off, ratio
+    assert calql.mixed_batch(offline, None, 64, 0.0)["rewards"].sum() == 0  # pre-training
+
+
+class GoalEnv(gym.Env):
+    """1-D toy: the action moves x; success (info) once x >= 1; dense reward -1 per step."""
+
+    observation_space = gym.spaces.Box(-10, 10, (1,), np.float32)
+    action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.x = 0.0
+        return np.array([self.x], np.float32), {}
+
+    def step(self, action):
+        self.x += 0.4 * float(action[0])
+        return np.array([self.x], np.float32), -1.0, False, False, {"success": self.x >= 1.0}
+
+
+class PushRight(torch.nn.Module):
+    """A stand-in actor: always +1 (or -1), log-density 0."""
+
+    def __init__(self, sign: float):
+        super().__init__()
+        self.sign = sign
+
+    def forward(self, obs):
+        return torch.full((obs.shape[0], 1), self.sign), torch.zeros(obs.shape[0])
+
+
+def test_online_trajectory_ends_at_success_and_gets_its_mc_returns():
+    args = args_for("pen-binary", gamma=0.9)
+    tf = calql.Transform(np.zeros(1, np.float32), np.ones(1, np.float32), np.ones(1, np.float32),
+                         np.zeros(1, np.float32), 10.0, 5.0)
+    env = gym.wrappers.TimeLimit(GoalEnv(), max_episode_steps=6)
+    agent = SimpleNamespace(actor=PushRight(1.0))
+    traj, success = calql.collect_trajectory(agent, env, tf, args, torch.device("cpu"), seed=0)
+    assert success and len(traj["rewards"]) == 3  # x = 0.4, 0.8, 1.2: ends AT success
+    np.testing.assert_array_equal(traj["rewards"], [-5, -5, 5])
+    np.testing.assert_array_equal(traj["dones"], [0, 0, 1])
+    np.testing.assert_allclose(traj["mc_returns"], [-5 + 0.9 * (-5 + 4.5), -5 + 4.5, 5.0],
+                               rtol=1e-6)
+    np.testing.assert_allclose(traj["next_obs"][:, 0], [0.4, 0.8, 1.2], rtol=1e-6)
+    agent = SimpleNamespace(actor=PushRight(-1.0))  # never succeeds: time limit, all-failure
+    traj, success = calql.collect_trajectory(agent, env, tf, args, torch.device("cpu"), seed=1)
+    assert not success and len(traj["rewards"]) == 6 and not traj["dones"].any()
+    np.testing.assert_allclose(traj["mc_returns"], np.full(6, -5 / 0.1), rtol=1e-6)
+    online = calql.OnlineBuffer(10, 1, 1, torch.device("cpu"), seed=0)
+    online.add_trajectory(traj)
+    np.testing.assert_allclose(online.data["mc_returns"][:6].numpy(), traj["mc_returns"])
+    assert online.data["mc_returns"][6:].abs().sum() == 0
+    with pytest.raises(SystemExit, match="online buffer full"):
+        online.add_trajectory(traj)
