@@ -1237,8 +1237,6 @@ def main(args: Args | None = None) -> dict[str, Any]:
         with open(run_dir / "metrics.jsonl", "w") as fh:
             fh.writelines(json.dumps(row) + "\n" for row in loop.history)
         loop.last_good = loop.history[-1]["step"] if loop.history else None
-        if loop.progress.next_eval <= loop.progress.env_steps:  # extended finished run
-            loop.progress.next_eval = loop.progress.env_steps + args.eval_every
     else:
         (run_dir / "metrics.jsonl").write_text("")
         (run_dir / "config.json").write_text(json.dumps(
