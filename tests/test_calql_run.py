@@ -207,31 +207,48 @@ def write_dataset(root: Path, dataset_id: str, env_id: str, success: bool | None
 
 
 BAD_INPUTS = {
-    "no-success-info": (["--env", "pen-binary", "--dataset-id", "test/pendulum/dense-v0"],
+    "no-success-info": (dict(env="pen-binary", dataset_id="test/pendulum/dense-v0"),
                         "has no per-step 'success' info; the binary task --env pen-binary"),
-    "all-failures": (["--env", "pen-binary", "--dataset-id", "test/pendulum/fail-v0"],
+    "all-failures": (dict(env="pen-binary", dataset_id="test/pendulum/fail-v0"),
                      "none of its 2 trajectories reaches success"),
-    "dense-as-binary": (["--env", "hopper-binary"], "hopper is a dense-reward task"),
-    "mixing-ratio": (["--mixing-ratio", "1.5"], "--mixing-ratio 1.5 is outside [0, 1]"),
-    "negative-mixing": (["--mixing-ratio=-0.1"], "outside [0, 1]"),
-    "unknown-env": (["--env", "pen-human"], "unknown --env 'pen-human'"),
-    "missing-local": (["--env", "pointmaze-binary"],
+    "dense-as-binary": (dict(env="hopper-binary"), "hopper is a dense-reward task"),
+    "mixing-ratio": (dict(mixing_ratio=1.5), "--mixing-ratio 1.5 is outside [0, 1]"),
+    "negative-mixing": (dict(mixing_ratio=-0.1), "outside [0, 1]"),
+    "unknown-env": (dict(env="pen-human"), "unknown --env 'pen-human'"),
+    "missing-local": (dict(env="pointmaze-binary"),
                       "build it with: python benchmark/datasets.py local/pointmaze/sparse-v0"),
-    "no-network": (["--env", "pen-binary"], "could not be downloaded"),
+    "no-network": (dict(env="pen-binary"), "could not be downloaded"),
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_inputs_give_one_line_errors(tmp_path, case):
+@pytest.fixture
+def bad_root(tmp_path, monkeypatch):
+    """A datasets root with two hand-made datasets and nothing else; no network."""
     write_dataset(tmp_path, "test/pendulum/dense-v0", "Pendulum-v1", success=None)
     write_dataset(tmp_path, "test/pendulum/fail-v0", "Pendulum-v1", success=False)
-    argv, message = BAD_INPUTS[case]
-    env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path), "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1"}
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_give_one_line_errors(bad_root, case):
+    overrides, message = BAD_INPUTS[case]
+    with pytest.raises(SystemExit) as exc:
+        calql.main(tiny_args(bad_root / "run", **overrides))
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--env", "pen-binary", "--dataset-id", "test/pendulum/dense-v0"], "no per-step 'success'"),
+    (["--env", "pointmaze-binary", "--mixing-ratio", "1.5"], "outside [0, 1]"),
+])
+def test_bad_inputs_on_the_command_line_exit_non_zero(bad_root, argv, message):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, SCRIPT, *argv, *TINY, "--run-dir",
-                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120,
+                           str(bad_root / "run")], capture_output=True, text=True, timeout=120,
                           env=env)
-    assert proc.returncode != 0
+    assert proc.returncode == 1
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert message in proc.stderr.strip().splitlines()[-1], proc.stderr[-3000:]
 
