@@ -19,3 +19,14 @@ def local_dataset():
     from benchmark import datasets
 
     return datasets.ensure
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Scripts' main() may set torch's thread count (a preset's `threads`); tests run in one
+    process, so put it back after each test."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
