@@ -980,7 +980,9 @@ class Progress:
     gradient steps, never inside a trajectory: the environment's state is not
     checkpointable, so a stop signal during collection is honoured once the trajectory has
     ended and been stored. Each online episode k resets with its own seed, so a resumed run
-    continues bit-identically on CPU."""
+    continues bit-identically on CPU. After a hard kill (no signal handler runs), the run
+    resumes from the last evaluation's checkpoint and re-collects the trajectories since
+    then (an episode in progress at the kill is restarted from its reset)."""
 
     step: int = 0  # gradient steps, offline + online
     phase: str = "offline"  # offline | online
