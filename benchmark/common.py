@@ -1,0 +1,114 @@
+"""Helpers shared by the benchmark runner, the report and the speed measurement.
+
+The runner's contract with the three scripts is the run directory: ``config.json``,
+``metrics.jsonl`` (one row per evaluation), ``checkpoint.pt`` and, once finished,
+``summary.json``. The runner adds ``job.json`` (suite, script, task, variant, seed, metric)
+and ``log.txt`` (the script's output, one block per attempt).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+REPO = Path(__file__).resolve().parents[1]
+JOB_FILE = "job.json"
+LOG_FILE = "log.txt"
+SUITE_FILE = "suite.json"
+
+Status = Literal["done", "resume", "new"]
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content."""
+    return json.loads(Path(path).read_text())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename), creating the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file; a missing file or a torn last line gives fewer rows."""
+    rows = []
+    if not Path(path).exists():
+        return rows
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+def run_status(run_dir: Path) -> Status:
+    """done: summary.json exists; resume: a checkpoint without summary; new: otherwise."""
+    run_dir = Path(run_dir)
+    if (run_dir / "summary.json").exists():
+        return "done"
+    if (run_dir / "checkpoint.pt").exists():
+        return "resume"
+    return "new"
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The last `lines` lines of a text file ('' when it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def cpu_model() -> str:
+    """CPU model name from lscpu (Linux), else platform.processor()."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """Machine, software and date, for the header of every results file."""
+    import torch
+
+    info: dict[str, Any] = dict(
+        date=time.strftime("%Y-%m-%d %H:%M %Z"), host=platform.node(), cpu=cpu_model(),
+        cores=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
+        torch_threads=torch.get_num_threads(),
+    )
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def machine_lines(info: dict[str, Any]) -> list[str]:
+    """Markdown bullet lines describing a machine_info() dict."""
+    gpu = f", GPU {info['gpu']}" if info.get("gpu") else ", no GPU"
+    return [f"- Machine: {info['cpu']}, {info['cores']} cores{gpu}",
+            f"- Software: Python {info['python']}, torch {info['torch']}",
+            f"- Date: {info['date']}"]
+
+
+def command_line() -> str:
+    """The current process's command line, as it would be typed from the repository root."""
+    argv = list(sys.argv)
+    if argv:
+        with contextlib.suppress(ValueError):
+            argv[0] = str(Path(argv[0]).resolve().relative_to(REPO))
+    return "python " + " ".join(argv)

@@ -1,0 +1,186 @@
+"""Benchmark suites as data: which script runs which task, with which arguments.
+
+A suite is a list of entries (script, `--env` task, variant label, extra arguments, the
+datasets it needs, the metric to report, the reference-number key); a job is an entry
+with a seed and a run directory. `tests/test_benchmark_suites.py` parses every job's
+arguments with the script's own tyro `Args` (and its preset resolution), so a suite can
+not name a flag or a task the scripts do not have.
+
+Suites:
+    smoke          all three scripts on local data, tiny (the README's offline command)
+    local          local datasets at a size that shows learning on a CPU (committed results)
+    d4rl-gym       CQL-SAC, Minari MuJoCo medium/expert/simple (paper Table 1 tasks)
+    antmaze        CQL-SAC offline (paper Table 1) and Cal-QL / CQL fine-tuning on AntMaze
+    adroit-binary  Cal-QL vs CQL fine-tuning on pen/door/relocate binary (Cal-QL paper)
+    atari-1pct     CQL vs QR-DQN on 1% of the DQN Replay data, 5 games (CQL paper Table 3)
+    atari-10pct    the same with 10% of the data
+The paper suites use the scripts' paper presets unchanged and need a GPU and the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CQL_SAC = "cql_sac_continuous.py"
+CQL_QRDQN = "cql_qrdqn_atari.py"
+CALQL = "calql_finetune.py"
+SCRIPTS = (CQL_SAC, CQL_QRDQN, CALQL)
+ALGORITHM = {CQL_SAC: "CQL-SAC", CQL_QRDQN: "CQL-QR-DQN", CALQL: "Cal-QL fine-tuning"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One (script, task, variant) of a suite; it runs once per seed."""
+
+    script: str
+    env: str
+    variant: str = "cql"
+    """Label of the algorithm variant (cql, sac, qrdqn, calql)."""
+    args: tuple[str, ...] = ()
+    """Extra command-line arguments; `{data_root}` is replaced by the runner's --data-root."""
+    datasets: tuple[str, ...] = ()
+    """Datasets to provide before the run: local names (built) or Minari ids (downloaded)."""
+    metric: str = "normalized_score"
+    """Key of the metrics.jsonl rows that the report aggregates."""
+    reference: str | None = None
+    """Key into report.REFERENCES (paper numbers for this task and variant)."""
+
+    @property
+    def name(self) -> str:
+        """Folder name of the entry: <variant>__<env>."""
+        return f"{self.variant}__{self.env}"
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A named list of entries with a default number of seeds."""
+
+    name: str
+    description: str
+    entries: tuple[Entry, ...]
+    seeds: int = 3
+    needs: str = "CPU"
+
+
+@dataclass(frozen=True)
+class Job:
+    """An entry with a seed and its own run directory."""
+
+    suite: str
+    entry: Entry
+    seed: int
+    run_dir: Path
+    data_root: str = "dqn-replay"
+    common_args: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def label(self) -> str:
+        return f"{self.suite}/{self.entry.name}/s{self.seed}"
+
+    def argv(self, resume: bool = False) -> list[str]:
+        """The script's arguments (without the interpreter and script path)."""
+        extra = [a.replace("{data_root}", self.data_root) for a in self.entry.args]
+        argv = ["--env", self.entry.env, "--seed", str(self.seed), "--run-dir",
+                str(self.run_dir), "--no-progress", *self.common_args, *extra]
+        return argv + (["--resume", str(self.run_dir)] if resume else [])
+
+    def to_dict(self) -> dict[str, Any]:
+        """What job.json stores: everything the report needs to place the run."""
+        return dict(suite=self.suite, script=self.entry.script, env=self.entry.env,
+                    variant=self.entry.variant, seed=self.seed, metric=self.entry.metric,
+                    reference=self.entry.reference, args=list(self.entry.args),
+                    argv=self.argv(), datasets=list(self.entry.datasets))
+
+
+# ---------------------------------------------------------------------------------- data
+_SMOKE_EVAL = ("--eval-episodes", "2", "--hidden-dims", "32", "32", "--batch-size", "64")
+# CQL-SAC on local Pendulum: learns the expert data in ~3k steps with these settings.
+_PENDULUM = ("--hidden-dims", "64", "64", "--policy-lr", "1e-3", "--qf-lr", "1e-3",
+             "--reward-mode", "scale_bias", "--reward-scale", "0.1")
+# Cal-QL on the local PointMaze corridor: the settings of tests/test_calql_learning.py.
+_POINTMAZE = ("--hidden-dims", "64", "64", "--batch-size", "64", "--qf-lr", "1e-3",
+              "--policy-lr", "1e-3", "--soft-target-update", "0.05", "--cql-weight", "5")
+_NO_CALQL = ("--no-enable-calql",)
+
+SMOKE = Suite("smoke", "all three scripts on local data, a few hundred steps each", (
+    Entry(CQL_SAC, "pendulum-expert", "cql", ("--total-steps", "200", "--eval-every", "100",
+                                              *_SMOKE_EVAL), ("pendulum-expert",)),
+    Entry(CQL_QRDQN, "cartpole-expert", "cql", ("--total-steps", "300", "--eval-every", "150",
+                                                *_SMOKE_EVAL), ("cartpole-expert",)),
+    Entry(CALQL, "pointmaze-binary", "calql", ("--offline-steps", "100",
+                                               "--offline-eval-every", "100",
+                                               "--online-steps", "200", "--eval-every", "100",
+                                               *_SMOKE_EVAL), ("pointmaze-sparse",), "score"),
+), seeds=1)
+
+_LOCAL_SAC = ("--total-steps", "3000", "--eval-every", "500", "--eval-episodes", "10",
+              *_PENDULUM)
+_LOCAL_QR = ("--total-steps", "4000", "--eval-every", "500", "--eval-episodes", "10")
+_LOCAL_CALQL = ("--offline-steps", "800", "--offline-eval-every", "400", "--online-steps",
+                "1500", "--eval-every", "500", "--eval-episodes", "10", *_POINTMAZE)
+LOCAL = Suite("local", "local datasets, CPU-sized: conservative vs naive, Cal-QL vs CQL", (
+    Entry(CQL_SAC, "pendulum-expert", "cql", _LOCAL_SAC, ("pendulum-expert",)),
+    Entry(CQL_SAC, "pendulum-expert", "sac", (*_LOCAL_SAC, "--cql-weight", "0"),
+          ("pendulum-expert",)),
+    Entry(CQL_QRDQN, "cartpole-expert", "cql", _LOCAL_QR, ("cartpole-expert",)),
+    Entry(CQL_QRDQN, "cartpole-expert", "qrdqn", (*_LOCAL_QR, "--cql-alpha", "0"),
+          ("cartpole-expert",)),
+    Entry(CALQL, "pointmaze-binary", "calql", _LOCAL_CALQL, ("pointmaze-sparse",), "score"),
+    Entry(CALQL, "pointmaze-binary", "cql", (*_LOCAL_CALQL, *_NO_CALQL), ("pointmaze-sparse",),
+          "score"),
+), seeds=3)
+
+# Paper suites: the scripts' presets are the papers' settings; no overrides.
+D4RL_GYM = Suite("d4rl-gym", "CQL-SAC on Minari MuJoCo (D4RL-style locomotion), 1M steps", tuple(
+    Entry(CQL_SAC, f"{robot}-{level}", "cql", (), (f"mujoco/{robot}/{level}-v0",),
+          reference=f"cql-sac/{robot}-{level}")
+    for robot in ("halfcheetah", "hopper", "walker2d") for level in ("simple", "medium", "expert")
+), seeds=4, needs="GPU, Minari mujoco datasets")
+
+MAZES = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play",
+         "large-diverse")
+ANTMAZE = Suite("antmaze", "AntMaze: CQL-SAC offline 1M steps; Cal-QL and CQL 1M + 1M online", (
+    *(Entry(CQL_SAC, f"antmaze-{m}", "cql", (), (f"D4RL/antmaze/{m}-v1",),
+            reference=f"cql-sac/antmaze-{m}") for m in MAZES),
+    *(Entry(CALQL, f"antmaze-{m}", variant, extra, (f"D4RL/antmaze/{m}-v1",), "score")
+      for m in MAZES for variant, extra in (("calql", ()), ("cql", _NO_CALQL))),
+), seeds=4, needs="GPU, Minari D4RL/antmaze datasets")
+
+ADROIT_BINARY = Suite("adroit-binary", "Cal-QL vs CQL fine-tuning on Adroit binary", tuple(
+    Entry(CALQL, f"{task}-binary", variant, extra, (f"D4RL/{task}/cloned-v2",), "score")
+    for task in ("pen", "door", "relocate") for variant, extra in (("calql", ()),
+                                                                   ("cql", _NO_CALQL))
+), seeds=4, needs="GPU, Minari D4RL/{pen,door,relocate}/cloned-v2")
+
+ATARI_GAMES = {"pong": "Pong", "breakout": "Breakout", "qbert": "Qbert", "seaquest": "Seaquest",
+               "asterix": "Asterix"}  # --env name -> DQN Replay folder
+
+
+def _atari(name: str, fraction: str, pct: str) -> Suite:
+    """CQL vs QR-DQN on a share of the DQN Replay data (run 1 of each game)."""
+    return Suite(name, f"CQL(H) vs QR-DQN on {pct} of the DQN Replay data, 12.5M steps", tuple(
+        Entry(CQL_QRDQN, game, variant,
+              ("--dqn-replay-dir", f"{{data_root}}/{folder}/1/replay_logs", "--data-fraction",
+               fraction, *extra), (), "return_mean", f"{variant}-{pct}/{game}")
+        for game, folder in ATARI_GAMES.items()
+        for variant, extra in (("cql", ()), ("qrdqn", ("--cql-alpha", "0")))
+    ), seeds=3, needs="GPU, DQN Replay data under --data-root (gs://atari-replay-datasets/dqn)")
+
+
+SUITES: dict[str, Suite] = {s.name: s for s in (
+    SMOKE, LOCAL, D4RL_GYM, ANTMAZE, ADROIT_BINARY, _atari("atari-1pct", "0.01", "1pct"),
+    _atari("atari-10pct", "0.1", "10pct"))}
+
+
+def suite_jobs(name: str, out: Path, seeds: int | None = None, data_root: str = "dqn-replay",
+               common_args: tuple[str, ...] = ()) -> list[Job]:
+    """Every (entry, seed) of a suite as a job with run dir <out>/<suite>/<entry>/s<seed>."""
+    if name not in SUITES:
+        raise KeyError(f"unknown suite {name!r}; choose one of {', '.join(SUITES)}")
+    suite = SUITES[name]
+    n = suite.seeds if seeds is None else seeds
+    return [Job(name, e, seed, Path(out) / name / e.name / f"s{seed}", data_root,
+                tuple(common_args))
+            for e in suite.entries for seed in range(n)]
