@@ -323,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_report:
         from benchmark import report
 
-        path = report.write_report(out, out / args.suite, suites=[args.suite])
-        print(f"report: {path}")
+        for path in report.write_report(out, out / args.suite, suites=[args.suite]):
+            print(f"report: {path}")
     return 1 if failed else 0
 
 
