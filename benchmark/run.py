@@ -4,7 +4,7 @@
     python benchmark/run.py --suite local --jobs 2         # the committed CPU results
     python benchmark/run.py --suite d4rl-gym --launcher slurm --partition gpu --gpus 1
 
-Run directories are <out>/<suite>/<variant>__<env>/s<seed>. A run with summary.json is
+Run directories are <out>/<suite>/<script>__<variant>__<env>/s<seed>. A run with summary.json is
 skipped, one with checkpoint.pt but no summary.json is resumed (`--resume RUN_DIR` with the
 same arguments), anything else starts fresh. Each run's output goes to its log.txt; a
 failed run is reported with the tail of that log and does not stop the others. At the end

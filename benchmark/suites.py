@@ -49,8 +49,8 @@ class Entry:
 
     @property
     def name(self) -> str:
-        """Folder name of the entry: <variant>__<env>."""
-        return f"{self.variant}__{self.env}"
+        """Folder name of the entry: <script stem>__<variant>__<env>."""
+        return f"{Path(self.script).stem}__{self.variant}__{self.env}"
 
 
 @dataclass(frozen=True)
@@ -135,15 +135,16 @@ LOCAL = Suite("local", "local datasets, CPU-sized: conservative vs naive, Cal-QL
 # Paper suites: the scripts' presets are the papers' settings; no overrides.
 D4RL_GYM = Suite("d4rl-gym", "CQL-SAC on Minari MuJoCo (D4RL-style locomotion), 1M steps", tuple(
     Entry(CQL_SAC, f"{robot}-{level}", "cql", (), (f"mujoco/{robot}/{level}-v0",),
-          reference=f"cql-sac/{robot}-{level}")
+          reference=None if level == "simple" else f"cql-sac/{robot}-{level}")
     for robot in ("halfcheetah", "hopper", "walker2d") for level in ("simple", "medium", "expert")
 ), seeds=4, needs="GPU, Minari mujoco datasets")
 
 MAZES = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play",
          "large-diverse")
+PAPER_MAZES = ("umaze", "medium-play", "large-play")  # the ones REFERENCE.md quotes
 ANTMAZE = Suite("antmaze", "AntMaze: CQL-SAC offline 1M steps; Cal-QL and CQL 1M + 1M online", (
     *(Entry(CQL_SAC, f"antmaze-{m}", "cql", (), (f"D4RL/antmaze/{m}-v1",),
-            reference=f"cql-sac/antmaze-{m}") for m in MAZES),
+            reference=f"cql-sac/antmaze-{m}" if m in PAPER_MAZES else None) for m in MAZES),
     *(Entry(CALQL, f"antmaze-{m}", variant, extra, (f"D4RL/antmaze/{m}-v1",), "score")
       for m in MAZES for variant, extra in (("calql", ()), ("cql", _NO_CALQL))),
 ), seeds=4, needs="GPU, Minari D4RL/antmaze datasets")

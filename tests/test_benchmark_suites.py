@@ -1,0 +1,86 @@
+"""Every suite resolves to valid arguments of its scripts (parsed by the scripts' own tyro
+Args and preset resolution, without running anything)."""
+
+import importlib
+from pathlib import Path
+
+import pytest
+import tyro
+
+from benchmark import datasets
+from benchmark.report import REFERENCES
+from benchmark.suites import CALQL, CQL_QRDQN, CQL_SAC, SCRIPTS, SUITES, suite_jobs
+
+MODULES = {script: importlib.import_module(script.removesuffix(".py")) for script in SCRIPTS}
+ALL_JOBS = [job for name in SUITES for job in suite_jobs(name, Path("/runs"), seeds=2)]
+
+
+def parse(job, resume: bool = False):
+    """The job's arguments through the script's tyro CLI and its resolve_args."""
+    module = MODULES[job.entry.script]
+    args = tyro.cli(module.Args, args=job.argv(resume=resume))
+    return module.resolve_args(args)
+
+
+@pytest.mark.parametrize("job", ALL_JOBS[::2], ids=lambda j: j.label)
+def test_every_job_parses_with_the_scripts_args(job):
+    args = parse(job)
+    assert args.env == job.entry.env and args.seed == job.seed
+    assert Path(args.run_dir) == job.run_dir and args.progress is False
+    resumed = parse(job, resume=True)
+    assert resumed.resume == str(job.run_dir)
+
+
+def test_a_bad_flag_in_a_suite_would_be_caught():
+    job = suite_jobs("smoke", Path("/runs"))[0]
+    bad = type(job)(job.suite, type(job.entry)(job.entry.script, job.entry.env,
+                                                args=("--no-such-flag", "1")), 0, job.run_dir)
+    with pytest.raises(SystemExit):
+        parse(bad)
+
+
+def test_suite_structure():
+    for name, suite in SUITES.items():
+        jobs = suite_jobs(name, Path("/runs"))
+        assert len(jobs) == len(suite.entries) * suite.seeds
+        assert len({j.run_dir for j in jobs}) == len(jobs), f"{name}: run dirs collide"
+        assert {j.entry.script for j in jobs} <= set(SCRIPTS)
+    # smoke and local exercise all three scripts on local data only
+    for name in ("smoke", "local"):
+        entries = SUITES[name].entries
+        assert {e.script for e in entries} == set(SCRIPTS)
+        assert all(d in datasets.LOCAL_DATASETS for e in entries for d in e.datasets)
+    assert {e.variant for e in SUITES["local"].entries} == {"cql", "sac", "qrdqn", "calql"}
+
+
+def test_paper_suites_use_the_scripts_datasets_and_known_references():
+    for name in ("d4rl-gym", "antmaze", "adroit-binary"):
+        for entry in SUITES[name].entries:
+            preset_id = MODULES[entry.script].ENV_PRESETS[entry.env][0]
+            assert entry.datasets == (preset_id,), entry
+            assert entry.args in ((), ("--no-enable-calql",)), "paper suites: presets only"
+    for name in SUITES:
+        for entry in SUITES[name].entries:
+            assert entry.reference is None or entry.reference in REFERENCES, entry.reference
+    refs = {e.reference for e in SUITES["atari-1pct"].entries}
+    assert len(refs) == 10 and REFERENCES["cql-1pct/pong"]["paper"] == 19.3
+    assert REFERENCES["qrdqn-10pct/breakout"]["paper"] == 151.2
+    assert REFERENCES["cql-sac/hopper-medium"] == {"paper": 58.0, "reimpl": 59.1}
+
+
+def test_atari_suites_pass_the_paper_data_fraction():
+    for name, fraction, alpha in (("atari-1pct", 0.01, 4.0), ("atari-10pct", 0.1, 1.0)):
+        jobs = suite_jobs(name, Path("/runs"), seeds=1, data_root="/data")
+        for job in jobs:
+            args = parse(job)
+            assert args.data_fraction == fraction and args.dqn_replay_dir.startswith("/data/")
+            assert args.cql_alpha == (alpha if job.entry.variant == "cql" else 0.0)
+            assert args.num_quantiles == 200 and args.batch_size == 32
+
+
+def test_variants_change_what_they_claim():
+    local = {(j.entry.script, j.entry.variant): parse(j)
+             for j in suite_jobs("local", Path("/runs"), seeds=1)}
+    assert local[(CQL_SAC, "sac")].cql_weight == 0 and local[(CQL_SAC, "cql")].cql_weight > 0
+    assert local[(CQL_QRDQN, "qrdqn")].cql_alpha == 0
+    assert local[(CALQL, "calql")].enable_calql and not local[(CALQL, "cql")].enable_calql
