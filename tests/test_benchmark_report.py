@@ -1,0 +1,134 @@
+"""Aggregation against hand-computed values; the report from a synthetic run root."""
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmark import report
+from benchmark.common import JOB_FILE, write_json
+from benchmark.suites import CALQL, CQL_SAC
+
+
+def test_mean_std_iqm_by_hand():
+    agg = report.aggregate([1.0, 2.0, 3.0, 10.0], reps=500)
+    assert agg.n == 4 and agg.mean == pytest.approx(4.0)
+    assert agg.std == pytest.approx(np.sqrt((9 + 4 + 1 + 36) / 3))  # ddof 1
+    assert agg.iqm == pytest.approx(2.5)  # 4 runs: drop 1 at each end, mean of 2 and 3
+    agg8 = report.aggregate([100.0, 0, 5, 1, 4, 2, 6, 3], reps=500)
+    assert agg8.iqm == pytest.approx((2 + 3 + 4 + 5) / 4)  # the middle half of 8 runs
+    assert agg8.mean == pytest.approx(121 / 8)
+    one = report.aggregate([7.0], reps=100)  # one seed: no spread, CI collapses
+    assert (one.std, one.mean_ci, one.iqm_ci) == (0.0, (7.0, 7.0), (7.0, 7.0))
+
+
+def exact_bootstrap(x: np.ndarray, stat) -> np.ndarray:
+    """The statistic on every one of the n^n equally likely resamples (the bootstrap's
+    exact distribution)."""
+    return np.array([stat(x[list(idx)]) for idx in itertools.product(range(len(x)),
+                                                                       repeat=len(x))])
+
+
+def iqm(x: np.ndarray) -> float:
+    """Interquartile mean by hand: sort, drop floor(n/4) runs at each end, average."""
+    k = len(x) // 4
+    return float(np.sort(x)[k:len(x) - k].mean())
+
+
+def test_bootstrap_cis_match_the_exact_bootstrap_distribution():
+    x = np.array([0.0, 1.0, 2.0, 4.0, 8.0])
+    agg = report.aggregate(x, reps=4000, seed=1)
+    for point, ci, stat in ((agg.mean, agg.mean_ci, np.mean), (agg.iqm, agg.iqm_ci, iqm)):
+        dist = exact_bootstrap(x, stat)
+        assert point == pytest.approx(stat(x))
+        # 95% percentile interval: bounds near the exact 2.5% / 97.5% quantiles
+        assert np.percentile(dist, 1.0) <= ci[0] <= np.percentile(dist, 4.0)
+        assert np.percentile(dist, 96.0) <= ci[1] <= np.percentile(dist, 99.0)
+        assert ci[0] < point < ci[1]
+
+
+def fake_run(root: Path, suite: str, script: str, env: str, variant: str, seed: int,
+             rows: list[dict], summary: dict | None, metric: str = "normalized_score",
+             reference: str | None = None, config: dict | None = None) -> Path:
+    """A run directory as the runner and a script leave it."""
+    d = root / suite / f"{Path(script).stem}__{variant}__{env}" / f"s{seed}"
+    write_json(d / JOB_FILE, dict(suite=suite, script=script, env=env, variant=variant,
+                                  seed=seed, metric=metric, reference=reference))
+    write_json(d / "config.json", dict(args=config or {}))
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if summary is not None:
+        write_json(d / "summary.json", dict(updates_per_sec=50.0, **summary))
+    return d
+
+
+@pytest.fixture
+def run_root(tmp_path):
+    root = tmp_path / "runs"
+    for seed, final in enumerate([10.0, 20.0, 60.0]):
+        fake_run(root, "local", CQL_SAC, "pendulum-expert", "cql", seed,
+                 [dict(step=500, normalized_score=0.0), dict(step=1000, normalized_score=final)],
+                 dict(value_gap=-1.0 - seed))
+    # an interrupted run: counted as not finished, not aggregated
+    fake_run(root, "local", CQL_SAC, "pendulum-expert", "cql", 3,
+             [dict(step=500, normalized_score=99.0)], None)
+    for seed, (offline, final) in enumerate([(40.0, 80.0), (60.0, 100.0)]):
+        rows = [dict(step=100, phase="offline", env_steps=0, score=offline / 2),
+                dict(step=200, phase="offline", env_steps=0, score=offline),
+                dict(step=300, phase="online", env_steps=100, score=offline - 30),
+                dict(step=400, phase="online", env_steps=200, score=final)]
+        fake_run(root, "local", CALQL, "pointmaze-binary", "calql", seed, rows,
+                 dict(offline_score=offline, cumulative_regret=0.5 + 0.1 * seed,
+                      max_drop_below_offline=30.0), metric="score",
+                 config=dict(offline_steps=200))
+    fake_run(root, "d4rl-gym", CQL_SAC, "hopper-medium", "cql", 0,
+             [dict(step=1000, normalized_score=55.0)], dict(value_gap=-3.0),
+             reference="cql-sac/hopper-medium")
+    return root
+
+
+def table_row(text: str, *prefix: str) -> list[str]:
+    """Cells of the Markdown table row that starts with the given cells."""
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[:len(prefix)] == list(prefix):
+            return cells
+    raise AssertionError(f"no row {prefix} in\n{text}")
+
+
+def test_report_from_a_synthetic_run_root(run_root, tmp_path):
+    out = tmp_path / "report"
+    assert report.main([str(run_root), "--out", str(out)]) == 0
+    local = (out / "local.md").read_text()
+    # CQL-SAC: 3 finished seeds of 4, finals 10, 20, 60
+    row = table_row(local, "pendulum-expert", "cql")
+    assert row[2] == "3/4"
+    assert row[3].startswith("30.0 [")  # mean
+    assert row[4] == f"{np.std([10, 20, 60], ddof=1):.1f}"  # 26.5
+    assert row[5].startswith("30.0 [")  # IQM of 3 runs = mean (nothing trimmed)
+    assert row[6] == "-2.00 ± 1.00"  # value gap
+    # Cal-QL: offline score, regret, largest drop from summary.json
+    row = table_row(local, "pointmaze-binary", "calql")
+    assert row[2] == "2/2" and row[3].startswith("90.0 [")
+    assert row[6:9] == ["50.00 ± 14.14", "0.55 ± 0.07", "30.00 ± 0.00"]
+    # reference numbers next to a matching task; one figure per suite
+    row = table_row((out / "d4rl-gym.md").read_text(), "hopper-medium", "cql")
+    assert row[3].startswith("55.0") and row[7:9] == ["58.0", "59.1"]
+    for suite in ("local", "d4rl-gym"):
+        png = out / f"{suite}_curves.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        assert f"({suite}_curves.png)" in (out / f"{suite}.md").read_text()
+
+
+def test_calql_curve_x_marks_the_phase_boundary(run_root):
+    runs = report.load_runs(run_root)["local"]
+    calql = next(r for r in runs if r.job["script"] == CALQL)
+    x, boundary = report.curve_x(calql)
+    assert boundary == 200 and list(x) == [100, 200, 300, 400]
+    sac = next(r for r in runs if r.job["script"] == CQL_SAC)
+    assert report.curve_x(sac)[1] is None
+
+
+def test_empty_root_is_an_error(tmp_path):
+    assert report.main([str(tmp_path)]) == 1
