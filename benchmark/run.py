@@ -54,6 +54,11 @@ from benchmark.suites import SUITES, Job, suite_jobs
 TAIL_LINES = 20
 
 
+def say(message: str) -> None:
+    """Print a progress line now (the runner's output is often a file)."""
+    print(message, flush=True)
+
+
 @dataclass
 class Result:
     """Outcome of one job: ok (ran to its summary), skipped (already finished) or failed."""
@@ -141,7 +146,7 @@ class SubmititTask:
 
 
 # -------------------------------------------------------------------------------- datasets
-def prepare_datasets(jobs: Iterable[Job], log: Callable[[str], None] = print) -> dict[str, str]:
+def prepare_datasets(jobs: Iterable[Job], log: Callable[[str], None] = say) -> dict[str, str]:
     """Build (local) or download (Minari) every dataset the jobs need, once, in this process
     (never concurrently from several runs). Returns {dataset: error message} of failures."""
     from benchmark import datasets
@@ -170,7 +175,7 @@ def prepare_datasets(jobs: Iterable[Job], log: Callable[[str], None] = print) ->
 class Progress:
     """Prints one line per finished job with a running count (thread-safe)."""
 
-    def __init__(self, total: int, log: Callable[[str], None] = print):
+    def __init__(self, total: int, log: Callable[[str], None] = say):
         self.total, self.done, self.log = total, 0, log
         self.lock = threading.Lock()
         self.t0 = time.perf_counter()
