@@ -1,0 +1,358 @@
+"""Speed of the three scripts' real training steps, and of their data loading.
+
+    python benchmark/speed.py                       # writes benchmark/results/speed_<device>.md
+    python benchmark/speed.py --device cuda --seconds 10
+
+Update speed: each script's own networks and update step (CQL-SAC `Trainer.step`,
+CQL-QR-DQN `CQLQRDQN.update`, Cal-QL `Trainer.step`) on a random batch of the right shapes,
+at paper size and at the small size of the local suite, eager and with `--compile` (and,
+on CUDA, compile with CUDA graphs: mode reduce-overhead). Warm-up steps (compilation
+included) are not timed; then steps run for `--seconds` (at least --min-steps).
+
+Matmul share: the CQL-SAC update's matmul FLOPs, counted analytically (`cql_sac_flops`,
+cross-checked with torch's FlopCounterMode), times its updates/s, over a large float32
+matmul's throughput measured in the same run.
+
+Data loading: a fresh process per dataset turns a local Minari dataset into the script's
+device replay buffer; time and peak memory (RSS growth on CPU, allocated device memory on
+CUDA), scaled to 100k transitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):  # `python benchmark/speed.py`: make `benchmark` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmark.common import REPO, command_line, machine_info, machine_lines
+from benchmark.suites import ALGORITHM, CALQL, CQL_QRDQN, CQL_SAC
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import calql_finetune as calql  # noqa: E402
+import cql_qrdqn_atari as qrdqn  # noqa: E402
+import cql_sac_continuous as sac  # noqa: E402
+
+RESULTS = REPO / "benchmark" / "results"
+
+
+# ------------------------------------------------------------------------ update-step cases
+@dataclass(frozen=True)
+class Case:
+    """A script's update step at one size."""
+
+    script: str
+    size: str
+    description: str
+    env: str
+    obs_dim: int | tuple[int, ...]
+    action_dim: int
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+
+CASES = (
+    Case(CQL_SAC, "paper", "hopper dims, 3x256 twin critics, batch 256, N=10", "hopper-medium",
+         11, 3, (("hidden_dims", (256, 256, 256)),)),
+    Case(CQL_SAC, "small", "pendulum, 64x64, batch 256, N=10 (local suite)", "pendulum-expert",
+         3, 1, (("hidden_dims", (64, 64)),)),
+    Case(CQL_QRDQN, "paper", "Nature DQN on 4x84x84 frames, 200 quantiles, batch 32", "pong",
+         (4, 84, 84), 6),
+    Case(CQL_QRDQN, "small", "cartpole MLP 128x128, 50 quantiles, batch 64", "cartpole-expert",
+         (4,), 2),
+    Case(CALQL, "paper", "pen dims, actor 2x512, critic 3x512, batch 256", "pen-binary", 45, 24),
+    Case(CALQL, "small", "pointmaze, 64x64, batch 64 (local suite)", "pointmaze-binary", 8, 2,
+         (("hidden_dims", (64, 64)), ("batch_size", 64))),
+)
+
+
+def random_batch(keys: Sequence[str], batch: int, obs_dim: int, action_dim: int,
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch of continuous-control transitions with the given keys."""
+    shapes = dict(obs=(batch, obs_dim), next_obs=(batch, obs_dim), actions=(batch, action_dim))
+    out = {k: torch.randn(shapes.get(k, (batch,)), device=device) for k in keys}
+    out["actions"] = out["actions"].tanh()
+    out["dones"] = (torch.rand(batch, device=device) < 0.01).float()
+    return out
+
+
+def build_step(case: Case, mode: str, device: torch.device) -> Callable[[], Any]:
+    """The script's own update step for the case, as a no-argument callable."""
+    compile_, graphs = mode != "eager", mode == "compile+cudagraphs"
+    over = dict(case.overrides, device=str(device), compile=compile_)
+    if case.script == CQL_SAC:
+        args = sac.resolve_args(sac.Args(env=case.env, **over, cudagraphs=graphs))
+        agent = sac.Agent(case.obs_dim, case.action_dim, args).to(device)
+        trainer = sac.Trainer(agent, args, case.action_dim, device)
+        batch = random_batch(("obs", "next_obs", "actions", "rewards", "dones"),
+                             args.batch_size, case.obs_dim, case.action_dim, device)
+        return lambda: trainer.step(batch, args.bc_steps)  # past the BC warm start
+    if case.script == CALQL:
+        args = calql.resolve_args(calql.Args(env=case.env, **over))
+        agent = calql.Agent(case.obs_dim, case.action_dim, args).to(device)
+        trainer = calql.Trainer(agent, args, case.action_dim, device)
+        if graphs:
+            trainer.loss_fn = torch.compile(calql.compute_losses, mode="reduce-overhead")
+        batch = random_batch(calql.KEYS, args.batch_size, case.obs_dim, case.action_dim, device)
+        return lambda: trainer.step(batch, False, args.cql_weight)
+    args = qrdqn.resolve_args(qrdqn.Args(env=case.env, **over))
+    agent = qrdqn.CQLQRDQN(args, case.obs_dim, case.action_dim, device)
+    if graphs:
+        agent.losses_fn = torch.compile(agent.losses, mode="reduce-overhead")
+    b, frames = args.batch_size, len(case.obs_dim) > 1
+    obs = (torch.randint(0, 256, (b + 1, *case.obs_dim), dtype=torch.uint8, device=device)
+           if frames else torch.randn(b + 1, *case.obs_dim, device=device))
+    batch = (obs[:b], torch.randint(0, case.action_dim, (b,), device=device),
+             torch.randn(b, device=device), obs[1:], torch.zeros(b, device=device))
+    return lambda: agent.update(batch)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, seconds: float,
+               min_steps: int) -> dict[str, float]:
+    """Warm-up (compilation) time, then updates/s over at least min_steps and `seconds`."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    sync(device)
+    t1 = time.perf_counter()
+    n = 0
+    while n < min_steps or time.perf_counter() - t1 < seconds:
+        step()
+        n += 1
+        if n % 10 == 0 or n >= min_steps:
+            sync(device)
+    sync(device)
+    elapsed = time.perf_counter() - t1
+    return dict(warmup_s=t1 - t0, steps=n, updates_per_sec=n / elapsed)
+
+
+# ----------------------------------------------------------------------------------- FLOPs
+def mlp_flops(n: int, dims: Sequence[int], weight_grad: bool, input_grad: bool,
+              first_input_grad: bool = False) -> int:
+    """Matmul FLOPs of an MLP (layer widths `dims`) on n samples: forward, plus backward
+    weight gradients and input gradients (the first layer's only if its input needs one)."""
+    layers = [a * b for a, b in zip(dims[:-1], dims[1:], strict=False)]
+    fwd = 2 * n * sum(layers)
+    bwd_w = fwd if weight_grad else 0
+    bwd_in = 2 * n * (sum(layers[1:]) + (layers[0] if first_input_grad else 0)) \
+        if input_grad else 0
+    return fwd + bwd_w + bwd_in
+
+
+def cql_sac_flops(obs_dim: int, action_dim: int, actor_hidden: Sequence[int],
+                  critic_hidden: Sequence[int], batch: int, n_actions: int,
+                  ensemble: int = 2, max_backup: bool = False) -> int:
+    """Matmul FLOPs of one CQL-SAC update (compute_losses forward + backward), by call:
+    actor on s (trained); twin critics at (s, pi(s)) with detached weights (gradient to the
+    action only); target actor and critics at s' (no grad; N samples with the max backup);
+    critics at (s, a_D) (trained); CQL: actor on N copies of s and s' (no grad) and critics
+    on the 3N actions at s (trained). Elementwise ops and Adam are not counted."""
+    actor = [obs_dim, *actor_hidden, 2 * action_dim]
+    critic = [obs_dim + action_dim, *critic_hidden, 1]
+    b, bn, k = batch, batch * n_actions, n_actions if max_backup else 1
+    return (mlp_flops(b, actor, True, True)
+            + ensemble * mlp_flops(b, critic, False, True, first_input_grad=True)
+            + mlp_flops(b * k, actor, False, False)
+            + ensemble * mlp_flops(b * k, critic, False, False)
+            + ensemble * mlp_flops(b, critic, True, True)
+            + 2 * mlp_flops(bn, actor, False, False)
+            + ensemble * mlp_flops(3 * bn, critic, True, True))
+
+
+def counted_flops(step: Callable[[], Any]) -> int:
+    """Matmul FLOPs of one step as torch's FlopCounterMode counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
+    """Throughput of an n x n float32 matmul (best of reps), GFLOP/s."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    sync(device)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+# ---------------------------------------------------------------------------- data loading
+LOAD_CASES = ((CQL_SAC, "pendulum-medium-expert"), (CQL_QRDQN, "cartpole-mixed"),
+              (CQL_QRDQN, "pong-random"), (CALQL, "pointmaze-sparse"))
+
+
+def load_buffer(script: str, dataset_id: str, device: torch.device) -> int:
+    """Dataset -> the script's own device replay buffer; returns its transitions."""
+    if script == CQL_QRDQN:
+        buffer = qrdqn.ReplayBuffer(qrdqn.load_minari_dataset(dataset_id, progress=False),
+                                    device, 0, clip_reward=False)
+        n = len(buffer)
+    else:
+        module = sac if script == CQL_SAC else calql
+        env = next(k for k, (ds, _) in module.ENV_PRESETS.items() if ds == dataset_id)
+        data = module.load_data(module.resolve_args(module.Args(env=env)))[0]
+        n = module.ReplayBuffer(data, device, 0).size
+    sync(device)
+    return n
+
+
+def load_probe(script: str, name: str, device: torch.device) -> dict[str, Any]:
+    """In this (fresh) process: time one load (untraced), then trace a second one's peak
+    memory: host (tracemalloc: Python and numpy allocations; CPU tensors share numpy's
+    memory) and, on CUDA, peak allocated device memory."""
+    import tracemalloc
+
+    from benchmark import datasets
+
+    dataset_id = datasets.ensure(name)
+    t0 = time.perf_counter()
+    n = load_buffer(script, dataset_id, device)
+    seconds = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    tracemalloc.start()
+    load_buffer(script, dataset_id, device)
+    host_peak = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    device_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    return dict(script=script, dataset=dataset_id, transitions=n, seconds=seconds,
+                host_peak_mib=host_peak, device_peak_mib=device_peak)
+
+
+def measure_loading(device: torch.device) -> list[dict[str, Any]]:
+    """load_probe for each LOAD_CASE, each in a fresh interpreter."""
+    rows = []
+    for script, name in LOAD_CASES:
+        proc = subprocess.run([sys.executable, __file__, "--load-probe", script, name,
+                               "--device", str(device)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            rows.append(dict(script=script, dataset=name, error=proc.stderr[-300:]))
+        else:
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+# ------------------------------------------------------------------------------------ main
+def modes_for(device: torch.device, requested: Sequence[str]) -> list[str]:
+    modes = list(requested)
+    if device.type != "cuda":
+        modes = [m for m in modes if m != "compile+cudagraphs"]
+    return modes
+
+
+def markdown(results: list[dict[str, Any]], flops: dict[str, Any], loading: list[dict],
+             info: dict[str, Any], command: str) -> str:
+    lines = ["# Speed", "", f"- Command: `{command}`", *machine_lines(info),
+             f"- torch threads: {info['torch_threads']}; device: {flops['device']}", "",
+             "## Gradient updates per second", "",
+             "Each script's own update step on a random batch (warm-up steps, compilation "
+             "included, not timed).", "",
+             "| script | size | setup | mode | updates/s | warm-up s | timed steps |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {ALGORITHM[r['script']]} | {r['size']} | {r['description']} | "
+                     f"{r['mode']} | {r['updates_per_sec']:.2f} | {r['warmup_s']:.1f} | "
+                     f"{r['steps']} |")
+    lines += ["", "## CQL-SAC update vs. float32 matmul throughput", "",
+              f"Reference: {flops['matmul_n']}x{flops['matmul_n']} float32 matmul, "
+              f"{flops['matmul_gflops']:.1f} GFLOP/s measured in this run.", "",
+              "| size | mode | GFLOP/update (analytic) | GFLOP/update (FlopCounterMode) | "
+              "updates/s | GFLOP/s | share of matmul |", "|---|---|---|---|---|---|---|"]
+    for row in flops["rows"]:
+        lines.append(f"| {row['size']} | {row['mode']} | {row['gflop']:.3f} | "
+                     f"{row['gflop_counted']:.3f} | {row['updates_per_sec']:.2f} | "
+                     f"{row['gflops']:.1f} | {100 * row['share']:.0f}% |")
+    lines += ["", "## Data loading: Minari dataset -> device replay buffer", "",
+              "A fresh process per dataset; seconds from a first load, peak memory from a "
+              "second: host = tracemalloc peak (Python and numpy), device = peak CUDA "
+              "allocation.", "",
+              "| script | dataset | transitions | seconds | host peak MiB | device peak MiB "
+              "| s per 100k | host MiB per 100k |", "|---|---|---|---|---|---|---|---|"]
+    for r in loading:
+        if "error" in r:
+            lines.append(f"| {r['script']} | {r['dataset']} | failed: {r['error']!r} |")
+            continue
+        scale = 1e5 / r["transitions"]
+        dev = "—" if r["device_peak_mib"] is None else f"{r['device_peak_mib']:.1f}"
+        lines.append(f"| {r['script']} | {r['dataset']} | {r['transitions']} | "
+                     f"{r['seconds']:.2f} | {r['host_peak_mib']:.1f} | {dev} | "
+                     f"{r['seconds'] * scale:.2f} | {r['host_peak_mib'] * scale:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per case")
+    p.add_argument("--min-steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--modes", nargs="+", default=["eager", "compile", "compile+cudagraphs"])
+    p.add_argument("--sizes", nargs="+", default=["paper", "small"])
+    p.add_argument("--no-loading", action="store_true", help="skip the data-loading table")
+    p.add_argument("--out", type=Path, default=None, help="default results/speed_<device>.md")
+    p.add_argument("--load-probe", nargs=2, metavar=("SCRIPT", "DATASET"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    device = sac.pick_device(args.device)
+    if args.load_probe:
+        print(json.dumps(load_probe(*args.load_probe, device)))
+        return 0
+    info, command = machine_info(), command_line()
+    results, flop_rows = [], []
+    gflops = matmul_gflops(device)
+    for case in (c for c in CASES if c.size in args.sizes):
+        for mode in modes_for(device, args.modes):
+            torch.manual_seed(0)
+            step = build_step(case, mode, device)
+            r = time_steps(step, device, args.warmup, args.seconds, args.min_steps)
+            results.append(dict(script=case.script, size=case.size,
+                                description=case.description, mode=mode, **r))
+            print(f"{case.script} {case.size} {mode}: {r['updates_per_sec']:.2f} updates/s "
+                  f"(warm-up {r['warmup_s']:.1f}s)", flush=True)
+            if case.script == CQL_SAC:
+                args_ = sac.resolve_args(sac.Args(env=case.env, **dict(case.overrides)))
+                flop = cql_sac_flops(case.obs_dim, case.action_dim, args_.actor_hidden_dims,
+                                     args_.critic_hidden_dims, args_.batch_size,
+                                     args_.cql_n_actions, max_backup=args_.max_backup)
+                eager = build_step(replace(case), "eager", device)
+                flop_rows.append(dict(size=case.size, mode=mode, gflop=flop / 1e9,
+                                      gflop_counted=counted_flops(eager) / 1e9,
+                                      updates_per_sec=r["updates_per_sec"],
+                                      gflops=flop * r["updates_per_sec"] / 1e9,
+                                      share=flop * r["updates_per_sec"] / 1e9 / gflops))
+    flops = dict(device=str(device), matmul_n=2048, matmul_gflops=gflops, rows=flop_rows)
+    loading = [] if args.no_loading else measure_loading(device)
+    out = args.out or RESULTS / f"speed_{device.type}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(markdown(results, flops, loading, info, command))
+    (out.with_suffix(".json")).write_text(json.dumps(
+        dict(machine=info, command=command, updates=results, flops=flops, loading=loading),
+        indent=2))
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
