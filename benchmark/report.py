@@ -31,7 +31,14 @@ import numpy as np
 if __package__ in (None, ""):  # `python benchmark/report.py`: make `benchmark` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmark.common import JOB_FILE, SUITE_FILE, machine_lines, read_json, read_jsonl
+from benchmark.common import (
+    JOB_FILE,
+    SUITE_FILE,
+    command_line,
+    machine_lines,
+    read_json,
+    read_jsonl,
+)
 from benchmark.suites import ALGORITHM, CALQL, CQL_SAC, SUITES
 
 # ------------------------------------------------------------------------ reference numbers
@@ -229,19 +236,18 @@ def plot_suite(suite: str, runs: list[Run], path: Path) -> Path:
         script, env = key
         for variant, group in sorted(panels[key].items()):
             xs = [curve_x(r) for r in group]
-            n = min(len(x) for x, _ in xs)
-            x = xs[0][0][:n]
-            y = np.array([[_num(r.rows[i].get(r.job["metric"])) for i in range(n)]
-                          for r in group], float)
+            # seeds may evaluate at slightly different x (Cal-QL evaluates after whole
+            # trajectories): interpolate every seed onto the shortest run's x
+            x = min((x for x, _ in xs), key=len)
+            y = np.array([np.interp(x, xr, [_num(row.get(r.job["metric"])) for row in r.rows])
+                          for r, (xr, _) in zip(group, xs, strict=True)], float)
             (line,) = ax.plot(x, np.nanmean(y, 0), marker=".", label=f"{variant} ({len(group)})")
             ax.fill_between(x, np.nanmin(y, 0), np.nanmax(y, 0), alpha=0.2,
                             color=line.get_color())
             boundary = xs[0][1]
-            if boundary is not None:
-                pre = [r.rows[i].get(r.job["metric"]) for r in group for i in range(n)
-                       if x[i] == boundary]
-                if pre and None not in pre:
-                    ax.axhline(float(np.mean(pre)), color=line.get_color(), ls=":", lw=1)
+            if boundary is not None and boundary in x:  # the offline score, dotted
+                ax.axhline(float(np.nanmean(y[:, list(x).index(boundary)])),
+                           color=line.get_color(), ls=":", lw=1)
         if script == CALQL:
             ax.axvline(xs[0][1], color="k", ls="--", lw=1, label="end of pre-training")
             ax.set_xlabel("offline gradient steps, then online env steps")
@@ -276,6 +282,7 @@ def suite_header(suite: str, suite_dir: Path) -> list[str]:
                       f"{inv['failed']} failed, {inv['wall_s'] / 60:.1f} min wall",
                       *machine_lines(inv["machine"])]
         lines.append("")
+    lines += [f"Report: `{command_line()}`", ""]
     return lines
 
 

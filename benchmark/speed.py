@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -125,21 +126,26 @@ def sync(device: torch.device) -> None:
 
 def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, seconds: float,
                min_steps: int) -> dict[str, float]:
-    """Warm-up (compilation) time, then updates/s over at least min_steps and `seconds`."""
+    """Warm-up (compilation) time, then blocks of steps (1 on CPU, 10 on CUDA, synchronized
+    at each block's end) for at least min_steps and `seconds`. updates/s = 1 / the median
+    time per step over blocks: robust to the occasional stall of a shared machine."""
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
     sync(device)
     t1 = time.perf_counter()
-    n = 0
-    while n < min_steps or time.perf_counter() - t1 < seconds:
-        step()
-        n += 1
-        if n % 10 == 0 or n >= min_steps:
-            sync(device)
-    sync(device)
+    block = 10 if device.type == "cuda" else 1
+    times: list[float] = []
+    while len(times) * block < min_steps or time.perf_counter() - t1 < seconds:
+        tb = time.perf_counter()
+        for _ in range(block):
+            step()
+        sync(device)
+        times.append((time.perf_counter() - tb) / block)
     elapsed = time.perf_counter() - t1
-    return dict(warmup_s=t1 - t0, steps=n, updates_per_sec=n / elapsed)
+    n = len(times) * block
+    return dict(warmup_s=t1 - t0, steps=n, updates_per_sec=1.0 / statistics.median(times),
+                mean_updates_per_sec=n / elapsed)
 
 
 # ----------------------------------------------------------------------------------- FLOPs
@@ -269,12 +275,14 @@ def markdown(results: list[dict[str, Any]], flops: dict[str, Any], loading: list
              f"- torch threads: {info['torch_threads']}; device: {flops['device']}", "",
              "## Gradient updates per second", "",
              "Each script's own update step on a random batch (warm-up steps, compilation "
-             "included, not timed).", "",
-             "| script | size | setup | mode | updates/s | warm-up s | timed steps |",
-             "|---|---|---|---|---|---|---|"]
+             "included, not timed). updates/s = 1 / median step time; `mean` = steps / "
+             "total time (lower when the machine is shared).", "",
+             "| script | size | setup | mode | updates/s | mean | warm-up s | timed steps |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {ALGORITHM[r['script']]} | {r['size']} | {r['description']} | "
-                     f"{r['mode']} | {r['updates_per_sec']:.2f} | {r['warmup_s']:.1f} | "
+                     f"{r['mode']} | {r['updates_per_sec']:.2f} | "
+                     f"{r['mean_updates_per_sec']:.2f} | {r['warmup_s']:.1f} | "
                      f"{r['steps']} |")
     lines += ["", "## CQL-SAC update vs. float32 matmul throughput", "",
               f"Reference: {flops['matmul_n']}x{flops['matmul_n']} float32 matmul, "
@@ -309,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per case")
     p.add_argument("--min-steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--modes", nargs="+", default=["eager", "compile", "compile+cudagraphs"])
     p.add_argument("--sizes", nargs="+", default=["paper", "small"])
     p.add_argument("--no-loading", action="store_true", help="skip the data-loading table")
@@ -319,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.load_probe:
         print(json.dumps(load_probe(*args.load_probe, device)))
         return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
     info, command = machine_info(), command_line()
     results, flop_rows = [], []
     gflops = matmul_gflops(device)

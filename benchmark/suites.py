@@ -130,7 +130,7 @@ LOCAL = Suite("local", "local datasets, CPU-sized: conservative vs naive, Cal-QL
     Entry(CALQL, "pointmaze-binary", "calql", _LOCAL_CALQL, ("pointmaze-sparse",), "score"),
     Entry(CALQL, "pointmaze-binary", "cql", (*_LOCAL_CALQL, *_NO_CALQL), ("pointmaze-sparse",),
           "score"),
-), seeds=3)
+), seeds=5)
 
 # Paper suites: the scripts' presets are the papers' settings; no overrides.
 D4RL_GYM = Suite("d4rl-gym", "CQL-SAC on Minari MuJoCo (D4RL-style locomotion), 1M steps", tuple(
