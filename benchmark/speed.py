@@ -190,7 +190,7 @@ def counted_flops(step: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
-def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
+def matmul_gflops(device: torch.device, n: int = 4096, reps: int = 3) -> float:
     """Throughput of an n x n float32 matmul (best of reps), GFLOP/s."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
@@ -275,8 +275,9 @@ def markdown(results: list[dict[str, Any]], flops: dict[str, Any], loading: list
              f"- torch threads: {info['torch_threads']}; device: {flops['device']}", "",
              "## Gradient updates per second", "",
              "Each script's own update step on a random batch (warm-up steps, compilation "
-             "included, not timed). updates/s = 1 / median step time; `mean` = steps / "
-             "total time (lower when the machine is shared).", "",
+             "included, not timed; torch's compile cache makes a repeated run's warm-up "
+             "shorter). updates/s = 1 / median step time; `mean` = steps / total time "
+             "(lower when the machine is shared).", "",
              "| script | size | setup | mode | updates/s | mean | warm-up s | timed steps |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -286,7 +287,8 @@ def markdown(results: list[dict[str, Any]], flops: dict[str, Any], loading: list
                      f"{r['steps']} |")
     lines += ["", "## CQL-SAC update vs. float32 matmul throughput", "",
               f"Reference: {flops['matmul_n']}x{flops['matmul_n']} float32 matmul, "
-              f"{flops['matmul_gflops']:.1f} GFLOP/s measured in this run.", "",
+              f"{flops['matmul_gflops']:.1f} GFLOP/s (best of 3, before and after the "
+              "update timings, in this run).", "",
               "| size | mode | GFLOP/update (analytic) | GFLOP/update (FlopCounterMode) | "
               "updates/s | GFLOP/s | share of matmul |", "|---|---|---|---|---|---|---|"]
     for row in flops["rows"]:
@@ -317,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per case")
     p.add_argument("--min-steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--matmul-n", type=int, default=4096, help="size of the reference matmul")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--modes", nargs="+", default=["eager", "compile", "compile+cudagraphs"])
     p.add_argument("--sizes", nargs="+", default=["paper", "small"])
@@ -332,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     info, command = machine_info(), command_line()
     results, flop_rows = [], []
-    gflops = matmul_gflops(device)
+    gflops_before = matmul_gflops(device, args.matmul_n)
     for case in (c for c in CASES if c.size in args.sizes):
         for mode in modes_for(device, args.modes):
             torch.manual_seed(0)
@@ -351,9 +354,13 @@ def main(argv: list[str] | None = None) -> int:
                 flop_rows.append(dict(size=case.size, mode=mode, gflop=flop / 1e9,
                                       gflop_counted=counted_flops(eager) / 1e9,
                                       updates_per_sec=r["updates_per_sec"],
-                                      gflops=flop * r["updates_per_sec"] / 1e9,
-                                      share=flop * r["updates_per_sec"] / 1e9 / gflops))
-    flops = dict(device=str(device), matmul_n=2048, matmul_gflops=gflops, rows=flop_rows)
+                                      gflops=flop * r["updates_per_sec"] / 1e9))
+    # the reference: the best of a measurement before and after the updates (a shared
+    # machine's load changes); the shares are computed against it
+    gflops = max(gflops_before, matmul_gflops(device, args.matmul_n))
+    for row in flop_rows:
+        row["share"] = row["gflops"] / gflops
+    flops = dict(device=str(device), matmul_n=args.matmul_n, matmul_gflops=gflops, rows=flop_rows)
     loading = [] if args.no_loading else measure_loading(device)
     out = args.out or RESULTS / f"speed_{device.type}.md"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -37,11 +37,14 @@ def test_speed_table_end_to_end(tmp_path, local_dataset):
     out = tmp_path / "speed.md"
     assert speed.main(["--sizes", "small", "--modes", "eager", "--seconds", "0.05",
                        "--min-steps", "1", "--warmup", "1", "--no-loading", "--device", "cpu",
+                       "--matmul-n", "512",
                        "--out", str(out)]) == 0
     text = out.read_text()
     for name in ("CQL-SAC", "CQL-QR-DQN", "Cal-QL fine-tuning"):
         assert f"| {name} | small |" in text
-    assert "GFLOP/s measured in this run" in text and "- Machine:" in text
+    assert "512x512 float32 matmul" in text and "- Machine:" in text
+    share = text.split("| small | eager | 0.480 | 0.480 |")[1].split("|")[2]
+    assert share.strip().endswith("%")
     probe = speed.load_probe(CQL_SAC, "pendulum-expert", CPU)
     assert probe["transitions"] == 100 * 200 and probe["seconds"] > 0
     assert probe["host_peak_mib"] > 20_000 * 9 * 4 / 2**20  # at least the float32 buffer
