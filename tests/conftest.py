@@ -30,3 +30,12 @@ def _restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for tests of small networks: with two, a shared CPU
+    oversubscribes and steps get many times slower (restored by the fixture above)."""
+    import torch
+
+    torch.set_num_threads(1)

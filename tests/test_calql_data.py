@@ -10,14 +10,7 @@ import torch
 
 import calql_finetune as calql
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CPU is shared: one intra-op thread avoids oversubscription (restored after)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def args_for(env: str = "pen-binary", **overrides) -> calql.Args:

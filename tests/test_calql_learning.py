@@ -14,13 +14,7 @@ import torch
 
 import calql_finetune as calql
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def learning_args(run_dir: Path, **overrides) -> calql.Args:

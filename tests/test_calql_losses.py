@@ -7,13 +7,7 @@ import torch
 
 import calql_finetune as calql
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def brute_force(q_rand, q_pi, logp_pi, q_next, logp_next, mc, d, temp):

@@ -23,12 +23,7 @@ TINY = ["--hidden-dims", "16", "16", "--batch-size", "32", "--cql-n-actions", "3
         "--eval-episodes", "1", "--log-every", "25", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_args(run_dir: Path, **overrides) -> calql.Args:
