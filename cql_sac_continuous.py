@@ -109,8 +109,9 @@ class Args:
     """Tune the CQL weight alpha' by dual gradient descent with target gap `--cql-tau` (Eq. 30)."""
     cql_tau: float | None = None
     """Target gap tau of the Lagrange form (paper: 10 gym, 5 Adroit/kitchen; 0.8 antmaze)."""
-    lagrange_form: Literal["calql", "cql"] = "calql"
-    """calql: alpha'*w*(gap - tau) (Cal-QL and CORL code); cql: alpha'*(w*gap - tau) (CQL code)."""
+    lagrange_form: Literal["calql", "cql"] | None = None
+    """cql: alpha'*(w*gap - tau) (CQL code, where the paper's tau values come from);
+    calql: alpha'*w*(gap - tau) (Cal-QL and CORL code, antmaze tau 0.8)."""
     alpha_prime_lr: float = 3e-4
     """Learning rate of log alpha' (Lagrange only)."""
 
@@ -148,13 +149,14 @@ class Args:
 DEFAULTS: dict[str, Any] = dict(
     total_steps=1_000_000, eval_every=10_000, eval_episodes=10, hidden_dims=(256, 256, 256),
     orthogonal_init=False, policy_lr=3e-5, qf_lr=3e-4, bc_steps=0, backup_entropy=False,
-    max_backup=False, cql_weight=5.0, lagrange=False, cql_tau=10.0, reward_mode="none",
+    max_backup=False, cql_weight=5.0, lagrange=False, cql_tau=10.0, lagrange_form="cql",
+    reward_mode="none",
     reward_scale=1.0, reward_bias=0.0, normalize_states=False,
 )  # backup_entropy False: the official code's `deterministic_backup=True`.
 
 _GYM = dict(policy_lr=1e-4, bc_steps=40_000, cql_weight=5.0)  # official README command
 _ANTMAZE = dict(policy_lr=1e-4, bc_steps=40_000, cql_weight=5.0, lagrange=True, cql_tau=0.8,
-                max_backup=True, critic_hidden_dims=(256, 256, 256, 256),
+                lagrange_form="calql", max_backup=True, critic_hidden_dims=(256, 256, 256, 256),
                 actor_hidden_dims=(256, 256), reward_mode="scale_bias", reward_scale=10.0,
                 reward_bias=-5.0, orthogonal_init=True)  # Cal-QL / CORL antmaze
 _ADROIT = dict(policy_lr=1e-4, bc_steps=40_000, cql_weight=5.0, lagrange=True, cql_tau=5.0)

@@ -108,6 +108,7 @@ def test_presets_fill_none_fields_and_the_command_line_wins():
     ant = cql.resolve_args(cql.Args(env="antmaze-medium-play"))
     assert ant.dataset_id == "D4RL/antmaze/medium-play-v1"
     assert (ant.lagrange, ant.cql_tau, ant.cql_weight, ant.max_backup) == (True, 0.8, 5.0, True)
+    assert ant.lagrange_form == "calql"  # tau 0.8 comes from the Cal-QL/CORL form
     assert (ant.reward_scale, ant.reward_bias) == (10.0, -5.0)
     assert ant.critic_hidden_dims == (256,) * 4 and ant.actor_hidden_dims == (256, 256)
     over = cql.resolve_args(cql.Args(env="antmaze-medium-play", cql_tau=2.0, lagrange=False,
@@ -117,6 +118,7 @@ def test_presets_fill_none_fields_and_the_command_line_wins():
     hop = cql.resolve_args(cql.Args(env="hopper-medium", critic_hidden_dims=(32,)))
     assert hop.dataset_id == "mujoco/hopper/medium-v0" and hop.policy_lr == 1e-4
     assert hop.actor_hidden_dims == (256, 256, 256) and hop.critic_hidden_dims == (32,)
+    assert (hop.lagrange_form, hop.cql_tau) == ("cql", 10.0)  # CQL paper's gym tau and form
     assert cql.resolve_args(cql.Args(env="pen-human")).dataset_id == "D4RL/pen/human-v2"
     assert cql.resolve_args(cql.Args(env="kitchen-mixed")).dataset_id == "D4RL/kitchen/mixed-v2"
     custom = cql.resolve_args(cql.Args(env="anything", dataset_id="mujoco/ant/expert-v0"))

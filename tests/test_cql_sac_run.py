@@ -65,7 +65,7 @@ def test_run_directory_contract(local_dataset, tmp_path):
     dict(cql_variant="plain", cql_temp=0.5),
     dict(cql_variant="rho"),
     dict(cql_data_term=False),
-    dict(lagrange=True, cql_tau=1.0, lagrange_form="cql"),
+    dict(lagrange=True, cql_tau=1.0, lagrange_form="calql"),
     dict(max_backup=True, backup_entropy=True, orthogonal_init=True),
     dict(cql_weight=0.0, normalize_states=True, reward_mode="scale_bias", reward_scale=0.1,
          track=True),  # W&B code path, disabled by conftest
