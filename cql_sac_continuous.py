@@ -233,9 +233,9 @@ def load_minari_dataset(dataset_id: str):
         return minari.load_dataset(dataset_id)
     except FileNotFoundError:
         pass
-    if dataset_id.startswith("local/"):
-        name = dataset_id.split("/")[1] + "-" + dataset_id.split("/")[2].rsplit("-v", 1)[0]
-        fail(f"dataset {dataset_id} not found; build it with: python benchmark/datasets.py {name}")
+    if dataset_id.startswith("local/"):  # built by this project, never downloaded
+        fail(f"dataset {dataset_id} not found; build it with: "
+             f"python benchmark/datasets.py {dataset_id}")
     try:
         return minari.load_dataset(dataset_id, download=True)
     except Exception as exc:  # network errors come in many types

@@ -682,6 +682,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.list:
         _list()
         return
+    unknown = [n for n in args.names if n not in LOCAL_DATASETS
+               and n not in {spec.dataset_id for spec in LOCAL_DATASETS.values()}]
+    if unknown:
+        parser.exit(2, f"error: unknown dataset {', '.join(unknown)}; buildable here: "
+                       f"{', '.join(LOCAL_DATASETS)} (or their ids, see --list)\n")
     for name in args.names or list(LOCAL_DATASETS):
         if not args.force and is_built(name):
             print(f"present {dataset_id(name)} (use --force to rebuild)", flush=True)

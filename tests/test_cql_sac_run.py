@@ -189,8 +189,8 @@ def write_dataset(root: Path, dataset_id: str, env_id: str, episodes: int = 2,
 
 BAD_INPUTS = {
     "unknown-env": (["--env", "hopper-mediun"], "unknown --env 'hopper-mediun'"),
-    "missing-local": (["--dataset-id", "local/pendulum/nope-v0"],
-                      "build it with: python benchmark/datasets.py pendulum-nope"),
+    "missing-local": (["--env", "pendulum-medium-replay"], "build it with: "
+                      "python benchmark/datasets.py local/pendulum/medium-replay-v0"),
     "discrete": (["--dataset-id", "test/cartpole/tiny-v0"], "use cql_qrdqn_atari.py"),
     "nan": (["--dataset-id", "test/pendulum/nan-v0"], "non-finite values in 'rewards'"),
     "no-cuda": (["--device", "cuda"], "no CUDA device"),

@@ -66,6 +66,14 @@ def test_cli_list_and_build(fresh_root: Path, capsys: pytest.CaptureFixture) -> 
     line = next(ln for ln in capsys.readouterr().out.splitlines() if "pendulum-random" in ln)
     assert line.split()[-1] == "built"
 
+    with pytest.raises(SystemExit) as exc:  # one line naming what can be built, no traceback
+        datasets.main(["pendulum-random", "local/pen/nope-v0"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown dataset local/pen/nope-v0; buildable here: pendulum-random" in err
+    datasets.main(["local/pendulum/random-v0"])  # ids are accepted too
+    assert "present local/pendulum/random-v0" in capsys.readouterr().out
+
 
 def test_script_entry_point(fresh_root: Path) -> None:
     env = {**os.environ, "MINARI_DATASETS_PATH": str(fresh_root)}
