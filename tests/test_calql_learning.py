@@ -3,7 +3,8 @@
 CPU-sized settings, the same for Cal-QL and plain CQL: 64x64 networks, batch 64, learning
 rates 1e-3 and Polyak rate 0.05 (so that values of scale -5 / (1 - 0.99) = -500 converge
 in a few thousand steps), CQL weight 5 (the AntMaze weight; with Adroit's 1.0 the
-underestimation builds up too slowly for a CPU test)."""
+underestimation builds up too slowly for a CPU test). The calibration test changes three
+flags, the same for both methods; see its docstring."""
 
 import json
 from pathlib import Path
@@ -37,23 +38,40 @@ def full_data_calibration(args: calql.Args) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_calql_values_are_calibrated_where_cql_values_are_not(local_dataset, tmp_path):
+    """Issue 4's claim in its strong form: after offline pre-training, plain CQL's
+    Q(s, pi(s)) is below V_mu(s) on most dataset states, Cal-QL's on few.
+
+    Both methods use the same flags: CQL weight 20, the plain (not importance-sampled)
+    logsumexp that includes Q(s, a_D) (`cql_importance_sample=False`, the official
+    code's alternative) and the ordinary SAC target (`max_backup=False`). With the
+    Adroit preset's importance-sampled logsumexp and max backup, CQL's values on this
+    small task stay above V_mu on most states (CQL below-share at weight 5: 0.26, 0.10
+    after 6000 steps; weight 20 or 50 does not raise it; Lagrange with tau 0.8 or 5: 0.15
+    or 0.22). Both changes are needed (seed 0, weight 5: max backup off alone 0.41, plain
+    logsumexp alone 0.46, both 0.63; weight 20: max backup off alone 0.23, plain
+    logsumexp alone 0.44, both 0.74).
+
+    Measured over every offline transition (share of states with Q(s,pi(s)) < V_mu(s),
+    mean Q - V_mu), 2500 steps, seeds 0/1/2/3:
+        Cal-QL  0.10 / 0.08 / 0.07 / 0.08    +16.9 / +17.2 / +17.8 / +17.5
+        CQL     0.74 / 0.73 / 0.72 / 0.73     -9.5 /  -9.7 /  -8.7 /  -9.3
+    (seed 0 with 5000 steps: Cal-QL 0.08, CQL 0.72; with 1500 steps: 0.08, 0.64)."""
     local_dataset("pointmaze-sparse")
     stats = {}
     for name, enable in (("calql", True), ("cql", False)):
         args = learning_args(tmp_path / name, enable_calql=enable, offline_steps=2500,
-                             offline_eval_every=2500, online_steps=0, eval_episodes=5)
+                             offline_eval_every=2500, online_steps=0, eval_episodes=5,
+                             cql_weight=20.0, cql_importance_sample=False, max_backup=False)
         calql.main(args)
         stats[name] = full_data_calibration(args)
     print("calibration on the offline data (share of states with Q(s,pi(s)) < V_mu(s), "
           f"mean Q - V_mu): {json.dumps(stats)}")
-    # Cal-QL: Q(s, pi(s)) >= V_mu(s) on nearly every state. Plain CQL, everything else equal,
-    # is below V_mu on several times as many states (measured here: 0.06 vs 0.26; in this
-    # CPU-sized run CQL does not reach a majority of states below V_mu), and its values sit
-    # lower relative to V_mu on average.
-    assert stats["calql"]["below_share"] < 0.15
-    assert stats["cql"]["below_share"] > max(2 * stats["calql"]["below_share"],
-                                             stats["calql"]["below_share"] + 0.1)
-    assert stats["calql"]["q_minus_vmu"] > stats["cql"]["q_minus_vmu"] + 5.0
+    # Cal-QL: Q(s, pi(s)) >= V_mu(s) on nearly every state; plain CQL, everything else
+    # equal, is below V_mu on most states and below it on average.
+    assert stats["calql"]["below_share"] < 0.2
+    assert stats["cql"]["below_share"] > 0.6
+    assert stats["calql"]["q_minus_vmu"] > 0.0 > stats["cql"]["q_minus_vmu"]
+    assert stats["calql"]["q_minus_vmu"] > stats["cql"]["q_minus_vmu"] + 10.0
 
 
 @pytest.mark.slow
