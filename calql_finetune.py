@@ -399,7 +399,8 @@ def load_data(args: Args):
         fail(f"dataset {args.dataset_id} has a {type(dataset.action_space).__name__} action "
              "space; Cal-QL needs continuous (Box) actions")
     episodes, total = [], 0
-    for ep in dataset.iterate_episodes():
+    for ep in tqdm(dataset.iterate_episodes(), total=dataset.total_episodes, leave=False,
+                   desc=f"loading {args.dataset_id}", disable=not args.progress):
         total += 1
         tr = episode_transitions(ep, args)
         if tr is not None and len(tr["rewards"]):

@@ -376,7 +376,9 @@ def load_data(args: Args):
     if not isinstance(dataset.action_space, gym.spaces.Box):
         fail(f"dataset {args.dataset_id} has a {type(dataset.action_space).__name__} action "
              "space; this script needs continuous (Box) actions: use cql_qrdqn_atari.py")
-    data = episodes_to_transitions(dataset.iterate_episodes())
+    episodes = tqdm(dataset.iterate_episodes(), total=dataset.total_episodes, leave=False,
+                    desc=f"loading {args.dataset_id}", disable=not args.progress)
+    data = episodes_to_transitions(episodes)
     check_finite(data, args.dataset_id)
     tf = make_transform(data, dataset.action_space, args)
     meta = dataset.storage.metadata
