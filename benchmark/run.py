@@ -291,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     statuses = [run_status(j.run_dir) for j in jobs]
     print(f"suite {args.suite}: {len(jobs)} runs ({statuses.count('done')} finished, "
           f"{statuses.count('resume')} to resume, {statuses.count('new')} new); "
-          f"{args.jobs} at once, launcher {args.launcher}; run root {out / args.suite}",
-          flush=True)
+          f"{args.jobs} at once, launcher {args.launcher}; run root {out / args.suite}; "
+          f"needs {SUITES[args.suite].needs}", flush=True)
     t0 = time.time()
     invocation = dict(command=command_line(), machine=machine_info(), jobs=args.jobs,
                       launcher=args.launcher, started=time.strftime("%Y-%m-%d %H:%M:%S"))

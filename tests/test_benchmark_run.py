@@ -129,6 +129,7 @@ def test_smoke_suite_end_to_end(tmp_path, capsys):
                      "--no-report"]) == 0
     text = capsys.readouterr().out
     assert "1 ran, 2 skipped" in text and f"{jobs[0].label} (resumed)" in text
+    assert "3 runs (2 finished, 1 to resume, 0 new)" in text and "needs CPU" in text
     attempts = [line for line in (jobs[0].run_dir / "log.txt").read_text().splitlines()
                 if line.startswith("=== ")]
     assert len(attempts) == 2 and attempts[-1].endswith(f"--resume {jobs[0].run_dir}")
