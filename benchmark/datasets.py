@@ -500,17 +500,22 @@ def _ensure_namespace(ds_id: str) -> None:
             create_namespace(namespace, description="Datasets built by benchmark/datasets.py")
 
 
-def _write_atomically(spec: DatasetSpec, episodes: list[EpisodeBuffer], force: bool) -> None:
+def _write_atomically(
+    spec: DatasetSpec, episodes: list[EpisodeBuffer], force: bool,
+    create: Callable[[DatasetSpec, list[EpisodeBuffer]], None] = _create,
+) -> None:
     """Create the dataset in a hidden staging root, then move it into place in one rename.
 
     A failure half-way leaves nothing behind (the staging folder is always removed), so a
     later build never meets a half-written folder that Minari would refuse to overwrite.
+    ``create`` writes the dataset into the current datasets root (tests/twins.py passes its
+    own, with the real datasets' metadata).
     """
     root = datasets_root()
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     try:
         with _minari_root(staging):
-            _create(spec, episodes)
+            create(spec, episodes)
         final = root / spec.dataset_id
         if final.exists() and (force or not is_built(spec.dataset_id)):
             shutil.rmtree(final)

@@ -39,3 +39,26 @@ def one_torch_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def twin(monkeypatch):
+    """Return `twin(dataset_id) -> dataset_id` for a REAL Minari id (tests/twins.py TWINS).
+
+    Builds the schema twin once per checkout into .cache/twins/<hash of tests/twins.py> (a
+    cheap no-op when present) and points MINARI_DATASETS_PATH there for this test, so the
+    scripts' `minari.load_dataset(dataset_id)` finds it (Minari reads the variable at each
+    call). Skips the test when the twin's environment cannot be built here."""
+    import twins
+
+    root = twins.cache_root(ROOT)
+
+    def make(dataset_id: str) -> str:
+        try:
+            twins.build_twin(dataset_id, root)
+        except twins.TwinUnavailable as err:
+            pytest.skip(str(err))
+        monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+        return dataset_id
+
+    return make
