@@ -7,10 +7,20 @@ and App. F, as built on QR-DQN (Dabney et al., 2018) in the official code
 
     # the paper's 1% DQN Replay setting (Pong), CQL weight 4.0:
     python cql_qrdqn_atari.py --env pong --dqn-replay-dir D/Pong/1/replay_logs --data-fraction 0.01
-    # 10% with CQL weight 1.0:
-    python cql_qrdqn_atari.py --env pong --dqn-replay-dir D/Pong/1/replay_logs --data-fraction 0.1
+    # 10% with CQL weight 1.0, frames kept in host memory (fits a 24 GB GPU):
+    python cql_qrdqn_atari.py --env pong --dqn-replay-dir D/Pong/1/replay_logs --data-fraction 0.1 \
+        --buffer-device cpu
     # offline on CPU, a local CartPole dataset (build it with benchmark/datasets.py):
     python cql_qrdqn_atari.py --env cartpole-expert
+    # the values that will run for a setting, and every preset with its source:
+    python cql_qrdqn_atari.py --env pong --dqn-replay-dir D/Pong/1/replay_logs --help
+    python cql_qrdqn_atari.py --presets
+
+Evaluation protocol (recorded as `eval_env` in config.json): DQN Replay data is evaluated as
+dopamine evaluates (atari_lib.create_atari_environment): ALE v5, sticky actions 0.25, no no-op
+starts, frame-skip 4 with max-pooling, 84x84 gray, 4-frame stack, epsilon 0.001, at most 27k agent
+steps. A Minari Atari dataset (atari/<game>/expert-v0) is evaluated in its own env spec's setting
+(repeat_action_probability 0, ALE's internal frame-skip 4), no no-op starts.
 
 Sections: args/presets, data, replay buffer, networks, losses, evaluation, checkpoint/run dir,
 train loop, main.
@@ -18,6 +28,7 @@ train loop, main.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import gzip
@@ -27,10 +38,11 @@ import os
 import random
 import re
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import gymnasium as gym
@@ -50,43 +62,52 @@ SCRIPT = "cql_qrdqn_atari.py"
 
 @dataclass
 class Args:
-    env: str
+    """Defaults are the paper's Atari setting (1% of DQN Replay); `preset_args(env)` fills the
+    preset of the env's group (PRESETS), so `--env X --help` shows the values that run for X."""
+
+    env: str = "pong"
     """pong|breakout|qbert|seaquest|asterix (or any ALE game id), or a local dataset name such as
     cartpole-expert (= local/cartpole/expert-v0) or pong-random (= local/ale-pong/random-v0)"""
     dataset_id: str | None = None
-    """any Minari dataset id with a discrete action space; overrides the env's dataset"""
+    """any Minari dataset id with a discrete action space; None: the env's dataset (a game:
+    atari/<game>/expert-v0)"""
     dqn_replay_dir: str | None = None
-    """DQN Replay Dataset directory in dopamine's format, e.g. /data/Pong/1/replay_logs"""
-    data_fraction: float | None = None
-    """share of each DQN Replay checkpoint to load (its first transitions, as the official code):
-    0.01 = the paper's 1% setting, 0.1 = 10%"""
+    """DQN Replay Dataset directory in dopamine's format, e.g. /data/Pong/1/replay_logs (the game
+    named in the path must be --env); None: Minari data"""
+    data_fraction: float = 0.01
+    """share of each DQN Replay checkpoint to load (its first transitions): 0.01 = the paper's 1%
+    setting (500k of 50M transitions), 0.1 = 10%; it also picks the CQL weight preset"""
     checkpoints: str = "all"
     """which DQN Replay checkpoints to draw from: 'all' or a list such as '0-9,20'"""
     seed: int = 0
     """random seed (torch, numpy, python, batch sampling); evaluation seeds derive from it"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto picks cuda when available"""
-    total_steps: int | None = None
-    """number of gradient steps (Atari: 200 dopamine iterations of 62.5k gradient steps)"""
-    eval_every: int | None = None
+    buffer_device: Literal["device", "cpu"] = "device"
+    """where the replay buffer lives: 'device' = the training device; 'cpu' = host memory
+    (pinned when CUDA is available), only each sampled batch moves to the device (10% of a game
+    is 5M frames = 35 GB: beyond most GPUs)"""
+    total_steps: int = 62_500_000
+    """number of gradient steps (Atari: 1000 dopamine iterations of 62.5k gradient steps)"""
+    eval_every: int = 62_500
     """gradient steps between evaluations (and checkpoints)"""
-    eval_episodes: int | None = None
+    eval_episodes: int = 10
     """episodes per evaluation"""
-    batch_size: int | None = None
-    """minibatch size (paper: 32)"""
-    lr: float | None = None
-    """Adam learning rate (paper: 5e-5)"""
-    adam_eps: float | None = None
-    """Adam epsilon (paper: 3.125e-4 = 0.01/32)"""
+    batch_size: int = 32
+    """minibatch size"""
+    lr: float = 5e-5
+    """Adam learning rate"""
+    adam_eps: float = 3.125e-4
+    """Adam epsilon (0.01/32)"""
     gamma: float = 0.99
     """discount factor"""
-    num_quantiles: int | None = None
-    """quantiles per action (paper: 200)"""
+    num_quantiles: int = 200
+    """quantiles per action"""
     kappa: float = 1.0
     """quantile Huber loss threshold"""
-    target_update_every: int | None = None
-    """gradient steps between hard target-network updates (paper: 2000 = 8000 agent steps)"""
-    cql_alpha: float | None = None
+    target_update_every: int = 2000
+    """gradient steps between hard target-network updates (2000 = 8000 agent steps)"""
+    cql_alpha: float = 4.0
     """CQL weight alpha (paper: 4.0 for 1% data, 1.0 for 10%); 0 gives plain offline QR-DQN"""
     lagrange: bool = False
     """tune alpha' by dual gradient descent so that the CQL gap approaches --target-action-gap"""
@@ -94,24 +115,26 @@ class Args:
     """Lagrange threshold tau on E[logsumexp Q] - E_D[Q] (only with --lagrange)"""
     alpha_lr: float = 3e-4
     """Adam learning rate of log alpha' (only with --lagrange)"""
-    hidden_dims: tuple[int, ...] | None = None
-    """MLP torso for vector observations (the Nature DQN conv torso is used for frames)"""
+    hidden_dims: tuple[int, ...] = (512,)
+    """MLP torso for vector observations (frames always use the Nature DQN conv torso, whose
+    dense layer is 512 wide)"""
     torso_padding: Literal["same", "valid"] = "same"
     """conv padding: 'same' as the official dopamine network, 'valid' as the Nature DQN paper"""
-    clip_reward: bool | None = None
+    clip_reward: bool = True
     """clip training rewards to [-1, 1] (Atari; the DQN Replay data is already clipped)"""
-    eval_epsilon: float | None = None
-    """epsilon-greedy evaluation (Atari: 0.001)"""
-    sticky_prob: float = 0.25
-    """Atari evaluation: sticky-action probability"""
-    noop_max: int = 30
-    """Atari evaluation: at most this many no-ops at reset"""
+    eval_epsilon: float = 0.001
+    """epsilon-greedy evaluation"""
+    sticky_prob: float | None = 0.25
+    """Atari evaluation: sticky-action probability. None: the data's own setting (read from the
+    Minari dataset's env spec when it is loaded)"""
+    noop_max: int = 0
+    """Atari evaluation: at most this many no-ops at reset (dopamine and Minari: none)"""
     max_episode_steps: int = 27_000
     """Atari evaluation: agent steps per episode at most (27k = 108k frames)"""
     threads: int | None = None
-    """torch CPU threads (vector preset: 1, fastest for small MLPs); None keeps torch's default"""
+    """torch CPU threads; None keeps torch's default"""
     run_dir: str | None = None
-    """default runs/cql_qrdqn_atari__{env}__s{seed}__{YYYYmmdd-HHMMSS}"""
+    """None: runs/cql_qrdqn_atari__{env}__s{seed}__{YYYYmmdd-HHMMSS}"""
     log_every: int = 1000
     """gradient steps between host syncs for logging and divergence checks"""
     track: bool = False
@@ -119,11 +142,11 @@ class Args:
     wandb_project: str = "cql-calql"
     """W&B project"""
     wandb_entity: str | None = None
-    """W&B entity"""
+    """W&B entity; None: your default entity"""
     compile: bool = False
     """torch.compile the loss computation of the update step"""
     resume: str | None = None
-    """RUN_DIR to resume from (same other arguments)"""
+    """RUN_DIR to resume from (same other arguments); None: a new run"""
     progress: bool = True
     """show a tqdm progress bar"""
 
@@ -166,20 +189,80 @@ LOCAL_ENVS = {
     "pong-random": "local/ale-pong/random-v0",
 }
 
-# Presets: "atari" for frames (paper / official config), "vector" for small CPU problems.
-PRESETS = {
-    "atari": dict(
-        total_steps=12_500_000, eval_every=62_500, eval_episodes=10, batch_size=32, lr=5e-5,
-        adam_eps=3.125e-4, num_quantiles=200, target_update_every=2000, clip_reward=True,
-        eval_epsilon=0.001, hidden_dims=(512,),
-    ),
-    "vector": dict(
-        total_steps=20_000, eval_every=2000, eval_episodes=10, batch_size=64, lr=1e-3,
-        adam_eps=3.125e-4, num_quantiles=50, target_update_every=500, clip_reward=False,
-        eval_epsilon=0.0, hidden_dims=(128, 128), cql_alpha=1.0, threads=1,
-    ),
+
+# Presets: every value with its source. CQL = github.com/aviralkumar2907/CQL (atari/ folder, on
+# google-research/batch_rl and dopamine); GIN = its atari/batch_rl/fixed_replay/configs/
+# quantile.gin (Pong; quantile_{asterix,breakout,qbert,seaquest}.gin are identical but the game).
+# A dopamine "iteration" (FixedReplayRunner._run_train_phase) calls the agent's _train_step
+# training_steps = 250k times (GIN line 30); dopamine's DQNAgent._train_step runs a gradient step
+# every update_period = 4 calls (GIN line 14): one iteration = 62.5k gradient steps.
+Preset = dict[str, tuple[Any, str]]
+_GIN = "CQL atari/batch_rl/fixed_replay/configs/quantile.gin"
+ATARI_PRESET: Preset = {
+    # training length: the CQL README's command runs FixedReplayRunner.num_iterations=1000
+    # (README line 31, overriding GIN line 29's 200), and the paper reports Table 3 "after 5X
+    # gradient steps" (App. F), the REM paper's 5X = 1000 iterations (Agarwal et al. 2020, Fig. 6).
+    # 1000 x 62.5k = 62.5M gradient steps; GIN's 200 iterations = --total-steps 12500000.
+    "total_steps": (62_500_000, "CQL README line 31 num_iterations=1000 x 62.5k gradient steps "
+                                "(paper App. F: Table 3 after 5X gradient steps)"),
+    "eval_every": (62_500, "one dopamine iteration: GIN line 30 training_steps=250000 / "
+                           "update_period=4 (line 14)"),
+    # official: episodes until 125k agent steps per evaluation (GIN line 31 evaluation_steps);
+    # here a fixed number of episodes, so that every evaluation averages the same count
+    "eval_episodes": (10, "project choice (official: episodes filling 125k agent steps, "
+                          "GIN line 31)"),
+    "batch_size": (32, f"{_GIN} line 35 WrappedFixedReplayBuffer.batch_size"),
+    "lr": (5e-5, f"{_GIN} line 24 AdamOptimizer.learning_rate"),
+    "adam_eps": (3.125e-4, f"{_GIN} line 25 AdamOptimizer.epsilon"),
+    "gamma": (0.99, f"{_GIN} line 11"),
+    "num_quantiles": (200, f"{_GIN} line 10 num_atoms"),
+    "kappa": (1.0, "CQL atari/batch_rl/multi_head/quantile_agent.py line 40 kappa=1.0"),
+    "target_update_every": (2000, f"{_GIN} line 15 target_update_period=8000 agent steps / "
+                                  "update_period 4"),
+    "clip_reward": (True, "dopamine DQN Replay data is stored clipped to [-1, 1] "
+                          "(dqn_agent.py: np.clip(reward, -1, 1))"),
+    "eval_epsilon": (0.001, f"{_GIN} line 17 epsilon_eval"),
+    "max_episode_steps": (27_000, f"{_GIN} line 32 max_steps_per_episode"),
+    "noop_max": (0, "dopamine atari_lib.create_atari_environment: no no-op starts"),
+    "torso_padding": ("same", "dopamine atari_lib.NatureDQNNetwork (Keras padding='same')"),
+    "hidden_dims": ((512,), "Nature DQN dense layer (only its width; frames use the conv torso)"),
 }
-DEFAULTS = dict(data_fraction=0.01)  # fills what neither a preset nor the user set
+PRESETS: dict[str, Preset] = {
+    "atari": ATARI_PRESET,
+    # DQN Replay: the paper's two data settings; the weight is chosen from --data-fraction
+    # (<= 5% -> the 1% weight, else the 10% weight; the paper's 20% curves used 0.5)
+    "dqn-replay-1pct": {
+        "cql_alpha": (4.0, "CQL README line 35 'For 1% data, use minq_weight=4.0'; paper App. F"),
+        "sticky_prob": (0.25, f"{_GIN} line 28 sticky_actions=True (dopamine: 0.25); the data "
+                              "was collected with them"),
+    },
+    "dqn-replay-10pct": {
+        "cql_alpha": (1.0, "CQL README line 35 'for 10% data, use minq_weight=1.0'; paper App. F"),
+        "sticky_prob": (0.25, f"{_GIN} line 28 sticky_actions=True (dopamine: 0.25); the data "
+                              "was collected with them"),
+    },
+    # Minari atari/<game>/expert-v0: 10 expert episodes, not the paper's data
+    "minari-atari": {
+        "cql_alpha": (4.0, "project choice: the paper's weight for its smallest (1%) data"),
+        "sticky_prob": (0.0, "the dataset's env spec: Minari atari/<game>/expert-v0 was collected "
+                             "with repeat_action_probability=0 (read from the data when local)"),
+    },
+    # small vector problems (CartPole) on a CPU: no paper setting exists
+    "vector": {
+        "total_steps": (20_000, "project choice: CPU-sized"),
+        "eval_every": (2000, "project choice"),
+        "batch_size": (64, "project choice"),
+        "lr": (1e-3, "project choice: small MLP"),
+        "num_quantiles": (50, "project choice"),
+        "target_update_every": (500, "project choice"),
+        "cql_alpha": (1.0, "project choice (tests/test_qrdqn_run.py learning test)"),
+        "clip_reward": (False, "project choice: CartPole rewards are 1"),
+        "eval_epsilon": (0.0, "project choice: greedy"),
+        "hidden_dims": ((128, 128), "project choice"),
+        "threads": (1, "project choice: one thread is fastest for small MLPs"),
+    },
+}
+ONE_PCT_MAX = 0.05  # --data-fraction up to this uses the 1% weight, above it the 10% weight
 
 
 def fail(msg: str):
@@ -188,7 +271,7 @@ def fail(msg: str):
 
 
 def atari_game(name: str) -> str | None:
-    """ALE ROM id for an env name (pong, Pong, space-invaders...), or None."""
+    """ALE ROM id for an env name (pong, Pong, space-invaders, SpaceInvaders...), or None."""
     import ale_py
 
     rom = name.lower().replace("-", "_")
@@ -211,73 +294,143 @@ class DataSource:
     description: str
 
 
-def _peek_game(dataset_id: str) -> str | None:
-    """The ALE game of a local Minari dataset of frames (from its env spec), else None."""
+def _minari_spec(dataset_id: str):
+    """The Minari dataset's spec if it is stored locally, else None (no download)."""
     try:
-        spec = minari.load_dataset(dataset_id).spec
+        return minari.load_dataset(dataset_id).spec
     except Exception:  # noqa: BLE001 - missing: reported when the data is loaded
         return None
-    if len(spec.observation_space.shape or ()) < 2 or spec.env_spec is None:
+
+
+def _peek_game(dataset_id: str) -> str | None:
+    """The ALE game of a local Minari dataset of frames (from its env spec), else None."""
+    spec = _minari_spec(dataset_id)
+    if spec is None or len(spec.observation_space.shape or ()) < 2 or spec.env_spec is None:
         return None
     m = re.fullmatch(r"ALE/(\w+)-v\d+", spec.env_spec.id)
     return atari_game(m.group(1)) if m else None
 
 
-def resolve_source(args: Args) -> DataSource:
+def unknown_env(env: str):
+    valid = ", ".join(list(PAPER_GAMES) + list(LOCAL_ENVS))
+    fail(f"unknown --env '{env}'; valid: {valid}, or any ALE game id "
+         f"(python -c 'import ale_py; print(ale_py.roms.get_all_rom_ids())')")
+
+
+def resolve_source(env: str, dataset_id: str | None = None, dqn_replay_dir: str | None = None,
+                   data_fraction: float = 0.01, checkpoints: str = "all") -> DataSource:
     """Which data the run uses, from --env, --dataset-id and --dqn-replay-dir."""
-    env = args.env.lower()
-    game = None if env in LOCAL_ENVS else atari_game(env)
-    if args.dqn_replay_dir is not None:
+    name = env.lower()
+    game = None if name in LOCAL_ENVS else atari_game(name)
+    if dqn_replay_dir is not None:
         if game is None:
-            what = "is a local dataset, not an Atari game" if env in LOCAL_ENVS else "unknown"
-            fail(f"--dqn-replay-dir needs an Atari game as --env: '{args.env}' {what}; valid: "
+            what = "is a local dataset, not an Atari game" if name in LOCAL_ENVS else "unknown"
+            fail(f"--dqn-replay-dir needs an Atari game as --env: '{env}' {what}; valid: "
                  f"{', '.join(PAPER_GAMES)} or any ALE game id")
         return DataSource("dqn_replay", game, None,
-                          f"dqn_replay:{args.dqn_replay_dir}:fraction={args.data_fraction}"
-                          f":checkpoints={args.checkpoints}")
-    if args.dataset_id is not None:  # any Minari id; --env is then only a label
-        m = re.match(r"atari/([a-z0-9_]+)/", args.dataset_id)
-        game = (atari_game(m.group(1)) if m else None) or _peek_game(args.dataset_id) or game
-        return DataSource("minari", game, args.dataset_id, args.dataset_id)
-    if env in LOCAL_ENVS:
-        return DataSource("minari", _peek_game(LOCAL_ENVS[env]), LOCAL_ENVS[env], LOCAL_ENVS[env])
+                          f"dqn_replay:{dqn_replay_dir}:fraction={data_fraction}"
+                          f":checkpoints={checkpoints}")
+    if dataset_id is not None:  # any Minari id; --env is then only a label
+        m = re.match(r"atari/([a-z0-9_]+)/", dataset_id)
+        game = (atari_game(m.group(1)) if m else None) or _peek_game(dataset_id) or game
+        return DataSource("minari", game, dataset_id, dataset_id)
+    if name in LOCAL_ENVS:
+        return DataSource("minari", _peek_game(LOCAL_ENVS[name]), LOCAL_ENVS[name],
+                          LOCAL_ENVS[name])
     if game is None:
-        valid = ", ".join(list(PAPER_GAMES) + list(LOCAL_ENVS))
-        fail(f"unknown env or game '{args.env}'; valid: {valid}, or any ALE game id "
-             f"(python -c 'import ale_py; print(ale_py.roms.get_all_rom_ids())')")
+        unknown_env(env)
     dataset_id = f"atari/{game.replace('_', '')}/expert-v0"
     return DataSource("minari", game, dataset_id, dataset_id)
 
 
-def resolve_args(args: Args) -> Args:
-    """Fill every None field from the env's preset, then from the global defaults."""
-    src = resolve_source(args)
-    atari = src.game is not None or src.kind == "dqn_replay"
-    preset = dict(PRESETS["atari" if atari else "vector"])
-    if src.kind == "dqn_replay" and "cql_alpha" not in preset:
-        # Paper: alpha = 4.0 with 1% of the data, 1.0 with 10% (0.5 in the 20% curves).
-        frac = args.data_fraction if args.data_fraction is not None else DEFAULTS["data_fraction"]
-        preset["cql_alpha"] = 4.0 if frac <= 0.05 else 1.0
-    preset.setdefault("cql_alpha", 4.0)  # Minari Atari expert-v0: 10 episodes, a small data set
-    updates = {}
-    for f in dataclasses.fields(Args):
-        if getattr(args, f.name) is None:
-            if f.name in preset:
-                updates[f.name] = preset[f.name]
-            elif f.name in DEFAULTS:
-                updates[f.name] = DEFAULTS[f.name]
-    args = dataclasses.replace(args, **updates)
-    if args.hidden_dims is not None:
-        args = dataclasses.replace(args, hidden_dims=tuple(args.hidden_dims))
+def preset_groups(env: str, dataset_id: str | None = None, dqn_replay_dir: str | None = None,
+                  data_fraction: float = 0.01) -> list[str]:
+    """The PRESETS groups that apply, in order (later ones override earlier ones)."""
+    src = resolve_source(env, dataset_id, dqn_replay_dir, data_fraction)
+    if src.kind == "dqn_replay":
+        return ["atari", "dqn-replay-1pct" if data_fraction <= ONE_PCT_MAX else "dqn-replay-10pct"]
+    if src.game is not None:
+        return ["atari", "minari-atari"]
+    return ["vector"]
+
+
+def data_sticky_prob(spec) -> float | None:
+    """repeat_action_probability of a Minari dataset's eval env (its env spec unless it names an
+    eval env), with ALE v5's registered default (0.25) where the spec does not set it."""
+    env_spec = getattr(spec, "eval_env_spec", None) or getattr(spec, "env_spec", None)
+    if env_spec is None or not env_spec.id.startswith("ALE/"):
+        return None
+    import ale_py
+
+    gym.register_envs(ale_py)
+    kwargs = {**gym.spec(env_spec.id).kwargs, **env_spec.kwargs}
+    return float(kwargs.get("repeat_action_probability", 0.25))
+
+
+def preset_args(env: str, dataset_id: str | None = None, dqn_replay_dir: str | None = None,
+                data_fraction: float = 0.01) -> Args:
+    """Args() with the values of the env's preset groups filled in (literal values)."""
+    values: dict[str, Any] = {}
+    groups = preset_groups(env, dataset_id, dqn_replay_dir, data_fraction)
+    for group in groups:
+        values.update({k: v for k, (v, _) in PRESETS[group].items()})
+    if "minari-atari" in groups:  # the dataset's own sticky-action setting, when it is local
+        source = resolve_source(env, dataset_id)
+        spec = _minari_spec(source.dataset_id)
+        if spec is not None and data_sticky_prob(spec) is not None:
+            values["sticky_prob"] = data_sticky_prob(spec)
+    return dataclasses.replace(Args(), env=env, dataset_id=dataset_id,
+                               dqn_replay_dir=dqn_replay_dir, data_fraction=data_fraction,
+                               **values)
+
+
+def presets_markdown() -> str:
+    """Every preset value with its source, as a markdown table (`--presets`)."""
+    lines = ["| preset | field | value | source |", "|---|---|---|---|"]
+    for group, preset in PRESETS.items():
+        for field, (value, source) in preset.items():
+            lines.append(f"| {group} | `{field}` | `{value!r}` | {source} |")
+    applies = ("atari: every Atari source; dqn-replay-1pct: --dqn-replay-dir with --data-fraction "
+               f"<= {ONE_PCT_MAX}; dqn-replay-10pct: above; minari-atari: a Minari Atari "
+               "dataset (atari/<game>/expert-v0); vector: vector observations (CartPole)")
+    return "\n".join(lines) + f"\n\nGroups: {applies}. Unlisted fields: `Args` defaults.\n"
+
+
+def check_args(args: Args) -> Args:
+    """One-line errors for values no run can use."""
     for name in ("total_steps", "eval_every", "eval_episodes", "batch_size", "num_quantiles",
-                 "target_update_every", "log_every"):
+                 "target_update_every", "log_every", "max_episode_steps"):
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not 0.0 < args.data_fraction <= 1.0:
         fail(f"--data-fraction must be in (0, 1], got {args.data_fraction}")
     if args.cql_alpha < 0:
         fail(f"--cql-alpha must be >= 0, got {args.cql_alpha}")
-    return args
+    if args.sticky_prob is not None and not 0.0 <= args.sticky_prob <= 1.0:
+        fail(f"--sticky-prob must be in [0, 1], got {args.sticky_prob}")
+    if args.noop_max < 0:
+        fail(f"--noop-max must be >= 0, got {args.noop_max}")
+    return dataclasses.replace(args, hidden_dims=tuple(args.hidden_dims))
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """Command line -> Args: --env (and the data flags) pick the preset, which tyro shows in
+    --help and the other flags override."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--presets" in argv:
+        print(presets_markdown(), end="")
+        raise SystemExit(0)
+    pre = argparse.ArgumentParser(add_help=False)
+    for flag in ("--env", "--dataset-id", "--dqn-replay-dir"):
+        pre.add_argument(flag)
+    pre.add_argument("--data-fraction", type=float, default=0.01)
+    known, _ = pre.parse_known_args(argv)
+    if known.env is None and not {"-h", "--help"} & set(argv):
+        fail("--env is required (e.g. --env pong, --env cartpole-expert); see --help")
+    preset = preset_args(known.env or Args.env, known.dataset_id, known.dqn_replay_dir,
+                         known.data_fraction)
+    return check_args(tyro.cli(Args, default=preset, args=argv,
+                               description=__doc__.split("\n\n")[0]))
 
 
 # ==================================================================================================
@@ -469,8 +622,21 @@ def parse_checkpoint_list(spec: str, available: list[int]) -> list[int]:
 
 def load_dqn_replay(path: str, fraction: float, checkpoints: str = "all",
                     progress: bool = True) -> Dataset:
-    """The first `fraction` of each chosen checkpoint, as the official CQL 1%/10% data (its README:
-    'subsampling the first 10000 samples from each of [the 50 buffers]' for 1%)."""
+    """The first round(fraction x filled rows) transitions of each chosen checkpoint (all 50 by
+    default): 0.01 of a game's 50 checkpoints of 1M = 10k rows each, 500k transitions in all.
+
+    What the official code does (github.com/aviralkumar2907/CQL, atari/): it shrinks dopamine's
+    replay_capacity when loading each checkpoint (fixed_replay_buffer.py lines 51-53, comment
+    'For 1% experiments, we load 10000 sized buffers', `self._args[2] = 10000`); the buffer then
+    samples indices modulo that capacity, i.e. only the first 10k rows of each 1M checkpoint. It
+    loads 10 checkpoints drawn at random without replacement (line 69,
+    `_load_replay_buffers(num_buffers=10)`, np.random.choice at line 166; comment 'For 1%
+    experiments, set num_buffers=50'). Its README contradicts the code: it says args[2] = 1000
+    for 1% and 10000 for 10% (and names the file fixed_replay_memory.py, 'line 53'), raising
+    num_buffers from 10 to 50 where RAM allows. Only the code comment's 10k rows x 50 checkpoints
+    is 1% of 50M; the README's 1000 x 50 would be 0.1%, and its default 10 random checkpoints
+    give a fifth of the stated share. This loader follows the 1%/10% definitions (10k / 100k
+    rows from each of the 50 checkpoints); `--checkpoints` picks a subset (e.g. 10 of them)."""
     root = Path(path)
     if not root.is_dir():
         fail(f"--dqn-replay-dir {path} does not exist; download a game's logs with "
@@ -903,7 +1069,8 @@ def pick_device(name: str) -> torch.device:
 
 def train(args: Args) -> dict:
     t_start = time.time()
-    source = resolve_source(args)
+    source = resolve_source(args.env, args.dataset_id, args.dqn_replay_dir, args.data_fraction,
+                            args.checkpoints)
     device = pick_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -1073,12 +1240,10 @@ def train(args: Args) -> dict:
 # ==================================================================================================
 
 
-def main(args: Args | None = None) -> dict:
-    if args is None:
-        args = tyro.cli(Args)
-    args = resolve_args(args)
-    return train(args)
+def main(args: Args) -> dict:
+    """Train with a complete Args (parse_args, or replace() on preset_args(env))."""
+    return train(check_args(args))
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_args())

@@ -107,7 +107,7 @@ def build_step(case: Case, mode: str, device: torch.device) -> Callable[[], Any]
             trainer.loss_fn = torch.compile(calql.compute_losses, mode="reduce-overhead")
         batch = random_batch(calql.KEYS, args.batch_size, case.obs_dim, case.action_dim, device)
         return lambda: trainer.step(batch, False, args.cql_weight)
-    args = qrdqn.resolve_args(qrdqn.Args(env=case.env, **over))
+    args = replace(qrdqn.preset_args(case.env), **over)
     agent = qrdqn.CQLQRDQN(args, case.obs_dim, case.action_dim, device)
     if graphs:
         agent.losses_fn = torch.compile(agent.losses, mode="reduce-overhead")

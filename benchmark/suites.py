@@ -161,7 +161,8 @@ ATARI_GAMES = {"pong": "Pong", "breakout": "Breakout", "qbert": "Qbert", "seaque
 
 def _atari(name: str, fraction: str, pct: str) -> Suite:
     """CQL vs QR-DQN on a share of the DQN Replay data (run 1 of each game)."""
-    return Suite(name, f"CQL(H) vs QR-DQN on {pct} of the DQN Replay data, 12.5M steps", tuple(
+    return Suite(name, f"CQL(H) vs QR-DQN on {pct} of the DQN Replay data, 62.5M steps "
+                 "(the preset: 1000 dopamine iterations)", tuple(
         Entry(CQL_QRDQN, game, variant,
               ("--dqn-replay-dir", f"{{data_root}}/{folder}/1/replay_logs", "--data-fraction",
                fraction, *extra), (), "return_mean", f"{variant}-{pct}/{game}")

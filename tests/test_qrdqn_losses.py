@@ -1,5 +1,6 @@
 """cql_qrdqn_atari.py: the QR-DQN loss, the QR target and the CQL(H) term against brute force."""
 
+import dataclasses
 import math
 
 import pytest
@@ -98,8 +99,8 @@ def test_cql_term_on_quantile_network_lowers_ood_q_in_training():
     """A few steps of the full update with only CQL (huge alpha): the data action's Q ends
     above the other actions' Q at the data states."""
     torch.manual_seed(0)
-    args = m.resolve_args(m.Args(env="cartpole-expert", cql_alpha=100.0, lr=1e-2,
-                                 hidden_dims=(16,), num_quantiles=5))
+    args = dataclasses.replace(m.preset_args("cartpole-expert"), cql_alpha=100.0, lr=1e-2,
+                               hidden_dims=(16,), num_quantiles=5)
     agent = m.CQLQRDQN(args, (4,), 3, torch.device("cpu"))
     obs = torch.randn(32, 4)
     actions = torch.zeros(32, dtype=torch.long)  # the data always takes action 0
@@ -114,8 +115,9 @@ def test_cql_term_on_quantile_network_lowers_ood_q_in_training():
 
 
 def test_lagrange_alpha_grows_when_gap_exceeds_target():
-    args = m.resolve_args(m.Args(env="cartpole-expert", lagrange=True, target_action_gap=0.0,
-                                 alpha_lr=0.1, hidden_dims=(8,), num_quantiles=3))
+    args = dataclasses.replace(m.preset_args("cartpole-expert"), lagrange=True,
+                               target_action_gap=0.0, alpha_lr=0.1, hidden_dims=(8,),
+                               num_quantiles=3)
     agent = m.CQLQRDQN(args, (4,), 4, torch.device("cpu"))
     obs = torch.randn(16, 4)
     batch = (obs, torch.zeros(16, dtype=torch.long), torch.zeros(16), obs, torch.ones(16))

@@ -1,5 +1,6 @@
 """cql_qrdqn_atari.py end to end: run directory, resume, signals, bad inputs, learning."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -19,11 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "cql_qrdqn_atari.py")
 
 
+def args_for(env, dataset_id=None, dqn_replay_dir=None, data_fraction=0.01, **overrides):
+    """The env's preset with overrides, as tests build complete Args."""
+    preset = m.preset_args(env, dataset_id, dqn_replay_dir, data_fraction)
+    return dataclasses.replace(preset, **overrides)
+
+
 def small(env="cartpole-medium", **kw):
-    base = dict(env=env, total_steps=300, eval_every=150, eval_episodes=2, log_every=50,
+    base = dict(total_steps=300, eval_every=150, eval_episodes=2, log_every=50,
                 progress=False, hidden_dims=(32, 32), num_quantiles=8)
     base.update(kw)
-    return m.Args(**base)
+    return args_for(env, **base)
 
 
 def read_metrics(run_dir):
@@ -69,7 +76,7 @@ def test_cartpole_run_writes_the_run_directory(tmp_path, local_dataset):
 def test_pong_local_run_with_nature_torso(tmp_path, local_dataset):
     local_dataset("pong-random")
     run_dir = tmp_path / "pong"
-    summary = m.main(m.Args(env="pong-random", total_steps=4, eval_every=2, eval_episodes=1,
+    summary = m.main(args_for("pong-random", total_steps=4, eval_every=2, eval_episodes=1,
                             batch_size=8, max_episode_steps=60, log_every=2, progress=False,
                             run_dir=str(run_dir)))
     config = json.loads((run_dir / "config.json").read_text())
@@ -86,20 +93,19 @@ def test_pong_local_run_with_nature_torso(tmp_path, local_dataset):
 def test_dqn_replay_run(tmp_path):
     replay = bd.make_dqn_replay_dir(tmp_path / "Pong" / "1" / "replay_logs", num_checkpoints=2)
     run_dir = tmp_path / "run"
-    summary = m.main(m.Args(env="pong", dqn_replay_dir=str(replay), data_fraction=0.5,
-                            total_steps=2, eval_every=2, eval_episodes=1, batch_size=4,
+    summary = m.main(args_for("pong", dqn_replay_dir=str(replay), data_fraction=0.5,
+                              total_steps=2, eval_every=2, eval_episodes=1, batch_size=4,
                             max_episode_steps=30, log_every=1, progress=False,
                             run_dir=str(run_dir)))
     config = json.loads((run_dir / "config.json").read_text())
     assert config["cql_alpha"] == 1.0  # preset for a large fraction (0.5 > 5%)
     assert summary["transitions"] > 0 and config["dataset"].startswith("dqn_replay:")
     # the paper's presets: alpha 4.0 with 1% of the data, 1.0 with 10%
-    assert m.resolve_args(m.Args(env="pong", dqn_replay_dir="x", data_fraction=0.01)).cql_alpha \
-        == 4.0
-    assert m.resolve_args(m.Args(env="pong", dqn_replay_dir="x", data_fraction=0.1)).cql_alpha \
-        == 1.0
-    assert m.resolve_args(m.Args(env="pong", dqn_replay_dir="x", data_fraction=0.1,
-                                 cql_alpha=2.5)).cql_alpha == 2.5
+    assert m.preset_args("pong", dqn_replay_dir="x", data_fraction=0.01).cql_alpha == 4.0
+    assert m.preset_args("pong", dqn_replay_dir="x", data_fraction=0.1).cql_alpha == 1.0
+    argv = ["--env", "pong", "--dqn-replay-dir", "x", "--data-fraction", "0.1"]
+    assert m.parse_args(argv).cql_alpha == 1.0
+    assert m.parse_args([*argv, "--cql-alpha", "2.5"]).cql_alpha == 2.5
 
 
 def test_compile_runs_on_cpu(tmp_path, local_dataset):
@@ -162,8 +168,8 @@ def test_sigint_saves_checkpoint_and_resume_continues_identically(tmp_path, loca
     target = (step // 100 + 1) * 100 + 30
     kw = dict(env="cartpole-medium", eval_every=100, eval_episodes=1, hidden_dims=(32, 32),
               num_quantiles=8, log_every=50, progress=False, total_steps=target)
-    resumed = m.main(m.Args(resume=str(run_dir), **kw))
-    full = m.main(m.Args(run_dir=str(tmp_path / "full"), **kw))
+    resumed = m.main(args_for(resume=str(run_dir), **kw))
+    full = m.main(args_for(run_dir=str(tmp_path / "full"), **kw))
     assert resumed["final_return"] == full["final_return"]
     assert read_metrics(run_dir)[-1] == read_metrics(tmp_path / "full")[-1]
 
@@ -172,29 +178,29 @@ def test_sigint_saves_checkpoint_and_resume_continues_identically(tmp_path, loca
 
 
 def test_unknown_env_lists_valid_names():
-    with pytest.raises(SystemExit, match="unknown env or game 'walker'; valid: pong, breakout"):
-        m.main(m.Args(env="walker"))
+    with pytest.raises(SystemExit, match="unknown --env 'walker'; valid: pong, breakout"):
+        m.parse_args(["--env", "walker"])
     r = run_cli("--env", "notagame", "--no-progress")
-    assert r.returncode != 0 and "error: unknown env or game 'notagame'" in r.stderr
+    assert r.returncode != 0 and "error: unknown --env 'notagame'" in r.stderr
     assert "Traceback" not in r.stderr
 
 
 def test_continuous_dataset_points_to_sac_script(local_dataset):
     ds_id = local_dataset("pendulum-random")
     with pytest.raises(SystemExit, match="continuous action space.*cql_sac_continuous.py"):
-        m.main(m.Args(env="custom", dataset_id=ds_id, progress=False))
+        m.main(args_for("custom", dataset_id=ds_id, progress=False))
 
 
 def test_missing_replay_dir_and_unknown_game(tmp_path):
     with pytest.raises(SystemExit, match="--dqn-replay-dir .* does not exist.*gsutil"):
-        m.main(m.Args(env="pong", dqn_replay_dir=str(tmp_path / "nope"), progress=False))
+        m.main(args_for("pong", dqn_replay_dir=str(tmp_path / "nope"), progress=False))
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match=r"no \$store\$_observation_ckpt"):
-        m.main(m.Args(env="pong", dqn_replay_dir=str(tmp_path / "empty"), progress=False))
+        m.main(args_for("pong", dqn_replay_dir=str(tmp_path / "empty"), progress=False))
     with pytest.raises(SystemExit, match="Atari game as --env: 'pongg' unknown; valid: pong"):
-        m.main(m.Args(env="pongg", dqn_replay_dir=str(tmp_path), progress=False))
+        m.parse_args(["--env", "pongg", "--dqn-replay-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="'cartpole-expert' is a local dataset, not an Atari"):
-        m.main(m.Args(env="cartpole-expert", dqn_replay_dir=str(tmp_path), progress=False))
+        m.parse_args(["--env", "cartpole-expert", "--dqn-replay-dir", str(tmp_path)])
 
 
 def test_missing_local_dataset_says_how_to_build(tmp_path):
@@ -227,7 +233,7 @@ def test_nan_in_data_is_refused(tmp_path, monkeypatch):
     with pytest.warns(UserWarning):
         minari.create_dataset_from_buffers("test/nan/bad-v0", [buf], env=gym.make("CartPole-v1"))
     with pytest.raises(SystemExit, match="test/nan/bad-v0 contains NaN"):
-        m.main(m.Args(env="custom", dataset_id="test/nan/bad-v0", progress=False))
+        m.main(args_for("custom", dataset_id="test/nan/bad-v0", progress=False))
 
 
 def test_divergence_names_step_and_last_checkpoint(tmp_path, local_dataset):
@@ -252,8 +258,8 @@ def test_cql_beats_plain_qrdqn_on_narrow_cartpole_data(tmp_path, local_dataset):
     local_dataset("cartpole-expert")
     kw = dict(env="cartpole-expert", total_steps=4000, eval_every=4000, eval_episodes=5,
               progress=False)
-    cql = m.main(m.Args(run_dir=str(tmp_path / "cql"), **kw))
-    plain = m.main(m.Args(run_dir=str(tmp_path / "plain"), cql_alpha=0.0, **kw))
+    cql = m.main(args_for(run_dir=str(tmp_path / "cql"), **kw))
+    plain = m.main(args_for(run_dir=str(tmp_path / "plain"), cql_alpha=0.0, **kw))
     print(f"CQL normalized {cql['final_normalized_score']:.1f} (return {cql['final_return']}), "
           f"CQL weight 0: {plain['final_normalized_score']:.1f} ({plain['final_return']})")
     assert cql["final_normalized_score"] >= 90.0
