@@ -7,9 +7,24 @@ Official code: github.com/nakamotoo/Cal-QL (JAX, built on JaxCQL). CQL: Kumar et
 Cal-QL is CQL (importance-sampled logsumexp, twin critics, max backup, fixed or Lagrange
 weight) plus ONE change: in the logsumexp, the Q-values of the policy actions (pi(.|s) and
 pi(.|s'), both scored at s) are replaced by max(Q(s,a), V_mu(s)), V_mu the Monte-Carlo
-return-to-go of the behaviour policy. `--enable-calql false` gives plain CQL, all else equal.
+return-to-go of the behaviour policy. `--no-enable-calql` gives plain CQL, all else equal.
 Where the official code and the paper's appendix differ, the official code is followed and
-the comment says so.
+the comment says so. `python calql_finetune.py --presets` prints every preset value with
+its source; `python calql_finetune.py --env X --help` shows the values that run for X.
+
+Data (what the presets load, and how it differs from the paper's):
+- Adroit binary (`pen|door|relocate-binary`): `D4RL/<task>/cloned-v2` from Minari, re-labelled
+  `r = success - 1` from its per-step `success` infos. The official Cal-QL data is NOT this:
+  it is AWAC's 25 human demonstrations plus 500 behaviour-cloned trajectories per task
+  (`demonstrations/offpolicy_hand_data/*_sparse.npy`, Cal-QL README and
+  `JaxCQL/replay_buffer.py get_hand_dataset_with_mc_calculation`), which Minari does not host;
+  `cloned-v2` (D4RL's human demos plus BC rollouts) is the closest public data. Evaluation
+  uses D4RL's horizons (pen 100, door/relocate 200) and reports the success rate; no
+  normalized score (D4RL's reference scores are dense returns, not {-1, 0} ones).
+- AntMaze (`antmaze-<maze>`): `D4RL/antmaze/<maze>-v1`, a continuing task (never terminated);
+  terminals are set where the goal reward is received, as in D4RL's antmaze `terminals` that
+  Cal-QL reads; evaluation in the DATA's maze with fixed start and goal cells, episodes end at
+  the goal, score = success rate x 100 (see `antmaze_eval_kwargs`).
 
 One file, top to bottom: arguments and presets, data (binary relabelling, MC returns),
 replay buffers (offline, online, mixed batches), networks, losses, evaluation, checkpoints,
@@ -19,17 +34,20 @@ training loop (offline pre-training, then online fine-tuning), main.
     python calql_finetune.py --env pointmaze-binary                 # CPU, about a minute
     python calql_finetune.py --env pen-binary --dataset-id local/pen/cloned-v0
     python calql_finetune.py --env pen-binary --device cuda          # D4RL/pen/cloned-v2
+    python calql_finetune.py --env antmaze-medium-play --no-enable-calql   # plain CQL
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import math
 import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,103 +66,113 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
-    """Cal-QL fine-tuning. Fields left at None take the `--env` preset's value, else the default."""
+    """Cal-QL fine-tuning. Defaults are the pen-binary preset; `--env X` loads X's preset
+    (`--env X --help` shows it, `--presets` lists every preset value with its source)."""
 
     env: str = "pen-binary"
     """Task with a preset: pen-binary, door-binary, relocate-binary, antmaze-<maze>,
     pointmaze-binary (local, CPU)."""
-    dataset_id: str | None = None
-    """Any Minari dataset id; overrides the dataset of `--env` (the preset is still applied),
+    dataset_id: str = "D4RL/pen/cloned-v2"
+    """Minari dataset id (the preset's by default); any other id keeps the preset's values,
     e.g. D4RL/pen/human-v2 or local/pen/cloned-v0."""
     seed: int = 0
     """Random seed (networks, sampling, online and evaluation episodes)."""
     device: str = "auto"
     """auto | cpu | cuda (auto picks CUDA when available)."""
-    offline_steps: int | None = None
-    """Gradient steps of offline pre-training (Adroit: 20k; AntMaze: 1M)."""
-    online_steps: int | None = None
-    """Environment steps of online fine-tuning (pen: 200k; door, relocate, AntMaze: 1M)."""
-    offline_eval_every: int | None = None
-    """Evaluate (and checkpoint) every this many gradient steps during pre-training; the end
-    of pre-training is always evaluated (the 'offline score')."""
-    eval_every: int | None = None
-    """Evaluate (and checkpoint) every this many env steps during fine-tuning (paper: 2000)."""
-    eval_episodes: int | None = None
-    """Deterministic evaluation episodes (paper: 20)."""
+    offline_steps: int = 20_000
+    """Gradient steps of offline pre-training."""
+    online_steps: int = 200_000
+    """Environment steps of online fine-tuning."""
+    offline_eval_every: int = 2_000
+    """Evaluate (and checkpoint) every this many gradient steps during pre-training; step 0
+    (before any update, as the official loop's epoch 0) and the end of pre-training (the
+    'offline score') are always evaluated."""
+    eval_every: int = 2_000
+    """Evaluate (and checkpoint) every this many env steps during fine-tuning."""
+    eval_episodes: int = 20
+    """Deterministic evaluation episodes."""
     batch_size: int = 256
     """Transitions per gradient step; online: mixing_ratio of them offline, the rest online."""
     mixing_ratio: float = 0.5
-    """Share of each online-phase batch drawn from the offline data (paper: 0.5)."""
+    """Share of each online-phase batch drawn from the offline data."""
     utd: int = 1
-    """Online update-to-data ratio: gradient steps per collected env step (paper: 1)."""
+    """Online update-to-data ratio: gradient steps per collected env step."""
     run_dir: str | None = None
-    """Run directory; default runs/calql_finetune__<env>__s<seed>__<time>."""
+    """Run directory; None: runs/calql_finetune__<env>__s<seed>__<time>."""
     hidden_dims: tuple[int, ...] | None = None
-    """Hidden widths of both networks (overridden per network by the two flags below)."""
-    actor_hidden_dims: tuple[int, ...] | None = None
-    """Actor hidden widths (Adroit: 512 512; AntMaze: 256 256)."""
-    critic_hidden_dims: tuple[int, ...] | None = None
-    """Critic hidden widths (Adroit: 512 512 512; AntMaze: 256 x4)."""
-    orthogonal_init: bool | None = None
+    """Command-line shorthand: sets --actor-hidden-dims and --critic-hidden-dims (those given
+    explicitly win). Applied by parse_args; programmatic callers set the two fields."""
+    actor_hidden_dims: tuple[int, ...] = (512, 512)
+    """Actor hidden widths."""
+    critic_hidden_dims: tuple[int, ...] = (512, 512, 512)
+    """Critic hidden widths."""
+    orthogonal_init: bool = True
     """Orthogonal init, hidden gain sqrt(2), last layer 1e-2 (Cal-QL code)."""
 
     # ---- SAC -------------------------------------------------------------------------
     gamma: float = 0.99
     """Discount factor."""
-    policy_lr: float | None = None
-    """Actor (and entropy alpha) learning rate (Cal-QL: 1e-4)."""
+    policy_lr: float = 1e-4
+    """Actor (and entropy alpha) learning rate."""
     qf_lr: float = 3e-4
     """Critic learning rate."""
     soft_target_update: float = 5e-3
     """Polyak rate of the target critics."""
     target_entropy: float | None = None
-    """Entropy target of the automatic temperature; default -|A|."""
+    """Entropy target of the automatic temperature; None: -|A|."""
     bc_steps: int = 0
-    """Behaviour-cloning warm start of the actor for this many offline steps (Cal-QL: 0)."""
+    """Behaviour-cloning warm start of the actor for this many offline steps."""
     backup_entropy: bool = False
-    """Keep -alpha*log pi in the Bellman target (JaxCQL `backup_entropy`, off in Cal-QL)."""
-    max_backup: bool | None = None
-    """Max backup: max over N actions from pi(.|s') of the twin-min target Q (Cal-QL)."""
+    """Keep -alpha*log pi in the Bellman target (JaxCQL `backup_entropy`)."""
+    max_backup: bool = True
+    """Max backup: max over N actions from pi(.|s') of the twin-min target Q."""
 
     # ---- CQL / Cal-QL ------------------------------------------------------------------
     enable_calql: bool = True
-    """Calibrate the policy-action Q-values with max(Q, V_mu); False gives plain CQL."""
-    cql_weight: float | None = None
-    """CQL weight alpha during pre-training (Adroit: 1.0; AntMaze: 5.0)."""
+    """Calibrate the policy-action Q-values with max(Q, V_mu); --no-enable-calql: plain CQL."""
+    cql_weight: float = 1.0
+    """CQL weight alpha (official `cql_min_q_weight`); with --lagrange it multiplies the gap."""
     cql_alpha_online: float | None = None
-    """CQL weight during fine-tuning; default: the same as --cql-weight (the paper keeps it)."""
+    """CQL weight during fine-tuning; None: the same as --cql-weight (official
+    `cql_min_q_weight_online=-1`: unchanged)."""
     cql_n_actions: int = 10
     """N actions per state from each proposal (uniform, pi(.|s), pi(.|s'))."""
     cql_importance_sample: bool = True
-    """Importance-sampled logsumexp (official default); False: plain logsumexp incl. Q_data."""
+    """Importance-sampled logsumexp (official default); --no-...: plain logsumexp incl. Q_data."""
     cql_temp: float = 1.0
     """Temperature T of T*logsumexp(Q/T)."""
     cql_clip_diff_min: float = -math.inf
     """Lower clip of the per-critic CQL gap (Cal-QL code)."""
     cql_clip_diff_max: float = math.inf
     """Upper clip of the per-critic CQL gap (Cal-QL code)."""
-    lagrange: bool | None = None
-    """Tune alpha' by dual gradient descent towards the gap `--cql-tau` (AntMaze)."""
-    cql_tau: float | None = None
-    """Target action gap of the Lagrange form (AntMaze: 0.8)."""
+    lagrange: bool = False
+    """Tune alpha' by dual gradient descent towards the gap --cql-tau (Cal-QL form
+    alpha' * w * (gap - tau))."""
+    cql_tau: float = 1.0
+    """Target action gap of the Lagrange form (official `cql_target_action_gap`)."""
     alpha_prime_lr: float = 3e-4
-    """Learning rate of log alpha' (Lagrange only)."""
+    """Learning rate of log alpha' (Lagrange only; official: qf_lr)."""
+    log_alpha_prime_init: float = 1.0
+    """Initial log alpha' (Lagrange only): 1.0, i.e. alpha' = e at the start."""
 
     # ---- data ------------------------------------------------------------------------
-    binary: bool | None = None
+    binary: bool = True
     """Binary relabelling (Adroit): r = success - 1, success step terminal, failed
     trajectories dropped, each cut after its last success; online episodes end at success."""
-    horizon: int | None = None
-    """Episode length limit of online and evaluation episodes (pen 100, door/relocate 200)."""
-    reward_scale: float | None = None
-    """Rewards become r * scale + bias (Adroit: 10; AntMaze: 10)."""
-    reward_bias: float | None = None
-    """Rewards become r * scale + bias (Adroit: 5; AntMaze: -5)."""
-    sparse_reward: bool | None = None
+    goal_terminals: bool = False
+    """Data steps that receive the goal reward (`success` info) are terminal, as D4RL's
+    antmaze `terminals` (AntMaze); MC returns restart after each terminal."""
+    horizon: int = 100
+    """Episode length limit of online and evaluation episodes."""
+    reward_scale: float = 10.0
+    """Rewards become r * scale + bias."""
+    reward_bias: float = 5.0
+    """Rewards become r * scale + bias."""
+    sparse_reward: bool = True
     """Apply the all-failure rule to MC returns (sparse tasks)."""
-    reward_neg: float | None = None
-    """Raw failure reward r_neg (binary: -1; AntMaze: 0); a trajectory whose every reward is
-    r_neg (after scale and bias) gets MC returns r_neg / (1 - gamma) at every step."""
+    reward_neg: float = -1.0
+    """Raw failure reward r_neg; a trajectory whose every reward is r_neg (after scale and
+    bias) gets MC returns r_neg / (1 - gamma) at every step."""
     normalize_states: bool = False
     """Normalize observations with the offline data's mean/std (eps 1e-3), at evaluation too."""
 
@@ -168,48 +196,156 @@ class Args:
     """Show a tqdm progress bar."""
 
 
-DEFAULTS: dict[str, Any] = dict(
-    offline_steps=20_000, online_steps=200_000, offline_eval_every=10_000, eval_every=2_000,
-    eval_episodes=20, hidden_dims=(256, 256), orthogonal_init=True, policy_lr=1e-4,
-    max_backup=True, cql_weight=1.0, lagrange=False, cql_tau=1.0, binary=False,
-    horizon=None, reward_scale=1.0, reward_bias=0.0, sparse_reward=False, reward_neg=0.0,
-)
+# ---- sources of the preset values ---------------------------------------------------------
+ADROIT_SH = "Cal-QL scripts/run_adroit.sh"
+ANTMAZE_SH = "Cal-QL scripts/run_antmaze.sh"
+JAXCQL = "Cal-QL JaxCQL/conservative_sac.py get_default_config"
+MAIN_PY = "Cal-QL JaxCQL/conservative_sac_main.py"
+LOCAL = "project choice for the local CPU task (benchmark/datasets.py), not a paper setting"
 
-# Paper App. / official scripts: Adroit binary tasks.
-_ADROIT = dict(offline_steps=20_000, online_steps=200_000, offline_eval_every=10_000,
-               eval_every=2_000, eval_episodes=20, actor_hidden_dims=(512, 512),
-               critic_hidden_dims=(512, 512, 512), policy_lr=1e-4, cql_weight=1.0,
-               lagrange=False, max_backup=True, binary=True, reward_scale=10.0,
-               reward_bias=5.0, sparse_reward=True, reward_neg=-1.0)
-# AntMaze: r*10 - 5, Lagrange with tau 0.8 and w 5, critic 4x256, policy 2x256.
-_ANTMAZE = dict(offline_steps=1_000_000, online_steps=1_000_000, offline_eval_every=50_000,
-                eval_every=10_000, eval_episodes=20, actor_hidden_dims=(256, 256),
-                critic_hidden_dims=(256, 256, 256, 256), policy_lr=1e-4, cql_weight=5.0,
-                lagrange=True, cql_tau=0.8, max_backup=True, binary=False, reward_scale=10.0,
-                reward_bias=-5.0, sparse_reward=True, reward_neg=0.0)
+# Values shared by every preset (the Args defaults), with their sources.
+COMMON: dict[str, tuple[Any, str]] = {
+    "batch_size": (256, f"{MAIN_PY} FLAGS batch_size=256; paper App. D: 256"),
+    "mixing_ratio": (0.5, f"{ADROIT_SH} / {ANTMAZE_SH} --mixing_ratio=0.5"),
+    "utd": (1, f"{MAIN_PY} FLAGS online_utd_ratio=1"),
+    "orthogonal_init": (True, f"{MAIN_PY} FLAGS orthogonal_init=True"),
+    "gamma": (0.99, f"{JAXCQL} discount=0.99"),
+    "policy_lr": (1e-4, f"{JAXCQL} policy_lr=1e-4"),
+    "qf_lr": (3e-4, f"{JAXCQL} qf_lr=3e-4"),
+    "soft_target_update": (5e-3, f"{JAXCQL} soft_target_update_rate=5e-3"),
+    "target_entropy": (None, f"{MAIN_PY}: target_entropy >= 0 becomes -|A| (None here)"),
+    "bc_steps": (0, "Cal-QL code has no BC warm start"),
+    "backup_entropy": (False, f"{JAXCQL} backup_entropy=False"),
+    "max_backup": (True, f"{JAXCQL} cql_max_target_backup=True"),
+    "enable_calql": (True, f"{ADROIT_SH} / {ANTMAZE_SH} --enable_calql=True"),
+    "cql_alpha_online": (None, f"{MAIN_PY} FLAGS cql_min_q_weight_online=-1.0 (unchanged)"),
+    "cql_n_actions": (10, f"{JAXCQL} cql_n_actions=10"),
+    "cql_importance_sample": (True, f"{JAXCQL} cql_importance_sample=True"),
+    "cql_temp": (1.0, f"{JAXCQL} cql_temp=1.0"),
+    "cql_clip_diff_min": (-math.inf, f"{JAXCQL} cql_clip_diff_min=-inf"),
+    "cql_clip_diff_max": (math.inf, f"{JAXCQL} cql_clip_diff_max=inf"),
+    "alpha_prime_lr": (3e-4, f"{JAXCQL}: log_alpha_prime's optimizer uses qf_lr"),
+    "log_alpha_prime_init": (1.0, "Cal-QL JaxCQL/conservative_sac.py `Scalar(1.0)` for "
+                             "log_alpha_prime; CORL algorithms/finetune/cal_ql.py the same"),
+    "cql_tau": (1.0, f"{JAXCQL} cql_target_action_gap=1.0 (unused without Lagrange)"),
+}
+
+# Adroit binary tasks (pen, door, relocate).
+ADROIT: dict[str, tuple[Any, str]] = {
+    "offline_steps": (20_000, f"{ADROIT_SH} --n_pretrain_epochs=20 x "
+                      "--n_train_step_per_epoch_offline=1000"),
+    "offline_eval_every": (2_000, f"{ADROIT_SH} --offline_eval_every_n_epoch=2 (x 1000 steps)"),
+    "eval_every": (2_000, f"{ADROIT_SH} --online_eval_every_n_env_steps=2000"),
+    "eval_episodes": (20, f"{ADROIT_SH} --eval_n_trajs=20"),
+    "actor_hidden_dims": ((512, 512), f"{ADROIT_SH} --policy_arch=512-512"),
+    "critic_hidden_dims": ((512, 512, 512), f"{ADROIT_SH} --qf_arch=512-512-512"),
+    "cql_weight": (1.0, f"{ADROIT_SH} --cql_min_q_weight=1.0"),
+    "lagrange": (False, f"{JAXCQL} cql_lagrange=False (not set by {ADROIT_SH})"),
+    "binary": (True, "Cal-QL JaxCQL/replay_buffer.py get_hand_dataset_with_mc_calculation: "
+               "r = goal_achieved - 1, cut after the last success, failures dropped"),
+    "goal_terminals": (False, "binary relabelling makes each success step terminal"),
+    "reward_scale": (10.0, f"{ADROIT_SH} --reward_scale=10.0"),
+    "reward_bias": (5.0, f"{ADROIT_SH} --reward_bias=5.0"),
+    "sparse_reward": (True, "Cal-QL JaxCQL/replay_buffer.py calc_return_to_go(is_sparse_reward"
+                      "=True) for adroit-binary"),
+    "reward_neg": (-1.0, "Cal-QL JaxCQL/replay_buffer.py ENV_CONFIG['adroit-binary'] "
+                   "reward_neg=-1.0"),
+}
+_MJ_ENVS = "nakamotoo/mj_envs hand_manipulation_suite/__init__.py"
+TASKS: dict[str, dict[str, tuple[Any, str]]] = {
+    "pen-binary": {
+        "dataset_id": ("D4RL/pen/cloned-v2", "closest public data to AWAC's demos + BC data "
+                       "(module docstring)"),
+        # Official script 200k; the paper's App. D.3 says 300k. The preset follows the code
+        # that produced the released runs; --online-steps 300000 gives the paper's number.
+        "online_steps": (200_000, f"{ADROIT_SH} max_online_env_steps=2e5 for pen (paper "
+                         "App. D.3 says 300k: the official script is followed)"),
+        "horizon": (100, f"{_MJ_ENVS} pen-binary-v0 max_episode_steps=100 (D4RL pen: 100)"),
+    },
+    "door-binary": {
+        "dataset_id": ("D4RL/door/cloned-v2", "closest public data to AWAC's demos + BC data "
+                       "(module docstring)"),
+        "online_steps": (1_000_000, f"{ADROIT_SH} max_online_env_steps=1e6 for door"),
+        "horizon": (200, f"{_MJ_ENVS} door-binary-v0 max_episode_steps=200"),
+    },
+    "relocate-binary": {
+        "dataset_id": ("D4RL/relocate/cloned-v2", "closest public data to AWAC's demos + BC "
+                       "data (module docstring)"),
+        "online_steps": (1_000_000, f"{ADROIT_SH} max_online_env_steps=1e6 for relocate"),
+        "horizon": (200, f"{_MJ_ENVS} relocate-binary-v0 max_episode_steps=200"),
+    },
+}
+
+# AntMaze: all six mazes.
+ANTMAZE: dict[str, tuple[Any, str]] = {
+    "offline_steps": (1_000_000, f"{ANTMAZE_SH} --n_pretrain_epochs=1000 x "
+                      "--n_train_step_per_epoch_offline=1000"),
+    "online_steps": (1_000_000, f"{ANTMAZE_SH} --max_online_env_steps=1e6"),
+    "offline_eval_every": (50_000, f"{ANTMAZE_SH} --offline_eval_every_n_epoch=50 (x 1000)"),
+    "eval_every": (2_000, f"{ANTMAZE_SH} --online_eval_every_n_env_steps=2000"),
+    "eval_episodes": (20, f"{ANTMAZE_SH} --eval_n_trajs=20"),
+    "actor_hidden_dims": ((256, 256), f"{ANTMAZE_SH} --policy_arch=256-256"),
+    "critic_hidden_dims": ((256, 256, 256, 256), f"{ANTMAZE_SH} --qf_arch=256-256-256-256"),
+    "cql_weight": (5.0, f"{ANTMAZE_SH} --cql_min_q_weight=5.0"),
+    "lagrange": (True, f"{ANTMAZE_SH} --cql.cql_lagrange=True"),
+    "cql_tau": (0.8, f"{ANTMAZE_SH} --cql.cql_target_action_gap=0.8"),
+    "binary": (False, "AntMaze rewards are already sparse {0, 1}"),
+    "goal_terminals": (True, "Cal-QL JaxCQL/replay_buffer.py reads D4RL antmaze `terminals` "
+                       "(1 where the goal reward is received, D4RL #199)"),
+    "reward_scale": (10.0, f"{ANTMAZE_SH} --reward_scale=10.0"),
+    "reward_bias": (-5.0, f"{ANTMAZE_SH} --reward_bias=-5"),
+    "sparse_reward": (True, "Cal-QL JaxCQL/replay_buffer.py is_sparse_reward=True for antmaze"),
+    "reward_neg": (0.0, "Cal-QL JaxCQL/replay_buffer.py ENV_CONFIG['antmaze'] reward_neg=0.0"),
+}
+MAZES = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play",
+         "large-diverse")
+_D4RL_ANT = "D4RL d4rl/locomotion/__init__.py antmaze-{}-v2 max_episode_steps={}"
+for _maze in MAZES:
+    _steps = 700 if _maze.startswith("umaze") else 1000
+    TASKS[f"antmaze-{_maze}"] = {
+        "dataset_id": (f"D4RL/antmaze/{_maze}-v1", "Minari's port of D4RL antmaze-*-v2"),
+        "horizon": (_steps, _D4RL_ANT.format(_maze, _steps)),
+    }
+
 # Local sparse task (benchmark/datasets.py): small enough for a CPU in about a minute.
-_LOCAL = dict(_ADROIT, offline_steps=2_000, online_steps=3_000, offline_eval_every=1_000,
-              eval_every=1_000, eval_episodes=10, hidden_dims=(64, 64),
-              actor_hidden_dims=None, critic_hidden_dims=None, horizon=None)
+POINTMAZE: dict[str, tuple[Any, str]] = {
+    **ADROIT,
+    "dataset_id": ("local/pointmaze/sparse-v0", LOCAL),
+    "offline_steps": (2_000, LOCAL),
+    "online_steps": (3_000, LOCAL),
+    "offline_eval_every": (1_000, LOCAL),
+    "eval_every": (1_000, LOCAL),
+    "eval_episodes": (10, LOCAL),
+    "actor_hidden_dims": ((64, 64), LOCAL),
+    "critic_hidden_dims": ((64, 64), LOCAL),
+    "horizon": (100, "local/pointmaze/sparse-v0 eval env spec max_episode_steps=100"),
+}
 
-BINARY_TASKS = {"pen": 100, "door": 200, "relocate": 200}  # task -> episode length
+# `--env` -> the preset groups applied in order (later ones win).
+ENV_GROUPS: dict[str, tuple[str, ...]] = {
+    **{f"{t}-binary": ("adroit-binary", f"{t}-binary") for t in ("pen", "door", "relocate")},
+    **{f"antmaze-{m}": ("antmaze", f"antmaze-{m}") for m in MAZES},
+    "pointmaze-binary": ("pointmaze-binary",),
+}
+GROUPS: dict[str, dict[str, tuple[Any, str]]] = {
+    "all (Args defaults)": COMMON, "adroit-binary": ADROIT, "antmaze": ANTMAZE,
+    "pointmaze-binary": POINTMAZE, **{k: v for k, v in TASKS.items() if v},
+}
 
 
-def _env_presets() -> dict[str, tuple[str, dict[str, Any]]]:
-    """`--env` name -> (Minari dataset id, preset overrides)."""
-    presets: dict[str, tuple[str, dict[str, Any]]] = {}
-    for task, horizon in BINARY_TASKS.items():
-        online = 200_000 if task == "pen" else 1_000_000
-        presets[f"{task}-binary"] = (f"D4RL/{task}/cloned-v2",
-                                     dict(_ADROIT, horizon=horizon, online_steps=online))
-    for maze in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play",
-                 "large-diverse"):
-        presets[f"antmaze-{maze}"] = (f"D4RL/antmaze/{maze}-v1", _ANTMAZE)
-    presets["pointmaze-binary"] = ("local/pointmaze/sparse-v0", _LOCAL)
-    return presets
+def preset_values(env: str) -> dict[str, tuple[Any, str]]:
+    """Field -> (value, source) of the `--env` preset, shared values included."""
+    out = dict(COMMON)
+    for group in ENV_GROUPS[env]:
+        out.update(GROUPS[group])
+    return out
 
 
-ENV_PRESETS = _env_presets()
+ENV_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    env: (preset_values(env)["dataset_id"][0],
+          {k: v for k, (v, _) in preset_values(env).items() if k != "dataset_id"})
+    for env in ENV_GROUPS
+}  # `--env` -> (preset dataset id, preset field values)
 DENSE_TASKS = ("hopper", "halfcheetah", "walker2d", "ant", "pendulum", "cartpole", "hammer",
                "kitchen", "humanoid", "swimmer")
 
@@ -219,39 +355,75 @@ def fail(message: str) -> None:
     raise SystemExit(f"error: {message}")
 
 
-def resolve_args(args: Args) -> Args:
-    """Fill every None field from the env preset, then DEFAULTS; command-line values win."""
-    if args.env.endswith("-binary") and args.env not in ENV_PRESETS:
-        base = args.env.removesuffix("-binary")
+def check_env(env: str) -> None:
+    """One-line error for an `--env` without a preset."""
+    if env.endswith("-binary") and env not in ENV_PRESETS:
+        base = env.removesuffix("-binary")
         kind = "a dense-reward task" if base.split("-")[0] in DENSE_TASKS else "not a task"
-        fail(f"--env {args.env}: {base} is {kind} with no binary (success) version; binary "
+        fail(f"--env {env}: {base} is {kind} with no binary (success) version; binary "
              f"tasks: {', '.join(k for k in ENV_PRESETS if k.endswith('-binary'))}")
-    if args.env not in ENV_PRESETS:
-        fail(f"unknown --env {args.env!r}; choose one of {', '.join(ENV_PRESETS)}")
+    if env not in ENV_PRESETS:
+        fail(f"unknown --env {env!r}; choose one of {', '.join(ENV_PRESETS)}")
+
+
+def preset_args(env: str, dataset_id: str | None = None) -> Args:
+    """Args() with the `--env` preset's values filled in (literal values, see --presets)."""
+    check_env(env)
+    preset_id, values = ENV_PRESETS[env]
+    return replace(Args(), env=env, dataset_id=dataset_id or preset_id, **values)
+
+
+def check_args(args: Args) -> None:
+    """One-line errors for values no run can use."""
+    check_env(args.env)
     if not 0.0 <= args.mixing_ratio <= 1.0:
         fail(f"--mixing-ratio {args.mixing_ratio} is outside [0, 1] (share of offline data "
              "in each online batch)")
     if args.utd < 1:
         fail(f"--utd {args.utd} must be at least 1")
-    dataset_id, preset = ENV_PRESETS[args.env]
-    filled = {}
-    for f in fields(args):
-        value = getattr(args, f.name)
-        if value is None and f.name not in ("actor_hidden_dims", "critic_hidden_dims"):
-            value = preset.get(f.name, DEFAULTS.get(f.name))
-        filled[f.name] = value
-    # Per-network widths: explicit flag > --hidden-dims > preset per-network > preset/default.
-    for name in ("actor_hidden_dims", "critic_hidden_dims"):
-        filled[name] = tuple(getattr(args, name) or args.hidden_dims or preset.get(name)
-                             or filled["hidden_dims"])
-    filled["hidden_dims"] = tuple(filled["hidden_dims"])
-    filled["dataset_id"] = args.dataset_id or dataset_id
-    if filled["cql_alpha_online"] is None:
-        filled["cql_alpha_online"] = filled["cql_weight"]
-    if filled["run_dir"] is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        filled["run_dir"] = f"runs/calql_finetune__{args.env}__s{args.seed}__{stamp}"
-    return replace(args, **filled)
+    if args.horizon < 1:
+        fail(f"--horizon {args.horizon} must be at least 1")
+    if min(args.offline_eval_every, args.eval_every, args.eval_episodes) < 1:
+        fail("--offline-eval-every, --eval-every and --eval-episodes must be at least 1")
+    if args.hidden_dims is not None:
+        fail("hidden_dims is a command-line shorthand (parse_args); set actor_hidden_dims "
+             "and critic_hidden_dims instead")
+
+
+def presets_markdown() -> str:
+    """The preset table: group, field, value, source (`--presets`)."""
+    lines = ["| preset group | field | value | source |", "|---|---|---|---|"]
+    for group, values in GROUPS.items():
+        for name, (value, source) in values.items():
+            cells = (group, f"`{value}`", source)  # a "|" inside a cell would split it
+            group_, value_, source_ = (c.replace("|", "\\|") for c in cells)
+            lines.append(f"| {group_} | `{name}` | {value_} | {source_} |")
+    uses = "; ".join(f"`{env}`: {' + '.join(g)}" for env, g in ENV_GROUPS.items())
+    return "\n".join([*lines, "", f"`--env` -> groups applied over the defaults: {uses}."])
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """Command line -> complete Args: the `--env` preset is tyro's default, so `--help`
+    shows the values that will run; `--presets` prints the preset table and exits."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--presets" in argv:
+        print(presets_markdown())
+        raise SystemExit(0)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--env", default=Args.env)
+    pre.add_argument("--dataset-id", "--dataset_id", default=None)
+    known, _ = pre.parse_known_args(argv)
+    args = tyro.cli(Args, default=preset_args(known.env, known.dataset_id), args=argv)
+    if args.hidden_dims is not None:  # shorthand for both networks; explicit flags win
+        given = set(argv)
+        actor = args.actor_hidden_dims if given & {"--actor-hidden-dims",
+                                                   "--actor_hidden_dims"} else args.hidden_dims
+        critic = args.critic_hidden_dims if given & {"--critic-hidden-dims",
+                                                     "--critic_hidden_dims"} else args.hidden_dims
+        args = replace(args, actor_hidden_dims=tuple(actor), critic_hidden_dims=tuple(critic),
+                       hidden_dims=None)
+    check_args(args)
+    return args
 
 
 # ======================================================================================
@@ -366,9 +538,30 @@ class Transform:
         return np.clip((action - self.action_bias) / self.action_scale, -1.0, 1.0)
 
 
+def segment_mc_returns(rewards: np.ndarray, dones: np.ndarray, gamma: float, sparse: bool,
+                       reward_neg: float) -> np.ndarray:
+    """MC returns of one stored trajectory, computed per segment ending at a terminal.
+
+    The official loader for D4RL data (`qlearning_dataset_and_calc_mc` in Cal-QL
+    JaxCQL/replay_buffer.py) starts a new trajectory after every terminal, so the all-failure
+    rule applies to each segment: in AntMaze the steps after the last goal visit form an
+    all-failure segment. For binary Adroit trajectories, which end at a success, this equals
+    `mc_returns` on the whole trajectory (as `truncate_traj` computes it).
+    """
+    ends = [int(i) + 1 for i in np.flatnonzero(dones)]
+    if not ends or ends[-1] != len(rewards):
+        ends.append(len(rewards))
+    out, start = [], 0
+    for end in ends:
+        out.append(mc_returns(rewards[start:end], dones[start:end], gamma, sparse, reward_neg))
+        start = end
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
 def episode_transitions(ep, args: Args) -> dict[str, np.ndarray] | None:
     """One Minari episode -> raw transitions (rewards relabelled if binary), or None if a
-    binary trajectory without success is dropped."""
+    binary trajectory without success is dropped. `reached`: the episode has a success step
+    (from the `success` infos; None when the dataset records none)."""
     obs = flatten_obs(ep.observations)
     obs = obs[:, None] if obs.ndim == 1 else obs
     steps = len(ep.actions)
@@ -378,22 +571,32 @@ def episode_transitions(ep, args: Args) -> dict[str, np.ndarray] | None:
     terms = np.asarray(ep.terminations, np.float32).reshape(steps)
     truncs = np.asarray(ep.truncations, np.float32).reshape(steps)
     success = step_success(getattr(ep, "infos", None), steps)
+    if (args.binary or args.goal_terminals) and success is None:
+        fail(f"dataset {args.dataset_id} has no per-step 'success' info; --env {args.env} "
+             f"needs it ({'binary task' if args.binary else 'goal terminals'}; Minari's "
+             "D4RL/<task>/*-v2 and D4RL/antmaze/*-v1 datasets record it)")
     if args.binary:
-        if success is None:
-            fail(f"dataset {args.dataset_id} has no per-step 'success' info; the binary task "
-                 f"--env {args.env} needs it (Adroit D4RL/<task>/*-v2 datasets record it)")
         kept = binary_relabel(rewards, terms, truncs, success)
         if kept is None:
             return None
         rewards, terms, truncs = kept
         steps = len(rewards)
+    elif args.goal_terminals:
+        # D4RL antmaze convention (D4RL #199): terminal = 1 exactly where the goal reward is
+        # received; Cal-QL reads these terminals (replay_buffer.py
+        # `get_d4rl_dataset_with_mc_calculation`: dones = dataset['terminals']). Minari's
+        # AntMaze data is a continuing task (never terminated); its reward 1 and `success`
+        # info are the same event (distance to the goal <= 0.45).
+        terms = np.maximum(terms, success.astype(np.float32))
     actions = np.asarray(ep.actions, np.float32).reshape(len(ep.actions), -1)
+    reached = None if success is None else bool(success[:steps].any())
     return dict(obs=obs[:steps], next_obs=obs[1:steps + 1], actions=actions[:steps],
-                rewards=rewards, dones=terms, timeouts=truncs)
+                rewards=rewards, dones=terms, timeouts=truncs, reached=reached)
 
 
 def load_data(args: Args):
-    """Dataset id -> (offline transitions with MC returns, transform, env factory, info)."""
+    """Dataset id -> (offline transitions with MC returns, transform, eval env description
+    {id, max_episode_steps, kwargs}, info)."""
     dataset = load_minari_dataset(args.dataset_id)
     if not isinstance(dataset.action_space, gym.spaces.Box):
         fail(f"dataset {args.dataset_id} has a {type(dataset.action_space).__name__} action "
@@ -408,6 +611,7 @@ def load_data(args: Args):
     if not episodes:
         fail(f"dataset {args.dataset_id}: none of its {total} trajectories reaches success; "
              "nothing is left after dropping failures")
+    reached = [e.pop("reached") for e in episodes]
     raw = {k: np.concatenate([e[k] for e in episodes]) for k in episodes[0]}
     for key in ("obs", "next_obs", "actions", "rewards"):
         bad = int((~np.isfinite(raw[key])).sum())
@@ -423,36 +627,106 @@ def load_data(args: Args):
                    (high + low) / 2, float(args.reward_scale), float(args.reward_bias))
     r_neg = float(tf.reward(args.reward_neg))
     # MC returns per trajectory, on the scaled rewards (Cal-QL official order).
-    mc = [mc_returns(tf.reward(e["rewards"]), e["dones"], args.gamma, args.sparse_reward, r_neg)
-          for e in episodes]
+    mc = [segment_mc_returns(tf.reward(e["rewards"]), e["dones"], args.gamma,
+                             args.sparse_reward, r_neg) for e in episodes]
     data = dict(obs=tf.obs(raw["obs"]), next_obs=tf.obs(raw["next_obs"]),
                 actions=tf.from_env_action(raw["actions"]).astype(np.float32),
                 rewards=np.asarray(tf.reward(raw["rewards"]), np.float32),
                 dones=raw["dones"].astype(np.float32), mc_returns=np.concatenate(mc))
+    eval_env, comparable = eval_env_description(dataset, args)
     meta = dataset.storage.metadata
-    horizon = args.horizon
     info = dict(dataset_id=args.dataset_id, episodes_in_dataset=total,
                 episodes_kept=len(episodes), transitions=len(data["obs"]), obs_dim=dim,
-                action_dim=data["actions"].shape[1], horizon=horizon,
-                success_in_data=float(np.mean([e["dones"].any() for e in episodes])),
-                ref_min_score=_float_or_none(meta.get("ref_min_score")),
-                ref_max_score=_float_or_none(meta.get("ref_max_score")))
-
-    def make_env() -> gym.Env:
-        try:
-            import gymnasium_robotics
-
-            gym.register_envs(gymnasium_robotics)  # Adroit, AntMaze, PointMaze
-        except ImportError:
-            pass
-        kwargs = {} if horizon is None else dict(max_episode_steps=horizon)
-        return dataset.recover_environment(eval_env=True, **kwargs)
-
-    return data, tf, make_env, info
+                action_dim=data["actions"].shape[1], horizon=args.horizon,
+                # share of kept episodes with a success step (success infos); None: no infos
+                success_in_data=None if None in reached else float(np.mean(reached)),
+                terminals_in_data=int(data["dones"].sum()),
+                # reference scores only where the evaluated return is the one they refer to
+                ref_min_score=_float_or_none(meta.get("ref_min_score")) if comparable else None,
+                ref_max_score=_float_or_none(meta.get("ref_max_score")) if comparable else None)
+    return data, tf, eval_env, info
 
 
 def _float_or_none(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+# ---- the evaluation (and online) environment -----------------------------------------------
+
+# AntMaze start and goal cells (row, col) in Minari's maze maps, used in the DATA's maze.
+# umaze: the r/g cells of the antmaze-umaze data map (minari-dataset-generation-scripts
+# scripts/antmaze/create_antmaze_dataset.py), which place start and goal as D4RL's
+# antmaze-umaze-v2 (goal 8 m "above" the start, the wall between); umaze-diverse data uses
+# the same walls and has no r/g cells. medium/large: the r/g cells of the script's
+# EVAL_ENV_MAPS, whose walls equal the data's. The umaze EVAL_ENV_MAPS (the datasets' eval
+# env spec) is the MIRROR image of the data maze (Minari #304): not used.
+ANTMAZE_CELLS = {"UMaze": ((3, 1), (1, 1)), "Medium": ((1, 1), (6, 6)),
+                 "Large": ((1, 1), (7, 9))}
+
+
+def maze_walls(maze_map: list[list[Any]]) -> list[list[int]]:
+    """1 = wall, 0 = free (reset/goal/combined cells are free)."""
+    return [[1 if cell == 1 else 0 for cell in row] for row in maze_map]
+
+
+def antmaze_eval_kwargs(data_kwargs: dict[str, Any], env_id: str) -> dict[str, Any]:
+    """Evaluation env kwargs for AntMaze data: the data's maze walls, the fixed start and
+    goal cells of ANTMAZE_CELLS, and an episodic task (terminated at the goal, as D4RL's
+    antmaze eval envs, `eval=True`, and the official Cal-QL loop see it)."""
+    kind = env_id.split("_")[1].split("-")[0]  # AntMaze_UMaze-v4 -> UMaze
+    if kind not in ANTMAZE_CELLS:
+        fail(f"AntMaze env {env_id}: no start/goal cells for this maze (known: "
+             f"{', '.join(ANTMAZE_CELLS)})")
+    walls = maze_walls(data_kwargs["maze_map"])
+    (sr, sc), (gr, gc) = ANTMAZE_CELLS[kind]
+    if walls[sr][sc] or walls[gr][gc]:
+        fail(f"AntMaze env {env_id}: the start/goal cells are walls in the data's maze")
+    walls[sr][sc], walls[gr][gc] = "r", "g"
+    return dict(data_kwargs, maze_map=walls, continuing_task=False, reset_target=False)
+
+
+def jsonable(value: Any) -> Any:
+    """Spec kwargs as plain JSON values (tuples -> lists, numpy -> Python)."""
+    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist")
+                                 else str(v)))
+
+
+def eval_env_description(dataset, args: Args) -> tuple[dict[str, Any], bool]:
+    """{id, max_episode_steps, kwargs, entry_point} of the env that online episodes and
+    evaluation use, and whether the dataset's reference scores apply to its returns.
+
+    AntMaze: built from the DATA's env spec (antmaze_eval_kwargs). Others: the dataset's eval
+    env spec (else its env spec) with `--horizon` steps (Adroit: D4RL's 100 for pen; Minari's
+    spec says 200 since Minari #286, and pen episodes are 100-200 steps, #303).
+    """
+    data_spec = dataset.env_spec
+    # Minari 0.5 parses the eval spec on load but exposes it only through
+    # recover_environment(eval_env=True); this is the same parsed EnvSpec.
+    spec = getattr(dataset, "_eval_env_spec", None) or data_spec
+    if spec is None:
+        fail(f"dataset {args.dataset_id} records no environment to evaluate in")
+    kwargs = dict(spec.kwargs)
+    comparable = not args.binary  # relabelled {-1, 0} returns are not D4RL's dense returns
+    if data_spec is not None and data_spec.id.startswith("AntMaze"):
+        spec, kwargs = data_spec, antmaze_eval_kwargs(dict(data_spec.kwargs), data_spec.id)
+        comparable = False  # Minari's antmaze references score the continuing eval env
+    return dict(id=spec.id, max_episode_steps=args.horizon, kwargs=jsonable(kwargs),
+                entry_point=str(spec.entry_point)), comparable
+
+
+def make_env(description: dict[str, Any]) -> gym.Env:
+    """The env of an eval_env description (config.json's `eval_env`)."""
+    try:
+        import gymnasium_robotics
+
+        gym.register_envs(gymnasium_robotics)  # Adroit, AntMaze, PointMaze
+    except ImportError:
+        pass
+    spec = gym.envs.registration.EnvSpec(
+        id=description["id"], entry_point=description["entry_point"],
+        max_episode_steps=description["max_episode_steps"], kwargs=copy.deepcopy(
+            description["kwargs"]))
+    return gym.make(spec)
 
 
 # ======================================================================================
@@ -653,7 +927,8 @@ class Agent(nn.Module):
         self.target_critic.load_state_dict(self.critic.state_dict())
         self.target_critic.requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.zeros(()))
-        self.log_alpha_prime = nn.Parameter(torch.zeros(()))
+        # Cal-QL JaxCQL/conservative_sac.py `Scalar(1.0)` (CORL the same): alpha' = e at start
+        self.log_alpha_prime = nn.Parameter(torch.full((), float(args.log_alpha_prime_init)))
 
 
 # ======================================================================================
@@ -867,6 +1142,10 @@ def env_step(env: gym.Env, action: np.ndarray, args: Args
     obs, reward, terminated, truncated, info = env.step(action)
     success = bool(info["success"]) if "success" in info else None
     if args.binary:
+        # Binary Adroit as the official mj_envs fork (nakamotoo/mj_envs, `reward_type=
+        # "binary"`: r = goal_achieved - 1) and Cal-QL's sampler (JaxCQL/sampler.py ends the
+        # episode when goal_achieved). The env's own `terminated` is dropped: the fork's
+        # pen-binary-v0 never ends early (early_termination=False), door/relocate never do.
         reward, terminated = float(bool(success)) - 1.0, bool(success)
     return obs, float(reward), bool(terminated), bool(truncated) and not terminated, success
 
@@ -902,9 +1181,12 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
     """Deterministic policy for `eval_episodes` episodes with fixed seeds; binary episodes
     end at success; success rate = share of episodes that reach success at any step.
 
-    score: 100 * success rate where success is reported, else the normalized return (if the
-    dataset has reference scores), else the mean return. value_gap: min_j Q_j(s0, pi(s0))
-    minus the discounted (scaled) return obtained; negative = conservative.
+    score: 100 * success rate where the env reports success (Adroit binary, AntMaze: the
+    papers' metric), else the normalized return (only where the dataset's reference scores
+    apply to the evaluated return, see eval_env_description), else the mean return.
+    return_mean: the raw env return (binary: the relabelled {-1, 0} return).
+    value_gap: min_j Q_j(s0, pi(s0)) minus the discounted (scaled) return obtained;
+    negative = conservative.
     """
     returns, gaps, successes, has_success = [], [], [], False
     for i in range(args.eval_episodes):
@@ -1071,15 +1353,14 @@ class Loop:
     def __init__(self, args: Args, device: torch.device):
         self.args, self.device = args, device
         self.run_dir = Path(args.run_dir)
-        data, self.tf, make_env, self.info = load_data(args)
+        data, self.tf, self.eval_env_spec, self.info = load_data(args)
         self.offline = ReplayBuffer(data, device, args.seed)
         obs_dim, self.action_dim = self.info["obs_dim"], self.info["action_dim"]
-        horizon = args.horizon or 1000
-        self.online = OnlineBuffer(args.online_steps + horizon, obs_dim, self.action_dim,
+        self.online = OnlineBuffer(args.online_steps + args.horizon, obs_dim, self.action_dim,
                                    device, args.seed)
         self.agent = Agent(obs_dim, self.action_dim, args).to(device)
         self.trainer = Trainer(self.agent, args, self.action_dim, device)
-        self.env, self.eval_env = make_env(), make_env()
+        self.env, self.eval_env = make_env(self.eval_env_spec), make_env(self.eval_env_spec)
         self.progress = Progress(next_eval=args.eval_every)
         self.history: list[dict[str, Any]] = []
         self.timing = dict(train_s=0.0, wall_s=0.0, env_s=0.0)
@@ -1131,7 +1412,8 @@ class Loop:
         batch = mixed_batch(self.offline, self.online if online else None, args.batch_size,
                             args.mixing_ratio)
         bc = not online and p.step < args.bc_steps
-        weight = args.cql_alpha_online if online else args.cql_weight
+        weight = args.cql_weight if not online or args.cql_alpha_online is None \
+            else args.cql_alpha_online
         metrics = self.trainer.step(batch, bc, weight)
         p.step += 1
         return metrics
@@ -1140,7 +1422,7 @@ class Loop:
     def run_offline(self, bar: tqdm) -> None:
         """Pre-training: CQL/Cal-QL gradient steps on offline batches."""
         args, p = self.args, self.progress
-        if args.offline_steps == 0 and not self.history:  # no pre-training: score the init
+        if p.step == 0 and not self.history:  # the init, as the official loop's epoch 0
             self.evaluate_and_save(bar)
         t0 = time.perf_counter()
         while p.step < args.offline_steps:
@@ -1221,10 +1503,13 @@ def fine_tuning_summary(history: list[dict[str, Any]], args: Args) -> dict[str, 
     return out
 
 
-def main(args: Args | None = None) -> dict[str, Any]:
-    args = resolve_args(args if args is not None else Args())
+def main(args: Args) -> dict[str, Any]:
+    """One run from complete Args (parse_args, or preset_args + dataclasses.replace)."""
+    check_args(args)
     device = pick_device(args.device)
-    run_dir = Path(args.resume or args.run_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    default_dir = f"runs/calql_finetune__{args.env}__s{args.seed}__{stamp}"
+    run_dir = Path(args.resume or args.run_dir or default_dir)
     args = replace(args, run_dir=str(run_dir))
     if args.resume:
         check_resume_config(run_dir, args)
@@ -1243,8 +1528,8 @@ def main(args: Args | None = None) -> dict[str, Any]:
     else:
         (run_dir / "metrics.jsonl").write_text("")
         (run_dir / "config.json").write_text(json.dumps(
-            dict(args=config_dict(args), dataset=loop.info, torch=torch.__version__,
-                 device=str(device)), indent=2))
+            dict(args=config_dict(args), dataset=loop.info, eval_env=loop.eval_env_spec,
+                 torch=torch.__version__, device=str(device)), indent=2))
     loop.wandb_run = init_wandb(args, run_dir) if args.track else None
     loop.stop = StopFlag()
     loop.wall0 = time.perf_counter() - loop.timing["wall_s"]
@@ -1292,4 +1577,4 @@ def init_wandb(args: Args, run_dir: Path):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_args())

@@ -100,7 +100,10 @@ def build_step(case: Case, mode: str, device: torch.device) -> Callable[[], Any]
                              args.batch_size, case.obs_dim, case.action_dim, device)
         return lambda: trainer.step(batch, args.bc_steps)  # past the BC warm start
     if case.script == CALQL:
-        args = calql.resolve_args(calql.Args(env=case.env, **over))
+        hidden = over.pop("hidden_dims", None)  # the CLI shorthand: both networks
+        if hidden is not None:
+            over.update(actor_hidden_dims=hidden, critic_hidden_dims=hidden)
+        args = calql.replace(calql.preset_args(case.env), **over)
         agent = calql.Agent(case.obs_dim, case.action_dim, args).to(device)
         trainer = calql.Trainer(agent, args, case.action_dim, device)
         if graphs:
@@ -218,7 +221,9 @@ def load_buffer(script: str, dataset_id: str, device: torch.device) -> int:
     else:
         module = sac if script == CQL_SAC else calql
         env = next(k for k, (ds, _) in module.ENV_PRESETS.items() if ds == dataset_id)
-        data = module.load_data(module.resolve_args(module.Args(env=env)))[0]
+        args = (calql.preset_args(env) if module is calql
+                else module.resolve_args(module.Args(env=env)))
+        data = module.load_data(args)[0]
         n = module.ReplayBuffer(data, device, 0).size
     sync(device)
     return n

@@ -1,5 +1,6 @@
 """Cal-QL data: MC returns by hand, binary relabelling, mixed batches, online trajectories."""
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import gymnasium as gym
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def args_for(env: str = "pen-binary", **overrides) -> calql.Args:
-    return calql.resolve_args(calql.Args(env=env, run_dir="unused", **overrides))
+    return replace(calql.preset_args(env), run_dir="unused", **overrides)
 
 
 # ---------------------------------------------------------------- Monte-Carlo returns
@@ -105,32 +106,6 @@ def test_pen_binary_relabelling_on_the_local_pen_dataset(local_dataset):
         np.testing.assert_allclose(data["mc_returns"][sl], want, rtol=1e-5, atol=1e-4)
         start += n
     assert tf.reward_scale == 10.0 and tf.reward_bias == 5.0
-
-
-# ---------------------------------------------------------------- presets
-
-
-def test_presets_match_the_reference():
-    pen = args_for("pen-binary")
-    assert pen.dataset_id == "D4RL/pen/cloned-v2" and pen.horizon == 100
-    assert pen.cql_weight == 1.0 and not pen.lagrange and pen.max_backup
-    assert pen.actor_hidden_dims == (512, 512) and pen.critic_hidden_dims == (512, 512, 512)
-    assert pen.offline_steps == 20_000 and pen.online_steps == 200_000
-    assert pen.batch_size == 256 and pen.mixing_ratio == 0.5 and pen.utd == 1
-    assert pen.policy_lr == 1e-4 and pen.qf_lr == 3e-4 and pen.enable_calql
-    assert pen.eval_every == 2_000 and pen.eval_episodes == 20
-    assert (pen.reward_scale, pen.reward_bias, pen.reward_neg) == (10.0, 5.0, -1.0)
-    assert pen.cql_alpha_online == 1.0 and pen.cql_n_actions == 10
-    for task, horizon in (("door", 200), ("relocate", 200)):
-        a = args_for(f"{task}-binary")
-        assert a.horizon == horizon and a.online_steps == 1_000_000
-        assert a.dataset_id == f"D4RL/{task}/cloned-v2"
-    ant = args_for("antmaze-medium-play")
-    assert ant.dataset_id == "D4RL/antmaze/medium-play-v1"
-    assert ant.lagrange and ant.cql_tau == 0.8 and ant.cql_weight == 5.0
-    assert ant.critic_hidden_dims == (256,) * 4 and ant.actor_hidden_dims == (256, 256)
-    assert (ant.reward_scale, ant.reward_bias, ant.reward_neg) == (10.0, -5.0, 0.0)
-    assert args_for("pen-binary", cql_alpha_online=0.3).cql_alpha_online == 0.3
 
 
 # ---------------------------------------------------------------- buffers

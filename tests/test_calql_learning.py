@@ -7,6 +7,7 @@ underestimation builds up too slowly for a CPU test). The calibration test chang
 flags, the same for both methods; see its docstring."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def learning_args(run_dir: Path, **overrides) -> calql.Args:
-    base = dict(env="pointmaze-binary", run_dir=str(run_dir), hidden_dims=(64, 64),
+    base = dict(run_dir=str(run_dir), actor_hidden_dims=(64, 64), critic_hidden_dims=(64, 64),
                 batch_size=64, qf_lr=1e-3, policy_lr=1e-3, soft_target_update=0.05,
                 cql_weight=5.0, log_every=250, progress=False, seed=0)
-    return calql.resolve_args(calql.Args(**{**base, **overrides}))
+    return replace(calql.preset_args("pointmaze-binary"), **{**base, **overrides})
 
 
 def full_data_calibration(args: calql.Args) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """Cal-QL's one change to CQL against brute-force computations."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -81,8 +82,9 @@ def test_random_actions_are_never_calibrated():
 
 
 def tiny_agent_and_batch(seed: int = 0, b: int = 16, obs_dim: int = 3, action_dim: int = 2):
-    args = calql.resolve_args(calql.Args(env="pointmaze-binary", run_dir="unused",
-                                         hidden_dims=(16, 16), cql_n_actions=3, batch_size=b))
+    args = replace(calql.preset_args("pointmaze-binary"), run_dir="unused",
+                   actor_hidden_dims=(16, 16), critic_hidden_dims=(16, 16), cql_n_actions=3,
+                   batch_size=b)
     torch.manual_seed(seed)
     agent = calql.Agent(obs_dim, action_dim, args)
     gen = torch.Generator().manual_seed(seed)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import gymnasium as gym
@@ -26,12 +27,13 @@ TINY = ["--hidden-dims", "16", "16", "--batch-size", "32", "--cql-n-actions", "3
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def tiny_args(run_dir: Path, **overrides) -> calql.Args:
-    base = dict(env="pointmaze-binary", run_dir=str(run_dir), hidden_dims=(16, 16),
+def tiny_args(run_dir: Path, env: str = "pointmaze-binary", **overrides) -> calql.Args:
+    """The preset of `env` with tiny networks and a short schedule."""
+    base = dict(run_dir=str(run_dir), actor_hidden_dims=(16, 16), critic_hidden_dims=(16, 16),
                 batch_size=32, cql_n_actions=3, eval_episodes=1, offline_steps=40,
                 offline_eval_every=20, online_steps=250, eval_every=100, log_every=25,
                 progress=False)
-    return calql.Args(**{**base, **overrides})
+    return replace(calql.preset_args(env), **{**base, **overrides})
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -61,24 +63,26 @@ def test_offline_then_online_end_to_end(local_dataset, tmp_path, task):
     run = tmp_path / "run"
     config = json.loads((run / "config.json").read_text())
     rows = read_metrics(run)
-    assert [r["phase"] for r in rows[:2]] == ["offline", "offline"]
-    assert [r["step"] for r in rows[:2]] == [20, 40]
+    # step 0: the initial policy, before any update (the official loop's epoch-0 evaluation)
+    assert [r["phase"] for r in rows[:3]] == ["offline"] * 3
+    assert [r["step"] for r in rows[:3]] == [0, 20, 40]
     online = [r for r in rows if r["phase"] == "online"]
     assert online and online[-1]["env_steps"] >= args.online_steps
     assert all(r["step"] > 40 for r in online)
     for r in rows:
-        for key in ("score", "success_rate", "value_gap", "critic_loss", "actor_loss",
-                    "cql_gap", "bound_rate_pi", "bound_rate_pi_next", "calib_below_share",
-                    "calib_q_minus_vmu"):
+        train_keys = ("critic_loss", "actor_loss", "cql_gap", "bound_rate_pi",
+                      "bound_rate_pi_next", "calib_below_share", "calib_q_minus_vmu")
+        for key in ("score", "success_rate", "value_gap", *(train_keys if r["step"] else ())):
             assert np.isfinite(r[key]), key
+        assert r["normalized_score"] is None  # binary: no score from relabelled returns
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk == summary
-    assert summary["offline_score"] == rows[1]["score"]
+    assert summary["offline_score"] == rows[2]["score"]
     assert summary["final_score"] == rows[-1]["score"]
     rates = [r["success_rate"] for r in online]
     assert summary["cumulative_regret"] == pytest.approx(np.mean([1 - s for s in rates]))
     assert summary["max_drop_below_offline"] == pytest.approx(
-        max(0.0, rows[1]["score"] - min(r["score"] for r in online)))
+        max(0.0, rows[2]["score"] - min(r["score"] for r in online)))
     assert summary["env_steps"] >= args.online_steps
     assert summary["gradient_steps"] == 40 + summary["env_steps"]  # UTD 1
     # Every stored online trajectory carries its own MC returns, filled when it ended.
@@ -203,7 +207,7 @@ def write_dataset(root: Path, dataset_id: str, env_id: str, success: bool | None
 
 BAD_INPUTS = {
     "no-success-info": (dict(env="pen-binary", dataset_id="test/pendulum/dense-v0"),
-                        "has no per-step 'success' info; the binary task --env pen-binary"),
+                        "has no per-step 'success' info; --env pen-binary needs it (binary"),
     "all-failures": (dict(env="pen-binary", dataset_id="test/pendulum/fail-v0"),
                      "none of its 2 trajectories reaches success"),
     "dense-as-binary": (dict(env="hopper-binary"), "hopper is a dense-reward task"),
