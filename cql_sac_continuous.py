@@ -6,7 +6,8 @@ NeurIPS 2020. https://arxiv.org/abs/2006.04779. Official code: github.com/aviral
 named where they appear.
 
 One file, top to bottom: arguments and presets, data, replay buffer, networks, losses,
-evaluation, checkpoints, training loop, main. Run `python cql_sac_continuous.py --help`.
+training step, evaluation, checkpoints, main. `python cql_sac_continuous.py --env X --help`
+shows the values that run for X; `--presets` prints every preset value with its source.
 
     python cql_sac_continuous.py --env pendulum-medium          # local dataset (see README)
     python cql_sac_continuous.py --env hopper-medium --device cuda
@@ -14,13 +15,14 @@ evaluation, checkpoints, training loop, main. Run `python cql_sac_continuous.py 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,90 +41,107 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
-    """CQL-SAC. Fields left at None take the value of the `--env` preset, else the default."""
+    """CQL-SAC. Defaults are the CQL paper's (App. F) and official code's; `--env` puts its
+    preset on top, and `--env X --help` shows the values that will run for X. `--presets`
+    prints every preset value with its source."""
 
     env: str = "pendulum-medium"
-    """Task name with a preset (see ENV_PRESETS / README), e.g. hopper-medium, antmaze-umaze,
-    pen-human, kitchen-mixed, pendulum-expert."""
+    """Task name with a preset (see `--presets`), e.g. hopper-medium, antmaze-umaze, pen-human,
+    kitchen-mixed, pendulum-expert."""
     dataset_id: str | None = None
-    """Any Minari dataset id; overrides the dataset of `--env` (the preset is still applied)."""
+    """Minari dataset id (filled from `--env`); another id keeps the `--env` preset, or, with an
+    unknown `--env`, takes the preset of its family (mujoco/, D4RL/antmaze/, ...) if any."""
     seed: int = 0
     """Random seed (networks, sampling, evaluation episodes)."""
     device: str = "auto"
     """auto | cpu | cuda (auto picks CUDA when available)."""
-    total_steps: int | None = None
-    """Number of gradient steps (paper: 1M)."""
-    eval_every: int | None = None
+    total_steps: int = 1_000_000
+    """Number of gradient steps."""
+    eval_every: int = 10_000
     """Evaluate (and checkpoint) every this many gradient steps."""
-    eval_episodes: int | None = None
+    eval_episodes: int = 10
     """Episodes per evaluation, deterministic policy."""
     batch_size: int = 256
-    """Transitions per gradient step (paper: 256)."""
+    """Transitions per gradient step."""
     run_dir: str | None = None
-    """Run directory; default runs/cql_sac_continuous__<env>__s<seed>__<time>."""
+    """Run directory; None: runs/cql_sac_continuous__<env>__s<seed>__<time>."""
     hidden_dims: tuple[int, ...] | None = None
-    """Hidden layer widths of every network (default 256 256 256, paper App. F)."""
-    actor_hidden_dims: tuple[int, ...] | None = None
-    """Actor hidden widths; overrides --hidden-dims for the actor."""
-    critic_hidden_dims: tuple[int, ...] | None = None
-    """Critic hidden widths; overrides --hidden-dims for the critics."""
-    orthogonal_init: bool | None = None
+    """Convenience: sets the actor and critic widths (a per-network flag given on the command
+    line wins); None: use --actor-hidden-dims / --critic-hidden-dims."""
+    actor_hidden_dims: tuple[int, ...] = (256, 256, 256)
+    """Actor hidden widths."""
+    critic_hidden_dims: tuple[int, ...] = (256, 256, 256)
+    """Critic hidden widths (each of the twin critics)."""
+    orthogonal_init: bool = False
     """Orthogonal init, hidden gain sqrt(2), last layer 1e-2 (Cal-QL code); else PyTorch default."""
+    log_std_affine: bool = False
+    """Actor log-std = m * log_std + b with learnable scalars m (init 1.0) and b (init -1.0),
+    before the clamp (Cal-QL `model.py` TanhGaussianPolicy, CORL `cql.py` the same)."""
 
     # ---- SAC -------------------------------------------------------------------------
     gamma: float = 0.99
     """Discount factor."""
-    policy_lr: float | None = None
-    """Actor (and entropy alpha) learning rate (paper App. F: 3e-5; official README: 1e-4)."""
-    qf_lr: float | None = None
-    """Critic learning rate (paper: 3e-4)."""
+    policy_lr: float = 3e-5
+    """Actor (and entropy alpha) learning rate."""
+    qf_lr: float = 3e-4
+    """Critic learning rate."""
     soft_target_update: float = 5e-3
     """Polyak rate of the target critics."""
     target_entropy: float | None = None
-    """Entropy target of the automatic temperature; default -|A|."""
-    bc_steps: int | None = None
-    """Behaviour-cloning warm start of the actor for this many steps (official code: 40k)."""
-    backup_entropy: bool | None = None
-    """Keep the -alpha*log pi term in the Bellman target; False = the 'deterministic backup'
-    of the official code."""
-    max_backup: bool | None = None
-    """Max backup: max over N actions from pi(.|s') of the twin-min target Q (antmaze, kitchen)."""
+    """Entropy target of the automatic temperature; None: -|A| (SAC)."""
+    bc_steps: int = 0
+    """Behaviour-cloning warm start of the actor for this many steps (official
+    `policy_eval_start`)."""
+    backup_entropy: bool = False
+    """Keep the -alpha*log pi term in the Bellman target; off = the official code's
+    `deterministic_backup=True`."""
+    max_backup: bool = False
+    """Max backup: max over N actions from pi(.|s') of the twin-min target Q."""
 
     # ---- CQL -------------------------------------------------------------------------
-    cql_weight: float | None = None
-    """Weight w of the conservative penalty (official: 5.0 gym; 0 gives naive offline SAC)."""
-    cql_variant: Literal["is", "plain", "rho"] = "is"
-    """is: CQL(H), importance-sampled logsumexp (App. F, official min_q_version 3);
-    plain: CQL(H), logsumexp over the sampled Q-values with temperature (min_q_version 2);
-    rho: CQL(rho), Eq. 7, softmax-weighted mean of Q under the previous policy."""
+    cql_weight: float = 5.0
+    """Weight w of the conservative penalty (official `min_q_weight`; 0: naive offline SAC)."""
+    cql_variant: Literal["is", "plain", "eq7"] = "is"
+    """is: CQL(H) with the importance-sampled logsumexp (App. F; official `min_q_version 3`).
+    plain: logsumexp over [rand, data, pi(s'), pi(s)] Q-values with temperature, no importance
+    weights (official `min_q_version 2`, which the official README calls "CQL(rho)").
+    eq7: this project's own reading of Eq. 7 (softmax(Q)-weighted mean of Q over actions from
+    the current policy, weights detached); it has NO counterpart in the official code."""
     cql_data_term: bool = True
-    """Subtract E_D[Q(s,a)] (Eq. 2/4); False gives the Eq. 1 variant (Table 5 ablation)."""
+    """Subtract E_D[Q(s,a)] (Eq. 2/4); --no-cql-data-term gives the Eq. 1 variant (Table 5)."""
     cql_n_actions: int = 10
-    """N actions per state from each proposal (App. F: 10)."""
+    """N actions per state from each proposal."""
     cql_temp: float = 1.0
     """Temperature T of T*logsumexp(Q/T)."""
     cql_clip_diff_min: float = -math.inf
     """Lower clip of the penalty (pushed-down minus data Q), per critic (Cal-QL code)."""
     cql_clip_diff_max: float = math.inf
     """Upper clip of the penalty, per critic (Cal-QL code)."""
-    lagrange: bool | None = None
-    """Tune the CQL weight alpha' by dual gradient descent with target gap `--cql-tau` (Eq. 30)."""
-    cql_tau: float | None = None
-    """Target gap tau of the Lagrange form (paper: 10 gym, 5 Adroit/kitchen; 0.8 antmaze)."""
-    lagrange_form: Literal["calql", "cql"] | None = None
-    """cql: alpha'*(w*gap - tau) (CQL code, where the paper's tau values come from);
-    calql: alpha'*w*(gap - tau) (Cal-QL and CORL code, antmaze tau 0.8)."""
+    lagrange: bool = False
+    """Tune alpha' by dual gradient descent towards a target gap (Eq. 30); see --cql-tau."""
+    cql_tau: float = 10.0
+    """Threshold tau of the Lagrange form. The two forms differ in what tau bounds:
+    cql form alpha'*(w*gap - tau) (CQL code) drives the gap to tau/w, so the paper's tau
+    (10 gym, 5 Adroit/kitchen) is the target gap only with w = 1, the official default with
+    Lagrange (`cql_mujoco_new.py`); calql form alpha'*w*(gap - tau) (Cal-QL, CORL) drives
+    the gap to tau whatever w (antmaze: tau 0.8, w 5)."""
+    lagrange_form: Literal["cql", "calql"] = "cql"
+    """cql: alpha'*(w*gap - tau) (rlkit `cql.py`); calql: alpha'*w*(gap - tau) (Cal-QL
+    `conservative_sac.py`, CORL `cql.py`). See --cql-tau."""
+    log_alpha_prime_init: float = 0.0
+    """Initial log alpha' (Lagrange only): 0.0 in rlkit `cql.py` (`ptu.zeros(1)`), 1.0 in Cal-QL
+    (`Scalar(1.0)`) and CORL."""
     alpha_prime_lr: float = 3e-4
     """Learning rate of log alpha' (Lagrange only)."""
 
     # ---- data ------------------------------------------------------------------------
-    reward_mode: Literal["none", "locomotion", "scale_bias"] | None = None
+    reward_mode: Literal["none", "locomotion", "scale_bias"] = "none"
     """none; locomotion: r*1000/(max_return - min_return); scale_bias: r*scale + bias."""
-    reward_scale: float | None = None
-    """Scale for reward_mode scale_bias (antmaze: 10)."""
-    reward_bias: float | None = None
-    """Bias for reward_mode scale_bias (antmaze: -5)."""
-    normalize_states: bool | None = None
+    reward_scale: float = 1.0
+    """Scale for reward_mode scale_bias."""
+    reward_bias: float = 0.0
+    """Bias for reward_mode scale_bias."""
+    normalize_states: bool = False
     """Normalize observations with the dataset mean/std (eps 1e-3), at evaluation too."""
 
     # ---- run -------------------------------------------------------------------------
@@ -146,49 +165,147 @@ class Args:
     """Show a tqdm progress bar."""
 
 
-DEFAULTS: dict[str, Any] = dict(
-    total_steps=1_000_000, eval_every=10_000, eval_episodes=10, hidden_dims=(256, 256, 256),
-    orthogonal_init=False, policy_lr=3e-5, qf_lr=3e-4, bc_steps=0, backup_entropy=False,
-    max_backup=False, cql_weight=5.0, lagrange=False, cql_tau=10.0, lagrange_form="cql",
-    reward_mode="none",
-    reward_scale=1.0, reward_bias=0.0, normalize_states=False,
-)  # backup_entropy False: the official code's `deterministic_backup=True`.
+# Sources of the Args defaults above. "CQL code" = github.com/aviralkumar2907/CQL (rlkit under
+# d4rl/), "Cal-QL code" = github.com/nakamotoo/Cal-QL, "CORL" = github.com/tinkoff-ai/CORL.
+_MUJOCO_NEW = "CQL code d4rl/examples/cql_mujoco_new.py"
+DEFAULT_SOURCES: dict[str, str] = dict(
+    total_steps="paper App. F: 1M gradient steps",
+    eval_every="project choice (the official loop evaluates every 1000-step epoch)",
+    eval_episodes="project choice",
+    batch_size=f"{_MUJOCO_NEW} `batch_size=256`; paper App. F",
+    actor_hidden_dims=f"{_MUJOCO_NEW} `hidden_sizes=[M, M, M]`, `layer_size=256`",
+    critic_hidden_dims=f"{_MUJOCO_NEW} `hidden_sizes=[M, M, M]`, `layer_size=256`",
+    orthogonal_init="CQL code: PyTorch default init (rlkit FlattenMlp)",
+    log_std_affine="CQL code: rlkit TanhGaussianPolicy has no log-std multiplier/offset",
+    gamma=f"{_MUJOCO_NEW} `discount=0.99`",
+    policy_lr="paper App. F: 3e-5 for all domains",
+    qf_lr=f"{_MUJOCO_NEW} `qf_lr=3E-4`; paper App. F",
+    soft_target_update=f"{_MUJOCO_NEW} `soft_target_tau=5e-3`",
+    bc_steps="project default: no warm start (presets set the official 40k where it was used)",
+    backup_entropy=f"{_MUJOCO_NEW} `--deterministic_backup` default 'True'",
+    max_backup=f"{_MUJOCO_NEW} `--max_q_backup` default 'False'",
+    cql_weight="CQL README, MuJoCo command `--min_q_weight=(5.0 or 10.0)`",
+    cql_variant=f"{_MUJOCO_NEW} `--min_q_version` default 3 (CQL(H))",
+    cql_data_term="paper Eq. 4 (CQL(H)); rlkit cql.py subtracts `q1_pred.mean()`",
+    cql_n_actions=f"{_MUJOCO_NEW} `num_random=10`; paper App. F",
+    cql_temp=f"{_MUJOCO_NEW} `temp=1.0`",
+    cql_clip_diff_min="CQL code: no clipping",
+    cql_clip_diff_max="CQL code: no clipping",
+    lagrange="CQL README, MuJoCo command `--lagrange_thresh=-1.0` (off)",
+    cql_tau="paper App. F: tau = 10 for gym (used with --lagrange)",
+    lagrange_form="rlkit cql.py: `alpha_prime * (min_qf1_loss - target_action_gap)` with the "
+                  "weight inside min_qf1_loss",
+    log_alpha_prime_init="rlkit cql.py: `log_alpha_prime = ptu.zeros(1)`",
+    alpha_prime_lr="rlkit cql.py: alpha' optimizer at qf_lr (3e-4)",
+    reward_mode="CQL code: rewards as stored (`reward_scale=1`)",
+    reward_scale="CQL code: `reward_scale=1`",
+    reward_bias="CQL code: no reward bias",
+    normalize_states="CQL code: observations as stored",
+)
 
-_GYM = dict(policy_lr=1e-4, bc_steps=40_000, cql_weight=5.0)  # official README command
-_ANTMAZE = dict(policy_lr=1e-4, bc_steps=40_000, cql_weight=5.0, lagrange=True, cql_tau=0.8,
-                lagrange_form="calql", max_backup=True, critic_hidden_dims=(256, 256, 256, 256),
-                actor_hidden_dims=(256, 256), reward_mode="scale_bias", reward_scale=10.0,
-                reward_bias=-5.0, orthogonal_init=True)  # Cal-QL / CORL antmaze
-_ADROIT = dict(policy_lr=1e-4, bc_steps=40_000, cql_weight=5.0, lagrange=True, cql_tau=5.0)
-_KITCHEN = dict(policy_lr=1e-4, bc_steps=40_000, cql_weight=5.0, lagrange=True, cql_tau=5.0,
-                max_backup=True)
-# Local Pendulum data: sized for a CPU (a few minutes). Small networks with larger learning
-# rates, and rewards x0.1 so that values (~ -100 instead of -1000) settle in a few 1000 steps.
-_LOCAL = dict(total_steps=5_000, eval_every=500, eval_episodes=5, hidden_dims=(64, 64),
-              policy_lr=1e-3, qf_lr=1e-3, cql_weight=5.0, reward_mode="scale_bias",
-              reward_scale=0.1)
+_CAL_QL = "Cal-QL code"
+_RUN_ANTMAZE = "Cal-QL scripts/run_antmaze.sh"
+_CORL_ANTMAZE = "CORL configs/offline/cql/antmaze/*.yaml"
+_APP_F_LAGRANGE = ("paper App. F: Lagrange with tau = 5 for Adroit and kitchen; "
+                   f"{_MUJOCO_NEW} `--min_q_weight` default 1.0 (\"set to 5.0 or 10.0 if not "
+                   "using lagrange\"), so in the CQL form the target gap is tau")
+# Preset values, each with its source: group -> field -> (value, source).
+PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
+    "gym": dict(
+        policy_lr=(1e-4, "CQL README, MuJoCo command `--policy_lr=1e-4`"),
+        bc_steps=(40_000, f"{_MUJOCO_NEW} `--policy_eval_start` default 40000"),
+        cql_weight=(5.0, "CQL README, MuJoCo command `--min_q_weight=(5.0 or 10.0)`"),
+        lagrange=(False, "CQL README, MuJoCo command `--lagrange_thresh=-1.0`"),
+    ),
+    "antmaze": dict(  # Cal-QL / CORL antmaze (the CQL code's own antmaze run differs)
+        policy_lr=(1e-4, f"{_CAL_QL} conservative_sac.py `policy_lr = 1e-4`; CORL yaml 0.0001"),
+        bc_steps=(0, f"{_CAL_QL}: no BC warm start; {_CORL_ANTMAZE} `bc_steps: 0`"),
+        cql_weight=(5.0, f"{_RUN_ANTMAZE} `--cql_min_q_weight=5.0`; CORL `cql_alpha: 5.0`"),
+        lagrange=(True, f"{_RUN_ANTMAZE} `--cql.cql_lagrange=True`; CORL `cql_lagrange: true`"),
+        cql_tau=(0.8, f"{_RUN_ANTMAZE} `--cql.cql_target_action_gap=0.8`; CORL the same"),
+        lagrange_form=("calql", f"{_CAL_QL} conservative_sac.py: `alpha_prime * "
+                                "cql_min_q_weight * (cql_qf1_diff - cql_target_action_gap)`"),
+        log_alpha_prime_init=(1.0, f"{_CAL_QL} conservative_sac.py `Scalar(1.0)`; CORL "
+                                   "cql.py `Scalar(1.0)`"),
+        max_backup=(True, f"{_CAL_QL} `cql_max_target_backup = True`; CORL the same"),
+        critic_hidden_dims=((256, 256, 256, 256), f"{_RUN_ANTMAZE} `--qf_arch=256-256-256-256`"),
+        actor_hidden_dims=((256, 256), f"{_RUN_ANTMAZE} `--policy_arch=256-256`"),
+        orthogonal_init=(True, f"{_CAL_QL} conservative_sac_main.py `orthogonal_init=True`; "
+                               "CORL `orthogonal_init: true`"),
+        log_std_affine=(True, f"{_CAL_QL} model.py TanhGaussianPolicy `log_std_multiplier=1.0`,"
+                              " `log_std_offset=-1.0` (learnable); CORL the same"),
+        reward_mode=("scale_bias", f"{_RUN_ANTMAZE} `--reward_scale/--reward_bias`"),
+        reward_scale=(10.0, f"{_RUN_ANTMAZE} `--reward_scale=10.0`; CORL `reward_scale: 10.0`"),
+        reward_bias=(-5.0, f"{_RUN_ANTMAZE} `--reward_bias=-5`; CORL `reward_bias: -5.0`"),
+    ),
+    "adroit": dict(
+        policy_lr=(3e-5, "paper App. F: 3e-5 (1e-4 performed badly on Adroit)"),
+        bc_steps=(40_000, f"{_MUJOCO_NEW} `--policy_eval_start` default 40000"),
+        cql_weight=(1.0, _APP_F_LAGRANGE),
+        lagrange=(True, "paper App. F: Lagrange version for Adroit"),
+        cql_tau=(5.0, "paper App. F: tau = 5 for Adroit"),
+    ),
+    "kitchen": dict(
+        policy_lr=(3e-5, "paper App. F: 3e-5 for all domains"),
+        bc_steps=(40_000, f"{_MUJOCO_NEW} `--policy_eval_start` default 40000"),
+        cql_weight=(1.0, _APP_F_LAGRANGE),
+        lagrange=(True, "paper App. F: Lagrange version for kitchen"),
+        cql_tau=(5.0, "paper App. F: tau = 5 for kitchen"),
+        max_backup=(True, "paper App. F: max backup for antmaze and kitchen"),
+    ),
+    # Local Pendulum data: sized for a CPU (a few minutes). Small networks with larger
+    # learning rates, and rewards x0.1 so that values (~ -100 instead of -1000) settle in a
+    # few 1000 steps.
+    "pendulum": dict(
+        total_steps=(5_000, "project: CPU-sized local run"),
+        eval_every=(500, "project: CPU-sized local run"),
+        eval_episodes=(5, "project: CPU-sized local run"),
+        actor_hidden_dims=((64, 64), "project: CPU-sized networks"),
+        critic_hidden_dims=((64, 64), "project: CPU-sized networks"),
+        policy_lr=(1e-3, "project: learns the local data in a few 1000 steps"),
+        qf_lr=(1e-3, "project: learns the local data in a few 1000 steps"),
+        reward_mode=("scale_bias", "project: rewards x0.1 (values ~ -100)"),
+        reward_scale=(0.1, "project: rewards x0.1 (values ~ -100)"),
+    ),
+}
 
 
-def _env_presets() -> dict[str, tuple[str, dict[str, Any]]]:
-    """`--env` name -> (Minari dataset id, preset overrides)."""
-    presets: dict[str, tuple[str, dict[str, Any]]] = {}
+ADROIT_TASKS = ("pen", "door", "relocate", "hammer")
+
+
+def _env_presets() -> dict[str, tuple[str, str]]:
+    """`--env` name -> (Minari dataset id, preset group of PRESETS)."""
+    presets: dict[str, tuple[str, str]] = {}
     for robot in ("hopper", "halfcheetah", "walker2d", "ant"):
         for level in ("simple", "medium", "expert"):
-            presets[f"{robot}-{level}"] = (f"mujoco/{robot}/{level}-v0", _GYM)
+            presets[f"{robot}-{level}"] = (f"mujoco/{robot}/{level}-v0", "gym")
     for maze in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play",
                  "large-diverse"):
-        presets[f"antmaze-{maze}"] = (f"D4RL/antmaze/{maze}-v1", _ANTMAZE)
-    for task in ("pen", "door", "relocate", "hammer"):
+        presets[f"antmaze-{maze}"] = (f"D4RL/antmaze/{maze}-v1", "antmaze")
+    for task in ADROIT_TASKS:
         for level in ("human", "cloned", "expert"):
-            presets[f"{task}-{level}"] = (f"D4RL/{task}/{level}-v2", _ADROIT)
+            presets[f"{task}-{level}"] = (f"D4RL/{task}/{level}-v2", "adroit")
     for task in ("complete", "partial", "mixed"):
-        presets[f"kitchen-{task}"] = (f"D4RL/kitchen/{task}-v2", _KITCHEN)
+        presets[f"kitchen-{task}"] = (f"D4RL/kitchen/{task}-v2", "kitchen")
     for level in ("random", "medium", "expert", "medium-replay", "medium-expert"):
-        presets[f"pendulum-{level}"] = (f"local/pendulum/{level}-v0", _LOCAL)
+        presets[f"pendulum-{level}"] = (f"local/pendulum/{level}-v0", "pendulum")
     return presets
 
 
 ENV_PRESETS = _env_presets()
+
+
+def dataset_family(dataset_id: str) -> str | None:
+    """Preset group of a dataset id by its prefix (mujoco/, D4RL/antmaze/, ...), else None."""
+    parts = dataset_id.split("/")
+    if parts[0] == "mujoco":
+        return "gym"
+    if parts[0] == "D4RL" and len(parts) > 1:
+        return {"antmaze": "antmaze", "kitchen": "kitchen",
+                **{t: "adroit" for t in ADROIT_TASKS}}.get(parts[1])
+    if parts[0] == "local" and len(parts) > 1 and parts[1] == "pendulum":
+        return "pendulum"
+    return None
 
 
 def fail(message: str) -> None:
@@ -196,28 +313,91 @@ def fail(message: str) -> None:
     raise SystemExit(f"error: {message}")
 
 
-def resolve_args(args: Args) -> Args:
-    """Fill every None field from the env preset, then DEFAULTS; command-line values win."""
+def preset_args(env: str, dataset_id: str | None = None) -> Args:
+    """Args() with the preset of `env` filled in (literal values); `dataset_id` replaces the
+    preset's dataset. An unknown `env` needs `dataset_id` (its family's preset, if any)."""
+    if env in ENV_PRESETS:
+        preset_id, group = ENV_PRESETS[env]
+    elif dataset_id is not None:
+        preset_id, group = None, dataset_family(dataset_id)
+    else:
+        fail(f"unknown --env {env!r}; choose one of {', '.join(ENV_PRESETS)} "
+             "or pass any Minari id with --dataset-id")
+    values = {k: v for k, (v, _) in PRESETS[group].items()} if group else {}
+    return replace(Args(), env=env, dataset_id=dataset_id or preset_id, **values)
+
+
+def apply_hidden_dims(args: Args) -> Args:
+    """--hidden-dims sets both networks' widths (then it is spent: None)."""
+    if args.hidden_dims is None:
+        return args
+    dims = tuple(args.hidden_dims)
+    return replace(args, actor_hidden_dims=dims, critic_hidden_dims=dims, hidden_dims=None)
+
+
+def _given(argv: list[str], name: str) -> bool:
+    """Whether the flag `--name` (kebab or snake case, `=value` or not) is in argv."""
+    flags = {f"--{name.replace('_', '-')}", f"--{name}"}
+    return any(a.split("=", 1)[0] in flags for a in argv)
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """Command line -> complete Args: `--env`/`--dataset-id` pick the preset, which becomes
+    tyro's default (so `--help` shows it), the other flags override it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--presets" in argv:
+        print(preset_table())
+        raise SystemExit(0)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--env", default=Args.env)
+    pre.add_argument("--dataset-id", "--dataset_id", default=None)
+    known, _ = pre.parse_known_args(argv)
+    args = tyro.cli(Args, default=preset_args(known.env, known.dataset_id), args=argv)
+    if args.hidden_dims is not None:  # a per-network flag on the command line wins
+        dims = tuple(args.hidden_dims)
+        args = replace(args, hidden_dims=None,
+                       actor_hidden_dims=args.actor_hidden_dims
+                       if _given(argv, "actor_hidden_dims") else dims,
+                       critic_hidden_dims=args.critic_hidden_dims
+                       if _given(argv, "critic_hidden_dims") else dims)
+    check_args(args)
+    return args
+
+
+def check_args(args: Args) -> None:
+    """Refuse inconsistent arguments with one-line errors."""
     if args.env not in ENV_PRESETS and args.dataset_id is None:
         fail(f"unknown --env {args.env!r}; choose one of {', '.join(ENV_PRESETS)} "
              "or pass any Minari id with --dataset-id")
-    dataset_id, preset = ENV_PRESETS.get(args.env, (None, {}))
-    filled = {}
-    for f in fields(args):
-        value = getattr(args, f.name)
-        if value is None and f.name not in ("actor_hidden_dims", "critic_hidden_dims"):
-            value = preset.get(f.name, DEFAULTS.get(f.name))
-        filled[f.name] = value
-    # Per-network widths: explicit flag > --hidden-dims > preset per-network > preset/default.
-    for name in ("actor_hidden_dims", "critic_hidden_dims"):
-        filled[name] = tuple(getattr(args, name) or args.hidden_dims or preset.get(name)
-                             or filled["hidden_dims"])
-    filled["hidden_dims"] = tuple(filled["hidden_dims"])
-    filled["dataset_id"] = args.dataset_id or dataset_id
-    if filled["run_dir"] is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        filled["run_dir"] = f"runs/cql_sac_continuous__{args.env}__s{args.seed}__{stamp}"
-    return replace(args, **filled)
+    for name in ("total_steps", "eval_every", "eval_episodes", "batch_size", "cql_n_actions",
+                 "log_every"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.cql_weight < 0:
+        fail(f"--cql-weight must be >= 0, got {args.cql_weight}")
+    if args.cudagraphs and not args.compile:
+        fail("--cudagraphs needs --compile")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value)
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def preset_table() -> str:
+    """Markdown table of the defaults and every preset value, with sources (`--presets`)."""
+    lines = ["| preset | field | value | source |", "|---|---|---|---|"]
+    defaults = Args()
+    for name, source in DEFAULT_SOURCES.items():
+        lines.append(f"| defaults | {name} | {_fmt(getattr(defaults, name))} | {source} |")
+    for group, values in PRESETS.items():
+        for name, (value, source) in values.items():
+            lines.append(f"| {group} | {name} | {_fmt(value)} | {source} |")
+    envs = {g: [e for e, (_, eg) in ENV_PRESETS.items() if eg == g] for g in PRESETS}
+    lines += ["", "| preset | --env |", "|---|---|"]
+    lines += [f"| {g} | {', '.join(e)} |" for g, e in envs.items()]
+    return "\n".join(lines)
 
 
 # ======================================================================================
@@ -470,9 +650,14 @@ LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # paper App. F / official code
 
 
 class TanhGaussianActor(nn.Module):
-    """pi(a|s) = tanh(N(mu(s), sigma(s))), log-std clamped to [-20, 2]."""
+    """pi(a|s) = tanh(N(mu(s), sigma(s))), log-std clamped to [-20, 2].
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...], orthogonal: bool):
+    log_std_affine: log-std = m * log_std + b before the clamp, m and b learnable scalars
+    initialised to 1.0 and -1.0 (Cal-QL `model.py` TanhGaussianPolicy, CORL `cql.py`).
+    """
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...], orthogonal: bool,
+                 log_std_affine: bool = False):
         super().__init__()
         self.net = mlp(obs_dim, hidden, 2 * action_dim)
         if orthogonal:
@@ -480,9 +665,15 @@ class TanhGaussianActor(nn.Module):
             for k, layer in enumerate(linears):
                 nn.init.orthogonal_(layer.weight, 1e-2 if k == len(linears) - 1 else math.sqrt(2))
                 nn.init.zeros_(layer.bias)
+        self.log_std_affine = log_std_affine
+        if log_std_affine:
+            self.log_std_multiplier = nn.Parameter(torch.tensor(1.0))
+            self.log_std_offset = nn.Parameter(torch.tensor(-1.0))
 
     def dist(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, log_std = self.net(obs).chunk(2, -1)
+        if self.log_std_affine:
+            log_std = self.log_std_multiplier * log_std + self.log_std_offset
         return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -516,14 +707,15 @@ class Agent(nn.Module):
     def __init__(self, obs_dim: int, action_dim: int, args: Args):
         super().__init__()
         self.actor = TanhGaussianActor(obs_dim, action_dim, args.actor_hidden_dims,
-                                       args.orthogonal_init)
+                                       args.orthogonal_init, args.log_std_affine)
         self.critic = FusedCritic(obs_dim, action_dim, args.critic_hidden_dims,
                                   args.orthogonal_init)
         self.target_critic = FusedCritic(obs_dim, action_dim, args.critic_hidden_dims, False)
         self.target_critic.load_state_dict(self.critic.state_dict())
         self.target_critic.requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.zeros(()))
-        self.log_alpha_prime = nn.Parameter(torch.zeros(()))
+        # rlkit cql.py starts log alpha' at 0, Cal-QL and CORL at 1.0: --log-alpha-prime-init
+        self.log_alpha_prime = nn.Parameter(torch.tensor(float(args.log_alpha_prime_init)))
 
 
 # ======================================================================================
@@ -549,15 +741,18 @@ def cql_logsumexp_is(q_rand: torch.Tensor, q_pi: torch.Tensor, logp_pi: torch.Te
 
 def cql_logsumexp_plain(q_rand: torch.Tensor, q_pi: torch.Tensor, q_next_pi: torch.Tensor,
                         q_data: torch.Tensor, temp: float = 1.0) -> torch.Tensor:
-    """T * logsumexp(Q/T) over [Q_rand, Q_data, Q_pi(s'), Q_pi(s)] (official `min_q_version 2`)."""
+    """T * logsumexp(Q/T) over [Q_rand, Q_data, Q_pi(s'), Q_pi(s)], no importance weights
+    (official `min_q_version 2`, which the official README calls "CQL(rho)")."""
     cat = torch.cat([q_rand, q_data.unsqueeze(-1), q_next_pi, q_pi], dim=-1)
     return temp * torch.logsumexp(cat / temp, dim=-1)
 
 
-def cql_rho_push_down(q_pi: torch.Tensor) -> torch.Tensor:
-    """CQL(rho), Eq. 7 with rho = previous policy: the maximizing mu is rho*exp(Q)/Z, so the
-    pushed-down value is the softmax(Q)-weighted mean of Q over actions drawn from rho.
-    The weights are the solution of the inner max, hence held fixed (detached)."""
+def cql_eq7_push_down(q_pi: torch.Tensor) -> torch.Tensor:
+    """`--cql-variant eq7`: this project's own reading of Eq. 7 (CQL(rho) with rho = the
+    current policy); the official code has NO counterpart (its README's "CQL(rho)" is
+    `min_q_version 2`, here `plain`). The maximizing mu is rho*exp(Q)/Z, so the pushed-down
+    value is the softmax(Q)-weighted mean of Q over actions drawn from rho; the weights are the
+    solution of the inner max, hence held fixed (detached)."""
     weights = torch.softmax(q_pi.detach(), dim=-1)
     return (weights * q_pi).sum(-1)
 
@@ -661,8 +856,8 @@ def cql_term(agent: Agent, batch: dict[str, torch.Tensor], args: Args, q_data: t
                                      args.cql_temp)
     elif args.cql_variant == "plain":
         push_down = cql_logsumexp_plain(q_rand, q_cur, q_next, q_data, args.cql_temp)
-    else:
-        push_down = cql_rho_push_down(q_cur)
+    else:  # eq7: the project's own Eq. 7 reading, no official counterpart
+        push_down = cql_eq7_push_down(q_cur)
     gap = cql_penalty(push_down, q_data, args.cql_data_term, args.cql_clip_diff_min,
                       args.cql_clip_diff_max)
     metrics["cql_gap"] = gap.detach().mean()
@@ -879,12 +1074,19 @@ def check_divergence(values: dict[str, float], step: int, args: Args, run_dir: P
              f"{args.max_abs_q:g}); {where}; lower the learning rates or raise --cql-weight")
 
 
-def main(args: Args | None = None) -> dict[str, Any]:
-    args = resolve_args(args if args is not None else Args())
+def default_run_dir(args: Args) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"runs/cql_sac_continuous__{args.env}__s{args.seed}__{stamp}"
+
+
+def main(args: Args) -> dict[str, Any]:
+    """Train with a complete Args (parse_args or preset_args plus replace)."""
+    args = apply_hidden_dims(args)
+    check_args(args)
     device = pick_device(args.device)
-    run_dir = Path(args.resume or args.run_dir)
+    run_dir = Path(args.resume or args.run_dir or default_run_dir(args))
+    args = replace(args, run_dir=str(run_dir))
     if args.resume:
-        args = replace(args, run_dir=str(run_dir))
         check_resume_config(run_dir, args)
     seed_everything(args.seed)
 
@@ -991,4 +1193,4 @@ def init_wandb(args: Args, run_dir: Path):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_args())

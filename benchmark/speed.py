@@ -93,7 +93,8 @@ def build_step(case: Case, mode: str, device: torch.device) -> Callable[[], Any]
     compile_, graphs = mode != "eager", mode == "compile+cudagraphs"
     over = dict(case.overrides, device=str(device), compile=compile_)
     if case.script == CQL_SAC:
-        args = sac.resolve_args(sac.Args(env=case.env, **over, cudagraphs=graphs))
+        args = sac.apply_hidden_dims(replace(sac.preset_args(case.env), **over,
+                                             cudagraphs=graphs))
         agent = sac.Agent(case.obs_dim, case.action_dim, args).to(device)
         trainer = sac.Trainer(agent, args, case.action_dim, device)
         batch = random_batch(("obs", "next_obs", "actions", "rewards", "dones"),
@@ -221,9 +222,7 @@ def load_buffer(script: str, dataset_id: str, device: torch.device) -> int:
     else:
         module = sac if script == CQL_SAC else calql
         env = next(k for k, (ds, _) in module.ENV_PRESETS.items() if ds == dataset_id)
-        args = (calql.preset_args(env) if module is calql
-                else module.resolve_args(module.Args(env=env)))
-        data = module.load_data(args)[0]
+        data = module.load_data(module.preset_args(env))[0]
         n = module.ReplayBuffer(data, device, 0).size
     sync(device)
     return n
@@ -351,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{case.script} {case.size} {mode}: {r['updates_per_sec']:.2f} updates/s "
                   f"(warm-up {r['warmup_s']:.1f}s)", flush=True)
             if case.script == CQL_SAC:
-                args_ = sac.resolve_args(sac.Args(env=case.env, **dict(case.overrides)))
+                args_ = sac.apply_hidden_dims(replace(sac.preset_args(case.env),
+                                                      **dict(case.overrides)))
                 flop = cql_sac_flops(case.obs_dim, case.action_dim, args_.actor_hidden_dims,
                                      args_.critic_hidden_dims, args_.batch_size,
                                      args_.cql_n_actions, max_backup=args_.max_backup)

@@ -75,8 +75,8 @@ def test_transform_rewards_states_and_actions():
     data = cql.episodes_to_transitions([episode(obs, False, True)])
     data["actions"] = np.array([[-2, 2], [0, 1], [1, -2]], np.float32)
     data["episode_returns"] = np.array([10.0, -40.0])
-    args = cql.resolve_args(cql.Args(env="pendulum-medium", run_dir="x", normalize_states=True,
-                                     reward_mode="locomotion"))
+    args = cql.replace(cql.preset_args("pendulum-medium"), normalize_states=True,
+                       reward_mode="locomotion")
     tf = cql.make_transform(data, box(-2, 2), args)
     assert tf.reward_scale == pytest.approx(1000 / 50) and tf.reward_bias == 0.0
     np.testing.assert_allclose(tf.obs_mean, [1, 2])
@@ -104,32 +104,9 @@ def test_replay_buffer_samples_real_rows_deterministically():
     assert not torch.equal(a.sample(64)["obs"], s1["obs"])
 
 
-def test_presets_fill_none_fields_and_the_command_line_wins():
-    ant = cql.resolve_args(cql.Args(env="antmaze-medium-play"))
-    assert ant.dataset_id == "D4RL/antmaze/medium-play-v1"
-    assert (ant.lagrange, ant.cql_tau, ant.cql_weight, ant.max_backup) == (True, 0.8, 5.0, True)
-    assert ant.lagrange_form == "calql"  # tau 0.8 comes from the Cal-QL/CORL form
-    assert (ant.reward_scale, ant.reward_bias) == (10.0, -5.0)
-    assert ant.critic_hidden_dims == (256,) * 4 and ant.actor_hidden_dims == (256, 256)
-    over = cql.resolve_args(cql.Args(env="antmaze-medium-play", cql_tau=2.0, lagrange=False,
-                                     hidden_dims=(64, 64)))
-    assert (over.cql_tau, over.lagrange) == (2.0, False)
-    assert over.critic_hidden_dims == (64, 64) == over.actor_hidden_dims
-    hop = cql.resolve_args(cql.Args(env="hopper-medium", critic_hidden_dims=(32,)))
-    assert hop.dataset_id == "mujoco/hopper/medium-v0" and hop.policy_lr == 1e-4
-    assert hop.actor_hidden_dims == (256, 256, 256) and hop.critic_hidden_dims == (32,)
-    assert (hop.lagrange_form, hop.cql_tau) == ("cql", 10.0)  # CQL paper's gym tau and form
-    assert cql.resolve_args(cql.Args(env="pen-human")).dataset_id == "D4RL/pen/human-v2"
-    assert cql.resolve_args(cql.Args(env="kitchen-mixed")).dataset_id == "D4RL/kitchen/mixed-v2"
-    custom = cql.resolve_args(cql.Args(env="anything", dataset_id="mujoco/ant/expert-v0"))
-    assert custom.dataset_id == "mujoco/ant/expert-v0" and custom.cql_weight == 5.0
-    with pytest.raises(SystemExit, match="unknown --env 'hoper-medium'.*hopper-medium"):
-        cql.resolve_args(cql.Args(env="hoper-medium"))
-
-
 def test_load_data_on_local_pendulum(local_dataset):
     local_dataset("pendulum-medium")
-    args = cql.resolve_args(cql.Args(env="pendulum-medium", run_dir="x"))
+    args = cql.preset_args("pendulum-medium")
     data, tf, make_env, info = cql.load_data(args)
     assert info["transitions"] == 20_000 and info["episodes"] == 100
     assert (info["obs_dim"], info["action_dim"]) == (3, 1)

@@ -12,7 +12,7 @@ import cql_sac_continuous as cql
 
 
 def make_args(**overrides) -> cql.Args:
-    return cql.resolve_args(cql.Args(env="pendulum-medium", run_dir="unused", **overrides))
+    return cql.apply_hidden_dims(cql.replace(cql.preset_args("pendulum-medium"), **overrides))
 
 
 # ---------------------------------------------------------------- importance sampling (App. F)
@@ -81,9 +81,9 @@ def test_plain_logsumexp_includes_data_q():
             assert got[i, j].item() == pytest.approx(want, rel=1e-5)
 
 
-def test_cql_rho_is_softmax_weighted_mean_with_fixed_weights():
+def test_cql_eq7_is_softmax_weighted_mean_with_fixed_weights():
     q = torch.tensor([[[0.0, 1.0, 3.0]]], requires_grad=True)
-    got = cql.cql_rho_push_down(q)
+    got = cql.cql_eq7_push_down(q)
     w = np.exp([0.0, 1.0, 3.0]) / np.exp([0.0, 1.0, 3.0]).sum()
     assert got.item() == pytest.approx(float((w * [0.0, 1.0, 3.0]).sum()), rel=1e-6)
     got.sum().backward()  # weights are the inner max's solution: gradient = the weights

@@ -12,6 +12,7 @@ import gymnasium as gym
 import minari
 import numpy as np
 import pytest
+import torch
 from minari.data_collector import EpisodeBuffer
 
 import cql_sac_continuous as cql
@@ -23,10 +24,9 @@ TINY = ["--hidden-dims", "16", "16", "--batch-size", "32", "--cql-n-actions", "3
 
 
 def tiny_args(run_dir: Path, **overrides) -> cql.Args:
-    base = dict(env="pendulum-medium", run_dir=str(run_dir), hidden_dims=(16, 16), batch_size=32,
-                cql_n_actions=3, eval_episodes=1, total_steps=60, eval_every=30, log_every=25,
-                progress=False)
-    return cql.Args(**{**base, **overrides})
+    base = dict(run_dir=str(run_dir), hidden_dims=(16, 16), batch_size=32, cql_n_actions=3,
+                eval_episodes=1, total_steps=60, eval_every=30, log_every=25, progress=False)
+    return cql.replace(cql.preset_args("pendulum-medium"), **{**base, **overrides})
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -43,7 +43,7 @@ def test_run_directory_contract(local_dataset, tmp_path):
     summary = cql.main(tiny_args(tmp_path / "run", bc_steps=20))
     run = tmp_path / "run"
     config = json.loads((run / "config.json").read_text())
-    assert config["args"]["cql_weight"] == 5.0 and config["args"]["hidden_dims"] == [16, 16]
+    assert config["args"]["cql_weight"] == 5.0 and config["args"]["actor_hidden_dims"] == [16, 16]
     assert config["dataset"]["dataset_id"] == "local/pendulum/medium-v0"
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [30, 60]
@@ -63,13 +63,13 @@ def test_run_directory_contract(local_dataset, tmp_path):
 
 @pytest.mark.parametrize("overrides", [
     dict(cql_variant="plain", cql_temp=0.5),
-    dict(cql_variant="rho"),
+    dict(cql_variant="eq7"),
     dict(cql_data_term=False),
     dict(lagrange=True, cql_tau=1.0, lagrange_form="calql"),
     dict(max_backup=True, backup_entropy=True, orthogonal_init=True),
     dict(cql_weight=0.0, normalize_states=True, reward_mode="scale_bias", reward_scale=0.1,
          track=True),  # W&B code path, disabled by conftest
-], ids=["plain", "rho", "eq1", "lagrange", "max-backup", "naive-sac"])
+], ids=["plain", "eq7", "eq1", "lagrange", "max-backup", "naive-sac"])
 def test_variants_run_end_to_end(local_dataset, tmp_path, overrides):
     local_dataset("pendulum-medium")
     summary = cql.main(tiny_args(tmp_path / "run", total_steps=30, **overrides))
@@ -79,25 +79,41 @@ def test_variants_run_end_to_end(local_dataset, tmp_path, overrides):
         assert alpha_primes[-1] != 1.0  # tuned away from exp(0)
 
 
-def test_compile_gives_the_eager_losses(local_dataset, tmp_path, monkeypatch):
-    """torch.compile of the loss computation runs on CPU and computes the same numbers
-    (inductor draws its own random numbers unless told to use eager's)."""
-    local_dataset("pendulum-medium")
-    monkeypatch.setattr(cql.torch._inductor.config, "fallback_random", True)
-    eager = cql.main(tiny_args(tmp_path / "eager", total_steps=20, eval_every=20))
-    compiled = cql.main(tiny_args(tmp_path / "compiled", total_steps=20, eval_every=20,
-                                  compile=True))
-    a, b = read_metrics(tmp_path / "eager")[-1], read_metrics(tmp_path / "compiled")[-1]
-    for key in ("critic_loss", "actor_loss", "q_data", "cql_gap"):
-        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), key
-    assert compiled["final_return"] == pytest.approx(eager["final_return"], rel=1e-3)
+def test_compile_gives_the_eager_losses(one_torch_thread):
+    """torch.compile of the loss computation computes the eager losses. The traced graph
+    (backend aot_eager: eager kernels, eager RNG) is bit-identical; inductor, the script's
+    backend, draws its own random numbers, so its random-dependent metrics are compared with
+    the spread of eager over seeds and the deterministic ones exactly (no private settings)."""
+    args = cql.apply_hidden_dims(cql.replace(cql.preset_args("pendulum-medium"), compile=True,
+                                             hidden_dims=(16, 16), cql_n_actions=3,
+                                             lagrange=True))
+    torch.manual_seed(0)
+    agent = cql.Agent(3, 2, args)
+    g = torch.Generator().manual_seed(3)
+    batch = dict(obs=torch.randn(32, 3, generator=g), next_obs=torch.randn(32, 3, generator=g),
+                 actions=torch.rand(32, 2, generator=g) * 1.8 - 0.9,
+                 rewards=torch.randn(32, generator=g), dones=torch.zeros(32))
+
+    def losses(fn, seed):
+        torch.manual_seed(seed)
+        return {k: v.item() for k, v in fn(agent, batch, args, False, 2)[1].items()}
+
+    traced = torch.compile(cql.compute_losses, backend="aot_eager")
+    assert losses(traced, 5) == losses(cql.compute_losses, 5)
+    eager = [losses(cql.compute_losses, 100 + s) for s in range(16)]
+    trainer = cql.Trainer(agent, args, 2, torch.device("cpu"))  # the script's compiled path
+    compiled = losses(trainer.loss_fn, 5)
+    for key, value in compiled.items():
+        ref = np.array([e[key] for e in eager])
+        assert abs(value - ref.mean()) <= 6 * ref.std() + 1e-5 * abs(ref.mean()) + 1e-6, key
+    metrics = trainer.step(batch, 0)
+    assert all(torch.isfinite(v) for v in metrics.values())
 
 
 def test_sigterm_then_resume_matches_an_uninterrupted_run(local_dataset, tmp_path):
     local_dataset("pendulum-medium")
     steps = ["--total-steps", "600", "--eval-every", "100", "--seed", "3"]
-    reference = cql.main(cql.resolve_args(tiny_args(tmp_path / "ref", total_steps=600,
-                                                    eval_every=100, seed=3)))
+    reference = cql.main(tiny_args(tmp_path / "ref", total_steps=600, eval_every=100, seed=3))
     run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, SCRIPT, *TINY, *steps, "--run-dir", str(run)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
