@@ -601,17 +601,17 @@ def load_data(args: Args):
     if not isinstance(dataset.action_space, gym.spaces.Box):
         fail(f"dataset {args.dataset_id} has a {type(dataset.action_space).__name__} action "
              "space; Cal-QL needs continuous (Box) actions")
-    episodes, total = [], 0
+    episodes, reached, total = [], [], 0
     for ep in tqdm(dataset.iterate_episodes(), total=dataset.total_episodes, leave=False,
                    desc=f"loading {args.dataset_id}", disable=not args.progress):
         total += 1
         tr = episode_transitions(ep, args)
+        reached.append(False if tr is None else tr.pop("reached"))  # None: binary, no success
         if tr is not None and len(tr["rewards"]):
             episodes.append(tr)
     if not episodes:
         fail(f"dataset {args.dataset_id}: none of its {total} trajectories reaches success; "
              "nothing is left after dropping failures")
-    reached = [e.pop("reached") for e in episodes]
     raw = {k: np.concatenate([e[k] for e in episodes]) for k in episodes[0]}
     for key in ("obs", "next_obs", "actions", "rewards"):
         bad = int((~np.isfinite(raw[key])).sum())
@@ -638,7 +638,8 @@ def load_data(args: Args):
     info = dict(dataset_id=args.dataset_id, episodes_in_dataset=total,
                 episodes_kept=len(episodes), transitions=len(data["obs"]), obs_dim=dim,
                 action_dim=data["actions"].shape[1], horizon=args.horizon,
-                # share of kept episodes with a success step (success infos); None: no infos
+                # share of the dataset's episodes with a success step (from the `success`
+                # infos, before any is dropped); None: the dataset records no success
                 success_in_data=None if None in reached else float(np.mean(reached)),
                 terminals_in_data=int(data["dones"].sum()),
                 # reference scores only where the evaluated return is the one they refer to
@@ -1184,11 +1185,12 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
     score: 100 * success rate where the env reports success (Adroit binary, AntMaze: the
     papers' metric), else the normalized return (only where the dataset's reference scores
     apply to the evaluated return, see eval_env_description), else the mean return.
-    return_mean: the raw env return (binary: the relabelled {-1, 0} return).
+    return_mean: the raw env return (binary: the relabelled {-1, 0} return); length_mean:
+    mean episode length (the horizon bounds it; success ends it).
     value_gap: min_j Q_j(s0, pi(s0)) minus the discounted (scaled) return obtained;
     negative = conservative.
     """
-    returns, gaps, successes, has_success = [], [], [], False
+    returns, gaps, successes, lengths, has_success = [], [], [], [], False
     for i in range(args.eval_episodes):
         obs, _ = env.reset(seed=10_000 * (args.seed + 1) + i)
         done, ep_return, disc_return, discount, t, success = False, 0.0, 0.0, 1.0, 0, False
@@ -1208,6 +1210,7 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
             done = terminal or truncated
             t += 1
         returns.append(ep_return)
+        lengths.append(t)
         gaps.append(pred - disc_return)
         successes.append(success)
     ret = float(np.mean(returns))
@@ -1216,6 +1219,7 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
     rate = float(np.mean(successes)) if has_success else None
     score = 100.0 * rate if rate is not None else (norm if norm is not None else ret)
     return dict(score=score, success_rate=rate, return_mean=ret, normalized_score=norm,
+                length_mean=float(np.mean(lengths)),
                 value_gap=float(np.mean(gaps)))
 
 
