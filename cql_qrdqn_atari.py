@@ -327,6 +327,10 @@ def resolve_source(env: str, dataset_id: str | None = None, dqn_replay_dir: str 
             what = "is a local dataset, not an Atari game" if name in LOCAL_ENVS else "unknown"
             fail(f"--dqn-replay-dir needs an Atari game as --env: '{env}' {what}; valid: "
                  f"{', '.join(PAPER_GAMES)} or any ALE game id")
+        path_game = dqn_replay_game(dqn_replay_dir)
+        if path_game is not None and path_game != game:
+            fail(f"--dqn-replay-dir {dqn_replay_dir} holds {path_game} data, but --env is "
+                 f"{env} ({game}); pass the same game to both")
         return DataSource("dqn_replay", game, None,
                           f"dqn_replay:{dqn_replay_dir}:fraction={data_fraction}"
                           f":checkpoints={checkpoints}")
@@ -354,10 +358,9 @@ def preset_groups(env: str, dataset_id: str | None = None, dqn_replay_dir: str |
     return ["vector"]
 
 
-def data_sticky_prob(spec) -> float | None:
-    """repeat_action_probability of a Minari dataset's eval env (its env spec unless it names an
-    eval env), with ALE v5's registered default (0.25) where the spec does not set it."""
-    env_spec = getattr(spec, "eval_env_spec", None) or getattr(spec, "env_spec", None)
+def env_spec_sticky_prob(env_spec) -> float | None:
+    """repeat_action_probability of an ALE env spec, with the registered default of its id (ALE
+    v5: 0.25) where the spec does not set it; None for a non-ALE env."""
     if env_spec is None or not env_spec.id.startswith("ALE/"):
         return None
     import ale_py
@@ -365,6 +368,13 @@ def data_sticky_prob(spec) -> float | None:
     gym.register_envs(ale_py)
     kwargs = {**gym.spec(env_spec.id).kwargs, **env_spec.kwargs}
     return float(kwargs.get("repeat_action_probability", 0.25))
+
+
+def data_sticky_prob(spec) -> float | None:
+    """The sticky-action setting a Minari dataset is evaluated with: its eval env spec's, or its
+    data-collection env spec's when it names no eval env (as recover_environment(eval_env=True))."""
+    return env_spec_sticky_prob(getattr(spec, "eval_env_spec", None)
+                                or getattr(spec, "env_spec", None))
 
 
 def preset_args(env: str, dataset_id: str | None = None, dqn_replay_dir: str | None = None,
@@ -454,6 +464,16 @@ class Dataset:
     ref_scores: tuple[float, float] | None  # (min, max) for the normalized score
     env_spec: object = None  # Minari env spec for evaluation (None for DQN Replay)
     atari_internal_frameskip: bool = False  # Minari Atari: ALE v5 frameskip, no max-pooling
+    sticky_prob: float | None = None  # Minari Atari: the env spec's repeat_action_probability
+
+
+def host_zeros(shape: tuple[int, ...], dtype, pin: bool) -> np.ndarray:
+    """A zero numpy array, in page-locked (pinned) host memory when `pin` (--buffer-device cpu
+    with CUDA): the replay buffer then uses it in place, without a second host copy."""
+    if not pin:
+        return np.zeros(shape, dtype)
+    return torch.zeros(shape, dtype=torch.from_numpy(np.zeros(0, dtype)).dtype,
+                       pin_memory=True).numpy()
 
 
 def preprocess_rgb(rgb: np.ndarray) -> np.ndarray:
@@ -494,7 +514,7 @@ def _ref_scores(ds) -> tuple[float, float] | None:
     return float(lo), float(hi)
 
 
-def episodes_layout(episodes, n_total: int, stack: int, rgb: bool = False):
+def episodes_layout(episodes, n_total: int, stack: int, rgb: bool = False, pin: bool = False):
     """Episodes (observations (T+1, ...), actions (T,), rewards (T,), terminations (T,)) -> the
     flat layout: per episode STACK-1 zero frames, then its T+1 observations (RGB frames go
     through preprocess_rgb). The last observation is stored for the bootstrap of a truncated
@@ -506,7 +526,7 @@ def episodes_layout(episodes, n_total: int, stack: int, rgb: bool = False):
         T = len(act)
         if frames is None:
             fshape = (84, 84) if rgb else obs.shape[1:]
-            frames = np.zeros((n_total, *fshape), np.uint8 if stack > 1 else np.float32)
+            frames = host_zeros((n_total, *fshape), np.uint8 if stack > 1 else np.float32, pin)
             actions = np.zeros(n_total, np.int64)
             rewards = np.zeros(n_total, np.float32)
             dones = np.zeros(n_total, np.float32)
@@ -527,7 +547,7 @@ def episodes_layout(episodes, n_total: int, stack: int, rgb: bool = False):
             np.concatenate(valid).astype(np.int64))
 
 
-def load_minari_dataset(dataset_id: str, progress: bool = True) -> Dataset:
+def load_minari_dataset(dataset_id: str, progress: bool = True, pin: bool = False) -> Dataset:
     ds = load_minari(dataset_id)
     act_space, obs_space = ds.action_space, ds.observation_space
     if isinstance(act_space, gym.spaces.Box):
@@ -551,7 +571,7 @@ def load_minari_dataset(dataset_id: str, progress: bool = True) -> Dataset:
         for ep in tqdm(ds.iterate_episodes(), total=ds.total_episodes,
                        desc=f"loading {dataset_id}", disable=not progress, leave=False))
     frames, actions, rewards, dones, valid = episodes_layout(
-        episodes, n_total, stack=4 if frames_mode else 1, rgb=rgb)
+        episodes, n_total, stack=4 if frames_mode else 1, rgb=rgb, pin=pin)
     if not (np.isfinite(rewards).all() and (frames_mode or np.isfinite(frames).all())):
         fail(f"dataset {dataset_id} contains NaN or inf in its observations or rewards; "
              f"clean or rebuild it")
@@ -566,7 +586,8 @@ def load_minari_dataset(dataset_id: str, progress: bool = True) -> Dataset:
         fail(f"dataset {dataset_id}: cannot create its environment ({type(e).__name__}: {e})")
     internal_skip = rgb and spec.kwargs.get("frameskip", 4) != 1
     return Dataset(frames, actions, rewards, dones, valid, 4 if frames_mode else 1,
-                   int(act_space.n), _ref_scores(ds), spec, bool(internal_skip))
+                   int(act_space.n), _ref_scores(ds), spec, bool(internal_skip),
+                   env_spec_sticky_prob(spec) if frames_mode else None)
 
 
 # --- DQN Replay Dataset (dopamine's OutOfGraphReplayBuffer checkpoints) ---------------------------
@@ -620,8 +641,18 @@ def parse_checkpoint_list(spec: str, available: list[int]) -> list[int]:
     return sorted(set(chosen))
 
 
+def dqn_replay_game(path: str) -> str | None:
+    """The game a DQN Replay directory belongs to, from its path (gs://atari-replay-datasets/dqn
+    layout <Game>/<run>/replay_logs): the last path component that names an ALE game."""
+    for part in reversed(Path(path).parts):
+        if part != "replay_logs" and not part.isdigit() and (game := atari_game(part)):
+            return game
+    return None
+
+
 def load_dqn_replay(path: str, fraction: float, checkpoints: str = "all",
-                    progress: bool = True) -> Dataset:
+                    progress: bool = True, game: str | None = None, game_actions: int | None = None,
+                    pin: bool = False) -> Dataset:
     """The first round(fraction x filled rows) transitions of each chosen checkpoint (all 50 by
     default): 0.01 of a game's 50 checkpoints of 1M = 10k rows each, 500k transitions in all.
 
@@ -649,6 +680,15 @@ def load_dqn_replay(path: str, fraction: float, checkpoints: str = "all",
              f"(pass the replay_logs folder of one run, e.g. .../Pong/1/replay_logs)")
     chosen = parse_checkpoint_list(checkpoints, found)
     stack = 4
+    # the data must be --env's game: Pong data with --env breakout would index Q out of range
+    # (6 actions vs 4), and a game with more actions would train silently on the wrong game
+    for k in chosen:
+        if game_actions is not None:
+            top = int(_read_npy_gz(root / DQN_STORE.format("action", k)).max())
+            if top >= game_actions:
+                fail(f"--dqn-replay-dir {path}: checkpoint {k} has action {top}, but {game} has "
+                     f"{game_actions} actions: this is not {game}'s data; pass the replay_logs "
+                     f"of the --env game")
     plan = []
     for k in chosen:
         for name in ("action", "reward", "terminal"):
@@ -662,7 +702,7 @@ def load_dqn_replay(path: str, fraction: float, checkpoints: str = "all",
             fail(f"--data-fraction {fraction} leaves {n} transitions of checkpoint {k}")
         plan.append((k, n))
     total = sum(n for _, n in plan)
-    frames = np.empty((total, 84, 84), np.uint8)
+    frames = host_zeros((total, 84, 84), np.uint8, pin)
     actions = np.empty(total, np.int64)
     rewards = np.empty(total, np.float32)
     dones = np.empty(total, np.float32)
@@ -694,23 +734,38 @@ def load_dqn_replay(path: str, fraction: float, checkpoints: str = "all",
 
 
 # ==================================================================================================
-# Replay buffer: tensors on the training device, sampling with a torch.Generator on the device
+# Replay buffer: tensors on the training device (or in host memory with --buffer-device cpu),
+# sampling with a torch.Generator where the tensors are
 # ==================================================================================================
 
 
 class ReplayBuffer:
-    def __init__(self, data: Dataset, device: torch.device, seed: int, clip_reward: bool):
+    def __init__(self, data: Dataset, device: torch.device, seed: int, clip_reward: bool,
+                 storage: torch.device | None = None):
+        """storage: where the tensors live (default: the training device). On the host with a
+        CUDA training device, the frames are pinned and each sampled batch is copied to the
+        device asynchronously (non_blocking), so the buffer needs no device memory."""
         self.device = device
-        self.frames = torch.as_tensor(data.frames).to(device)
-        self.actions = torch.as_tensor(data.actions).to(device)
+        self.storage = device if storage is None else storage
+        self.pin = self.storage.type == "cpu" and device.type == "cuda"
+        frames = torch.as_tensor(data.frames)
+        if self.pin and not frames.is_pinned():
+            frames = frames.pin_memory()
+        self.frames = frames.to(self.storage)
+        self.actions = torch.as_tensor(data.actions).to(self.storage)
         rewards = torch.as_tensor(data.rewards)
-        self.rewards = (rewards.clamp(-1.0, 1.0) if clip_reward else rewards).to(device)
-        self.dones = torch.as_tensor(data.dones).to(device)
-        self.valid = torch.as_tensor(data.valid).to(device)
+        self.rewards = (rewards.clamp(-1.0, 1.0) if clip_reward else rewards).to(self.storage)
+        self.dones = torch.as_tensor(data.dones).to(self.storage)
+        self.valid = torch.as_tensor(data.valid).to(self.storage)
         self.stack = data.stack
-        self.offsets = torch.arange(-data.stack + 1, 1, device=device)
-        self.generator = torch.Generator(device=device)
+        self.offsets = torch.arange(-data.stack + 1, 1, device=self.storage)
+        self.generator = torch.Generator(device=self.storage)
         self.generator.manual_seed(seed)
+
+    def nbytes(self) -> int:
+        """Bytes of the buffer's tensors (where they live: `storage`)."""
+        return sum(t.numel() * t.element_size() for t in
+                   (self.frames, self.actions, self.rewards, self.dones, self.valid))
 
     def __len__(self) -> int:
         return len(self.valid)
@@ -722,11 +777,16 @@ class ReplayBuffer:
         return self.frames[idx[:, None] + self.offsets]
 
     def sample(self, batch_size: int):
-        j = torch.randint(len(self.valid), (batch_size,), device=self.device,
+        j = torch.randint(len(self.valid), (batch_size,), device=self.storage,
                           generator=self.generator)
         idx = self.valid[j]
-        return (self.stacked(idx), self.actions[idx], self.rewards[idx], self.stacked(idx + 1),
-                self.dones[idx])
+        batch = (self.stacked(idx), self.actions[idx], self.rewards[idx], self.stacked(idx + 1),
+                 self.dones[idx])
+        if self.storage == self.device:
+            return batch
+        if self.pin:  # page-locked source: the copy to the device runs asynchronously
+            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in batch)
+        return tuple(t.to(self.device) for t in batch)
 
 
 # ==================================================================================================
@@ -830,26 +890,90 @@ def cql_gap(q: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
 # ==================================================================================================
 
 
-def make_atari_env(game: str, seed: int | None = None, internal_frameskip: bool = False,
-                   sticky_prob: float = 0.25, noop_max: int = 30,
-                   max_episode_steps: int = 27_000, stack: int = 4) -> gym.Env:
-    """ALE v5, sticky actions, frame-skip 4, 84x84 gray, no-op starts, 4-frame stack (zero
-    padding, as dopamine's agent state). internal_frameskip: the Minari Atari convention (ALE's own
-    frameskip=4, observations = the last frame, no max-pooling); otherwise dopamine's (max over the
-    last two of the 4 frames)."""
+def atari_eval_env(game: str, internal_frameskip: bool = False, sticky_prob: float = 0.25,
+                   noop_max: int = 0, max_episode_steps: int = 27_000,
+                   full_action_space: bool = False, stack: int = 4) -> dict:
+    """The Atari evaluation env as JSON (config.json `eval_env`): gym.make id and kwargs, and the
+    preprocessing wrappers. DQN Replay: dopamine's create_atari_environment (ALE v5, frameskip=1
+    with AtariPreprocessing's 4-frame skip and max-pooling of the last two frames, sticky actions
+    0.25, no no-op starts). internal_frameskip: the Minari Atari convention (ALE's own frameskip=4,
+    observation = the last frame, no max-pooling), with the dataset's sticky-action setting."""
+    return {
+        "id": ale_env_id(game), "max_episode_steps": max_episode_steps,
+        "kwargs": {"frameskip": 4 if internal_frameskip else 1,
+                   "repeat_action_probability": sticky_prob,
+                   "full_action_space": full_action_space,
+                   "max_num_frames_per_episode": max_episode_steps * 4},
+        "wrappers": {"AtariPreprocessing": {"noop_max": noop_max,
+                                            "frame_skip": 1 if internal_frameskip else 4,
+                                            "screen_size": 84, "grayscale_obs": True},
+                     "FrameStackObservation": {"stack_size": stack, "padding_type": "zero"}},
+    }
+
+
+def make_eval_env(spec: dict) -> gym.Env:
+    """Build an `atari_eval_env` description: ALE env, 84x84 gray, a zero-padded frame stack (as
+    dopamine's agent state at reset)."""
     import ale_py
 
     gym.register_envs(ale_py)
-    env = gym.make(ale_env_id(game), frameskip=4 if internal_frameskip else 1,
-                   repeat_action_probability=sticky_prob, full_action_space=False,
-                   max_num_frames_per_episode=max_episode_steps * 4)
-    env = gym.wrappers.AtariPreprocessing(env, noop_max=noop_max,
-                                          frame_skip=1 if internal_frameskip else 4,
-                                          screen_size=84, grayscale_obs=True)
-    env = gym.wrappers.FrameStackObservation(env, stack, padding_type="zero")
+    env = gym.make(spec["id"], **spec["kwargs"])
+    env = gym.wrappers.AtariPreprocessing(env, **spec["wrappers"]["AtariPreprocessing"])
+    return gym.wrappers.FrameStackObservation(env, **spec["wrappers"]["FrameStackObservation"])
+
+
+def make_atari_env(game: str, seed: int | None = None, internal_frameskip: bool = False,
+                   sticky_prob: float = 0.25, noop_max: int = 0,
+                   max_episode_steps: int = 27_000, stack: int = 4) -> gym.Env:
+    """The Atari evaluation env (atari_eval_env's settings), reset with `seed` if given."""
+    env = make_eval_env(atari_eval_env(game, internal_frameskip, sticky_prob, noop_max,
+                                       max_episode_steps, stack=stack))
     if seed is not None:
         env.reset(seed=seed)
     return env
+
+
+def env_action_count(spec: dict) -> int:
+    env = make_eval_env(spec)
+    n = int(env.action_space.n)
+    env.close()
+    return n
+
+
+def dqn_replay_eval_env(args: Args, game: str) -> dict:
+    """dopamine's evaluation for DQN Replay data: sticky actions 0.25 (the data's own setting),
+    no no-op starts (preset values; --sticky-prob / --noop-max change them)."""
+    sticky = 0.25 if args.sticky_prob is None else args.sticky_prob
+    return atari_eval_env(game, False, sticky, args.noop_max, args.max_episode_steps)
+
+
+def _jsonable(value):
+    """kwargs of an env spec as JSON (lists for tuples and arrays, str for anything else)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
+def minari_eval_env(args: Args, game: str | None, data: Dataset) -> dict:
+    """The evaluation env of a Minari dataset: for frames, ALE with the dataset's own settings
+    (its env spec's sticky actions and frame-skip convention; --sticky-prob overrides, with a
+    note); for vector observations, the dataset's (eval) env spec as it is."""
+    spec = data.env_spec
+    if data.stack == 1:
+        return {"id": spec.id, "max_episode_steps": spec.max_episode_steps,
+                "kwargs": _jsonable(spec.kwargs)}
+    sticky = data.sticky_prob if args.sticky_prob is None else args.sticky_prob
+    if data.sticky_prob is not None and sticky != data.sticky_prob:
+        tqdm.write(f"note: evaluating with sticky actions {sticky}; the data was collected with "
+                   f"{data.sticky_prob} ({spec.id})")
+    full = bool(spec.kwargs.get("full_action_space", False))
+    return atari_eval_env(game, data.atari_internal_frameskip,
+                          0.25 if sticky is None else sticky, args.noop_max,
+                          args.max_episode_steps, full)
 
 
 def eval_seed(seed: int, eval_index: int) -> int:
@@ -911,7 +1035,7 @@ def normalized_score(ret: float, game: str | None, ref: tuple[float, float] | No
 # ==================================================================================================
 
 IGNORED_ON_RESUME = {"resume", "run_dir", "track", "wandb_project", "wandb_entity", "progress",
-                     "compile", "total_steps"}
+                     "compile", "total_steps", "eval_env"}  # eval_env: derived from args + data
 
 
 def config_dict(args: Args, source: DataSource) -> dict:
@@ -1092,12 +1216,15 @@ def train(args: Args) -> dict:
     if args.resume is not None:
         check_resume_config(run_dir, config)
 
-    # data
+    # data, and the evaluation env it implies
+    storage = device if args.buffer_device == "device" else torch.device("cpu")
+    pin = storage.type == "cpu" and device.type == "cuda"  # frames loaded into pinned memory
     if source.kind == "dqn_replay":
+        eval_env = dqn_replay_eval_env(args, source.game)
         data = load_dqn_replay(args.dqn_replay_dir, args.data_fraction, args.checkpoints,
-                               args.progress)
+                               args.progress, source.game, env_action_count(eval_env), pin)
     else:
-        data = load_minari_dataset(source.dataset_id, args.progress)
+        data = load_minari_dataset(source.dataset_id, args.progress, pin)
     if data.stack == 4 and source.game is None and data.env_spec is not None:
         m = re.fullmatch(r"ALE/(\w+)-v\d+", data.env_spec.id)
         source.game = atari_game(m.group(1)) if m else None
@@ -1105,19 +1232,19 @@ def train(args: Args) -> dict:
         fail(f"dataset {source.dataset_id} holds Atari frames but its game is unknown; "
              f"pass --env GAME")
     atari = data.stack == 4
-    buffer = ReplayBuffer(data, device, args.seed, args.clip_reward)
+    buffer = ReplayBuffer(data, device, args.seed, args.clip_reward, storage)
     obs_shape = (4, 84, 84) if atari else tuple(data.frames.shape[1:])
     data.frames = data.actions = data.rewards = data.dones = data.valid = None  # host copy
 
+    game = source.game if atari else None
+    if source.kind == "minari":
+        eval_env = minari_eval_env(args, source.game, data)
+    config["eval_env"] = eval_env
     if atari:
-        game = source.game
-
         def make_env():
-            return make_atari_env(game, None, data.atari_internal_frameskip, args.sticky_prob,
-                                  args.noop_max, args.max_episode_steps)
+            return make_eval_env(eval_env)
         max_steps = args.max_episode_steps
     else:
-        game = None
         env_spec = data.env_spec
 
         def make_env():

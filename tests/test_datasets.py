@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 import subprocess
 import sys
@@ -233,53 +232,3 @@ def test_pong_frames_are_exact(local_dataset) -> None:
         np.testing.assert_array_equal(ep.observations[t + 1], obs)
     last = dataset[dataset.total_episodes - 1]
     assert last.truncations[-1] and not last.terminations.any()
-
-
-# --------------------------------------------------------------------------- DQN Replay
-def _load_ckpt(directory: Path, k: int) -> dict[str, np.ndarray]:
-    arrays = {}
-    for name in datasets.DQN_REPLAY_ELEMENTS:
-        with gzip.GzipFile(directory / f"{name}_ckpt.{k}.gz") as f:
-            arrays[name.removeprefix("$store$_")] = np.load(f, allow_pickle=False)
-    return arrays
-
-
-def test_dqn_replay_dir_format(tmp_path: Path) -> None:
-    cap = 300
-    directory = datasets.make_dqn_replay_dir(tmp_path / "Pong" / "1", num_checkpoints=2,
-                                             steps_per_checkpoint=cap, seed=3)
-    assert len(list(directory.glob("*.gz"))) == 12
-    last_step = 0
-    for k in range(2):
-        a = _load_ckpt(directory, k)
-        assert a["observation"].shape == (cap, 84, 84) and a["observation"].dtype == np.uint8
-        assert a["action"].shape == (cap,) and a["action"].dtype == np.int32
-        assert a["reward"].shape == (cap,) and a["reward"].dtype == np.float32
-        assert a["terminal"].shape == (cap,) and a["terminal"].dtype == np.uint8
-        assert a["add_count"].shape == () and a["add_count"].dtype == np.int64
-        assert a["invalid_range"].shape == (5,) and a["invalid_range"].dtype == np.int64
-        count = int(a["add_count"])
-        assert count > (k + 1) * cap  # padding made the circular buffer wrap
-        cursor = count % cap
-        assert sorted(a["invalid_range"]) == sorted((cursor - 1 + i) % cap for i in range(5))
-        steps = np.array([datasets.dqn_frame_step(f) for f in a["observation"]])
-        real = steps > 0
-        np.testing.assert_array_equal(a["action"][real], steps[real] % 6)
-        np.testing.assert_array_equal(a["reward"][real], steps[real] % 3 - 1)
-        assert not a["terminal"][~real].any() and not a["observation"][~real].any()
-        newest = steps[(cursor - 1) % cap]
-        assert newest == (k + 1) * cap and newest > last_step
-        last_step = newest
-        _check_stream(steps, a["terminal"], cursor)
-    assert 0 < np.sum(_load_ckpt(directory, 1)["terminal"]) < cap // 40 + 2
-
-
-def _check_stream(steps: np.ndarray, terminal: np.ndarray, cursor: int) -> None:
-    """Walk the buffer from oldest to newest: steps go up by one; 3 zero frames after ends."""
-    order = [(cursor + i) % len(steps) for i in range(len(steps))]
-    seq, term = steps[order], terminal[order]
-    real = np.flatnonzero(seq > 0)
-    for i, j in zip(real[:-1], real[1:], strict=True):
-        assert seq[j] == seq[i] + 1
-        gap = j - i - 1
-        assert gap == (3 if term[i] else 0)

@@ -1,14 +1,15 @@
 """cql_qrdqn_atari.py data: frame stacking, the DQN Replay loader, Minari Atari preprocessing."""
 
 import gzip
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from dqn_replay import DQN_REPLAY_ELEMENTS, dqn_frame_step, make_dqn_replay_dir
 
 import cql_qrdqn_atari as m
-from benchmark import datasets as bd
 
 # --- frame stacking at episode boundaries ---------------------------------------------------------
 
@@ -82,7 +83,7 @@ def test_reward_clipping():
 @pytest.fixture(scope="module")
 def replay_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("dqn") / "Pong" / "1" / "replay_logs"
-    return bd.make_dqn_replay_dir(path, num_checkpoints=3, steps_per_checkpoint=1000, seed=0)
+    return make_dqn_replay_dir(path, num_checkpoints=3, steps_per_checkpoint=1000, seed=0)
 
 
 def read_gz(path):
@@ -96,9 +97,9 @@ def check_transitions(data: m.Dataset):
     buf = m.ReplayBuffer(data, torch.device("cpu"), 0, clip_reward=False)
     idx = torch.as_tensor(data.valid)
     obs, nxt = buf.stacked(idx).numpy(), buf.stacked(idx + 1).numpy()
-    terminal_steps = {bd.dqn_frame_step(data.frames[i]) for i in np.flatnonzero(data.dones)}
+    terminal_steps = {dqn_frame_step(data.frames[i]) for i in np.flatnonzero(data.dones)}
     for k, i in enumerate(data.valid):
-        steps = [bd.dqn_frame_step(f) for f in obs[k]]
+        steps = [dqn_frame_step(f) for f in obs[k]]
         g = steps[-1]
         assert g > 0, "a padding frame never starts a transition"
         n_zero = sum(s == 0 for s in steps)
@@ -109,12 +110,12 @@ def check_transitions(data: m.Dataset):
         if n_zero:
             assert g - 3 + n_zero - 1 in terminal_steps or g - 3 + n_zero == 1
         assert data.actions[i] == g % 6 and data.rewards[i] == g % 3 - 1
-        next_last = bd.dqn_frame_step(nxt[k, -1])
+        next_last = dqn_frame_step(nxt[k, -1])
         if data.dones[i]:
             assert g in terminal_steps
         else:
             assert next_last == g + 1
-            assert [bd.dqn_frame_step(f) for f in nxt[k, :-1]] == steps[1:]
+            assert [dqn_frame_step(f) for f in nxt[k, :-1]] == steps[1:]
 
 
 def test_dqn_replay_loader_full(replay_dir):
@@ -156,6 +157,57 @@ def test_read_npy_gz_partial(tmp_path):
     with gzip.open(tmp_path / "s.gz", "wb") as f:
         np.save(f, np.array(1234))
     assert int(m._read_npy_gz(tmp_path / "s.gz")) == 1234
+
+
+def _load_ckpt(directory: Path, k: int) -> dict[str, np.ndarray]:
+    arrays = {}
+    for name in DQN_REPLAY_ELEMENTS:
+        with gzip.GzipFile(directory / f"{name}_ckpt.{k}.gz") as f:
+            arrays[name.removeprefix("$store$_")] = np.load(f, allow_pickle=False)
+    return arrays
+
+
+def test_dqn_replay_dir_format(tmp_path: Path) -> None:
+    """The synthetic writer itself (tests/dqn_replay.py): dopamine's file set, dtypes, shapes,
+    a wrapped circular buffer with its invalid range, and the encoded agent-step stream."""
+    cap = 300
+    directory = make_dqn_replay_dir(tmp_path / "Pong" / "1", num_checkpoints=2,
+                                             steps_per_checkpoint=cap, seed=3)
+    assert len(list(directory.glob("*.gz"))) == 12
+    last_step = 0
+    for k in range(2):
+        a = _load_ckpt(directory, k)
+        assert a["observation"].shape == (cap, 84, 84) and a["observation"].dtype == np.uint8
+        assert a["action"].shape == (cap,) and a["action"].dtype == np.int32
+        assert a["reward"].shape == (cap,) and a["reward"].dtype == np.float32
+        assert a["terminal"].shape == (cap,) and a["terminal"].dtype == np.uint8
+        assert a["add_count"].shape == () and a["add_count"].dtype == np.int64
+        assert a["invalid_range"].shape == (5,) and a["invalid_range"].dtype == np.int64
+        count = int(a["add_count"])
+        assert count > (k + 1) * cap  # padding made the circular buffer wrap
+        cursor = count % cap
+        assert sorted(a["invalid_range"]) == sorted((cursor - 1 + i) % cap for i in range(5))
+        steps = np.array([dqn_frame_step(f) for f in a["observation"]])
+        real = steps > 0
+        np.testing.assert_array_equal(a["action"][real], steps[real] % 6)
+        np.testing.assert_array_equal(a["reward"][real], steps[real] % 3 - 1)
+        assert not a["terminal"][~real].any() and not a["observation"][~real].any()
+        newest = steps[(cursor - 1) % cap]
+        assert newest == (k + 1) * cap and newest > last_step
+        last_step = newest
+        _check_stream(steps, a["terminal"], cursor)
+    assert 0 < np.sum(_load_ckpt(directory, 1)["terminal"]) < cap // 40 + 2
+
+
+def _check_stream(steps: np.ndarray, terminal: np.ndarray, cursor: int) -> None:
+    """Walk the buffer from oldest to newest: steps go up by one; 3 zero frames after ends."""
+    order = [(cursor + i) % len(steps) for i in range(len(steps))]
+    seq, term = steps[order], terminal[order]
+    real = np.flatnonzero(seq > 0)
+    for i, j in zip(real[:-1], real[1:], strict=True):
+        assert seq[j] == seq[i] + 1
+        gap = j - i - 1
+        assert gap == (3 if term[i] else 0)
 
 
 # --- Minari Atari: preprocessing equals the evaluation env's observations -----------------------

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dqn_replay import make_dqn_replay_dir
 
 import cql_qrdqn_atari as m
-from benchmark import datasets as bd
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "cql_qrdqn_atari.py")
@@ -91,7 +91,7 @@ def test_pong_local_run_with_nature_torso(tmp_path, local_dataset):
 
 
 def test_dqn_replay_run(tmp_path):
-    replay = bd.make_dqn_replay_dir(tmp_path / "Pong" / "1" / "replay_logs", num_checkpoints=2)
+    replay = make_dqn_replay_dir(tmp_path / "Pong" / "1" / "replay_logs", num_checkpoints=2)
     run_dir = tmp_path / "run"
     summary = m.main(args_for("pong", dqn_replay_dir=str(replay), data_fraction=0.5,
                               total_steps=2, eval_every=2, eval_episodes=1, batch_size=4,
