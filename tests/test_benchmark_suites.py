@@ -1,11 +1,10 @@
-"""Every suite resolves to valid arguments of its scripts (parsed by the scripts' own tyro
-Args and preset resolution, without running anything)."""
+"""Every suite resolves to valid arguments of its scripts (parsed by the scripts' own
+`parse_args`, presets included, without running anything)."""
 
 import importlib
 from pathlib import Path
 
 import pytest
-import tyro
 
 from benchmark import datasets
 from benchmark.report import REFERENCES
@@ -16,10 +15,8 @@ ALL_JOBS = [job for name in SUITES for job in suite_jobs(name, Path("/runs"), se
 
 
 def parse(job, resume: bool = False):
-    """The job's arguments through the script's tyro CLI and its resolve_args."""
-    module = MODULES[job.entry.script]
-    args = tyro.cli(module.Args, args=job.argv(resume=resume))
-    return module.resolve_args(args)
+    """The job's arguments through the script's own command-line parser."""
+    return MODULES[job.entry.script].parse_args(job.argv(resume=resume))
 
 
 @pytest.mark.parametrize("job", ALL_JOBS[::2], ids=lambda j: j.label)
