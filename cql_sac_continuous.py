@@ -550,6 +550,20 @@ class ReplayBuffer:
         return {k: v[idx] for k, v in self.data.items()}
 
 
+def goal_terminals(data: dict[str, np.ndarray]) -> np.ndarray:
+    """AntMaze: every goal-reaching step (raw reward 1) is terminal.
+
+    Minari's AntMaze data come from a continuing task (never terminated, reward 1 at every
+    step within 0.45 of the goal). D4RL's antmaze datasets store `terminals` equal to these
+    rewards (D4RL issue #199: "a reward/terminal of 1 when the ant is near the goal"), and
+    the official codes train on those terminals: CQL `cql_antmaze_new.py` (`load_hdf5`:
+    `_terminals = dataset['terminals']` from d4rl.qlearning_dataset) and Cal-QL
+    `replay_buffer.py` (`dones=dataset['terminals']`). We follow them: done = reward == 1.
+    Without it Q at the goal heads to r/(1-gamma), and evaluation, which ends at the goal,
+    would not match the data."""
+    return np.maximum(data["dones"], (data["rewards"] == 1.0).astype(np.float32))
+
+
 def load_data(args: Args):
     """Dataset id -> (replay buffer data, transform, eval env factory, dataset info)."""
     dataset = load_minari_dataset(args.dataset_id)
@@ -560,24 +574,21 @@ def load_data(args: Args):
                     desc=f"loading {args.dataset_id}", disable=not args.progress)
     data = episodes_to_transitions(episodes)
     check_finite(data, args.dataset_id)
+    family = dataset_family(args.dataset_id)
+    if family == "antmaze":
+        data["dones"] = goal_terminals(data)
     tf = make_transform(data, dataset.action_space, args)
-    meta = dataset.storage.metadata
-    info = dict(dataset_id=args.dataset_id, transitions=len(data["obs"]),
+    spec = eval_env_spec(dataset, family)
+    info = dict(dataset_id=args.dataset_id, family=family, transitions=len(data["obs"]),
                 episodes=len(data["episode_returns"]), obs_dim=data["obs"].shape[1],
-                action_dim=data["actions"].shape[1],
-                ref_min_score=_float_or_none(meta.get("ref_min_score")),
-                ref_max_score=_float_or_none(meta.get("ref_max_score")))
+                action_dim=data["actions"].shape[1], goal_terminals=family == "antmaze",
+                **scoring(dataset.storage.metadata, family, args.dataset_id))
 
     def make_env() -> gym.Env:
-        try:
-            import gymnasium_robotics  # noqa: F401  (registers Adroit, AntMaze, Kitchen)
+        register_robotics_envs()
+        return gym.make(spec)
 
-            gym.register_envs(gymnasium_robotics)
-        except ImportError:
-            pass
-        return dataset.recover_environment(eval_env=True)
-
-    return apply_transform(data, tf), tf, make_env, info
+    return apply_transform(data, tf), tf, make_env, info | dict(eval_env=spec_dict(spec))
 
 
 # ======================================================================================
@@ -922,19 +933,142 @@ class Trainer:
 # ======================================================================================
 
 
+def register_robotics_envs() -> None:
+    """Register gymnasium-robotics' envs (Adroit, AntMaze, Kitchen) when it is installed."""
+    try:
+        import gymnasium_robotics
+    except ImportError:
+        return
+    gym.register_envs(gymnasium_robotics)
+
+
+def spec_dict(spec: gym.envs.registration.EnvSpec) -> dict[str, Any]:
+    """What config.json records as `eval_env`: id, horizon and kwargs (maze_map included)."""
+    return json.loads(json.dumps(dict(id=spec.id, max_episode_steps=spec.max_episode_steps,
+                                      kwargs=spec.kwargs)))
+
+
+# D4RL's Gym-MuJoCo reference returns (d4rl/gym_mujoco/__init__.py, *_RANDOM_SCORE and
+# *_EXPERT_SCORE, used for every split of the v0-v2 datasets): (random, expert).
+D4RL_MUJOCO_REFS = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0),
+                    "walker2d": (1.629008, 4592.3), "ant": (-325.6, 3879.7)}
+KITCHEN_HORIZON = 280  # D4RL d4rl/kitchen/__init__.py: max_episode_steps=280 for every task
+KITCHEN_TASK_SCORE = 25.0  # D4RL: ref_min_score 0, ref_max_score 4 tasks -> tasks x 25
+
+
+def scoring(meta: dict[str, Any], family: str | None, dataset_id: str) -> dict[str, Any]:
+    """How `normalized_score` is computed for this dataset, with its source."""
+    if family == "antmaze":
+        return dict(score="success rate x100 (CQL paper Table 2)", ref_min_score=None,
+                    ref_max_score=None, ref_source=None)
+    if family == "kitchen":
+        return dict(score="tasks completed (0-4) x 25, as D4RL (ref_min 0, ref_max 4)",
+                    ref_min_score=0.0, ref_max_score=4.0,
+                    ref_source="D4RL d4rl/kitchen/__init__.py ref_min_score 0, ref_max_score 4")
+    lo, hi = _float_or_none(meta.get("ref_min_score")), _float_or_none(meta.get("ref_max_score"))
+    source = "dataset metadata (ref_min_score / ref_max_score)"
+    if family == "adroit":
+        source = "dataset metadata: D4RL's reference scores (100-step pen episodes, see eval_env)"
+    if (lo is None or hi is None) and family == "gym":
+        robot = dataset_id.split("/")[1]
+        if robot in D4RL_MUJOCO_REFS:  # Minari's mujoco/* have none (Minari #323)
+            lo, hi = D4RL_MUJOCO_REFS[robot]
+            source = ("D4RL d4rl/gym_mujoco/__init__.py random/expert returns of the v2 "
+                      "datasets' envs (Gym MuJoCo v3): NOT like-for-like with the v5 envs")
+    if lo is None or hi is None:
+        source = None
+    return dict(score="100 * (return - ref_min) / (ref_max - ref_min)" if source else None,
+                ref_min_score=lo, ref_max_score=hi, ref_source=source)
+
+
+def eval_env_spec(dataset, family: str | None) -> gym.envs.registration.EnvSpec:
+    """The env evaluation runs in, built from the dataset's env specs (per family)."""
+    register_robotics_envs()
+    data_spec = dataset.env_spec
+    text = dataset.storage.metadata.get("eval_env_spec")
+    eval_spec = gym.envs.registration.EnvSpec.from_json(text) if text else None
+    if family == "antmaze":
+        return antmaze_eval_spec(data_spec, eval_spec)
+    if family == "kitchen":
+        # Minari collected with tasks kept and no termination (reward accumulates); D4RL's
+        # evaluation removes each task when completed and ends when all are done, 280 steps.
+        return replace(data_spec, max_episode_steps=KITCHEN_HORIZON,
+                       kwargs={**data_spec.kwargs, "remove_task_when_completed": True,
+                               "terminate_on_tasks_completed": True})
+    if family == "adroit":
+        # Minari's spec says 200 steps for every task (pen was 100 until Minari #286; pen
+        # episodes are 100-200 steps, #303), but the reference scores are D4RL's, measured on
+        # D4RL's horizons: 100 steps for pen, 200 for door, relocate and hammer.
+        horizon = 100 if "Pen" in data_spec.id else 200
+        return replace(eval_spec or data_spec, max_episode_steps=horizon)
+    return eval_spec or data_spec
+
+
+def _maze_symmetries(shape: tuple[int, int]):
+    """(name, map transform, cell transform) for identity, the two mirrors and rot180."""
+    h, w = shape
+    return (("identity", lambda a: a, lambda i, j: (i, j)),
+            ("mirror-lr", lambda a: a[:, ::-1], lambda i, j: (i, w - 1 - j)),
+            ("mirror-ud", lambda a: a[::-1, :], lambda i, j: (h - 1 - i, j)),
+            ("rot180", lambda a: a[::-1, ::-1], lambda i, j: (h - 1 - i, w - 1 - j)))
+
+
+def _cell(maze_map: list[list[Any]], mark: str) -> tuple[int, int] | None:
+    found = [(i, j) for i, row in enumerate(maze_map) for j, c in enumerate(row) if c == mark]
+    return found[0] if len(found) == 1 else None
+
+
+def antmaze_eval_spec(data_spec, eval_spec) -> gym.envs.registration.EnvSpec:
+    """The DATA's maze with the eval spec's fixed start (r) and goal (g) cells, ending at the
+    goal (continuing_task=False), the eval horizon (700 umaze, 1000 others).
+
+    The eval spec's maze is the data maze seen under a symmetry: identical for medium/large,
+    the 180-degree rotation for umaze/umaze-diverse (Minari #304, #301: its walls are the
+    mirror image). The eval cells are mapped through the symmetry that takes the eval walls
+    onto the data walls (and, where the data map has a goal cell, its goal onto that goal)."""
+    data_map = data_spec.kwargs.get("maze_map") or gym.spec(data_spec.id).kwargs["maze_map"]
+    walls = np.array([[c == 1 for c in row] for row in data_map])
+    source_map = eval_spec.kwargs.get("maze_map", data_map) if eval_spec else data_map
+    reset, goal = _cell(source_map, "r"), _cell(source_map, "g")
+    if reset is None or goal is None:
+        fail(f"the AntMaze eval spec of {data_spec.id} has no single start (r) and goal (g) "
+             "cell; cannot fix the evaluation episodes")
+    eval_walls = np.array([[c == 1 for c in row] for row in source_map])
+    data_goal = _cell(data_map, "g")
+    options = [(name, cell) for name, grid, cell in _maze_symmetries(walls.shape)
+               if eval_walls.shape == walls.shape and np.array_equal(grid(eval_walls), walls)]
+    if data_goal is not None:
+        options.sort(key=lambda option: option[1](*goal) != data_goal)
+    if not options:
+        fail(f"the AntMaze eval maze of {data_spec.id} matches the data maze under no "
+             "mirror or rotation; cannot place its start and goal in the data maze")
+    _, cell = options[0]
+    maze = [[1 if c == 1 else 0 for c in row] for row in data_map]
+    (ri, rj), (gi, gj) = cell(*reset), cell(*goal)
+    maze[ri][rj], maze[gi][gj] = "r", "g"
+    kwargs = {**data_spec.kwargs, "maze_map": maze, "continuing_task": False,
+              "reset_target": False}
+    steps = (eval_spec or data_spec).max_episode_steps
+    return replace(data_spec, kwargs=kwargs, max_episode_steps=steps)
+
+
 def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[str, Any],
              device: torch.device) -> dict[str, float | None]:
     """Deterministic policy for `eval_episodes` episodes, seeds fixed (independent of history).
 
-    value_gap (paper Table 4): the critics' predicted value of the policy at each episode's
-    first state, min over twins of Q(s0, pi(s0)), minus the discounted return actually
-    obtained (rewards transformed as in training). Negative = conservative.
+    normalized_score is the paper's score of the family (info["score"]): success rate x100
+    (AntMaze), tasks completed x25 (Kitchen), else 100*(return - ref_min)/(ref_max - ref_min);
+    return_mean is always the raw return. value_gap (paper Table 4): the critics' predicted
+    value of the policy at each episode's first state, min over twins of Q(s0, pi(s0)), minus
+    the discounted return actually obtained (rewards transformed as in training). Negative =
+    conservative.
     """
-    returns, gaps, preds, successes, has_success = [], [], [], [], False
+    returns, gaps, preds, successes, tasks, lengths = [], [], [], [], [], []
+    has_success = False
     for i in range(args.eval_episodes):
         obs, _ = env.reset(seed=10_000 * (args.seed + 1) + i)
         done, ep_return, disc_return, discount, t = False, 0.0, 0.0, 1.0, 0
-        success = False
+        success, step_info = False, {}
         while not done:
             x = torch.as_tensor(tf.obs(flatten_obs(obs)), device=device).reshape(1, -1)
             action = agent.actor.act_deterministic(x)
@@ -954,12 +1088,23 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
         preds.append(pred)
         gaps.append(pred - disc_return)
         successes.append(success)
+        lengths.append(t)
+        # Kitchen with tasks removed when completed: each task rewards 1 once.
+        tasks.append(len(step_info.get("episode_task_completions", [])) or ep_return)
     ret = float(np.mean(returns))
+    success_rate = float(np.mean(successes)) if has_success else None
+    family = info.get("family")
     lo, hi = info.get("ref_min_score"), info.get("ref_max_score")
-    norm = 100.0 * (ret - lo) / (hi - lo) if lo is not None and hi is not None else None
+    if family == "antmaze":
+        norm = 100.0 * float(np.mean(successes))
+    elif family == "kitchen":
+        norm = KITCHEN_TASK_SCORE * float(np.mean(tasks))
+    else:
+        norm = 100.0 * (ret - lo) / (hi - lo) if lo is not None and hi is not None else None
+    extra = dict(tasks_completed=float(np.mean(tasks))) if family == "kitchen" else {}
     return dict(return_mean=ret, return_std=float(np.std(returns)), normalized_score=norm,
                 value_gap=float(np.mean(gaps)), q_pred_s0=float(np.mean(preds)),
-                success_rate=float(np.mean(successes)) if has_success else None)
+                success_rate=success_rate, episode_length=float(np.mean(lengths)), **extra)
 
 
 # ======================================================================================
@@ -1106,9 +1251,10 @@ def main(args: Args) -> dict[str, Any]:
             fh.writelines(json.dumps(row) + "\n" for row in history)
     else:
         (run_dir / "metrics.jsonl").write_text("")
+        dataset_info = {k: v for k, v in info.items() if k != "eval_env"}
         (run_dir / "config.json").write_text(json.dumps(
-            dict(args=config_dict(args), dataset=info, torch=torch.__version__,
-                 device=str(device)), indent=2))
+            dict(args=config_dict(args), dataset=dataset_info, eval_env=info["eval_env"],
+                 torch=torch.__version__, device=str(device)), indent=2))
     wandb_run = init_wandb(args, run_dir) if args.track else None
 
     stop = StopFlag()
@@ -1162,7 +1308,7 @@ def main(args: Args) -> dict[str, Any]:
         bar.close()
         env.close()
     timing["wall_s"] = time.perf_counter() - wall0
-    summary = write_summary(run_dir, args, history, timing)
+    summary = write_summary(run_dir, args, history, timing, info)
     if wandb_run is not None:
         wandb_run.summary.update(summary)
         wandb_run.finish()
@@ -1170,11 +1316,12 @@ def main(args: Args) -> dict[str, Any]:
 
 
 def write_summary(run_dir: Path, args: Args, history: list[dict[str, Any]],
-                  timing: dict[str, float]) -> dict[str, Any]:
+                  timing: dict[str, float], info: dict[str, Any]) -> dict[str, Any]:
     """summary.json: final evaluation, speed (updates/s excludes evaluation), wall time."""
     last = history[-1]
     summary = dict(final_normalized_score=last["normalized_score"],
-                   final_return=last["return_mean"], value_gap=last["value_gap"],
+                   final_return=last["return_mean"], score=info.get("score"),
+                   ref_source=info.get("ref_source"), value_gap=last["value_gap"],
                    success_rate=last["success_rate"], total_steps=args.total_steps,
                    updates_per_sec=args.total_steps / max(timing["train_s"], 1e-9),
                    wall_time_s=timing["wall_s"])

@@ -45,6 +45,8 @@ def test_run_directory_contract(local_dataset, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["args"]["cql_weight"] == 5.0 and config["args"]["actor_hidden_dims"] == [16, 16]
     assert config["dataset"]["dataset_id"] == "local/pendulum/medium-v0"
+    assert config["eval_env"] == {"id": "Pendulum-v1", "max_episode_steps": 200,
+                                  "kwargs": config["eval_env"]["kwargs"]}
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [30, 60]
     for key in ("normalized_score", "return_mean", "value_gap", "critic_loss", "actor_loss",
