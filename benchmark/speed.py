@@ -16,12 +16,18 @@ matmul's throughput measured in the same run.
 Data loading: a fresh process per dataset turns a local Minari dataset into the script's
 device replay buffer; time and peak memory (RSS growth on CPU, allocated device memory on
 CUDA), scaled to 100k transitions.
+
+Atari replay buffer memory: cql_qrdqn_atari.py's buffer of Atari frames with
+`--buffer-device device` and `--buffer-device cpu` (pinned host frames, batches moved to the
+device), host and device memory per 100k transitions, analytic (the buffer's tensors) and
+measured (RSS growth; torch.cuda.max_memory_allocated), and what 10% of a game needs on the device.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -265,6 +271,99 @@ def measure_loading(device: torch.device) -> list[dict[str, Any]]:
     return rows
 
 
+# ------------------------------------------------------------- Atari replay buffer memory
+MEMORY_DATASET = "pong-random"  # local Atari frames (benchmark/datasets.py), real 84x84 stacks
+PLACEMENTS = ("device", "cpu")  # cql_qrdqn_atari.py --buffer-device
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux /proc; 0 elsewhere)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def atari_memory_probe(name: str, placement: str, device: torch.device) -> dict[str, Any]:
+    """In this (fresh) process: an Atari dataset into cql_qrdqn_atari.py's replay buffer with
+    --buffer-device `placement`, then one sampled batch. Memory where the buffer's tensors live
+    counted analytically (their bytes) and measured: host = peak RSS growth over the load
+    (getrusage ru_maxrss minus the RSS before; it includes the loader's transient host copy),
+    device = torch.cuda.max_memory_allocated on CUDA; on a CPU the device memory is host memory."""
+    import resource
+
+    from benchmark import datasets
+
+    dataset_id = datasets.ensure(name)
+    cpu = torch.device("cpu")
+    storage = device if placement == "device" else cpu
+    rss_before = rss_bytes()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    data = qrdqn.load_minari_dataset(dataset_id, progress=False,
+                                     pin=storage.type == "cpu" and device.type == "cuda")
+    buffer = qrdqn.ReplayBuffer(data, device, 0, clip_reward=True, storage=storage)
+    buffer.sample(32)
+    sync(device)
+    nbytes = buffer.nbytes()
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return dict(dataset=dataset_id, placement=placement, device=str(device),
+                transitions=len(buffer), buffer_bytes=nbytes,
+                host_buffer_bytes=nbytes if storage.type == "cpu" else 0,
+                device_buffer_bytes=nbytes if storage.type == "cuda" else None,
+                host_peak_growth_bytes=max(0, peak_rss - rss_before),
+                device_peak_bytes=(torch.cuda.max_memory_allocated()
+                                   if device.type == "cuda" else None))
+
+
+def measure_atari_memory(device: torch.device) -> list[dict[str, Any]]:
+    """atari_memory_probe for both placements, each in a fresh interpreter."""
+    rows = []
+    for placement in PLACEMENTS:
+        proc = subprocess.run([sys.executable, __file__, "--memory-probe", MEMORY_DATASET,
+                               placement, "--device", str(device)], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            rows.append(dict(placement=placement, error=proc.stderr[-300:]))
+        else:
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def memory_lines(memory: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown table of the Atari buffer memory: the buffer per 100k transitions (analytic),
+    the measured peaks of the whole load (not scaled: they include fixed costs)."""
+    mib = 2**20
+    lines = ["", "## Atari replay buffer memory (cql_qrdqn_atari.py --buffer-device)", "",
+             f"{MEMORY_DATASET} frames (84x84 uint8, a 4-frame stack per state built at sampling "
+             "time) in the script's replay buffer, one batch sampled; a fresh process per "
+             "placement. Per 100k transitions: the bytes of the buffer's tensors (analytic). "
+             "Measured, for the whole load (not scaled: it includes fixed costs such as the raw "
+             "RGB episodes being decoded and the evaluation env): host = RSS growth, device = "
+             "torch.cuda.max_memory_allocated; on a CPU the training device is the host. "
+             "10% of a DQN Replay game = 5M transitions.", "",
+             "| --buffer-device | transitions | host MiB per 100k | device MiB per 100k | "
+             "host peak growth MiB | device peak MiB | 10% of a game on the device, GiB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in memory:
+        if "error" in r:
+            lines.append(f"| {r['placement']} | failed: {r['error']!r} |")
+            continue
+        scale = 1e5 / r["transitions"]
+        if r["device_peak_bytes"] is None:  # CPU: the training device is the host
+            on_device = r["buffer_bytes"] if r["placement"] == "device" else 0
+            device, device_peak = f"{on_device * scale / mib:.1f} (host)", "= host"
+        else:
+            on_device = r["device_buffer_bytes"] or 0
+            device, device_peak = (f"{on_device * scale / mib:.1f}",
+                                   f"{r['device_peak_bytes'] / mib:.1f}")
+        lines.append(f"| {r['placement']} | {r['transitions']} | "
+                     f"{r['host_buffer_bytes'] * scale / mib:.1f} | {device} | "
+                     f"{r['host_peak_growth_bytes'] / mib:.1f} | {device_peak} | "
+                     f"{on_device * 5e6 / r['transitions'] / 2**30:.1f} |")
+    return lines
+
+
 # ------------------------------------------------------------------------------------ main
 def modes_for(device: torch.device, requested: Sequence[str]) -> list[str]:
     modes = list(requested)
@@ -274,7 +373,7 @@ def modes_for(device: torch.device, requested: Sequence[str]) -> list[str]:
 
 
 def markdown(results: list[dict[str, Any]], flops: dict[str, Any], loading: list[dict],
-             info: dict[str, Any], command: str) -> str:
+             info: dict[str, Any], command: str, memory: Sequence[dict] = ()) -> str:
     lines = ["# Speed", "", f"- Command: `{command}`", *machine_lines(info),
              f"- torch threads: {info['torch_threads']}; device: {flops['device']}", "",
              "## Gradient updates per second", "",
@@ -314,6 +413,8 @@ def markdown(results: list[dict[str, Any]], flops: dict[str, Any], loading: list
         lines.append(f"| {r['script']} | {r['dataset']} | {r['transitions']} | "
                      f"{r['seconds']:.2f} | {r['host_peak_mib']:.1f} | {dev} | "
                      f"{r['seconds'] * scale:.2f} | {r['host_peak_mib'] * scale:.1f} |")
+    if memory:
+        lines += memory_lines(memory)
     return "\n".join(lines) + "\n"
 
 
@@ -330,10 +431,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-loading", action="store_true", help="skip the data-loading table")
     p.add_argument("--out", type=Path, default=None, help="default results/speed_<device>.md")
     p.add_argument("--load-probe", nargs=2, metavar=("SCRIPT", "DATASET"), help=argparse.SUPPRESS)
+    p.add_argument("--memory-probe", nargs=2, metavar=("DATASET", "PLACEMENT"),
+                   help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = sac.pick_device(args.device)
     if args.load_probe:
         print(json.dumps(load_probe(*args.load_probe, device)))
+        return 0
+    if args.memory_probe:
+        print(json.dumps(atari_memory_probe(*args.memory_probe, device)))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -367,12 +473,13 @@ def main(argv: list[str] | None = None) -> int:
         row["share"] = row["gflops"] / gflops
     flops = dict(device=str(device), matmul_n=args.matmul_n, matmul_gflops=gflops, rows=flop_rows)
     loading = [] if args.no_loading else measure_loading(device)
+    memory = [] if args.no_loading else measure_atari_memory(device)
     out = args.out or RESULTS / f"speed_{device.type}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown(results, flops, loading, info, command))
+    out.write_text(markdown(results, flops, loading, info, command, memory))
     (out.with_suffix(".json")).write_text(json.dumps(
-        dict(machine=info, command=command, updates=results, flops=flops, loading=loading),
-        indent=2))
+        dict(machine=info, command=command, updates=results, flops=flops, loading=loading,
+             atari_memory=memory), indent=2))
     print(out)
     return 0
 

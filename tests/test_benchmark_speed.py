@@ -48,3 +48,25 @@ def test_speed_table_end_to_end(tmp_path, local_dataset):
     probe = speed.load_probe(CQL_SAC, "pendulum-expert", CPU)
     assert probe["transitions"] == 100 * 200 and probe["seconds"] > 0
     assert probe["host_peak_mib"] > 20_000 * 9 * 4 / 2**20  # at least the float32 buffer
+
+
+def test_atari_memory_per_placement(local_dataset):
+    """The Atari buffer's memory for both --buffer-device placements: the analytic bytes are
+    the frames (one 84x84 uint8 frame per row) plus the small per-row tensors; on a CPU the
+    device is the host, so both placements hold the buffer in host memory."""
+    import cql_qrdqn_atari as qrdqn
+
+    local_dataset(speed.MEMORY_DATASET)
+    rows = [speed.atari_memory_probe(speed.MEMORY_DATASET, p, CPU) for p in speed.PLACEMENTS]
+    data = qrdqn.load_minari_dataset(rows[0]["dataset"], progress=False)
+    n_rows, n_valid = len(data.frames), len(data.valid)
+    expected = n_rows * (84 * 84 + 8 + 4 + 4) + n_valid * 8  # frames, actions, rewards, dones
+    for r in rows:
+        assert r["transitions"] == n_valid and r["buffer_bytes"] == expected
+        assert r["host_buffer_bytes"] == expected and r["device_peak_bytes"] is None
+        assert r["host_peak_growth_bytes"] >= 0
+    text = "\n".join(speed.memory_lines(rows))
+    mib_per_100k = expected * 1e5 / n_valid / 2**20
+    # device placement on a CPU: the buffer is in host memory, which is the device's
+    assert f"| device | {n_valid} | {mib_per_100k:.1f} | {mib_per_100k:.1f} (host) |" in text
+    assert f"| cpu | {n_valid} | {mib_per_100k:.1f} | 0.0 (host) |" in text
