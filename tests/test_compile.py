@@ -6,14 +6,14 @@ inductor backend, but the captured graphs run with eager kernels. Random ops the
 from the same generator in the same order as in eager mode, so a short run must reproduce
 the eager run's numbers; a capture that changed the math (a wrong guard, a dropped
 `detach`, a graph break that reorders the draws) would not. Inductor itself draws random
-numbers with its own generator (no public switch makes it use eager's), so its run is
-checked to complete with finite losses close in scale to eager's.
+numbers with its own generator (no public switch makes it use eager's): the script's
+inductor path is compared with eager's spread over seeds in tests/test_cql_sac_run.py and
+run end to end in tests/test_qrdqn_run.py.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -76,15 +76,3 @@ def test_compiled_capture_reproduces_the_eager_losses(case, tmp_path, monkeypatc
     for key in CASES[case][4]:
         assert compiled[key] == pytest.approx(eager[key], rel=1e-5, abs=1e-6), key
     assert compiled["step"] == eager["step"]
-
-
-@pytest.mark.parametrize("name", ["cql_sac"])
-def test_inductor_compiles_and_trains(name, local_dataset, tmp_path, one_torch_thread):
-    local_dataset(CASES[name][2])
-    torch._dynamo.reset()
-    eager = run(name, tmp_path / "eager", seed=2)
-    compiled = run(name, tmp_path / "inductor", seed=2, compile=True)
-    for key in CASES[name][4]:
-        assert math.isfinite(compiled[key]), key
-    # same batches, same initial weights, other random actions: the same order of magnitude
-    assert abs(compiled["q_data"] - eager["q_data"]) < 0.5 * abs(eager["q_data"]) + 1.0
