@@ -125,10 +125,13 @@ class Args:
     eval_epsilon: float = 0.001
     """epsilon-greedy evaluation"""
     sticky_prob: float | None = 0.25
-    """Atari evaluation: sticky-action probability. None: the data's own setting (read from the
-    Minari dataset's env spec when it is loaded)"""
+    """Atari evaluation: sticky-action probability, the data's own setting by preset: DQN Replay
+    0.25 (dopamine's evaluation), a Minari dataset its env spec's repeat_action_probability
+    (atari/<game>/expert-v0: 0). None: read from the Minari dataset when it is loaded. The
+    evaluated env is written to config.json as eval_env"""
     noop_max: int = 0
-    """Atari evaluation: at most this many no-ops at reset (dopamine and Minari: none)"""
+    """Atari evaluation: at most this many no-op actions at reset (dopamine's evaluation and the
+    Minari Atari data: none)"""
     max_episode_steps: int = 27_000
     """Atari evaluation: agent steps per episode at most (27k = 108k frames)"""
     threads: int | None = None

@@ -52,6 +52,7 @@ def test_cartpole_run_writes_the_run_directory(tmp_path, local_dataset):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["env"] == "cartpole-medium" and config["dataset"] == "local/cartpole/medium-v0"
     assert config["cql_alpha"] == 1.0 and config["hidden_dims"] == [32, 32]  # preset + override
+    assert config["eval_env"] == {"id": "CartPole-v1", "max_episode_steps": 500, "kwargs": {}}
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [150, 300]
     for r in rows:
