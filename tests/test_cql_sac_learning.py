@@ -14,7 +14,7 @@ import pytest
 import cql_sac_continuous as cql
 
 # The pendulum preset (64x64 networks, learning rates 1e-3, rewards x0.1), 3000 steps.
-SETTINGS = dict(env="pendulum-expert", total_steps=3000, log_every=500, progress=False, seed=0)
+SETTINGS = dict(total_steps=3000, log_every=500, progress=False, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,9 @@ def runs(tmp_path_factory, local_dataset):
     root = tmp_path_factory.mktemp("learning")
     out = {}
     for name, weight in (("cql", 5.0), ("naive", 0.0)):
-        summary = cql.main(cql.Args(**SETTINGS, cql_weight=weight, run_dir=str(root / name)))
+        args = cql.replace(cql.preset_args("pendulum-expert"), **SETTINGS, cql_weight=weight,
+                           run_dir=str(root / name))
+        summary = cql.main(args)
         rows = [json.loads(line) for line in (root / name / "metrics.jsonl").open()]
         out[name] = dict(summary=summary, rows=rows,
                          late_score=float(np.mean([r["normalized_score"] for r in rows[-3:]])))
