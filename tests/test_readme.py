@@ -1,0 +1,137 @@
+"""Every command README.md shows works: a documented command that fails is a bug.
+
+Commands are read from the README's ```bash blocks. Each is parsed by the parser of the
+program it calls; the three algorithm scripts then run it for a few steps wherever its data
+can be built here: local datasets (benchmark/datasets.py), schema twins under the real
+Minari ids (tests/twins.py) and a synthetic DQN Replay folder (tests/dqn_replay.py). The
+brief run appends tiny sizes and `--device cpu` to the documented command, so every flag
+the README wrote is still parsed and used. The set-up commands are the ones CI runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import twins
+from dqn_replay import make_dqn_replay_dir
+
+import calql_finetune
+import cql_qrdqn_atari
+import cql_sac_continuous
+from benchmark import datasets, report, run, speed
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = {"cql_sac_continuous.py": cql_sac_continuous, "calql_finetune.py": calql_finetune,
+           "cql_qrdqn_atari.py": cql_qrdqn_atari}
+BENCHMARK = {"benchmark/run.py": run, "benchmark/report.py": report,
+             "benchmark/speed.py": speed, "benchmark/datasets.py": datasets}
+SETUP = ["pip install -r requirements.txt", "python -m pytest"]
+# Appended for the brief run: a few steps, tiny networks, one short evaluation.
+BRIEF = {
+    "cql_sac_continuous.py": "--total-steps 2 --eval-every 2 --eval-episodes 1 --batch-size 8 "
+                             "--cql-n-actions 2 --hidden-dims 8 8 --bc-steps 1 --log-every 1",
+    "calql_finetune.py": "--offline-steps 2 --offline-eval-every 2 --online-steps 3 "
+                         "--eval-every 3 --eval-episodes 1 --batch-size 8 --cql-n-actions 2 "
+                         "--hidden-dims 8 8 --log-every 1",
+    "cql_qrdqn_atari.py": "--total-steps 2 --eval-every 2 --eval-episodes 1 --batch-size 4 "
+                          "--num-quantiles 4 --max-episode-steps 30 --log-every 1",
+}
+
+
+def readme_commands() -> list[str]:
+    """The commands of the README's bash blocks: continuations joined, comments dropped."""
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                commands.append(shlex.join(words))
+    return commands
+
+
+COMMANDS = readme_commands()
+
+
+def test_the_readme_shows_commands_for_every_program():
+    programs = {shlex.split(c)[1] for c in COMMANDS if c.startswith("python ")}
+    assert set(SCRIPTS) | set(BENCHMARK) <= programs
+    assert COMMANDS[:2] == SETUP
+
+
+def test_ci_runs_the_readme_setup_commands_verbatim():
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    for command in SETUP:
+        assert any(line.strip().startswith(command) for line in ci), command
+    assert not any("torch==" in line for line in ci), "CI must not pin torch ahead of the README"
+
+
+class Parsed(Exception):
+    """Raised instead of running a benchmark program once its arguments are parsed."""
+
+
+def parse_only(module, argv: list[str], monkeypatch) -> argparse.Namespace:
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise Parsed(real(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    with pytest.raises(Parsed) as parsed:
+        module.main(argv)
+    return parsed.value.args[0]
+
+
+def data_of(args) -> str:
+    """The Minari dataset id a parsed script command trains on."""
+    return args.dataset_id or cql_qrdqn_atari.LOCAL_ENVS[args.env]
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c not in SETUP])
+def test_readme_command(command, tmp_path, monkeypatch, twin, local_dataset,
+                        one_torch_thread, capsys):
+    words = shlex.split(command)
+    if words[0] == "minari":  # needs the network; the id must be one a preset names
+        assert words[1] == "download"
+        named = {cql_sac_continuous.preset_args(e).dataset_id
+                 for e in cql_sac_continuous.ENV_PRESETS}
+        named |= {calql_finetune.preset_args(e).dataset_id for e in calql_finetune.ENV_PRESETS}
+        assert words[2] in named
+        return
+    assert words[0] == "python", command
+    program, argv = words[1], words[2:]
+    if program in BENCHMARK:
+        module = BENCHMARK[program]
+        if program == "benchmark/datasets.py" and argv:  # build (or find) them, for real
+            module.main(argv)
+            assert all(datasets.is_built(name) for name in argv if not name.startswith("-"))
+        else:
+            parse_only(module, argv, monkeypatch)
+        return
+    module = SCRIPTS[program]
+    if "--help" in argv or "--presets" in argv:
+        with pytest.raises(SystemExit) as done:
+            module.parse_args(argv)
+        assert done.value.code in (0, None)
+        assert "| source |" in capsys.readouterr().out or "--help" in argv
+        return
+    args = module.parse_args(argv)
+    if "--dqn-replay-dir" in argv:  # the documented layout <Game>/<run>/replay_logs
+        where = argv.index("--dqn-replay-dir") + 1
+        make_dqn_replay_dir(tmp_path / argv[where], num_checkpoints=2)
+        argv[where] = str(tmp_path / argv[where])
+    elif data_of(args).startswith("local/"):
+        local_dataset(data_of(args))
+    elif data_of(args) in twins.TWINS:
+        twin(data_of(args))
+    else:  # a real dataset with no twin here (the twin of its family runs elsewhere)
+        return
+    argv = [a for a in argv if a != "--compile"]  # compile: tests/test_compile.py
+    brief = [*argv, *shlex.split(BRIEF[program]), "--device", "cpu", "--no-progress",
+             "--run-dir", str(tmp_path / "run")]
+    summary = module.main(module.parse_args(brief))
+    assert summary is not None and (tmp_path / "run" / "summary.json").exists()
