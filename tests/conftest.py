@@ -1,8 +1,15 @@
-"""Shared fixtures: local Minari datasets are built once per checkout into .cache/minari."""
+"""Shared fixtures: local Minari datasets are built once per checkout into .cache/minari; the
+three scripts as the run-contract tests drive them; hand-made bad datasets and bad inputs."""
 
+import importlib
+import json
 import os
+import re
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,3 +69,254 @@ def twin(monkeypatch):
         return dataset_id
 
     return make
+
+
+# ======================================================================================
+# The three scripts, as the run-contract tests (tests/test_run_contract.py) drive them
+# ======================================================================================
+TIMING_KEYS = ("updates_per_sec", "wall_time_s")  # the only summary values that vary per run
+
+
+@dataclass(frozen=True)
+class Script:
+    """One script and the tiny run the contract tests give it (hidden 16, batch 32, one
+    evaluation episode). `schedule`: the reference run's lengths (a few hundred gradient
+    steps); `length`: the flag a finished run may be extended by (LENGTH_FIELD)."""
+
+    key: str
+    file: str
+    dataset: str                 # benchmark/datasets.py name of its local dataset
+    argv: tuple[str, ...]        # --env, tiny sizes, no progress bar
+    schedule: dict[str, str]     # flag -> value of the reference run
+    length: str                  # --total-steps / --online-steps (RESUME_FREE's length)
+    short: str                   # value of `length` for a run to be extended to `schedule`'s
+    steps: str                   # the flag of the number of gradient steps (Cal-QL: offline)
+    eval_every: str              # the flag of the evaluation period of those steps
+    no_online: tuple[str, ...]   # what makes the run gradient steps only
+    first_steps: tuple[int, ...]  # the reference run's first evaluation steps
+    signal_stops: tuple[int, ...]  # Trainer.step calls after which a session is stopped
+    config: dict[str, Any]       # config.json "section.key" -> value, for the tiny run
+    finite: tuple[str, ...]      # row keys finite in every row after step 0
+    summary_of_last_row: dict[str, str]  # summary key -> the last row's key it repeats
+    scored: bool                 # normalized_score = 100 (return - ref_min) / (ref_max - ref_min)
+
+    @property
+    def path(self) -> str:
+        return str(ROOT / self.file)
+
+    @property
+    def module(self):
+        return importlib.import_module(Path(self.file).stem)
+
+    def args(self, run_dir: Path, *extra: str, **schedule: str) -> list[str]:
+        """The command line of a tiny run in `run_dir`: the reference schedule, with
+        `schedule` (flag name with underscores -> value) and `extra` flags on top."""
+        flags = {**self.schedule, **{f"--{k.replace('_', '-')}": v for k, v in schedule.items()}}
+        return [*self.argv, *(x for kv in flags.items() for x in kv), "--run-dir",
+                str(run_dir), *extra]
+
+
+TINY = ("--hidden-dims", "16", "16", "--batch-size", "32", "--eval-episodes", "1",
+        "--log-every", "25", "--no-progress")
+SCRIPTS = {s.key: s for s in (
+    Script("cql_sac", "cql_sac_continuous.py", "pendulum-medium",
+           ("--env", "pendulum-medium", *TINY, "--cql-n-actions", "3"),
+           {"--total-steps": "400", "--eval-every": "100"}, "--total-steps", "200",
+           "--total-steps", "--eval-every", (), (100, 200, 300, 400), (150,),
+           {"args.env": "pendulum-medium", "args.cql_weight": 5.0,
+            "args.actor_hidden_dims": [16, 16], "args.critic_hidden_dims": [16, 16],
+            "dataset.dataset_id": "local/pendulum/medium-v0", "eval_env.id": "Pendulum-v1",
+            "eval_env.max_episode_steps": 200},
+           ("normalized_score", "return_mean", "value_gap", "critic_loss", "actor_loss",
+            "alpha", "alpha_prime", "cql_gap", "bellman_loss"),
+           {"final_return": "return_mean", "final_normalized_score": "normalized_score"},
+           True),
+    # Cal-QL: offline 100 gradient steps, then 200 environment steps at UTD 1; evaluation at
+    # step 0 (before any update), every 50 offline steps, every 100 environment steps.
+    Script("calql", "calql_finetune.py", "pointmaze-sparse",
+           ("--env", "pointmaze-binary", *TINY, "--cql-n-actions", "3"),
+           {"--offline-steps": "100", "--offline-eval-every": "50", "--online-steps": "200",
+            "--eval-every": "100"}, "--online-steps", "0",
+           "--offline-steps", "--offline-eval-every", ("--online-steps", "0"), (0, 50, 100),
+           (45, 100),  # the second session stops online (the boundary is crossed)
+           {"args.env": "pointmaze-binary", "args.actor_hidden_dims": [16, 16],
+            "args.critic_hidden_dims": [16, 16], "dataset.dataset_id": "local/pointmaze/sparse-v0",
+            "eval_env.id": "PointMaze_UMaze-v3", "eval_env.max_episode_steps": 100},
+           ("score", "success_rate", "value_gap", "critic_loss", "actor_loss", "cql_gap"),
+           {"final_score": "score"}, False),
+    Script("qrdqn", "cql_qrdqn_atari.py", "cartpole-medium",
+           ("--env", "cartpole-medium", *TINY, "--num-quantiles", "8"),
+           {"--total-steps": "400", "--eval-every": "100"}, "--total-steps", "200",
+           "--total-steps", "--eval-every", (), (100, 200, 300, 400), (150,),
+           {"args.env": "cartpole-medium", "args.cql_weight": 1.0, "args.hidden_dims": [16, 16],
+            "dataset.dataset_id": "local/cartpole/medium-v0", "eval_env.id": "CartPole-v1",
+            "eval_env.max_episode_steps": 500, "eval_env.kwargs": {}},
+           ("return_mean", "normalized_score", "qr_loss", "cql_loss", "cql_gap",
+            "alpha_prime", "q_pred_s0", "value_gap"),
+           {"final_return": "return_mean", "final_normalized_score": "normalized_score"},
+           True),
+)}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl rows; strict JSON (NaN/Infinity refused)."""
+    return [strict_json(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_json(path: Path) -> Any:
+    return strict_json(path.read_text())
+
+
+def strict_json(text: str) -> Any:
+    def refuse(constant: str):
+        raise ValueError(f"not valid JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def run_script(script: str, *argv: str, env: dict[str, str] | None = None,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python SCRIPT argv` to the end, one torch thread, stdout and stderr captured."""
+    return subprocess.run([sys.executable, script, *argv], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout, env=script_env(env))
+
+
+def start_script(script: str, *argv: str) -> subprocess.Popen:
+    """`python SCRIPT argv` in the background (to be signalled)."""
+    return subprocess.Popen([sys.executable, script, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=script_env())
+
+
+def script_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(extra or {})}
+
+
+def one_line_error(text: str) -> str:
+    """The one-line error a script stopped with (`error: ...`, no traceback)."""
+    assert "Traceback" not in text, text[-3000:]
+    line = text.strip().splitlines()[-1]
+    assert line.startswith("error: "), text[-3000:]
+    return line
+
+
+def error_of(module, argv: list[str]) -> str:
+    """`main(parse_args(argv))` in this process must stop with a one-line error (exit 1)."""
+    try:
+        module.main(module.parse_args(argv))
+    except SystemExit as exc:
+        assert isinstance(exc.code, str), f"exit {exc.code!r} without a message"
+        assert "\n" not in exc.code, exc.code
+        return one_line_error(exc.code)
+    raise AssertionError(f"{argv} ran without an error")
+
+
+# ---------------------------------------------------------------- hand-made bad datasets
+def write_dataset(root: Path, dataset_id: str, env_id: str, episodes: int = 2,
+                  steps: int = 10, nan_reward: bool = False, success: bool | None = None) -> None:
+    """A tiny Minari dataset in `root` (random actions, episodes cut after `steps`);
+    nan_reward: a NaN reward at t=3; success: a per-step `success` info of that value."""
+    import gymnasium as gym
+    import minari
+    import numpy as np
+    from minari.data_collector import EpisodeBuffer
+
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(root)
+    try:
+        env = gym.make(env_id)
+        env.action_space.seed(0)
+        buffers = []
+        for k in range(episodes):
+            obs, _ = env.reset(seed=k)
+            rows = dict(observations=[obs], actions=[], rewards=[], terminations=[],
+                        truncations=[])
+            for t in range(steps):
+                action = env.action_space.sample()
+                obs, reward, term, _, _ = env.step(action)
+                for key, value in (("observations", obs), ("actions", action),
+                                   ("rewards", np.nan if nan_reward and t == 3 else reward),
+                                   ("terminations", term),
+                                   ("truncations", t == steps - 1 and not term)):
+                    rows[key].append(value)
+                if term:
+                    break
+            infos = (None if success is None else
+                     {"success": np.full(len(rows["observations"]), success)})
+            buffers.append(EpisodeBuffer(**{k: np.asarray(v) for k, v in rows.items()},
+                                         infos=infos))
+        minari.create_dataset_from_buffers(dataset_id, buffers, env=env_id)
+    finally:
+        os.environ["MINARI_DATASETS_PATH"] = old or ""
+
+
+@pytest.fixture(scope="session")
+def bad_root(tmp_path_factory) -> Path:
+    """A datasets root with hand-made datasets and nothing else (no local datasets)."""
+    root = tmp_path_factory.mktemp("bad-datasets")
+    write_dataset(root, "test/cartpole/tiny-v0", "CartPole-v1")
+    write_dataset(root, "test/cartpole/nan-v0", "CartPole-v1", nan_reward=True)
+    write_dataset(root, "test/pendulum/nan-v0", "Pendulum-v1", nan_reward=True)
+    write_dataset(root, "test/pendulum/dense-v0", "Pendulum-v1")
+    write_dataset(root, "test/pendulum/fail-v0", "Pendulum-v1", success=False)
+    return root
+
+
+# Per script, bad inputs on the datasets of `bad_root` (MINARI_DATASETS_PATH) with no
+# network (HF_HUB_OFFLINE=1): case -> (flags after the tiny run's, what the error line says
+# (substrings, or regular expressions), "main" (main(parse_args) in the test's process) or
+# "cli" (the command line: needed where an import-time setting matters, HF_HUB_OFFLINE)).
+BAD_INPUTS: dict[str, dict[str, tuple[list[str], tuple[str | re.Pattern, ...], str]]] = {
+    "cql_sac": {
+        "unknown-env": (["--env", "hopper-mediun"], ("unknown --env 'hopper-mediun'",), "cli"),
+        "missing-local": (["--env", "pendulum-medium-replay"], (
+            "build it with: python benchmark/datasets.py local/pendulum/medium-replay-v0",),
+            "main"),
+        "discrete": (["--dataset-id", "test/cartpole/tiny-v0"], ("use cql_qrdqn_atari.py",),
+                     "main"),
+        "nan": (["--dataset-id", "test/pendulum/nan-v0"], ("non-finite values in 'rewards'",),
+                "main"),
+        "no-cuda": (["--device", "cuda"], ("no CUDA device",), "main"),
+        "no-network": (["--dataset-id", "D4RL/pen/human-v2"], ("could not be downloaded",),
+                       "cli"),
+    },
+    "calql": {
+        "no-success-info": (["--env", "pen-binary", "--dataset-id", "test/pendulum/dense-v0"],
+                            ("has no per-step 'success' info; --env pen-binary needs it "
+                             "(binary",), "cli"),
+        "all-failures": (["--env", "pen-binary", "--dataset-id", "test/pendulum/fail-v0"],
+                         ("none of its 2 trajectories reaches success",), "main"),
+        "dense-as-binary": (["--env", "hopper-binary"], ("hopper is a dense-reward task",),
+                            "main"),
+        "mixing-ratio": (["--mixing-ratio", "1.5"], ("--mixing-ratio 1.5 is outside [0, 1]",),
+                         "cli"),
+        "negative-mixing": (["--mixing-ratio", "-0.1"], ("outside [0, 1]",), "main"),
+        "unknown-env": (["--env", "pen-human"], ("unknown --env 'pen-human'",), "main"),
+        "missing-local": (["--env", "pointmaze-binary"], (
+            "build it with: python benchmark/datasets.py local/pointmaze/sparse-v0",), "main"),
+        "no-network": (["--env", "pen-binary"], ("could not be downloaded",), "cli"),
+    },
+    "qrdqn": {
+        "unknown-env": (["--env", "walker"], ("unknown --env 'walker'; valid: pong, breakout",),
+                        "main"),
+        "unknown-env-cli": (["--env", "notagame"], ("error: unknown --env 'notagame'",), "cli"),
+        "continuous": (["--dataset-id", "test/pendulum/dense-v0"],
+                       (re.compile("continuous action space.*cql_sac_continuous.py"),), "main"),
+        "missing-replay-dir": (["--env", "pong", "--dqn-replay-dir", "/nonexistent/dqn"],
+                               (re.compile("--dqn-replay-dir .* does not exist.*gsutil"),),
+                               "main"),
+        "empty-replay-dir": (["--env", "pong", "--dqn-replay-dir", "{tmp}"],
+                             ("no $store$_observation_ckpt",), "main"),
+        "unknown-game": (["--env", "pongg", "--dqn-replay-dir", "{tmp}"],
+                         ("Atari game as --env: 'pongg' unknown; valid: pong",), "main"),
+        "local-as-game": (["--env", "cartpole-expert", "--dqn-replay-dir", "{tmp}"],
+                          ("'cartpole-expert' is a local dataset, not an Atari",), "main"),
+        "missing-local": (["--env", "cartpole-expert"], (
+            "local/cartpole/expert-v0 not found",
+            "build it with: python benchmark/datasets.py cartpole-expert"), "cli"),
+        "no-network": (["--env", "breakout"], (
+            "error: dataset atari/breakout/expert-v0 is not under",
+            "minari download atari/breakout/expert-v0"), "cli"),
+        "nan": (["--dataset-id", "test/cartpole/nan-v0"], ("test/cartpole/nan-v0 contains NaN",),
+                "main"),
+    },
+}
