@@ -13,22 +13,17 @@ the comment says so. `python calql_finetune.py --presets` prints every preset va
 its source; `python calql_finetune.py --env X --help` shows the values that run for X.
 
 Data (what the presets load, and how it differs from the paper's):
-- Adroit binary (`pen|door|relocate-binary`): `D4RL/<task>/cloned-v2` from Minari, re-labelled
-  `r = success - 1` from its per-step `success` infos. The official Cal-QL data is NOT this:
-  it is AWAC's 25 human demonstrations plus 500 behaviour-cloned trajectories per task
-  (`demonstrations/offpolicy_hand_data/*_sparse.npy`, Cal-QL README and
-  `JaxCQL/replay_buffer.py get_hand_dataset_with_mc_calculation`), which Minari does not host;
-  `cloned-v2` (D4RL's human demos plus BC rollouts) is the closest public data. Evaluation
-  uses D4RL's horizons (pen 100, door/relocate 200) and reports the success rate; no
+- Adroit binary (`pen|door|relocate-binary`): `D4RL/<task>/cloned-v2` (D4RL's human demos
+  plus BC rollouts), re-labelled `r = success - 1` from its `success` infos. The official
+  data, AWAC's 25 demos plus 500 BC trajectories per task (Cal-QL README, `JaxCQL/
+  replay_buffer.py get_hand_dataset_with_mc_calculation`), is not on Minari; cloned-v2 is the
+  closest public data. D4RL's horizons (pen 100, door/relocate 200); success rate, no
   normalized score (D4RL's reference scores are dense returns, not {-1, 0} ones).
-- AntMaze (`antmaze-<maze>`): `D4RL/antmaze/<maze>-v1`, a continuing task (never terminated);
-  terminals are set where the goal reward is received, as in D4RL's antmaze `terminals` that
-  Cal-QL reads; evaluation in the DATA's maze with fixed start and goal cells, episodes end at
-  the goal, score = success rate x 100 (see `antmaze_eval_kwargs`).
+- AntMaze (`antmaze-<maze>`): `D4RL/antmaze/<maze>-v1`, never terminated: goal-reward steps
+  become terminals (D4RL's antmaze `terminals`, which Cal-QL reads); evaluated in the DATA's
+  maze with fixed start and goal cells, ending at the goal, score = success rate x 100.
 
-One file, top to bottom: arguments and presets, data (binary relabelling, MC returns),
-replay buffers (offline, online, mixed batches), networks, losses, evaluation, checkpoints,
-training loop (offline pre-training, then online fine-tuning), main.
+- Any other continuous-action dataset: `--dataset-id X` alone, the generic preset (GENERIC).
 
     python benchmark/datasets.py pointmaze-sparse pen-cloned-local   # local datasets
     python calql_finetune.py --env pointmaze-binary                 # CPU, about a minute
@@ -41,15 +36,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import math
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import gymnasium as gym
 import numpy as np
@@ -71,7 +68,8 @@ class Args:
 
     env: str = "pen-binary"
     """Task with a preset: pen-binary, door-binary, relocate-binary, antmaze-<maze>,
-    pointmaze-binary (local, CPU)."""
+    pointmaze-binary (local, CPU). Left out with --dataset-id: the preset of the dataset's
+    family, else the generic preset under a name derived from the id."""
     dataset_id: str = "D4RL/pen/cloned-v2"
     """Minari dataset id (the preset's by default); any other id keeps the preset's values,
     e.g. D4RL/pen/human-v2 or local/pen/cloned-v0."""
@@ -84,9 +82,8 @@ class Args:
     online_steps: int = 200_000
     """Environment steps of online fine-tuning."""
     offline_eval_every: int = 2_000
-    """Evaluate (and checkpoint) every this many gradient steps during pre-training; step 0
-    (before any update, as the official loop's epoch 0) and the end of pre-training (the
-    'offline score') are always evaluated."""
+    """Evaluate (and checkpoint) every N updates of pre-training; also at step 0 (before any
+    update, as the official loop's epoch 0) and at its end (the 'offline score')."""
     eval_every: int = 2_000
     """Evaluate (and checkpoint) every this many env steps during fine-tuning."""
     eval_episodes: int = 20
@@ -100,14 +97,16 @@ class Args:
     run_dir: str | None = None
     """Run directory; None: runs/calql_finetune__<env>__s<seed>__<time>."""
     hidden_dims: tuple[int, ...] | None = None
-    """Command-line shorthand: sets --actor-hidden-dims and --critic-hidden-dims (those given
-    explicitly win). Applied by parse_args; programmatic callers set the two fields."""
+    """Command-line shorthand for --actor-hidden-dims and --critic-hidden-dims (given ones win)."""
     actor_hidden_dims: tuple[int, ...] = (512, 512)
     """Actor hidden widths."""
     critic_hidden_dims: tuple[int, ...] = (512, 512, 512)
     """Critic hidden widths."""
     orthogonal_init: bool = True
     """Orthogonal init, hidden gain sqrt(2), last layer 1e-2 (Cal-QL code)."""
+    log_std_affine: bool = True
+    """Actor log-std = m * log_std + b with learnable scalars m (init 1.0) and b (init -1.0),
+    before the clamp (Cal-QL JaxCQL/model.py TanhGaussianPolicy); the same flag as CQL-SAC."""
 
     # ---- SAC -------------------------------------------------------------------------
     gamma: float = 0.99
@@ -132,7 +131,7 @@ class Args:
     """Calibrate the policy-action Q-values with max(Q, V_mu); --no-enable-calql: plain CQL."""
     cql_weight: float = 1.0
     """CQL weight alpha (official `cql_min_q_weight`); with --lagrange it multiplies the gap."""
-    cql_alpha_online: float | None = None
+    cql_weight_online: float | None = None
     """CQL weight during fine-tuning; None: the same as --cql-weight (official
     `cql_min_q_weight_online=-1`: unchanged)."""
     cql_n_actions: int = 10
@@ -146,8 +145,7 @@ class Args:
     cql_clip_diff_max: float = math.inf
     """Upper clip of the per-critic CQL gap (Cal-QL code)."""
     lagrange: bool = False
-    """Tune alpha' by dual gradient descent towards the gap --cql-tau (Cal-QL form
-    alpha' * w * (gap - tau))."""
+    """Tune alpha' by dual descent towards the gap --cql-tau (Cal-QL: alpha' * w * (gap - tau))."""
     cql_tau: float = 1.0
     """Target action gap of the Lagrange form (official `cql_target_action_gap`)."""
     alpha_prime_lr: float = 3e-4
@@ -162,8 +160,9 @@ class Args:
     goal_terminals: bool = False
     """Data steps that receive the goal reward (`success` info) are terminal, as D4RL's
     antmaze `terminals` (AntMaze); MC returns restart after each terminal."""
-    horizon: int = 100
-    """Episode length limit of online and evaluation episodes."""
+    horizon: int | None = 100
+    """Episode length limit of online and evaluation episodes; None (generic preset): the
+    evaluation env spec's max_episode_steps."""
     reward_scale: float = 10.0
     """Rewards become r * scale + bias."""
     reward_bias: float = 5.0
@@ -178,12 +177,13 @@ class Args:
 
     # ---- run -------------------------------------------------------------------------
     log_every: int = 1000
-    """Read training metrics to the host (the only sync in pre-training) every this many
-    gradient steps."""
+    """Read training metrics to the host (the only sync in pre-training) every N updates."""
     max_abs_q: float = 1e6
     """Stop the run when |Q| exceeds this (divergence guard), checked when metrics are read."""
     compile: bool = False
     """torch.compile the loss computation (CPU and CUDA)."""
+    cudagraphs: bool = False
+    """With --compile on CUDA: mode reduce-overhead (CUDA graphs)."""
     resume: str | None = None
     """Resume the run in this directory (same arguments; refused if the config differs)."""
     track: bool = False
@@ -209,6 +209,8 @@ COMMON: dict[str, tuple[Any, str]] = {
     "mixing_ratio": (0.5, f"{ADROIT_SH} / {ANTMAZE_SH} --mixing_ratio=0.5"),
     "utd": (1, f"{MAIN_PY} FLAGS online_utd_ratio=1"),
     "orthogonal_init": (True, f"{MAIN_PY} FLAGS orthogonal_init=True"),
+    "log_std_affine": (True, "Cal-QL JaxCQL/model.py TanhGaussianPolicy: learnable "
+                       "`Scalar(log_std_multiplier=1.0)`, `Scalar(log_std_offset=-1.0)`"),
     "gamma": (0.99, f"{JAXCQL} discount=0.99"),
     "policy_lr": (1e-4, f"{JAXCQL} policy_lr=1e-4"),
     "qf_lr": (3e-4, f"{JAXCQL} qf_lr=3e-4"),
@@ -218,7 +220,7 @@ COMMON: dict[str, tuple[Any, str]] = {
     "backup_entropy": (False, f"{JAXCQL} backup_entropy=False"),
     "max_backup": (True, f"{JAXCQL} cql_max_target_backup=True"),
     "enable_calql": (True, f"{ADROIT_SH} / {ANTMAZE_SH} --enable_calql=True"),
-    "cql_alpha_online": (None, f"{MAIN_PY} FLAGS cql_min_q_weight_online=-1.0 (unchanged)"),
+    "cql_weight_online": (None, f"{MAIN_PY} FLAGS cql_min_q_weight_online=-1.0 (unchanged)"),
     "cql_n_actions": (10, f"{JAXCQL} cql_n_actions=10"),
     "cql_importance_sample": (True, f"{JAXCQL} cql_importance_sample=True"),
     "cql_temp": (1.0, f"{JAXCQL} cql_temp=1.0"),
@@ -252,25 +254,22 @@ ADROIT: dict[str, tuple[Any, str]] = {
                    "reward_neg=-1.0"),
 }
 _MJ_ENVS = "nakamotoo/mj_envs hand_manipulation_suite/__init__.py"
+_CLONED = "closest public data to AWAC's demos + BC data (module docstring)"
 TASKS: dict[str, dict[str, tuple[Any, str]]] = {
     "pen-binary": {
-        "dataset_id": ("D4RL/pen/cloned-v2", "closest public data to AWAC's demos + BC data "
-                       "(module docstring)"),
-        # Official script 200k; the paper's App. D.3 says 300k. The preset follows the code
-        # that produced the released runs; --online-steps 300000 gives the paper's number.
+        "dataset_id": ("D4RL/pen/cloned-v2", _CLONED),
+        # --online-steps 300000 gives the paper's number
         "online_steps": (200_000, f"{ADROIT_SH} max_online_env_steps=2e5 for pen (paper "
                          "App. D.3 says 300k: the official script is followed)"),
         "horizon": (100, f"{_MJ_ENVS} pen-binary-v0 max_episode_steps=100 (D4RL pen: 100)"),
     },
     "door-binary": {
-        "dataset_id": ("D4RL/door/cloned-v2", "closest public data to AWAC's demos + BC data "
-                       "(module docstring)"),
+        "dataset_id": ("D4RL/door/cloned-v2", _CLONED),
         "online_steps": (1_000_000, f"{ADROIT_SH} max_online_env_steps=1e6 for door"),
         "horizon": (200, f"{_MJ_ENVS} door-binary-v0 max_episode_steps=200"),
     },
     "relocate-binary": {
-        "dataset_id": ("D4RL/relocate/cloned-v2", "closest public data to AWAC's demos + BC "
-                       "data (module docstring)"),
+        "dataset_id": ("D4RL/relocate/cloned-v2", _CLONED),
         "online_steps": (1_000_000, f"{ADROIT_SH} max_online_env_steps=1e6 for relocate"),
         "horizon": (200, f"{_MJ_ENVS} relocate-binary-v0 max_episode_steps=200"),
     },
@@ -321,6 +320,18 @@ POINTMAZE: dict[str, tuple[Any, str]] = {
     "horizon": (100, "local/pointmaze/sparse-v0 eval env spec max_episode_steps=100"),
 }
 
+# `--dataset-id X` alone, X no preset's dataset: adroit-binary + generic, i.e. Cal-QL's Adroit
+# schedule and networks on the rewards as recorded. Binary relabelling and goal terminals
+# redefine the task and Cal-QL applies them to named tasks only, so they stay off even where
+# the data records `success` (dense MC returns); `--env pen-binary --dataset-id X` relabels X.
+_DENSE = "project choice: the data's own rewards for a dataset without a Cal-QL preset"
+GENERIC: dict[str, tuple[Any, str]] = {
+    "online_steps": (200_000, f"{ADROIT_SH} max_online_env_steps=2e5 (pen)"),
+    **{k: (v, _DENSE) for k, v in dict(binary=False, goal_terminals=False, sparse_reward=False,
+                                       reward_neg=0.0, reward_scale=1.0, reward_bias=0.0).items()},
+    "horizon": (None, "the evaluation env spec's max_episode_steps"),
+}
+
 # `--env` -> the preset groups applied in order (later ones win).
 ENV_GROUPS: dict[str, tuple[str, ...]] = {
     **{f"{t}-binary": ("adroit-binary", f"{t}-binary") for t in ("pen", "door", "relocate")},
@@ -330,13 +341,14 @@ ENV_GROUPS: dict[str, tuple[str, ...]] = {
 GROUPS: dict[str, dict[str, tuple[Any, str]]] = {
     "all (Args defaults)": COMMON, "adroit-binary": ADROIT, "antmaze": ANTMAZE,
     "pointmaze-binary": POINTMAZE, **{k: v for k, v in TASKS.items() if v},
+    "generic": GENERIC,
 }
 
 
 def preset_values(env: str) -> dict[str, tuple[Any, str]]:
     """Field -> (value, source) of the `--env` preset, shared values included."""
     out = dict(COMMON)
-    for group in ENV_GROUPS[env]:
+    for group in ENV_GROUPS.get(env, ("adroit-binary", "generic")):
         out.update(GROUPS[group])
     return out
 
@@ -350,41 +362,55 @@ DENSE_TASKS = ("hopper", "halfcheetah", "walker2d", "ant", "pendulum", "cartpole
                "kitchen", "humanoid", "swimmer")
 
 
-def fail(message: str) -> None:
-    """Stop with a one-line error (exit code 1, no traceback)."""
-    raise SystemExit(f"error: {message}")
+def generic_env(dataset_id: str) -> str:
+    """`--env` of a dataset without a preset: mujoco/hopper/medium-v0 -> hopper-medium-v0."""
+    return "-".join(dataset_id.split("/")[1:]) or dataset_id
 
 
-def check_env(env: str) -> None:
-    """One-line error for an `--env` without a preset."""
+def env_for_dataset(dataset_id: str) -> str:
+    """`--dataset-id` alone: the preset that loads this dataset, else the generic preset."""
+    named = [env for env, (ds, _) in ENV_PRESETS.items() if ds == dataset_id]
+    return named[0] if named else generic_env(dataset_id)
+
+
+def check_env(env: str, dataset_id: str | None = None) -> None:
+    """One-line error for an `--env` without a preset (the generic name of `dataset_id` is
+    one)."""
     if env.endswith("-binary") and env not in ENV_PRESETS:
         base = env.removesuffix("-binary")
         kind = "a dense-reward task" if base.split("-")[0] in DENSE_TASKS else "not a task"
         fail(f"--env {env}: {base} is {kind} with no binary (success) version; binary "
              f"tasks: {', '.join(k for k in ENV_PRESETS if k.endswith('-binary'))}")
-    if env not in ENV_PRESETS:
-        fail(f"unknown --env {env!r}; choose one of {', '.join(ENV_PRESETS)}")
+    if env not in ENV_PRESETS and (dataset_id is None or env != generic_env(dataset_id)):
+        fail(f"unknown --env {env!r}; choose one of {', '.join(ENV_PRESETS)}, or give "
+             "--dataset-id alone")
 
 
 def preset_args(env: str, dataset_id: str | None = None) -> Args:
-    """Args() with the `--env` preset's values filled in (literal values, see --presets)."""
-    check_env(env)
-    preset_id, values = ENV_PRESETS[env]
-    return replace(Args(), env=env, dataset_id=dataset_id or preset_id, **values)
+    """Args() with the `--env` preset's values filled in (literal values, see --presets);
+    the generic preset where `env` is `dataset_id`'s generic name."""
+    check_env(env, dataset_id)
+    values = {k: v for k, (v, _) in preset_values(env).items() if k != "dataset_id"}
+    return replace(Args(), env=env, dataset_id=dataset_id or ENV_PRESETS[env][0], **values)
 
 
 def check_args(args: Args) -> None:
-    """One-line errors for values no run can use."""
-    check_env(args.env)
+    """Every argument once, up front: one-line errors for values no run can use."""
+    check_env(args.env, args.dataset_id)
+    least = dict(offline_steps=0, online_steps=0, bc_steps=0, offline_eval_every=1,
+                 eval_every=1, eval_episodes=1, batch_size=1, utd=1, cql_n_actions=1,
+                 log_every=1, horizon=1)
+    for name, low in least.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            fail(f"--{name.replace('_', '-')} {value} must be at least {low}")
     if not 0.0 <= args.mixing_ratio <= 1.0:
         fail(f"--mixing-ratio {args.mixing_ratio} is outside [0, 1] (share of offline data "
              "in each online batch)")
-    if args.utd < 1:
-        fail(f"--utd {args.utd} must be at least 1")
-    if args.horizon < 1:
-        fail(f"--horizon {args.horizon} must be at least 1")
-    if min(args.offline_eval_every, args.eval_every, args.eval_episodes) < 1:
-        fail("--offline-eval-every, --eval-every and --eval-episodes must be at least 1")
+    if min(args.actor_hidden_dims + args.critic_hidden_dims) < 1:
+        fail("hidden widths must be at least 1")
+    if args.cudagraphs and not args.compile:
+        fail("--cudagraphs needs --compile")
     if args.hidden_dims is not None:
         fail("hidden_dims is a command-line shorthand (parse_args); set actor_hidden_dims "
              "and critic_hidden_dims instead")
@@ -395,11 +421,11 @@ def presets_markdown() -> str:
     lines = ["| preset group | field | value | source |", "|---|---|---|---|"]
     for group, values in GROUPS.items():
         for name, (value, source) in values.items():
-            cells = (group, f"`{value}`", source)  # a "|" inside a cell would split it
-            group_, value_, source_ = (c.replace("|", "\\|") for c in cells)
-            lines.append(f"| {group_} | `{name}` | {value_} | {source_} |")
+            cells = (group, f"`{name}`", f"`{value}`", source)  # escape "|" inside a cell
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     uses = "; ".join(f"`{env}`: {' + '.join(g)}" for env, g in ENV_GROUPS.items())
-    return "\n".join([*lines, "", f"`--env` -> groups applied over the defaults: {uses}."])
+    return "\n".join([*lines, "", f"`--env` -> groups applied over the defaults: {uses}; "
+                      "`--dataset-id` alone: the preset naming it, else adroit-binary + generic."])
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
@@ -410,24 +436,23 @@ def parse_args(argv: list[str] | None = None) -> Args:
         print(presets_markdown())
         raise SystemExit(0)
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--env", default=Args.env)
+    pre.add_argument("--env", default=None)
     pre.add_argument("--dataset-id", "--dataset_id", default=None)
     known, _ = pre.parse_known_args(argv)
-    args = tyro.cli(Args, default=preset_args(known.env, known.dataset_id), args=argv)
+    env = known.env or (env_for_dataset(known.dataset_id) if known.dataset_id else Args.env)
+    args = tyro.cli(Args, default=preset_args(env, known.dataset_id), args=argv)
     if args.hidden_dims is not None:  # shorthand for both networks; explicit flags win
-        given = set(argv)
-        actor = args.actor_hidden_dims if given & {"--actor-hidden-dims",
-                                                   "--actor_hidden_dims"} else args.hidden_dims
-        critic = args.critic_hidden_dims if given & {"--critic-hidden-dims",
-                                                     "--critic_hidden_dims"} else args.hidden_dims
-        args = replace(args, actor_hidden_dims=tuple(actor), critic_hidden_dims=tuple(critic),
-                       hidden_dims=None)
+        given = {a.replace("_", "-") for a in argv}
+        args = replace(args, hidden_dims=None, **{
+            f"{net}_hidden_dims": tuple(getattr(args, f"{net}_hidden_dims")
+                                        if f"--{net}-hidden-dims" in given else args.hidden_dims)
+            for net in ("actor", "critic")})
     check_args(args)
     return args
 
 
 # ======================================================================================
-# Data: Minari dataset -> (binary relabelling) -> transitions with MC returns
+# Data
 # ======================================================================================
 
 
@@ -451,10 +476,7 @@ def load_minari_dataset(dataset_id: str):
 
 
 def flatten_obs(obs: Any) -> np.ndarray:
-    """Flatten (possibly nested dict) observations to float32 [..., d], keys in sorted order.
-
-    The same function serves the dataset (leading time axis) and the env (no time axis).
-    """
+    """(Nested dict) observations -> float32 [..., d], keys sorted; data and env alike."""
     if isinstance(obs, dict):
         parts = [flatten_obs(obs[k]) for k in sorted(obs)]
         return np.concatenate(parts, axis=-1)
@@ -462,10 +484,8 @@ def flatten_obs(obs: Any) -> np.ndarray:
 
 
 def step_success(infos: dict | None, steps: int) -> np.ndarray | None:
-    """Per-step `success` flags [T] from Minari episode infos, or None if not recorded.
-
-    Minari's collectors store the reset info first (T+1 entries); the last T are the steps.
-    """
+    """Per-step `success` flags [T] from Minari episode infos, or None if not recorded
+    (Minari's collectors store the reset info first: T+1 entries, the last T are the steps)."""
     if not infos or "success" not in infos:
         return None
     success = np.asarray(infos["success"]).astype(bool).reshape(-1)
@@ -474,20 +494,15 @@ def step_success(infos: dict | None, steps: int) -> np.ndarray | None:
     return success[-steps:]
 
 
-def binary_relabel(rewards: np.ndarray, terminations: np.ndarray, truncations: np.ndarray,
-                   success: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Adroit binary task (Cal-QL): r = success - 1 in {-1, 0}; a success step is terminal;
-    a trajectory with no success is dropped (None); a kept one is cut after its last success.
-
-    Returns (rewards, terminations, truncations) of the kept prefix; the caller cuts the
-    observations and actions to the same length.
-    """
-    del rewards, terminations  # the dense reward and env terminations are replaced
+def binary_relabel(success: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Adroit binary task (Cal-QL): r = success - 1 in {-1, 0} replaces the dense reward; a
+    success step is terminal; a trajectory with no success is dropped (None); a kept one is
+    cut after its last success (so it ends at a terminal). Returns the kept prefix's
+    (rewards, terminals); the caller cuts observations and actions to the same length."""
     if not success.any():
         return None
-    end = int(np.flatnonzero(success)[-1]) + 1
-    flags = success[:end].astype(np.float32)
-    return flags - 1.0, flags, np.zeros(end, np.float32)  # ends at a success: a terminal
+    flags = success[:int(np.flatnonzero(success)[-1]) + 1].astype(np.float32)
+    return flags - 1.0, flags
 
 
 def mc_returns(rewards: np.ndarray, dones: np.ndarray, gamma: float, sparse: bool,
@@ -498,8 +513,7 @@ def mc_returns(rewards: np.ndarray, dones: np.ndarray, gamma: float, sparse: boo
     A trajectory cut by a time limit is not terminal for the TD target, but its MC return
     only sums the rewards that were observed (the tail is 0), as in the official code.
     All-failure rule (sparse tasks): if every reward equals the scaled failure reward r_neg,
-    every step gets r_neg / (1 - gamma), the value of never succeeding.
-    """
+    every step gets r_neg / (1 - gamma), the value of never succeeding."""
     rewards = np.asarray(rewards, np.float64)
     if len(rewards) == 0:
         return np.zeros(0, np.float32)
@@ -546,8 +560,7 @@ def segment_mc_returns(rewards: np.ndarray, dones: np.ndarray, gamma: float, spa
     JaxCQL/replay_buffer.py) starts a new trajectory after every terminal, so the all-failure
     rule applies to each segment: in AntMaze the steps after the last goal visit form an
     all-failure segment. For binary Adroit trajectories, which end at a success, this equals
-    `mc_returns` on the whole trajectory (as `truncate_traj` computes it).
-    """
+    `mc_returns` on the whole trajectory (as `truncate_traj` computes it)."""
     ends = [int(i) + 1 for i in np.flatnonzero(dones)]
     if not ends or ends[-1] != len(rewards):
         ends.append(len(rewards))
@@ -569,18 +582,15 @@ def episode_transitions(ep, args: Args) -> dict[str, np.ndarray] | None:
         fail(f"episode has {len(obs)} observations for {steps} actions (expected T+1)")
     rewards = np.asarray(ep.rewards, np.float32).reshape(steps)
     terms = np.asarray(ep.terminations, np.float32).reshape(steps)
-    truncs = np.asarray(ep.truncations, np.float32).reshape(steps)
     success = step_success(getattr(ep, "infos", None), steps)
     if (args.binary or args.goal_terminals) and success is None:
         fail(f"dataset {args.dataset_id} has no per-step 'success' info; --env {args.env} "
              f"needs it ({'binary task' if args.binary else 'goal terminals'}; Minari's "
              "D4RL/<task>/*-v2 and D4RL/antmaze/*-v1 datasets record it)")
     if args.binary:
-        kept = binary_relabel(rewards, terms, truncs, success)
-        if kept is None:
+        if (kept := binary_relabel(success)) is None:
             return None
-        rewards, terms, truncs = kept
-        steps = len(rewards)
+        (rewards, terms), steps = kept, len(kept[0])
     elif args.goal_terminals:
         # D4RL antmaze convention (D4RL #199): terminal = 1 exactly where the goal reward is
         # received; Cal-QL reads these terminals (replay_buffer.py
@@ -591,16 +601,27 @@ def episode_transitions(ep, args: Args) -> dict[str, np.ndarray] | None:
     actions = np.asarray(ep.actions, np.float32).reshape(len(ep.actions), -1)
     reached = None if success is None else bool(success[:steps].any())
     return dict(obs=obs[:steps], next_obs=obs[1:steps + 1], actions=actions[:steps],
-                rewards=rewards, dones=terms, timeouts=truncs, reached=reached)
+                rewards=rewards, dones=terms, reached=reached)
 
 
-def load_data(args: Args):
-    """Dataset id -> (offline transitions with MC returns, transform, eval env description
-    {id, max_episode_steps, kwargs}, info)."""
+@dataclass
+class Data:
+    """What a run needs from its dataset."""
+
+    transitions: dict[str, np.ndarray]  # KEYS, transformed: the offline replay buffer
+    tf: Transform  # applied identically to online and evaluation steps
+    info: dict[str, Any]  # dataset facts for config.json
+    eval_env: dict[str, Any]  # JSON spec of the online/evaluation env (make_eval_env)
+
+
+def load_data(args: Args) -> Data:
+    """Dataset id -> offline transitions with MC returns, transform, dataset facts and the
+    evaluation env's spec."""
     dataset = load_minari_dataset(args.dataset_id)
     if not isinstance(dataset.action_space, gym.spaces.Box):
         fail(f"dataset {args.dataset_id} has a {type(dataset.action_space).__name__} action "
-             "space; Cal-QL needs continuous (Box) actions")
+             "space; Cal-QL needs continuous (Box) actions (cql_qrdqn_atari.py trains "
+             "discrete ones)")
     episodes, reached, total = [], [], 0
     for ep in tqdm(dataset.iterate_episodes(), total=dataset.total_episodes, leave=False,
                    desc=f"loading {args.dataset_id}", disable=not args.progress):
@@ -614,15 +635,13 @@ def load_data(args: Args):
              "nothing is left after dropping failures")
     raw = {k: np.concatenate([e[k] for e in episodes]) for k in episodes[0]}
     for key in ("obs", "next_obs", "actions", "rewards"):
-        bad = int((~np.isfinite(raw[key])).sum())
-        if bad:
+        if bad := int((~np.isfinite(raw[key])).sum()):
             fail(f"dataset {args.dataset_id} has {bad} non-finite values in '{key}'")
     low = dataset.action_space.low.astype(np.float32)
     high = dataset.action_space.high.astype(np.float32)
     dim = raw["obs"].shape[1]
-    mean, std = np.zeros(dim, np.float32), np.ones(dim, np.float32)
-    if args.normalize_states:
-        mean, std = raw["obs"].mean(0), raw["obs"].std(0) + 1e-3
+    mean, std = ((raw["obs"].mean(0), raw["obs"].std(0) + 1e-3) if args.normalize_states
+                 else (np.zeros(dim, np.float32), np.ones(dim, np.float32)))
     tf = Transform(mean.astype(np.float32), std.astype(np.float32), (high - low) / 2,
                    (high + low) / 2, float(args.reward_scale), float(args.reward_bias))
     r_neg = float(tf.reward(args.reward_neg))
@@ -637,19 +656,15 @@ def load_data(args: Args):
     meta = dataset.storage.metadata
     info = dict(dataset_id=args.dataset_id, episodes_in_dataset=total,
                 episodes_kept=len(episodes), transitions=len(data["obs"]), obs_dim=dim,
-                action_dim=data["actions"].shape[1], horizon=args.horizon,
+                action_dim=data["actions"].shape[1], horizon=eval_env["max_episode_steps"],
                 # share of the dataset's episodes with a success step (from the `success`
                 # infos, before any is dropped); None: the dataset records no success
                 success_in_data=None if None in reached else float(np.mean(reached)),
                 terminals_in_data=int(data["dones"].sum()),
                 # reference scores only where the evaluated return is the one they refer to
-                ref_min_score=_float_or_none(meta.get("ref_min_score")) if comparable else None,
-                ref_max_score=_float_or_none(meta.get("ref_max_score")) if comparable else None)
-    return data, tf, eval_env, info
-
-
-def _float_or_none(value: Any) -> float | None:
-    return None if value is None else float(value)
+                **{k: float(meta[k]) if comparable and meta.get(k) is not None else None
+                   for k in ("ref_min_score", "ref_max_score")})
+    return Data(data, tf, info, eval_env)
 
 
 # ---- the evaluation (and online) environment -----------------------------------------------
@@ -698,110 +713,87 @@ def eval_env_description(dataset, args: Args) -> tuple[dict[str, Any], bool]:
 
     AntMaze: built from the DATA's env spec (antmaze_eval_kwargs). Others: the dataset's eval
     env spec (else its env spec) with `--horizon` steps (Adroit: D4RL's 100 for pen; Minari's
-    spec says 200 since Minari #286, and pen episodes are 100-200 steps, #303).
-    """
+    spec says 200 since Minari #286, and pen episodes are 100-200 steps, #303), or the
+    spec's own limit where --horizon is None (generic preset)."""
     data_spec = dataset.env_spec
     # Minari 0.5 parses the eval spec on load but exposes it only through
     # recover_environment(eval_env=True); this is the same parsed EnvSpec.
     spec = getattr(dataset, "_eval_env_spec", None) or data_spec
     if spec is None:
         fail(f"dataset {args.dataset_id} records no environment to evaluate in")
+    horizon = args.horizon or spec.max_episode_steps
+    if not horizon:
+        fail(f"dataset {args.dataset_id}: its env spec has no max_episode_steps; set --horizon")
     kwargs = dict(spec.kwargs)
     comparable = not args.binary  # relabelled {-1, 0} returns are not D4RL's dense returns
     if data_spec is not None and data_spec.id.startswith("AntMaze"):
         spec, kwargs = data_spec, antmaze_eval_kwargs(dict(data_spec.kwargs), data_spec.id)
         comparable = False  # Minari's antmaze references score the continuing eval env
-    return dict(id=spec.id, max_episode_steps=args.horizon, kwargs=jsonable(kwargs),
+    return dict(id=spec.id, max_episode_steps=horizon, kwargs=jsonable(kwargs),
                 entry_point=str(spec.entry_point)), comparable
 
 
-def make_env(description: dict[str, Any]) -> gym.Env:
-    """The env of an eval_env description (config.json's `eval_env`)."""
-    try:
-        import gymnasium_robotics
-
-        gym.register_envs(gymnasium_robotics)  # Adroit, AntMaze, PointMaze
-    except ImportError:
-        pass
-    spec = gym.envs.registration.EnvSpec(
-        id=description["id"], entry_point=description["entry_point"],
-        max_episode_steps=description["max_episode_steps"], kwargs=copy.deepcopy(
-            description["kwargs"]))
-    return gym.make(spec)
-
-
 # ======================================================================================
-# Replay buffers: offline data and online trajectories on the device, mixed batches
+# Replay buffer
 # ======================================================================================
 
 KEYS = ("obs", "next_obs", "actions", "rewards", "dones", "mc_returns")
 
 
 class ReplayBuffer:
-    """Fixed data as tensors on the training device; uniform sampling on the device."""
+    """Transitions (KEYS) as tensors on the training device, sampled uniformly there. The
+    offline buffer holds the dataset; the online one is preallocated (`capacity`) and takes
+    whole trajectories, each with its MC returns, once they have ended. Checkpoints hold
+    the online contents; the offline data is reloaded from the dataset."""
 
-    def __init__(self, data: dict[str, np.ndarray], device: torch.device, seed: int):
-        self.data = {k: torch.as_tensor(data[k], device=device) for k in KEYS}
-        self.size = len(self.data["obs"])
+    def __init__(self, data: dict[str, np.ndarray], device: torch.device, seed: int,
+                 capacity: int = 0):
+        self.size, self.online = 0, capacity > 0
+        self.capacity = capacity or len(data["obs"])
+        self.data = {k: torch.zeros((self.capacity, *data[k].shape[1:]), device=device)
+                     for k in KEYS}
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self.add_trajectory(data)
+
+    def add_trajectory(self, traj: dict[str, np.ndarray]) -> None:
+        n = len(traj["obs"])
+        if self.size + n > self.capacity:
+            fail(f"online buffer full ({self.capacity} transitions)")
+        for k in KEYS:
+            self.data[k][self.size:self.size + n] = torch.as_tensor(traj[k])
+        self.size += n
 
     def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(0, self.size, (batch_size,), device=self.data["obs"].device,
                             generator=self.generator)
         return {k: v[idx] for k, v in self.data.items()}
 
+    def state_dict(self) -> dict[str, Any]:
+        data = {k: v[:self.size].cpu() for k, v in self.data.items()} if self.online else None
+        return dict(size=self.size, data=data, generator=self.generator.get_state())
 
-class OnlineBuffer(ReplayBuffer):
-    """Preallocated device storage for online trajectories; each trajectory is added whole,
-    with its MC returns, once it has ended."""
-
-    def __init__(self, capacity: int, obs_dim: int, action_dim: int, device: torch.device,
-                 seed: int):
-        shapes = dict(obs=(obs_dim,), next_obs=(obs_dim,), actions=(action_dim,))
-        self.data = {k: torch.zeros((capacity, *shapes.get(k, ())), device=device)
-                     for k in KEYS}
-        self.size, self.capacity = 0, capacity
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed + 1)
-
-    def add_trajectory(self, traj: dict[str, np.ndarray]) -> None:
-        n = len(traj["rewards"])
-        if self.size + n > self.capacity:
-            fail(f"online buffer full ({self.capacity} transitions)")
-        for k in KEYS:
-            self.data[k][self.size:self.size + n] = torch.as_tensor(
-                traj[k], device=self.data[k].device).reshape(self.data[k][:n].shape)
-        self.size += n
-
-    def state(self) -> dict[str, Any]:
-        return dict(size=self.size, data={k: v[:self.size].cpu() for k, v in self.data.items()},
-                    generator=self.generator.get_state())
-
-    def load(self, state: dict[str, Any]) -> None:
-        self.size = state["size"]
-        for k, v in state["data"].items():
-            self.data[k][:self.size] = v.to(self.data[k].device)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.online:
+            self.size = state["size"]
+            for k, v in state["data"].items():
+                self.data[k][:self.size] = v.to(self.data[k].device)
         self.generator.set_state(state["generator"])
 
 
-def mixed_batch(offline: ReplayBuffer, online: OnlineBuffer | None, batch_size: int,
+def mixed_batch(offline: ReplayBuffer, online: ReplayBuffer | None, batch_size: int,
                 mixing_ratio: float) -> dict[str, torch.Tensor]:
     """Online phase: round(batch * mixing_ratio) offline transitions, the rest online
     (Cal-QL official `concatenate_batches`; paper: 128 + 128). Pre-training: all offline."""
-    if online is None or online.size == 0:
-        return offline.sample(batch_size)
-    n_off = int(round(batch_size * mixing_ratio))
-    if n_off == batch_size:
-        return offline.sample(batch_size)
-    if n_off == 0:
-        return online.sample(batch_size)
+    n_off = batch_size if online is None or online.size == 0 else round(batch_size * mixing_ratio)
+    if n_off in (0, batch_size):  # one source only
+        return (offline if n_off else online).sample(batch_size)
     a, b = offline.sample(n_off), online.sample(batch_size - n_off)
     return {k: torch.cat([a[k], b[k]]) for k in KEYS}
 
 
 # ======================================================================================
-# Networks: tanh-Gaussian actor, twin critics fused into one batched ensemble
+# Networks
 # ======================================================================================
 
 
@@ -870,15 +862,20 @@ LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 
 
 class TanhGaussianActor(nn.Module):
-    """pi(a|s) = tanh(N(mu(s), sigma(s))). As in JaxCQL/Cal-QL, the network's log-std passes
-    through a learnable scalar multiplier (init 1) and offset (init -1), then is clamped to
-    [-20, 2]."""
+    """pi(a|s) = tanh(N(mu(s), sigma(s))), log-std clamped to [-20, 2].
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...], orthogonal: bool):
+    log_std_affine (Cal-QL JaxCQL/model.py TanhGaussianPolicy): the network's log-std first
+    passes through a learnable scalar multiplier (init 1) and offset (init -1); two more
+    parameters than a plain SAC actor, trained by the actor loss."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...], orthogonal: bool,
+                 log_std_affine: bool = True):
         super().__init__()
         self.net = mlp(obs_dim, hidden, 2 * action_dim)
-        self.log_std_multiplier = nn.Parameter(torch.ones(()))
-        self.log_std_offset = nn.Parameter(torch.full((), -1.0))
+        self.log_std_affine = log_std_affine
+        if log_std_affine:
+            self.log_std_multiplier = nn.Parameter(torch.ones(()))
+            self.log_std_offset = nn.Parameter(torch.full((), -1.0))
         if orthogonal:
             linears = [m for m in self.net if isinstance(m, nn.Linear)]
             for k, layer in enumerate(linears):
@@ -887,7 +884,8 @@ class TanhGaussianActor(nn.Module):
 
     def dist(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, log_std = self.net(obs).chunk(2, -1)
-        log_std = self.log_std_multiplier * log_std + self.log_std_offset
+        if self.log_std_affine:
+            log_std = self.log_std_multiplier * log_std + self.log_std_offset
         return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -920,8 +918,9 @@ class Agent(nn.Module):
 
     def __init__(self, obs_dim: int, action_dim: int, args: Args):
         super().__init__()
+        self.action_dim = action_dim
         self.actor = TanhGaussianActor(obs_dim, action_dim, args.actor_hidden_dims,
-                                       args.orthogonal_init)
+                                       args.orthogonal_init, args.log_std_affine)
         self.critic = FusedCritic(obs_dim, action_dim, args.critic_hidden_dims,
                                   args.orthogonal_init)
         self.target_critic = FusedCritic(obs_dim, action_dim, args.critic_hidden_dims, False)
@@ -959,8 +958,7 @@ def calql_logsumexp(q_rand: torch.Tensor, q_pi: torch.Tensor, logp_pi: torch.Ten
     importance-sampling correction; the random actions are never calibrated. (The paper's
     appendix listing takes the max after subtracting log pi and uses 4 samples of pi(s)
     only: the official code is followed.) Then random - log(0.5^d), pi - log pi, the three
-    sets concatenated and T * logsumexp(./T) (App. F; log(3N) omitted as in the code).
-    """
+    sets concatenated and T * logsumexp(./T) (App. F; log(3N) omitted as in the code)."""
     stats: dict[str, torch.Tensor] = {}
     if mc_returns is not None:
         # Cal-QL official: max with V_mu before the IS correction, policy actions only.
@@ -1010,10 +1008,20 @@ def bellman_target(agent: Agent, batch: dict[str, torch.Tensor], args: Args,
 
 
 def compute_losses(agent: Agent, batch: dict[str, torch.Tensor], args: Args, bc: bool,
-                   action_dim: int, cql_weight: float
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """All four losses from the same parameters; their sum has disjoint gradients:
-    actor (critic detached), critics (Bellman + CQL), log alpha, log alpha'."""
+                   cql_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The four losses, summed for ONE backward pass; each trains only its own parameters:
+
+      actor_loss        -> actor (incl. log-std scalars): Q(s, a~pi) by critic(detach=True)
+                           (critic weights detached, gradient through a only); alpha detached
+      alpha_loss        -> log_alpha: log pi detached
+      critic_loss       -> critic: Bellman target under no_grad (bellman_target); CQL
+                           proposals under no_grad, their log pi detached (cql_term,
+                           calql_logsumexp); alpha' detached (lagrange_terms)
+      alpha_prime_loss  -> log_alpha_prime: the gap detached (lagrange_terms)
+      target critic     -> nothing (requires_grad False; Polyak averaging in Trainer.step)
+
+    Checked by tests/test_calql_losses.py::
+    test_gradients_are_disjoint_and_the_penalty_never_trains_the_actor."""
     obs, actions = batch["obs"], batch["actions"]
     alpha = agent.log_alpha.exp()
 
@@ -1025,34 +1033,31 @@ def compute_losses(agent: Agent, batch: dict[str, torch.Tensor], args: Args, bc:
     else:
         actor_loss = (alpha.detach() * logp_pi - q_pi).mean()
     # Automatic entropy tuning: -log alpha * (log pi + target entropy) (SAC, JaxCQL).
-    target_entropy = -action_dim if args.target_entropy is None else args.target_entropy
+    target_entropy = -agent.action_dim if args.target_entropy is None else args.target_entropy
     alpha_loss = -(agent.log_alpha * (logp_pi.detach() + target_entropy)).mean()
 
     # ---- critics: Bellman MSE (JaxCQL `mse_loss(q_pred, td_target)`, no 1/2) -----------
     target = bellman_target(agent, batch, args, alpha.detach())
     q_data = agent.critic(obs, actions)  # [E, B]
     bellman = ((q_data - target) ** 2).mean(-1)  # [E]
-    below = (q_pi.detach() < batch["mc_returns"]).float()
+    penalty, alpha_prime_loss, cql_metrics = cql_term(agent, batch, args, q_data, cql_weight)
+    critic_loss = bellman.sum() + penalty.sum()  # the penalty applies to each critic
+    # calibration of the batch: share of states with Q(s, pi(s)) < V_mu(s), mean Q - V_mu
+    gap_to_mc = q_pi.detach() - batch["mc_returns"]
     metrics = dict(bellman_loss=bellman.mean(), q_data=q_data.mean(), actor_loss=actor_loss,
                    alpha=alpha.detach(), log_pi=logp_pi.detach().mean(),
-                   # calibration: share of batch states with Q(s, pi(s)) < V_mu(s); mean gap
-                   calib_below_share=below.mean(),
-                   calib_q_minus_vmu=(q_pi.detach() - batch["mc_returns"]).mean())
-
-    penalty, alpha_prime_loss = cql_term(agent, batch, args, q_data, action_dim, cql_weight,
-                                         metrics)
-    critic_loss = bellman.sum() + penalty.sum()  # the penalty applies to each critic
-    metrics["critic_loss"] = critic_loss.detach()
+                   calib_below_share=(gap_to_mc < 0).float().mean(),
+                   calib_q_minus_vmu=gap_to_mc.mean(), critic_loss=critic_loss.detach(),
+                   **cql_metrics)
     total = actor_loss + alpha_loss + critic_loss + alpha_prime_loss
     return total, metrics
 
 
 def cql_term(agent: Agent, batch: dict[str, torch.Tensor], args: Args, q_data: torch.Tensor,
-             action_dim: int, cql_weight: float, metrics: dict[str, torch.Tensor]
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Conservative penalty per critic [E] and the alpha' loss (0 without Lagrange)."""
+             cql_weight: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Conservative penalty per critic [E], the alpha' loss (0 without Lagrange), metrics."""
     obs, next_obs = batch["obs"], batch["next_obs"]
-    batch_size, n = obs.shape[0], args.cql_n_actions
+    batch_size, n, action_dim = obs.shape[0], args.cql_n_actions, agent.action_dim
     rep_obs = obs.unsqueeze(1).expand(-1, n, -1)  # [B, N, d]
     with torch.no_grad():  # proposal samples: the penalty never trains the actor
         a_rand = torch.rand(batch_size, n, action_dim, device=obs.device) * 2 - 1
@@ -1063,29 +1068,33 @@ def cql_term(agent: Agent, batch: dict[str, torch.Tensor], args: Args, q_data: t
     q_all = agent.critic(rep_obs.repeat(1, 3, 1), torch.cat([a_rand, a_cur, a_next], 1))
     q_rand, q_cur, q_next = q_all.split(n, dim=-1)  # each [E, B, N]
     mc = batch["mc_returns"] if args.enable_calql else None
-    push_down, stats = calql_logsumexp(q_rand, q_cur, logp_cur, q_next, logp_next, mc,
-                                       action_dim, args.cql_temp, args.cql_importance_sample,
-                                       q_data)
-    metrics.update(stats)
+    push_down, metrics = calql_logsumexp(q_rand, q_cur, logp_cur, q_next, logp_next, mc,
+                                         action_dim, args.cql_temp, args.cql_importance_sample,
+                                         q_data)
     # CQL gap per critic: E_s[logsumexp] - E_D[Q(s,a)], clipped (official `cql_qf_diff`).
     gap = (push_down - q_data).clamp(args.cql_clip_diff_min, args.cql_clip_diff_max).mean(-1)
-    metrics["cql_gap"] = gap.detach().mean()
-    metrics["q_ood"] = push_down.detach().mean()
+    metrics.update(cql_gap=gap.detach().mean(), q_ood=push_down.detach().mean())
     if args.lagrange:
         penalty, alpha_prime_loss, alpha_prime = lagrange_terms(
             gap, agent.log_alpha_prime, cql_weight, args.cql_tau)
-        metrics["alpha_prime"] = alpha_prime.detach()
-        return penalty, alpha_prime_loss
-    metrics["alpha_prime"] = torch.full((), cql_weight, device=obs.device)
+        return penalty, alpha_prime_loss, dict(metrics, alpha_prime=alpha_prime.detach())
     # Fixed weight: alpha * gap (official `cql_min_q_weight * cql_qf_diff`).
-    return cql_weight * gap, torch.zeros((), device=obs.device)
+    zero = torch.zeros((), device=obs.device)
+    return cql_weight * gap, zero, dict(metrics, alpha_prime=zero + cql_weight)
+
+
+# ======================================================================================
+# Training step
+# ======================================================================================
 
 
 class Trainer:
-    """One gradient step with no host sync: losses stay on the device until logged."""
+    """Optimizers and one gradient step with no host sync (metrics stay on the device until
+    Run.log reads them). Its update counter ends the BC warm start; `start_online()` sets
+    the fine-tuning phase's CQL weight (--cql-weight-online) at the phase switch."""
 
-    def __init__(self, agent: Agent, args: Args, action_dim: int, device: torch.device):
-        self.agent, self.args, self.action_dim = agent, args, action_dim
+    def __init__(self, agent: Agent, args: Args, device: torch.device):
+        self.agent, self.args = agent, args
         fused = device.type == "cuda"
         adam = lambda params, lr: torch.optim.Adam(params, lr=lr, fused=fused or None,
                                                    foreach=None if fused else True)
@@ -1095,44 +1104,59 @@ class Trainer:
             alpha=adam([agent.log_alpha], args.policy_lr),
             alpha_prime=adam([agent.log_alpha_prime], args.alpha_prime_lr),
         )
-        self.loss_fn = torch.compile(compute_losses) if args.compile else compute_losses
+        self.loss_fn = compute_losses
+        if args.compile:
+            mode = "reduce-overhead" if args.cudagraphs and device.type == "cuda" else None
+            self.loss_fn = torch.compile(compute_losses, mode=mode)
         self.online = list(agent.critic.parameters())
         self.target = list(agent.target_critic.parameters())
+        self.updates, self.fine_tuning, self.cql_weight = 0, False, args.cql_weight
 
-    def step(self, batch: dict[str, torch.Tensor], bc: bool, cql_weight: float
-             ) -> dict[str, torch.Tensor]:
+    def start_online(self) -> None:
+        """The phase switch: no BC warm start, the online CQL weight."""
+        self.fine_tuning = True
+        if self.args.cql_weight_online is not None:
+            self.cql_weight = self.args.cql_weight_online
+
+    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        total, metrics = self.loss_fn(self.agent, batch, self.args, bc, self.action_dim,
-                                      cql_weight)
+        bc = not self.fine_tuning and self.updates < self.args.bc_steps
+        total, metrics = self.loss_fn(self.agent, batch, self.args, bc, self.cql_weight)
         total.backward()
         for opt in self.optimizers.values():
             opt.step()
         with torch.no_grad():  # Polyak averaging of the target critics
             torch._foreach_lerp_(self.target, self.online, self.args.soft_target_update)
+        self.updates += 1
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: opt.state_dict() for k, opt in self.optimizers.items()}
+        return dict(updates=self.updates,
+                    optimizers={k: opt.state_dict() for k, opt in self.optimizers.items()})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = state["updates"]
         for k, opt in self.optimizers.items():
-            opt.load_state_dict(state[k])
-
-
-@torch.no_grad()
-def calibration_stats(agent: Agent, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Calibration of the current critic on a batch: share of states with
-    min_j Q_j(s, a~pi(s)) < V_mu(s), and mean Q - V_mu."""
-    a_pi, _ = agent.actor(batch["obs"])
-    q = agent.critic(batch["obs"], a_pi).min(0).values
-    diff = q - batch["mc_returns"]
-    return dict(below_share=float((diff < 0).float().mean()), q_minus_vmu=float(diff.mean()))
+            opt.load_state_dict(state["optimizers"][k])
 
 
 # ======================================================================================
-# Online interaction and evaluation
+# Evaluation
 # ======================================================================================
+
+
+def make_eval_env(spec: dict[str, Any]) -> gym.Env:
+    """The env of an eval_env spec (config.json's `eval_env`; online episodes use it too)."""
+    import gymnasium_robotics
+
+    gym.register_envs(gymnasium_robotics)  # Adroit, AntMaze, PointMaze
+    return gym.make(gym.envs.registration.EnvSpec(
+        id=spec["id"], entry_point=spec["entry_point"],
+        max_episode_steps=spec["max_episode_steps"], kwargs=copy.deepcopy(spec["kwargs"])))
+
+
+# ---- online interaction: the same env, transform and binary rule as evaluation ----------
 
 
 def env_step(env: gym.Env, action: np.ndarray, args: Args
@@ -1156,22 +1180,17 @@ def collect_trajectory(agent: Agent, env: gym.Env, tf: Transform, args: Args,
     """One whole trajectory with the current STOCHASTIC policy (Cal-QL official sampler),
     from env.reset(seed=seed); its MC returns are computed once it has ended."""
     obs, _ = env.reset(seed=seed)
-    rows: dict[str, list] = {k: [] for k in ("obs", "next_obs", "actions", "rewards", "dones")}
-    done, success = False, False
+    rows, done, success = [], False, False
     while not done:
         x = torch.as_tensor(tf.obs(flatten_obs(obs)), device=device).reshape(1, -1)
         with torch.no_grad():
             action = agent.actor(x)[0][0].cpu().numpy()
-        next_obs, reward, terminal, truncated, ok = env_step(env, tf.to_env_action(action),
-                                                             args)
-        success = success or bool(ok)
-        rows["obs"].append(x[0].cpu().numpy())
-        rows["next_obs"].append(tf.obs(flatten_obs(next_obs)))
-        rows["actions"].append(action)
-        rows["rewards"].append(tf.reward(reward))
-        rows["dones"].append(float(terminal))
-        obs, done = next_obs, terminal or truncated
-    traj = {k: np.asarray(v, np.float32) for k, v in rows.items()}
+        obs, reward, terminal, truncated, ok = env_step(env, tf.to_env_action(action), args)
+        rows.append((x[0].cpu().numpy(), tf.obs(flatten_obs(obs)), action, tf.reward(reward),
+                     float(terminal)))
+        success, done = success or bool(ok), terminal or truncated
+    columns = zip(*rows, strict=True)  # obs, next_obs, actions, rewards, dones: KEYS[:5]
+    traj = {k: np.asarray(v, np.float32) for k, v in zip(KEYS[:5], columns, strict=True)}
     traj["mc_returns"] = mc_returns(traj["rewards"], traj["dones"], args.gamma,
                                     args.sparse_reward, float(tf.reward(args.reward_neg)))
     return traj, success
@@ -1188,9 +1207,8 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
     return_mean: the raw env return (binary: the relabelled {-1, 0} return); length_mean:
     mean episode length (the horizon bounds it; success ends it).
     value_gap: min_j Q_j(s0, pi(s0)) minus the discounted (scaled) return obtained;
-    negative = conservative.
-    """
-    returns, gaps, successes, lengths, has_success = [], [], [], [], False
+    negative = conservative."""
+    episodes, has_success = [], False
     for i in range(args.eval_episodes):
         obs, _ = env.reset(seed=10_000 * (args.seed + 1) + i)
         done, ep_return, disc_return, discount, t, success = False, 0.0, 0.0, 1.0, 0, False
@@ -1202,126 +1220,156 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
                     pred = agent.critic(x, action).min(0).values.item()
             obs, reward, terminal, truncated, ok = env_step(
                 env, tf.to_env_action(action[0].cpu().numpy()), args)
-            has_success = has_success or ok is not None
-            success = success or bool(ok)
-            ep_return += reward
-            disc_return += discount * float(tf.reward(reward))
-            discount *= args.gamma
-            done = terminal or truncated
-            t += 1
-        returns.append(ep_return)
-        lengths.append(t)
-        gaps.append(pred - disc_return)
-        successes.append(success)
+            has_success, success = has_success or ok is not None, success or bool(ok)
+            ep_return, disc_return = ep_return + reward, disc_return + discount * float(
+                tf.reward(reward))
+            discount, done, t = discount * args.gamma, terminal or truncated, t + 1
+        episodes.append((ep_return, t, pred - disc_return, success))
+    returns, lengths, gaps, successes = zip(*episodes, strict=True)
     ret = float(np.mean(returns))
     lo, hi = info.get("ref_min_score"), info.get("ref_max_score")
     norm = 100.0 * (ret - lo) / (hi - lo) if lo is not None and hi is not None else None
     rate = float(np.mean(successes)) if has_success else None
     score = 100.0 * rate if rate is not None else (norm if norm is not None else ret)
     return dict(score=score, success_rate=rate, return_mean=ret, normalized_score=norm,
-                length_mean=float(np.mean(lengths)),
-                value_gap=float(np.mean(gaps)))
+                length_mean=float(np.mean(lengths)), value_gap=float(np.mean(gaps)))
 
 
 # ======================================================================================
-# Run directory, checkpoints, resume
+# Main loop
 # ======================================================================================
 
-# Fields that may differ on resume without changing the result.
-RESUME_FREE = {"resume", "run_dir", "track", "wandb_project", "wandb_entity", "progress",
-               "log_every", "online_steps"}  # online_steps: a finished run may be extended
 
-
-def config_dict(args: Args) -> dict[str, Any]:
-    cfg = asdict(args)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
-
-
-def check_resume_config(run_dir: Path, args: Args) -> None:
-    """Refuse a resume whose resolved config differs from the run's config.json."""
-    path = run_dir / "config.json"
-    if not (run_dir / "checkpoint.pt").exists() or not path.exists():
-        fail(f"--resume {run_dir}: no checkpoint.pt/config.json there; start a new run instead")
-    saved = json.loads(path.read_text())["args"]
-    now = json.loads(json.dumps(config_dict(args)))  # tuples -> lists, inf -> Infinity
-    diff = sorted(k for k in now if k not in RESUME_FREE and saved.get(k) != now[k])
-    if diff:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
-        fail(f"--resume {run_dir} does not match its config.json ({detail}); "
-             "rerun with the original arguments or start a new run")
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temp file in the same directory, fsync, then rename: never half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-@dataclass
-class Progress:
-    """Loop counters, all in the checkpoint. The online phase checkpoints only between
-    gradient steps, never inside a trajectory: the environment's state is not
-    checkpointable, so a stop signal during collection is honoured once the trajectory has
-    ended and been stored. Each online episode k resets with its own seed, so a resumed run
-    continues bit-identically on CPU. After a hard kill (no signal handler runs), the run
-    resumes from the last evaluation's checkpoint and re-collects the trajectories since
-    then (an episode in progress at the kill is restarted from its reset)."""
-
-    step: int = 0  # gradient steps, offline + online
-    phase: str = "offline"  # offline | online
-    env_steps: int = 0  # online env steps collected
-    episodes: int = 0  # online trajectories collected
-    pending_updates: int = 0  # gradient steps still owed to the last trajectory (UTD)
-    next_eval: int = 0  # env-step count of the next online evaluation
-
-
-def save_checkpoint(path: Path, agent: Agent, trainer: Trainer, offline: ReplayBuffer,
-                    online: OnlineBuffer, progress: Progress, history: list[dict[str, Any]],
-                    timing: dict[str, float]) -> None:
-    atomic_torch_save(dict(
-        progress=asdict(progress), agent=agent.state_dict(), optimizers=trainer.state_dict(),
-        sampler=offline.generator.get_state(), online=online.state(),
-        torch_rng=torch.get_rng_state(),
-        cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        history=history, timing=timing,
-    ), path)
-
-
-def load_checkpoint(path: Path, agent: Agent, trainer: Trainer, offline: ReplayBuffer,
-                    online: OnlineBuffer) -> tuple[Progress, list[dict[str, Any]], dict]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    agent.load_state_dict(ckpt["agent"])
-    trainer.load_state_dict(ckpt["optimizers"])
-    offline.generator.set_state(ckpt["sampler"])
-    online.load(ckpt["online"])
-    torch.set_rng_state(ckpt["torch_rng"])
-    if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-    return Progress(**ckpt["progress"]), ckpt["history"], ckpt["timing"]
-
-
-class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints and exits at the next safe point."""
+class Counters:
+    """Loop counters, one of Run's checkpointed parts: the phase (offline | online), online
+    env steps and trajectories so far. Online episode k resets its env with its own seed, so
+    a resumed run continues bit-identically on CPU."""
 
     def __init__(self):
-        self.signal: int | None = None
-        self._old = {s: signal.signal(s, self._set) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.phase, self.env_steps, self.episodes = "offline", 0, 0
 
-    def _set(self, signum, _frame) -> None:
-        self.signal = signum
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
 
-    def restore(self) -> None:
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+
+
+def main(args: Args) -> dict[str, Any]:
+    """Offline pre-training, then online fine-tuning, from complete Args (parse_args, or
+    preset_args + dataclasses.replace); returns the summary."""
+    check_args(args)
+    device = pick_device(args.device)
+    args = replace(args, run_dir=args.resume or args.run_dir or default_run_dir(args))
+    torch.manual_seed(args.seed)  # all training randomness is torch's; envs are seeded
+    data = load_data(args)
+    obs_dim, action_dim = data.info["obs_dim"], data.info["action_dim"]
+    offline = ReplayBuffer(data.transitions, device, args.seed)
+    online = ReplayBuffer({k: v[:0] for k, v in data.transitions.items()}, device,
+                          args.seed + 1, args.online_steps + data.eval_env["max_episode_steps"])
+    agent = Agent(obs_dim, action_dim, args).to(device)
+    trainer = Trainer(agent, args, device)
+    env, eval_env = make_eval_env(data.eval_env), make_eval_env(data.eval_env)
+    loop = Counters()
+    run = Run(args, dict(agent=agent, trainer=trainer, offline=offline, online=online,
+                         loop=loop), data.info, data.eval_env, device)
+    evaluate_policy = lambda: evaluate(agent, eval_env, data.tf, args, data.info, device)
+    name = f"{'Cal-QL' if args.enable_calql else 'CQL'} {args.env}"
+    # ---- offline pre-training: CQL / Cal-QL updates on offline batches -----------------
+    if not run.history:  # the initial policy, as the official loop's epoch 0
+        run.evaluate_and_checkpoint(0, evaluate_policy, phase="offline", env_steps=0)
+    for step in tqdm(range(run.step + 1, args.offline_steps + 1), desc=f"{name} offline",
+                     disable=not args.progress, dynamic_ncols=True):
+        metrics = trainer.step(offline.sample(args.batch_size))
+        if run.due(step, args.log_every, args.offline_eval_every, last=args.offline_steps):
+            run.log(step, metrics)
+        if run.due(step, args.offline_eval_every, last=args.offline_steps):  # last: offline score
+            run.evaluate_and_checkpoint(step, evaluate_policy, phase="offline", env_steps=0)
+        run.stop_if_signalled(step)
+
+    # ---- online fine-tuning (Cal-QL official loop): a whole trajectory with the stochastic
+    # policy, stored with its MC returns, then len(traj) x UTD updates on mixed batches.
+    # An env episode cannot be checkpointed, so a stop signal is honoured at the next
+    # trajectory boundary, with every stored trajectory trained on. After a hard kill the
+    # run resumes from the last evaluation and re-collects the trajectories since then.
+    loop.phase, step = "online", run.step
+    trainer.start_online()
+    bar = tqdm(total=args.online_steps, initial=min(loop.env_steps, args.online_steps),
+               desc=f"{name} online", disable=not args.progress, dynamic_ncols=True)
+    while loop.env_steps < args.online_steps:
+        traj, _ = collect_trajectory(agent, env, data.tf, args, device,
+                                     seed=1_000_000 * (args.seed + 1) + loop.episodes)
+        online.add_trajectory(traj)
+        n, before = len(traj["rewards"]), loop.env_steps
+        loop.env_steps, loop.episodes = before + n, loop.episodes + 1
+        for _ in range(n * args.utd):
+            step += 1
+            metrics = trainer.step(mixed_batch(offline, online, args.batch_size,
+                                               args.mixing_ratio))
+            if run.due(step, args.log_every):
+                run.log(step, metrics)
+        bar.update(n)
+        # evaluate once each time the env steps pass a multiple of --eval-every, and at the end
+        if loop.env_steps // args.eval_every > before // args.eval_every or \
+                loop.env_steps >= args.online_steps:
+            run.log(step, metrics)
+            run.evaluate_and_checkpoint(step, evaluate_policy, phase="online",
+                                        env_steps=loop.env_steps)
+        run.stop_if_signalled(step)
+    for resource in (bar, env, eval_env):
+        resource.close()
+    return run.finish(dict(final_summary(run.history), gradient_steps=step,
+                           env_steps=loop.env_steps, episodes=loop.episodes))
+
+
+def final_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Offline score (end of pre-training), final score, cumulative regret (mean over online
+    evaluations of 1 - success rate), largest drop below the pre-trained score, calibration."""
+    offline = [r for r in history if r["phase"] == "offline"]
+    online = [r for r in history if r["phase"] == "online"]
+    pre, last = offline[-1], history[-1]
+    rates = [r["success_rate"] for r in online if r["success_rate"] is not None]
+    return dict(
+        offline_score=pre["score"], offline_success_rate=pre["success_rate"],
+        final_score=last["score"], final_success_rate=last["success_rate"],
+        final_return=last["return_mean"], value_gap=last["value_gap"],
+        cumulative_regret=float(np.mean([1.0 - s for s in rates])) if rates else None,
+        max_drop_below_offline=max(0.0, pre["score"] - min(r["score"] for r in online))
+        if online else None,
+        calib_below_share=last.get("calib_below_share"),
+        calib_q_minus_vmu=last.get("calib_q_minus_vmu"),
+        calib_below_share_offline_end=pre.get("calib_below_share"))
 
 
 # ======================================================================================
-# Training loop: offline pre-training, then online fine-tuning
+# Run plumbing: not part of the algorithm
 # ======================================================================================
+# The run directory contract, the same block under the same names in all three scripts:
+#   config.json    resolved arguments, dataset facts, eval env, versions (written once)
+#   metrics.jsonl  one row per evaluation; rebuilt from the checkpoint on resume
+#   checkpoint.pt  everything needed to continue bit-identically on CPU (atomic, fsync'd)
+#   summary.json   final numbers, speed, wall time over all sessions (atomic, fsync'd)
+# SIGINT/SIGTERM checkpoint and exit 128+signal; `--resume RUN_DIR` continues; a resume
+# whose arguments differ from config.json (but for RESUME_FREE) is refused.
+#
+# Per script, above this banner, only: RESUME_FREE's extension field (the length that a
+# finished run may grow by) and the `parts` passed to Run (objects with state_dict() /
+# load_state_dict(): agent, trainer, buffers, loop counters).
+
+RESUME_FREE = {"resume", "run_dir", "track", "wandb_project", "wandb_entity", "progress",
+               "log_every", "online_steps"}  # LENGTH_FIELD: total_steps / online_steps
+REPORT_KEYS = ("step", "phase", "env_steps", "return_mean", "score", "normalized_score",
+               "success_rate", "value_gap")  # printed after each evaluation, when present
+
+
+def default_run_dir(args: Args) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"runs/{Path(__file__).stem}__{args.env}__s{args.seed}__{stamp}"
+
+
+def fail(message: str) -> NoReturn:
+    """Stop with a one-line error (exit code 1, no traceback)."""
+    raise SystemExit(f"error: {message}")
 
 
 def pick_device(name: str) -> torch.device:
@@ -1332,252 +1380,197 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def config_dict(args: Args) -> dict[str, Any]:
+    """Args as JSON-ready values (tuples -> lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(args).items()}
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/inf -> None, recursively: config, metrics and summary stay valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Temp file in the same directory, fsync, rename: the file is whole or untouched."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(json_safe(obj), indent=2).encode())
+
+
 def host_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     """The one host sync: all training metrics in a single transfer."""
     keys = sorted(metrics)
-    values = torch.stack([metrics[k].float() for k in keys]).tolist()
+    values = torch.stack([metrics[k].detach().float() for k in keys]).tolist()
     return dict(zip(keys, values, strict=True))
 
 
-def check_divergence(values: dict[str, float], step: int, args: Args, run_dir: Path,
-                     last_good: int | None) -> None:
-    bad = [k for k, v in values.items() if not math.isfinite(v)]
-    if not bad and abs(values.get("q_data", 0.0)) > args.max_abs_q:
-        bad = ["q_data"]
-    if bad:
-        where = (f"last good checkpoint: {run_dir / 'checkpoint.pt'} (step {last_good})"
-                 if last_good is not None else "no checkpoint was written yet")
-        fail(f"training diverged at step {step} ({', '.join(bad)} non-finite or |Q| > "
-             f"{args.max_abs_q:g}); {where}; lower the learning rates or raise --cql-weight")
+class Run:
+    """One run directory: config, evaluation rows, checkpoints of `parts`, resume, stop
+    signals, the divergence guard, W&B and the summary. The main loop calls `log`,
+    `evaluate_and_checkpoint` and `stop_if_signalled`; nothing here touches the algorithm."""
 
-
-class Loop:
-    """The run: state, logging, evaluation rows, checkpoints and the stop signal."""
-
-    def __init__(self, args: Args, device: torch.device):
-        self.args, self.device = args, device
-        self.run_dir = Path(args.run_dir)
-        data, self.tf, self.eval_env_spec, self.info = load_data(args)
-        self.offline = ReplayBuffer(data, device, args.seed)
-        obs_dim, self.action_dim = self.info["obs_dim"], self.info["action_dim"]
-        self.online = OnlineBuffer(args.online_steps + args.horizon, obs_dim, self.action_dim,
-                                   device, args.seed)
-        self.agent = Agent(obs_dim, self.action_dim, args).to(device)
-        self.trainer = Trainer(self.agent, args, self.action_dim, device)
-        self.env, self.eval_env = make_env(self.eval_env_spec), make_env(self.eval_env_spec)
-        self.progress = Progress(next_eval=args.eval_every)
-        self.history: list[dict[str, Any]] = []
-        self.timing = dict(train_s=0.0, wall_s=0.0, env_s=0.0)
+    def __init__(self, args: Args, parts: dict[str, Any], info: dict[str, Any],
+                 eval_env: dict[str, Any], device: torch.device):
+        self.args, self.parts = args, parts
+        self.dir = Path(args.run_dir)
+        self.ckpt = self.dir / "checkpoint.pt"
+        self.step, self.history = 0, []
+        self.timing = dict(train_s=0.0, wall_s=0.0)
         self.train_values: dict[str, float] = {}
-        self.last_good: int | None = None
-        self.wandb_run = None
-        self.stop: StopFlag | None = None
+        if self.dir.exists() and not self.dir.is_dir():
+            fail(f"--run-dir {self.dir} is a file, not a directory; pick another --run-dir")
+        if args.resume:
+            self.check_resume_config()
+            self.load()
+        else:
+            if (self.dir / "checkpoint.pt").exists():
+                fail(f"{self.dir} already holds a run; continue it with --resume {self.dir} "
+                     "or pick another --run-dir")
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.dir / "config.json", dict(
+                args=config_dict(args), dataset=info, eval_env=eval_env,
+                script=Path(__file__).name, torch=torch.__version__, device=str(device)))
+        # metrics.jsonl = the checkpoint's history: rows written after the last checkpoint
+        # (a hard kill between the two writes) are dropped, never duplicated.
+        atomic_write(self.dir / "metrics.jsonl",
+                     "".join(json.dumps(json_safe(r)) + "\n" for r in self.history).encode())
+        self.wandb = self.init_wandb() if args.track else None
+        self.signal: int | None = None
+        self._handlers = {s: signal.signal(s, self._on_signal)
+                          for s in (signal.SIGINT, signal.SIGTERM)}
+        now = time.perf_counter()
+        self._wall0, self._train0 = now - self.timing["wall_s"], now
 
-    # ---- bookkeeping ---------------------------------------------------------------
-    def checkpoint(self) -> None:
-        self.timing["wall_s"] = time.perf_counter() - self.wall0
-        save_checkpoint(self.run_dir / "checkpoint.pt", self.agent, self.trainer, self.offline,
-                        self.online, self.progress, self.history, self.timing)
+    # ---- called by the main loop -----------------------------------------------------
+    def due(self, step: int, *every: int, last: int | None = None) -> bool:
+        """True at multiples of any `every` and at the last step."""
+        return any(step % e == 0 for e in every) or step == last
 
-    def read_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
+    def log(self, step: int, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Read the training metrics (the only host sync), guard against divergence."""
         self.train_values = host_metrics(metrics)
-        check_divergence(self.train_values, self.progress.step, self.args, self.run_dir,
-                         self.last_good)
-        if self.wandb_run is not None:
-            self.wandb_run.log({f"train/{k}": v for k, v in self.train_values.items()},
-                               step=self.progress.step)
+        bad = sorted(k for k, v in self.train_values.items() if not math.isfinite(v))
+        q_max = max(abs(self.train_values.get(k, 0.0)) for k in ("q_data", "q_abs_max"))
+        if bad or q_max > self.args.max_abs_q:
+            what = ", ".join(bad) + " non-finite" if bad else f"|Q| {q_max:.3g} > --max-abs-q"
+            kept = (f"the last good checkpoint is {self.ckpt} (step {self.history[-1]['step']})"
+                    if self.history else "no checkpoint was written")
+            fail(f"training diverged at step {step} ({what}); {kept}; lower the learning "
+                 "rates or raise --cql-weight")
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in self.train_values.items()}, step=step)
+        return self.train_values
 
-    def evaluate_and_save(self, bar: tqdm) -> None:
-        p = self.progress
-        row = dict(step=p.step, phase=p.phase, env_steps=p.env_steps,
-                   **evaluate(self.agent, self.eval_env, self.tf, self.args, self.info,
-                              self.device), **self.train_values)
+    def evaluate_and_checkpoint(self, step: int, evaluate: Callable[[], dict[str, Any]],
+                                **fields: Any) -> dict[str, Any]:
+        """One metrics row: `fields`, the evaluation, the last training metrics; then the
+        checkpoint. Evaluation time is not training time (updates_per_sec)."""
+        self.timing["train_s"] += time.perf_counter() - self._train0
+        row = dict(step=step, **fields, **evaluate(), **self.train_values)
         self.history.append(row)
-        with open(self.run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log({f"eval/{k}": v for k, v in row.items()
-                                if isinstance(v, (int, float))}, step=p.step)
-        self.checkpoint()
-        self.last_good = p.step
-        bar.write(f"{p.phase} step {p.step} env {p.env_steps}: score {row['score']:.1f}, "
-                  f"success {row['success_rate']}, value_gap {row['value_gap']:.2f}")
+        with open(self.dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(json_safe(row)) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({f"eval/{k}": v for k, v in row.items()
+                            if isinstance(v, (int, float))}, step=step)
+        self.step = step
+        self.save()
+        tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in row.items() if k in REPORT_KEYS and v is not None))
+        self._train0 = time.perf_counter()
+        return row
 
-    def maybe_stop(self) -> None:
-        if self.stop is not None and self.stop.signal is not None:
-            self.checkpoint()
-            print(f"stopped by signal {self.stop.signal} at step {self.progress.step} "
-                  f"({self.progress.phase}); resume with the same arguments plus --resume "
-                  f"{self.run_dir}", file=sys.stderr)
-            raise SystemExit(128 + self.stop.signal)
+    def stop_if_signalled(self, step: int) -> None:
+        """After SIGINT/SIGTERM: checkpoint here and exit 128+signal."""
+        if self.signal is None:
+            return
+        self.timing["train_s"] += time.perf_counter() - self._train0
+        self.step = step
+        self.save()
+        print(f"stopped by signal {self.signal} at step {step}; continue with the same "
+              f"arguments plus --resume {self.dir}", file=sys.stderr)
+        self.close()
+        raise SystemExit(128 + self.signal)
 
-    def train_step(self, online: bool) -> dict[str, torch.Tensor]:
-        args, p = self.args, self.progress
-        batch = mixed_batch(self.offline, self.online if online else None, args.batch_size,
-                            args.mixing_ratio)
-        bc = not online and p.step < args.bc_steps
-        weight = args.cql_weight if not online or args.cql_alpha_online is None \
-            else args.cql_alpha_online
-        metrics = self.trainer.step(batch, bc, weight)
-        p.step += 1
-        return metrics
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """summary.json: the script's final numbers plus speed and wall time."""
+        self.timing["train_s"] += time.perf_counter() - self._train0
+        self.timing["wall_s"] = time.perf_counter() - self._wall0
+        summary = json_safe(dict(summary, updates_per_sec=self.step / max(
+            self.timing["train_s"], 1e-9), wall_time_s=self.timing["wall_s"]))
+        write_json(self.dir / "summary.json", summary)
+        if self.wandb is not None:
+            self.wandb.summary.update(summary)
+            self.wandb.finish()
+        self.close()
+        return summary
 
-    # ---- phases --------------------------------------------------------------------
-    def run_offline(self, bar: tqdm) -> None:
-        """Pre-training: CQL/Cal-QL gradient steps on offline batches."""
-        args, p = self.args, self.progress
-        if p.step == 0 and not self.history:  # the init, as the official loop's epoch 0
-            self.evaluate_and_save(bar)
-        t0 = time.perf_counter()
-        while p.step < args.offline_steps:
-            metrics = self.train_step(online=False)
-            bar.update(1)
-            end = p.step == args.offline_steps
-            if p.step % args.log_every == 0 or p.step % args.offline_eval_every == 0 or end:
-                self.read_metrics(metrics)
-                bar.set_postfix(q=f"{self.train_values['q_data']:.1f}",
-                                gap=f"{self.train_values['cql_gap']:.2f}")
-            if p.step % args.offline_eval_every == 0 or end:
-                # end: the offline score, evaluated and checkpointed at the phase boundary
-                self.timing["train_s"] += time.perf_counter() - t0
-                self.evaluate_and_save(bar)
-                t0 = time.perf_counter()
-            self.maybe_stop()
-        self.timing["train_s"] += time.perf_counter() - t0
-        p.phase = "online"
+    def close(self) -> None:
+        for s, handler in self._handlers.items():
+            signal.signal(s, handler)
 
-    def run_online(self, bar: tqdm) -> None:
-        """Fine-tuning: whole trajectories with the stochastic policy, then len(traj) * UTD
-        gradient steps on mixed batches (Cal-QL official loop); evaluation every
-        `eval_every` env steps."""
-        args, p = self.args, self.progress
-        metrics = None
-        while p.env_steps < args.online_steps or p.pending_updates > 0:
-            if p.pending_updates == 0:
-                t_env = time.perf_counter()
-                traj, _ = collect_trajectory(self.agent, self.env, self.tf, args, self.device,
-                                             seed=1_000_000 * (args.seed + 1) + p.episodes)
-                self.online.add_trajectory(traj)
-                n = len(traj["rewards"])
-                p.env_steps += n
-                p.episodes += 1
-                p.pending_updates = n * args.utd
-                self.timing["env_s"] += time.perf_counter() - t_env
-                bar.update(n)
-            t0 = time.perf_counter()
-            while p.pending_updates > 0:
-                metrics = self.train_step(online=True)
-                p.pending_updates -= 1
-                if p.step % args.log_every == 0:
-                    self.read_metrics(metrics)
-                if self.stop is not None and self.stop.signal is not None:
-                    break
-            self.timing["train_s"] += time.perf_counter() - t0
-            if p.pending_updates == 0 and (p.env_steps >= p.next_eval
-                                           or p.env_steps >= args.online_steps):
-                if metrics is not None:
-                    self.read_metrics(metrics)
-                while p.next_eval <= p.env_steps:
-                    p.next_eval += args.eval_every
-                self.evaluate_and_save(bar)
-            self.maybe_stop()
+    # ---- checkpoints and resume -------------------------------------------------------
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.signal = signum  # acted on at the next step boundary
 
+    def save(self) -> None:
+        self.timing["wall_s"] = time.perf_counter() - self._wall0
+        state = dict(step=self.step, history=self.history, timing=self.timing,
+                     parts={k: p.state_dict() for k, p in self.parts.items()},
+                     torch_rng=torch.get_rng_state(),
+                     cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                     else None)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write(self.ckpt, buffer.getvalue())
 
-def fine_tuning_summary(history: list[dict[str, Any]], args: Args) -> dict[str, Any]:
-    """Offline score (end of pre-training), final score, cumulative regret (mean over online
-    evaluations of 1 - success rate), largest drop below the pre-trained score."""
-    offline = [r for r in history if r["phase"] == "offline"]
-    online = [r for r in history if r["phase"] == "online"]
-    pre = offline[-1]["score"] if offline else None
-    last = history[-1]
-    out = dict(offline_score=pre, offline_success_rate=offline[-1]["success_rate"]
-               if offline else None, final_score=last["score"],
-               final_success_rate=last["success_rate"], final_return=last["return_mean"],
-               value_gap=last["value_gap"])
-    rates = [r["success_rate"] for r in online if r["success_rate"] is not None]
-    out["cumulative_regret"] = float(np.mean([1.0 - s for s in rates])) if rates else None
-    if pre is not None and online:
-        out["max_drop_below_offline"] = max(0.0, pre - min(r["score"] for r in online))
-    else:
-        out["max_drop_below_offline"] = None
-    for key in ("calib_below_share", "calib_q_minus_vmu"):
-        out[key] = last.get(key)
-    out["calib_below_share_offline_end"] = offline[-1].get("calib_below_share") if offline \
-        else None
-    return out
+    def load(self) -> None:
+        try:
+            state = torch.load(self.ckpt, map_location="cpu", weights_only=False)
+        except Exception as exc:  # truncated or overwritten file: many error types
+            fail(f"{self.ckpt} is damaged ({type(exc).__name__}) and cannot be resumed; "
+                 "checkpoints are replaced atomically, so it was damaged after it was "
+                 "written and no earlier state is kept; start a new run")
+        for k, part in self.parts.items():
+            part.load_state_dict(state["parts"][k])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step, self.history, self.timing = state["step"], state["history"], state["timing"]
 
+    def check_resume_config(self) -> None:
+        """Refuse a resume whose arguments differ from the run's config.json."""
+        path = self.dir / "config.json"
+        if not self.ckpt.exists() or not path.exists():
+            fail(f"--resume {self.dir}: no checkpoint.pt and config.json there; "
+                 "start a new run instead")
+        saved = json.loads(path.read_text())["args"]
+        now = json_safe(json.loads(json.dumps(config_dict(self.args))))
+        diff = sorted(k for k in now if k not in RESUME_FREE and saved.get(k) != now[k])
+        if diff:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
+            fail(f"--resume {self.dir} does not match its config.json ({detail}); rerun "
+                 "with the original arguments or start a new run")
 
-def main(args: Args) -> dict[str, Any]:
-    """One run from complete Args (parse_args, or preset_args + dataclasses.replace)."""
-    check_args(args)
-    device = pick_device(args.device)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    default_dir = f"runs/calql_finetune__{args.env}__s{args.seed}__{stamp}"
-    run_dir = Path(args.resume or args.run_dir or default_dir)
-    args = replace(args, run_dir=str(run_dir))
-    if args.resume:
-        check_resume_config(run_dir, args)
-    torch.manual_seed(args.seed)  # all training randomness is torch's; envs are seeded
+    def init_wandb(self):
+        import wandb
 
-    loop = Loop(args, device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if args.resume:
-        loop.progress, loop.history, loop.timing = load_checkpoint(
-            run_dir / "checkpoint.pt", loop.agent, loop.trainer, loop.offline, loop.online)
-        loop.timing.setdefault("env_s", 0.0)
-        # metrics.jsonl may hold evaluations past the checkpoint (killed after writing it).
-        with open(run_dir / "metrics.jsonl", "w") as fh:
-            fh.writelines(json.dumps(row) + "\n" for row in loop.history)
-        loop.last_good = loop.history[-1]["step"] if loop.history else None
-    else:
-        (run_dir / "metrics.jsonl").write_text("")
-        (run_dir / "config.json").write_text(json.dumps(
-            dict(args=config_dict(args), dataset=loop.info, eval_env=loop.eval_env_spec,
-                 torch=torch.__version__, device=str(device)), indent=2))
-    loop.wandb_run = init_wandb(args, run_dir) if args.track else None
-    loop.stop = StopFlag()
-    loop.wall0 = time.perf_counter() - loop.timing["wall_s"]
-    total = args.offline_steps + args.online_steps
-    done = min(loop.progress.step, args.offline_steps) + loop.progress.env_steps
-    bar = tqdm(total=total, initial=done, disable=not args.progress,
-               desc=f"Cal-QL {args.env}" if args.enable_calql else f"CQL {args.env}",
-               dynamic_ncols=True)
-    try:
-        if loop.progress.phase == "offline":
-            loop.run_offline(bar)
-        loop.run_online(bar)
-    finally:
-        loop.stop.restore()
-        bar.close()
-        loop.env.close()
-        loop.eval_env.close()
-    loop.timing["wall_s"] = time.perf_counter() - loop.wall0
-    summary = write_summary(run_dir, args, loop)
-    if loop.wandb_run is not None:
-        loop.wandb_run.summary.update(summary)
-        loop.wandb_run.finish()
-    return summary
-
-
-def write_summary(run_dir: Path, args: Args, loop: Loop) -> dict[str, Any]:
-    """summary.json: offline/final scores, regret, unlearning, calibration, speed."""
-    p, timing = loop.progress, loop.timing
-    summary = fine_tuning_summary(loop.history, args)
-    summary.update(gradient_steps=p.step, env_steps=p.env_steps, episodes=p.episodes,
-                   updates_per_sec=p.step / max(timing["train_s"], 1e-9),
-                   wall_time_s=timing["wall_s"])
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, run_dir / "summary.json")
-    return summary
-
-
-def init_wandb(args: Args, run_dir: Path):
-    import wandb
-
-    return wandb.init(project=args.wandb_project, entity=args.wandb_entity,
-                      config=config_dict(args), name=run_dir.name, dir=str(run_dir),
-                      id=run_dir.name.replace("/", "_")[-64:], resume="allow")
+        return wandb.init(project=self.args.wandb_project, entity=self.args.wandb_entity,
+                          config=config_dict(self.args), name=self.dir.name,
+                          dir=str(self.dir), id=self.dir.name[-64:], resume="allow")
 
 
 if __name__ == "__main__":

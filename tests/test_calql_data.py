@@ -55,12 +55,11 @@ def test_mc_returns_sparse_success_and_all_failure_rule():
 
 def test_binary_relabel_drops_failures_and_cuts_after_last_success():
     success = np.array([0, 1, 1, 0, 1, 0, 0], bool)
-    rewards, terms, truncs = calql.binary_relabel(np.arange(7.0), np.zeros(7), np.zeros(7),
-                                                  success)
+    rewards, terms = calql.binary_relabel(success)
     np.testing.assert_array_equal(rewards, [-1, 0, 0, -1, 0])  # success - 1, cut after t=4
     np.testing.assert_array_equal(terms, [0, 1, 1, 0, 1])  # every success step is terminal
-    assert not truncs.any()
-    assert calql.binary_relabel(np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3, bool)) is None
+    assert terms[-1] == 1  # a kept trajectory ends at a terminal, never at a truncation
+    assert calql.binary_relabel(np.zeros(3, bool)) is None
 
 
 def test_success_info_accepts_minari_reset_entry():
@@ -78,7 +77,8 @@ def test_pen_binary_relabelling_on_the_local_pen_dataset(local_dataset):
     ds_id = local_dataset("pen-cloned-local")
     episodes = list(minari.load_dataset(ds_id).iterate_episodes())
     args = args_for("pen-binary", dataset_id=ds_id)
-    data, tf, _, info = calql.load_data(args)
+    loaded = calql.load_data(args)
+    data, tf, info = loaded.transitions, loaded.tf, loaded.info
     kept = [ep for ep in episodes if ep.infos["success"][1:].any()]
     assert 0 < len(kept) < len(episodes)  # some failures to drop, some successes to keep
     assert info["episodes_in_dataset"] == 40 and info["episodes_kept"] == len(kept)
@@ -116,9 +116,10 @@ def test_mixed_batches_have_the_requested_ratio():
     offline = calql.ReplayBuffer({k: np.zeros((n, 2) if k in ("obs", "next_obs", "actions")
                                               else n, np.float32) for k in calql.KEYS},
                                  torch.device("cpu"), seed=0)
-    online = calql.OnlineBuffer(100, 2, 2, torch.device("cpu"), seed=0)
     traj = {k: np.ones((40, 2) if k in ("obs", "next_obs", "actions") else 40, np.float32)
             for k in calql.KEYS}
+    online = calql.ReplayBuffer({k: v[:0] for k, v in traj.items()}, torch.device("cpu"),
+                                seed=0, capacity=100)
     assert calql.mixed_batch(offline, online, 64, 0.5)["obs"].sum() == 0  # online empty
     online.add_trajectory(traj)
     assert online.size == 40
@@ -174,7 +175,8 @@ def test_online_trajectory_ends_at_success_and_gets_its_mc_returns():
     traj, success = calql.collect_trajectory(agent, env, tf, args, torch.device("cpu"), seed=1)
     assert not success and len(traj["rewards"]) == 6 and not traj["dones"].any()
     np.testing.assert_allclose(traj["mc_returns"], np.full(6, -5 / 0.1), rtol=1e-6)
-    online = calql.OnlineBuffer(10, 1, 1, torch.device("cpu"), seed=0)
+    online = calql.ReplayBuffer({k: v[:0] for k, v in traj.items()}, torch.device("cpu"),
+                                seed=0, capacity=10)
     online.add_trajectory(traj)
     np.testing.assert_allclose(online.data["mc_returns"][:6].numpy(), traj["mc_returns"])
     assert online.data["mc_returns"][6:].abs().sum() == 0

@@ -26,15 +26,20 @@ def learning_args(run_dir: Path, **overrides) -> calql.Args:
     return replace(calql.preset_args("pointmaze-binary"), **{**base, **overrides})
 
 
+@torch.no_grad()
 def full_data_calibration(args: calql.Args) -> dict[str, float]:
-    """Calibration of the run's checkpointed critic on EVERY offline transition."""
-    data, _, _, info = calql.load_data(args)
-    agent = calql.Agent(info["obs_dim"], info["action_dim"], args)
+    """Calibration of the run's checkpointed critic on EVERY offline transition: share of
+    states with min_j Q_j(s, a~pi(s)) < V_mu(s), and mean Q - V_mu (the training metrics
+    calib_below_share / calib_q_minus_vmu, over the whole dataset instead of a batch)."""
+    data = calql.load_data(args)
+    agent = calql.Agent(data.info["obs_dim"], data.info["action_dim"], args)
     ckpt = torch.load(Path(args.run_dir) / "checkpoint.pt", weights_only=False)
-    agent.load_state_dict(ckpt["agent"])
-    batch = {k: torch.as_tensor(data[k]) for k in calql.KEYS}
+    agent.load_state_dict(ckpt["parts"]["agent"])
+    batch = {k: torch.as_tensor(data.transitions[k]) for k in calql.KEYS}
     torch.manual_seed(0)
-    return calql.calibration_stats(agent, batch)
+    a_pi, _ = agent.actor(batch["obs"])
+    diff = agent.critic(batch["obs"], a_pi).min(0).values - batch["mc_returns"]
+    return dict(below_share=float((diff < 0).float().mean()), q_minus_vmu=float(diff.mean()))
 
 
 @pytest.mark.slow

@@ -98,7 +98,7 @@ def tiny_agent_and_batch(seed: int = 0, b: int = 16, obs_dim: int = 3, action_di
 
 def losses(agent, batch, args, seed=1):
     torch.manual_seed(seed)
-    return calql.compute_losses(agent, batch, args, False, 2, args.cql_weight)
+    return calql.compute_losses(agent, batch, args, False, args.cql_weight)
 
 
 def test_calql_is_cql_when_the_bound_never_binds_and_differs_when_it_does():
@@ -119,10 +119,9 @@ def test_calql_is_cql_when_the_bound_never_binds_and_differs_when_it_does():
 def test_cql_term_matches_a_direct_computation_from_the_critics():
     args, agent, batch = tiny_agent_and_batch(seed=3)
     args = calql.replace(args, cql_weight=2.0)
-    metrics: dict = {}
     torch.manual_seed(7)
     q_data = agent.critic(batch["obs"], batch["actions"])
-    penalty, _ = calql.cql_term(agent, batch, args, q_data, 2, 2.0, metrics)
+    penalty, _, metrics = calql.cql_term(agent, batch, args, q_data, 2.0)
     # Re-draw the same proposals with the same seed and compute the gap by hand.
     torch.manual_seed(7)
     b, n = 16, 3
@@ -138,12 +137,16 @@ def test_cql_term_matches_a_direct_computation_from_the_critics():
                          torch.maximum(q_next, mc) - logp_next], -1)
         gap = (cat.logsumexp(-1) - q_data).mean(-1)
     torch.testing.assert_close(penalty.detach(), 2.0 * gap, rtol=1e-5, atol=1e-5)
+    # the helper returns its metrics (nothing is written into a caller's dict)
+    assert {"cql_gap", "q_ood", "alpha_prime", "bound_rate_pi", "bound_rate_pi_next"} <= set(
+        metrics)
+    torch.testing.assert_close(metrics["cql_gap"], gap.mean(), rtol=1e-5, atol=1e-5)
 
 
 def test_gradients_are_disjoint_and_the_penalty_never_trains_the_actor():
     args, agent, batch = tiny_agent_and_batch(seed=2)
     torch.manual_seed(0)
-    total, _ = calql.compute_losses(agent, batch, args, False, 2, args.cql_weight)
+    total, _ = calql.compute_losses(agent, batch, args, False, args.cql_weight)
     total.backward()
     actor_grads = [p.grad.clone() for p in agent.actor.parameters()]
     agent.zero_grad()
@@ -158,13 +161,14 @@ def test_gradients_are_disjoint_and_the_penalty_never_trains_the_actor():
     assert all(p.grad is None for p in agent.target_critic.parameters())
 
 
-def test_calibration_stats_share_and_mean():
+def test_calibration_metrics_share_and_mean():
+    """The training metrics calib_below_share / calib_q_minus_vmu: share of batch states with
+    min_j Q_j(s, a~pi(s)) < V_mu(s), and mean Q - V_mu (a~pi is compute_losses' first draw)."""
     args, agent, batch = tiny_agent_and_batch(seed=4)
     torch.manual_seed(0)
     a_pi, _ = agent.actor(batch["obs"])
     q = agent.critic(batch["obs"], a_pi).min(0).values.detach()
     batch["mc_returns"] = q + torch.linspace(-1, 1, 16)  # half the states above Q
-    torch.manual_seed(0)
-    stats = calql.calibration_stats(agent, batch)
-    assert stats["below_share"] == 0.5
-    assert stats["q_minus_vmu"] == pytest.approx(0.0, abs=1e-5)
+    _, stats = losses(agent, batch, args, seed=0)
+    assert stats["calib_below_share"] == 0.5
+    assert float(stats["calib_q_minus_vmu"]) == pytest.approx(0.0, abs=1e-5)

@@ -1,6 +1,7 @@
 """Cal-QL presets against an independent table of the official values (issue 9), the
 command line (`--env X --help` shows literal values, `--presets`, `--no-enable-calql`)."""
 
+import json
 import math
 import os
 import re
@@ -34,6 +35,8 @@ SCRIPT = str(ROOT / "calql_finetune.py")
 #     1.0, cql_max_target_backup True, clip_diff -inf/inf, backup_entropy False,
 #     cql_target_action_gap 1.0, cql_lagrange False; log_alpha_prime = Scalar(1.0)
 #     (optimizer lr qf_lr). CORL algorithms/finetune/cal_ql.py: log_alpha_prime Scalar(1.0).
+#   JaxCQL/model.py TanhGaussianPolicy: log_std_multiplier 1.0 and log_std_offset -1.0 as
+#     learnable `Scalar`s.
 #   JaxCQL/conservative_sac_main.py FLAGS: batch_size 256, orthogonal_init True,
 #     online_utd_ratio 1, cql_min_q_weight_online -1 (= unchanged); evaluation at epoch 0.
 #   JaxCQL/replay_buffer.py ENV_CONFIG: adroit-binary reward_neg -1, antmaze reward_neg 0;
@@ -44,8 +47,8 @@ SHARED = dict(gamma=0.99, policy_lr=1e-4, qf_lr=3e-4, soft_target_update=5e-3,
               cql_n_actions=10, cql_importance_sample=True, cql_temp=1.0, max_backup=True,
               cql_clip_diff_min=-math.inf, cql_clip_diff_max=math.inf, backup_entropy=False,
               alpha_prime_lr=3e-4, log_alpha_prime_init=1.0, batch_size=256,
-              orthogonal_init=True, utd=1, cql_alpha_online=None, mixing_ratio=0.5,
-              enable_calql=True, bc_steps=0, target_entropy=None)
+              orthogonal_init=True, utd=1, cql_weight_online=None, mixing_ratio=0.5,
+              enable_calql=True, bc_steps=0, target_entropy=None, log_std_affine=True)
 ADROIT = dict(SHARED, offline_steps=20 * 1000, offline_eval_every=2 * 1000, eval_every=2000,
               eval_episodes=20, actor_hidden_dims=(512, 512),
               critic_hidden_dims=(512, 512, 512), cql_weight=1.0, lagrange=False,
@@ -76,8 +79,8 @@ OFFICIAL = {
 }
 # Fields that are run settings, not hyperparameters of a preset.
 RUN_FIELDS = {"env", "seed", "device", "run_dir", "hidden_dims", "normalize_states",
-              "log_every", "max_abs_q", "compile", "resume", "track", "wandb_project",
-              "wandb_entity", "progress"}
+              "log_every", "max_abs_q", "compile", "cudagraphs", "resume", "track",
+              "wandb_project", "wandb_entity", "progress"}
 
 
 def test_every_env_has_an_official_row():
@@ -97,6 +100,35 @@ def test_preset_values_are_the_official_ones(env):
     sourced = calql.preset_values(env)
     assert set(sourced) >= set(calql.ENV_PRESETS[env][1])
     assert all(source.strip() for _, source in sourced.values())
+
+
+def test_dataset_id_alone_picks_the_preset_naming_it_else_the_generic_preset():
+    assert calql.parse_args(["--dataset-id", "D4RL/door/cloned-v2"]) == calql.preset_args(
+        "door-binary")
+    args = calql.parse_args(["--dataset-id", "mujoco/hopper/medium-v0"])
+    assert args.env == "hopper-medium-v0" and args.dataset_id == "mujoco/hopper/medium-v0"
+    assert args == calql.preset_args("hopper-medium-v0", "mujoco/hopper/medium-v0")
+    # rewards as recorded (no relabelling, dense MC returns); Adroit's schedule otherwise
+    assert (args.binary, args.goal_terminals, args.sparse_reward) == (False, False, False)
+    assert (args.reward_scale, args.reward_bias, args.horizon) == (1.0, 0.0, None)
+    assert args.offline_steps == 20_000 and args.actor_hidden_dims == (512, 512)
+    with pytest.raises(SystemExit, match="unknown --env 'hopper-medium-v0'"):
+        calql.preset_args("hopper-medium-v0")  # the generic name goes with its dataset
+
+
+def test_dataset_id_alone_runs_on_a_dense_dataset(twin, tmp_path):
+    """A dataset without a Cal-QL preset (the hopper twin: dense rewards, no success
+    infos): the generic preset, evaluated in the data's env with its own episode limit."""
+    ds = twin("mujoco/hopper/medium-v0")
+    args = replace(calql.parse_args(["--dataset-id", ds]), run_dir=str(tmp_path / "run"),
+                   actor_hidden_dims=(8,), critic_hidden_dims=(8,), batch_size=16,
+                   cql_n_actions=2, eval_episodes=1, offline_steps=4, offline_eval_every=2,
+                   online_steps=5, eval_every=5, log_every=2, progress=False)
+    summary = calql.main(args)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["args"]["env"] == "hopper-medium-v0" and config["args"]["horizon"] is None
+    assert config["eval_env"]["max_episode_steps"] == config["dataset"]["horizon"] > 0
+    assert summary["env_steps"] >= 5 and summary["final_success_rate"] is None
 
 
 def test_defaults_are_the_pen_preset_and_dataset_id_overrides():
@@ -156,7 +188,7 @@ def help_defaults(env: str) -> dict[str, str]:
 def test_help_shows_the_values_that_will_run(env):
     shown = help_defaults(env)
     args = calql.preset_args(env)
-    optional = {"run-dir", "hidden-dims", "target-entropy", "cql-alpha-online", "resume",
+    optional = {"run-dir", "hidden-dims", "target-entropy", "cql-weight-online", "resume",
                 "wandb-entity"}  # documented: None = derived at run time / not set
     for f in fields(args):
         flag = f.name.replace("_", "-")

@@ -43,7 +43,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def online_trajectories(run_dir: Path) -> list[dict[str, np.ndarray]]:
     """The online buffer of a checkpoint, split into trajectories where obs stops chaining."""
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-    data = {k: v.numpy() for k, v in ckpt["online"]["data"].items()}
+    data = {k: v.numpy() for k, v in ckpt["parts"]["online"]["data"].items()}
     cuts = [0] + [i + 1 for i in range(len(data["obs"]) - 1)
                   if not np.array_equal(data["next_obs"][i], data["obs"][i + 1])]
     cuts.append(len(data["obs"]))
@@ -103,20 +103,26 @@ def test_offline_then_online_end_to_end(local_dataset, tmp_path, task):
 
 
 def test_mixing_ratio_and_utd_reach_the_training_batches(local_dataset, tmp_path, monkeypatch):
+    """Each update's batch: offline only in pre-training, mixed (with online data) after."""
     local_dataset("pointmaze-sparse")
-    seen = []
-    original = calql.mixed_batch
+    seen, mixed = [], []
+    original_mixed, original_step = calql.mixed_batch, calql.Trainer.step
 
     def spy(offline, online, batch_size, ratio):
-        seen.append((online is not None and online.size > 0, batch_size, ratio))
-        return original(offline, online, batch_size, ratio)
+        mixed.append((online is not None and online.size > 0, batch_size, ratio))
+        return original_mixed(offline, online, batch_size, ratio)
+
+    def step(self, batch):  # the batch came from mixed_batch iff a call was made for it
+        seen.append(mixed.pop() if mixed else (False, len(batch["obs"]), None))
+        return original_step(self, batch)
 
     monkeypatch.setattr(calql, "mixed_batch", spy)
+    monkeypatch.setattr(calql.Trainer, "step", step)
     summary = calql.main(tiny_args(tmp_path / "run", offline_steps=10, offline_eval_every=10,
                                    online_steps=60, eval_every=60, utd=2, mixing_ratio=0.25))
     assert summary["gradient_steps"] == 10 + 2 * summary["env_steps"]
     assert [s[0] for s in seen] == [False] * 10 + [True] * (2 * summary["env_steps"])
-    assert all(s[2] == 0.25 for s in seen)
+    assert all(s[2] == 0.25 for s in seen[10:]) and all(s[1] == 32 for s in seen)
 
 
 def test_sigterm_across_the_offline_online_boundary_then_resume_is_bit_identical(
@@ -144,17 +150,18 @@ def test_sigterm_across_the_offline_online_boundary_then_resume_is_bit_identical
         calql.main(tiny_args(run, **kw))
     assert exc.value.code == 128 + signal.SIGTERM
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
-    assert ckpt["progress"]["phase"] == "offline" and ckpt["progress"]["step"] == 45
-    # 2) resumed: crosses the boundary, stopped again mid-way through an online trajectory's
-    #    updates (45 + 50 = step 95, 35 online updates into the first trajectory's budget)
+    assert ckpt["parts"]["loop"]["phase"] == "offline" and ckpt["step"] == 45
+    # 2) resumed: crosses the boundary; the signal arrives mid-way through an online
+    #    trajectory's updates (45 + 50 = step 95, 35 online updates into the first
+    #    trajectory's budget) and is honoured at that trajectory's end (UTD 1)
     monkeypatch.setattr(calql.Trainer, "step", stop_after(50))
     with pytest.raises(SystemExit):
         calql.main(tiny_args(run, resume=str(run), **kw))
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
-    progress = ckpt["progress"]
-    assert progress["phase"] == "online" and progress["step"] == 95
-    assert progress["pending_updates"] > 0 and progress["env_steps"] > 0
-    assert ckpt["online"]["size"] == progress["env_steps"]
+    loop = ckpt["parts"]["loop"]
+    assert loop["phase"] == "online" and loop["env_steps"] > 0
+    assert ckpt["step"] == 60 + loop["env_steps"] > 95  # the updates owed were all made
+    assert ckpt["parts"]["online"]["size"] == loop["env_steps"]
     # 3) resumed to the end: the same evaluations and training metrics, bit for bit
     monkeypatch.setattr(calql.Trainer, "step", original)
     resumed = calql.main(tiny_args(run, resume=str(run), **kw))

@@ -60,7 +60,7 @@ def test_antmaze_is_evaluated_in_the_data_maze_and_ends_at_the_goal(twin, env, d
     assert description["max_episode_steps"] == steps and description["id"] == dataset.env_spec.id
     assert json.loads(json.dumps(description)) == description
     assert not comparable  # Minari's antmaze references score the continuing task
-    env_ = calql.make_env(description)
+    env_ = calql.make_eval_env(description)
     try:
         assert env_.spec.max_episode_steps == steps
         maze = env_.unwrapped.maze
@@ -85,7 +85,8 @@ def test_antmaze_is_evaluated_in_the_data_maze_and_ends_at_the_goal(twin, env, d
 def test_antmaze_terminals_mc_returns_and_success_in_data(twin):
     ds_id = twin(UMAZE)
     episodes = list(minari.load_dataset(ds_id).iterate_episodes())
-    data, _, _, info = calql.load_data(calql.preset_args("antmaze-umaze"))
+    loaded = calql.load_data(calql.preset_args("antmaze-umaze"))
+    data, info = loaded.transitions, loaded.info
     goal = np.concatenate([ep.rewards for ep in episodes]) == 1.0
     assert goal.any() and not np.concatenate([ep.terminations for ep in episodes]).any()
     # D4RL antmaze terminals: exactly the goal-reward steps (Minari's data has none)
@@ -166,7 +167,7 @@ def test_adroit_eval_env_horizon(twin, task, steps):
     description, comparable = calql.eval_env_description(dataset,
                                                          calql.preset_args(f"{task}-binary"))
     assert description["max_episode_steps"] == steps and not comparable
-    env = calql.make_env(description)
+    env = calql.make_eval_env(description)
     try:
         assert env.spec.max_episode_steps == steps
         env.reset(seed=0)
