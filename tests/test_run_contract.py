@@ -112,10 +112,12 @@ def checkpoint(run: Path) -> dict:
 
 
 def wait_for_rows(run: Path, n: int, proc, timeout: float = 240) -> None:
-    """Until metrics.jsonl holds n rows (the run is past its n-th evaluation)."""
+    """Until metrics.jsonl holds n rows and a checkpoint is written (the run is past its
+    n-th evaluation: a kill between the row and its checkpoint leaves no run to resume)."""
     deadline = time.time() + timeout
     path = run / "metrics.jsonl"
-    while not (path.exists() and len(path.read_text().splitlines()) >= n):
+    while not (path.exists() and len(path.read_text().splitlines()) >= n
+               and (run / "checkpoint.pt").exists()):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() < deadline, "no evaluation row in time"
         time.sleep(0.05)
