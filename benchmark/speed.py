@@ -110,13 +110,11 @@ def build_step(case: Case, mode: str, device: torch.device) -> Callable[[], Any]
         hidden = over.pop("hidden_dims", None)  # the CLI shorthand: both networks
         if hidden is not None:
             over.update(actor_hidden_dims=hidden, critic_hidden_dims=hidden)
-        args = calql.replace(calql.preset_args(case.env), **over)
+        args = calql.replace(calql.preset_args(case.env), **over, cudagraphs=graphs)
         agent = calql.Agent(case.obs_dim, case.action_dim, args).to(device)
-        trainer = calql.Trainer(agent, args, case.action_dim, device)
-        if graphs:
-            trainer.loss_fn = torch.compile(calql.compute_losses, mode="reduce-overhead")
+        trainer = calql.Trainer(agent, args, device)
         batch = random_batch(calql.KEYS, args.batch_size, case.obs_dim, case.action_dim, device)
-        return lambda: trainer.step(batch, False, args.cql_weight)
+        return lambda: trainer.step(batch)
     args = replace(qrdqn.preset_args(case.env), **over)
     agent = qrdqn.CQLQRDQN(args, case.obs_dim, case.action_dim, device)
     if graphs:
