@@ -3,10 +3,11 @@
     python benchmark/speed.py                       # writes benchmark/results/speed_<device>.md
     python benchmark/speed.py --device cuda --seconds 10
 
-Update speed: each script's own networks and update step (CQL-SAC `Trainer.step`,
-CQL-QR-DQN `CQLQRDQN.update`, Cal-QL `Trainer.step`) on a random batch of the right shapes,
-at paper size and at the small size of the local suite, eager and with `--compile` (and,
-on CUDA, compile with CUDA graphs: mode reduce-overhead). Warm-up steps (compilation
+Update speed: one update of each script's main loop, `trainer.step(buffer.sample(B))`
+(its own Agent, Trainer and replay buffer, the buffer filled with random transitions of the
+right shapes), the same code path for the three scripts, at paper size and at the small size
+of the local suite, eager and with `--compile` (and, on CUDA, `--compile --cudagraphs`: mode
+reduce-overhead). Warm-up steps (compilation
 included) are not timed; then steps run for `--seconds` (at least --min-steps).
 
 Matmul share: the CQL-SAC update's matmul FLOPs, counted analytically (`cql_sac_flops`,
@@ -37,6 +38,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 if __package__ in (None, ""):  # `python benchmark/speed.py`: make `benchmark` importable
@@ -58,7 +60,8 @@ RESULTS = REPO / "benchmark" / "results"
 # ------------------------------------------------------------------------ update-step cases
 @dataclass(frozen=True)
 class Case:
-    """A script's update step at one size."""
+    """A script's update step at one size: its preset for `env` with `overrides`, and the
+    shapes of the data (obs_dim: a tuple for QR-DQN's observations, frames included)."""
 
     script: str
     size: str
@@ -69,62 +72,60 @@ class Case:
     overrides: tuple[tuple[str, Any], ...] = ()
 
 
+def widths(actor: tuple[int, ...], critic: tuple[int, ...]) -> tuple[tuple[str, Any], ...]:
+    return (("actor_hidden_dims", actor), ("critic_hidden_dims", critic))
+
+
 CASES = (
     Case(CQL_SAC, "paper", "hopper dims, 3x256 twin critics, batch 256, N=10", "hopper-medium",
-         11, 3, (("hidden_dims", (256, 256, 256)),)),
+         11, 3, widths((256,) * 3, (256,) * 3)),
     Case(CQL_SAC, "small", "pendulum, 64x64, batch 256, N=10 (local suite)", "pendulum-expert",
-         3, 1, (("hidden_dims", (64, 64)),)),
+         3, 1, widths((64, 64), (64, 64))),
     Case(CQL_QRDQN, "paper", "Nature DQN on 4x84x84 frames, 200 quantiles, batch 32", "pong",
          (4, 84, 84), 6),
     Case(CQL_QRDQN, "small", "cartpole MLP 128x128, 50 quantiles, batch 64", "cartpole-expert",
          (4,), 2),
     Case(CALQL, "paper", "pen dims, actor 2x512, critic 3x512, batch 256", "pen-binary", 45, 24),
     Case(CALQL, "small", "pointmaze, 64x64, batch 64 (local suite)", "pointmaze-binary", 8, 2,
-         (("hidden_dims", (64, 64)), ("batch_size", 64))),
+         (*widths((64, 64), (64, 64)), ("batch_size", 64))),
 )
+MODULES = {CQL_SAC: sac, CALQL: calql, CQL_QRDQN: qrdqn}
 
 
-def random_batch(keys: Sequence[str], batch: int, obs_dim: int, action_dim: int,
-                 device: torch.device) -> dict[str, torch.Tensor]:
-    """A batch of continuous-control transitions with the given keys."""
-    shapes = dict(obs=(batch, obs_dim), next_obs=(batch, obs_dim), actions=(batch, action_dim))
-    out = {k: torch.randn(shapes.get(k, (batch,)), device=device) for k in keys}
-    out["actions"] = out["actions"].tanh()
-    out["dones"] = (torch.rand(batch, device=device) < 0.01).float()
-    return out
+def random_buffer(case: Case, device: torch.device, n: int = 4096):
+    """The script's own replay buffer holding n random transitions of the case's shapes."""
+    module, rng = MODULES[case.script], np.random.default_rng(0)
+    dones = (rng.random(n) < 0.01).astype(np.float32)
+    if case.script == CQL_QRDQN:  # frames (a stack of `stack` per state) or vectors
+        stack, shape = (case.obs_dim[0], case.obs_dim[1:]) if len(case.obs_dim) > 1 \
+            else (1, case.obs_dim)
+        frames = (rng.integers(0, 256, (n, *shape), np.uint8) if stack > 1
+                  else rng.standard_normal((n, *shape), np.float32))
+        data = module.Data(frames=frames, actions=rng.integers(0, case.action_dim, n),
+                           rewards=rng.standard_normal(n, np.float32), dones=dones,
+                           valid=np.arange(stack - 1, n - 1), stack=stack,
+                           n_actions=case.action_dim, ref_scores=None)
+        return module.ReplayBuffer(data, device, 0, clip_reward=True)
+    keys = getattr(module, "KEYS", ("obs", "next_obs", "actions", "rewards", "dones"))
+    shapes = dict(obs=(n, case.obs_dim), next_obs=(n, case.obs_dim), actions=(n, case.action_dim))
+    data = {k: rng.standard_normal(shapes.get(k, (n,)), np.float32) for k in keys}
+    data.update(actions=np.tanh(data["actions"]), dones=dones)
+    return module.ReplayBuffer(data, device, 0)
 
 
 def build_step(case: Case, mode: str, device: torch.device) -> Callable[[], Any]:
-    """The script's own update step for the case, as a no-argument callable."""
-    compile_, graphs = mode != "eager", mode == "compile+cudagraphs"
-    over = dict(case.overrides, device=str(device), compile=compile_)
-    if case.script == CQL_SAC:
-        args = sac.apply_hidden_dims(replace(sac.preset_args(case.env), **over,
-                                             cudagraphs=graphs))
-        agent = sac.Agent(case.obs_dim, case.action_dim, args).to(device)
-        trainer = sac.Trainer(agent, args, case.action_dim, device)
-        batch = random_batch(("obs", "next_obs", "actions", "rewards", "dones"),
-                             args.batch_size, case.obs_dim, case.action_dim, device)
-        return lambda: trainer.step(batch, args.bc_steps)  # past the BC warm start
-    if case.script == CALQL:
-        hidden = over.pop("hidden_dims", None)  # the CLI shorthand: both networks
-        if hidden is not None:
-            over.update(actor_hidden_dims=hidden, critic_hidden_dims=hidden)
-        args = calql.replace(calql.preset_args(case.env), **over, cudagraphs=graphs)
-        agent = calql.Agent(case.obs_dim, case.action_dim, args).to(device)
-        trainer = calql.Trainer(agent, args, device)
-        batch = random_batch(calql.KEYS, args.batch_size, case.obs_dim, case.action_dim, device)
-        return lambda: trainer.step(batch)
-    args = replace(qrdqn.preset_args(case.env), **over)
-    agent = qrdqn.CQLQRDQN(args, case.obs_dim, case.action_dim, device)
-    if graphs:
-        agent.losses_fn = torch.compile(agent.losses, mode="reduce-overhead")
-    b, frames = args.batch_size, len(case.obs_dim) > 1
-    obs = (torch.randint(0, 256, (b + 1, *case.obs_dim), dtype=torch.uint8, device=device)
-           if frames else torch.randn(b + 1, *case.obs_dim, device=device))
-    batch = (obs[:b], torch.randint(0, case.action_dim, (b,), device=device),
-             torch.randn(b, device=device), obs[1:], torch.zeros(b, device=device))
-    return lambda: agent.update(batch)
+    """One update of the script's main loop, `trainer.step(buffer.sample(B))`, as a
+    no-argument callable: its own Agent, Trainer and replay buffer (random transitions);
+    past any BC warm start (bc_steps 0)."""
+    module = MODULES[case.script]
+    preset = module.preset_args(case.env)
+    over = dict(case.overrides, device=str(device), compile=mode != "eager",
+                cudagraphs=mode == "compile+cudagraphs")
+    args = replace(preset, **over, **({"bc_steps": 0} if hasattr(preset, "bc_steps") else {}))
+    buffer = random_buffer(case, device)
+    agent = module.Agent(case.obs_dim, case.action_dim, args).to(device)
+    trainer = module.Trainer(agent, args, device)
+    return lambda: trainer.step(buffer.sample(args.batch_size))
 
 
 def sync(device: torch.device) -> None:
