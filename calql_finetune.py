@@ -30,6 +30,7 @@ Data (what the presets load, and how it differs from the paper's):
     python calql_finetune.py --env pen-binary --dataset-id local/pen/cloned-v0
     python calql_finetune.py --env pen-binary --device cuda          # D4RL/pen/cloned-v2
     python calql_finetune.py --env antmaze-medium-play --no-enable-calql   # plain CQL
+    python calql_finetune.py --dataset-id mujoco/hopper/medium-v0    # generic preset
 """
 
 from __future__ import annotations
