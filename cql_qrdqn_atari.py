@@ -12,6 +12,8 @@ and App. F, as built on QR-DQN (Dabney et al., 2018) in the official code
         --buffer-device cpu
     # offline on CPU, a local CartPole dataset (build it with benchmark/datasets.py):
     python cql_qrdqn_atari.py --env cartpole-expert
+    # any discrete Minari dataset: the preset follows its observations (frames: Atari)
+    python cql_qrdqn_atari.py --dataset-id atari/breakout/expert-v0
     # the values that will run for a setting, and every preset with its source:
     python cql_qrdqn_atari.py --env pong --dqn-replay-dir D/Pong/1/replay_logs --help
     python cql_qrdqn_atari.py --presets
@@ -22,27 +24,28 @@ starts, frame-skip 4 with max-pooling, 84x84 gray, 4-frame stack, epsilon 0.001,
 steps. A Minari Atari dataset (atari/<game>/expert-v0) is evaluated in its own env spec's setting
 (repeat_action_probability 0, ALE's internal frame-skip 4), no no-op starts.
 
-Sections: args/presets, data, replay buffer, networks, losses, evaluation, checkpoint/run dir,
-train loop, main.
+One file, top to bottom: arguments and presets, data, replay buffer, networks, losses, training
+step, evaluation, main loop; below them the run plumbing (run directory, checkpoints, resume,
+signals), which is not part of the algorithm.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import gzip
+import io
 import json
 import math
 import os
-import random
 import re
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import cv2
 import gymnasium as gym
@@ -53,12 +56,9 @@ import torch.nn as nn
 import tyro
 from tqdm import tqdm
 
-SCRIPT = "cql_qrdqn_atari.py"
-
-# ==================================================================================================
-# Args and presets
-# ==================================================================================================
-
+# ======================================================================================
+# Arguments and presets
+# ======================================================================================
 
 @dataclass
 class Args:
@@ -67,10 +67,12 @@ class Args:
 
     env: str = "pong"
     """pong|breakout|qbert|seaquest|asterix (or any ALE game id), or a local dataset name such as
-    cartpole-expert (= local/cartpole/expert-v0) or pong-random (= local/ale-pong/random-v0)"""
+    cartpole-expert (= local/cartpole/expert-v0) or pong-random (= local/ale-pong/random-v0);
+    with only --dataset-id, a name derived from the id (atari/breakout/expert-v0 ->
+    breakout-expert-v0)"""
     dataset_id: str | None = None
     """any Minari dataset id with a discrete action space; None: the env's dataset (a game:
-    atari/<game>/expert-v0)"""
+    atari/<game>/expert-v0). Alone it picks the preset by its observations (frames: Atari)"""
     dqn_replay_dir: str | None = None
     """DQN Replay Dataset directory in dopamine's format, e.g. /data/Pong/1/replay_logs (the game
     named in the path must be --env); None: Minari data"""
@@ -95,8 +97,8 @@ class Args:
     """episodes per evaluation"""
     batch_size: int = 32
     """minibatch size"""
-    lr: float = 5e-5
-    """Adam learning rate"""
+    qf_lr: float = 5e-5
+    """Adam learning rate of the quantile network"""
     adam_eps: float = 3.125e-4
     """Adam epsilon (0.01/32)"""
     gamma: float = 0.99
@@ -107,14 +109,18 @@ class Args:
     """quantile Huber loss threshold"""
     target_update_every: int = 2000
     """gradient steps between hard target-network updates (2000 = 8000 agent steps)"""
-    cql_alpha: float = 4.0
+    cql_weight: float = 4.0
     """CQL weight alpha (paper: 4.0 for 1% data, 1.0 for 10%); 0 gives plain offline QR-DQN"""
     lagrange: bool = False
-    """tune alpha' by dual gradient descent so that the CQL gap approaches --target-action-gap"""
-    target_action_gap: float = 1.0
+    """tune alpha' by dual gradient descent so that the CQL gap approaches --cql-tau"""
+    cql_tau: float = 1.0
     """Lagrange threshold tau on E[logsumexp Q] - E_D[Q] (only with --lagrange)"""
-    alpha_lr: float = 3e-4
+    alpha_prime_lr: float = 3e-4
     """Adam learning rate of log alpha' (only with --lagrange)"""
+    log_alpha_prime_init: float = 0.0
+    """initial log alpha' (only with --lagrange; the official Atari code has no Lagrange form)"""
+    max_abs_q: float = 1e6
+    """stop as diverged when a logged |Q| exceeds this"""
     hidden_dims: tuple[int, ...] = (512,)
     """MLP torso for vector observations (frames always use the Nature DQN conv torso, whose
     dense layer is 512 wide)"""
@@ -148,39 +154,13 @@ class Args:
     """W&B entity; None: your default entity"""
     compile: bool = False
     """torch.compile the loss computation of the update step"""
+    cudagraphs: bool = False
+    """with --compile on CUDA: compile mode reduce-overhead (CUDA graphs)"""
     resume: str | None = None
     """RUN_DIR to resume from (same other arguments); None: a new run"""
     progress: bool = True
     """show a tqdm progress bar"""
 
-
-# Atari: random and human reference scores (random agent / professional human tester, no-op
-# starts), as used for human-normalized scores by DQN (Mnih et al. 2015), Rainbow and dopamine;
-# values as in DeepMind's dqn_zoo/atari_data.py. Keys are ALE ROM ids.
-ATARI_RANDOM_HUMAN = {
-    "alien": (227.8, 7127.7), "amidar": (5.8, 1719.5), "assault": (222.4, 742.0),
-    "asterix": (210.0, 8503.3), "asteroids": (719.1, 47388.7), "atlantis": (12850.0, 29028.1),
-    "bank_heist": (14.2, 753.1), "battle_zone": (2360.0, 37187.5),
-    "beam_rider": (363.9, 16926.5), "berzerk": (123.7, 2630.4), "bowling": (23.1, 160.7),
-    "boxing": (0.1, 12.1), "breakout": (1.7, 30.5), "centipede": (2090.9, 12017.0),
-    "chopper_command": (811.0, 7387.8), "crazy_climber": (10780.5, 35829.4),
-    "defender": (2874.5, 18688.9), "demon_attack": (152.1, 1971.0),
-    "double_dunk": (-18.6, -16.4), "enduro": (0.0, 860.5), "fishing_derby": (-91.7, -38.7),
-    "freeway": (0.0, 29.6), "frostbite": (65.2, 4334.7), "gopher": (257.6, 2412.5),
-    "gravitar": (173.0, 3351.4), "hero": (1027.0, 30826.4), "ice_hockey": (-11.2, 0.9),
-    "jamesbond": (29.0, 302.8), "kangaroo": (52.0, 3035.0), "krull": (1598.0, 2665.5),
-    "kung_fu_master": (258.5, 22736.3), "montezuma_revenge": (0.0, 4753.3),
-    "ms_pacman": (307.3, 6951.6), "name_this_game": (2292.3, 8049.0),
-    "phoenix": (761.4, 7242.6), "pitfall": (-229.4, 6463.7), "pong": (-20.7, 14.6),
-    "private_eye": (24.9, 69571.3), "qbert": (163.9, 13455.0), "riverraid": (1338.5, 17118.0),
-    "road_runner": (11.5, 7845.0), "robotank": (2.2, 11.9), "seaquest": (68.4, 42054.7),
-    "skiing": (-17098.1, -4336.9), "solaris": (1236.3, 12326.7),
-    "space_invaders": (148.0, 1668.7), "star_gunner": (664.0, 10250.0),
-    "surround": (-10.0, 6.5), "tennis": (-23.8, -8.3), "time_pilot": (3568.0, 5229.2),
-    "tutankham": (11.4, 167.6), "up_n_down": (533.4, 11693.2), "venture": (0.0, 1187.5),
-    "video_pinball": (16256.9, 17667.9), "wizard_of_wor": (563.5, 4756.5),
-    "yars_revenge": (3092.9, 54576.9), "zaxxon": (32.5, 9173.3),
-}
 PAPER_GAMES = ("pong", "breakout", "qbert", "seaquest", "asterix")  # CQL paper, Table 3
 
 # Local datasets (built by benchmark/datasets.py into $MINARI_DATASETS_PATH).
@@ -215,7 +195,7 @@ ATARI_PRESET: Preset = {
     "eval_episodes": (10, "project choice (official: episodes filling 125k agent steps, "
                           "GIN line 31)"),
     "batch_size": (32, f"{_GIN} line 35 WrappedFixedReplayBuffer.batch_size"),
-    "lr": (5e-5, f"{_GIN} line 24 AdamOptimizer.learning_rate"),
+    "qf_lr": (5e-5, f"{_GIN} line 24 AdamOptimizer.learning_rate"),
     "adam_eps": (3.125e-4, f"{_GIN} line 25 AdamOptimizer.epsilon"),
     "gamma": (0.99, f"{_GIN} line 11"),
     "num_quantiles": (200, f"{_GIN} line 10 num_atoms"),
@@ -235,18 +215,18 @@ PRESETS: dict[str, Preset] = {
     # DQN Replay: the paper's two data settings; the weight is chosen from --data-fraction
     # (<= 5% -> the 1% weight, else the 10% weight; the paper's 20% curves used 0.5)
     "dqn-replay-1pct": {
-        "cql_alpha": (4.0, "CQL README line 35 'For 1% data, use minq_weight=4.0'; paper App. F"),
+        "cql_weight": (4.0, "CQL README line 35 'For 1% data, use minq_weight=4.0'; paper App. F"),
         "sticky_prob": (0.25, f"{_GIN} line 28 sticky_actions=True (dopamine: 0.25); the data "
                               "was collected with them"),
     },
     "dqn-replay-10pct": {
-        "cql_alpha": (1.0, "CQL README line 35 'for 10% data, use minq_weight=1.0'; paper App. F"),
+        "cql_weight": (1.0, "CQL README line 35 'for 10% data, use minq_weight=1.0'; paper App. F"),
         "sticky_prob": (0.25, f"{_GIN} line 28 sticky_actions=True (dopamine: 0.25); the data "
                               "was collected with them"),
     },
     # Minari atari/<game>/expert-v0: 10 expert episodes, not the paper's data
     "minari-atari": {
-        "cql_alpha": (4.0, "project choice: the paper's weight for its smallest (1%) data"),
+        "cql_weight": (4.0, "project choice: the paper's weight for its smallest (1%) data"),
         "sticky_prob": (0.0, "the dataset's env spec: Minari atari/<game>/expert-v0 was collected "
                              "with repeat_action_probability=0 (read from the data when local)"),
     },
@@ -255,10 +235,10 @@ PRESETS: dict[str, Preset] = {
         "total_steps": (20_000, "project choice: CPU-sized"),
         "eval_every": (2000, "project choice"),
         "batch_size": (64, "project choice"),
-        "lr": (1e-3, "project choice: small MLP"),
+        "qf_lr": (1e-3, "project choice: small MLP"),
         "num_quantiles": (50, "project choice"),
         "target_update_every": (500, "project choice"),
-        "cql_alpha": (1.0, "project choice (tests/test_qrdqn_run.py learning test)"),
+        "cql_weight": (1.0, "project choice (tests/test_qrdqn_run.py learning test)"),
         "clip_reward": (False, "project choice: CartPole rewards are 1"),
         "eval_epsilon": (0.0, "project choice: greedy"),
         "hidden_dims": ((128, 128), "project choice"),
@@ -266,11 +246,6 @@ PRESETS: dict[str, Preset] = {
     },
 }
 ONE_PCT_MAX = 0.05  # --data-fraction up to this uses the 1% weight, above it the 10% weight
-
-
-def fail(msg: str):
-    """One-line error, non-zero exit, no traceback."""
-    raise SystemExit(f"error: {msg}")
 
 
 def atari_game(name: str) -> str | None:
@@ -292,7 +267,7 @@ def ale_env_id(rom: str) -> str:
 @dataclass
 class DataSource:
     kind: Literal["dqn_replay", "minari"]
-    game: str | None  # ALE ROM id when the data is Atari
+    game: str | None  # ALE ROM id, from the names (Minari data: its env spec may add it)
     dataset_id: str | None
     description: str
 
@@ -305,16 +280,7 @@ def _minari_spec(dataset_id: str):
         return None
 
 
-def _peek_game(dataset_id: str) -> str | None:
-    """The ALE game of a local Minari dataset of frames (from its env spec), else None."""
-    spec = _minari_spec(dataset_id)
-    if spec is None or len(spec.observation_space.shape or ()) < 2 or spec.env_spec is None:
-        return None
-    m = re.fullmatch(r"ALE/(\w+)-v\d+", spec.env_spec.id)
-    return atari_game(m.group(1)) if m else None
-
-
-def unknown_env(env: str):
+def unknown_env(env: str) -> NoReturn:
     valid = ", ".join(list(PAPER_GAMES) + list(LOCAL_ENVS))
     fail(f"unknown --env '{env}'; valid: {valid}, or any ALE game id "
          f"(python -c 'import ale_py; print(ale_py.roms.get_all_rom_ids())')")
@@ -339,26 +305,29 @@ def resolve_source(env: str, dataset_id: str | None = None, dqn_replay_dir: str 
                           f":checkpoints={checkpoints}")
     if dataset_id is not None:  # any Minari id; --env is then only a label
         m = re.match(r"atari/([a-z0-9_]+)/", dataset_id)
-        game = (atari_game(m.group(1)) if m else None) or _peek_game(dataset_id) or game
-        return DataSource("minari", game, dataset_id, dataset_id)
+        return DataSource("minari", (atari_game(m.group(1)) if m else None) or game,
+                          dataset_id, dataset_id)
     if name in LOCAL_ENVS:
-        return DataSource("minari", _peek_game(LOCAL_ENVS[name]), LOCAL_ENVS[name],
-                          LOCAL_ENVS[name])
+        return DataSource("minari", None, LOCAL_ENVS[name], LOCAL_ENVS[name])
     if game is None:
         unknown_env(env)
     dataset_id = f"atari/{game.replace('_', '')}/expert-v0"
     return DataSource("minari", game, dataset_id, dataset_id)
 
 
-def preset_groups(env: str, dataset_id: str | None = None, dqn_replay_dir: str | None = None,
-                  data_fraction: float = 0.01) -> list[str]:
-    """The PRESETS groups that apply, in order (later ones override earlier ones)."""
-    src = resolve_source(env, dataset_id, dqn_replay_dir, data_fraction)
-    if src.kind == "dqn_replay":
+def env_from_dataset(dataset_id: str) -> str:
+    """The `--env` name of a run given only `--dataset-id`: atari/pong/expert-v0 ->
+    pong-expert-v0 (a label: the data is the id's)."""
+    return "-".join(dataset_id.split("/")[1:]) or dataset_id
+
+
+def preset_groups(source: DataSource, data_fraction: float = 0.01, spec=None) -> list[str]:
+    """The PRESETS groups that apply, in order (later ones override earlier ones): by the data
+    source, and for Minari data by its observations (spec: the local dataset's, when known)."""
+    if source.kind == "dqn_replay":
         return ["atari", "dqn-replay-1pct" if data_fraction <= ONE_PCT_MAX else "dqn-replay-10pct"]
-    if src.game is not None:
-        return ["atari", "minari-atari"]
-    return ["vector"]
+    frames = spec is not None and len(spec.observation_space.shape or ()) >= 2
+    return ["atari", "minari-atari"] if source.game is not None or frames else ["vector"]
 
 
 def env_spec_sticky_prob(env_spec) -> float | None:
@@ -383,72 +352,76 @@ def data_sticky_prob(spec) -> float | None:
 def preset_args(env: str, dataset_id: str | None = None, dqn_replay_dir: str | None = None,
                 data_fraction: float = 0.01) -> Args:
     """Args() with the values of the env's preset groups filled in (literal values)."""
-    values: dict[str, Any] = {}
-    groups = preset_groups(env, dataset_id, dqn_replay_dir, data_fraction)
-    for group in groups:
-        values.update({k: v for k, (v, _) in PRESETS[group].items()})
-    if "minari-atari" in groups:  # the dataset's own sticky-action setting, when it is local
-        source = resolve_source(env, dataset_id)
-        spec = _minari_spec(source.dataset_id)
-        if spec is not None and data_sticky_prob(spec) is not None:
-            values["sticky_prob"] = data_sticky_prob(spec)
-    return dataclasses.replace(Args(), env=env, dataset_id=dataset_id,
-                               dqn_replay_dir=dqn_replay_dir, data_fraction=data_fraction,
-                               **values)
+    source = resolve_source(env, dataset_id, dqn_replay_dir, data_fraction)
+    spec = _minari_spec(source.dataset_id) if source.kind == "minari" else None
+    groups = preset_groups(source, data_fraction, spec)
+    values = {k: v for group in groups for k, (v, _) in PRESETS[group].items()}
+    sticky = data_sticky_prob(spec) if "minari-atari" in groups else None
+    if sticky is not None:  # the dataset's own sticky-action setting, when it is local
+        values["sticky_prob"] = sticky
+    return replace(Args(), env=env, dataset_id=dataset_id, dqn_replay_dir=dqn_replay_dir,
+                   data_fraction=data_fraction, **values)
 
 
 def presets_markdown() -> str:
     """Every preset value with its source, as a markdown table (`--presets`)."""
     lines = ["| preset | field | value | source |", "|---|---|---|---|"]
     for group, preset in PRESETS.items():
-        for field, (value, source) in preset.items():
-            lines.append(f"| {group} | `{field}` | `{value!r}` | {source} |")
+        for name, (value, source) in preset.items():
+            lines.append(f"| {group} | `{name}` | `{value!r}` | {source} |")
     applies = ("atari: every Atari source; dqn-replay-1pct: --dqn-replay-dir with --data-fraction "
-               f"<= {ONE_PCT_MAX}; dqn-replay-10pct: above; minari-atari: a Minari Atari "
-               "dataset (atari/<game>/expert-v0); vector: vector observations (CartPole)")
+               f"<= {ONE_PCT_MAX}; dqn-replay-10pct: above; minari-atari: a Minari dataset of "
+               "frames (atari/<game>/expert-v0); vector: vector observations (CartPole)")
     return "\n".join(lines) + f"\n\nGroups: {applies}. Unlisted fields: `Args` defaults.\n"
 
 
-def check_args(args: Args) -> Args:
-    """One-line errors for values no run can use."""
-    for name in ("total_steps", "eval_every", "eval_episodes", "batch_size", "num_quantiles",
-                 "target_update_every", "log_every", "max_episode_steps"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not 0.0 < args.data_fraction <= 1.0:
-        fail(f"--data-fraction must be in (0, 1], got {args.data_fraction}")
-    if args.cql_alpha < 0:
-        fail(f"--cql-alpha must be >= 0, got {args.cql_alpha}")
-    if args.sticky_prob is not None and not 0.0 <= args.sticky_prob <= 1.0:
-        fail(f"--sticky-prob must be in [0, 1], got {args.sticky_prob}")
-    if args.noop_max < 0:
-        fail(f"--noop-max must be >= 0, got {args.noop_max}")
-    return dataclasses.replace(args, hidden_dims=tuple(args.hidden_dims))
+POSITIVE = ("total_steps", "eval_every", "eval_episodes", "batch_size", "num_quantiles",
+            "target_update_every", "log_every", "max_episode_steps", "qf_lr", "adam_eps",
+            "alpha_prime_lr", "kappa", "max_abs_q")
+
+
+def check_args(args: Args) -> None:
+    """Every argument checked once, up front: one-line errors, never a traceback or a NaN."""
+    rules = [(name, "positive", getattr(args, name) > 0) for name in POSITIVE] + [
+        ("data_fraction", "in (0, 1]", 0.0 < args.data_fraction <= 1.0),
+        ("gamma", "in [0, 1]", 0.0 <= args.gamma <= 1.0),
+        ("cql_weight", ">= 0", args.cql_weight >= 0),
+        ("sticky_prob", "in [0, 1]", args.sticky_prob is None or 0.0 <= args.sticky_prob <= 1.0),
+        ("eval_epsilon", "in [0, 1]", 0.0 <= args.eval_epsilon <= 1.0),
+        ("noop_max", ">= 0", args.noop_max >= 0),
+        ("hidden_dims", "positive widths", all(h > 0 for h in args.hidden_dims)),
+        ("threads", "positive", args.threads is None or args.threads > 0)]
+    for name, rule, ok in rules:
+        if not ok:
+            fail(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    """Command line -> Args: --env (and the data flags) pick the preset, which tyro shows in
-    --help and the other flags override."""
+    """Command line -> complete Args: --env (or --dataset-id alone) and the data flags pick the
+    preset, which tyro shows in --help and the other flags override."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--presets" in argv:
         print(presets_markdown(), end="")
         raise SystemExit(0)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for flag in ("--env", "--dataset-id", "--dqn-replay-dir"):
         pre.add_argument(flag)
     pre.add_argument("--data-fraction", type=float, default=0.01)
     known, _ = pre.parse_known_args(argv)
-    if known.env is None and not {"-h", "--help"} & set(argv):
-        fail("--env is required (e.g. --env pong, --env cartpole-expert); see --help")
-    preset = preset_args(known.env or Args.env, known.dataset_id, known.dqn_replay_dir,
+    env = known.env or (env_from_dataset(known.dataset_id) if known.dataset_id else None)
+    if env is None and not {"-h", "--help"} & set(argv):
+        fail("--env is required (e.g. --env pong, --env cartpole-expert) unless --dataset-id "
+             "names the data; see --help")
+    preset = preset_args(env or Args.env, known.dataset_id, known.dqn_replay_dir,
                          known.data_fraction)
-    return check_args(tyro.cli(Args, default=preset, args=argv,
-                               description=__doc__.split("\n\n")[0]))
+    args = tyro.cli(Args, default=preset, args=argv, description=__doc__.split("\n\n")[0])
+    check_args(args)
+    return args
 
 
-# ==================================================================================================
+# ======================================================================================
 # Data
-# ==================================================================================================
+# ======================================================================================
 # One layout for every source, dopamine's: single observations (frames) in time order; before each
 # episode STACK-1 zero frames, so that a frame stack [t-3..t] never reaches into the previous
 # episode; `valid` lists the indices i whose transition (stack at i, a_i, r_i, d_i, stack at i+1)
@@ -456,7 +429,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
 
 
 @dataclass
-class Dataset:
+class Data:
     frames: np.ndarray  # (N, 84, 84) uint8 or (N, obs_dim) float32
     actions: np.ndarray  # (N,) int64
     rewards: np.ndarray  # (N,) float32
@@ -464,12 +437,15 @@ class Dataset:
     valid: np.ndarray  # (M,) int64
     stack: int  # frames per state (4 for Atari, 1 for vector observations)
     n_actions: int
-    ref_scores: tuple[float, float] | None  # (min, max) for the normalized score
+    ref_scores: tuple[float, float] | None  # the dataset's (min, max) reference returns
     env_spec: object = None  # Minari env spec for evaluation (None for DQN Replay)
     atari_internal_frameskip: bool = False  # Minari Atari: ALE v5 frameskip, no max-pooling
     sticky_prob: float | None = None  # Minari Atari: the env spec's repeat_action_probability
-
-
+    game: str | None = None  # ALE ROM id of Atari data
+    # filled by load_data:
+    eval_env: dict[str, Any] = field(default_factory=dict)  # JSON spec: make_eval_env(eval_env)
+    info: dict[str, Any] = field(default_factory=dict)  # dataset facts for config.json
+    score_range: tuple[float, float] | None = None  # 0 and 100 of the normalized score
 def host_zeros(shape: tuple[int, ...], dtype, pin: bool) -> np.ndarray:
     """A zero numpy array, in page-locked (pinned) host memory when `pin` (--buffer-device cpu
     with CUDA): the replay buffer then uses it in place, without a second host copy."""
@@ -492,7 +468,8 @@ def _local_build_hint(dataset_id: str) -> str:
     return f"build it with: python benchmark/datasets.py {names[0] if names else dataset_id}"
 
 
-def load_minari(dataset_id: str):
+def load_minari_dataset(dataset_id: str):
+    """The raw Minari dataset: the local copy, else a download; one-line errors."""
     try:
         return minari.load_dataset(dataset_id)
     except Exception as e:  # noqa: BLE001 - any failure: not there locally
@@ -550,8 +527,11 @@ def episodes_layout(episodes, n_total: int, stack: int, rgb: bool = False, pin: 
             np.concatenate(valid).astype(np.int64))
 
 
-def load_minari_dataset(dataset_id: str, progress: bool = True, pin: bool = False) -> Dataset:
-    ds = load_minari(dataset_id)
+
+
+def minari_data(ds, progress: bool = True, pin: bool = False) -> Data:
+    """A raw Minari dataset (load_minari_dataset) in the layout above, with its env spec."""
+    dataset_id = ds.spec.dataset_id
     act_space, obs_space = ds.action_space, ds.observation_space
     if isinstance(act_space, gym.spaces.Box):
         fail(f"dataset {dataset_id} has a continuous action space {act_space.shape}; "
@@ -588,12 +568,14 @@ def load_minari_dataset(dataset_id: str, progress: bool = True, pin: bool = Fals
     except Exception as e:  # noqa: BLE001
         fail(f"dataset {dataset_id}: cannot create its environment ({type(e).__name__}: {e})")
     internal_skip = rgb and spec.kwargs.get("frameskip", 4) != 1
-    return Dataset(frames, actions, rewards, dones, valid, 4 if frames_mode else 1,
-                   int(act_space.n), _ref_scores(ds), spec, bool(internal_skip),
-                   env_spec_sticky_prob(spec) if frames_mode else None)
+    ale = re.fullmatch(r"ALE/(\w+)-v\d+", spec.id) if frames_mode else None
+    return Data(frames, actions, rewards, dones, valid, 4 if frames_mode else 1,
+                int(act_space.n), _ref_scores(ds), spec, bool(internal_skip),
+                env_spec_sticky_prob(spec) if frames_mode else None,
+                atari_game(ale.group(1)) if ale else None)
 
 
-# --- DQN Replay Dataset (dopamine's OutOfGraphReplayBuffer checkpoints) ---------------------------
+# --- DQN Replay Dataset (dopamine's OutOfGraphReplayBuffer checkpoints) -----------
 # Files per checkpoint K: $store$_{observation,action,reward,terminal}_ckpt.K.gz (np.save'd arrays,
 # gzipped; observation (capacity, 84, 84) uint8 single frames), add_count_ckpt.K.gz,
 # invalid_range_ckpt.K.gz. Dopamine already wrote STACK-1 zero "padding" transitions before each
@@ -655,7 +637,7 @@ def dqn_replay_game(path: str) -> str | None:
 
 def load_dqn_replay(path: str, fraction: float, checkpoints: str = "all",
                     progress: bool = True, game: str | None = None, game_actions: int | None = None,
-                    pin: bool = False) -> Dataset:
+                    pin: bool = False) -> Data:
     """The first round(fraction x filled rows) transitions of each chosen checkpoint (all 50 by
     default): 0.01 of a game's 50 checkpoints of 1M = 10k rows each, 500k transitions in all.
 
@@ -732,18 +714,80 @@ def load_dqn_replay(path: str, fraction: float, checkpoints: str = "all",
         cur += n
     if not np.isfinite(rewards).all():
         fail(f"DQN Replay data in {path} contains NaN or inf rewards")
-    return Dataset(frames, actions, rewards, dones, np.concatenate(valid).astype(np.int64), stack,
-                   int(actions.max()) + 1, None)
+    return Data(frames, actions, rewards, dones, np.concatenate(valid).astype(np.int64), stack,
+                int(actions.max()) + 1, None)
 
 
-# ==================================================================================================
-# Replay buffer: tensors on the training device (or in host memory with --buffer-device cpu),
-# sampling with a torch.Generator where the tensors are
-# ==================================================================================================
+
+# Atari: random and human reference scores (random agent / professional human tester, no-op
+# starts), as used for human-normalized scores by DQN (Mnih et al. 2015), Rainbow and dopamine;
+# values as in DeepMind's dqn_zoo/atari_data.py. Keys are ALE ROM ids.
+ATARI_RANDOM_HUMAN = {
+    "alien": (227.8, 7127.7), "amidar": (5.8, 1719.5), "assault": (222.4, 742.0),
+    "asterix": (210.0, 8503.3), "asteroids": (719.1, 47388.7), "atlantis": (12850.0, 29028.1),
+    "bank_heist": (14.2, 753.1), "battle_zone": (2360.0, 37187.5),
+    "beam_rider": (363.9, 16926.5), "berzerk": (123.7, 2630.4), "bowling": (23.1, 160.7),
+    "boxing": (0.1, 12.1), "breakout": (1.7, 30.5), "centipede": (2090.9, 12017.0),
+    "chopper_command": (811.0, 7387.8), "crazy_climber": (10780.5, 35829.4),
+    "defender": (2874.5, 18688.9), "demon_attack": (152.1, 1971.0),
+    "double_dunk": (-18.6, -16.4), "enduro": (0.0, 860.5), "fishing_derby": (-91.7, -38.7),
+    "freeway": (0.0, 29.6), "frostbite": (65.2, 4334.7), "gopher": (257.6, 2412.5),
+    "gravitar": (173.0, 3351.4), "hero": (1027.0, 30826.4), "ice_hockey": (-11.2, 0.9),
+    "jamesbond": (29.0, 302.8), "kangaroo": (52.0, 3035.0), "krull": (1598.0, 2665.5),
+    "kung_fu_master": (258.5, 22736.3), "montezuma_revenge": (0.0, 4753.3),
+    "ms_pacman": (307.3, 6951.6), "name_this_game": (2292.3, 8049.0),
+    "phoenix": (761.4, 7242.6), "pitfall": (-229.4, 6463.7), "pong": (-20.7, 14.6),
+    "private_eye": (24.9, 69571.3), "qbert": (163.9, 13455.0), "riverraid": (1338.5, 17118.0),
+    "road_runner": (11.5, 7845.0), "robotank": (2.2, 11.9), "seaquest": (68.4, 42054.7),
+    "skiing": (-17098.1, -4336.9), "solaris": (1236.3, 12326.7),
+    "space_invaders": (148.0, 1668.7), "star_gunner": (664.0, 10250.0),
+    "surround": (-10.0, 6.5), "tennis": (-23.8, -8.3), "time_pilot": (3568.0, 5229.2),
+    "tutankham": (11.4, 167.6), "up_n_down": (533.4, 11693.2), "venture": (0.0, 1187.5),
+    "video_pinball": (16256.9, 17667.9), "wizard_of_wor": (563.5, 4756.5),
+    "yars_revenge": (3092.9, 54576.9), "zaxxon": (32.5, 9173.3),
+}
+
+
+def load_data(args: Args) -> Data:
+    """The run's data (--dqn-replay-dir, else the Minari dataset of --dataset-id / --env), the
+    env that evaluates it (JSON spec) and the dataset facts for config.json."""
+    source = resolve_source(args.env, args.dataset_id, args.dqn_replay_dir, args.data_fraction,
+                            args.checkpoints)
+    # --buffer-device cpu with CUDA: frames are loaded into pinned memory, used in place
+    pin = args.buffer_device == "cpu" and pick_device(args.device).type == "cuda"
+    if source.kind == "dqn_replay":
+        eval_env = dqn_replay_eval_env(args, source.game)
+        n_actions = env_action_count(eval_env)
+        data = load_dqn_replay(args.dqn_replay_dir, args.data_fraction, args.checkpoints,
+                               args.progress, source.game, n_actions, pin)
+        data.game = source.game
+    else:
+        data = minari_data(load_minari_dataset(source.dataset_id), args.progress, pin)
+        data.game = (data.game or source.game) if data.stack == 4 else None
+        if data.stack == 4 and data.game is None:
+            fail(f"dataset {source.dataset_id} holds Atari frames but its game is unknown; "
+                 f"pass --env GAME")
+        eval_env = minari_eval_env(args, data)
+        n_actions = env_action_count(eval_env)
+        if n_actions != data.n_actions:
+            fail(f"evaluation env has {n_actions} actions, the data {data.n_actions}")
+    data.n_actions, data.eval_env = n_actions, eval_env
+    data.score_range = ATARI_RANDOM_HUMAN.get(data.game) or data.ref_scores
+    data.info = dict(source=source.description, dataset_id=source.dataset_id, game=data.game,
+                     transitions=len(data.valid), n_actions=n_actions, stack=data.stack,
+                     score_range=data.score_range)
+    return data
+
+
+# ======================================================================================
+# Replay buffer
+# ======================================================================================
+# Tensors on the training device (or in host memory with --buffer-device cpu), sampled with a
+# torch.Generator where the tensors are.
 
 
 class ReplayBuffer:
-    def __init__(self, data: Dataset, device: torch.device, seed: int, clip_reward: bool,
+    def __init__(self, data: Data, device: torch.device, seed: int, clip_reward: bool,
                  storage: torch.device | None = None):
         """storage: where the tensors live (default: the training device). On the host with a
         CUDA training device, the frames are pinned and each sampled batch is copied to the
@@ -761,6 +805,8 @@ class ReplayBuffer:
         self.dones = torch.as_tensor(data.dones).to(self.storage)
         self.valid = torch.as_tensor(data.valid).to(self.storage)
         self.stack = data.stack
+        self.obs_shape = (data.stack, *data.frames.shape[1:]) if data.stack > 1 \
+            else tuple(data.frames.shape[1:])
         self.offsets = torch.arange(-data.stack + 1, 1, device=self.storage)
         self.generator = torch.Generator(device=self.storage)
         self.generator.manual_seed(seed)
@@ -779,22 +825,28 @@ class ReplayBuffer:
             return self.frames[idx]
         return self.frames[idx[:, None] + self.offsets]
 
-    def sample(self, batch_size: int):
+    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
         j = torch.randint(len(self.valid), (batch_size,), device=self.storage,
                           generator=self.generator)
         idx = self.valid[j]
-        batch = (self.stacked(idx), self.actions[idx], self.rewards[idx], self.stacked(idx + 1),
-                 self.dones[idx])
+        batch = dict(obs=self.stacked(idx), actions=self.actions[idx], rewards=self.rewards[idx],
+                     next_obs=self.stacked(idx + 1), dones=self.dones[idx])
         if self.storage == self.device:
             return batch
         if self.pin:  # page-locked source: the copy to the device runs asynchronously
-            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in batch)
-        return tuple(t.to(self.device) for t in batch)
+            return {k: t.pin_memory().to(self.device, non_blocking=True) for k, t in batch.items()}
+        return {k: t.to(self.device) for k, t in batch.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(generator=self.generator.get_state())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
 
 
-# ==================================================================================================
+# ======================================================================================
 # Networks
-# ==================================================================================================
+# ======================================================================================
 
 
 def variance_scaling_(module: nn.Module):
@@ -849,9 +901,24 @@ class QRNetwork(nn.Module):
         return self.head(self.torso(x)).view(-1, self.n_actions, self.n_quantiles)
 
 
-# ==================================================================================================
+
+class Agent(nn.Module):
+    """All trainable state: the quantile network, its target copy and log alpha'."""
+
+    def __init__(self, obs_shape: tuple[int, ...], n_actions: int, args: Args):
+        super().__init__()
+        self.q = QRNetwork(obs_shape, n_actions, args.num_quantiles, args.hidden_dims,
+                           args.torso_padding)
+        self.target_q = QRNetwork(obs_shape, n_actions, args.num_quantiles, args.hidden_dims,
+                                  args.torso_padding)
+        self.target_q.load_state_dict(self.q.state_dict())
+        self.target_q.requires_grad_(False)
+        self.log_alpha_prime = nn.Parameter(torch.tensor(float(args.log_alpha_prime_init)))
+
+
+# ======================================================================================
 # Losses
-# ==================================================================================================
+# ======================================================================================
 
 
 def quantile_huber_loss(pred: torch.Tensor, target: torch.Tensor, kappa: float = 1.0):
@@ -888,9 +955,98 @@ def cql_gap(q: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     return logsumexp - data_q
 
 
-# ==================================================================================================
+
+
+def lagrange_terms(gap: torch.Tensor, log_alpha_prime: torch.Tensor, weight: float, tau: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Paper Eq. 30 dual descent, in the Cal-QL / CORL form alpha' w (gap - tau). Returns
+    (CQL penalty, alpha' loss, alpha'). alpha' = clamp(exp(log alpha'), 0, 1e6). The penalty
+    sees alpha' as a constant; the alpha' loss sees the gap as a constant, so alpha' grows
+    while gap > tau and shrinks below it."""
+    alpha_prime = log_alpha_prime.exp().clamp(0.0, 1e6)
+    penalty = alpha_prime.detach() * weight * (gap - tau)
+    alpha_prime_loss = -(alpha_prime * weight * (gap.detach() - tau))
+    return penalty, alpha_prime_loss, alpha_prime.detach()
+
+
+def compute_losses(agent: Agent, batch: dict[str, torch.Tensor], args: Args
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """QR-DQN loss + CQL(H) penalty (+ the alpha' loss with --lagrange), summed for one
+    backward pass; metrics as device tensors. Which loss trains which parameters:
+      qr_loss   -> agent.q          target quantiles from agent.target_q under no_grad
+      cql_loss  -> agent.q          alpha' detached (lagrange_terms)
+      alpha' loss -> log_alpha_prime  gap detached (lagrange_terms)
+    agent.target_q is never trained (requires_grad off; copied by the Trainer). Checked by
+    tests/test_qrdqn_losses.py::test_each_loss_trains_only_its_parameters."""
+    obs, actions = batch["obs"], batch["actions"]
+    quantiles = agent.q(obs)  # (B, A, N)
+    with torch.no_grad():
+        target = qr_target(agent.target_q(batch["next_obs"]), batch["rewards"], batch["dones"],
+                           args.gamma)
+    chosen = quantiles[torch.arange(len(actions), device=actions.device), actions]
+    qr_loss = quantile_huber_loss(chosen, target, args.kappa).mean()  # batch mean
+    q = quantiles.mean(dim=2)  # Q(s, a) = mean over quantiles
+    gap = cql_gap(q, actions)
+    if args.lagrange:
+        cql_loss, alpha_prime_loss, alpha_prime = lagrange_terms(
+            gap, agent.log_alpha_prime, args.cql_weight, args.cql_tau)
+    else:  # official: min_q_loss * minq_weight
+        cql_loss, alpha_prime_loss = args.cql_weight * gap, None
+        alpha_prime = gap.new_tensor(args.cql_weight)  # the weight on the gap
+    loss = qr_loss + cql_loss
+    metrics = dict(loss=loss, qr_loss=qr_loss, cql_loss=cql_loss, cql_gap=gap,
+                   q_data=q.gather(1, actions[:, None]).mean(), q_abs_max=q.abs().max(),
+                   alpha_prime=alpha_prime)
+    # no `loss + 0`: torch.compile then returns a total without gradient (torch 2.x)
+    total = loss if alpha_prime_loss is None else loss + alpha_prime_loss
+    return total, {k: v.detach() for k, v in metrics.items()}
+
+
+# ======================================================================================
+# Training step
+# ======================================================================================
+
+
+class Trainer:
+    """Optimizers and one gradient step with no host sync: metrics stay on the device until
+    logged. The target network is a copy of the online one, refreshed every
+    target_update_every updates (counted here, so a resumed run refreshes where it would have)."""
+
+    def __init__(self, agent: Agent, args: Args, device: torch.device):
+        self.agent, self.args, self.updates = agent, args, 0
+        self.optimizers = dict(
+            q=torch.optim.Adam(agent.q.parameters(), lr=args.qf_lr, eps=args.adam_eps),
+            alpha_prime=torch.optim.Adam([agent.log_alpha_prime], lr=args.alpha_prime_lr))
+        self.loss_fn = compute_losses
+        if args.compile:
+            mode = "reduce-overhead" if args.cudagraphs and device.type == "cuda" else None
+            self.loss_fn = torch.compile(compute_losses, mode=mode)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        total, metrics = self.loss_fn(self.agent, batch, self.args)
+        total.backward()
+        for opt in self.optimizers.values():
+            opt.step()
+        self.updates += 1
+        if self.updates % self.args.target_update_every == 0:  # hard update (dopamine)
+            self.agent.target_q.load_state_dict(self.agent.q.state_dict())
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(updates=self.updates,
+                    **{k: opt.state_dict() for k, opt in self.optimizers.items()})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = state["updates"]
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(state[k])
+
+
+# ======================================================================================
 # Evaluation
-# ==================================================================================================
+# ======================================================================================
 
 
 def atari_eval_env(game: str, internal_frameskip: bool = False, sticky_prob: float = 0.25,
@@ -915,8 +1071,12 @@ def atari_eval_env(game: str, internal_frameskip: bool = False, sticky_prob: flo
 
 
 def make_eval_env(spec: dict) -> gym.Env:
-    """Build an `atari_eval_env` description: ALE env, 84x84 gray, a zero-padded frame stack (as
-    dopamine's agent state at reset)."""
+    """Build the env a JSON spec (config.json `eval_env`) describes. Atari (`atari_eval_env`):
+    ALE env, 84x84 gray, a zero-padded frame stack (as dopamine's agent state at reset); the
+    agent-step limit is evaluate's (a TimeLimit here would count ALE frames). Vector
+    observations: the dataset's own env."""
+    if "wrappers" not in spec:
+        return gym.make(spec["id"], max_episode_steps=spec["max_episode_steps"], **spec["kwargs"])
     import ale_py
 
     gym.register_envs(ale_py)
@@ -961,7 +1121,7 @@ def _jsonable(value):
     return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
-def minari_eval_env(args: Args, game: str | None, data: Dataset) -> dict:
+def minari_eval_env(args: Args, data: Data) -> dict:
     """The evaluation env of a Minari dataset: for frames, ALE with the dataset's own settings
     (its env spec's sticky actions and frame-skip convention; --sticky-prob overrides, with a
     note); for vector observations, the dataset's (eval) env spec as it is."""
@@ -974,7 +1134,7 @@ def minari_eval_env(args: Args, game: str | None, data: Dataset) -> dict:
         tqdm.write(f"note: evaluating with sticky actions {sticky}; the data was collected with "
                    f"{data.sticky_prob} ({spec.id})")
     full = bool(spec.kwargs.get("full_action_space", False))
-    return atari_eval_env(game, data.atari_internal_frameskip,
+    return atari_eval_env(data.game, data.atari_internal_frameskip,
                           0.25 if sticky is None else sticky, args.noop_max,
                           args.max_episode_steps, full)
 
@@ -985,14 +1145,16 @@ def eval_seed(seed: int, eval_index: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(q: QRNetwork, make_env, episodes: int, epsilon: float, seed: int, device,
-             max_steps: int, gamma: float = 0.99, clip_reward: bool = False) -> dict:
-    """`episodes` epsilon-greedy episodes on mean-over-quantiles Q, run side by side (one env
-    per episode, env e reset with seed + e, its own epsilon RNG) so that the network sees one
-    batch per step; the result equals running the episodes one after the other.
-    Also the lower-bound check (paper Table 4): max_a Q(s_0, a) minus the discounted return
-    (of the training rewards, i.e. clipped for Atari) actually obtained from s_0."""
-    envs = [make_env() for _ in range(episodes)]
+def evaluate(q: QRNetwork, envs: list[gym.Env], epsilon: float, seed: int, device,
+             max_steps: int, gamma: float = 0.99, clip_reward: bool = False,
+             score_range: tuple[float, float] | None = None) -> dict[str, Any]:
+    """One epsilon-greedy episode on mean-over-quantiles Q in each env, run side by side (env e
+    reset with seed + e, its own epsilon RNG) so that the network sees one batch per step; the
+    result equals running the episodes one after the other. normalized_score: 100 (R - lo) /
+    (hi - lo) with score_range (Atari: random and human scores; local data: its reference
+    returns). value_gap, the lower-bound check (paper Table 4): max_a Q(s_0, a) minus the
+    discounted return (of the training rewards, i.e. clipped for Atari) obtained from s_0."""
+    episodes = len(envs)
     rngs = [np.random.default_rng([seed, e]) for e in range(episodes)]
     obs = [np.asarray(env.reset(seed=seed + e)[0]) for e, env in enumerate(envs)]
     returns, disc, steps = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes, np.int64)
@@ -1016,363 +1178,288 @@ def evaluate(q: QRNetwork, make_env, episodes: int, epsilon: float, seed: int, d
             if not (term or trunc or steps[e] >= max_steps):
                 still.append(e)
         active = still
-    for env in envs:
-        env.close()
-    return {"returns": returns, "q_pred_s0": float(q_s0.mean()),
-            "value_gap": float((q_s0 - disc).mean())}
+    ret = float(returns.mean())
+    lo, hi = score_range or (0.0, 0.0)
+    return dict(return_mean=ret, return_std=float(returns.std()),
+                normalized_score=100.0 * (ret - lo) / (hi - lo) if score_range else None,
+                q_pred_s0=float(q_s0.mean()), value_gap=float((q_s0 - disc).mean()),
+                episode_returns=returns.tolist())
 
 
-def normalized_score(ret: float, game: str | None, ref: tuple[float, float] | None):
-    """Atari: 100 (R - random) / (human - random); local datasets: 100 (R - min) / (max - min)."""
-    if game is not None and game in ATARI_RANDOM_HUMAN:
-        lo, hi = ATARI_RANDOM_HUMAN[game]
-    elif ref is not None:
-        lo, hi = ref
-    else:
-        return None
-    return 100.0 * (ret - lo) / (hi - lo)
+# ======================================================================================
+# Main loop
+# ======================================================================================
 
 
-# ==================================================================================================
-# Checkpoint and run directory
-# ==================================================================================================
-
-IGNORED_ON_RESUME = {"resume", "run_dir", "track", "wandb_project", "wandb_entity", "progress",
-                     "compile", "total_steps", "eval_env"}  # eval_env: derived from args + data
-
-
-def config_dict(args: Args, source: DataSource) -> dict:
-    d = asdict(args)
-    d["hidden_dims"] = list(d["hidden_dims"]) if d["hidden_dims"] is not None else None
-    d["dataset"] = source.description
-    return d
+def final_summary(history: list[dict[str, Any]], args: Args, data: Data) -> dict[str, Any]:
+    last = history[-1]
+    return dict(final_normalized_score=last["normalized_score"], final_return=last["return_mean"],
+                total_steps=args.total_steps, dataset=data.info["source"],
+                transitions=data.info["transitions"])
 
 
-def check_resume_config(run_dir: Path, config: dict):
-    path = run_dir / "config.json"
-    if not path.exists():
-        fail(f"--resume {run_dir}: no config.json there (not a run directory of {SCRIPT})")
-    old = json.loads(path.read_text())
-    differ = sorted(k for k in set(old) | set(config)
-                    if k not in IGNORED_ON_RESUME and old.get(k) != config.get(k))
-    if differ:
-        details = ", ".join(f"{k} (run: {old.get(k)!r}, now: {config.get(k)!r})" for k in differ)
-        fail(f"--resume {run_dir}: arguments differ from the run's config.json: {details}; "
-             f"pass the same arguments")
+def main(args: Args) -> dict[str, Any]:
+    """Train with a complete Args (parse_args, or replace() on preset_args(env))."""
+    check_args(args)
+    device = pick_device(args.device)
+    args = replace(args, run_dir=args.resume or args.run_dir or default_run_dir(args))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    data = load_data(args)
+    buffer = ReplayBuffer(data, device, args.seed, args.clip_reward,
+                          torch.device("cpu") if args.buffer_device == "cpu" else None)
+    data.frames = data.actions = data.rewards = data.dones = data.valid = None  # in the buffer
+    agent = Agent(buffer.obs_shape, data.n_actions, args).to(device)
+    trainer = Trainer(agent, args, device)
+    envs = [make_eval_env(data.eval_env) for _ in range(args.eval_episodes)]
+    max_steps = data.eval_env["max_episode_steps"] or 10**9
+    run = Run(args, dict(agent=agent, trainer=trainer, buffer=buffer), data.info,
+              data.eval_env, device)
+    for step in tqdm(range(run.step + 1, args.total_steps + 1), initial=run.step,
+                     total=args.total_steps, disable=not args.progress, desc="cql-qrdqn"):
+        metrics = trainer.step(buffer.sample(args.batch_size))
+        if run.due(step, args.log_every, args.eval_every, last=args.total_steps):
+            run.log(step, metrics)
+        if run.due(step, args.eval_every, last=args.total_steps):
+            run.evaluate_and_checkpoint(step, partial(
+                evaluate, agent.q, envs, args.eval_epsilon, eval_seed(args.seed, step), device,
+                max_steps, args.gamma, args.clip_reward, data.score_range))
+        run.stop_if_signalled(step)
+    return run.finish(final_summary(run.history, args, data))
 
 
-def save_checkpoint(path: Path, state: dict):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+
+# ======================================================================================
+# Run plumbing: not part of the algorithm
+# ======================================================================================
+# The run directory contract, the same block under the same names in all three scripts:
+#   config.json    resolved arguments, dataset facts, eval env, versions (written once)
+#   metrics.jsonl  one row per evaluation; rebuilt from the checkpoint on resume
+#   checkpoint.pt  everything needed to continue bit-identically on CPU (atomic, fsync'd)
+#   summary.json   final numbers, speed, wall time over all sessions (atomic, fsync'd)
+# SIGINT/SIGTERM checkpoint and exit 128+signal; `--resume RUN_DIR` continues; a resume
+# whose arguments differ from config.json (but for RESUME_FREE) is refused.
+#
+# Per script, above this banner, only: RESUME_FREE's extension field (the length that a
+# finished run may grow by) and the `parts` passed to Run (objects with state_dict() /
+# load_state_dict(): agent, trainer, buffers, loop counters).
+
+RESUME_FREE = {"resume", "run_dir", "track", "wandb_project", "wandb_entity", "progress",
+               "log_every", "total_steps"}  # LENGTH_FIELD: total_steps / online_steps
+REPORT_KEYS = ("step", "phase", "env_steps", "return_mean", "score", "normalized_score",
+               "success_rate", "value_gap")  # printed after each evaluation, when present
 
 
-def rng_state(generator: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),  # noqa: NPY002
-             "python": random.getstate(), "sampler": generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def default_run_dir(args: Args) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"runs/{Path(__file__).stem}__{args.env}__s{args.seed}__{stamp}"
 
 
-def set_rng_state(state: dict, generator: torch.Generator):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])  # noqa: NPY002
-    random.setstate(state["python"])
-    generator.set_state(state["sampler"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ==================================================================================================
-# Train loop
-# ==================================================================================================
-
-
-class CQLQRDQN:
-    """Networks, optimizers and the update step (no host sync inside)."""
-
-    def __init__(self, args: Args, obs_shape, n_actions: int, device: torch.device):
-        self.args, self.device = args, device
-        self.q = QRNetwork(obs_shape, n_actions, args.num_quantiles, args.hidden_dims,
-                           args.torso_padding).to(device)
-        self.q_target = QRNetwork(obs_shape, n_actions, args.num_quantiles, args.hidden_dims,
-                                  args.torso_padding).to(device)
-        self.q_target.load_state_dict(self.q.state_dict())
-        self.q_target.requires_grad_(False)
-        self.opt = torch.optim.Adam(self.q.parameters(), lr=args.lr, eps=args.adam_eps)
-        self.log_alpha = torch.zeros((), device=device, requires_grad=True)
-        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=args.alpha_lr)
-        self.losses_fn = torch.compile(self.losses) if args.compile else self.losses
-
-    def losses(self, obs, actions, rewards, next_obs, dones, alpha_prime):
-        a = self.args
-        quantiles = self.q(obs)  # (B, A, N)
-        with torch.no_grad():
-            target = qr_target(self.q_target(next_obs), rewards, dones, a.gamma)
-        chosen = quantiles[torch.arange(len(actions), device=actions.device), actions]
-        qr_loss = quantile_huber_loss(chosen, target, a.kappa).mean()  # batch mean
-        q = quantiles.mean(dim=2)  # Q(s, a) = mean over quantiles
-        gap = cql_gap(q, actions)
-        if a.lagrange:
-            # Lagrange form (paper Eq. 30; Cal-QL/CORL code): alpha' * w * (gap - tau)
-            cql_loss = alpha_prime * a.cql_alpha * (gap - a.target_action_gap)
-        else:
-            cql_loss = a.cql_alpha * gap  # official: min_q_loss * minq_weight
-        loss = qr_loss + cql_loss
-        q_data = q.gather(1, actions[:, None]).mean()
-        return loss, qr_loss, cql_loss, gap, q_data, q.abs().max()
-
-    def alpha_prime(self) -> torch.Tensor:
-        return self.log_alpha.exp().clamp(0.0, 1e6)
-
-    def update(self, batch) -> torch.Tensor:
-        """One gradient step; returns the metrics as one device tensor (no host sync)."""
-        obs, actions, rewards, next_obs, dones = batch
-        alpha_prime = self.alpha_prime().detach()
-        loss, qr_loss, cql_loss, gap, q_data, q_max = self.losses_fn(
-            obs, actions, rewards, next_obs, dones, alpha_prime)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        if self.args.lagrange:
-            # dual step: alpha' grows while the gap exceeds tau (alpha loss = -alpha' w (gap - tau))
-            alpha_loss = -(self.alpha_prime() * self.args.cql_alpha
-                           * (gap.detach() - self.args.target_action_gap))
-            self.alpha_opt.zero_grad(set_to_none=True)
-            alpha_loss.backward()
-            self.alpha_opt.step()
-        return torch.stack([loss.detach(), qr_loss.detach(), cql_loss.detach(), gap.detach(),
-                            q_data.detach(), q_max.detach(), alpha_prime])
-
-    def sync_target(self):
-        self.q_target.load_state_dict(self.q.state_dict())
-
-    def state_dict(self) -> dict:
-        return {"q": self.q.state_dict(), "q_target": self.q_target.state_dict(),
-                "opt": self.opt.state_dict(), "log_alpha": self.log_alpha.detach().clone(),
-                "alpha_opt": self.alpha_opt.state_dict()}
-
-    def load_state_dict(self, s: dict):
-        self.q.load_state_dict(s["q"])
-        self.q_target.load_state_dict(s["q_target"])
-        self.opt.load_state_dict(s["opt"])
-        with torch.no_grad():
-            self.log_alpha.copy_(s["log_alpha"])
-        self.alpha_opt.load_state_dict(s["alpha_opt"])
-
-
-METRIC_NAMES = ("loss", "qr_loss", "cql_loss", "cql_gap", "q_data", "q_abs_max", "alpha")
-
-
-class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and exits."""
-
-    def __init__(self):
-        self.set = False
-        self.previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: no handler
-                self.previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def _handler(self, signum, frame):
-        self.set = True
-
-    def __exit__(self, *exc):
-        for sig, h in self.previous.items():
-            signal.signal(sig, h)
+def fail(message: str) -> NoReturn:
+    """Stop with a one-line error (exit code 1, no traceback)."""
+    raise SystemExit(f"error: {message}")
 
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda but CUDA is not available; use --device cpu or auto")
+        fail("--device cuda but no CUDA device is visible; use --device cpu or auto")
     return torch.device(name)
 
 
-def train(args: Args) -> dict:
-    t_start = time.time()
-    source = resolve_source(args.env, args.dataset_id, args.dqn_replay_dir, args.data_fraction,
-                            args.checkpoints)
-    device = pick_device(args.device)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    random.seed(args.seed)
-    np.random.seed(args.seed)  # noqa: NPY002 - the global numpy RNG, for any library use
-    torch.manual_seed(args.seed)
+def config_dict(args: Args) -> dict[str, Any]:
+    """Args as JSON-ready values (tuples -> lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(args).items()}
 
-    # run directory and config
-    if args.resume is not None:
-        run_dir = Path(args.resume)
-        if not (run_dir / "checkpoint.pt").exists():
-            fail(f"--resume {run_dir}: no checkpoint.pt there")
-    elif args.run_dir is not None:
-        run_dir = Path(args.run_dir)
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("runs") / f"cql_qrdqn_atari__{args.env}__s{args.seed}__{stamp}"
-    config = config_dict(args, source)
-    if args.resume is not None:
-        check_resume_config(run_dir, config)
 
-    # data, and the evaluation env it implies
-    storage = device if args.buffer_device == "device" else torch.device("cpu")
-    pin = storage.type == "cpu" and device.type == "cuda"  # frames loaded into pinned memory
-    if source.kind == "dqn_replay":
-        eval_env = dqn_replay_eval_env(args, source.game)
-        data = load_dqn_replay(args.dqn_replay_dir, args.data_fraction, args.checkpoints,
-                               args.progress, source.game, env_action_count(eval_env), pin)
-    else:
-        data = load_minari_dataset(source.dataset_id, args.progress, pin)
-    if data.stack == 4 and source.game is None and data.env_spec is not None:
-        m = re.fullmatch(r"ALE/(\w+)-v\d+", data.env_spec.id)
-        source.game = atari_game(m.group(1)) if m else None
-    if data.stack == 4 and source.game is None:
-        fail(f"dataset {source.dataset_id} holds Atari frames but its game is unknown; "
-             f"pass --env GAME")
-    atari = data.stack == 4
-    buffer = ReplayBuffer(data, device, args.seed, args.clip_reward, storage)
-    obs_shape = (4, 84, 84) if atari else tuple(data.frames.shape[1:])
-    data.frames = data.actions = data.rewards = data.dones = data.valid = None  # host copy
+def json_safe(value: Any) -> Any:
+    """NaN/inf -> None, recursively: config, metrics and summary stay valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
-    game = source.game if atari else None
-    if source.kind == "minari":
-        eval_env = minari_eval_env(args, source.game, data)
-    config["eval_env"] = eval_env
-    if atari:
-        def make_env():
-            return make_eval_env(eval_env)
-        max_steps = args.max_episode_steps
-    else:
-        env_spec = data.env_spec
 
-        def make_env():
-            return gym.make(env_spec)
-        max_steps = 10**9
-    probe = make_env()
-    if probe.action_space.n != data.n_actions and source.kind == "minari":
-        fail(f"evaluation env has {probe.action_space.n} actions, the data {data.n_actions}")
-    n_actions = int(probe.action_space.n)
-    probe.close()
+def atomic_write(path: Path, data: bytes) -> None:
+    """Temp file in the same directory, fsync, rename: the file is whole or untouched."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
-    agent = CQLQRDQN(args, obs_shape, n_actions, device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    start_step, last_metrics = 0, None
-    if args.resume is not None:
-        # on the CPU: RNG states must stay CPU tensors; parameters and Adam moments are copied
-        # to the device by load_state_dict
-        ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-        agent.load_state_dict(ckpt["agent"])
-        set_rng_state(ckpt["rng"], buffer.generator)
-        start_step = ckpt["step"]
-        print(f"resumed {run_dir} at step {start_step}")
-    else:
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-    ckpt_path = run_dir / "checkpoint.pt"
-    last_good = {"step": start_step if args.resume else None}
 
-    def checkpoint(step: int):
-        save_checkpoint(ckpt_path, {"agent": agent.state_dict(),
-                                    "rng": rng_state(buffer.generator), "step": step,
-                                    "config": config})
-        last_good["step"] = step
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(json_safe(obj), indent=2).encode())
 
-    wandb_run = None
-    if args.track:
+
+def host_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The one host sync: all training metrics in a single transfer."""
+    keys = sorted(metrics)
+    values = torch.stack([metrics[k].detach().float() for k in keys]).tolist()
+    return dict(zip(keys, values, strict=True))
+
+
+class Run:
+    """One run directory: config, evaluation rows, checkpoints of `parts`, resume, stop
+    signals, the divergence guard, W&B and the summary. The main loop calls `log`,
+    `evaluate_and_checkpoint` and `stop_if_signalled`; nothing here touches the algorithm."""
+
+    def __init__(self, args: Args, parts: dict[str, Any], info: dict[str, Any],
+                 eval_env: dict[str, Any], device: torch.device):
+        self.args, self.parts = args, parts
+        self.dir = Path(args.run_dir)
+        self.ckpt = self.dir / "checkpoint.pt"
+        self.step, self.history = 0, []
+        self.timing = dict(train_s=0.0, wall_s=0.0)
+        self.train_values: dict[str, float] = {}
+        if self.dir.exists() and not self.dir.is_dir():
+            fail(f"--run-dir {self.dir} is a file, not a directory; pick another --run-dir")
+        if args.resume:
+            self.check_resume_config()
+            self.load()
+        else:
+            if (self.dir / "checkpoint.pt").exists():
+                fail(f"{self.dir} already holds a run; continue it with --resume {self.dir} "
+                     "or pick another --run-dir")
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.dir / "config.json", dict(
+                args=config_dict(args), dataset=info, eval_env=eval_env,
+                script=Path(__file__).name, torch=torch.__version__, device=str(device)))
+        # metrics.jsonl = the checkpoint's history: rows written after the last checkpoint
+        # (a hard kill between the two writes) are dropped, never duplicated.
+        atomic_write(self.dir / "metrics.jsonl",
+                     "".join(json.dumps(json_safe(r)) + "\n" for r in self.history).encode())
+        self.wandb = self.init_wandb() if args.track else None
+        self.signal: int | None = None
+        self._handlers = {s: signal.signal(s, self._on_signal)
+                          for s in (signal.SIGINT, signal.SIGTERM)}
+        now = time.perf_counter()
+        self._wall0, self._train0 = now - self.timing["wall_s"], now
+
+    # ---- called by the main loop -----------------------------------------------------
+    def due(self, step: int, *every: int, last: int | None = None) -> bool:
+        """True at multiples of any `every` and at the last step."""
+        return any(step % e == 0 for e in every) or step == last
+
+    def log(self, step: int, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Read the training metrics (the only host sync), guard against divergence."""
+        self.train_values = host_metrics(metrics)
+        bad = sorted(k for k, v in self.train_values.items() if not math.isfinite(v))
+        q_max = max(abs(self.train_values.get(k, 0.0)) for k in ("q_data", "q_abs_max"))
+        if bad or q_max > self.args.max_abs_q:
+            what = ", ".join(bad) + " non-finite" if bad else f"|Q| {q_max:.3g} > --max-abs-q"
+            kept = (f"the last good checkpoint is {self.ckpt} (step {self.history[-1]['step']})"
+                    if self.history else "no checkpoint was written")
+            fail(f"training diverged at step {step} ({what}); {kept}; lower the learning "
+                 "rates or raise --cql-weight")
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in self.train_values.items()}, step=step)
+        return self.train_values
+
+    def evaluate_and_checkpoint(self, step: int, evaluate: Callable[[], dict[str, Any]],
+                                **fields: Any) -> dict[str, Any]:
+        """One metrics row: `fields`, the evaluation, the last training metrics; then the
+        checkpoint. Evaluation time is not training time (updates_per_sec)."""
+        self.timing["train_s"] += time.perf_counter() - self._train0
+        row = dict(step=step, **fields, **evaluate(), **self.train_values)
+        self.history.append(row)
+        with open(self.dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(json_safe(row)) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({f"eval/{k}": v for k, v in row.items()
+                            if isinstance(v, (int, float))}, step=step)
+        self.step = step
+        self.save()
+        tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in row.items() if k in REPORT_KEYS and v is not None))
+        self._train0 = time.perf_counter()
+        return row
+
+    def stop_if_signalled(self, step: int) -> None:
+        """After SIGINT/SIGTERM: checkpoint here and exit 128+signal."""
+        if self.signal is None:
+            return
+        self.timing["train_s"] += time.perf_counter() - self._train0
+        self.step = step
+        self.save()
+        print(f"stopped by signal {self.signal} at step {step}; continue with the same "
+              f"arguments plus --resume {self.dir}", file=sys.stderr)
+        self.close()
+        raise SystemExit(128 + self.signal)
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """summary.json: the script's final numbers plus speed and wall time."""
+        self.timing["train_s"] += time.perf_counter() - self._train0
+        self.timing["wall_s"] = time.perf_counter() - self._wall0
+        summary = json_safe(dict(summary, updates_per_sec=self.step / max(
+            self.timing["train_s"], 1e-9), wall_time_s=self.timing["wall_s"]))
+        write_json(self.dir / "summary.json", summary)
+        if self.wandb is not None:
+            self.wandb.summary.update(summary)
+            self.wandb.finish()
+        self.close()
+        return summary
+
+    def close(self) -> None:
+        for s, handler in self._handlers.items():
+            signal.signal(s, handler)
+
+    # ---- checkpoints and resume -------------------------------------------------------
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.signal = signum  # acted on at the next step boundary
+
+    def save(self) -> None:
+        self.timing["wall_s"] = time.perf_counter() - self._wall0
+        state = dict(step=self.step, history=self.history, timing=self.timing,
+                     parts={k: p.state_dict() for k, p in self.parts.items()},
+                     torch_rng=torch.get_rng_state(),
+                     cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                     else None)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write(self.ckpt, buffer.getvalue())
+
+    def load(self) -> None:
+        try:
+            state = torch.load(self.ckpt, map_location="cpu", weights_only=False)
+        except Exception as exc:  # truncated or overwritten file: many error types
+            fail(f"{self.ckpt} is damaged ({type(exc).__name__}) and cannot be resumed; "
+                 "checkpoints are replaced atomically, so it was damaged after it was "
+                 "written and no earlier state is kept; start a new run")
+        for k, part in self.parts.items():
+            part.load_state_dict(state["parts"][k])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step, self.history, self.timing = state["step"], state["history"], state["timing"]
+
+    def check_resume_config(self) -> None:
+        """Refuse a resume whose arguments differ from the run's config.json."""
+        path = self.dir / "config.json"
+        if not self.ckpt.exists() or not path.exists():
+            fail(f"--resume {self.dir}: no checkpoint.pt and config.json there; "
+                 "start a new run instead")
+        saved = json.loads(path.read_text())["args"]
+        now = json_safe(json.loads(json.dumps(config_dict(self.args))))
+        diff = sorted(k for k in now if k not in RESUME_FREE and saved.get(k) != now[k])
+        if diff:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
+            fail(f"--resume {self.dir} does not match its config.json ({detail}); rerun "
+                 "with the original arguments or start a new run")
+
+    def init_wandb(self):
         import wandb
 
-        wandb_run = wandb.init(project=args.wandb_project, entity=args.wandb_entity,
-                               config=config, name=run_dir.name, id=run_dir.name.replace("/", "_"),
-                               resume="allow", dir=str(run_dir))
-
-    def diverged(step: int, why: str):
-        where = (f"last good checkpoint: {ckpt_path} (step {last_good['step']})"
-                 if last_good["step"] is not None else "no checkpoint was written yet")
-        fail(f"training diverged at step {step} ({why}); {where}; "
-             f"try a smaller --lr or a larger --cql-alpha")
-
-    metrics_file = run_dir / "metrics.jsonl"
-    train_time, steps_done = 0.0, 0
-    final = None
-    with StopFlag() as stop:
-        pbar = tqdm(range(start_step + 1, args.total_steps + 1), disable=not args.progress,
-                    initial=start_step, total=args.total_steps, desc="cql-qrdqn", smoothing=0.05)
-        stats = None
-        t0 = time.perf_counter()
-        for step in pbar:
-            stats = agent.update(buffer.sample(args.batch_size))
-            if step % args.target_update_every == 0:
-                agent.sync_target()
-            steps_done += 1
-            do_eval = step % args.eval_every == 0 or step == args.total_steps
-            if step % args.log_every == 0 or do_eval or stop.set:
-                host = stats.tolist()  # the only host sync of the loop
-                last_metrics = dict(zip(METRIC_NAMES, host, strict=True))
-                if not all(math.isfinite(v) for v in host):
-                    diverged(step, "non-finite loss or Q")
-                if last_metrics["q_abs_max"] > 1e6:
-                    diverged(step, f"|Q| reached {last_metrics['q_abs_max']:.3g}")
-                pbar.set_postfix(qr=f"{host[1]:.3f}", gap=f"{host[3]:.2f}", q=f"{host[4]:.2f}")
-                if wandb_run is not None:
-                    wandb_run.log({f"train/{k}": v for k, v in last_metrics.items()}, step=step)
-            if do_eval:
-                train_time += time.perf_counter() - t0
-                ev = evaluate(agent.q, make_env, args.eval_episodes, args.eval_epsilon,
-                              eval_seed(args.seed, step), device, max_steps, args.gamma,
-                              args.clip_reward)
-                rets = ev["returns"]
-                ret = float(rets.mean())
-                score = normalized_score(ret, game, data.ref_scores)
-                final = {"step": step, "return_mean": ret, "return_std": float(rets.std()),
-                         "normalized_score": score, "q_pred_s0": ev["q_pred_s0"],
-                         "value_gap": ev["value_gap"],
-                         **{f"train/{k}": v for k, v in last_metrics.items()}}
-                with metrics_file.open("a") as f:
-                    f.write(json.dumps(final) + "\n")
-                if wandb_run is not None:
-                    wandb_run.log({"eval/return": ret, "eval/normalized_score": score,
-                                   "eval/value_gap": ev["value_gap"]}, step=step)
-                tqdm.write(f"step {step}: return {ret:.2f}"
-                           + (f", normalized {score:.1f}" if score is not None else ""))
-                checkpoint(step)
-                t0 = time.perf_counter()
-            if stop.set and step < args.total_steps:
-                checkpoint(step)
-                pbar.close()
-                cmd = f"python {SCRIPT} --env {args.env} ... --resume {run_dir}"
-                raise SystemExit(f"interrupted at step {step}; checkpoint saved to {ckpt_path}; "
-                                 f"resume with the same arguments plus --resume: {cmd}")
-        pbar.close()
-        train_time += time.perf_counter() - t0
-
-    if final is None:  # resumed at the end: report the last evaluation
-        lines = metrics_file.read_text().splitlines() if metrics_file.exists() else []
-        final = json.loads(lines[-1]) if lines else {"return_mean": None,
-                                                     "normalized_score": None}
-    summary = {"final_normalized_score": final["normalized_score"],
-               "final_return": final["return_mean"], "total_steps": args.total_steps,
-               "updates_per_sec": steps_done / train_time if train_time > 0 else None,
-               "wall_time_s": time.time() - t_start, "dataset": source.description,
-               "transitions": len(buffer)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if wandb_run is not None:
-        wandb_run.summary.update(summary)
-        wandb_run.finish()
-    return summary
-
-
-# ==================================================================================================
-# Main
-# ==================================================================================================
-
-
-def main(args: Args) -> dict:
-    """Train with a complete Args (parse_args, or replace() on preset_args(env))."""
-    return train(check_args(args))
+        return wandb.init(project=self.args.wandb_project, entity=self.args.wandb_entity,
+                          config=config_dict(self.args), name=self.dir.name,
+                          dir=str(self.dir), id=self.dir.name[-64:], resume="allow")
 
 
 if __name__ == "__main__":

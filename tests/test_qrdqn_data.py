@@ -33,7 +33,7 @@ def test_frame_stack_never_crosses_episode_ends():
     eps = [encoded_episode(i, T, terminal=i != 2) for i, T in enumerate(lengths)]
     n_total = sum(lengths) + len(lengths) * 4
     frames, actions, rewards, dones, valid = m.episodes_layout(iter(eps), n_total, stack=4)
-    data = m.Dataset(frames, actions, rewards, dones, valid, 4, 3, None)
+    data = m.Data(frames, actions, rewards, dones, valid, 4, 3, None)
     buf = m.ReplayBuffer(data, torch.device("cpu"), 0, clip_reward=False)
     assert len(buf) == sum(lengths)  # every transition of every episode, nothing else
     idx = torch.as_tensor(valid)
@@ -60,19 +60,21 @@ def test_vector_layout_next_obs_and_truncation():
     obs = np.arange((T + 1) * 2, dtype=np.float32).reshape(T + 1, 2)
     ep = (obs, np.zeros(T, np.int64), np.ones(T, np.float32), np.zeros(T, bool))  # truncated
     frames, actions, rewards, dones, valid = m.episodes_layout(iter([ep, ep]), 2 * (T + 1), 1)
-    data = m.Dataset(frames, actions, rewards, dones, valid, 1, 2, None)
+    data = m.Data(frames, actions, rewards, dones, valid, 1, 2, None)
     buf = m.ReplayBuffer(data, torch.device("cpu"), 0, clip_reward=False)
     assert len(buf) == 2 * T
-    s, a, r, s2, d = buf.sample(64)
-    torch.testing.assert_close(s2, s + 2)  # next obs is the following row, also at truncation
-    assert (d == 0).all()
+    batch = buf.sample(64)
+    assert sorted(batch) == ["actions", "dones", "next_obs", "obs", "rewards"]
+    # next obs is the following row, also at truncation
+    torch.testing.assert_close(batch["next_obs"], batch["obs"] + 2)
+    assert (batch["dones"] == 0).all()
 
 
 def test_reward_clipping():
     frames, actions, rewards, dones, valid = m.episodes_layout(
         iter([(np.zeros((3, 2), np.float32), np.zeros(2), np.array([5.0, -3.0]),
                np.zeros(2, bool))]), 3, 1)
-    data = m.Dataset(frames, actions, rewards, dones, valid, 1, 1, None)
+    data = m.Data(frames, actions, rewards, dones, valid, 1, 1, None)
     assert m.ReplayBuffer(data, torch.device("cpu"), 0, True).rewards[:2].tolist() == [1, -1]
     assert m.ReplayBuffer(data, torch.device("cpu"), 0, False).rewards[:2].tolist() == [5, -3]
 
@@ -91,7 +93,7 @@ def read_gz(path):
         return np.load(f)
 
 
-def check_transitions(data: m.Dataset):
+def check_transitions(data: m.Data):
     """Every valid transition: consecutive agent steps of one episode, zeros only as a prefix
     right after an episode start, matching action/reward, next state shifted by one."""
     buf = m.ReplayBuffer(data, torch.device("cpu"), 0, clip_reward=False)
@@ -217,7 +219,7 @@ def test_minari_atari_frames_equal_eval_env_observations(local_dataset):
     """Replaying the dataset's actions in the evaluation env (same reset seed, no no-ops) gives
     exactly the loaded, preprocessed and stacked frames of the data."""
     ds_id = local_dataset("pong-random")
-    data = m.load_minari_dataset(ds_id, progress=False)
+    data = m.minari_data(m.load_minari_dataset(ds_id), progress=False)
     assert data.stack == 4 and data.atari_internal_frameskip
     assert data.frames.dtype == np.uint8 and data.frames.shape[1:] == (84, 84)
     env = m.make_atari_env("pong", internal_frameskip=True, noop_max=0)

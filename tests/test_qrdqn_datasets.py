@@ -48,7 +48,7 @@ def test_minari_atari_evaluates_with_the_datasets_sticky_setting(twin, tmp_path)
     ds_id = twin("atari/breakout/expert-v0")
     assert m.preset_args("breakout").sticky_prob == 0.0  # read from the local data's spec
     config = run(tmp_path / "b", "breakout")
-    assert config["dataset"] == ds_id
+    assert config["dataset"]["dataset_id"] == ds_id
     ev = config["eval_env"]
     assert ev["id"] == "ALE/Breakout-v5" and ev["max_episode_steps"] == 30
     assert ev["kwargs"]["repeat_action_probability"] == 0.0
@@ -127,8 +127,7 @@ def test_buffer_on_the_host_samples_what_the_device_buffer_samples(pong_replay):
     cpu = torch.device("cpu")
     on_device = m.ReplayBuffer(data, cpu, 3, clip_reward=True)
     on_host = m.ReplayBuffer(data, cpu, 3, clip_reward=True, storage=cpu)
-    for a, b in zip(on_device.sample(8), on_host.sample(8), strict=True):
-        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(on_device.sample(8), on_host.sample(8))
     assert on_host.frames.device == cpu and on_host.nbytes() >= data.frames.nbytes
 
 
@@ -142,10 +141,9 @@ def test_buffer_on_the_host_is_pinned_and_batches_reach_the_gpu(pong_replay):
     assert buf.frames.is_pinned() and buf.frames.device.type == "cpu"
     assert buf.frames.data_ptr() == torch.as_tensor(data.frames).data_ptr()  # no second copy
     batch = buf.sample(32)
-    assert all(t.device.type == "cuda" for t in batch)
+    assert all(t.device.type == "cuda" for t in batch.values())
     reference = m.ReplayBuffer(data, torch.device("cpu"), 0, clip_reward=True)
-    for a, b in zip(batch, reference.sample(32), strict=True):
-        torch.testing.assert_close(a.cpu(), b)
+    torch.testing.assert_close({k: t.cpu() for k, t in batch.items()}, reference.sample(32))
     assert torch.cuda.max_memory_allocated() - before < 2 * 2**20  # only batches on the GPU
 
 
@@ -156,13 +154,13 @@ def test_buffer_device_cpu_run_matches_the_default(pong_replay, tmp_path):
               log_every=2, seed=1)
     run(tmp_path / "dev", "pong", **kw)
     config = run(tmp_path / "host", "pong", buffer_device="cpu", **kw)
-    assert config["buffer_device"] == "cpu"
+    assert config["args"]["buffer_device"] == "cpu"
 
     def rows(d):
         return [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").open()]
 
     a, b = rows("dev"), rows("host")
-    for key in ("train/loss", "train/qr_loss", "train/cql_gap", "return_mean"):
+    for key in ("loss", "qr_loss", "cql_gap", "return_mean"):
         assert a[-1][key] == b[-1][key], key
 
 

@@ -99,15 +99,17 @@ def test_cql_term_on_quantile_network_lowers_ood_q_in_training():
     """A few steps of the full update with only CQL (huge alpha): the data action's Q ends
     above the other actions' Q at the data states."""
     torch.manual_seed(0)
-    args = dataclasses.replace(m.preset_args("cartpole-expert"), cql_alpha=100.0, lr=1e-2,
+    args = dataclasses.replace(m.preset_args("cartpole-expert"), cql_weight=100.0, qf_lr=1e-2,
                                hidden_dims=(16,), num_quantiles=5)
-    agent = m.CQLQRDQN(args, (4,), 3, torch.device("cpu"))
+    agent = m.Agent((4,), 3, args)
+    trainer = m.Trainer(agent, args, torch.device("cpu"))
     obs = torch.randn(32, 4)
     actions = torch.zeros(32, dtype=torch.long)  # the data always takes action 0
-    batch = (obs, actions, torch.zeros(32), obs, torch.ones(32))
+    batch = dict(obs=obs, actions=actions, rewards=torch.zeros(32), next_obs=obs,
+                 dones=torch.ones(32))
     q0 = agent.q(obs).mean(2).detach()
     for _ in range(30):
-        agent.update(batch)
+        trainer.step(batch)
     q1 = agent.q(obs).mean(2).detach()
     assert (q1[:, 0] - q0[:, 0]).mean() > 0  # data action raised
     assert ((q1[:, 1:] - q0[:, 1:]).mean(0) < 0).all()  # the others lowered
@@ -116,18 +118,59 @@ def test_cql_term_on_quantile_network_lowers_ood_q_in_training():
 
 def test_lagrange_alpha_grows_when_gap_exceeds_target():
     args = dataclasses.replace(m.preset_args("cartpole-expert"), lagrange=True,
-                               target_action_gap=0.0, alpha_lr=0.1, hidden_dims=(8,),
+                               cql_tau=0.0, alpha_prime_lr=0.1, hidden_dims=(8,),
                                num_quantiles=3)
-    agent = m.CQLQRDQN(args, (4,), 4, torch.device("cpu"))
-    obs = torch.randn(16, 4)
-    batch = (obs, torch.zeros(16, dtype=torch.long), torch.zeros(16), obs, torch.ones(16))
-    before = agent.alpha_prime().item()
-    agent.update(batch)
-    assert agent.alpha_prime().item() > before  # gap > 0 = tau: alpha' grows
-    args.target_action_gap = 100.0
-    before = agent.alpha_prime().item()
-    agent.update(batch)
-    assert agent.alpha_prime().item() < before  # gap < tau: alpha' shrinks
+    agent = m.Agent((4,), 4, args)
+    trainer = m.Trainer(agent, args, torch.device("cpu"))
+    batch = tiny_batch(16, 4)
+
+    def alpha_prime():
+        return agent.log_alpha_prime.exp().item()
+
+    before = alpha_prime()
+    trainer.step(batch)
+    assert alpha_prime() > before  # gap > 0 = tau: alpha' grows
+    args.cql_tau = 100.0
+    before = alpha_prime()
+    trainer.step(batch)
+    assert alpha_prime() < before  # gap < tau: alpha' shrinks
+
+
+def tiny_batch(n: int, obs_dim: int) -> dict[str, torch.Tensor]:
+    obs = torch.randn(n, obs_dim)
+    return dict(obs=obs, actions=torch.zeros(n, dtype=torch.long), rewards=torch.zeros(n),
+                next_obs=obs, dones=torch.ones(n))
+
+
+def test_each_loss_trains_only_its_parameters():
+    """compute_losses' map: the QR and CQL losses train only the Q network, the alpha' loss
+    only log alpha'; the target network gets no gradient from any of them."""
+    args = dataclasses.replace(m.preset_args("cartpole-expert"), lagrange=True,
+                               hidden_dims=(8,), num_quantiles=3)
+    agent = m.Agent((4,), 3, args)
+    _, metrics = m.compute_losses(agent, tiny_batch(8, 4), args)
+    assert all(not v.requires_grad for v in metrics.values())
+
+    def grads(name: str) -> dict[str, bool]:
+        agent.zero_grad(set_to_none=True)
+        obs = torch.randn(8, 4)
+        batch = dict(tiny_batch(8, 4), obs=obs, next_obs=obs + 1)
+        total, _ = m.compute_losses(agent, batch, args)
+        q = agent.q(obs).mean(2)
+        gap = m.cql_gap(q, batch["actions"])
+        terms = dict(zip(("cql", "alpha_prime"), m.lagrange_terms(
+            gap, agent.log_alpha_prime, args.cql_weight, args.cql_tau)[:2], strict=True))
+        (total if name == "total" else terms[name]).backward()
+        return {n: p.grad is not None and bool(p.grad.abs().sum() > 0)
+                for n, p in agent.named_parameters()}
+
+    cql, alpha = grads("cql"), grads("alpha_prime")
+    assert cql["q.head.weight"] and not cql["log_alpha_prime"]
+    assert alpha.pop("log_alpha_prime") and not any(alpha.values())
+    total = grads("total")
+    assert total["q.head.weight"] and total["log_alpha_prime"]
+    assert not any(v for n, v in total.items() if n.startswith("target_q."))
+    assert all(not p.requires_grad for p in agent.target_q.parameters())
 
 
 @pytest.mark.parametrize(("padding", "flat"), [("same", 64 * 11 * 11), ("valid", 64 * 7 * 7)])

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GIN = "CQL atari/batch_rl/fixed_replay/configs/quantile.gin"
 OFFICIAL_ATARI = {
     "batch_size": (32, f"{GIN}: WrappedFixedReplayBuffer.batch_size = 32"),
-    "lr": (0.00005, f"{GIN}: tf.train.AdamOptimizer.learning_rate = 0.00005"),
+    "qf_lr": (0.00005, f"{GIN}: tf.train.AdamOptimizer.learning_rate = 0.00005"),
     "adam_eps": (0.0003125, f"{GIN}: tf.train.AdamOptimizer.epsilon = 0.0003125"),
     "gamma": (0.99, f"{GIN}: FixedReplayQuantileAgent.gamma = 0.99"),
     "num_quantiles": (200, f"{GIN}: FixedReplayQuantileAgent.num_atoms = 200"),
@@ -37,8 +37,8 @@ OFFICIAL_ATARI = {
 }
 OFFICIAL_DQN_REPLAY = {
     # README: "For 1% data, use minq_weight=4.0 and for 10% data, use minq_weight=1.0"
-    0.01: {"cql_alpha": (4.0, "README"), "sticky_prob": (0.25, f"{GIN}: sticky_actions = True")},
-    0.1: {"cql_alpha": (1.0, "README"), "sticky_prob": (0.25, f"{GIN}: sticky_actions = True")},
+    0.01: {"cql_weight": (4.0, "README"), "sticky_prob": (0.25, f"{GIN}: sticky_actions = True")},
+    0.1: {"cql_weight": (1.0, "README"), "sticky_prob": (0.25, f"{GIN}: sticky_actions = True")},
 }
 # Minari atari/<game>/expert-v0: collected with repeat_action_probability 0 (dataset page)
 MINARI_ATARI_STICKY = 0.0
@@ -68,12 +68,11 @@ def test_every_preset_value_has_a_source_and_is_what_preset_args_gives():
     vector = m.preset_args("cartpole-expert")
     for field, (value, _) in m.PRESETS["vector"].items():
         assert getattr(vector, field) == value, field
-    assert vector.cql_alpha == 1.0 and vector.hidden_dims == (128, 128)
+    assert vector.cql_weight == 1.0 and vector.hidden_dims == (128, 128)
     # the 1% weight up to 5% of the data, the 10% weight above
-    assert m.preset_groups("pong", dqn_replay_dir="d", data_fraction=0.05)[-1] == \
-        "dqn-replay-1pct"
-    assert m.preset_groups("pong", dqn_replay_dir="d", data_fraction=0.2)[-1] == \
-        "dqn-replay-10pct"
+    replay = m.resolve_source("pong", dqn_replay_dir="d")
+    assert m.preset_groups(replay, data_fraction=0.05)[-1] == "dqn-replay-1pct"
+    assert m.preset_groups(replay, data_fraction=0.2)[-1] == "dqn-replay-10pct"
 
 
 def test_args_defaults_are_plain_literals():
@@ -88,14 +87,28 @@ def test_args_defaults_are_plain_literals():
 
 def test_parse_args_flags_override_the_preset():
     args = m.parse_args(["--env", "pong", "--dqn-replay-dir", "d", "--data-fraction", "0.1",
-                         "--no-clip-reward", "--lagrange", "--no-progress", "--cql-alpha", "2"])
-    assert (args.cql_alpha, args.clip_reward, args.lagrange, args.progress) == (2.0, False, True,
+                         "--no-clip-reward", "--lagrange", "--no-progress", "--cql-weight", "2"])
+    assert (args.cql_weight, args.clip_reward, args.lagrange, args.progress) == (2.0, False, True,
                                                                                  False)
     assert args.data_fraction == 0.1 and args.sticky_prob == 0.25
     with pytest.raises(SystemExit, match="error: --data-fraction must be in"):
         m.parse_args(["--env", "pong", "--dqn-replay-dir", "d", "--data-fraction", "2"])
     with pytest.raises(SystemExit, match="error: --env is required"):
         m.parse_args(["--seed", "1"])
+    for flag, value in (("--total-steps", "-5"), ("--eval-episodes", "0"), ("--batch-size", "0"),
+                        ("--eval-every", "0"), ("--qf-lr", "0"), ("--gamma", "1.5")):
+        with pytest.raises(SystemExit, match=f"^error: {flag} must be"):
+            m.parse_args(["--env", "pong", "--dqn-replay-dir", "d", flag, value])
+
+
+def test_dataset_id_alone_picks_the_preset_from_the_datas_observations(local_dataset):
+    """--dataset-id with no --env: vector observations -> the vector preset, frames -> Atari;
+    --env is a label derived from the id."""
+    vector = m.parse_args(["--dataset-id", local_dataset("cartpole-expert")])
+    assert vector.env == "cartpole-expert-v0" and vector.num_quantiles == 50
+    frames = m.parse_args(["--dataset-id", local_dataset("pong-random")])
+    assert frames.env == "ale-pong-random-v0" and frames.num_quantiles == 200
+    assert frames.sticky_prob == 0.25  # the data's own setting (minari-atari)
 
 
 def run_cli(*argv):
@@ -109,8 +122,8 @@ def test_help_shows_the_values_that_will_run():
                 "0.1", "--help")
     assert r.returncode == 0, r.stderr
     out = " ".join(r.stdout.split())
-    for flag, value in (("--cql-alpha", "1.0"), ("--total-steps", "62500000"),
-                        ("--sticky-prob", "0.25"), ("--noop-max", "0"), ("--lr", "5e-05"),
+    for flag, value in (("--cql-weight", "1.0"), ("--total-steps", "62500000"),
+                        ("--sticky-prob", "0.25"), ("--noop-max", "0"), ("--qf-lr", "5e-05"),
                         ("--num-quantiles", "200"), ("--clip-reward", "True")):
         assert flag in out and f"(default: {value})" in out.split(flag, 1)[1], flag
     r = run_cli("--env", "cartpole-expert", "--help")
@@ -123,7 +136,7 @@ def test_presets_prints_the_table_with_sources():
     r = run_cli("--presets")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("| preset | field | value | source |")
-    assert "| dqn-replay-1pct | `cql_alpha` | `4.0` | CQL README" in r.stdout
+    assert "| dqn-replay-1pct | `cql_weight` | `4.0` | CQL README" in r.stdout
     assert "| atari | `total_steps` | `62500000` |" in r.stdout
     assert len([line for line in r.stdout.splitlines() if line.startswith("| ")]) == \
         1 + sum(len(p) for p in m.PRESETS.values())  # the header, then one row per value

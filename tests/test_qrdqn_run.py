@@ -50,14 +50,17 @@ def test_cartpole_run_writes_the_run_directory(tmp_path, local_dataset):
     run_dir = tmp_path / "run"
     summary = m.main(small(run_dir=str(run_dir)))
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["env"] == "cartpole-medium" and config["dataset"] == "local/cartpole/medium-v0"
-    assert config["cql_alpha"] == 1.0 and config["hidden_dims"] == [32, 32]  # preset + override
+    args = config["args"]
+    assert args["env"] == "cartpole-medium"
+    assert config["dataset"]["source"] == "local/cartpole/medium-v0"
+    assert args["cql_weight"] == 1.0 and args["hidden_dims"] == [32, 32]  # preset + override
     assert config["eval_env"] == {"id": "CartPole-v1", "max_episode_steps": 500, "kwargs": {}}
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [150, 300]
     for r in rows:
-        for key in ("return_mean", "normalized_score", "train/qr_loss", "train/cql_loss",
-                    "train/cql_gap", "train/alpha", "q_pred_s0", "value_gap"):
+        assert len(r["episode_returns"]) == 2
+        for key in ("return_mean", "normalized_score", "qr_loss", "cql_loss",
+                    "cql_gap", "alpha_prime", "q_pred_s0", "value_gap"):
             assert r[key] is not None and np.isfinite(r[key]), key
     lo, hi = 9.0, 500.0  # CartPole ref scores are about random ~22 / controller 500
     assert lo < rows[-1]["return_mean"] <= hi
@@ -72,6 +75,7 @@ def test_cartpole_run_writes_the_run_directory(tmp_path, local_dataset):
         rows[-1]["return_mean"]
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert ckpt["step"] == 300 and not list(run_dir.glob("*.tmp"))
+    assert ckpt["parts"]["trainer"]["updates"] == 300
 
 
 def test_pong_local_run_with_nature_torso(tmp_path, local_dataset):
@@ -80,9 +84,9 @@ def test_pong_local_run_with_nature_torso(tmp_path, local_dataset):
     summary = m.main(args_for("pong-random", total_steps=4, eval_every=2, eval_episodes=1,
                             batch_size=8, max_episode_steps=60, log_every=2, progress=False,
                             run_dir=str(run_dir)))
-    config = json.loads((run_dir / "config.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())["args"]
     # the Atari preset: paper optimizer and QR-DQN settings
-    assert (config["lr"], config["adam_eps"], config["num_quantiles"]) == (5e-5, 3.125e-4, 200)
+    assert (config["qf_lr"], config["adam_eps"], config["num_quantiles"]) == (5e-5, 3.125e-4, 200)
     assert config["target_update_every"] == 2000 and config["clip_reward"] is True
     assert config["eval_epsilon"] == 0.001
     rows = read_metrics(run_dir)
@@ -99,14 +103,27 @@ def test_dqn_replay_run(tmp_path):
                             max_episode_steps=30, log_every=1, progress=False,
                             run_dir=str(run_dir)))
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["cql_alpha"] == 1.0  # preset for a large fraction (0.5 > 5%)
-    assert summary["transitions"] > 0 and config["dataset"].startswith("dqn_replay:")
+    assert config["args"]["cql_weight"] == 1.0  # preset for a large fraction (0.5 > 5%)
+    assert summary["transitions"] > 0 and config["dataset"]["source"].startswith("dqn_replay:")
     # the paper's presets: alpha 4.0 with 1% of the data, 1.0 with 10%
-    assert m.preset_args("pong", dqn_replay_dir="x", data_fraction=0.01).cql_alpha == 4.0
-    assert m.preset_args("pong", dqn_replay_dir="x", data_fraction=0.1).cql_alpha == 1.0
+    assert m.preset_args("pong", dqn_replay_dir="x", data_fraction=0.01).cql_weight == 4.0
+    assert m.preset_args("pong", dqn_replay_dir="x", data_fraction=0.1).cql_weight == 1.0
     argv = ["--env", "pong", "--dqn-replay-dir", "x", "--data-fraction", "0.1"]
-    assert m.parse_args(argv).cql_alpha == 1.0
-    assert m.parse_args([*argv, "--cql-alpha", "2.5"]).cql_alpha == 2.5
+    assert m.parse_args(argv).cql_weight == 1.0
+    assert m.parse_args([*argv, "--cql-weight", "2.5"]).cql_weight == 2.5
+
+
+def test_dataset_id_alone_runs(tmp_path, local_dataset):
+    """--dataset-id of a discrete Minari set with no --env: the preset of its observations."""
+    ds_id = local_dataset("cartpole-medium")
+    r = run_cli("--dataset-id", ds_id, "--total-steps", "20", "--eval-every", "20",
+                "--eval-episodes", "1", "--num-quantiles", "4", "--no-progress", "--run-dir",
+                str(tmp_path / "d"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert config["args"]["env"] == "cartpole-medium-v0"
+    assert config["dataset"]["dataset_id"] == ds_id
+    assert config["args"]["hidden_dims"] == [128, 128]  # the vector preset
 
 
 def test_compile_runs_on_cpu(tmp_path, local_dataset):
@@ -121,7 +138,7 @@ def test_compile_runs_on_cpu(tmp_path, local_dataset):
 
 def test_resume_gives_identical_numbers(tmp_path, local_dataset):
     local_dataset("cartpole-medium")
-    args = dict(total_steps=400, eval_every=100, lagrange=True, target_action_gap=0.5,
+    args = dict(total_steps=400, eval_every=100, lagrange=True, cql_tau=0.5,
                 target_update_every=60)
     full = m.main(small(run_dir=str(tmp_path / "full"), **args))
     half_dir = tmp_path / "half"
@@ -131,18 +148,19 @@ def test_resume_gives_identical_numbers(tmp_path, local_dataset):
     assert resumed["final_return"] == full["final_return"]
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
     b = torch.load(half_dir / "checkpoint.pt", weights_only=False)
-    for k, v in a["agent"]["q"].items():
-        assert torch.equal(v, b["agent"]["q"][k]), k
-    assert torch.equal(a["agent"]["log_alpha"], b["agent"]["log_alpha"])
+    a, b = a["parts"]["agent"], b["parts"]["agent"]
+    assert {k for k in a if k.startswith("q.")} and a.keys() == b.keys()
+    for k, v in a.items():  # the Q network, its target copy and log alpha'
+        assert torch.equal(v, b[k]), k
 
 
 def test_resume_refuses_different_arguments(tmp_path, local_dataset):
     local_dataset("cartpole-medium")
     run_dir = tmp_path / "r"
     m.main(small(run_dir=str(run_dir), total_steps=50, eval_every=50, eval_episodes=1))
-    with pytest.raises(SystemExit, match=r"error: .*differ.*cql_alpha.*lr"):
-        m.main(small(resume=str(run_dir), total_steps=100, lr=0.5, cql_alpha=3.0))
-    # ignored fields (total_steps, progress, compile, ...) may change
+    with pytest.raises(SystemExit, match=r"error: .*does not match.*cql_weight.*qf_lr"):
+        m.main(small(resume=str(run_dir), total_steps=100, qf_lr=0.5, cql_weight=3.0))
+    # free fields (total_steps, progress, ...) may change
     m.main(small(resume=str(run_dir), total_steps=60, eval_every=50, eval_episodes=1,
                  progress=True))
     assert [r["step"] for r in read_metrics(run_dir)] == [50, 60]
@@ -157,12 +175,13 @@ def test_sigint_saves_checkpoint_and_resume_continues_identically(tmp_path, loca
                              "--run-dir", str(run_dir), "--no-progress"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 90
-    while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline:
+    metrics = run_dir / "metrics.jsonl"  # written empty at the start: wait for a row
+    while not (metrics.exists() and metrics.read_text()) and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode not in (0, None)
-    assert "interrupted at step" in err and f"--resume {run_dir}" in err, err[-2000:]
+    assert proc.returncode == 128 + signal.SIGINT
+    assert "stopped by signal" in err and f"--resume {run_dir}" in err, err[-2000:]
     assert "Traceback" not in err
     step = torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"]
     assert 100 <= step < 100000
@@ -241,11 +260,11 @@ def test_divergence_names_step_and_last_checkpoint(tmp_path, local_dataset):
     local_dataset("cartpole-medium")
     run_dir = tmp_path / "div"
     with pytest.raises(SystemExit) as e:
-        m.main(small(run_dir=str(run_dir), lr=100.0, cql_alpha=0.0, eval_every=10,
+        m.main(small(run_dir=str(run_dir), qf_lr=100.0, cql_weight=0.0, eval_every=10,
                      eval_episodes=1, log_every=10, total_steps=2000))
     msg = str(e.value)
     assert msg.startswith("error: training diverged at step 20 (")
-    assert f"last good checkpoint: {run_dir / 'checkpoint.pt'} (step 10)" in msg
+    assert f"last good checkpoint is {run_dir / 'checkpoint.pt'} (step 10)" in msg
     assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 10
 
 
@@ -260,7 +279,7 @@ def test_cql_beats_plain_qrdqn_on_narrow_cartpole_data(tmp_path, local_dataset):
     kw = dict(env="cartpole-expert", total_steps=4000, eval_every=4000, eval_episodes=5,
               progress=False)
     cql = m.main(args_for(run_dir=str(tmp_path / "cql"), **kw))
-    plain = m.main(args_for(run_dir=str(tmp_path / "plain"), cql_alpha=0.0, **kw))
+    plain = m.main(args_for(run_dir=str(tmp_path / "plain"), cql_weight=0.0, **kw))
     print(f"CQL normalized {cql['final_normalized_score']:.1f} (return {cql['final_return']}), "
           f"CQL weight 0: {plain['final_normalized_score']:.1f} ({plain['final_return']})")
     assert cql["final_normalized_score"] >= 90.0
@@ -278,7 +297,8 @@ def test_evaluation_is_seeded_batched_and_uses_epsilon():
     make_env = lambda: gym.make("CartPole-v1")  # noqa: E731
 
     def ev(n, eps, seed, cap=10**9):
-        return m.evaluate(q, make_env, n, eps, seed, "cpu", cap)["returns"]
+        envs = [make_env() for _ in range(n)]
+        return np.array(m.evaluate(q, envs, eps, seed, "cpu", cap)["episode_returns"])
 
     a = ev(3, 0.0, 123)
     np.testing.assert_array_equal(a, ev(3, 0.0, 123))
@@ -299,10 +319,12 @@ def test_value_gap_is_q_s0_minus_discounted_return():
         def forward(self, x):
             return torch.full((len(x), 2, 1), 7.0)
 
-    out = m.evaluate(Const(), lambda: gym.make("CartPole-v1"), 2, 0.0, 0, "cpu", 5, gamma=0.5)
+    envs = [gym.make("CartPole-v1") for _ in range(2)]
+    out = m.evaluate(Const(), envs, 0.0, 0, "cpu", 5, gamma=0.5, score_range=(1.0, 3.0))
     # 5 steps of reward 1 (capped): discounted return 1 + .5 + .25 + .125 + .0625
     assert out["q_pred_s0"] == 7.0
     assert out["value_gap"] == pytest.approx(7.0 - 1.9375)
+    assert out["return_mean"] == 5.0 and out["normalized_score"] == pytest.approx(200.0)
 
 
 def test_track_logs_to_wandb(tmp_path, local_dataset, monkeypatch):
