@@ -221,8 +221,8 @@ LOAD_CASES = ((CQL_SAC, "pendulum-medium-expert"), (CQL_QRDQN, "cartpole-mixed")
 def load_buffer(script: str, dataset_id: str, device: torch.device) -> int:
     """Dataset -> the script's own device replay buffer; returns its transitions."""
     if script == CQL_QRDQN:
-        buffer = qrdqn.ReplayBuffer(qrdqn.load_minari_dataset(dataset_id, progress=False),
-                                    device, 0, clip_reward=False)
+        data = qrdqn.minari_data(qrdqn.load_minari_dataset(dataset_id), progress=False)
+        buffer = qrdqn.ReplayBuffer(data, device, 0, clip_reward=False)
         n = len(buffer)
     else:
         module = sac if script == CQL_SAC else calql
@@ -299,8 +299,8 @@ def atari_memory_probe(name: str, placement: str, device: torch.device) -> dict[
     rss_before = rss_bytes()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    data = qrdqn.load_minari_dataset(dataset_id, progress=False,
-                                     pin=storage.type == "cpu" and device.type == "cuda")
+    data = qrdqn.minari_data(qrdqn.load_minari_dataset(dataset_id), progress=False,
+                             pin=storage.type == "cpu" and device.type == "cuda")
     buffer = qrdqn.ReplayBuffer(data, device, 0, clip_reward=True, storage=storage)
     buffer.sample(32)
     sync(device)

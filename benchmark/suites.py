@@ -125,7 +125,7 @@ LOCAL = Suite("local", "local datasets, CPU-sized: conservative vs naive, Cal-QL
     Entry(CQL_SAC, "pendulum-expert", "sac", (*_LOCAL_SAC, "--cql-weight", "0"),
           ("pendulum-expert",)),
     Entry(CQL_QRDQN, "cartpole-expert", "cql", _LOCAL_QR, ("cartpole-expert",)),
-    Entry(CQL_QRDQN, "cartpole-expert", "qrdqn", (*_LOCAL_QR, "--cql-alpha", "0"),
+    Entry(CQL_QRDQN, "cartpole-expert", "qrdqn", (*_LOCAL_QR, "--cql-weight", "0"),
           ("cartpole-expert",)),
     Entry(CALQL, "pointmaze-binary", "calql", _LOCAL_CALQL, ("pointmaze-sparse",), "score"),
     Entry(CALQL, "pointmaze-binary", "cql", (*_LOCAL_CALQL, *_NO_CALQL), ("pointmaze-sparse",),
@@ -167,7 +167,7 @@ def _atari(name: str, fraction: str, pct: str) -> Suite:
               ("--dqn-replay-dir", f"{{data_root}}/{folder}/1/replay_logs", "--data-fraction",
                fraction, *extra), (), "return_mean", f"{variant}-{pct}/{game}")
         for game, folder in ATARI_GAMES.items()
-        for variant, extra in (("cql", ()), ("qrdqn", ("--cql-alpha", "0")))
+        for variant, extra in (("cql", ()), ("qrdqn", ("--cql-weight", "0")))
     ), seeds=3, needs="GPU, DQN Replay data under --data-root (gs://atari-replay-datasets/dqn)")
 
 

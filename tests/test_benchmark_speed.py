@@ -58,7 +58,7 @@ def test_atari_memory_per_placement(local_dataset):
 
     local_dataset(speed.MEMORY_DATASET)
     rows = [speed.atari_memory_probe(speed.MEMORY_DATASET, p, CPU) for p in speed.PLACEMENTS]
-    data = qrdqn.load_minari_dataset(rows[0]["dataset"], progress=False)
+    data = qrdqn.minari_data(qrdqn.load_minari_dataset(rows[0]["dataset"]), progress=False)
     n_rows, n_valid = len(data.frames), len(data.valid)
     expected = n_rows * (84 * 84 + 8 + 4 + 4) + n_valid * 8  # frames, actions, rewards, dones
     for r in rows:

@@ -71,7 +71,7 @@ def test_atari_suites_pass_the_paper_data_fraction():
         for job in jobs:
             args = parse(job)
             assert args.data_fraction == fraction and args.dqn_replay_dir.startswith("/data/")
-            assert args.cql_alpha == (alpha if job.entry.variant == "cql" else 0.0)
+            assert args.cql_weight == (alpha if job.entry.variant == "cql" else 0.0)
             assert args.num_quantiles == 200 and args.batch_size == 32
 
 
@@ -79,5 +79,5 @@ def test_variants_change_what_they_claim():
     local = {(j.entry.script, j.entry.variant): parse(j)
              for j in suite_jobs("local", Path("/runs"), seeds=1)}
     assert local[(CQL_SAC, "sac")].cql_weight == 0 and local[(CQL_SAC, "cql")].cql_weight > 0
-    assert local[(CQL_QRDQN, "qrdqn")].cql_alpha == 0
+    assert local[(CQL_QRDQN, "qrdqn")].cql_weight == 0
     assert local[(CALQL, "calql")].enable_calql and not local[(CALQL, "cql")].enable_calql

@@ -39,7 +39,7 @@ CASES = {
     "cql_qrdqn": (cql_qrdqn_atari, "cartpole-expert", "cartpole-expert",
                   dict(total_steps=12, eval_every=12, eval_episodes=1, hidden_dims=(16,),
                        batch_size=16, num_quantiles=8, log_every=4),
-                  ("train/loss", "train/qr_loss", "train/cql_loss", "train/q_data")),
+                  ("loss", "qr_loss", "cql_loss", "q_data")),
 }
 
 
