@@ -6,25 +6,29 @@ NeurIPS 2020. https://arxiv.org/abs/2006.04779. Official code: github.com/aviral
 named where they appear.
 
 One file, top to bottom: arguments and presets, data, replay buffer, networks, losses,
-training step, evaluation, checkpoints, main. `python cql_sac_continuous.py --env X --help`
-shows the values that run for X; `--presets` prints every preset value with its source.
+training step, evaluation, main loop; below them the run plumbing (run directory, checkpoints,
+resume, signals), which is not part of the algorithm. `python cql_sac_continuous.py --env X
+--help` shows the values that run for X; `--presets` prints every preset value with its source.
 
     python cql_sac_continuous.py --env pendulum-medium          # local dataset (see README)
     python cql_sac_continuous.py --env hopper-medium --device cuda
+    python cql_sac_continuous.py --dataset-id mujoco/hopper/expert-v0   # preset of its family
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import gymnasium as gym
 import numpy as np
@@ -47,10 +51,11 @@ class Args:
 
     env: str = "pendulum-medium"
     """Task name with a preset (see `--presets`), e.g. hopper-medium, antmaze-umaze, pen-human,
-    kitchen-mixed, pendulum-expert."""
+    kitchen-mixed, pendulum-expert; with only `--dataset-id`, a name derived from the id."""
     dataset_id: str | None = None
     """Minari dataset id (filled from `--env`); another id keeps the `--env` preset, or, with an
-    unknown `--env`, takes the preset of its family (mujoco/, D4RL/antmaze/, ...) if any."""
+    unknown or no `--env`, takes the preset of its family (mujoco/, D4RL/antmaze/, ...), else
+    the defaults (the paper's, for any continuous-action dataset)."""
     seed: int = 0
     """Random seed (networks, sampling, evaluation episodes)."""
     device: str = "auto"
@@ -66,8 +71,8 @@ class Args:
     run_dir: str | None = None
     """Run directory; None: runs/cql_sac_continuous__<env>__s<seed>__<time>."""
     hidden_dims: tuple[int, ...] | None = None
-    """Convenience: sets the actor and critic widths (a per-network flag given on the command
-    line wins); None: use --actor-hidden-dims / --critic-hidden-dims."""
+    """Command-line shorthand: sets the actor and critic widths (a per-network flag given on the
+    command line wins); parse_args spends it (None), main takes the per-network widths."""
     actor_hidden_dims: tuple[int, ...] = (256, 256, 256)
     """Actor hidden widths."""
     critic_hidden_dims: tuple[int, ...] = (256, 256, 256)
@@ -308,11 +313,6 @@ def dataset_family(dataset_id: str) -> str | None:
     return None
 
 
-def fail(message: str) -> None:
-    """Stop with a one-line error (exit code 1, no traceback)."""
-    raise SystemExit(f"error: {message}")
-
-
 def preset_args(env: str, dataset_id: str | None = None) -> Args:
     """Args() with the preset of `env` filled in (literal values); `dataset_id` replaces the
     preset's dataset. An unknown `env` needs `dataset_id` (its family's preset, if any)."""
@@ -327,18 +327,19 @@ def preset_args(env: str, dataset_id: str | None = None) -> Args:
     return replace(Args(), env=env, dataset_id=dataset_id or preset_id, **values)
 
 
-def apply_hidden_dims(args: Args) -> Args:
-    """--hidden-dims sets both networks' widths (then it is spent: None)."""
-    if args.hidden_dims is None:
-        return args
-    dims = tuple(args.hidden_dims)
-    return replace(args, actor_hidden_dims=dims, critic_hidden_dims=dims, hidden_dims=None)
 
 
 def _given(argv: list[str], name: str) -> bool:
     """Whether the flag `--name` (kebab or snake case, `=value` or not) is in argv."""
     flags = {f"--{name.replace('_', '-')}", f"--{name}"}
     return any(a.split("=", 1)[0] in flags for a in argv)
+
+
+
+
+def env_from_dataset(dataset_id: str) -> str:
+    """The `--env` name of a run given only `--dataset-id`: D4RL/pen/human-v2 -> pen-human-v2."""
+    return "-".join(dataset_id.split("/")[1:]) or dataset_id
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
@@ -349,10 +350,11 @@ def parse_args(argv: list[str] | None = None) -> Args:
         print(preset_table())
         raise SystemExit(0)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--env", default=Args.env)
+    pre.add_argument("--env", default=None)
     pre.add_argument("--dataset-id", "--dataset_id", default=None)
     known, _ = pre.parse_known_args(argv)
-    args = tyro.cli(Args, default=preset_args(known.env, known.dataset_id), args=argv)
+    env = known.env or (env_from_dataset(known.dataset_id) if known.dataset_id else Args.env)
+    args = tyro.cli(Args, default=preset_args(env, known.dataset_id), args=argv)
     if args.hidden_dims is not None:  # a per-network flag on the command line wins
         dims = tuple(args.hidden_dims)
         args = replace(args, hidden_dims=None,
@@ -364,17 +366,30 @@ def parse_args(argv: list[str] | None = None) -> Args:
     return args
 
 
+POSITIVE = ("total_steps", "eval_every", "eval_episodes", "batch_size", "cql_n_actions",
+            "log_every", "policy_lr", "qf_lr", "alpha_prime_lr", "cql_temp", "max_abs_q")
+
+
 def check_args(args: Args) -> None:
-    """Refuse inconsistent arguments with one-line errors."""
+    """Every argument checked once, up front: one-line errors, never a traceback or a NaN."""
     if args.env not in ENV_PRESETS and args.dataset_id is None:
         fail(f"unknown --env {args.env!r}; choose one of {', '.join(ENV_PRESETS)} "
              "or pass any Minari id with --dataset-id")
-    for name in ("total_steps", "eval_every", "eval_episodes", "batch_size", "cql_n_actions",
-                 "log_every"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.cql_weight < 0:
-        fail(f"--cql-weight must be >= 0, got {args.cql_weight}")
+    rules = [(name, "positive", getattr(args, name) > 0) for name in POSITIVE] + [
+        ("bc_steps", ">= 0", args.bc_steps >= 0),
+        ("cql_weight", ">= 0", args.cql_weight >= 0),
+        ("gamma", "in [0, 1]", 0 <= args.gamma <= 1),
+        ("soft_target_update", "in (0, 1]", 0 < args.soft_target_update <= 1),
+        ("actor_hidden_dims", "positive widths", min(args.actor_hidden_dims, default=1) > 0),
+        ("critic_hidden_dims", "positive widths", min(args.critic_hidden_dims, default=1) > 0),
+        ("cql_clip_diff_max", ">= --cql-clip-diff-min",
+         args.cql_clip_diff_max >= args.cql_clip_diff_min)]
+    for name, rule, ok in rules:
+        if not ok:
+            fail(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
+    if args.hidden_dims is not None:
+        fail("hidden_dims is a command-line shorthand (parse_args); set actor_hidden_dims "
+             "and critic_hidden_dims instead")
     if args.cudagraphs and not args.compile:
         fail("--cudagraphs needs --compile")
 
@@ -400,8 +415,10 @@ def preset_table() -> str:
     return "\n".join(lines)
 
 
+
+
 # ======================================================================================
-# Data: Minari dataset -> transitions -> replay buffer on the training device
+# Data
 # ======================================================================================
 
 
@@ -480,6 +497,20 @@ def check_finite(data: dict[str, np.ndarray], dataset_id: str) -> None:
                  "those episodes before training")
 
 
+def goal_terminals(data: dict[str, np.ndarray]) -> np.ndarray:
+    """AntMaze: every goal-reaching step (raw reward 1) is terminal.
+
+    Minari's AntMaze data come from a continuing task (never terminated, reward 1 at every
+    step within 0.45 of the goal). D4RL's antmaze datasets store `terminals` equal to these
+    rewards (D4RL issue #199: "a reward/terminal of 1 when the ant is near the goal"), and
+    the official codes train on those terminals: CQL `cql_antmaze_new.py` (`load_hdf5`:
+    `_terminals = dataset['terminals']` from d4rl.qlearning_dataset) and Cal-QL
+    `replay_buffer.py` (`dones=dataset['terminals']`). We follow them: done = reward == 1.
+    Without it Q at the goal heads to r/(1-gamma), and evaluation, which ends at the goal,
+    would not match the data."""
+    return np.maximum(data["dones"], (data["rewards"] == 1.0).astype(np.float32))
+
+
 @dataclass
 class Transform:
     """Everything applied to data that must be applied identically at evaluation."""
@@ -531,8 +562,168 @@ def apply_transform(data: dict[str, np.ndarray], tf: Transform) -> dict[str, np.
                 dones=data["dones"])
 
 
+# ---- the evaluation env and score of a dataset ----------------------------------------
+
+
+def register_robotics_envs() -> None:
+    """Register gymnasium-robotics' envs (Adroit, AntMaze, Kitchen) when it is installed."""
+    try:
+        import gymnasium_robotics
+    except ImportError:
+        return
+    gym.register_envs(gymnasium_robotics)
+
+
+def spec_dict(spec: gym.envs.registration.EnvSpec) -> dict[str, Any]:
+    """What config.json records as `eval_env`: id, horizon and kwargs (maze_map included)."""
+    return json.loads(json.dumps(dict(id=spec.id, max_episode_steps=spec.max_episode_steps,
+                                      kwargs=spec.kwargs)))
+
+
+# D4RL's Gym-MuJoCo reference returns (d4rl/gym_mujoco/__init__.py, *_RANDOM_SCORE and
+# *_EXPERT_SCORE, used for every split of the v0-v2 datasets): (random, expert).
+D4RL_MUJOCO_REFS = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0),
+                    "walker2d": (1.629008, 4592.3), "ant": (-325.6, 3879.7)}
+KITCHEN_HORIZON = 280  # D4RL d4rl/kitchen/__init__.py: max_episode_steps=280 for every task
+KITCHEN_TASK_SCORE = 25.0  # D4RL: ref_min_score 0, ref_max_score 4 tasks -> tasks x 25
+
+
 def _float_or_none(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+def scoring(meta: dict[str, Any], family: str | None, dataset_id: str) -> dict[str, Any]:
+    """How `normalized_score` is computed for this dataset, with its source."""
+    if family == "antmaze":
+        return dict(score="success rate x100 (CQL paper Table 2)", ref_min_score=None,
+                    ref_max_score=None, ref_source=None)
+    if family == "kitchen":
+        return dict(score="tasks completed (0-4) x 25, as D4RL (ref_min 0, ref_max 4)",
+                    ref_min_score=0.0, ref_max_score=4.0,
+                    ref_source="D4RL d4rl/kitchen/__init__.py ref_min_score 0, ref_max_score 4")
+    lo, hi = _float_or_none(meta.get("ref_min_score")), _float_or_none(meta.get("ref_max_score"))
+    source = "dataset metadata (ref_min_score / ref_max_score)"
+    if family == "adroit":
+        source = "dataset metadata: D4RL's reference scores (100-step pen episodes, see eval_env)"
+    if (lo is None or hi is None) and family == "gym":
+        robot = dataset_id.split("/")[1]
+        if robot in D4RL_MUJOCO_REFS:  # Minari's mujoco/* have none (Minari #323)
+            lo, hi = D4RL_MUJOCO_REFS[robot]
+            source = ("D4RL d4rl/gym_mujoco/__init__.py random/expert returns of the v2 "
+                      "datasets' envs (Gym MuJoCo v3): NOT like-for-like with the v5 envs")
+    if lo is None or hi is None:
+        source = None
+    return dict(score="100 * (return - ref_min) / (ref_max - ref_min)" if source else None,
+                ref_min_score=lo, ref_max_score=hi, ref_source=source)
+
+
+def eval_env_spec(dataset, family: str | None) -> gym.envs.registration.EnvSpec:
+    """The env evaluation runs in, built from the dataset's env specs (per family)."""
+    register_robotics_envs()
+    data_spec = dataset.env_spec
+    text = dataset.storage.metadata.get("eval_env_spec")
+    eval_spec = gym.envs.registration.EnvSpec.from_json(text) if text else None
+    if family == "antmaze":
+        return antmaze_eval_spec(data_spec, eval_spec)
+    if family == "kitchen":
+        # Minari collected with tasks kept and no termination (reward accumulates); D4RL's
+        # evaluation removes each task when completed and ends when all are done, 280 steps.
+        return replace(data_spec, max_episode_steps=KITCHEN_HORIZON,
+                       kwargs={**data_spec.kwargs, "remove_task_when_completed": True,
+                               "terminate_on_tasks_completed": True})
+    if family == "adroit":
+        # Minari's spec says 200 steps for every task (pen was 100 until Minari #286; pen
+        # episodes are 100-200 steps, #303), but the reference scores are D4RL's, measured on
+        # D4RL's horizons: 100 steps for pen, 200 for door, relocate and hammer.
+        horizon = 100 if "Pen" in data_spec.id else 200
+        return replace(eval_spec or data_spec, max_episode_steps=horizon)
+    return eval_spec or data_spec
+
+
+def _maze_symmetries(shape: tuple[int, int]):
+    """(name, map transform, cell transform) for identity, the two mirrors and rot180."""
+    h, w = shape
+    return (("identity", lambda a: a, lambda i, j: (i, j)),
+            ("mirror-lr", lambda a: a[:, ::-1], lambda i, j: (i, w - 1 - j)),
+            ("mirror-ud", lambda a: a[::-1, :], lambda i, j: (h - 1 - i, j)),
+            ("rot180", lambda a: a[::-1, ::-1], lambda i, j: (h - 1 - i, w - 1 - j)))
+
+
+def _cell(maze_map: list[list[Any]], mark: str) -> tuple[int, int] | None:
+    found = [(i, j) for i, row in enumerate(maze_map) for j, c in enumerate(row) if c == mark]
+    return found[0] if len(found) == 1 else None
+
+
+def antmaze_eval_spec(data_spec, eval_spec) -> gym.envs.registration.EnvSpec:
+    """The DATA's maze with the eval spec's fixed start (r) and goal (g) cells, ending at the
+    goal (continuing_task=False), the eval horizon (700 umaze, 1000 others).
+
+    The eval spec's maze is the data maze seen under a symmetry: identical for medium/large,
+    the 180-degree rotation for umaze/umaze-diverse (Minari #304, #301: its walls are the
+    mirror image). The eval cells are mapped through the symmetry that takes the eval walls
+    onto the data walls (and, where the data map has a goal cell, its goal onto that goal)."""
+    data_map = data_spec.kwargs.get("maze_map") or gym.spec(data_spec.id).kwargs["maze_map"]
+    walls = np.array([[c == 1 for c in row] for row in data_map])
+    source_map = eval_spec.kwargs.get("maze_map", data_map) if eval_spec else data_map
+    reset, goal = _cell(source_map, "r"), _cell(source_map, "g")
+    if reset is None or goal is None:
+        fail(f"the AntMaze eval spec of {data_spec.id} has no single start (r) and goal (g) "
+             "cell; cannot fix the evaluation episodes")
+    eval_walls = np.array([[c == 1 for c in row] for row in source_map])
+    data_goal = _cell(data_map, "g")
+    options = [(name, cell) for name, grid, cell in _maze_symmetries(walls.shape)
+               if eval_walls.shape == walls.shape and np.array_equal(grid(eval_walls), walls)]
+    if data_goal is not None:
+        options.sort(key=lambda option: option[1](*goal) != data_goal)
+    if not options:
+        fail(f"the AntMaze eval maze of {data_spec.id} matches the data maze under no "
+             "mirror or rotation; cannot place its start and goal in the data maze")
+    _, cell = options[0]
+    maze = [[1 if c == 1 else 0 for c in row] for row in data_map]
+    (ri, rj), (gi, gj) = cell(*reset), cell(*goal)
+    maze[ri][rj], maze[gi][gj] = "r", "g"
+    kwargs = {**data_spec.kwargs, "maze_map": maze, "continuing_task": False,
+              "reset_target": False}
+    steps = (eval_spec or data_spec).max_episode_steps
+    return replace(data_spec, kwargs=kwargs, max_episode_steps=steps)
+
+
+
+
+@dataclass
+class Data:
+    """What training and evaluation take from a dataset."""
+
+    transitions: dict[str, np.ndarray]  # obs, actions, rewards, next_obs, dones, as trained on
+    tf: Transform  # applied identically at evaluation
+    info: dict[str, Any]  # dataset facts and how it is scored (config.json "dataset")
+    eval_env: dict[str, Any]  # JSON spec of the evaluation env (config.json "eval_env")
+
+
+def load_data(args: Args) -> Data:
+    """Dataset id -> transitions as the networks see them, their transform, facts, eval env."""
+    dataset = load_minari_dataset(args.dataset_id)
+    if not isinstance(dataset.action_space, gym.spaces.Box):
+        fail(f"dataset {args.dataset_id} has a {type(dataset.action_space).__name__} action "
+             "space; this script needs continuous (Box) actions: use cql_qrdqn_atari.py")
+    episodes = tqdm(dataset.iterate_episodes(), total=dataset.total_episodes, leave=False,
+                    desc=f"loading {args.dataset_id}", disable=not args.progress)
+    data = episodes_to_transitions(episodes)
+    check_finite(data, args.dataset_id)
+    family = dataset_family(args.dataset_id)
+    if family == "antmaze":
+        data["dones"] = goal_terminals(data)
+    tf = make_transform(data, dataset.action_space, args)
+    info = dict(dataset_id=args.dataset_id, family=family, transitions=len(data["obs"]),
+                episodes=len(data["episode_returns"]), obs_dim=data["obs"].shape[1],
+                action_dim=data["actions"].shape[1], goal_terminals=family == "antmaze",
+                **scoring(dataset.storage.metadata, family, args.dataset_id))
+    return Data(apply_transform(data, tf), tf, info, spec_dict(eval_env_spec(dataset, family)))
+
+
+# ======================================================================================
+# Replay buffer
+# ======================================================================================
 
 
 class ReplayBuffer:
@@ -550,50 +741,17 @@ class ReplayBuffer:
         return {k: v[idx] for k, v in self.data.items()}
 
 
-def goal_terminals(data: dict[str, np.ndarray]) -> np.ndarray:
-    """AntMaze: every goal-reaching step (raw reward 1) is terminal.
+    def state_dict(self) -> dict[str, Any]:
+        return dict(generator=self.generator.get_state())
 
-    Minari's AntMaze data come from a continuing task (never terminated, reward 1 at every
-    step within 0.45 of the goal). D4RL's antmaze datasets store `terminals` equal to these
-    rewards (D4RL issue #199: "a reward/terminal of 1 when the ant is near the goal"), and
-    the official codes train on those terminals: CQL `cql_antmaze_new.py` (`load_hdf5`:
-    `_terminals = dataset['terminals']` from d4rl.qlearning_dataset) and Cal-QL
-    `replay_buffer.py` (`dones=dataset['terminals']`). We follow them: done = reward == 1.
-    Without it Q at the goal heads to r/(1-gamma), and evaluation, which ends at the goal,
-    would not match the data."""
-    return np.maximum(data["dones"], (data["rewards"] == 1.0).astype(np.float32))
-
-
-def load_data(args: Args):
-    """Dataset id -> (replay buffer data, transform, eval env factory, dataset info)."""
-    dataset = load_minari_dataset(args.dataset_id)
-    if not isinstance(dataset.action_space, gym.spaces.Box):
-        fail(f"dataset {args.dataset_id} has a {type(dataset.action_space).__name__} action "
-             "space; this script needs continuous (Box) actions: use cql_qrdqn_atari.py")
-    episodes = tqdm(dataset.iterate_episodes(), total=dataset.total_episodes, leave=False,
-                    desc=f"loading {args.dataset_id}", disable=not args.progress)
-    data = episodes_to_transitions(episodes)
-    check_finite(data, args.dataset_id)
-    family = dataset_family(args.dataset_id)
-    if family == "antmaze":
-        data["dones"] = goal_terminals(data)
-    tf = make_transform(data, dataset.action_space, args)
-    spec = eval_env_spec(dataset, family)
-    info = dict(dataset_id=args.dataset_id, family=family, transitions=len(data["obs"]),
-                episodes=len(data["episode_returns"]), obs_dim=data["obs"].shape[1],
-                action_dim=data["actions"].shape[1], goal_terminals=family == "antmaze",
-                **scoring(dataset.storage.metadata, family, args.dataset_id))
-
-    def make_env() -> gym.Env:
-        register_robotics_envs()
-        return gym.make(spec)
-
-    return apply_transform(data, tf), tf, make_env, info | dict(eval_env=spec_dict(spec))
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
 
 
 # ======================================================================================
-# Networks: tanh-Gaussian actor, twin critics fused into one batched ensemble
+# Networks
 # ======================================================================================
+# Tanh-Gaussian actor, twin critics fused into one batched ensemble, Agent = all of them.
 
 
 class EnsembleLinear(nn.Module):
@@ -812,48 +970,11 @@ def bellman_target(agent: Agent, batch: dict[str, torch.Tensor], args: Args,
         return batch["rewards"] + args.gamma * (1.0 - batch["dones"]) * q_next
 
 
-def compute_losses(agent: Agent, batch: dict[str, torch.Tensor], args: Args, bc: bool,
-                   action_dim: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """All four losses from the same parameters; their sum has disjoint gradients:
-    actor (critic detached), critics (Bellman + CQL), log alpha, log alpha'."""
-    obs, actions = batch["obs"], batch["actions"]
-    alpha = agent.log_alpha.exp()
-
-    # ---- actor: SAC loss, or behaviour cloning for the first bc_steps (official code) ----
-    a_pi, logp_pi = agent.actor(obs)
-    if bc:
-        actor_loss = (alpha.detach() * logp_pi - agent.actor.log_prob(obs, actions)).mean()
-    else:
-        q_pi = agent.critic(obs, a_pi, detach=True).min(0).values
-        actor_loss = (alpha.detach() * logp_pi - q_pi).mean()
-    target_entropy = -action_dim if args.target_entropy is None else args.target_entropy
-    alpha_loss = -(agent.log_alpha * (logp_pi.detach() + target_entropy)).mean()
-
-    # ---- critics: Bellman error (MSE without the 1/2 of Eq. 4, as both official codes) ---
-    target = bellman_target(agent, batch, args, alpha.detach())
-    q_data = agent.critic(obs, actions)  # [E, B]
-    bellman = ((q_data - target) ** 2).mean(-1)  # [E]
-    metrics = dict(bellman_loss=bellman.mean(), q_data=q_data.mean(), actor_loss=actor_loss,
-                   alpha=alpha.detach(), log_pi=logp_pi.detach().mean())
-
-    critic_loss = bellman.sum()
-    if args.cql_weight > 0 or args.lagrange:
-        penalty, alpha_prime_loss = cql_term(agent, batch, args, q_data, action_dim, metrics)
-        critic_loss = critic_loss + penalty.sum()
-    else:  # naive offline SAC
-        alpha_prime_loss = torch.zeros((), device=obs.device)
-        metrics["alpha_prime"] = alpha_prime_loss
-    metrics["critic_loss"] = critic_loss.detach()
-    total = actor_loss + alpha_loss + critic_loss + alpha_prime_loss
-    return total, metrics
-
-
-def cql_term(agent: Agent, batch: dict[str, torch.Tensor], args: Args, q_data: torch.Tensor,
-             action_dim: int, metrics: dict[str, torch.Tensor]
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Conservative penalty per critic [E] and the alpha' loss (0 without Lagrange)."""
+def cql_term(agent: Agent, batch: dict[str, torch.Tensor], args: Args, q_data: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Conservative penalty per critic [E], the alpha' loss (0 without Lagrange), metrics."""
     obs, next_obs = batch["obs"], batch["next_obs"]
-    batch_size, n = obs.shape[0], args.cql_n_actions
+    (batch_size, action_dim), n = batch["actions"].shape, args.cql_n_actions
     rep_obs = obs.unsqueeze(1).expand(-1, n, -1)  # [B, N, d]
     with torch.no_grad():  # proposal samples: the penalty never trains the actor
         a_rand = torch.rand(batch_size, n, action_dim, device=obs.device) * 2 - 1
@@ -871,15 +992,62 @@ def cql_term(agent: Agent, batch: dict[str, torch.Tensor], args: Args, q_data: t
         push_down = cql_eq7_push_down(q_cur)
     gap = cql_penalty(push_down, q_data, args.cql_data_term, args.cql_clip_diff_min,
                       args.cql_clip_diff_max)
-    metrics["cql_gap"] = gap.detach().mean()
-    metrics["q_ood"] = push_down.detach().mean()
+    metrics = dict(cql_gap=gap.detach().mean(), q_ood=push_down.detach().mean())
     if args.lagrange:
         penalty, alpha_prime_loss, alpha_prime = lagrange_terms(
             gap, agent.log_alpha_prime, args.cql_weight, args.cql_tau, args.lagrange_form)
-        metrics["alpha_prime"] = alpha_prime.detach()
-        return penalty, alpha_prime_loss
-    metrics["alpha_prime"] = torch.full((), args.cql_weight, device=obs.device)
-    return args.cql_weight * gap, torch.zeros((), device=obs.device)
+        return penalty, alpha_prime_loss, metrics | dict(alpha_prime=alpha_prime.detach())
+    zero = torch.zeros((), device=obs.device)
+    return args.cql_weight * gap, zero, metrics | dict(alpha_prime=zero + args.cql_weight)
+
+
+def compute_losses(agent: Agent, batch: dict[str, torch.Tensor], args: Args, bc: bool
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The four losses of one update, summed for ONE backward pass. Each trains only its own
+    parameters; what keeps the others out of its gradient:
+
+      loss              trains            kept off the other parameters by
+      actor_loss        actor             critic weights detached (critic(detach=True)),
+                                          alpha detached
+      alpha_loss        log_alpha         log pi detached
+      critic_loss       critic            target under no_grad (bellman_target), CQL
+        (Bellman + CQL)                   proposals under no_grad and their log pi detached
+                                          (cql_term), alpha' detached (lagrange_terms)
+      alpha_prime_loss  log_alpha_prime   gap detached (lagrange_terms)
+      (none)            target_critic     requires_grad False; Polyak in Trainer.step
+
+    Checked by tests/test_cql_sac_losses.py: test_compute_losses_gradients_are_disjoint
+    (the map above), test_cql_term_matches_manual_computation_and_never_trains_the_actor,
+    test_lagrange_alpha_prime_rises_above_tau_and_falls_below (alpha' constant to critics).
+    `bc`: behaviour cloning instead of the SAC actor loss (the first bc_steps updates)."""
+    obs, actions = batch["obs"], batch["actions"]
+    alpha = agent.log_alpha.exp()
+
+    # ---- actor: SAC loss, or behaviour cloning for the first bc_steps (official code) ----
+    a_pi, logp_pi = agent.actor(obs)
+    if bc:
+        actor_loss = (alpha.detach() * logp_pi - agent.actor.log_prob(obs, actions)).mean()
+    else:
+        q_pi = agent.critic(obs, a_pi, detach=True).min(0).values
+        actor_loss = (alpha.detach() * logp_pi - q_pi).mean()
+    target_entropy = -actions.shape[-1] if args.target_entropy is None else args.target_entropy
+    alpha_loss = -(agent.log_alpha * (logp_pi.detach() + target_entropy)).mean()
+
+    # ---- critics: Bellman error (MSE without the 1/2 of Eq. 4, as both official codes) ---
+    target = bellman_target(agent, batch, args, alpha.detach())
+    q_data = agent.critic(obs, actions)  # [E, B]
+    bellman = ((q_data - target) ** 2).mean(-1)  # [E]
+    critic_loss = bellman.sum()
+    if args.cql_weight > 0 or args.lagrange:
+        penalty, alpha_prime_loss, cql_metrics = cql_term(agent, batch, args, q_data)
+        critic_loss = critic_loss + penalty.sum()
+    else:  # naive offline SAC
+        alpha_prime_loss = torch.zeros((), device=obs.device)
+        cql_metrics = dict(alpha_prime=alpha_prime_loss)
+    total = actor_loss + alpha_loss + critic_loss + alpha_prime_loss
+    return total, dict(bellman_loss=bellman.mean(), q_data=q_data.mean(), actor_loss=actor_loss,
+                       alpha=alpha.detach(), log_pi=logp_pi.detach().mean(),
+                       critic_loss=critic_loss.detach(), **cql_metrics)
 
 
 # ======================================================================================
@@ -888,10 +1056,11 @@ def cql_term(agent: Agent, batch: dict[str, torch.Tensor], args: Args, q_data: t
 
 
 class Trainer:
-    """One gradient step with no host sync: losses stay on the device until logged."""
+    """Optimizers and one gradient step with no host sync (the metrics stay on the device until
+    Run.log reads them); counts its updates for the behaviour-cloning warm start."""
 
-    def __init__(self, agent: Agent, args: Args, action_dim: int, device: torch.device):
-        self.agent, self.args, self.action_dim = agent, args, action_dim
+    def __init__(self, agent: Agent, args: Args, device: torch.device):
+        self.agent, self.args, self.updates = agent, args, 0
         fused = device.type == "cuda"
         adam = lambda params, lr: torch.optim.Adam(params, lr=lr, fused=fused or None,
                                                    foreach=None if fused else True)
@@ -902,30 +1071,33 @@ class Trainer:
             alpha_prime=adam([agent.log_alpha_prime], args.alpha_prime_lr),
         )
         self.loss_fn = compute_losses
-        if args.compile:
+        if args.compile:  # --cudagraphs: CUDA graphs replay the captured step
             mode = "reduce-overhead" if args.cudagraphs and device.type == "cuda" else None
             self.loss_fn = torch.compile(compute_losses, mode=mode)
         self.online = list(agent.critic.parameters())
         self.target = list(agent.target_critic.parameters())
 
-    def step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        total, metrics = self.loss_fn(self.agent, batch, self.args, step < self.args.bc_steps,
-                                      self.action_dim)
+        bc = self.updates < self.args.bc_steps
+        total, metrics = self.loss_fn(self.agent, batch, self.args, bc)
         total.backward()
         for opt in self.optimizers.values():
             opt.step()
         with torch.no_grad():  # Polyak averaging of the target critics
             torch._foreach_lerp_(self.target, self.online, self.args.soft_target_update)
+        self.updates += 1
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: opt.state_dict() for k, opt in self.optimizers.items()}
+        return dict(updates=self.updates,
+                    optimizers={k: opt.state_dict() for k, opt in self.optimizers.items()})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = state["updates"]
         for k, opt in self.optimizers.items():
-            opt.load_state_dict(state[k])
+            opt.load_state_dict(state["optimizers"][k])
 
 
 # ======================================================================================
@@ -933,123 +1105,10 @@ class Trainer:
 # ======================================================================================
 
 
-def register_robotics_envs() -> None:
-    """Register gymnasium-robotics' envs (Adroit, AntMaze, Kitchen) when it is installed."""
-    try:
-        import gymnasium_robotics
-    except ImportError:
-        return
-    gym.register_envs(gymnasium_robotics)
-
-
-def spec_dict(spec: gym.envs.registration.EnvSpec) -> dict[str, Any]:
-    """What config.json records as `eval_env`: id, horizon and kwargs (maze_map included)."""
-    return json.loads(json.dumps(dict(id=spec.id, max_episode_steps=spec.max_episode_steps,
-                                      kwargs=spec.kwargs)))
-
-
-# D4RL's Gym-MuJoCo reference returns (d4rl/gym_mujoco/__init__.py, *_RANDOM_SCORE and
-# *_EXPERT_SCORE, used for every split of the v0-v2 datasets): (random, expert).
-D4RL_MUJOCO_REFS = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0),
-                    "walker2d": (1.629008, 4592.3), "ant": (-325.6, 3879.7)}
-KITCHEN_HORIZON = 280  # D4RL d4rl/kitchen/__init__.py: max_episode_steps=280 for every task
-KITCHEN_TASK_SCORE = 25.0  # D4RL: ref_min_score 0, ref_max_score 4 tasks -> tasks x 25
-
-
-def scoring(meta: dict[str, Any], family: str | None, dataset_id: str) -> dict[str, Any]:
-    """How `normalized_score` is computed for this dataset, with its source."""
-    if family == "antmaze":
-        return dict(score="success rate x100 (CQL paper Table 2)", ref_min_score=None,
-                    ref_max_score=None, ref_source=None)
-    if family == "kitchen":
-        return dict(score="tasks completed (0-4) x 25, as D4RL (ref_min 0, ref_max 4)",
-                    ref_min_score=0.0, ref_max_score=4.0,
-                    ref_source="D4RL d4rl/kitchen/__init__.py ref_min_score 0, ref_max_score 4")
-    lo, hi = _float_or_none(meta.get("ref_min_score")), _float_or_none(meta.get("ref_max_score"))
-    source = "dataset metadata (ref_min_score / ref_max_score)"
-    if family == "adroit":
-        source = "dataset metadata: D4RL's reference scores (100-step pen episodes, see eval_env)"
-    if (lo is None or hi is None) and family == "gym":
-        robot = dataset_id.split("/")[1]
-        if robot in D4RL_MUJOCO_REFS:  # Minari's mujoco/* have none (Minari #323)
-            lo, hi = D4RL_MUJOCO_REFS[robot]
-            source = ("D4RL d4rl/gym_mujoco/__init__.py random/expert returns of the v2 "
-                      "datasets' envs (Gym MuJoCo v3): NOT like-for-like with the v5 envs")
-    if lo is None or hi is None:
-        source = None
-    return dict(score="100 * (return - ref_min) / (ref_max - ref_min)" if source else None,
-                ref_min_score=lo, ref_max_score=hi, ref_source=source)
-
-
-def eval_env_spec(dataset, family: str | None) -> gym.envs.registration.EnvSpec:
-    """The env evaluation runs in, built from the dataset's env specs (per family)."""
+def make_eval_env(spec: dict[str, Any]) -> gym.Env:
+    """The evaluation env from its JSON spec (Data.eval_env, config.json `eval_env`)."""
     register_robotics_envs()
-    data_spec = dataset.env_spec
-    text = dataset.storage.metadata.get("eval_env_spec")
-    eval_spec = gym.envs.registration.EnvSpec.from_json(text) if text else None
-    if family == "antmaze":
-        return antmaze_eval_spec(data_spec, eval_spec)
-    if family == "kitchen":
-        # Minari collected with tasks kept and no termination (reward accumulates); D4RL's
-        # evaluation removes each task when completed and ends when all are done, 280 steps.
-        return replace(data_spec, max_episode_steps=KITCHEN_HORIZON,
-                       kwargs={**data_spec.kwargs, "remove_task_when_completed": True,
-                               "terminate_on_tasks_completed": True})
-    if family == "adroit":
-        # Minari's spec says 200 steps for every task (pen was 100 until Minari #286; pen
-        # episodes are 100-200 steps, #303), but the reference scores are D4RL's, measured on
-        # D4RL's horizons: 100 steps for pen, 200 for door, relocate and hammer.
-        horizon = 100 if "Pen" in data_spec.id else 200
-        return replace(eval_spec or data_spec, max_episode_steps=horizon)
-    return eval_spec or data_spec
-
-
-def _maze_symmetries(shape: tuple[int, int]):
-    """(name, map transform, cell transform) for identity, the two mirrors and rot180."""
-    h, w = shape
-    return (("identity", lambda a: a, lambda i, j: (i, j)),
-            ("mirror-lr", lambda a: a[:, ::-1], lambda i, j: (i, w - 1 - j)),
-            ("mirror-ud", lambda a: a[::-1, :], lambda i, j: (h - 1 - i, j)),
-            ("rot180", lambda a: a[::-1, ::-1], lambda i, j: (h - 1 - i, w - 1 - j)))
-
-
-def _cell(maze_map: list[list[Any]], mark: str) -> tuple[int, int] | None:
-    found = [(i, j) for i, row in enumerate(maze_map) for j, c in enumerate(row) if c == mark]
-    return found[0] if len(found) == 1 else None
-
-
-def antmaze_eval_spec(data_spec, eval_spec) -> gym.envs.registration.EnvSpec:
-    """The DATA's maze with the eval spec's fixed start (r) and goal (g) cells, ending at the
-    goal (continuing_task=False), the eval horizon (700 umaze, 1000 others).
-
-    The eval spec's maze is the data maze seen under a symmetry: identical for medium/large,
-    the 180-degree rotation for umaze/umaze-diverse (Minari #304, #301: its walls are the
-    mirror image). The eval cells are mapped through the symmetry that takes the eval walls
-    onto the data walls (and, where the data map has a goal cell, its goal onto that goal)."""
-    data_map = data_spec.kwargs.get("maze_map") or gym.spec(data_spec.id).kwargs["maze_map"]
-    walls = np.array([[c == 1 for c in row] for row in data_map])
-    source_map = eval_spec.kwargs.get("maze_map", data_map) if eval_spec else data_map
-    reset, goal = _cell(source_map, "r"), _cell(source_map, "g")
-    if reset is None or goal is None:
-        fail(f"the AntMaze eval spec of {data_spec.id} has no single start (r) and goal (g) "
-             "cell; cannot fix the evaluation episodes")
-    eval_walls = np.array([[c == 1 for c in row] for row in source_map])
-    data_goal = _cell(data_map, "g")
-    options = [(name, cell) for name, grid, cell in _maze_symmetries(walls.shape)
-               if eval_walls.shape == walls.shape and np.array_equal(grid(eval_walls), walls)]
-    if data_goal is not None:
-        options.sort(key=lambda option: option[1](*goal) != data_goal)
-    if not options:
-        fail(f"the AntMaze eval maze of {data_spec.id} matches the data maze under no "
-             "mirror or rotation; cannot place its start and goal in the data maze")
-    _, cell = options[0]
-    maze = [[1 if c == 1 else 0 for c in row] for row in data_map]
-    (ri, rj), (gi, gj) = cell(*reset), cell(*goal)
-    maze[ri][rj], maze[gi][gj] = "r", "g"
-    kwargs = {**data_spec.kwargs, "maze_map": maze, "continuing_task": False,
-              "reset_target": False}
-    steps = (eval_spec or data_spec).max_episode_steps
-    return replace(data_spec, kwargs=kwargs, max_episode_steps=steps)
+    return gym.make(spec["id"], max_episode_steps=spec["max_episode_steps"], **spec["kwargs"])
 
 
 def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[str, Any],
@@ -1107,84 +1166,77 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
                 success_rate=success_rate, episode_length=float(np.mean(lengths)), **extra)
 
 
+
+def final_summary(history: list[dict[str, Any]], info: dict[str, Any], args: Args
+                  ) -> dict[str, Any]:
+    """summary.json's numbers: the last evaluation, and how its score is computed."""
+    last = history[-1]
+    return dict(final_normalized_score=last["normalized_score"],
+                final_return=last["return_mean"], score=info.get("score"),
+                ref_source=info.get("ref_source"), value_gap=last["value_gap"],
+                success_rate=last["success_rate"], total_steps=args.total_steps)
+
+
 # ======================================================================================
-# Run directory, checkpoints, resume
+# Main loop
 # ======================================================================================
 
-# Fields that may differ on resume without changing the result.
+
+def main(args: Args) -> dict[str, Any]:
+    """Train with a complete Args (parse_args, or preset_args plus replace)."""
+    check_args(args)
+    device = pick_device(args.device)
+    args = replace(args, run_dir=args.resume or args.run_dir or default_run_dir(args))
+    torch.manual_seed(args.seed)  # all training randomness is torch's; eval envs are seeded
+    data = load_data(args)
+    buffer = ReplayBuffer(data.transitions, device, args.seed)
+    agent = Agent(data.info["obs_dim"], data.info["action_dim"], args).to(device)
+    trainer = Trainer(agent, args, device)
+    env = make_eval_env(data.eval_env)
+    run = Run(args, dict(agent=agent, trainer=trainer, buffer=buffer), data.info,
+              data.eval_env, device)
+    for step in tqdm(range(run.step + 1, args.total_steps + 1), initial=run.step,
+                     total=args.total_steps, desc=f"CQL {args.env}", disable=not args.progress):
+        metrics = trainer.step(buffer.sample(args.batch_size))
+        if run.due(step, args.log_every, args.eval_every, last=args.total_steps):
+            run.log(step, metrics)
+        if run.due(step, args.eval_every, last=args.total_steps):
+            run.evaluate_and_checkpoint(
+                step, lambda: evaluate(agent, env, data.tf, args, data.info, device))
+        run.stop_if_signalled(step)
+    env.close()
+    return run.finish(final_summary(run.history, data.info, args))
+
+
+# ======================================================================================
+# Run plumbing: not part of the algorithm
+# ======================================================================================
+# The run directory contract, the same block under the same names in all three scripts:
+#   config.json    resolved arguments, dataset facts, eval env, versions (written once)
+#   metrics.jsonl  one row per evaluation; rebuilt from the checkpoint on resume
+#   checkpoint.pt  everything needed to continue bit-identically on CPU (atomic, fsync'd)
+#   summary.json   final numbers, speed, wall time over all sessions (atomic, fsync'd)
+# SIGINT/SIGTERM checkpoint and exit 128+signal; `--resume RUN_DIR` continues; a resume
+# whose arguments differ from config.json (but for RESUME_FREE) is refused.
+#
+# Per script, above this banner, only: RESUME_FREE's extension field (the length that a
+# finished run may grow by) and the `parts` passed to Run (objects with state_dict() /
+# load_state_dict(): agent, trainer, buffers, loop counters).
+
 RESUME_FREE = {"resume", "run_dir", "track", "wandb_project", "wandb_entity", "progress",
-               "log_every", "total_steps"}  # total_steps: a finished run may be extended
+               "log_every", "total_steps"}  # LENGTH_FIELD: total_steps / online_steps
+REPORT_KEYS = ("step", "phase", "env_steps", "return_mean", "score", "normalized_score",
+               "success_rate", "value_gap")  # printed after each evaluation, when present
 
 
-def config_dict(args: Args) -> dict[str, Any]:
-    cfg = asdict(args)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+def default_run_dir(args: Args) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"runs/{Path(__file__).stem}__{args.env}__s{args.seed}__{stamp}"
 
 
-def check_resume_config(run_dir: Path, args: Args) -> None:
-    """Refuse a resume whose resolved config differs from the run's config.json."""
-    path = run_dir / "config.json"
-    if not (run_dir / "checkpoint.pt").exists() or not path.exists():
-        fail(f"--resume {run_dir}: no checkpoint.pt/config.json there; start a new run instead")
-    saved = json.loads(path.read_text())["args"]
-    now = json.loads(json.dumps(config_dict(args)))  # tuples -> lists, inf -> Infinity
-    diff = sorted(k for k in now if k not in RESUME_FREE and saved.get(k) != now[k])
-    if diff:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
-        fail(f"--resume {run_dir} does not match its config.json ({detail}); "
-             "rerun with the original arguments or start a new run")
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temp file in the same directory, fsync, then rename: never half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def save_checkpoint(path: Path, agent: Agent, trainer: Trainer, buffer: ReplayBuffer,
-                    step: int, history: list[dict[str, Any]], timing: dict[str, float]) -> None:
-    atomic_torch_save(dict(
-        step=step, agent=agent.state_dict(), optimizers=trainer.state_dict(),
-        sampler=buffer.generator.get_state(), torch_rng=torch.get_rng_state(),
-        cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        history=history, timing=timing,
-    ), path)
-
-
-def load_checkpoint(path: Path, agent: Agent, trainer: Trainer, buffer: ReplayBuffer
-                    ) -> tuple[int, list[dict[str, Any]], dict[str, float]]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    agent.load_state_dict(ckpt["agent"])
-    trainer.load_state_dict(ckpt["optimizers"])
-    buffer.generator.set_state(ckpt["sampler"])
-    torch.set_rng_state(ckpt["torch_rng"])
-    if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-    return ckpt["step"], ckpt["history"], ckpt["timing"]
-
-
-class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints and exits at the next step boundary."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._old = {s: signal.signal(s, self._set) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def _set(self, signum, _frame) -> None:
-        self.signal = signum
-
-    def restore(self) -> None:
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
-
-
-# ======================================================================================
-# Main
-# ======================================================================================
+def fail(message: str) -> NoReturn:
+    """Stop with a one-line error (exit code 1, no traceback)."""
+    raise SystemExit(f"error: {message}")
 
 
 def pick_device(name: str) -> torch.device:
@@ -1195,148 +1247,197 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def seed_everything(seed: int) -> None:
-    """All randomness of training is torch's (numpy draws nothing); evaluation envs are seeded."""
-    torch.manual_seed(seed)
+def config_dict(args: Args) -> dict[str, Any]:
+    """Args as JSON-ready values (tuples -> lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(args).items()}
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/inf -> None, recursively: config, metrics and summary stay valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Temp file in the same directory, fsync, rename: the file is whole or untouched."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(json_safe(obj), indent=2).encode())
 
 
 def host_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     """The one host sync: all training metrics in a single transfer."""
     keys = sorted(metrics)
-    values = torch.stack([metrics[k].float() for k in keys]).tolist()
+    values = torch.stack([metrics[k].detach().float() for k in keys]).tolist()
     return dict(zip(keys, values, strict=True))
 
 
-def check_divergence(values: dict[str, float], step: int, args: Args, run_dir: Path,
-                     last_good: int | None) -> None:
-    bad = [k for k, v in values.items() if not math.isfinite(v)]
-    if not bad and abs(values.get("q_data", 0.0)) > args.max_abs_q:
-        bad = ["q_data"]
-    if bad:
-        where = (f"last good checkpoint: {run_dir / 'checkpoint.pt'} (step {last_good})"
-                 if last_good is not None else "no checkpoint was written yet")
-        fail(f"training diverged at step {step} ({', '.join(bad)} non-finite or |Q| > "
-             f"{args.max_abs_q:g}); {where}; lower the learning rates or raise --cql-weight")
+class Run:
+    """One run directory: config, evaluation rows, checkpoints of `parts`, resume, stop
+    signals, the divergence guard, W&B and the summary. The main loop calls `log`,
+    `evaluate_and_checkpoint` and `stop_if_signalled`; nothing here touches the algorithm."""
 
+    def __init__(self, args: Args, parts: dict[str, Any], info: dict[str, Any],
+                 eval_env: dict[str, Any], device: torch.device):
+        self.args, self.parts = args, parts
+        self.dir = Path(args.run_dir)
+        self.ckpt = self.dir / "checkpoint.pt"
+        self.step, self.history = 0, []
+        self.timing = dict(train_s=0.0, wall_s=0.0)
+        self.train_values: dict[str, float] = {}
+        if self.dir.exists() and not self.dir.is_dir():
+            fail(f"--run-dir {self.dir} is a file, not a directory; pick another --run-dir")
+        if args.resume:
+            self.check_resume_config()
+            self.load()
+        else:
+            if (self.dir / "checkpoint.pt").exists():
+                fail(f"{self.dir} already holds a run; continue it with --resume {self.dir} "
+                     "or pick another --run-dir")
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.dir / "config.json", dict(
+                args=config_dict(args), dataset=info, eval_env=eval_env,
+                script=Path(__file__).name, torch=torch.__version__, device=str(device)))
+        # metrics.jsonl = the checkpoint's history: rows written after the last checkpoint
+        # (a hard kill between the two writes) are dropped, never duplicated.
+        atomic_write(self.dir / "metrics.jsonl",
+                     "".join(json.dumps(json_safe(r)) + "\n" for r in self.history).encode())
+        self.wandb = self.init_wandb() if args.track else None
+        self.signal: int | None = None
+        self._handlers = {s: signal.signal(s, self._on_signal)
+                          for s in (signal.SIGINT, signal.SIGTERM)}
+        now = time.perf_counter()
+        self._wall0, self._train0 = now - self.timing["wall_s"], now
 
-def default_run_dir(args: Args) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return f"runs/cql_sac_continuous__{args.env}__s{args.seed}__{stamp}"
+    # ---- called by the main loop -----------------------------------------------------
+    def due(self, step: int, *every: int, last: int | None = None) -> bool:
+        """True at multiples of any `every` and at the last step."""
+        return any(step % e == 0 for e in every) or step == last
 
+    def log(self, step: int, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Read the training metrics (the only host sync), guard against divergence."""
+        self.train_values = host_metrics(metrics)
+        bad = sorted(k for k, v in self.train_values.items() if not math.isfinite(v))
+        q_max = max(abs(self.train_values.get(k, 0.0)) for k in ("q_data", "q_abs_max"))
+        if bad or q_max > self.args.max_abs_q:
+            what = ", ".join(bad) + " non-finite" if bad else f"|Q| {q_max:.3g} > --max-abs-q"
+            kept = (f"the last good checkpoint is {self.ckpt} (step {self.history[-1]['step']})"
+                    if self.history else "no checkpoint was written")
+            fail(f"training diverged at step {step} ({what}); {kept}; lower the learning "
+                 "rates or raise --cql-weight")
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in self.train_values.items()}, step=step)
+        return self.train_values
 
-def main(args: Args) -> dict[str, Any]:
-    """Train with a complete Args (parse_args or preset_args plus replace)."""
-    args = apply_hidden_dims(args)
-    check_args(args)
-    device = pick_device(args.device)
-    run_dir = Path(args.resume or args.run_dir or default_run_dir(args))
-    args = replace(args, run_dir=str(run_dir))
-    if args.resume:
-        check_resume_config(run_dir, args)
-    seed_everything(args.seed)
+    def evaluate_and_checkpoint(self, step: int, evaluate: Callable[[], dict[str, Any]],
+                                **fields: Any) -> dict[str, Any]:
+        """One metrics row: `fields`, the evaluation, the last training metrics; then the
+        checkpoint. Evaluation time is not training time (updates_per_sec)."""
+        self.timing["train_s"] += time.perf_counter() - self._train0
+        row = dict(step=step, **fields, **evaluate(), **self.train_values)
+        self.history.append(row)
+        with open(self.dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(json_safe(row)) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({f"eval/{k}": v for k, v in row.items()
+                            if isinstance(v, (int, float))}, step=step)
+        self.step = step
+        self.save()
+        tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in row.items() if k in REPORT_KEYS and v is not None))
+        self._train0 = time.perf_counter()
+        return row
 
-    data, tf, make_env, info = load_data(args)
-    buffer = ReplayBuffer(data, device, args.seed)
-    agent = Agent(info["obs_dim"], info["action_dim"], args).to(device)
-    trainer = Trainer(agent, args, info["action_dim"], device)
-    env = make_env()
+    def stop_if_signalled(self, step: int) -> None:
+        """After SIGINT/SIGTERM: checkpoint here and exit 128+signal."""
+        if self.signal is None:
+            return
+        self.timing["train_s"] += time.perf_counter() - self._train0
+        self.step = step
+        self.save()
+        print(f"stopped by signal {self.signal} at step {step}; continue with the same "
+              f"arguments plus --resume {self.dir}", file=sys.stderr)
+        self.close()
+        raise SystemExit(128 + self.signal)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run_dir / "checkpoint.pt"
-    start, history, timing = 0, [], dict(train_s=0.0, wall_s=0.0)
-    if args.resume:
-        start, history, timing = load_checkpoint(ckpt_path, agent, trainer, buffer)
-        # metrics.jsonl may hold evaluations past the checkpoint (killed after writing it).
-        with open(run_dir / "metrics.jsonl", "w") as fh:
-            fh.writelines(json.dumps(row) + "\n" for row in history)
-    else:
-        (run_dir / "metrics.jsonl").write_text("")
-        dataset_info = {k: v for k, v in info.items() if k != "eval_env"}
-        (run_dir / "config.json").write_text(json.dumps(
-            dict(args=config_dict(args), dataset=dataset_info, eval_env=info["eval_env"],
-                 torch=torch.__version__, device=str(device)), indent=2))
-    wandb_run = init_wandb(args, run_dir) if args.track else None
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """summary.json: the script's final numbers plus speed and wall time."""
+        self.timing["train_s"] += time.perf_counter() - self._train0
+        self.timing["wall_s"] = time.perf_counter() - self._wall0
+        summary = json_safe(dict(summary, updates_per_sec=self.step / max(
+            self.timing["train_s"], 1e-9), wall_time_s=self.timing["wall_s"]))
+        write_json(self.dir / "summary.json", summary)
+        if self.wandb is not None:
+            self.wandb.summary.update(summary)
+            self.wandb.finish()
+        self.close()
+        return summary
 
-    stop = StopFlag()
-    last_good = history[-1]["step"] if history else None
-    train_values: dict[str, float] = {}
-    bar = tqdm(total=args.total_steps, initial=start, disable=not args.progress,
-               desc=f"CQL {args.env}", dynamic_ncols=True)
-    step, t0 = start, time.perf_counter()
-    wall0 = t0 - timing["wall_s"]  # wall clock of all sessions so far
+    def close(self) -> None:
+        for s, handler in self._handlers.items():
+            signal.signal(s, handler)
 
-    def checkpoint() -> None:
-        timing["wall_s"] = time.perf_counter() - wall0
-        save_checkpoint(ckpt_path, agent, trainer, buffer, step, history, timing)
+    # ---- checkpoints and resume -------------------------------------------------------
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.signal = signum  # acted on at the next step boundary
 
-    try:
-        while step < args.total_steps:
-            metrics = trainer.step(buffer.sample(args.batch_size), step)
-            step += 1
-            bar.update(1)
-            if step % args.log_every == 0 or step % args.eval_every == 0 \
-                    or step == args.total_steps:
-                train_values = host_metrics(metrics)
-                check_divergence(train_values, step, args, run_dir, last_good)
-                bar.set_postfix(q=f"{train_values['q_data']:.1f}",
-                                gap=f"{train_values.get('cql_gap', 0.0):.2f}")
-                if wandb_run is not None:
-                    wandb_run.log({f"train/{k}": v for k, v in train_values.items()}, step=step)
-            if step % args.eval_every == 0 or step == args.total_steps:
-                timing["train_s"] += time.perf_counter() - t0  # updates only, no evaluation
-                row = dict(step=step, **evaluate(agent, env, tf, args, info, device),
-                           **train_values)
-                history.append(row)
-                with open(run_dir / "metrics.jsonl", "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                if wandb_run is not None:
-                    wandb_run.log({f"eval/{k}": v for k, v in row.items() if v is not None},
-                                  step=step)
-                checkpoint()
-                last_good = step
-                bar.write(f"step {step}: return {row['return_mean']:.1f}, normalized "
-                          f"{row['normalized_score']}, value_gap {row['value_gap']:.2f}")
-                t0 = time.perf_counter()
-            if stop.signal is not None and step < args.total_steps:
-                timing["train_s"] += time.perf_counter() - t0
-                checkpoint()
-                print(f"stopped by signal {stop.signal} at step {step}; resume with the same "
-                      f"arguments plus --resume {run_dir}", file=sys.stderr)
-                raise SystemExit(128 + stop.signal)
-    finally:
-        stop.restore()
-        bar.close()
-        env.close()
-    timing["wall_s"] = time.perf_counter() - wall0
-    summary = write_summary(run_dir, args, history, timing, info)
-    if wandb_run is not None:
-        wandb_run.summary.update(summary)
-        wandb_run.finish()
-    return summary
+    def save(self) -> None:
+        self.timing["wall_s"] = time.perf_counter() - self._wall0
+        state = dict(step=self.step, history=self.history, timing=self.timing,
+                     parts={k: p.state_dict() for k, p in self.parts.items()},
+                     torch_rng=torch.get_rng_state(),
+                     cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                     else None)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write(self.ckpt, buffer.getvalue())
 
+    def load(self) -> None:
+        try:
+            state = torch.load(self.ckpt, map_location="cpu", weights_only=False)
+        except Exception as exc:  # truncated or overwritten file: many error types
+            fail(f"{self.ckpt} is damaged ({type(exc).__name__}) and cannot be resumed; "
+                 "checkpoints are replaced atomically, so it was damaged after it was "
+                 "written and no earlier state is kept; start a new run")
+        for k, part in self.parts.items():
+            part.load_state_dict(state["parts"][k])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step, self.history, self.timing = state["step"], state["history"], state["timing"]
 
-def write_summary(run_dir: Path, args: Args, history: list[dict[str, Any]],
-                  timing: dict[str, float], info: dict[str, Any]) -> dict[str, Any]:
-    """summary.json: final evaluation, speed (updates/s excludes evaluation), wall time."""
-    last = history[-1]
-    summary = dict(final_normalized_score=last["normalized_score"],
-                   final_return=last["return_mean"], score=info.get("score"),
-                   ref_source=info.get("ref_source"), value_gap=last["value_gap"],
-                   success_rate=last["success_rate"], total_steps=args.total_steps,
-                   updates_per_sec=args.total_steps / max(timing["train_s"], 1e-9),
-                   wall_time_s=timing["wall_s"])
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, run_dir / "summary.json")
-    return summary
+    def check_resume_config(self) -> None:
+        """Refuse a resume whose arguments differ from the run's config.json."""
+        path = self.dir / "config.json"
+        if not self.ckpt.exists() or not path.exists():
+            fail(f"--resume {self.dir}: no checkpoint.pt and config.json there; "
+                 "start a new run instead")
+        saved = json.loads(path.read_text())["args"]
+        now = json_safe(json.loads(json.dumps(config_dict(self.args))))
+        diff = sorted(k for k in now if k not in RESUME_FREE and saved.get(k) != now[k])
+        if diff:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
+            fail(f"--resume {self.dir} does not match its config.json ({detail}); rerun "
+                 "with the original arguments or start a new run")
 
+    def init_wandb(self):
+        import wandb
 
-def init_wandb(args: Args, run_dir: Path):
-    import wandb
-
-    return wandb.init(project=args.wandb_project, entity=args.wandb_entity,
-                      config=config_dict(args), name=run_dir.name, dir=str(run_dir),
-                      id=run_dir.name.replace("/", "_")[-64:], resume="allow")
+        return wandb.init(project=self.args.wandb_project, entity=self.args.wandb_entity,
+                          config=config_dict(self.args), name=self.dir.name,
+                          dir=str(self.dir), id=self.dir.name[-64:], resume="allow")
 
 
 if __name__ == "__main__":

@@ -227,7 +227,7 @@ def load_buffer(script: str, dataset_id: str, device: torch.device) -> int:
     else:
         module = sac if script == CQL_SAC else calql
         env = next(k for k, (ds, _) in module.ENV_PRESETS.items() if ds == dataset_id)
-        data = module.load_data(module.preset_args(env))[0]
+        data = module.load_data(module.preset_args(env)).transitions
         n = module.ReplayBuffer(data, device, 0).size
     sync(device)
     return n
@@ -455,8 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{case.script} {case.size} {mode}: {r['updates_per_sec']:.2f} updates/s "
                   f"(warm-up {r['warmup_s']:.1f}s)", flush=True)
             if case.script == CQL_SAC:
-                args_ = sac.apply_hidden_dims(replace(sac.preset_args(case.env),
-                                                      **dict(case.overrides)))
+                args_ = replace(sac.preset_args(case.env), **dict(case.overrides))
                 flop = cql_sac_flops(case.obs_dim, case.action_dim, args_.actor_hidden_dims,
                                      args_.critic_hidden_dims, args_.batch_size,
                                      args_.cql_n_actions, max_backup=args_.max_backup)

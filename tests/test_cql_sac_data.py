@@ -107,11 +107,14 @@ def test_replay_buffer_samples_real_rows_deterministically():
 def test_load_data_on_local_pendulum(local_dataset):
     local_dataset("pendulum-medium")
     args = cql.preset_args("pendulum-medium")
-    data, tf, make_env, info = cql.load_data(args)
+    data = cql.load_data(args)
+    tf, info = data.tf, data.info
     assert info["transitions"] == 20_000 and info["episodes"] == 100
     assert (info["obs_dim"], info["action_dim"]) == (3, 1)
     assert info["ref_min_score"] < info["ref_max_score"] < 0
-    assert np.abs(data["actions"]).max() <= 1.0 and data["dones"].sum() == 0  # time limits only
+    transitions = data.transitions
+    assert np.abs(transitions["actions"]).max() <= 1.0
+    assert transitions["dones"].sum() == 0  # time limits only
     assert float(tf.action_scale[0]) == 2.0
-    env = make_env()
+    env = cql.make_eval_env(data.eval_env)
     assert env.spec.id == "Pendulum-v1" and env.spec.max_episode_steps == 200

@@ -12,7 +12,7 @@ import cql_sac_continuous as cql
 
 
 def make_args(**overrides) -> cql.Args:
-    return cql.apply_hidden_dims(cql.replace(cql.preset_args("pendulum-medium"), **overrides))
+    return cql.replace(cql.preset_args("pendulum-medium"), **overrides)
 
 
 # ---------------------------------------------------------------- importance sampling (App. F)
@@ -106,7 +106,7 @@ def test_penalty_gap_and_eq1_variant(data_term):
 
 
 def small_agent(**overrides):
-    args = make_args(hidden_dims=(16, 16), **overrides)
+    args = make_args(actor_hidden_dims=(16, 16), critic_hidden_dims=(16, 16), **overrides)
     torch.manual_seed(0)
     return cql.Agent(3, 2, args), args
 
@@ -123,7 +123,8 @@ def test_cql_term_matches_manual_computation_and_never_trains_the_actor():
     batch = random_batch()
     q_data = agent.critic(batch["obs"], batch["actions"])
     torch.manual_seed(7)
-    penalty, alpha_prime_loss = cql.cql_term(agent, batch, args, q_data, 2, {})
+    penalty, alpha_prime_loss, metrics = cql.cql_term(agent, batch, args, q_data)
+    assert set(metrics) == {"cql_gap", "q_ood", "alpha_prime"}  # returned, not written
     # Redo by hand with the same random draws: uniform, pi(s), pi(s'), all scored at s.
     torch.manual_seed(7)
     b, n = 32, args.cql_n_actions
@@ -158,7 +159,7 @@ def test_penalty_gradient_lowers_ood_q_and_raises_data_q():
     for _ in range(50):
         opt.zero_grad()
         q_data = agent.critic(batch["obs"], batch["actions"])
-        cql.cql_term(agent, batch, args, q_data, 2, {})[0].sum().backward()
+        cql.cql_term(agent, batch, args, q_data)[0].sum().backward()
         opt.step()
     assert agent.critic(batch["obs"], batch["actions"]).mean().item() > q_data0 + 0.5
     assert agent.critic(obs, probe).mean().item() < q_ood0 - 0.5
@@ -262,10 +263,18 @@ def test_bellman_target_backups(backup_entropy, max_backup):
 def test_compute_losses_gradients_are_disjoint():
     """Actor loss trains only the actor; the CQL and Bellman terms only the critics."""
     agent, args = small_agent(lagrange=True)
-    total, metrics = cql.compute_losses(agent, random_batch(), args, bc=False, action_dim=2)
+    total, metrics = cql.compute_losses(agent, random_batch(), args, bc=False)
     actor_grads = torch.autograd.grad(metrics["actor_loss"], list(agent.critic.parameters()),
-                                      allow_unused=True)
+                                      allow_unused=True, retain_graph=True)
     assert all(g is None for g in actor_grads)
+    others = [agent.log_alpha, agent.log_alpha_prime]  # alpha is detached in the actor loss
+    assert all(g is None for g in torch.autograd.grad(metrics["actor_loss"], others,
+                                                      allow_unused=True, retain_graph=True))
+    # Neither the critic loss nor the alpha / alpha' losses reach the actor (what reaches it
+    # is the actor loss, cancelled exactly).
+    rest = torch.autograd.grad(total - metrics["actor_loss"], list(agent.actor.parameters()),
+                               allow_unused=True, retain_graph=True)
+    assert all(g is None or not g.any() for g in rest)
     total.backward()
     for module in (agent.actor, agent.critic):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
@@ -280,6 +289,6 @@ def test_behaviour_cloning_warm_start_raises_data_likelihood():
     before = agent.actor.log_prob(batch["obs"], batch["actions"]).mean().item()
     for _ in range(100):
         opt.zero_grad()
-        cql.compute_losses(agent, batch, args, bc=True, action_dim=2)[1]["actor_loss"].backward()
+        cql.compute_losses(agent, batch, args, bc=True)[1]["actor_loss"].backward()
         opt.step()
     assert agent.actor.log_prob(batch["obs"], batch["actions"]).mean().item() > before + 0.4

@@ -153,8 +153,9 @@ def test_lagrange_target_gap_is_the_papers_tau(env):
 
 
 def test_initial_alpha_prime_and_log_std_affine_reach_the_networks():
-    ant = cql.replace(cql.preset_args("antmaze-umaze"), hidden_dims=(8,))
-    agent = cql.Agent(5, 2, cql.apply_hidden_dims(ant))
+    ant = cql.replace(cql.preset_args("antmaze-umaze"), actor_hidden_dims=(8,),
+                      critic_hidden_dims=(8,))
+    agent = cql.Agent(5, 2, ant)
     assert agent.log_alpha_prime.item() == 1.0  # Cal-QL / CORL Scalar(1.0)
     actor = agent.actor
     assert actor.log_std_multiplier.item() == 1.0 and actor.log_std_offset.item() == -1.0
@@ -165,8 +166,8 @@ def test_initial_alpha_prime_and_log_std_affine_reach_the_networks():
     torch.testing.assert_close(actor.dist(obs)[1], (0.5 * raw - 1.0).clamp(-20, 2))
     names = {n for n, _ in actor.named_parameters()}
     assert {"log_std_multiplier", "log_std_offset"} <= names  # trained with the actor
-    pen = cql.Agent(5, 2, cql.apply_hidden_dims(cql.replace(cql.preset_args("pen-human"),
-                                                            hidden_dims=(8,))))
+    pen = cql.Agent(5, 2, cql.replace(cql.preset_args("pen-human"), actor_hidden_dims=(8,),
+                                      critic_hidden_dims=(8,)))
     assert pen.log_alpha_prime.item() == 0.0  # rlkit ptu.zeros(1)
     assert not hasattr(pen.actor, "log_std_multiplier")
 

@@ -24,7 +24,8 @@ TINY = ["--hidden-dims", "16", "16", "--batch-size", "32", "--cql-n-actions", "3
 
 
 def tiny_args(run_dir: Path, **overrides) -> cql.Args:
-    base = dict(run_dir=str(run_dir), hidden_dims=(16, 16), batch_size=32, cql_n_actions=3,
+    base = dict(run_dir=str(run_dir), actor_hidden_dims=(16, 16), critic_hidden_dims=(16, 16),
+                batch_size=32, cql_n_actions=3,
                 eval_episodes=1, total_steps=60, eval_every=30, log_every=25, progress=False)
     return cql.replace(cql.preset_args("pendulum-medium"), **{**base, **overrides})
 
@@ -86,9 +87,8 @@ def test_compile_gives_the_eager_losses(one_torch_thread):
     (backend aot_eager: eager kernels, eager RNG) is bit-identical; inductor, the script's
     backend, draws its own random numbers, so its random-dependent metrics are compared with
     the spread of eager over seeds and the deterministic ones exactly (no private settings)."""
-    args = cql.apply_hidden_dims(cql.replace(cql.preset_args("pendulum-medium"), compile=True,
-                                             hidden_dims=(16, 16), cql_n_actions=3,
-                                             lagrange=True))
+    args = cql.replace(cql.preset_args("pendulum-medium"), compile=True, cql_n_actions=3,
+                       actor_hidden_dims=(16, 16), critic_hidden_dims=(16, 16), lagrange=True)
     torch.manual_seed(0)
     agent = cql.Agent(3, 2, args)
     g = torch.Generator().manual_seed(3)
@@ -98,17 +98,17 @@ def test_compile_gives_the_eager_losses(one_torch_thread):
 
     def losses(fn, seed):
         torch.manual_seed(seed)
-        return {k: v.item() for k, v in fn(agent, batch, args, False, 2)[1].items()}
+        return {k: v.item() for k, v in fn(agent, batch, args, False)[1].items()}
 
     traced = torch.compile(cql.compute_losses, backend="aot_eager")
     assert losses(traced, 5) == losses(cql.compute_losses, 5)
     eager = [losses(cql.compute_losses, 100 + s) for s in range(16)]
-    trainer = cql.Trainer(agent, args, 2, torch.device("cpu"))  # the script's compiled path
+    trainer = cql.Trainer(agent, args, torch.device("cpu"))  # the script's compiled path
     compiled = losses(trainer.loss_fn, 5)
     for key, value in compiled.items():
         ref = np.array([e[key] for e in eager])
         assert abs(value - ref.mean()) <= 6 * ref.std() + 1e-5 * abs(ref.mean()) + 1e-6, key
-    metrics = trainer.step(batch, 0)
+    metrics = trainer.step(batch)
     assert all(torch.isfinite(v) for v in metrics.values())
 
 

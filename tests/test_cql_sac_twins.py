@@ -15,8 +15,9 @@ import torch
 
 import cql_sac_continuous as cql
 
-TINY = dict(hidden_dims=(16, 16), batch_size=16, cql_n_actions=2, total_steps=4, eval_every=4,
-            eval_episodes=2, log_every=2, progress=False, device="cpu")
+TINY = dict(actor_hidden_dims=(16, 16), critic_hidden_dims=(16, 16), batch_size=16,
+            cql_n_actions=2, total_steps=4, eval_every=4, eval_episodes=2, log_every=2,
+            progress=False, device="cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -73,8 +74,8 @@ def test_antmaze_evaluates_in_the_data_maze_ending_at_the_goal(twin, tmp_path, d
 
     # The env evaluation builds: the data's walls, start and goal in those cells, and the
     # episode ends (terminated, success) when the ant is at the goal.
-    _, _, make_env, _ = cql.load_data(out["args"])
-    env = make_env()
+    assert cql.load_data(out["args"]).eval_env == recorded
+    env = cql.make_eval_env(recorded)
     maze = env.unwrapped.maze
     assert walls(maze.maze_map) == walls(data_map) and env.spec.max_episode_steps == horizon
     obs, _ = env.reset(seed=0)
@@ -104,7 +105,8 @@ def test_antmaze_goal_steps_are_terminal(twin):
     assert raw["dones"].sum() == 0  # the continuing task never terminates
     at_goal = raw["rewards"] == 1.0
     assert at_goal.sum() > 10
-    data, _, _, _ = cql.load_data(cql.replace(cql.preset_args("antmaze-umaze"), progress=False))
+    data = cql.load_data(cql.replace(cql.preset_args("antmaze-umaze"), progress=False))
+    data = data.transitions
     np.testing.assert_array_equal(data["dones"], at_goal.astype(np.float32))
     # antmaze preset reward transform: goal steps +5, others -5 (Cal-QL r*10 - 5)
     np.testing.assert_array_equal(np.unique(data["rewards"]), [-5.0, 5.0])
@@ -143,7 +145,8 @@ def test_kitchen_removes_tasks_terminates_and_scores_tasks_x25(twin, tmp_path):
     assert last["normalized_score"] is not None
     assert last["normalized_score"] == 25.0 * last["tasks_completed"]
     assert last["tasks_completed"] == last["return_mean"]  # each task rewards 1 once
-    env = cql.load_data(out["args"])[2]()
+    assert cql.load_data(out["args"]).eval_env == recorded
+    env = cql.make_eval_env(recorded)
     assert env.unwrapped.remove_task_when_completed and env.unwrapped.terminate_on_tasks_completed
     env.close()
 
@@ -168,8 +171,8 @@ class TasksEnv(gym.Env):
 
 
 def test_kitchen_score_counts_completed_tasks():
-    args = cql.apply_hidden_dims(cql.replace(cql.preset_args("kitchen-mixed"), hidden_dims=(8,),
-                                             eval_episodes=2))
+    args = cql.replace(cql.preset_args("kitchen-mixed"), actor_hidden_dims=(8,),
+                       critic_hidden_dims=(8,), eval_episodes=2)
     agent = cql.Agent(3, 2, args)
     tf = cql.Transform(np.zeros(3, np.float32), np.ones(3, np.float32), np.ones(2, np.float32),
                        np.zeros(2, np.float32), 1.0, 0.0)
