@@ -3,16 +3,11 @@
 Kumar, Zhou, Tucker, Levine. "Conservative Q-Learning for Offline Reinforcement Learning."
 NeurIPS 2020. https://arxiv.org/abs/2006.04779. Official code: github.com/aviralkumar2907/CQL
 (rlkit `cql.py`); points where the Cal-QL code (github.com/nakamotoo/Cal-QL) is followed are
-named where they appear.
-
-One file, top to bottom: arguments and presets, data, replay buffer, networks, losses,
-training step, evaluation, main loop; below them the run plumbing (run directory, checkpoints,
-resume, signals), which is not part of the algorithm. `python cql_sac_continuous.py --env X
---help` shows the values that run for X; `--presets` prints every preset value with its source.
+named where they appear. Top to bottom: the algorithm (arguments to main loop), then the run
+plumbing. `--env X --help` shows the values that run for X; `--presets` lists their sources.
 
     python cql_sac_continuous.py --env pendulum-medium          # local dataset (see README)
-    python cql_sac_continuous.py --env hopper-medium --device cuda
-    python cql_sac_continuous.py --dataset-id mujoco/hopper/expert-v0   # preset of its family
+    python cql_sac_continuous.py --dataset-id mujoco/hopper/expert-v0 --device cuda
 """
 
 from __future__ import annotations
@@ -258,9 +253,8 @@ PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
         cql_tau=(5.0, "paper App. F: tau = 5 for kitchen"),
         max_backup=(True, "paper App. F: max backup for antmaze and kitchen"),
     ),
-    # Local Pendulum data: sized for a CPU (a few minutes). Small networks with larger
-    # learning rates, and rewards x0.1 so that values (~ -100 instead of -1000) settle in a
-    # few 1000 steps.
+    # Local Pendulum data, sized for a CPU: small networks, larger learning rates, rewards
+    # x0.1 so that values (~ -100 instead of -1000) settle in a few 1000 steps.
     "pendulum": dict(
         total_steps=(5_000, "project: CPU-sized local run"),
         eval_every=(500, "project: CPU-sized local run"),
@@ -327,16 +321,6 @@ def preset_args(env: str, dataset_id: str | None = None) -> Args:
     return replace(Args(), env=env, dataset_id=dataset_id or preset_id, **values)
 
 
-
-
-def _given(argv: list[str], name: str) -> bool:
-    """Whether the flag `--name` (kebab or snake case, `=value` or not) is in argv."""
-    flags = {f"--{name.replace('_', '-')}", f"--{name}"}
-    return any(a.split("=", 1)[0] in flags for a in argv)
-
-
-
-
 def env_from_dataset(dataset_id: str) -> str:
     """The `--env` name of a run given only `--dataset-id`: D4RL/pen/human-v2 -> pen-human-v2."""
     return "-".join(dataset_id.split("/")[1:]) or dataset_id
@@ -356,12 +340,11 @@ def parse_args(argv: list[str] | None = None) -> Args:
     env = known.env or (env_from_dataset(known.dataset_id) if known.dataset_id else Args.env)
     args = tyro.cli(Args, default=preset_args(env, known.dataset_id), args=argv)
     if args.hidden_dims is not None:  # a per-network flag on the command line wins
-        dims = tuple(args.hidden_dims)
-        args = replace(args, hidden_dims=None,
-                       actor_hidden_dims=args.actor_hidden_dims
-                       if _given(argv, "actor_hidden_dims") else dims,
-                       critic_hidden_dims=args.critic_hidden_dims
-                       if _given(argv, "critic_hidden_dims") else dims)
+        given = {a.split("=", 1)[0].replace("_", "-") for a in argv}
+        args = replace(args, hidden_dims=None, **{
+            f"{net}_hidden_dims": getattr(args, f"{net}_hidden_dims")
+            if f"--{net}-hidden-dims" in given else tuple(args.hidden_dims)
+            for net in ("actor", "critic")})
     check_args(args)
     return args
 
@@ -413,8 +396,6 @@ def preset_table() -> str:
     lines += ["", "| preset | --env |", "|---|---|"]
     lines += [f"| {g} | {', '.join(e)} |" for g, e in envs.items()]
     return "\n".join(lines)
-
-
 
 
 # ======================================================================================
@@ -588,10 +569,6 @@ KITCHEN_HORIZON = 280  # D4RL d4rl/kitchen/__init__.py: max_episode_steps=280 fo
 KITCHEN_TASK_SCORE = 25.0  # D4RL: ref_min_score 0, ref_max_score 4 tasks -> tasks x 25
 
 
-def _float_or_none(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
 def scoring(meta: dict[str, Any], family: str | None, dataset_id: str) -> dict[str, Any]:
     """How `normalized_score` is computed for this dataset, with its source."""
     if family == "antmaze":
@@ -601,7 +578,8 @@ def scoring(meta: dict[str, Any], family: str | None, dataset_id: str) -> dict[s
         return dict(score="tasks completed (0-4) x 25, as D4RL (ref_min 0, ref_max 4)",
                     ref_min_score=0.0, ref_max_score=4.0,
                     ref_source="D4RL d4rl/kitchen/__init__.py ref_min_score 0, ref_max_score 4")
-    lo, hi = _float_or_none(meta.get("ref_min_score")), _float_or_none(meta.get("ref_max_score"))
+    lo, hi = (None if meta.get(k) is None else float(meta[k])
+              for k in ("ref_min_score", "ref_max_score"))
     source = "dataset metadata (ref_min_score / ref_max_score)"
     if family == "adroit":
         source = "dataset metadata: D4RL's reference scores (100-step pen episodes, see eval_env)"
@@ -686,8 +664,6 @@ def antmaze_eval_spec(data_spec, eval_spec) -> gym.envs.registration.EnvSpec:
               "reset_target": False}
     steps = (eval_spec or data_spec).max_episode_steps
     return replace(data_spec, kwargs=kwargs, max_episode_steps=steps)
-
-
 
 
 @dataclass
@@ -1122,8 +1098,7 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
     the discounted return actually obtained (rewards transformed as in training). Negative =
     conservative.
     """
-    returns, gaps, preds, successes, tasks, lengths = [], [], [], [], [], []
-    has_success = False
+    episodes, has_success = [], False
     for i in range(args.eval_episodes):
         obs, _ = env.reset(seed=10_000 * (args.seed + 1) + i)
         done, ep_return, disc_return, discount, t = False, 0.0, 0.0, 1.0, 0
@@ -1143,13 +1118,11 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
             success = success or bool(step_info.get("success", False))
             done = terminated or truncated
             t += 1
-        returns.append(ep_return)
-        preds.append(pred)
-        gaps.append(pred - disc_return)
-        successes.append(success)
-        lengths.append(t)
         # Kitchen with tasks removed when completed: each task rewards 1 once.
-        tasks.append(len(step_info.get("episode_task_completions", [])) or ep_return)
+        tasks = len(step_info.get("episode_task_completions", [])) or ep_return
+        episodes.append((ep_return, pred, pred - disc_return, success, t, tasks))
+    returns, preds, gaps, successes, lengths, tasks = (np.array(x, np.float64)
+                                                       for x in zip(*episodes, strict=True))
     ret = float(np.mean(returns))
     success_rate = float(np.mean(successes)) if has_success else None
     family = info.get("family")
@@ -1166,14 +1139,12 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
                 success_rate=success_rate, episode_length=float(np.mean(lengths)), **extra)
 
 
-
 def final_summary(history: list[dict[str, Any]], info: dict[str, Any], args: Args
                   ) -> dict[str, Any]:
     """summary.json's numbers: the last evaluation, and how its score is computed."""
     last = history[-1]
-    return dict(final_normalized_score=last["normalized_score"],
-                final_return=last["return_mean"], score=info.get("score"),
-                ref_source=info.get("ref_source"), value_gap=last["value_gap"],
+    return dict(final_normalized_score=last["normalized_score"], final_return=last["return_mean"],
+                score=info["score"], ref_source=info["ref_source"], value_gap=last["value_gap"],
                 success_rate=last["success_rate"], total_steps=args.total_steps)
 
 

@@ -236,10 +236,26 @@ def test_boolean_flags_and_precedence():
     assert custom.dataset_id == "D4RL/pen/cloned-v2" and custom.cql_weight == 1.0  # adroit
     other = cql.parse_args(["--env", "hopper-medium", "--dataset-id", "mujoco/ant/expert-v0"])
     assert other.dataset_id == "mujoco/ant/expert-v0" and other.policy_lr == 1e-4
+    alone = cql.parse_args(["--dataset-id", "D4RL/pen/cloned-v2"])  # no --env: its family's
+    assert (alone.env, alone.dataset_id, alone.cql_weight) == ("pen-cloned-v2",
+                                                                "D4RL/pen/cloned-v2", 1.0)
+    generic = cql.parse_args(["--dataset-id", "someone/robot/task-v0"])  # no family: defaults
+    assert generic == cql.replace(cql.Args(), env="robot-task-v0",
+                                  dataset_id="someone/robot/task-v0")
     with pytest.raises(SystemExit, match="unknown --env 'hoper-medium'.*hopper-medium"):
         cql.parse_args(["--env", "hoper-medium"])
     with pytest.raises(SystemExit, match="--batch-size must be positive"):
         cql.parse_args(["--batch-size", "0"])
+    for argv, message in ((["--total-steps", "-5"], "--total-steps must be positive, got -5"),
+                          (["--eval-episodes", "0"], "--eval-episodes must be positive"),
+                          (["--bc-steps", "-1"], "--bc-steps must be >= 0"),
+                          (["--gamma", "1.5"], "--gamma must be in"),
+                          (["--hidden-dims", "8", "0"], "--actor-hidden-dims must be positive"),
+                          (["--cudagraphs"], "--cudagraphs needs --compile")):
+        with pytest.raises(SystemExit, match=message):
+            cql.parse_args(argv)
+    with pytest.raises(SystemExit, match="hidden_dims is a command-line shorthand"):
+        cql.main(cql.replace(cql.preset_args("pendulum-medium"), hidden_dims=(8,)))
 
 
 def test_config_records_the_resolved_args(local_dataset, tmp_path):

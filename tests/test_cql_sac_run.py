@@ -205,6 +205,17 @@ def write_dataset(root: Path, dataset_id: str, env_id: str, episodes: int = 2,
         os.environ["MINARI_DATASETS_PATH"] = old
 
 
+def test_dataset_id_alone_runs_with_the_default_preset(tmp_path, monkeypatch):
+    """No --env and a dataset of no known family: the paper's defaults, env named after it."""
+    write_dataset(tmp_path, "someone/pendulum/tiny-v0", "Pendulum-v1")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    args = cql.parse_args(["--dataset-id", "someone/pendulum/tiny-v0", *TINY, "--total-steps",
+                           "2", "--eval-every", "2", "--run-dir", str(tmp_path / "run")])
+    assert args.env == "pendulum-tiny-v0" and args.bc_steps == 0 and args.policy_lr == 3e-5
+    summary = cql.main(args)
+    assert summary["total_steps"] == 2 and np.isfinite(summary["final_return"])
+
+
 BAD_INPUTS = {
     "unknown-env": (["--env", "hopper-mediun"], "unknown --env 'hopper-mediun'"),
     "missing-local": (["--env", "pendulum-medium-replay"], "build it with: "
