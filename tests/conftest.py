@@ -94,7 +94,8 @@ class Script:
     eval_every: str              # the flag of the evaluation period of those steps
     no_online: tuple[str, ...]   # what makes the run gradient steps only
     first_steps: tuple[int, ...]  # the reference run's first evaluation steps
-    signal_stops: tuple[int, ...]  # Trainer.step calls after which a session is stopped
+    signal_stops: tuple[tuple[int, int | None], ...]  # (Trainer.step calls after which a
+    # session is stopped, the step its checkpoint must have; None: a later boundary)
     config: dict[str, Any]       # config.json "section.key" -> value, for the tiny run
     finite: tuple[str, ...]      # row keys finite in every row after step 0
     summary_of_last_row: dict[str, str]  # summary key -> the last row's key it repeats
@@ -122,7 +123,7 @@ SCRIPTS = {s.key: s for s in (
     Script("cql_sac", "cql_sac_continuous.py", "pendulum-medium",
            ("--env", "pendulum-medium", *TINY, "--cql-n-actions", "3"),
            {"--total-steps": "400", "--eval-every": "100"}, "--total-steps", "200",
-           "--total-steps", "--eval-every", (), (100, 200, 300, 400), (150,),
+           "--total-steps", "--eval-every", (), (100, 200, 300, 400), ((150, 150),),
            {"args.env": "pendulum-medium", "args.cql_weight": 5.0,
             "args.actor_hidden_dims": [16, 16], "args.critic_hidden_dims": [16, 16],
             "dataset.dataset_id": "local/pendulum/medium-v0", "eval_env.id": "Pendulum-v1",
@@ -138,7 +139,7 @@ SCRIPTS = {s.key: s for s in (
            {"--offline-steps": "100", "--offline-eval-every": "50", "--online-steps": "200",
             "--eval-every": "100"}, "--online-steps", "0",
            "--offline-steps", "--offline-eval-every", ("--online-steps", "0"), (0, 50, 100),
-           (45, 100),  # the second session stops online (the boundary is crossed)
+           ((45, 45), (100, None)),  # the second session stops online, at a trajectory's end
            {"args.env": "pointmaze-binary", "args.actor_hidden_dims": [16, 16],
             "args.critic_hidden_dims": [16, 16], "dataset.dataset_id": "local/pointmaze/sparse-v0",
             "eval_env.id": "PointMaze_UMaze-v3", "eval_env.max_episode_steps": 100},
@@ -147,7 +148,7 @@ SCRIPTS = {s.key: s for s in (
     Script("qrdqn", "cql_qrdqn_atari.py", "cartpole-medium",
            ("--env", "cartpole-medium", *TINY, "--num-quantiles", "8"),
            {"--total-steps": "400", "--eval-every": "100"}, "--total-steps", "200",
-           "--total-steps", "--eval-every", (), (100, 200, 300, 400), (150,),
+           "--total-steps", "--eval-every", (), (100, 200, 300, 400), ((150, 150),),
            {"args.env": "cartpole-medium", "args.cql_weight": 1.0, "args.hidden_dims": [16, 16],
             "dataset.dataset_id": "local/cartpole/medium-v0", "eval_env.id": "CartPole-v1",
             "eval_env.max_episode_steps": 500, "eval_env.kwargs": {}},

@@ -17,8 +17,9 @@ Replaces (the old per-script tests this module covers, to be deleted by the lead
   conftest.BAD_INPUTS["cql_sac"], test_script_bad_inputs.
 - test_calql_run.py: test_sigterm_across_the_offline_online_boundary_then_resume_is_bit_
   identical -> test_signal_stops_then_resume_is_bit_identical[calql] (stops offline at step
-  45, then online; the checkpoint's loop counters are the script's own, checked there by
-  phase through the rows); test_a_finished_run_can_be_extended_but_not_changed ->
+  45, then online at a trajectory's end: phase, env_steps and the online buffer's size in
+  the checkpoint; `pending_updates` is gone with the catch-up loop);
+  test_a_finished_run_can_be_extended_but_not_changed ->
   test_a_finished_run_is_extended_from_its_last_step[calql] (online_steps 0 -> 200; summary
   env_steps 0 first; offline score kept: the rows and summary equal the uninterrupted run's)
   + test_resume_with_changed_arguments_is_refused; write_dataset, BAD_INPUTS, bad_root,
@@ -199,7 +200,7 @@ def test_signal_stops_then_resume_is_bit_identical(s, reference, tmp_path, monke
     session stops offline, the second online, across the phase boundary)."""
     run, step = tmp_path / "run", s.module.Trainer.step
     stopped_at = 0
-    for n in s.signal_stops:
+    for n, at in s.signal_stops:
         calls = []
 
         def interrupted(self, batch, n=n, calls=calls):
@@ -214,8 +215,14 @@ def test_signal_stops_then_resume_is_bit_identical(s, reference, tmp_path, monke
             main(s, s.args(run, *resume))
         assert exc.value.code == 128 + signal.SIGINT
         assert f"--resume {run}" in capsys.readouterr().err
-        assert checkpoint(run)["step"] >= stopped_at + n  # Cal-QL online: trajectory's end
-        stopped_at = checkpoint(run)["step"]
+        state = checkpoint(run)
+        assert state["step"] == at if at is not None else state["step"] >= stopped_at + n
+        stopped_at = state["step"]
+        if s.key == "calql":  # offline first, then online with the online buffer's contents
+            loop, online = state["parts"]["loop"], state["parts"]["online"]
+            assert loop["phase"] == ("offline" if at == 45 else "online")
+            assert (loop["env_steps"] > 0) == (loop["phase"] == "online")
+            assert online["size"] == loop["env_steps"]
         rows = read_metrics(run)
         assert rows == read_metrics(reference)[:len(rows)]
     monkeypatch.setattr(s.module.Trainer, "step", step)
