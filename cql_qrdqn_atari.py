@@ -18,11 +18,11 @@ and App. F, as built on QR-DQN (Dabney et al., 2018) in the official code
     python cql_qrdqn_atari.py --env pong --dqn-replay-dir D/Pong/1/replay_logs --help
     python cql_qrdqn_atari.py --presets
 
-Evaluation protocol (recorded as `eval_env` in config.json): DQN Replay data is evaluated as
-dopamine evaluates (atari_lib.create_atari_environment): ALE v5, sticky actions 0.25, no no-op
-starts, frame-skip 4 with max-pooling, 84x84 gray, 4-frame stack, epsilon 0.001, at most 27k agent
-steps. A Minari Atari dataset (atari/<game>/expert-v0) is evaluated in its own env spec's setting
-(repeat_action_probability 0, ALE's internal frame-skip 4), no no-op starts.
+Evaluation (config.json `eval_env`): DQN Replay data as dopamine evaluates it (atari_lib.
+create_atari_environment: ALE v5, sticky actions 0.25, no no-op starts, frame-skip 4 with
+max-pooling, 84x84 gray, 4-frame stack), epsilon 0.001, at most 27k agent steps; a Minari Atari
+dataset (atari/<game>/expert-v0) in its own env spec's setting (repeat_action_probability 0,
+ALE's internal frame-skip 4), no no-op starts.
 
 One file, top to bottom: arguments and presets, data, replay buffer, networks, losses, training
 step, evaluation, main loop; below them the run plumbing (run directory, checkpoints, resume,
@@ -32,6 +32,7 @@ signals), which is not part of the algorithm.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import io
 import json
@@ -47,6 +48,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
+import ale_py
 import cv2
 import gymnasium as gym
 import minari
@@ -55,6 +57,8 @@ import torch
 import torch.nn as nn
 import tyro
 from tqdm import tqdm
+
+gym.register_envs(ale_py)  # the ALE/<Game>-v5 ids
 
 # ======================================================================================
 # Arguments and presets
@@ -68,27 +72,24 @@ class Args:
     env: str = "pong"
     """pong|breakout|qbert|seaquest|asterix (or any ALE game id), or a local dataset name such as
     cartpole-expert (= local/cartpole/expert-v0) or pong-random (= local/ale-pong/random-v0);
-    with only --dataset-id, a name derived from the id (atari/breakout/expert-v0 ->
-    breakout-expert-v0)"""
+    with only --dataset-id: a label derived from the id (atari/pong/expert-v0 -> pong-expert-v0)"""
     dataset_id: str | None = None
     """any Minari dataset id with a discrete action space; None: the env's dataset (a game:
     atari/<game>/expert-v0). Alone it picks the preset by its observations (frames: Atari)"""
     dqn_replay_dir: str | None = None
-    """DQN Replay Dataset directory in dopamine's format, e.g. /data/Pong/1/replay_logs (the game
-    named in the path must be --env); None: Minari data"""
+    """DQN Replay directory (dopamine's format) of the --env game, e.g. /data/Pong/1/replay_logs"""
     data_fraction: float = 0.01
     """share of each DQN Replay checkpoint to load (its first transitions): 0.01 = the paper's 1%
     setting (500k of 50M transitions), 0.1 = 10%; it also picks the CQL weight preset"""
     checkpoints: str = "all"
     """which DQN Replay checkpoints to draw from: 'all' or a list such as '0-9,20'"""
     seed: int = 0
-    """random seed (torch, numpy, python, batch sampling); evaluation seeds derive from it"""
+    """random seed (torch, batch sampling); evaluation seeds derive from it"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto picks cuda when available"""
     buffer_device: Literal["device", "cpu"] = "device"
-    """where the replay buffer lives: 'device' = the training device; 'cpu' = host memory
-    (pinned when CUDA is available), only each sampled batch moves to the device (10% of a game
-    is 5M frames = 35 GB: beyond most GPUs)"""
+    """where the replay buffer lives: the training device, or host memory ('cpu': pinned with
+    CUDA, only sampled batches move; 10% of a game is 5M frames = 35 GB, beyond most GPUs)"""
     total_steps: int = 62_500_000
     """number of gradient steps (Atari: 1000 dopamine iterations of 62.5k gradient steps)"""
     eval_every: int = 62_500
@@ -122,8 +123,7 @@ class Args:
     max_abs_q: float = 1e6
     """stop as diverged when a logged |Q| exceeds this"""
     hidden_dims: tuple[int, ...] = (512,)
-    """MLP torso for vector observations (frames always use the Nature DQN conv torso, whose
-    dense layer is 512 wide)"""
+    """MLP torso for vector observations (frames: the Nature DQN conv torso, dense layer 512)"""
     torso_padding: Literal["same", "valid"] = "same"
     """conv padding: 'same' as the official dopamine network, 'valid' as the Nature DQN paper"""
     clip_reward: bool = True
@@ -132,12 +132,10 @@ class Args:
     """epsilon-greedy evaluation"""
     sticky_prob: float | None = 0.25
     """Atari evaluation: sticky-action probability, the data's own setting by preset: DQN Replay
-    0.25 (dopamine's evaluation), a Minari dataset its env spec's repeat_action_probability
-    (atari/<game>/expert-v0: 0). None: read from the Minari dataset when it is loaded. The
-    evaluated env is written to config.json as eval_env"""
+    0.25 (dopamine's evaluation), Minari data its env spec's (atari/<game>/expert-v0: 0); None:
+    read from the Minari data when loaded. config.json's eval_env is the env evaluated"""
     noop_max: int = 0
-    """Atari evaluation: at most this many no-op actions at reset (dopamine's evaluation and the
-    Minari Atari data: none)"""
+    """Atari evaluation: at most this many no-op actions at reset (dopamine's and Minari's: 0)"""
     max_episode_steps: int = 27_000
     """Atari evaluation: agent steps per episode at most (27k = 108k frames)"""
     threads: int | None = None
@@ -161,14 +159,13 @@ class Args:
     progress: bool = True
     """show a tqdm progress bar"""
 
+
 PAPER_GAMES = ("pong", "breakout", "qbert", "seaquest", "asterix")  # CQL paper, Table 3
 
 # Local datasets (built by benchmark/datasets.py into $MINARI_DATASETS_PATH).
 LOCAL_ENVS = {
-    "cartpole-random": "local/cartpole/random-v0",
-    "cartpole-medium": "local/cartpole/medium-v0",
-    "cartpole-expert": "local/cartpole/expert-v0",
-    "cartpole-mixed": "local/cartpole/mixed-v0",
+    "cartpole-random": "local/cartpole/random-v0", "cartpole-medium": "local/cartpole/medium-v0",
+    "cartpole-expert": "local/cartpole/expert-v0", "cartpole-mixed": "local/cartpole/mixed-v0",
     "pong-random": "local/ale-pong/random-v0",
 }
 
@@ -181,6 +178,8 @@ LOCAL_ENVS = {
 # every update_period = 4 calls (GIN line 14): one iteration = 62.5k gradient steps.
 Preset = dict[str, tuple[Any, str]]
 _GIN = "CQL atari/batch_rl/fixed_replay/configs/quantile.gin"
+_DQN_STICKY = (0.25, f"{_GIN} line 28 sticky_actions=True (dopamine: 0.25); the data was "
+                     "collected with them")
 ATARI_PRESET: Preset = {
     # training length: the CQL README's command runs FixedReplayRunner.num_iterations=1000
     # (README line 31, overriding GIN line 29's 200), and the paper reports Table 3 "after 5X
@@ -216,14 +215,10 @@ PRESETS: dict[str, Preset] = {
     # (<= 5% -> the 1% weight, else the 10% weight; the paper's 20% curves used 0.5)
     "dqn-replay-1pct": {
         "cql_weight": (4.0, "CQL README line 35 'For 1% data, use minq_weight=4.0'; paper App. F"),
-        "sticky_prob": (0.25, f"{_GIN} line 28 sticky_actions=True (dopamine: 0.25); the data "
-                              "was collected with them"),
-    },
+        "sticky_prob": _DQN_STICKY},
     "dqn-replay-10pct": {
         "cql_weight": (1.0, "CQL README line 35 'for 10% data, use minq_weight=1.0'; paper App. F"),
-        "sticky_prob": (0.25, f"{_GIN} line 28 sticky_actions=True (dopamine: 0.25); the data "
-                              "was collected with them"),
-    },
+        "sticky_prob": _DQN_STICKY},
     # Minari atari/<game>/expert-v0: 10 expert episodes, not the paper's data
     "minari-atari": {
         "cql_weight": (4.0, "project choice: the paper's weight for its smallest (1%) data"),
@@ -250,8 +245,6 @@ ONE_PCT_MAX = 0.05  # --data-fraction up to this uses the 1% weight, above it th
 
 def atari_game(name: str) -> str | None:
     """ALE ROM id for an env name (pong, Pong, space-invaders, SpaceInvaders...), or None."""
-    import ale_py
-
     rom = name.lower().replace("-", "_")
     roms = set(ale_py.roms.get_all_rom_ids())
     if rom in roms:
@@ -270,20 +263,6 @@ class DataSource:
     game: str | None  # ALE ROM id, from the names (Minari data: its env spec may add it)
     dataset_id: str | None
     description: str
-
-
-def _minari_spec(dataset_id: str):
-    """The Minari dataset's spec if it is stored locally, else None (no download)."""
-    try:
-        return minari.load_dataset(dataset_id).spec
-    except Exception:  # noqa: BLE001 - missing: reported when the data is loaded
-        return None
-
-
-def unknown_env(env: str) -> NoReturn:
-    valid = ", ".join(list(PAPER_GAMES) + list(LOCAL_ENVS))
-    fail(f"unknown --env '{env}'; valid: {valid}, or any ALE game id "
-         f"(python -c 'import ale_py; print(ale_py.roms.get_all_rom_ids())')")
 
 
 def resolve_source(env: str, dataset_id: str | None = None, dqn_replay_dir: str | None = None,
@@ -310,14 +289,14 @@ def resolve_source(env: str, dataset_id: str | None = None, dqn_replay_dir: str 
     if name in LOCAL_ENVS:
         return DataSource("minari", None, LOCAL_ENVS[name], LOCAL_ENVS[name])
     if game is None:
-        unknown_env(env)
+        fail(f"unknown --env '{env}'; valid: {', '.join(list(PAPER_GAMES) + list(LOCAL_ENVS))}, "
+             "or any ALE game id (python -c 'import ale_py; print(ale_py.roms.get_all_rom_ids())')")
     dataset_id = f"atari/{game.replace('_', '')}/expert-v0"
     return DataSource("minari", game, dataset_id, dataset_id)
 
 
 def env_from_dataset(dataset_id: str) -> str:
-    """The `--env` name of a run given only `--dataset-id`: atari/pong/expert-v0 ->
-    pong-expert-v0 (a label: the data is the id's)."""
+    """--env label of a run given only --dataset-id: atari/pong/expert-v0 -> pong-expert-v0."""
     return "-".join(dataset_id.split("/")[1:]) or dataset_id
 
 
@@ -330,30 +309,26 @@ def preset_groups(source: DataSource, data_fraction: float = 0.01, spec=None) ->
     return ["atari", "minari-atari"] if source.game is not None or frames else ["vector"]
 
 
-def env_spec_sticky_prob(env_spec) -> float | None:
-    """repeat_action_probability of an ALE env spec, with the registered default of its id (ALE
-    v5: 0.25) where the spec does not set it; None for a non-ALE env."""
+def data_sticky_prob(spec) -> float | None:
+    """The sticky-action setting a Minari dataset (spec) is evaluated with: the
+    repeat_action_probability of its eval env spec, or of its data-collection env spec when it
+    names none (as recover_environment(eval_env=True)), with the registered default of the id
+    (ALE v5: 0.25) where the spec does not set it; None for a non-ALE env."""
+    env_spec = getattr(spec, "eval_env_spec", None) or getattr(spec, "env_spec", None)
     if env_spec is None or not env_spec.id.startswith("ALE/"):
         return None
-    import ale_py
-
-    gym.register_envs(ale_py)
     kwargs = {**gym.spec(env_spec.id).kwargs, **env_spec.kwargs}
     return float(kwargs.get("repeat_action_probability", 0.25))
-
-
-def data_sticky_prob(spec) -> float | None:
-    """The sticky-action setting a Minari dataset is evaluated with: its eval env spec's, or its
-    data-collection env spec's when it names no eval env (as recover_environment(eval_env=True))."""
-    return env_spec_sticky_prob(getattr(spec, "eval_env_spec", None)
-                                or getattr(spec, "env_spec", None))
 
 
 def preset_args(env: str, dataset_id: str | None = None, dqn_replay_dir: str | None = None,
                 data_fraction: float = 0.01) -> Args:
     """Args() with the values of the env's preset groups filled in (literal values)."""
     source = resolve_source(env, dataset_id, dqn_replay_dir, data_fraction)
-    spec = _minari_spec(source.dataset_id) if source.kind == "minari" else None
+    spec = None
+    if source.kind == "minari":  # the local dataset's spec, if any (missing: load_data says so)
+        with contextlib.suppress(Exception):
+            spec = minari.load_dataset(source.dataset_id).spec
     groups = preset_groups(source, data_fraction, spec)
     values = {k: v for group in groups for k, (v, _) in PRESETS[group].items()}
     sticky = data_sticky_prob(spec) if "minari-atari" in groups else None
@@ -446,6 +421,8 @@ class Data:
     eval_env: dict[str, Any] = field(default_factory=dict)  # JSON spec: make_eval_env(eval_env)
     info: dict[str, Any] = field(default_factory=dict)  # dataset facts for config.json
     score_range: tuple[float, float] | None = None  # 0 and 100 of the normalized score
+
+
 def host_zeros(shape: tuple[int, ...], dtype, pin: bool) -> np.ndarray:
     """A zero numpy array, in page-locked (pinned) host memory when `pin` (--buffer-device cpu
     with CUDA): the replay buffer then uses it in place, without a second host copy."""
@@ -463,11 +440,6 @@ def preprocess_rgb(rgb: np.ndarray) -> np.ndarray:
     return cv2.resize(gray, (84, 84), interpolation=cv2.INTER_AREA)
 
 
-def _local_build_hint(dataset_id: str) -> str:
-    names = [k for k, v in LOCAL_ENVS.items() if v == dataset_id]
-    return f"build it with: python benchmark/datasets.py {names[0] if names else dataset_id}"
-
-
 def load_minari_dataset(dataset_id: str):
     """The raw Minari dataset: the local copy, else a download; one-line errors."""
     try:
@@ -476,7 +448,9 @@ def load_minari_dataset(dataset_id: str):
         local_error = e
     root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
     if dataset_id.startswith("local/"):
-        fail(f"dataset {dataset_id} not found under {root}; {_local_build_hint(dataset_id)}")
+        name = next((k for k, v in LOCAL_ENVS.items() if v == dataset_id), dataset_id)
+        fail(f"dataset {dataset_id} not found under {root}; build it with: "
+             f"python benchmark/datasets.py {name}")
     try:
         return minari.load_dataset(dataset_id, download=True)
     except Exception as e:  # noqa: BLE001 - no network, unknown id, ...
@@ -487,11 +461,8 @@ def load_minari_dataset(dataset_id: str):
 
 
 def _ref_scores(ds) -> tuple[float, float] | None:
-    meta = ds.storage.metadata
-    lo, hi = meta.get("ref_min_score"), meta.get("ref_max_score")
-    if lo is None or hi is None or hi == lo:
-        return None
-    return float(lo), float(hi)
+    lo, hi = (ds.storage.metadata.get(k) for k in ("ref_min_score", "ref_max_score"))
+    return None if lo is None or hi is None or hi == lo else (float(lo), float(hi))
 
 
 def episodes_layout(episodes, n_total: int, stack: int, rgb: bool = False, pin: bool = False):
@@ -507,9 +478,8 @@ def episodes_layout(episodes, n_total: int, stack: int, rgb: bool = False, pin: 
         if frames is None:
             fshape = (84, 84) if rgb else obs.shape[1:]
             frames = host_zeros((n_total, *fshape), np.uint8 if stack > 1 else np.float32, pin)
-            actions = np.zeros(n_total, np.int64)
-            rewards = np.zeros(n_total, np.float32)
-            dones = np.zeros(n_total, np.float32)
+            actions, rewards, dones = (np.zeros(n_total, t)
+                                       for t in (np.int64, np.float32, np.float32))
         start = cur + pad
         if rgb:
             for t in range(T + 1):
@@ -558,9 +528,6 @@ def minari_data(ds, progress: bool = True, pin: bool = False) -> Data:
     if not (np.isfinite(rewards).all() and (frames_mode or np.isfinite(frames).all())):
         fail(f"dataset {dataset_id} contains NaN or inf in its observations or rewards; "
              f"clean or rebuild it")
-    import ale_py
-
-    gym.register_envs(ale_py)
     try:  # the dataset's evaluation env (its data-collection env unless it names another)
         probe = ds.recover_environment(eval_env=True)
         spec = probe.spec
@@ -571,7 +538,7 @@ def minari_data(ds, progress: bool = True, pin: bool = False) -> Data:
     ale = re.fullmatch(r"ALE/(\w+)-v\d+", spec.id) if frames_mode else None
     return Data(frames, actions, rewards, dones, valid, 4 if frames_mode else 1,
                 int(act_space.n), _ref_scores(ds), spec, bool(internal_skip),
-                env_spec_sticky_prob(spec) if frames_mode else None,
+                data_sticky_prob(ds.spec) if frames_mode else None,
                 atari_game(ale.group(1)) if ale else None)
 
 
@@ -587,11 +554,10 @@ DQN_STORE = "$store$_{}_ckpt.{}.gz"
 def _read_npy_gz(path: Path, rows: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Read (the first `rows` rows of) a gzipped .npy without decompressing the rest."""
     with gzip.open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        fmt = np.lib.format
+        read_header = (fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0)
+                       else fmt.read_array_header_2_0)
+        shape, fortran, dtype = read_header(f)
         if fortran and len(shape) > 1:
             raise ValueError(f"{path}: Fortran-ordered arrays are not supported")
         if len(shape) == 0:
@@ -610,20 +576,16 @@ def _read_npy_gz(path: Path, rows: int | None = None, out: np.ndarray | None = N
 
 
 def parse_checkpoint_list(spec: str, available: list[int]) -> list[int]:
+    """--checkpoints 'all' or a list such as '0-9,20' -> the checkpoint numbers."""
     if spec == "all":
         return available
-    chosen = []
-    for part in spec.split(","):
-        part = part.strip()
-        if "-" in part:
-            lo, hi = part.split("-")
-            chosen += list(range(int(lo), int(hi) + 1))
-        elif part:
-            chosen.append(int(part))
-    missing = sorted(set(chosen) - set(available))
-    if missing:
+    chosen = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        lo, _, hi = part.partition("-")
+        chosen.update(range(int(lo), int(hi or lo) + 1))
+    if missing := sorted(chosen - set(available)):
         fail(f"DQN Replay checkpoints {missing} not found; available: {available}")
-    return sorted(set(chosen))
+    return sorted(chosen)
 
 
 def dqn_replay_game(path: str) -> str | None:
@@ -641,18 +603,14 @@ def load_dqn_replay(path: str, fraction: float, checkpoints: str = "all",
     """The first round(fraction x filled rows) transitions of each chosen checkpoint (all 50 by
     default): 0.01 of a game's 50 checkpoints of 1M = 10k rows each, 500k transitions in all.
 
-    What the official code does (github.com/aviralkumar2907/CQL, atari/): it shrinks dopamine's
-    replay_capacity when loading each checkpoint (fixed_replay_buffer.py lines 51-53, comment
-    'For 1% experiments, we load 10000 sized buffers', `self._args[2] = 10000`); the buffer then
-    samples indices modulo that capacity, i.e. only the first 10k rows of each 1M checkpoint. It
-    loads 10 checkpoints drawn at random without replacement (line 69,
-    `_load_replay_buffers(num_buffers=10)`, np.random.choice at line 166; comment 'For 1%
-    experiments, set num_buffers=50'). Its README contradicts the code: it says args[2] = 1000
-    for 1% and 10000 for 10% (and names the file fixed_replay_memory.py, 'line 53'), raising
-    num_buffers from 10 to 50 where RAM allows. Only the code comment's 10k rows x 50 checkpoints
-    is 1% of 50M; the README's 1000 x 50 would be 0.1%, and its default 10 random checkpoints
-    give a fifth of the stated share. This loader follows the 1%/10% definitions (10k / 100k
-    rows from each of the 50 checkpoints); `--checkpoints` picks a subset (e.g. 10 of them)."""
+    The official code (github.com/aviralkumar2907/CQL, atari/) shrinks dopamine's replay_capacity
+    to 10k when loading each checkpoint (fixed_replay_buffer.py lines 51-53, 'For 1% experiments,
+    we load 10000 sized buffers'), so it samples only the first 10k rows of each 1M checkpoint,
+    from 10 checkpoints drawn at random (line 69 num_buffers=10, np.random.choice line 166;
+    comment 'For 1% experiments, set num_buffers=50'). Its README says args[2] = 1000 for 1% and
+    10000 for 10% instead. Only 10k rows x 50 checkpoints is 1% of 50M (the README's 1000 x 50 is
+    0.1%; 10 random checkpoints give a fifth of the share): this loader follows the 1%/10%
+    definitions, 10k / 100k rows of each of the 50 checkpoints; `--checkpoints` picks a subset."""
     root = Path(path)
     if not root.is_dir():
         fail(f"--dqn-replay-dir {path} does not exist; download a game's logs with "
@@ -667,13 +625,12 @@ def load_dqn_replay(path: str, fraction: float, checkpoints: str = "all",
     stack = 4
     # the data must be --env's game: Pong data with --env breakout would index Q out of range
     # (6 actions vs 4), and a game with more actions would train silently on the wrong game
-    for k in chosen:
-        if game_actions is not None:
-            top = int(_read_npy_gz(root / DQN_STORE.format("action", k)).max())
-            if top >= game_actions:
-                fail(f"--dqn-replay-dir {path}: checkpoint {k} has action {top}, but {game} has "
-                     f"{game_actions} actions: this is not {game}'s data; pass the replay_logs "
-                     f"of the --env game")
+    for k in chosen if game_actions is not None else ():
+        top = int(_read_npy_gz(root / DQN_STORE.format("action", k)).max())
+        if top >= game_actions:
+            fail(f"--dqn-replay-dir {path}: checkpoint {k} has action {top}, but {game} has "
+                 f"{game_actions} actions: this is not {game}'s data; pass the replay_logs "
+                 f"of the --env game")
     plan = []
     for k in chosen:
         for name in ("action", "reward", "terminal"):
@@ -688,11 +645,8 @@ def load_dqn_replay(path: str, fraction: float, checkpoints: str = "all",
         plan.append((k, n))
     total = sum(n for _, n in plan)
     frames = host_zeros((total, 84, 84), np.uint8, pin)
-    actions = np.empty(total, np.int64)
-    rewards = np.empty(total, np.float32)
-    dones = np.empty(total, np.float32)
-    valid = []
-    cur = 0
+    actions, rewards, dones = (np.empty(total, t) for t in (np.int64, np.float32, np.float32))
+    valid, cur = [], 0
     for k, n in tqdm(plan, desc=f"loading DQN Replay {root}", disable=not progress):
         _read_npy_gz(root / DQN_STORE.format("observation", k), n, out=frames[cur:cur + n])
         actions[cur:cur + n] = _read_npy_gz(root / DQN_STORE.format("action", k), n)
@@ -715,13 +669,12 @@ def load_dqn_replay(path: str, fraction: float, checkpoints: str = "all",
     if not np.isfinite(rewards).all():
         fail(f"DQN Replay data in {path} contains NaN or inf rewards")
     return Data(frames, actions, rewards, dones, np.concatenate(valid).astype(np.int64), stack,
-                int(actions.max()) + 1, None)
+                int(actions.max()) + 1, None, game=game)
 
 
 
-# Atari: random and human reference scores (random agent / professional human tester, no-op
-# starts), as used for human-normalized scores by DQN (Mnih et al. 2015), Rainbow and dopamine;
-# values as in DeepMind's dqn_zoo/atari_data.py. Keys are ALE ROM ids.
+# Atari random and human scores (no-op starts) of the human-normalized score of DQN (Mnih et al.
+# 2015), Rainbow and dopamine; values as in DeepMind's dqn_zoo/atari_data.py; keys: ALE ROM ids.
 ATARI_RANDOM_HUMAN = {
     "alien": (227.8, 7127.7), "amidar": (5.8, 1719.5), "assault": (222.4, 742.0),
     "asterix": (210.0, 8503.3), "asteroids": (719.1, 47388.7), "atlantis": (12850.0, 29028.1),
@@ -756,11 +709,12 @@ def load_data(args: Args) -> Data:
     # --buffer-device cpu with CUDA: frames are loaded into pinned memory, used in place
     pin = args.buffer_device == "cpu" and pick_device(args.device).type == "cuda"
     if source.kind == "dqn_replay":
-        eval_env = dqn_replay_eval_env(args, source.game)
+        # dopamine's evaluation: sticky actions 0.25 (the data's), no no-op starts (presets)
+        sticky = 0.25 if args.sticky_prob is None else args.sticky_prob
+        eval_env = atari_eval_env(source.game, False, sticky, args.noop_max, args.max_episode_steps)
         n_actions = env_action_count(eval_env)
         data = load_dqn_replay(args.dqn_replay_dir, args.data_fraction, args.checkpoints,
                                args.progress, source.game, n_actions, pin)
-        data.game = source.game
     else:
         data = minari_data(load_minari_dataset(source.dataset_id), args.progress, pin)
         data.game = (data.game or source.game) if data.stack == 4 else None
@@ -782,16 +736,15 @@ def load_data(args: Args) -> Data:
 # ======================================================================================
 # Replay buffer
 # ======================================================================================
-# Tensors on the training device (or in host memory with --buffer-device cpu), sampled with a
-# torch.Generator where the tensors are.
 
 
 class ReplayBuffer:
+    """Data's tensors in `storage` (default: the training device), sampled with a generator
+    there. With --buffer-device cpu and CUDA, the frames are pinned host memory and each batch
+    is copied to the device asynchronously, so the buffer needs no device memory."""
+
     def __init__(self, data: Data, device: torch.device, seed: int, clip_reward: bool,
                  storage: torch.device | None = None):
-        """storage: where the tensors live (default: the training device). On the host with a
-        CUDA training device, the frames are pinned and each sampled batch is copied to the
-        device asynchronously (non_blocking), so the buffer needs no device memory."""
         self.device = device
         self.storage = device if storage is None else storage
         self.pin = self.storage.type == "cpu" and device.type == "cuda"
@@ -805,9 +758,8 @@ class ReplayBuffer:
         self.dones = torch.as_tensor(data.dones).to(self.storage)
         self.valid = torch.as_tensor(data.valid).to(self.storage)
         self.stack = data.stack
-        self.obs_shape = (data.stack, *data.frames.shape[1:]) if data.stack > 1 \
-            else tuple(data.frames.shape[1:])
         self.offsets = torch.arange(-data.stack + 1, 1, device=self.storage)
+        self.obs_shape = tuple(self.stacked(self.valid[:1]).shape[1:])
         self.generator = torch.Generator(device=self.storage)
         self.generator.manual_seed(seed)
 
@@ -832,10 +784,9 @@ class ReplayBuffer:
         batch = dict(obs=self.stacked(idx), actions=self.actions[idx], rewards=self.rewards[idx],
                      next_obs=self.stacked(idx + 1), dones=self.dones[idx])
         if self.storage == self.device:
-            return batch
-        if self.pin:  # page-locked source: the copy to the device runs asynchronously
-            return {k: t.pin_memory().to(self.device, non_blocking=True) for k, t in batch.items()}
-        return {k: t.to(self.device) for k, t in batch.items()}
+            return batch  # else to the device; from page-locked memory (pin) asynchronously
+        return {k: (t.pin_memory() if self.pin else t).to(self.device, non_blocking=self.pin)
+                for k, t in batch.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return dict(generator=self.generator.get_state())
@@ -901,16 +852,13 @@ class QRNetwork(nn.Module):
         return self.head(self.torso(x)).view(-1, self.n_actions, self.n_quantiles)
 
 
-
 class Agent(nn.Module):
     """All trainable state: the quantile network, its target copy and log alpha'."""
 
     def __init__(self, obs_shape: tuple[int, ...], n_actions: int, args: Args):
         super().__init__()
-        self.q = QRNetwork(obs_shape, n_actions, args.num_quantiles, args.hidden_dims,
-                           args.torso_padding)
-        self.target_q = QRNetwork(obs_shape, n_actions, args.num_quantiles, args.hidden_dims,
-                                  args.torso_padding)
+        shape = (obs_shape, n_actions, args.num_quantiles, args.hidden_dims, args.torso_padding)
+        self.q, self.target_q = QRNetwork(*shape), QRNetwork(*shape)
         self.target_q.load_state_dict(self.q.state_dict())
         self.target_q.requires_grad_(False)
         self.log_alpha_prime = nn.Parameter(torch.tensor(float(args.log_alpha_prime_init)))
@@ -1008,19 +956,16 @@ def compute_losses(agent: Agent, batch: dict[str, torch.Tensor], args: Args
 
 
 class Trainer:
-    """Optimizers and one gradient step with no host sync: metrics stay on the device until
-    logged. The target network is a copy of the online one, refreshed every
-    target_update_every updates (counted here, so a resumed run refreshes where it would have)."""
+    """Optimizers and one gradient step with no host sync (metrics stay on the device). The
+    target network is refreshed every target_update_every updates, counted here (resumable)."""
 
     def __init__(self, agent: Agent, args: Args, device: torch.device):
         self.agent, self.args, self.updates = agent, args, 0
         self.optimizers = dict(
             q=torch.optim.Adam(agent.q.parameters(), lr=args.qf_lr, eps=args.adam_eps),
             alpha_prime=torch.optim.Adam([agent.log_alpha_prime], lr=args.alpha_prime_lr))
-        self.loss_fn = compute_losses
-        if args.compile:
-            mode = "reduce-overhead" if args.cudagraphs and device.type == "cuda" else None
-            self.loss_fn = torch.compile(compute_losses, mode=mode)
+        mode = "reduce-overhead" if args.cudagraphs and device.type == "cuda" else None
+        self.loss_fn = torch.compile(compute_losses, mode=mode) if args.compile else compute_losses
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for opt in self.optimizers.values():
@@ -1035,8 +980,7 @@ class Trainer:
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return dict(updates=self.updates,
-                    **{k: opt.state_dict() for k, opt in self.optimizers.items()})
+        return dict(updates=self.updates, **{k: o.state_dict() for k, o in self.optimizers.items()})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.updates = state["updates"]
@@ -1077,48 +1021,13 @@ def make_eval_env(spec: dict) -> gym.Env:
     observations: the dataset's own env."""
     if "wrappers" not in spec:
         return gym.make(spec["id"], max_episode_steps=spec["max_episode_steps"], **spec["kwargs"])
-    import ale_py
-
-    gym.register_envs(ale_py)
     env = gym.make(spec["id"], **spec["kwargs"])
     env = gym.wrappers.AtariPreprocessing(env, **spec["wrappers"]["AtariPreprocessing"])
     return gym.wrappers.FrameStackObservation(env, **spec["wrappers"]["FrameStackObservation"])
 
 
-def make_atari_env(game: str, seed: int | None = None, internal_frameskip: bool = False,
-                   sticky_prob: float = 0.25, noop_max: int = 0,
-                   max_episode_steps: int = 27_000, stack: int = 4) -> gym.Env:
-    """The Atari evaluation env (atari_eval_env's settings), reset with `seed` if given."""
-    env = make_eval_env(atari_eval_env(game, internal_frameskip, sticky_prob, noop_max,
-                                       max_episode_steps, stack=stack))
-    if seed is not None:
-        env.reset(seed=seed)
-    return env
-
-
 def env_action_count(spec: dict) -> int:
-    env = make_eval_env(spec)
-    n = int(env.action_space.n)
-    env.close()
-    return n
-
-
-def dqn_replay_eval_env(args: Args, game: str) -> dict:
-    """dopamine's evaluation for DQN Replay data: sticky actions 0.25 (the data's own setting),
-    no no-op starts (preset values; --sticky-prob / --noop-max change them)."""
-    sticky = 0.25 if args.sticky_prob is None else args.sticky_prob
-    return atari_eval_env(game, False, sticky, args.noop_max, args.max_episode_steps)
-
-
-def _jsonable(value):
-    """kwargs of an env spec as JSON (lists for tuples and arrays, str for anything else)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.generic,)):
-        return value.item()
-    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+    return int(make_eval_env(spec).action_space.n)
 
 
 def minari_eval_env(args: Args, data: Data) -> dict:
@@ -1127,8 +1036,9 @@ def minari_eval_env(args: Args, data: Data) -> dict:
     note); for vector observations, the dataset's (eval) env spec as it is."""
     spec = data.env_spec
     if data.stack == 1:
+        kwargs = json.dumps(spec.kwargs, default=lambda v: getattr(v, "tolist", v.__str__)())
         return {"id": spec.id, "max_episode_steps": spec.max_episode_steps,
-                "kwargs": _jsonable(spec.kwargs)}
+                "kwargs": json.loads(kwargs)}  # arrays as lists, other objects as str
     sticky = data.sticky_prob if args.sticky_prob is None else args.sticky_prob
     if data.sticky_prob is not None and sticky != data.sticky_prob:
         tqdm.write(f"note: evaluating with sticky actions {sticky}; the data was collected with "
@@ -1148,12 +1058,11 @@ def eval_seed(seed: int, eval_index: int) -> int:
 def evaluate(q: QRNetwork, envs: list[gym.Env], epsilon: float, seed: int, device,
              max_steps: int, gamma: float = 0.99, clip_reward: bool = False,
              score_range: tuple[float, float] | None = None) -> dict[str, Any]:
-    """One epsilon-greedy episode on mean-over-quantiles Q in each env, run side by side (env e
-    reset with seed + e, its own epsilon RNG) so that the network sees one batch per step; the
-    result equals running the episodes one after the other. normalized_score: 100 (R - lo) /
-    (hi - lo) with score_range (Atari: random and human scores; local data: its reference
-    returns). value_gap, the lower-bound check (paper Table 4): max_a Q(s_0, a) minus the
-    discounted return (of the training rewards, i.e. clipped for Atari) obtained from s_0."""
+    """One epsilon-greedy episode on mean-over-quantiles Q in each env, side by side (env e reset
+    with seed + e, its own epsilon RNG; equal to one after the other), one batch per step.
+    normalized_score: 100 (R - lo) / (hi - lo), score_range = (lo, hi). value_gap, the lower-bound
+    check (paper Table 4): max_a Q(s_0, a) minus the discounted return (of the training rewards,
+    i.e. clipped for Atari) obtained from s_0."""
     episodes = len(envs)
     rngs = [np.random.default_rng([seed, e]) for e in range(episodes)]
     obs = [np.asarray(env.reset(seed=seed + e)[0]) for e, env in enumerate(envs)]

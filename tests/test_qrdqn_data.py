@@ -222,7 +222,7 @@ def test_minari_atari_frames_equal_eval_env_observations(local_dataset):
     data = m.minari_data(m.load_minari_dataset(ds_id), progress=False)
     assert data.stack == 4 and data.atari_internal_frameskip
     assert data.frames.dtype == np.uint8 and data.frames.shape[1:] == (84, 84)
-    env = m.make_atari_env("pong", internal_frameskip=True, noop_max=0)
+    env = m.make_eval_env(m.atari_eval_env("pong", internal_frameskip=True, noop_max=0))
     obs, _ = env.reset(seed=0)  # benchmark/datasets.py: episode k resets with seed + k
     first = int(data.valid[0])
     buf = m.ReplayBuffer(data, torch.device("cpu"), 0, clip_reward=False)
@@ -253,7 +253,8 @@ def test_preprocess_rgb_equals_ale_grayscale_resize():
 
 
 def test_eval_env_settings():
-    env = m.make_atari_env("breakout", seed=0)
+    env = m.make_eval_env(m.atari_eval_env("breakout"))
+    env.reset(seed=0)
     base = env.unwrapped
     assert base._frameskip == 1  # frame skip (with max-pooling) done by AtariPreprocessing
     assert env.observation_space.shape == (4, 84, 84)
