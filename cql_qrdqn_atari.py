@@ -365,7 +365,9 @@ def check_args(args: Args) -> None:
         ("eval_epsilon", "in [0, 1]", 0.0 <= args.eval_epsilon <= 1.0),
         ("noop_max", ">= 0", args.noop_max >= 0),
         ("hidden_dims", "positive widths", all(h > 0 for h in args.hidden_dims)),
-        ("threads", "positive", args.threads is None or args.threads > 0)]
+        ("threads", "positive", args.threads is None or args.threads > 0),
+        ("checkpoints", "'all' or a list such as 0-9,20",
+         re.fullmatch(r"all|\d+(-\d+)?(,\d+(-\d+)?)*", args.checkpoints.replace(" ", "")))]
     for name, rule, ok in rules:
         if not ok:
             fail(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
@@ -417,8 +419,7 @@ class Data:
     atari_internal_frameskip: bool = False  # Minari Atari: ALE v5 frameskip, no max-pooling
     sticky_prob: float | None = None  # Minari Atari: the env spec's repeat_action_probability
     game: str | None = None  # ALE ROM id of Atari data
-    # filled by load_data:
-    eval_env: dict[str, Any] = field(default_factory=dict)  # JSON spec: make_eval_env(eval_env)
+    eval_env: dict[str, Any] = field(default_factory=dict)  # by load_data: make_eval_env's spec
     info: dict[str, Any] = field(default_factory=dict)  # dataset facts for config.json
     score_range: tuple[float, float] | None = None  # 0 and 100 of the normalized score
 
@@ -907,10 +908,9 @@ def cql_gap(q: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
 
 def lagrange_terms(gap: torch.Tensor, log_alpha_prime: torch.Tensor, weight: float, tau: float
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Paper Eq. 30 dual descent, in the Cal-QL / CORL form alpha' w (gap - tau). Returns
-    (CQL penalty, alpha' loss, alpha'). alpha' = clamp(exp(log alpha'), 0, 1e6). The penalty
-    sees alpha' as a constant; the alpha' loss sees the gap as a constant, so alpha' grows
-    while gap > tau and shrinks below it."""
+    """Paper Eq. 30 dual descent, Cal-QL / CORL form alpha' w (gap - tau): (CQL penalty, alpha'
+    loss, alpha'), alpha' = clamp(exp(log alpha'), 0, 1e6). The penalty sees alpha' as a constant,
+    the alpha' loss the gap, so alpha' grows while gap > tau and shrinks below it."""
     alpha_prime = log_alpha_prime.exp().clamp(0.0, 1e6)
     penalty = alpha_prime.detach() * weight * (gap - tau)
     alpha_prime_loss = -(alpha_prime * weight * (gap.detach() - tau))
@@ -1031,9 +1031,8 @@ def env_action_count(spec: dict) -> int:
 
 
 def minari_eval_env(args: Args, data: Data) -> dict:
-    """The evaluation env of a Minari dataset: for frames, ALE with the dataset's own settings
-    (its env spec's sticky actions and frame-skip convention; --sticky-prob overrides, with a
-    note); for vector observations, the dataset's (eval) env spec as it is."""
+    """A Minari dataset's evaluation env: frames in ALE with the data's own sticky actions and
+    frame-skip convention (--sticky-prob overrides, with a note); vectors in its (eval) env."""
     spec = data.env_spec
     if data.stack == 1:
         kwargs = json.dumps(spec.kwargs, default=lambda v: getattr(v, "tolist", v.__str__)())
@@ -1067,8 +1066,7 @@ def evaluate(q: QRNetwork, envs: list[gym.Env], epsilon: float, seed: int, devic
     rngs = [np.random.default_rng([seed, e]) for e in range(episodes)]
     obs = [np.asarray(env.reset(seed=seed + e)[0]) for e, env in enumerate(envs)]
     returns, disc, steps = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes, np.int64)
-    q_s0 = None
-    active = list(range(episodes))
+    q_s0, active = None, list(range(episodes))
     while active:
         x = torch.as_tensor(np.stack([obs[e] for e in active]), device=device)
         q_mean = q(x).mean(dim=2)
@@ -1136,7 +1134,6 @@ def main(args: Args) -> dict[str, Any]:
                 max_steps, args.gamma, args.clip_reward, data.score_range))
         run.stop_if_signalled(step)
     return run.finish(final_summary(run.history, args, data))
-
 
 
 # ======================================================================================

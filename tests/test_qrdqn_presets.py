@@ -96,7 +96,8 @@ def test_parse_args_flags_override_the_preset():
     with pytest.raises(SystemExit, match="error: --env is required"):
         m.parse_args(["--seed", "1"])
     for flag, value in (("--total-steps", "-5"), ("--eval-episodes", "0"), ("--batch-size", "0"),
-                        ("--eval-every", "0"), ("--qf-lr", "0"), ("--gamma", "1.5")):
+                        ("--eval-every", "0"), ("--qf-lr", "0"), ("--gamma", "1.5"),
+                        ("--checkpoints", "a-b")):
         with pytest.raises(SystemExit, match=f"^error: {flag} must be"):
             m.parse_args(["--env", "pong", "--dqn-replay-dir", "d", flag, value])
 
