@@ -716,7 +716,6 @@ class ReplayBuffer:
                             generator=self.generator)
         return {k: v[idx] for k, v in self.data.items()}
 
-
     def state_dict(self) -> dict[str, Any]:
         return dict(generator=self.generator.get_state())
 

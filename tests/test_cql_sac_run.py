@@ -34,9 +34,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+# One torch thread in subprocesses: two on a shared 2-core machine make steps many times slower.
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
 def run_script(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          timeout=timeout, env=ENV)
 
 
 def test_run_directory_contract(local_dataset, tmp_path):
@@ -112,13 +116,14 @@ def test_compile_gives_the_eager_losses(one_torch_thread):
     assert all(torch.isfinite(v) for v in metrics.values())
 
 
-def test_sigterm_then_resume_matches_an_uninterrupted_run(local_dataset, tmp_path):
+def test_sigterm_then_resume_matches_an_uninterrupted_run(local_dataset, tmp_path,
+                                                          one_torch_thread):
     local_dataset("pendulum-medium")
     steps = ["--total-steps", "600", "--eval-every", "100", "--seed", "3"]
     reference = cql.main(tiny_args(tmp_path / "ref", total_steps=600, eval_every=100, seed=3))
     run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, SCRIPT, *TINY, *steps, "--run-dir", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 120
     while time.time() < deadline and not (run / "metrics.jsonl").exists() or \
             not (run / "metrics.jsonl").read_text():
