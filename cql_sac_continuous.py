@@ -1305,6 +1305,7 @@ class Run:
             what = ", ".join(bad) + " non-finite" if bad else f"|Q| {q_max:.3g} > --max-abs-q"
             kept = (f"the last good checkpoint is {self.ckpt} (step {self.history[-1]['step']})"
                     if self.history else "no checkpoint was written")
+            self.close()  # the stop handlers go back before the error leaves the run
             fail(f"training diverged at step {step} ({what}); {kept}; lower the learning "
                  "rates or raise --cql-weight")
         if self.wandb is not None:
