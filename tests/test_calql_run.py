@@ -1,28 +1,18 @@
-"""Cal-QL end to end: offline then online on the local datasets, resume across the phase
-boundary, bad inputs."""
+"""Cal-QL end to end: offline then online on the local datasets, the training batches, an
+offline-only run extended online and stopped there, the README command. The run contract (run
+files, signals, kills, resume, divergence, bad inputs) is tests/test_run_contract.py."""
 
-import json
 import os
 import signal
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-import gymnasium as gym
-import minari
 import numpy as np
 import pytest
 import torch
-from minari.data_collector import EpisodeBuffer
+from conftest import SCRIPTS, read_json, read_metrics, run_script
 
 import calql_finetune as calql
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = str(ROOT / "calql_finetune.py")
-TINY = ["--hidden-dims", "16", "16", "--batch-size", "32", "--cql-n-actions", "3",
-        "--eval-episodes", "1", "--log-every", "25", "--no-progress"]
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,10 +24,6 @@ def tiny_args(run_dir: Path, env: str = "pointmaze-binary", **overrides) -> calq
                 offline_eval_every=20, online_steps=250, eval_every=100, log_every=25,
                 progress=False)
     return replace(calql.preset_args(env), **{**base, **overrides})
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def online_trajectories(run_dir: Path) -> list[dict[str, np.ndarray]]:
@@ -61,7 +47,7 @@ def test_offline_then_online_end_to_end(local_dataset, tmp_path, task):
         args = tiny_args(tmp_path / "run")
     summary = calql.main(args)
     run = tmp_path / "run"
-    config = json.loads((run / "config.json").read_text())
+    config = read_json(run / "config.json")
     rows = read_metrics(run)
     # step 0: the initial policy, before any update (the official loop's epoch-0 evaluation)
     assert [r["phase"] for r in rows[:3]] == ["offline"] * 3
@@ -75,7 +61,7 @@ def test_offline_then_online_end_to_end(local_dataset, tmp_path, task):
         for key in ("score", "success_rate", "value_gap", *(train_keys if r["step"] else ())):
             assert np.isfinite(r[key]), key
         assert r["normalized_score"] is None  # binary: no score from relabelled returns
-    on_disk = json.loads((run / "summary.json").read_text())
+    on_disk = read_json(run / "summary.json")
     assert on_disk == summary
     assert summary["offline_score"] == rows[2]["score"]
     assert summary["final_score"] == rows[-1]["score"]
@@ -125,149 +111,41 @@ def test_mixing_ratio_and_utd_reach_the_training_batches(local_dataset, tmp_path
     assert all(s[2] == 0.25 for s in seen[10:]) and all(s[1] == 32 for s in seen)
 
 
-def test_sigterm_across_the_offline_online_boundary_then_resume_is_bit_identical(
-        local_dataset, tmp_path, monkeypatch):
+def test_an_offline_only_run_extended_online_stops_at_a_trajectory_end(local_dataset, tmp_path,
+                                                                        monkeypatch):
+    """online_steps 0: no environment step, the final score is the offline one. Extended
+    online and sent SIGTERM during an online update, it stops at that trajectory's end with
+    every update owed made: step = offline steps + environment steps (UTD 1)."""
     local_dataset("pointmaze-sparse")
-    kw = dict(offline_steps=60, offline_eval_every=30, online_steps=250, eval_every=100, seed=5)
-    reference = calql.main(tiny_args(tmp_path / "ref", **kw))
-    run = tmp_path / "run"
-    original = calql.Trainer.step
-
-    def stop_after(n: int):
-        calls = []
-
-        def step(self, *a, **k):
-            calls.append(1)
-            out = original(self, *a, **k)
-            if len(calls) == n:  # as if `kill -TERM` arrived during this update
-                os.kill(os.getpid(), signal.SIGTERM)
-            return out
-        return step
-
-    # 1) stopped during pre-training (step 45 of 60)
-    monkeypatch.setattr(calql.Trainer, "step", stop_after(45))
-    with pytest.raises(SystemExit) as exc:
-        calql.main(tiny_args(run, **kw))
-    assert exc.value.code == 128 + signal.SIGTERM
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
-    assert ckpt["parts"]["loop"]["phase"] == "offline" and ckpt["step"] == 45
-    # 2) resumed: crosses the boundary; the signal arrives mid-way through an online
-    #    trajectory's updates (45 + 50 = step 95, 35 online updates into the first
-    #    trajectory's budget) and is honoured at that trajectory's end (UTD 1)
-    monkeypatch.setattr(calql.Trainer, "step", stop_after(50))
-    with pytest.raises(SystemExit):
-        calql.main(tiny_args(run, resume=str(run), **kw))
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
-    loop = ckpt["parts"]["loop"]
-    assert loop["phase"] == "online" and loop["env_steps"] > 0
-    assert ckpt["step"] == 60 + loop["env_steps"] > 95  # the updates owed were all made
-    assert ckpt["parts"]["online"]["size"] == loop["env_steps"]
-    # 3) resumed to the end: the same evaluations and training metrics, bit for bit
-    monkeypatch.setattr(calql.Trainer, "step", original)
-    resumed = calql.main(tiny_args(run, resume=str(run), **kw))
-    ref_rows, rows = read_metrics(tmp_path / "ref"), read_metrics(run)
-    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
-    for a, b in zip(ref_rows, rows, strict=True):
-        assert a == b
-    for key in ("offline_score", "final_score", "cumulative_regret", "value_gap",
-                "gradient_steps", "env_steps", "episodes"):
-        assert resumed[key] == reference[key], key
-
-
-def test_a_finished_run_can_be_extended_but_not_changed(local_dataset, tmp_path):
-    local_dataset("pointmaze-sparse")
-    run = tmp_path / "run"
-    first = calql.main(tiny_args(run, online_steps=0))
+    run, kw = tmp_path / "run", dict(offline_steps=20, offline_eval_every=20)
+    first = calql.main(tiny_args(run, online_steps=0, **kw))
     assert first["env_steps"] == 0 and first["offline_score"] == first["final_score"]
-    longer = calql.main(tiny_args(run, online_steps=120, resume=str(run)))
-    assert longer["env_steps"] >= 120 and longer["offline_score"] == first["offline_score"]
-    with pytest.raises(SystemExit, match="cql_weight: 1.0 -> 2.0"):
-        calql.main(tiny_args(run, cql_weight=2.0, resume=str(run)))
+    step, calls = calql.Trainer.step, []
 
+    def interrupted(self, batch):
+        calls.append(1)
+        if len(calls) == 35:  # as if `kill -TERM` arrived during this online update
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batch)
 
-def write_dataset(root: Path, dataset_id: str, env_id: str, success: bool | None) -> None:
-    """A tiny hand-made Minari dataset (random actions); success None: no success infos."""
-    old = os.environ["MINARI_DATASETS_PATH"]
-    os.environ["MINARI_DATASETS_PATH"] = str(root)
-    try:
-        env = gym.make(env_id)
-        buffers = []
-        for k in range(2):
-            obs, _ = env.reset(seed=k)
-            rows = dict(observations=[obs], actions=[], rewards=[], terminations=[],
-                        truncations=[])
-            for t in range(10):
-                action = env.action_space.sample()
-                obs, r, _, _, _ = env.step(action)
-                rows["observations"].append(obs)
-                rows["actions"].append(action)
-                rows["rewards"].append(r)
-                rows["terminations"].append(False)
-                rows["truncations"].append(t == 9)
-            infos = None if success is None else {"success": np.full(11, success)}
-            buffers.append(EpisodeBuffer(**{k: np.asarray(v) for k, v in rows.items()},
-                                         infos=infos))
-        minari.create_dataset_from_buffers(dataset_id, buffers, env=env_id)
-    finally:
-        os.environ["MINARI_DATASETS_PATH"] = old
-
-
-BAD_INPUTS = {
-    "no-success-info": (dict(env="pen-binary", dataset_id="test/pendulum/dense-v0"),
-                        "has no per-step 'success' info; --env pen-binary needs it (binary"),
-    "all-failures": (dict(env="pen-binary", dataset_id="test/pendulum/fail-v0"),
-                     "none of its 2 trajectories reaches success"),
-    "dense-as-binary": (dict(env="hopper-binary"), "hopper is a dense-reward task"),
-    "mixing-ratio": (dict(mixing_ratio=1.5), "--mixing-ratio 1.5 is outside [0, 1]"),
-    "negative-mixing": (dict(mixing_ratio=-0.1), "outside [0, 1]"),
-    "unknown-env": (dict(env="pen-human"), "unknown --env 'pen-human'"),
-    "missing-local": (dict(env="pointmaze-binary"),
-                      "build it with: python benchmark/datasets.py local/pointmaze/sparse-v0"),
-    "no-network": (dict(env="pen-binary"), "could not be downloaded"),
-}
-
-
-@pytest.fixture
-def bad_root(tmp_path, monkeypatch):
-    """A datasets root with two hand-made datasets and nothing else; no network."""
-    write_dataset(tmp_path, "test/pendulum/dense-v0", "Pendulum-v1", success=None)
-    write_dataset(tmp_path, "test/pendulum/fail-v0", "Pendulum-v1", success=False)
-    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return tmp_path
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_inputs_give_one_line_errors(bad_root, case):
-    overrides, message = BAD_INPUTS[case]
+    monkeypatch.setattr(calql.Trainer, "step", interrupted)
     with pytest.raises(SystemExit) as exc:
-        calql.main(tiny_args(bad_root / "run", **overrides))
-    assert message in str(exc.value) and "\n" not in str(exc.value)
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--env", "pen-binary", "--dataset-id", "test/pendulum/dense-v0"], "no per-step 'success'"),
-    (["--env", "pointmaze-binary", "--mixing-ratio", "1.5"], "outside [0, 1]"),
-])
-def test_bad_inputs_on_the_command_line_exit_non_zero(bad_root, argv, message):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, SCRIPT, *argv, *TINY, "--run-dir",
-                           str(bad_root / "run")], capture_output=True, text=True, timeout=120,
-                          env=env)
-    assert proc.returncode == 1
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert message in proc.stderr.strip().splitlines()[-1], proc.stderr[-3000:]
+        calql.main(tiny_args(run, online_steps=250, resume=str(run), **kw))
+    assert exc.value.code == 128 + signal.SIGTERM
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    loop = state["parts"]["loop"]
+    assert loop["phase"] == "online" and loop["env_steps"] < 250
+    assert state["step"] == 20 + loop["env_steps"] >= 20 + 35
+    assert state["parts"]["online"]["size"] == loop["env_steps"]
 
 
 def test_command_line_run_on_the_local_pen_dataset(local_dataset, tmp_path):
     """The README command shape: `--env pen-binary --dataset-id local/pen/cloned-v0`."""
     ds = local_dataset("pen-cloned-local")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, SCRIPT, "--env", "pen-binary", "--dataset-id", ds,
-                           *TINY, "--offline-steps", "20", "--offline-eval-every", "20",
-                           "--online-steps", "100", "--eval-every", "100",
-                           "--run-dir", str(tmp_path / "run")], capture_output=True,
-                          text=True, timeout=300, env=env)
+    s = SCRIPTS["calql"]
+    proc = run_script(s.path, "--env", "pen-binary", "--dataset-id", ds, *s.argv[2:],
+                      "--offline-steps", "20", "--offline-eval-every", "20", "--online-steps",
+                      "100", "--eval-every", "100", "--run-dir", str(tmp_path / "run"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary = read_json(tmp_path / "run" / "summary.json")
     assert summary["env_steps"] >= 100 and summary["offline_success_rate"] is not None

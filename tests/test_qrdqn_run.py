@@ -1,23 +1,20 @@
-"""cql_qrdqn_atari.py end to end: run directory, resume, signals, bad inputs, learning."""
+"""cql_qrdqn_atari.py end to end: Atari-shaped and DQN-replay runs, a dataset id alone, a
+stop and resume across target refreshes with --lagrange, learning, evaluation, W&B. The run
+contract (run files, signals, kills, resume, divergence, bad inputs) is
+tests/test_run_contract.py."""
 
 import dataclasses
-import json
 import os
 import signal
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import SCRIPTS, read_json, read_metrics, run_script
 from dqn_replay import make_dqn_replay_dir
 
 import cql_qrdqn_atari as m
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = str(ROOT / "cql_qrdqn_atari.py")
 
 
 def args_for(env, dataset_id=None, dqn_replay_dir=None, data_fraction=0.01, **overrides):
@@ -33,50 +30,6 @@ def small(env="cartpole-medium", **kw):
     return args_for(env, **base)
 
 
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def run_cli(*argv, env=None, timeout=120):
-    return subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})})
-
-
-# --- end to end -----------------------------------------------------------------------------------
-
-
-def test_cartpole_run_writes_the_run_directory(tmp_path, local_dataset):
-    local_dataset("cartpole-medium")
-    run_dir = tmp_path / "run"
-    summary = m.main(small(run_dir=str(run_dir)))
-    config = json.loads((run_dir / "config.json").read_text())
-    args = config["args"]
-    assert args["env"] == "cartpole-medium"
-    assert config["dataset"]["source"] == "local/cartpole/medium-v0"
-    assert args["cql_weight"] == 1.0 and args["hidden_dims"] == [32, 32]  # preset + override
-    assert config["eval_env"] == {"id": "CartPole-v1", "max_episode_steps": 500, "kwargs": {}}
-    rows = read_metrics(run_dir)
-    assert [r["step"] for r in rows] == [150, 300]
-    for r in rows:
-        assert len(r["episode_returns"]) == 2
-        for key in ("return_mean", "normalized_score", "qr_loss", "cql_loss",
-                    "cql_gap", "alpha_prime", "q_pred_s0", "value_gap"):
-            assert r[key] is not None and np.isfinite(r[key]), key
-    lo, hi = 9.0, 500.0  # CartPole ref scores are about random ~22 / controller 500
-    assert lo < rows[-1]["return_mean"] <= hi
-    ds = m.minari.load_dataset("local/cartpole/medium-v0")
-    ref_lo, ref_hi = ds.storage.metadata["ref_min_score"], ds.storage.metadata["ref_max_score"]
-    want = 100 * (rows[-1]["return_mean"] - ref_lo) / (ref_hi - ref_lo)
-    assert rows[-1]["normalized_score"] == pytest.approx(want)
-    for key in ("final_normalized_score", "final_return", "updates_per_sec", "wall_time_s",
-                "total_steps"):
-        assert summary[key] is not None
-    assert json.loads((run_dir / "summary.json").read_text())["final_return"] == \
-        rows[-1]["return_mean"]
-    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-    assert ckpt["step"] == 300 and not list(run_dir.glob("*.tmp"))
-    assert ckpt["parts"]["trainer"]["updates"] == 300
-
 
 def test_pong_local_run_with_nature_torso(tmp_path, local_dataset):
     local_dataset("pong-random")
@@ -84,7 +37,7 @@ def test_pong_local_run_with_nature_torso(tmp_path, local_dataset):
     summary = m.main(args_for("pong-random", total_steps=4, eval_every=2, eval_episodes=1,
                             batch_size=8, max_episode_steps=60, log_every=2, progress=False,
                             run_dir=str(run_dir)))
-    config = json.loads((run_dir / "config.json").read_text())["args"]
+    config = read_json(run_dir / "config.json")["args"]
     # the Atari preset: paper optimizer and QR-DQN settings
     assert (config["qf_lr"], config["adam_eps"], config["num_quantiles"]) == (5e-5, 3.125e-4, 200)
     assert config["target_update_every"] == 2000 and config["clip_reward"] is True
@@ -102,7 +55,7 @@ def test_dqn_replay_run(tmp_path):
                               total_steps=2, eval_every=2, eval_episodes=1, batch_size=4,
                             max_episode_steps=30, log_every=1, progress=False,
                             run_dir=str(run_dir)))
-    config = json.loads((run_dir / "config.json").read_text())
+    config = read_json(run_dir / "config.json")
     assert config["args"]["cql_weight"] == 1.0  # preset for a large fraction (0.5 > 5%)
     assert summary["transitions"] > 0 and config["dataset"]["source"].startswith("dqn_replay:")
     # the paper's presets: alpha 4.0 with 1% of the data, 1.0 with 10%
@@ -114,16 +67,18 @@ def test_dqn_replay_run(tmp_path):
 
 
 def test_dataset_id_alone_runs(tmp_path, local_dataset):
-    """--dataset-id of a discrete Minari set with no --env: the preset of its observations."""
+    """--dataset-id of a discrete Minari set with no --env: the preset of its observations;
+    config.json names the dataset and exactly the evaluation env."""
     ds_id = local_dataset("cartpole-medium")
-    r = run_cli("--dataset-id", ds_id, "--total-steps", "20", "--eval-every", "20",
-                "--eval-episodes", "1", "--num-quantiles", "4", "--no-progress", "--run-dir",
-                str(tmp_path / "d"))
+    r = run_script(SCRIPTS["qrdqn"].path, "--dataset-id", ds_id, "--total-steps", "20",
+                   "--eval-every", "20", "--eval-episodes", "1", "--num-quantiles", "4",
+                   "--no-progress", "--run-dir", str(tmp_path / "d"))
     assert r.returncode == 0, r.stderr[-2000:]
-    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    config = read_json(tmp_path / "d" / "config.json")
     assert config["args"]["env"] == "cartpole-medium-v0"
-    assert config["dataset"]["dataset_id"] == ds_id
+    assert config["dataset"]["dataset_id"] == ds_id and config["dataset"]["source"] == ds_id
     assert config["args"]["hidden_dims"] == [128, 128]  # the vector preset
+    assert config["eval_env"] == {"id": "CartPole-v1", "max_episode_steps": 500, "kwargs": {}}
 
 
 def test_compile_runs_on_cpu(tmp_path, local_dataset):
@@ -136,136 +91,43 @@ def test_compile_runs_on_cpu(tmp_path, local_dataset):
 # --- checkpoint and resume ------------------------------------------------------------------------
 
 
-def test_resume_gives_identical_numbers(tmp_path, local_dataset):
+def test_stop_and_resume_across_target_refreshes_with_lagrange(tmp_path, local_dataset,
+                                                               monkeypatch, capsys):
+    """What the contract's run lacks (no --lagrange; target refresh every 500 > its 400
+    updates): SIGINT at update 100 of 230 with the target refreshed every 60 updates and
+    alpha' tuned; the resume (--progress, a free field, changed) gives the uninterrupted
+    run's rows (evaluated at the last step 230 too), return and tensors."""
     local_dataset("cartpole-medium")
-    args = dict(total_steps=400, eval_every=100, lagrange=True, cql_tau=0.5,
-                target_update_every=60)
-    full = m.main(small(run_dir=str(tmp_path / "full"), **args))
-    half_dir = tmp_path / "half"
-    m.main(small(run_dir=str(half_dir), **{**args, "total_steps": 200}))
-    resumed = m.main(small(resume=str(half_dir), **args))
-    assert read_metrics(half_dir) == read_metrics(tmp_path / "full")
+    kw = dict(total_steps=230, eval_every=100, hidden_dims=(16, 16), lagrange=True,
+              cql_tau=0.5, target_update_every=60)
+    full = m.main(small(run_dir=str(tmp_path / "full"), **kw))
+    run, step, calls = tmp_path / "run", m.Trainer.step, []
+
+    def interrupted(self, batch):
+        calls.append(1)
+        if len(calls) == 100:  # as if Ctrl-C arrived during this update
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, batch)
+
+    monkeypatch.setattr(m.Trainer, "step", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        m.main(small(run_dir=str(run), **kw))
+    assert exc.value.code == 128 + signal.SIGINT
+    assert f"stopped by signal {int(signal.SIGINT)} at step 100" in capsys.readouterr().err
+    monkeypatch.setattr(m.Trainer, "step", step)
+    resumed = m.main(small(resume=str(run), progress=True, **kw))
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [100, 200, 230]
+    assert all(len(r["episode_returns"]) == 2 for r in rows)  # --eval-episodes 2
+    assert rows == read_metrics(tmp_path / "full")
     assert resumed["final_return"] == full["final_return"]
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
-    b = torch.load(half_dir / "checkpoint.pt", weights_only=False)
-    a, b = a["parts"]["agent"], b["parts"]["agent"]
+    a, b = (torch.load(d / "checkpoint.pt", weights_only=False)["parts"]
+            for d in (tmp_path / "full", run))
+    assert b["trainer"]["updates"] == 230
+    a, b = a["agent"], b["agent"]
     assert {k for k in a if k.startswith("q.")} and a.keys() == b.keys()
     for k, v in a.items():  # the Q network, its target copy and log alpha'
         assert torch.equal(v, b[k]), k
-
-
-def test_resume_refuses_different_arguments(tmp_path, local_dataset):
-    local_dataset("cartpole-medium")
-    run_dir = tmp_path / "r"
-    m.main(small(run_dir=str(run_dir), total_steps=50, eval_every=50, eval_episodes=1))
-    with pytest.raises(SystemExit, match=r"error: .*does not match.*cql_weight.*qf_lr"):
-        m.main(small(resume=str(run_dir), total_steps=100, qf_lr=0.5, cql_weight=3.0))
-    # free fields (total_steps, progress, ...) may change
-    m.main(small(resume=str(run_dir), total_steps=60, eval_every=50, eval_episodes=1,
-                 progress=True))
-    assert [r["step"] for r in read_metrics(run_dir)] == [50, 60]
-
-
-def test_sigint_saves_checkpoint_and_resume_continues_identically(tmp_path, local_dataset):
-    local_dataset("cartpole-medium")
-    run_dir = tmp_path / "sig"
-    common = ["--env", "cartpole-medium", "--eval-every", "100", "--eval-episodes", "1",
-              "--hidden-dims", "32", "32", "--num-quantiles", "8", "--log-every", "50"]
-    proc = subprocess.Popen([sys.executable, SCRIPT, *common, "--total-steps", "100000",
-                             "--run-dir", str(run_dir), "--no-progress"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 90
-    metrics = run_dir / "metrics.jsonl"  # written empty at the start: wait for a row
-    while not (metrics.exists() and metrics.read_text()) and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGINT
-    assert "stopped by signal" in err and f"--resume {run_dir}" in err, err[-2000:]
-    assert "Traceback" not in err
-    step = torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"]
-    assert 100 <= step < 100000
-    target = (step // 100 + 1) * 100 + 30
-    kw = dict(env="cartpole-medium", eval_every=100, eval_episodes=1, hidden_dims=(32, 32),
-              num_quantiles=8, log_every=50, progress=False, total_steps=target)
-    resumed = m.main(args_for(resume=str(run_dir), **kw))
-    full = m.main(args_for(run_dir=str(tmp_path / "full"), **kw))
-    assert resumed["final_return"] == full["final_return"]
-    assert read_metrics(run_dir)[-1] == read_metrics(tmp_path / "full")[-1]
-
-
-# --- bad inputs -----------------------------------------------------------------------------------
-
-
-def test_unknown_env_lists_valid_names():
-    with pytest.raises(SystemExit, match="unknown --env 'walker'; valid: pong, breakout"):
-        m.parse_args(["--env", "walker"])
-    r = run_cli("--env", "notagame", "--no-progress")
-    assert r.returncode != 0 and "error: unknown --env 'notagame'" in r.stderr
-    assert "Traceback" not in r.stderr
-
-
-def test_continuous_dataset_points_to_sac_script(local_dataset):
-    ds_id = local_dataset("pendulum-random")
-    with pytest.raises(SystemExit, match="continuous action space.*cql_sac_continuous.py"):
-        m.main(args_for("custom", dataset_id=ds_id, progress=False))
-
-
-def test_missing_replay_dir_and_unknown_game(tmp_path):
-    with pytest.raises(SystemExit, match="--dqn-replay-dir .* does not exist.*gsutil"):
-        m.main(args_for("pong", dqn_replay_dir=str(tmp_path / "nope"), progress=False))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match=r"no \$store\$_observation_ckpt"):
-        m.main(args_for("pong", dqn_replay_dir=str(tmp_path / "empty"), progress=False))
-    with pytest.raises(SystemExit, match="Atari game as --env: 'pongg' unknown; valid: pong"):
-        m.parse_args(["--env", "pongg", "--dqn-replay-dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="'cartpole-expert' is a local dataset, not an Atari"):
-        m.parse_args(["--env", "cartpole-expert", "--dqn-replay-dir", str(tmp_path)])
-
-
-def test_missing_local_dataset_says_how_to_build(tmp_path):
-    r = run_cli("--env", "cartpole-expert", env={"MINARI_DATASETS_PATH": str(tmp_path)})
-    assert r.returncode != 0
-    assert "local/cartpole/expert-v0 not found" in r.stderr
-    assert "build it with: python benchmark/datasets.py cartpole-expert" in r.stderr
-    assert "Traceback" not in r.stderr
-
-
-def test_missing_atari_dataset_without_network(tmp_path):
-    r = run_cli("--env", "breakout", env={"MINARI_DATASETS_PATH": str(tmp_path),
-                                          "HF_HUB_OFFLINE": "1"})
-    assert r.returncode != 0
-    assert "error: dataset atari/breakout/expert-v0 is not under" in r.stderr
-    assert "minari download atari/breakout/expert-v0" in r.stderr
-    assert "Traceback" not in r.stderr
-
-
-def test_nan_in_data_is_refused(tmp_path, monkeypatch):
-    import gymnasium as gym
-    import minari
-    from minari.data_collector import EpisodeBuffer
-
-    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
-    obs = np.zeros((4, 4), np.float32)
-    buf = EpisodeBuffer(observations=obs, actions=np.zeros(3, np.int64),
-                        rewards=np.array([1.0, np.nan, 1.0]), terminations=np.zeros(3, bool),
-                        truncations=np.array([False, False, True]))
-    with pytest.warns(UserWarning):
-        minari.create_dataset_from_buffers("test/nan/bad-v0", [buf], env=gym.make("CartPole-v1"))
-    with pytest.raises(SystemExit, match="test/nan/bad-v0 contains NaN"):
-        m.main(args_for("custom", dataset_id="test/nan/bad-v0", progress=False))
-
-
-def test_divergence_names_step_and_last_checkpoint(tmp_path, local_dataset):
-    local_dataset("cartpole-medium")
-    run_dir = tmp_path / "div"
-    with pytest.raises(SystemExit) as e:
-        m.main(small(run_dir=str(run_dir), qf_lr=100.0, cql_weight=0.0, eval_every=10,
-                     eval_episodes=1, log_every=10, total_steps=2000))
-    msg = str(e.value)
-    assert msg.startswith("error: training diverged at step 20 (")
-    assert f"last good checkpoint is {run_dir / 'checkpoint.pt'} (step 10)" in msg
-    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 10
 
 
 # --- learning -------------------------------------------------------------------------------------
