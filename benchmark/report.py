@@ -31,14 +31,8 @@ import numpy as np
 if __package__ in (None, ""):  # `python benchmark/report.py`: make `benchmark` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmark.common import (
-    JOB_FILE,
-    SUITE_FILE,
-    command_line,
-    machine_lines,
-    read_json,
-    read_jsonl,
-)
+from benchmark import common
+from benchmark.common import read_json, read_jsonl
 from benchmark.suites import ALGORITHM, CALQL, CQL_SAC, SUITES
 
 # ------------------------------------------------------------------------ reference numbers
@@ -136,7 +130,7 @@ class Run:
 def load_runs(root: Path) -> dict[str, list[Run]]:
     """Every run under root (a folder with job.json), grouped by suite."""
     suites: dict[str, list[Run]] = defaultdict(list)
-    for job_file in sorted(Path(root).rglob(JOB_FILE)):
+    for job_file in sorted(Path(root).rglob(common.JOB_FILE)):
         d = job_file.parent
         summary = read_json(d / "summary.json") if (d / "summary.json").exists() else None
         config = read_json(d / "config.json") if (d / "config.json").exists() else {}
@@ -274,15 +268,15 @@ def suite_header(suite: str, suite_dir: Path) -> list[str]:
     lines = [f"# Suite `{suite}`", ""]
     if suite in SUITES:
         lines += [SUITES[suite].description + ".", ""]
-    path = suite_dir / SUITE_FILE
+    path = suite_dir / common.SUITE_FILE
     if path.exists():
         for inv in read_json(path)["invocations"]:
             lines += [f"- Command: `{inv['command']}` ({inv['launcher']} launcher, "
                       f"{inv['jobs']} at once): {inv['ok']} ran, {inv['skipped']} skipped, "
                       f"{inv['failed']} failed, {inv['wall_s'] / 60:.1f} min wall",
-                      *machine_lines(inv["machine"])]
+                      *common.machine_lines(inv["machine"])]
         lines.append("")
-    lines += [f"Report: `{command_line()}`", ""]
+    lines += [f"Report: `{common.command_line()}`", ""]
     return lines
 
 

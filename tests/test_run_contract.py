@@ -4,7 +4,8 @@ signals and bit-identical resume, hard kills, refused resumes, extension of a fi
 the divergence stop and one-line errors for bad input. The scripts and their tiny runs are
 the table `SCRIPTS` in conftest.py.
 
-Replaces (the old per-script tests this module covers, to be deleted by the lead):
+Replaces (the old per-script tests, now removed; what they checked beyond the contract stays
+in the per-script test files):
 - test_cql_sac_run.py: test_run_directory_contract -> test_run_files;
   test_sigterm_then_resume_matches_an_uninterrupted_run -> test_sigterm_on_the_command_line_
   then_resume_is_bit_identical; test_resume_after_a_hard_kill_continues_from_the_last_
