@@ -13,6 +13,7 @@ plumbing. `--env X --help` shows the values that run for X; `--presets` lists th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -22,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
@@ -66,7 +68,7 @@ class Args:
     run_dir: str | None = None
     """Run directory; None: runs/cql_sac_continuous__<env>__s<seed>__<time>."""
     hidden_dims: tuple[int, ...] | None = None
-    """Command-line shorthand: sets the actor and critic widths (a per-network flag given on the
+    """Command-line shorthand for the actor and critic widths (a per-network flag given on the
     command line wins); parse_args spends it (None), main takes the per-network widths."""
     actor_hidden_dims: tuple[int, ...] = (256, 256, 256)
     """Actor hidden widths."""
@@ -90,11 +92,9 @@ class Args:
     target_entropy: float | None = None
     """Entropy target of the automatic temperature; None: -|A| (SAC)."""
     bc_steps: int = 0
-    """Behaviour-cloning warm start of the actor for this many steps (official
-    `policy_eval_start`)."""
+    """Behaviour-cloning warm start of the actor, this many steps (official `policy_eval_start`)."""
     backup_entropy: bool = False
-    """Keep the -alpha*log pi term in the Bellman target; off = the official code's
-    `deterministic_backup=True`."""
+    """Keep -alpha*log pi in the Bellman target (off: the official `deterministic_backup=True`)."""
     max_backup: bool = False
     """Max backup: max over N actions from pi(.|s') of the twin-min target Q."""
 
@@ -120,11 +120,10 @@ class Args:
     lagrange: bool = False
     """Tune alpha' by dual gradient descent towards a target gap (Eq. 30); see --cql-tau."""
     cql_tau: float = 10.0
-    """Threshold tau of the Lagrange form. The two forms differ in what tau bounds:
-    cql form alpha'*(w*gap - tau) (CQL code) drives the gap to tau/w, so the paper's tau
-    (10 gym, 5 Adroit/kitchen) is the target gap only with w = 1, the official default with
-    Lagrange (`cql_mujoco_new.py`); calql form alpha'*w*(gap - tau) (Cal-QL, CORL) drives
-    the gap to tau whatever w (antmaze: tau 0.8, w 5)."""
+    """Threshold tau of the Lagrange form: cql form alpha'*(w*gap - tau) (CQL code) drives the
+    gap to tau/w, so the paper's tau (10 gym, 5 Adroit/kitchen) is the target gap only with
+    w = 1, the official default with Lagrange (`cql_mujoco_new.py`); calql form
+    alpha'*w*(gap - tau) (Cal-QL, CORL) drives the gap to tau whatever w (antmaze: 0.8, w 5)."""
     lagrange_form: Literal["cql", "calql"] = "cql"
     """cql: alpha'*(w*gap - tau) (rlkit `cql.py`); calql: alpha'*w*(gap - tau) (Cal-QL
     `conservative_sac.py`, CORL `cql.py`). See --cql-tau."""
@@ -272,26 +271,21 @@ PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
 ADROIT_TASKS = ("pen", "door", "relocate", "hammer")
 
 
-def _env_presets() -> dict[str, tuple[str, str]]:
-    """`--env` name -> (Minari dataset id, preset group of PRESETS)."""
-    presets: dict[str, tuple[str, str]] = {}
-    for robot in ("hopper", "halfcheetah", "walker2d", "ant"):
-        for level in ("simple", "medium", "expert"):
-            presets[f"{robot}-{level}"] = (f"mujoco/{robot}/{level}-v0", "gym")
-    for maze in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play",
-                 "large-diverse"):
-        presets[f"antmaze-{maze}"] = (f"D4RL/antmaze/{maze}-v1", "antmaze")
-    for task in ADROIT_TASKS:
-        for level in ("human", "cloned", "expert"):
-            presets[f"{task}-{level}"] = (f"D4RL/{task}/{level}-v2", "adroit")
-    for task in ("complete", "partial", "mixed"):
-        presets[f"kitchen-{task}"] = (f"D4RL/kitchen/{task}-v2", "kitchen")
-    for level in ("random", "medium", "expert", "medium-replay", "medium-expert"):
-        presets[f"pendulum-{level}"] = (f"local/pendulum/{level}-v0", "pendulum")
-    return presets
-
-
-ENV_PRESETS = _env_presets()
+# `--env` name -> (Minari dataset id, preset group of PRESETS): "{task}-{level}" for each
+# (group, dataset id pattern, tasks, levels).
+ENV_PRESETS: dict[str, tuple[str, str]] = {
+    f"{task}-{level}": (pattern.format(task, level), group)
+    for group, pattern, tasks, levels in [
+        ("gym", "mujoco/{}/{}-v0", ("hopper", "halfcheetah", "walker2d", "ant"),
+         ("simple", "medium", "expert")),
+        ("antmaze", "D4RL/{}/{}-v1", ("antmaze",),
+         ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play",
+          "large-diverse")),
+        ("adroit", "D4RL/{}/{}-v2", ADROIT_TASKS, ("human", "cloned", "expert")),
+        ("kitchen", "D4RL/{}/{}-v2", ("kitchen",), ("complete", "partial", "mixed")),
+        ("pendulum", "local/{}/{}-v0", ("pendulum",),
+         ("random", "medium", "expert", "medium-replay", "medium-expert"))]
+    for task in tasks for level in levels}
 
 
 def dataset_family(dataset_id: str) -> str | None:
@@ -299,12 +293,8 @@ def dataset_family(dataset_id: str) -> str | None:
     parts = dataset_id.split("/")
     if parts[0] == "mujoco":
         return "gym"
-    if parts[0] == "D4RL" and len(parts) > 1:
-        return {"antmaze": "antmaze", "kitchen": "kitchen",
-                **{t: "adroit" for t in ADROIT_TASKS}}.get(parts[1])
-    if parts[0] == "local" and len(parts) > 1 and parts[1] == "pendulum":
-        return "pendulum"
-    return None
+    return {"D4RL/antmaze": "antmaze", "D4RL/kitchen": "kitchen", "local/pendulum": "pendulum",
+            **{f"D4RL/{t}": "adroit" for t in ADROIT_TASKS}}.get("/".join(parts[:2]))
 
 
 def preset_args(env: str, dataset_id: str | None = None) -> Args:
@@ -377,24 +367,18 @@ def check_args(args: Args) -> None:
         fail("--cudagraphs needs --compile")
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, tuple):
-        return " ".join(str(v) for v in value)
-    return repr(value) if isinstance(value, str) else str(value)
-
-
 def preset_table() -> str:
     """Markdown table of the defaults and every preset value, with sources (`--presets`)."""
+    fmt = lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else repr(v)  # str quoted
     lines = ["| preset | field | value | source |", "|---|---|---|---|"]
-    defaults = Args()
     for name, source in DEFAULT_SOURCES.items():
-        lines.append(f"| defaults | {name} | {_fmt(getattr(defaults, name))} | {source} |")
+        lines.append(f"| defaults | {name} | {fmt(getattr(Args(), name))} | {source} |")
     for group, values in PRESETS.items():
         for name, (value, source) in values.items():
-            lines.append(f"| {group} | {name} | {_fmt(value)} | {source} |")
-    envs = {g: [e for e, (_, eg) in ENV_PRESETS.items() if eg == g] for g in PRESETS}
-    lines += ["", "| preset | --env |", "|---|---|"]
-    lines += [f"| {g} | {', '.join(e)} |" for g, e in envs.items()]
+            lines.append(f"| {group} | {name} | {fmt(value)} | {source} |")
+    lines += ["", "| preset | --env |", "|---|---|"] + [
+        f"| {g} | {', '.join(e for e, (_, eg) in ENV_PRESETS.items() if eg == g)} |"
+        for g in PRESETS]
     return "\n".join(lines)
 
 
@@ -407,10 +391,8 @@ def load_minari_dataset(dataset_id: str):
     """Load a Minari dataset: local copy first, else download (needs network)."""
     import minari
 
-    try:
+    with contextlib.suppress(FileNotFoundError):
         return minari.load_dataset(dataset_id)
-    except FileNotFoundError:
-        pass
     if dataset_id.startswith("local/"):  # built by this project, never downloaded
         fail(f"dataset {dataset_id} not found; build it with: "
              f"python benchmark/datasets.py {dataset_id}")
@@ -423,38 +405,28 @@ def load_minari_dataset(dataset_id: str):
 
 
 def flatten_obs(obs: Any) -> np.ndarray:
-    """Flatten (possibly nested dict) observations to float32 [..., d], keys in sorted order.
-
-    The same function serves the dataset (leading time axis) and the evaluation env (no time
-    axis), so the feature order is identical in both (antmaze / kitchen dict observations).
-    """
+    """Flatten (possibly nested dict) observations to float32 [..., d], keys sorted: the dataset
+    (time axis) and the evaluation env use this one function, so their feature orders agree."""
     if isinstance(obs, dict):
-        parts = [flatten_obs(obs[k]) for k in sorted(obs)]
-        return np.concatenate(parts, axis=-1)
+        return np.concatenate([flatten_obs(obs[k]) for k in sorted(obs)], axis=-1)
     return np.asarray(obs, dtype=np.float32)
 
 
 def episode_to_transitions(observations: Any, actions: np.ndarray, rewards: np.ndarray,
-                           terminations: np.ndarray, truncations: np.ndarray
-                           ) -> dict[str, np.ndarray]:
-    """One episode (T+1 observations, T steps) -> T transitions.
-
-    `next_obs[t] = obs[t+1]`; `done` is the termination flag only: a truncation (time limit)
-    is not a terminal state, so its target still bootstraps from obs[T].
-    """
+                           terminations: np.ndarray, truncations: np.ndarray) -> dict[str, Any]:
+    """One episode (T+1 observations, T steps) -> T transitions, `next_obs[t] = obs[t+1]`; `done`
+    is termination only: a truncation (time limit) is not terminal, its target bootstraps."""
     obs = flatten_obs(observations)
     if obs.ndim == 1:
         obs = obs[:, None]
     steps = len(actions)
     if len(obs) != steps + 1:
         fail(f"episode has {len(obs)} observations for {steps} actions (expected T+1)")
-    return dict(
-        obs=obs[:-1], next_obs=obs[1:],
-        actions=np.asarray(actions, np.float32).reshape(steps, -1),
-        rewards=np.asarray(rewards, np.float32).reshape(steps),
-        dones=np.asarray(terminations, np.float32).reshape(steps),
-        timeouts=np.asarray(truncations, np.float32).reshape(steps),
-    )
+    return dict(obs=obs[:-1], next_obs=obs[1:],
+                actions=np.asarray(actions, np.float32).reshape(steps, -1),
+                rewards=np.asarray(rewards, np.float32).reshape(steps),
+                dones=np.asarray(terminations, np.float32).reshape(steps),
+                timeouts=np.asarray(truncations, np.float32).reshape(steps))
 
 
 def episodes_to_transitions(episodes) -> dict[str, np.ndarray]:
@@ -464,8 +436,8 @@ def episodes_to_transitions(episodes) -> dict[str, np.ndarray]:
     if not parts:
         fail("the dataset has no episodes")
     data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    returns = np.array([p["rewards"].sum() for p in parts], np.float64)
-    data["episode_returns"] = returns  # per episode, for the locomotion reward scale
+    # per episode, for the locomotion reward scale
+    data["episode_returns"] = np.array([p["rewards"].sum() for p in parts], np.float64)
     return data
 
 
@@ -479,16 +451,14 @@ def check_finite(data: dict[str, np.ndarray], dataset_id: str) -> None:
 
 
 def goal_terminals(data: dict[str, np.ndarray]) -> np.ndarray:
-    """AntMaze: every goal-reaching step (raw reward 1) is terminal.
-
-    Minari's AntMaze data come from a continuing task (never terminated, reward 1 at every
-    step within 0.45 of the goal). D4RL's antmaze datasets store `terminals` equal to these
-    rewards (D4RL issue #199: "a reward/terminal of 1 when the ant is near the goal"), and
-    the official codes train on those terminals: CQL `cql_antmaze_new.py` (`load_hdf5`:
-    `_terminals = dataset['terminals']` from d4rl.qlearning_dataset) and Cal-QL
-    `replay_buffer.py` (`dones=dataset['terminals']`). We follow them: done = reward == 1.
-    Without it Q at the goal heads to r/(1-gamma), and evaluation, which ends at the goal,
-    would not match the data."""
+    """AntMaze: every goal-reaching step (raw reward 1) is terminal. Minari's AntMaze data come
+    from a continuing task (never terminated, reward 1 at every step within 0.45 of the goal).
+    D4RL's antmaze datasets store `terminals` equal to these rewards (D4RL issue #199: "a
+    reward/terminal of 1 when the ant is near the goal"), and the official codes train on
+    those terminals: CQL `cql_antmaze_new.py` (`load_hdf5`: `_terminals = dataset['terminals']`
+    from d4rl.qlearning_dataset) and Cal-QL `replay_buffer.py` (`dones=dataset['terminals']`).
+    We follow them: done = reward == 1. Without it Q at the goal heads to r/(1-gamma), and
+    evaluation, which ends at the goal, would not match the data."""
     return np.maximum(data["dones"], (data["rewards"] == 1.0).astype(np.float32))
 
 
@@ -518,11 +488,9 @@ def make_transform(data: dict[str, np.ndarray], action_space: gym.spaces.Box,
                    args: Args) -> Transform:
     """Observation statistics, action rescaling and reward scale/bias from the dataset."""
     dim = data["obs"].shape[1]
+    mean, std = np.zeros(dim, np.float32), np.ones(dim, np.float32)
     if args.normalize_states:
-        mean = data["obs"].mean(0)
-        std = data["obs"].std(0) + 1e-3
-    else:
-        mean, std = np.zeros(dim, np.float32), np.ones(dim, np.float32)
+        mean, std = data["obs"].mean(0), data["obs"].std(0) + 1e-3
     low, high = action_space.low.astype(np.float32), action_space.high.astype(np.float32)
     scale, bias = float(args.reward_scale), float(args.reward_bias)
     if args.reward_mode == "none":
@@ -548,11 +516,9 @@ def apply_transform(data: dict[str, np.ndarray], tf: Transform) -> dict[str, np.
 
 def register_robotics_envs() -> None:
     """Register gymnasium-robotics' envs (Adroit, AntMaze, Kitchen) when it is installed."""
-    try:
+    with contextlib.suppress(ImportError):
         import gymnasium_robotics
-    except ImportError:
-        return
-    gym.register_envs(gymnasium_robotics)
+        gym.register_envs(gymnasium_robotics)
 
 
 def spec_dict(spec: gym.envs.registration.EnvSpec) -> dict[str, Any]:
@@ -580,9 +546,8 @@ def scoring(meta: dict[str, Any], family: str | None, dataset_id: str) -> dict[s
                     ref_source="D4RL d4rl/kitchen/__init__.py ref_min_score 0, ref_max_score 4")
     lo, hi = (None if meta.get(k) is None else float(meta[k])
               for k in ("ref_min_score", "ref_max_score"))
-    source = "dataset metadata (ref_min_score / ref_max_score)"
-    if family == "adroit":
-        source = "dataset metadata: D4RL's reference scores (100-step pen episodes, see eval_env)"
+    source = ("dataset metadata: D4RL's reference scores (100-step pen episodes, see eval_env)"
+              if family == "adroit" else "dataset metadata (ref_min_score / ref_max_score)")
     if (lo is None or hi is None) and family == "gym":
         robot = dataset_id.split("/")[1]
         if robot in D4RL_MUJOCO_REFS:  # Minari's mujoco/* have none (Minari #323)
@@ -618,15 +583,6 @@ def eval_env_spec(dataset, family: str | None) -> gym.envs.registration.EnvSpec:
     return eval_spec or data_spec
 
 
-def _maze_symmetries(shape: tuple[int, int]):
-    """(name, map transform, cell transform) for identity, the two mirrors and rot180."""
-    h, w = shape
-    return (("identity", lambda a: a, lambda i, j: (i, j)),
-            ("mirror-lr", lambda a: a[:, ::-1], lambda i, j: (i, w - 1 - j)),
-            ("mirror-ud", lambda a: a[::-1, :], lambda i, j: (h - 1 - i, j)),
-            ("rot180", lambda a: a[::-1, ::-1], lambda i, j: (h - 1 - i, w - 1 - j)))
-
-
 def _cell(maze_map: list[list[Any]], mark: str) -> tuple[int, int] | None:
     found = [(i, j) for i, row in enumerate(maze_map) for j, c in enumerate(row) if c == mark]
     return found[0] if len(found) == 1 else None
@@ -634,12 +590,11 @@ def _cell(maze_map: list[list[Any]], mark: str) -> tuple[int, int] | None:
 
 def antmaze_eval_spec(data_spec, eval_spec) -> gym.envs.registration.EnvSpec:
     """The DATA's maze with the eval spec's fixed start (r) and goal (g) cells, ending at the
-    goal (continuing_task=False), the eval horizon (700 umaze, 1000 others).
-
-    The eval spec's maze is the data maze seen under a symmetry: identical for medium/large,
-    the 180-degree rotation for umaze/umaze-diverse (Minari #304, #301: its walls are the
-    mirror image). The eval cells are mapped through the symmetry that takes the eval walls
-    onto the data walls (and, where the data map has a goal cell, its goal onto that goal)."""
+    goal (continuing_task=False), the eval horizon (700 umaze, 1000 others). The eval spec's
+    maze is the data maze seen under a symmetry: identical for medium/large, the 180-degree
+    rotation for umaze/umaze-diverse (Minari #304, #301: its walls are the mirror image). The
+    eval cells are mapped through the symmetry that takes the eval walls onto the data walls
+    (and, where the data map has a goal cell, its goal onto that goal)."""
     data_map = data_spec.kwargs.get("maze_map") or gym.spec(data_spec.id).kwargs["maze_map"]
     walls = np.array([[c == 1 for c in row] for row in data_map])
     source_map = eval_spec.kwargs.get("maze_map", data_map) if eval_spec else data_map
@@ -648,11 +603,15 @@ def antmaze_eval_spec(data_spec, eval_spec) -> gym.envs.registration.EnvSpec:
         fail(f"the AntMaze eval spec of {data_spec.id} has no single start (r) and goal (g) "
              "cell; cannot fix the evaluation episodes")
     eval_walls = np.array([[c == 1 for c in row] for row in source_map])
-    data_goal = _cell(data_map, "g")
-    options = [(name, cell) for name, grid, cell in _maze_symmetries(walls.shape)
+    (h, w), data_goal = walls.shape, _cell(data_map, "g")
+    # (name, map transform, cell transform) for identity, the two mirrors and rot180
+    symmetries = (("identity", lambda a: a, lambda i, j: (i, j)),
+                  ("mirror-lr", lambda a: a[:, ::-1], lambda i, j: (i, w - 1 - j)),
+                  ("mirror-ud", lambda a: a[::-1, :], lambda i, j: (h - 1 - i, j)),
+                  ("rot180", lambda a: a[::-1, ::-1], lambda i, j: (h - 1 - i, w - 1 - j)))
+    options = [(name, cell) for name, grid, cell in symmetries
                if eval_walls.shape == walls.shape and np.array_equal(grid(eval_walls), walls)]
-    if data_goal is not None:
-        options.sort(key=lambda option: option[1](*goal) != data_goal)
+    options.sort(key=lambda option: option[1](*goal) != data_goal)  # no data goal: no change
     if not options:
         fail(f"the AntMaze eval maze of {data_spec.id} matches the data maze under no "
              "mirror or rotation; cannot place its start and goal in the data maze")
@@ -708,8 +667,7 @@ class ReplayBuffer:
     def __init__(self, data: dict[str, np.ndarray], device: torch.device, seed: int):
         self.data = {k: torch.as_tensor(v, device=device) for k, v in data.items()}
         self.size = len(self.data["obs"])
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(0, self.size, (batch_size,), device=self.data["obs"].device,
@@ -745,11 +703,14 @@ class EnsembleLinear(nn.Module):
         return torch.baddbmm(b, x, w)
 
 
-def orthogonal_(weight: torch.Tensor, gain: float) -> None:
-    """Orthogonal init of a [in, out] (or [E, in, out]) weight, as nn.init does for [out, in]."""
-    mats = weight.data if weight.dim() == 3 else weight.data[None]
-    for mat in mats:
-        mat.copy_(nn.init.orthogonal_(torch.empty(mat.shape[1], mat.shape[0]), gain).T)
+def orthogonal_(layers: list[nn.Module], transposed: bool) -> None:
+    """Orthogonal init (Cal-QL code): gain sqrt(2), last layer 1e-2, zero biases. Weights are
+    nn.Linear's [out, in] or, `transposed`, EnsembleLinear's [E, in, out] (as nn.init would)."""
+    for k, layer in enumerate(layers):
+        gain = 1e-2 if k == len(layers) - 1 else math.sqrt(2)
+        for mat in (layer.weight.data if transposed else layer.weight.data.T[None]):
+            mat.copy_(nn.init.orthogonal_(torch.empty(mat.shape[1], mat.shape[0]), gain).T)
+        nn.init.zeros_(layer.bias)
 
 
 class FusedCritic(nn.Module):
@@ -759,14 +720,10 @@ class FusedCritic(nn.Module):
                  orthogonal: bool, ensemble: int = 2):
         super().__init__()
         dims = (obs_dim + action_dim, *hidden, 1)
-        self.layers = nn.ModuleList(
-            EnsembleLinear(ensemble, i, o) for i, o in zip(dims[:-1], dims[1:], strict=True))
+        self.layers = nn.ModuleList(EnsembleLinear(ensemble, i, o) for i, o in pairwise(dims))
         self.ensemble = ensemble
         if orthogonal:
-            for k, layer in enumerate(self.layers):
-                last = k == len(self.layers) - 1
-                orthogonal_(layer.weight, 1e-2 if last else math.sqrt(2))
-                nn.init.zeros_(layer.bias)
+            orthogonal_(list(self.layers), transposed=True)
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor,
                 detach: bool = False) -> torch.Tensor:
@@ -774,41 +731,30 @@ class FusedCritic(nn.Module):
         x = torch.cat([obs, action], -1)
         lead = x.shape[:-1]
         h = x.reshape(1, -1, x.shape[-1]).expand(self.ensemble, -1, -1)
-        for k, layer in enumerate(self.layers):
-            h = layer(h, detach)
-            if k < len(self.layers) - 1:
-                h = F.relu(h)
-        return h.reshape(self.ensemble, *lead)
+        for layer in self.layers[:-1]:
+            h = F.relu(layer(h, detach))
+        return self.layers[-1](h, detach).reshape(self.ensemble, *lead)
 
 
 def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for h in hidden:
-        layers += [nn.Linear(in_dim, h), nn.ReLU()]
-        in_dim = h
-    layers.append(nn.Linear(in_dim, out_dim))
-    return nn.Sequential(*layers)
+    dims = (in_dim, *hidden, out_dim)
+    layers = [m for i, o in pairwise(dims) for m in (nn.Linear(i, o), nn.ReLU())]
+    return nn.Sequential(*layers[:-1])  # no ReLU after the output layer
 
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # paper App. F / official code
 
 
 class TanhGaussianActor(nn.Module):
-    """pi(a|s) = tanh(N(mu(s), sigma(s))), log-std clamped to [-20, 2].
-
-    log_std_affine: log-std = m * log_std + b before the clamp, m and b learnable scalars
-    initialised to 1.0 and -1.0 (Cal-QL `model.py` TanhGaussianPolicy, CORL `cql.py`).
-    """
+    """pi(a|s) = tanh(N(mu(s), sigma(s))), log-std clamped to [-20, 2]; log_std_affine: log-std
+    = m * log_std + b before the clamp (Args.log_std_affine: Cal-QL `model.py`, CORL)."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...], orthogonal: bool,
                  log_std_affine: bool = False):
         super().__init__()
         self.net = mlp(obs_dim, hidden, 2 * action_dim)
         if orthogonal:
-            linears = [m for m in self.net if isinstance(m, nn.Linear)]
-            for k, layer in enumerate(linears):
-                nn.init.orthogonal_(layer.weight, 1e-2 if k == len(linears) - 1 else math.sqrt(2))
-                nn.init.zeros_(layer.bias)
+            orthogonal_([m for m in self.net if isinstance(m, nn.Linear)], transposed=False)
         self.log_std_affine = log_std_affine
         if log_std_affine:
             self.log_std_multiplier = nn.Parameter(torch.tensor(1.0))
@@ -871,14 +817,11 @@ def cql_logsumexp_is(q_rand: torch.Tensor, q_pi: torch.Tensor, logp_pi: torch.Te
                      q_next_pi: torch.Tensor, logp_next_pi: torch.Tensor, action_dim: int,
                      temp: float = 1.0) -> torch.Tensor:
     """Importance-sampled log sum_a exp Q(s,a), App. F (official `min_q_version 3`).
-
     q_*: [E, B, N], all scored at the CURRENT state s; logp_*: [B, N] proposal log-densities.
     Each sample's Q has its proposal's log-density subtracted (detached: the penalty never
     trains the actor); uniform density on [-1, 1]^d is 0.5^d. Returns [E, B]. The constant
-    log(3N) of a proper mean is omitted, as in the official code (it changes no gradient).
-    """
-    log_unif = action_dim * math.log(0.5)
-    cat = torch.cat([q_rand - log_unif, q_pi - logp_pi.detach(),
+    log(3N) of a proper mean is omitted, as in the official code (it changes no gradient)."""
+    cat = torch.cat([q_rand - action_dim * math.log(0.5), q_pi - logp_pi.detach(),
                      q_next_pi - logp_next_pi.detach()], dim=-1)
     return temp * torch.logsumexp(cat / temp, dim=-1)
 
@@ -897,30 +840,24 @@ def cql_eq7_push_down(q_pi: torch.Tensor) -> torch.Tensor:
     `min_q_version 2`, here `plain`). The maximizing mu is rho*exp(Q)/Z, so the pushed-down
     value is the softmax(Q)-weighted mean of Q over actions drawn from rho; the weights are the
     solution of the inner max, hence held fixed (detached)."""
-    weights = torch.softmax(q_pi.detach(), dim=-1)
-    return (weights * q_pi).sum(-1)
+    return (torch.softmax(q_pi.detach(), dim=-1) * q_pi).sum(-1)
 
 
 def cql_penalty(push_down: torch.Tensor, q_data: torch.Tensor, data_term: bool,
                 clip_min: float, clip_max: float) -> torch.Tensor:
     """Per-critic gap E_s[push-down] - E_D[Q(s,a)] (Eq. 4); without the data term: Eq. 1."""
-    diff = push_down - q_data if data_term else push_down
-    return diff.clamp(clip_min, clip_max).mean(-1)  # [E]
+    return (push_down - q_data if data_term else push_down).clamp(clip_min, clip_max).mean(-1)
 
 
 def lagrange_terms(gap: torch.Tensor, log_alpha_prime: torch.Tensor, weight: float, tau: float,
                    form: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eq. 30 dual descent. Returns (critic penalty [E], alpha' loss, alpha').
-
-    alpha' = clamp(exp(log alpha'), 0, 1e6). The critic sees alpha' as a constant; alpha'
-    sees the gap as a constant and grows while gap > tau. calql: alpha'*w*(gap - tau) (Cal-QL,
-    CORL); cql: alpha'*(w*gap - tau) (CQL code).
-    """
+    """Eq. 30 dual descent (forms: see Args.cql_tau). Returns (critic penalty [E], alpha' loss,
+    alpha'), alpha' = clamp(exp(log alpha'), 0, 1e6). The critic sees alpha' as a constant;
+    alpha' sees the gap as a constant and grows while gap > tau."""
     alpha_prime = log_alpha_prime.exp().clamp(0.0, 1e6)
     slack = weight * (gap - tau) if form == "calql" else weight * gap - tau
-    penalty = alpha_prime.detach() * slack
     alpha_prime_loss = -(alpha_prime * slack.detach()).mean()  # mean over both critics
-    return penalty, alpha_prime_loss, alpha_prime
+    return alpha_prime.detach() * slack, alpha_prime_loss, alpha_prime
 
 
 def bellman_target(agent: Agent, batch: dict[str, torch.Tensor], args: Args,
@@ -931,11 +868,9 @@ def bellman_target(agent: Agent, batch: dict[str, torch.Tensor], args: Args,
     with torch.no_grad():
         next_obs = batch["next_obs"]
         if args.max_backup:
-            n = args.cql_n_actions
-            rep = next_obs.unsqueeze(1).expand(-1, n, -1)
+            rep = next_obs.unsqueeze(1).expand(-1, args.cql_n_actions, -1)
             a_next, logp_next = agent.actor(rep)  # [B, N, a], [B, N]
-            q_next = agent.target_critic(rep, a_next).min(0).values  # [B, N]
-            q_next, idx = q_next.max(-1)
+            q_next, idx = agent.target_critic(rep, a_next).min(0).values.max(-1)  # over N
             logp_next = logp_next.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
         else:
             a_next, logp_next = agent.actor(next_obs)
@@ -982,8 +917,7 @@ def compute_losses(agent: Agent, batch: dict[str, torch.Tensor], args: Args, bc:
     parameters; what keeps the others out of its gradient:
 
       loss              trains            kept off the other parameters by
-      actor_loss        actor             critic weights detached (critic(detach=True)),
-                                          alpha detached
+      actor_loss        actor             critic detached (critic(detach=True)), alpha detached
       alpha_loss        log_alpha         log pi detached
       critic_loss       critic            target under no_grad (bellman_target), CQL
         (Bellman + CQL)                   proposals under no_grad and their log pi detached
@@ -997,7 +931,6 @@ def compute_losses(agent: Agent, batch: dict[str, torch.Tensor], args: Args, bc:
     `bc`: behaviour cloning instead of the SAC actor loss (the first bc_steps updates)."""
     obs, actions = batch["obs"], batch["actions"]
     alpha = agent.log_alpha.exp()
-
     # ---- actor: SAC loss, or behaviour cloning for the first bc_steps (official code) ----
     a_pi, logp_pi = agent.actor(obs)
     if bc:
@@ -1007,7 +940,6 @@ def compute_losses(agent: Agent, batch: dict[str, torch.Tensor], args: Args, bc:
         actor_loss = (alpha.detach() * logp_pi - q_pi).mean()
     target_entropy = -actions.shape[-1] if args.target_entropy is None else args.target_entropy
     alpha_loss = -(agent.log_alpha * (logp_pi.detach() + target_entropy)).mean()
-
     # ---- critics: Bellman error (MSE without the 1/2 of Eq. 4, as both official codes) ---
     target = bellman_target(agent, batch, args, alpha.detach())
     q_data = agent.critic(obs, actions)  # [E, B]
@@ -1039,12 +971,10 @@ class Trainer:
         fused = device.type == "cuda"
         adam = lambda params, lr: torch.optim.Adam(params, lr=lr, fused=fused or None,
                                                    foreach=None if fused else True)
-        self.optimizers = dict(
-            actor=adam(agent.actor.parameters(), args.policy_lr),
-            critic=adam(agent.critic.parameters(), args.qf_lr),
-            alpha=adam([agent.log_alpha], args.policy_lr),
-            alpha_prime=adam([agent.log_alpha_prime], args.alpha_prime_lr),
-        )
+        self.optimizers = dict(actor=adam(agent.actor.parameters(), args.policy_lr),
+                               critic=adam(agent.critic.parameters(), args.qf_lr),
+                               alpha=adam([agent.log_alpha], args.policy_lr),
+                               alpha_prime=adam([agent.log_alpha_prime], args.alpha_prime_lr))
         self.loss_fn = compute_losses
         if args.compile:  # --cudagraphs: CUDA graphs replay the captured step
             mode = "reduce-overhead" if args.cudagraphs and device.type == "cuda" else None
@@ -1089,14 +1019,11 @@ def make_eval_env(spec: dict[str, Any]) -> gym.Env:
 def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[str, Any],
              device: torch.device) -> dict[str, float | None]:
     """Deterministic policy for `eval_episodes` episodes, seeds fixed (independent of history).
-
     normalized_score is the paper's score of the family (info["score"]): success rate x100
     (AntMaze), tasks completed x25 (Kitchen), else 100*(return - ref_min)/(ref_max - ref_min);
     return_mean is always the raw return. value_gap (paper Table 4): the critics' predicted
     value of the policy at each episode's first state, min over twins of Q(s0, pi(s0)), minus
-    the discounted return actually obtained (rewards transformed as in training). Negative =
-    conservative.
-    """
+    the discounted return obtained (rewards transformed as in training); < 0: conservative."""
     episodes, has_success = [], False
     for i in range(args.eval_episodes):
         obs, _ = env.reset(seed=10_000 * (args.seed + 1) + i)
@@ -1122,9 +1049,8 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
         episodes.append((ep_return, pred, pred - disc_return, success, t, tasks))
     returns, preds, gaps, successes, lengths, tasks = (np.array(x, np.float64)
                                                        for x in zip(*episodes, strict=True))
-    ret = float(np.mean(returns))
+    ret, family = float(np.mean(returns)), info.get("family")
     success_rate = float(np.mean(successes)) if has_success else None
-    family = info.get("family")
     lo, hi = info.get("ref_min_score"), info.get("ref_max_score")
     if family == "antmaze":
         norm = 100.0 * float(np.mean(successes))
@@ -1138,8 +1064,7 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
                 success_rate=success_rate, episode_length=float(np.mean(lengths)), **extra)
 
 
-def final_summary(history: list[dict[str, Any]], info: dict[str, Any], args: Args
-                  ) -> dict[str, Any]:
+def final_summary(history: list[dict], info: dict[str, Any], args: Args) -> dict[str, Any]:
     """summary.json's numbers: the last evaluation, and how its score is computed."""
     last = history[-1]
     return dict(final_normalized_score=last["normalized_score"], final_return=last["return_mean"],
