@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # `python benchmark/report.py`: make `benchmark` 
 
 from benchmark import common
 from benchmark.common import read_json, read_jsonl
-from benchmark.suites import ALGORITHM, CALQL, CQL_SAC, SUITES
+from benchmark.suites import ALGORITHM, CALQL, CQL_QRDQN, CQL_SAC, PAIRS, SUITES
 
 # ------------------------------------------------------------------------ reference numbers
 # Key "<variant key>/<task>" -> {source: value}. Sources:
@@ -72,7 +72,12 @@ for _pct, _table in {
 CALQL_COLUMNS = (("offline score", "offline_score"), ("cum. regret", "cumulative_regret"),
                  ("largest drop", "max_drop_below_offline"))
 METRIC_NAMES = {"normalized_score": "normalized score", "return_mean": "return",
-                "score": "score (success % or normalized)"}
+                "score": "score (success % or normalized)",
+                "value_gap": "value gap (predicted - obtained)",
+                "calib_below_share": "share of states with Q(s,pi(s)) < V_mu(s)"}
+# Extra figures: file suffix -> (metric, scripts, symlog y); drawn where such runs exist.
+FIGURES = {"value_gap": ("value_gap", (CQL_SAC,), True),
+           "calibration": ("calib_below_share", (CALQL,), False)}
 
 
 # ------------------------------------------------------------------------------ aggregation
@@ -191,6 +196,206 @@ def suite_table(runs: list[Run]) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------------- claims: pairs, tables
+def finished(runs: list[Run], script: str, env: str, variant: str) -> list[Run]:
+    return [r for r in runs if r.key == (script, env, variant) and r.summary is not None
+            and r.rows]
+
+
+def row_at(run: Run, step: int) -> dict[str, Any] | None:
+    """The evaluation row of a run at a gradient step (offline rows for Cal-QL)."""
+    return next((r for r in run.rows if r.get("step") == step
+                 and r.get("phase", "offline") == "offline"), None)
+
+
+def largest_drop(run: Run) -> tuple[float, float | None]:
+    """Largest fall of the score below the pre-trained (last offline) score during online
+    fine-tuning, and the env step of the lowest online evaluation (None: no drop)."""
+    offline = [r for r in run.rows if r.get("phase") == "offline"]
+    online = [r for r in run.rows if r.get("phase") == "online"]
+    if not offline or not online:
+        return 0.0, None
+    low = min(online, key=lambda r: r["score"])
+    drop = offline[-1]["score"] - low["score"]
+    return (float(drop), float(low["env_steps"])) if drop > 0 else (0.0, None)
+
+
+def online_mean(run: Run, key: str) -> float | None:
+    """Mean of a logged training metric over the online evaluations."""
+    vals = [r[key] for r in run.rows if r.get("phase") == "online" and r.get(key) is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def ci_cell(values: Sequence[float | None], digits: int = 1, signed: bool = False) -> str:
+    """Mean [95% bootstrap CI] over seeds of the values that exist."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return "—"
+    agg = aggregate(vals, reps=1000)
+    f = f"{{:{'+' if signed else ''}.{digits}f}}".format
+    return f"{f(agg.mean)} [{f(agg.mean_ci[0])}, {f(agg.mean_ci[1])}]"
+
+
+def mean_of(values: Sequence[float | None]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def gap_sign(gap: float) -> str:
+    return "below" if gap <= 0 else "above"
+
+
+def pair_line(runs: list[Run], script: str, env: str) -> str | None:
+    """One sentence, from the numbers, on what a method shows next to its baseline."""
+    method, base = PAIRS[script]
+    a, b = finished(runs, script, env, method), finished(runs, script, env, base)
+    if not a or not b:
+        return None
+    seeds = f"{len(a)} and {len(b)} seed{'s' if len(a) + len(b) > 2 else ''}"
+    if script == CQL_SAC:
+        ga, gb = (mean_of([r.summary.get("value_gap") for r in g]) for g in (a, b))
+        sa, sb = (mean_of([r.final for r in g]) for g in (a, b))
+        if ga is None or gb is None:
+            return None
+        verdict = ("CQL's predicted value is a lower bound of the return it obtains and "
+                   "naive SAC over-estimates" if ga <= 0 < gb else
+                   "both under-estimate (the data cover what either policy does)"
+                   if ga <= 0 and gb <= 0 else
+                   "CQL over-estimates here: the lower bound does not hold")
+        return (f"- **CQL vs naive offline SAC**, `{env}` ({seeds}): value gap {ga:+.1f} vs "
+                f"{gb:+.1f} (predicted minus obtained discounted return: CQL "
+                f"{gap_sign(ga)}, SAC {gap_sign(gb)} the truth), normalized score "
+                f"{fmt(sa)} vs {fmt(sb)}: {verdict}.")
+    if script == CQL_QRDQN:
+        sa, sb = (mean_of([r.final for r in g]) for g in (a, b))
+        if sa is None or sb is None:
+            return None
+        word = "higher than" if sa > sb else "lower than" if sa < sb else "equal to"
+        return (f"- **CQL vs plain QR-DQN**, `{env}` ({seeds}): return {fmt(sa)} vs "
+                f"{fmt(sb)}: CQL's is {word} the unregularized learner's on the same data.")
+    off_a, off_b = (mean_of([r.summary.get("offline_score") for r in g]) for g in (a, b))
+    drop_a, drop_b = (mean_of([largest_drop(r)[0] for r in g]) for g in (a, b))
+    reg_a, reg_b = (mean_of([r.summary.get("cumulative_regret") for r in g]) for g in (a, b))
+    cal_a, cal_b = (mean_of([r.summary.get("calib_below_share_offline_end") for r in g])
+                    for g in (a, b))
+    if None in (off_a, off_b, drop_a, drop_b, reg_a, reg_b):
+        return None
+    further = ("CQL further" if drop_b > drop_a else "Cal-QL further" if drop_a > drop_b
+               else "equally")
+    unlearn = ("CQL unlearns and Cal-QL does not" if drop_b > 0 == drop_a else
+               f"both dip, {further}" if drop_a > 0 and drop_b > 0 else
+               "Cal-QL dips and CQL does not" if drop_a > 0 else
+               "neither dips below its pre-trained score")
+    regret = ("lower" if reg_a < reg_b else "higher" if reg_a > reg_b else "the same")
+    calib = ("" if cal_a is None or cal_b is None else
+             f"; share of batch states with Q(s, pi(s)) < V_mu(s) at the end of pre-training "
+             f"{cal_a:.2f} vs {cal_b:.2f}")
+    return (f"- **Cal-QL vs CQL fine-tuning**, `{env}` ({seeds}): offline score "
+            f"{fmt(off_a)} vs {fmt(off_b)}, largest drop after the switch to online "
+            f"{fmt(drop_a)} vs {fmt(drop_b)}, cumulative regret {reg_a:.2f} vs {reg_b:.2f}"
+            f"{calib}: {unlearn}, and Cal-QL's regret is {regret}.")
+
+
+def bound_line(runs: list[Run]) -> str | None:
+    """Across datasets: on how many CQL's (and naive SAC's) mean last value gap is <= 0."""
+    method, base = PAIRS[CQL_SAC]
+    ours = [r for r in runs if r.job["script"] == CQL_SAC]
+    envs = sorted({r.job["env"] for r in ours})
+    others = sorted({r.job["variant"] for r in ours} - {method, base})
+    gaps = {v: [mean_of([r.summary.get("value_gap") for r in finished(runs, CQL_SAC, e, v)])
+                for e in envs] for v in (method, base, *others)}
+    if len(envs) < 2 or any(g is None for v in (method, base) for g in gaps[v]):
+        return None
+    below = {v: sum(g is not None and g <= 0 for g in gaps[v]) for v in gaps}
+    seeds = len(finished(runs, CQL_SAC, envs[0], method))
+    side = "".join(f"; variant `{v}` on {below[v]} of {sum(g is not None for g in gaps[v])}"
+                   for v in others)
+    return (f"- **Lower bound across {len(envs)} datasets** ({seeds} seeds each): CQL's mean "
+            f"value gap at the last evaluation is <= 0 on {below[method]} of {len(envs)} "
+            f"datasets (largest {max(gaps[method]):+.1f}), naive SAC's on {below[base]} of "
+            f"{len(envs)} (largest {max(gaps[base]):+.1f}){side}.")
+
+
+def pair_lines(runs: list[Run]) -> list[str]:
+    """A line per (script, task) of the suite that has both a method and its baseline."""
+    lines = []
+    for script in PAIRS:  # CQL-SAC, QR-DQN, Cal-QL: the order of the README
+        envs = sorted({r.job["env"] for r in runs if r.job["script"] == script})
+        lines += [line for env in envs if (line := pair_line(runs, script, env))]
+        if script == CQL_SAC and (line := bound_line(runs)):
+            lines.append(line)
+    return ["What it shows (each method next to its baseline; means over seeds):", "",
+            *lines, ""] if lines else []
+
+
+def gap_steps(group: list[Run], n: int = 3) -> list[int]:
+    """n evaluation steps shared by every run of a group, evenly spaced, ending at the last."""
+    common = sorted(set.intersection(*({r["step"] for r in run.rows if r["step"] > 0}
+                                       for run in group)))
+    if len(common) <= n:
+        return common
+    return [common[round((i + 1) * len(common) / n) - 1] for i in range(n)]
+
+
+def lower_bound_table(runs: list[Run]) -> list[str]:
+    """Paper Table 4's measurement: value gap of CQL-SAC runs at several steps, per dataset
+    and variant, mean [95% CI] over seeds, next to the final normalized score."""
+    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        if run.job["script"] == CQL_SAC and run.summary is not None and run.rows:
+            groups[(run.job["env"], run.job["variant"])].append(run)
+    if not groups:
+        return []
+    steps = gap_steps([r for g in groups.values() for r in g])
+    head = ["dataset", "variant", "seeds", *(f"value gap @{s}" for s in steps),
+            "runs with gap <= 0 (last)", "final normalized score"]
+    lines = ["**Lower bound** (CQL paper Table 4): value gap = min over twins of "
+             "Q(s0, pi(s0)) minus the discounted return obtained from s0, mean [95% CI] over "
+             "seeds at gradient steps " + ", ".join(map(str, steps)) + "; <= 0: the "
+             "predicted value is a lower bound.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (env, variant), group in sorted(groups.items()):
+        gaps = [ci_cell([(row_at(r, s) or {}).get("value_gap") for r in group], signed=True)
+                for s in steps]
+        below = sum(r.summary.get("value_gap", 1.0) <= 0 for r in group)
+        lines.append("| " + " | ".join([env, variant, str(len(group)), *gaps,
+                                        f"{below}/{len(group)}",
+                                        ci_cell([r.final for r in group])]) + " |")
+    return [*lines, ""]
+
+
+def finetune_table(runs: list[Run]) -> list[str]:
+    """Cal-QL vs CQL through the start of fine-tuning: offline score, the largest drop
+    below it and when, cumulative regret, final score, calibration, mean [95% CI]."""
+    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        if run.job["script"] == CALQL and run.summary is not None:
+            groups[(run.job["env"], run.job["variant"])].append(run)
+    if not groups:
+        return []
+    head = ["task", "variant", "seeds", "offline score", "largest drop", "at env step (each)",
+            "cum. regret", "final score", "Q < V_mu share, end of offline",
+            "Q < V_mu share, online mean"]
+    lines = ["**Fine-tuning** (Cal-QL paper Fig. 1, 4): scores are success rates x100; "
+             "largest drop = pre-trained score minus the lowest online score (0 if none); "
+             "cumulative regret = mean over online evaluations of 1 - success rate; Q < V_mu "
+             "share = share of a training batch's states with min_j Q_j(s, a~pi(s)) below "
+             "the Monte-Carlo return-to-go V_mu(s). Mean [95% CI] over seeds.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (env, variant), group in sorted(groups.items()):
+        drops = [largest_drop(r) for r in group]
+        when = ", ".join("—" if w is None else str(int(w)) for _, w in drops)
+        lines.append("| " + " | ".join([
+            env, variant, str(len(group)),
+            ci_cell([r.summary.get("offline_score") for r in group], 0),
+            ci_cell([d for d, _ in drops], 0), when,
+            ci_cell([r.summary.get("cumulative_regret") for r in group], 2),
+            ci_cell([r.final for r in group], 0),
+            ci_cell([r.summary.get("calib_below_share_offline_end") for r in group], 2),
+            ci_cell([online_mean(r, "calib_below_share") for r in group], 2)]) + " |")
+    return [*lines, ""]
+
+
 # ----------------------------------------------------------------------------------- curves
 def _num(value: Any) -> float:
     """A metric value as a float; None (no reference scores, no success info) -> NaN."""
@@ -210,9 +415,11 @@ def curve_x(run: Run) -> tuple[np.ndarray, float | None]:
     return np.array(x, float), float(offline)
 
 
-def plot_suite(suite: str, runs: list[Run], path: Path) -> Path:
+def plot_suite(suite: str, runs: list[Run], path: Path, metric: str | None = None,
+               scripts: tuple[str, ...] | None = None, symlog: bool = False) -> Path:
     """One figure: a panel per (script, task), a line per variant (mean over seeds, band =
-    min..max over seeds); Cal-QL panels mark the end of pre-training and the offline score."""
+    min..max over seeds); Cal-QL panels mark the end of pre-training and the offline score.
+    `metric` plots that key of the rows instead of each job's metric; `scripts` filters."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,7 +427,7 @@ def plot_suite(suite: str, runs: list[Run], path: Path) -> Path:
 
     panels: dict[tuple[str, str], dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        if run.rows:
+        if run.rows and (scripts is None or run.job["script"] in scripts):
             panels[(run.job["script"], run.job["env"])][run.job["variant"]].append(run)
     keys = sorted(panels)
     cols = min(3, max(1, len(keys)))
@@ -233,11 +440,14 @@ def plot_suite(suite: str, runs: list[Run], path: Path) -> Path:
             # seeds may evaluate at slightly different x (Cal-QL evaluates after whole
             # trajectories): interpolate every seed onto the shortest run's x
             x = min((x for x, _ in xs), key=len)
-            y = np.array([np.interp(x, xr, [_num(row.get(r.job["metric"])) for row in r.rows])
+            y = np.array([np.interp(x, xr, [_num(row.get(metric or r.job["metric"]))
+                                            for row in r.rows])
                           for r, (xr, _) in zip(group, xs, strict=True)], float)
-            (line,) = ax.plot(x, np.nanmean(y, 0), marker=".", label=f"{variant} ({len(group)})")
-            ax.fill_between(x, np.nanmin(y, 0), np.nanmax(y, 0), alpha=0.2,
-                            color=line.get_color())
+            with warnings.catch_warnings():  # a metric absent at some x (step 0): a gap
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, low, high = np.nanmean(y, 0), np.nanmin(y, 0), np.nanmax(y, 0)
+            (line,) = ax.plot(x, mean, marker=".", label=f"{variant} ({len(group)})")
+            ax.fill_between(x, low, high, alpha=0.2, color=line.get_color())
             boundary = xs[0][1]
             if boundary is not None and boundary in x:  # the offline score, dotted
                 ax.axhline(float(np.nanmean(y[:, list(x).index(boundary)])),
@@ -247,14 +457,18 @@ def plot_suite(suite: str, runs: list[Run], path: Path) -> Path:
             ax.set_xlabel("offline gradient steps, then online env steps")
         else:
             ax.set_xlabel("gradient steps")
-        metric = group[0].job["metric"]
-        ax.set_ylabel(METRIC_NAMES.get(metric, metric))
+        key = metric or group[0].job["metric"]
+        ax.set_ylabel(METRIC_NAMES.get(key, key))
+        if symlog:
+            ax.set_yscale("symlog", linthresh=10)
+            ax.axhline(0, color="k", lw=0.8)
         ax.set_title(f"{ALGORITHM.get(script, script)}: {env}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    fig.suptitle(f"suite {suite}: mean over seeds, band = min..max", fontsize=11)
+    what = f"{METRIC_NAMES.get(metric, metric)}, " if metric else ""
+    fig.suptitle(f"suite {suite}: {what}mean over seeds, band = min..max", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -291,13 +505,18 @@ def write_report(root: Path, out: Path | None = None, suites: Sequence[str] | No
         if suites and suite not in suites:
             continue
         figure = plot_suite(suite, runs, out / f"{suite}_curves.png")
+        extra = [plot_suite(suite, runs, out / f"{suite}_{name}.png", metric, scripts, symlog)
+                 for name, (metric, scripts, symlog) in FIGURES.items()
+                 if any(r.job["script"] in scripts and r.rows for r in runs)]
         suite_dir = runs[0].path.parents[1]
         lines = [*suite_header(suite, suite_dir),
                  "Final score over seeds: mean and IQM with 95% percentile bootstrap CIs "
                  "(rliable), std with ddof 1; `seeds` = finished/all runs. Reference columns: "
                  "CQL paper (Kumar et al. 2020, Tables 1-3) and a PyTorch reimplementation "
                  "(D4RL v2), where the task matches.", "",
-                 *suite_table(runs), f"![learning curves]({figure.name})", ""]
+                 *pair_lines(runs), *suite_table(runs), *lower_bound_table(runs),
+                 *finetune_table(runs), f"![learning curves]({figure.name})", "",
+                 *(f"![{f.stem}]({f.name})" for f in extra), ""]
         path = out / f"{suite}.md"
         path.write_text("\n".join(lines))
         written.append(path)

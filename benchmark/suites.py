@@ -7,7 +7,9 @@ arguments with the script's own tyro `Args` (and its preset resolution), so a su
 not name a flag or a task the scripts do not have.
 
 Suites:
-    smoke          all three scripts on local data, tiny (the README's offline command)
+    smoke          all three scripts on local data, tiny (seconds; the tests run it)
+    demo           each method next to its baseline on local data (the README's main job)
+    claims         CQL's lower bound on 5 Pendulum datasets; Cal-QL vs CQL fine-tuning
     local          local datasets at a size that shows learning on a CPU (committed results)
     d4rl-gym       CQL-SAC, Minari MuJoCo medium/expert/simple (paper Table 1 tasks)
     antmaze        CQL-SAC offline (paper Table 1) and Cal-QL / CQL fine-tuning on AntMaze
@@ -46,6 +48,8 @@ class Entry:
     """Key of the metrics.jsonl rows that the report aggregates."""
     reference: str | None = None
     """Key into report.REFERENCES (paper numbers for this task and variant)."""
+    seeds: int | None = None
+    """Seeds of this entry if not the suite's (a side condition run on fewer seeds)."""
 
     @property
     def name(self) -> str:
@@ -115,11 +119,13 @@ SMOKE = Suite("smoke", "all three scripts on local data, a few hundred steps eac
                                                *_SMOKE_EVAL), ("pointmaze-sparse",), "score"),
 ), seeds=1)
 
+# Cal-QL vs CQL: pre-training long enough to succeed (both reach >= 30 % offline), then
+# online fine-tuning evaluated every 250 env steps so that a dip is seen when it happens.
+_FINETUNE = ("--offline-steps", "3000", "--offline-eval-every", "500", "--online-steps",
+                 "3000", "--eval-every", "250", "--eval-episodes", "10", *_POINTMAZE)
 _LOCAL_SAC = ("--total-steps", "3000", "--eval-every", "500", "--eval-episodes", "10",
               *_PENDULUM)
 _LOCAL_QR = ("--total-steps", "4000", "--eval-every", "500", "--eval-episodes", "10")
-_LOCAL_CALQL = ("--offline-steps", "800", "--offline-eval-every", "400", "--online-steps",
-                "1500", "--eval-every", "500", "--eval-episodes", "10", *_POINTMAZE)
 LOCAL = Suite("local", "local datasets, CPU-sized: conservative vs naive, Cal-QL vs CQL", (
     Entry(CQL_SAC, "pendulum-expert", "cql", _LOCAL_SAC, ("pendulum-expert",)),
     Entry(CQL_SAC, "pendulum-expert", "sac", (*_LOCAL_SAC, "--cql-weight", "0"),
@@ -127,10 +133,46 @@ LOCAL = Suite("local", "local datasets, CPU-sized: conservative vs naive, Cal-QL
     Entry(CQL_QRDQN, "cartpole-expert", "cql", _LOCAL_QR, ("cartpole-expert",)),
     Entry(CQL_QRDQN, "cartpole-expert", "qrdqn", (*_LOCAL_QR, "--cql-weight", "0"),
           ("cartpole-expert",)),
-    Entry(CALQL, "pointmaze-binary", "calql", _LOCAL_CALQL, ("pointmaze-sparse",), "score"),
-    Entry(CALQL, "pointmaze-binary", "cql", (*_LOCAL_CALQL, *_NO_CALQL), ("pointmaze-sparse",),
+    Entry(CALQL, "pointmaze-binary", "calql", _FINETUNE, ("pointmaze-sparse",), "score"),
+    Entry(CALQL, "pointmaze-binary", "cql", (*_FINETUNE, *_NO_CALQL), ("pointmaze-sparse",),
           "score"),
 ), seeds=5)
+
+# The papers' two central claims on local data (issue 12), and the README's demonstration.
+PENDULUM_LEVELS = ("random", "medium", "expert", "medium-replay", "medium-expert")
+# Each method next to its baseline: variant -> the baseline variant it is compared with.
+PAIRS = {CQL_SAC: ("cql", "sac"), CQL_QRDQN: ("cql", "qrdqn"), CALQL: ("calql", "cql")}
+_CLAIMS_SAC = ("--total-steps", "3000", "--eval-every", "500", "--eval-episodes", "10")
+# The pendulum preset at the paper's Polyak rate, with Eq. 4's data term and without it
+# (Eq. 1): the condition under which the lower bound fails here (README, claims).
+_PAPER_POLYAK = ("--soft-target-update", "5e-3")
+CLAIMS = Suite("claims", "the papers' central claims on local data: CQL's lower bound on "
+               "every Pendulum dataset (CQL-SAC vs naive SAC), and Cal-QL vs CQL through "
+               "the start of online fine-tuning (PointMaze corridor, binary reward)", (
+    *(Entry(CQL_SAC, f"pendulum-{level}", variant, (*_CLAIMS_SAC, *extra),
+            (f"pendulum-{level}",), seeds=seeds)
+      for level in PENDULUM_LEVELS
+      for variant, extra, seeds in (
+          ("cql", (), None), ("sac", ("--cql-weight", "0"), None),
+          ("cql-polyak5e-3", _PAPER_POLYAK, 3),
+          ("cql-eq1-polyak5e-3", (*_PAPER_POLYAK, "--no-cql-data-term"), 3))),
+    *(Entry(CALQL, "pointmaze-binary", variant, (*_FINETUNE, *extra),
+            ("pointmaze-sparse",), "score") for variant, extra in (("calql", ()),
+                                                                   ("cql", _NO_CALQL))),
+), seeds=5)
+
+DEMO = Suite("demo", "each method next to its baseline, one seed, a few CPU minutes: "
+             "CQL-SAC vs naive SAC, CQL vs plain QR-DQN, Cal-QL vs CQL", (
+    Entry(CQL_SAC, "pendulum-medium", "cql", _CLAIMS_SAC, ("pendulum-medium",)),
+    Entry(CQL_SAC, "pendulum-medium", "sac", (*_CLAIMS_SAC, "--cql-weight", "0"),
+          ("pendulum-medium",)),
+    Entry(CQL_QRDQN, "cartpole-expert", "cql", _LOCAL_QR, ("cartpole-expert",)),
+    Entry(CQL_QRDQN, "cartpole-expert", "qrdqn", (*_LOCAL_QR, "--cql-weight", "0"),
+          ("cartpole-expert",)),
+    *(Entry(CALQL, "pointmaze-binary", variant, (*_FINETUNE, *extra),
+            ("pointmaze-sparse",), "score") for variant, extra in (("calql", ()),
+                                                                   ("cql", _NO_CALQL))),
+), seeds=1)
 
 # Paper suites: the scripts' presets are the papers' settings; no overrides.
 D4RL_GYM = Suite("d4rl-gym", "CQL-SAC on Minari MuJoCo (D4RL-style locomotion), 1M steps", tuple(
@@ -172,8 +214,8 @@ def _atari(name: str, fraction: str, pct: str) -> Suite:
 
 
 SUITES: dict[str, Suite] = {s.name: s for s in (
-    SMOKE, LOCAL, D4RL_GYM, ANTMAZE, ADROIT_BINARY, _atari("atari-1pct", "0.01", "1pct"),
-    _atari("atari-10pct", "0.1", "10pct"))}
+    SMOKE, DEMO, LOCAL, CLAIMS, D4RL_GYM, ANTMAZE, ADROIT_BINARY,
+    _atari("atari-1pct", "0.01", "1pct"), _atari("atari-10pct", "0.1", "10pct"))}
 
 
 def suite_jobs(name: str, out: Path, seeds: int | None = None, data_root: str = "dqn-replay",
@@ -185,4 +227,5 @@ def suite_jobs(name: str, out: Path, seeds: int | None = None, data_root: str = 
     n = suite.seeds if seeds is None else seeds
     return [Job(name, e, seed, Path(out) / name / e.name / f"s{seed}", data_root,
                 tuple(common_args))
-            for e in suite.entries for seed in range(n)]
+            for e in suite.entries
+            for seed in range(n if seeds is not None or e.seeds is None else e.seeds)]

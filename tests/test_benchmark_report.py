@@ -132,3 +132,74 @@ def test_calql_curve_x_marks_the_phase_boundary(run_root):
 
 def test_empty_root_is_an_error(tmp_path):
     assert report.main([str(tmp_path)]) == 1
+
+
+def claims_root(tmp_path: Path, cql_gap: float) -> Path:
+    """A synthetic `claims` run root: CQL-SAC vs SAC on one dataset (CQL's last value gap
+    `cql_gap`, SAC's +50), Cal-QL vs CQL where CQL dips to 60 at env step 500."""
+    root = tmp_path / "runs"
+    for seed in range(2):
+        for variant, last_gap in (("cql", cql_gap), ("sac", 50.0)):
+            rows = [dict(step=s, normalized_score=90.0 - (variant == "sac") * 60,
+                         value_gap=last_gap * s / 3000 + seed) for s in (1000, 2000, 3000)]
+            fake_run(root, "claims", CQL_SAC, "pendulum-medium", variant, seed, rows,
+                     dict(value_gap=rows[-1]["value_gap"]))
+        for variant, dip in (("calql", 100.0), ("cql", 60.0)):
+            rows = [dict(step=3000, phase="offline", env_steps=0, score=100.0,
+                         calib_below_share=0.1 if variant == "calql" else 0.7),
+                    dict(step=3100, phase="online", env_steps=250, score=100.0,
+                         calib_below_share=0.2),
+                    dict(step=3200, phase="online", env_steps=500, score=dip,
+                         calib_below_share=0.4),
+                    dict(step=3300, phase="online", env_steps=750, score=100.0)]
+            regret = float(np.mean([1 - r["score"] / 100 for r in rows[1:]]))
+            fake_run(root, "claims", CALQL, "pointmaze-binary", variant, seed, rows,
+                     dict(offline_score=100.0, cumulative_regret=regret,
+                          calib_below_share_offline_end=rows[0]["calib_below_share"]),
+                     metric="score", config=dict(offline_steps=3000))
+    return root
+
+
+def test_claims_report_states_each_pair_and_the_tables(tmp_path):
+    out = tmp_path / "report"
+    assert report.main([str(claims_root(tmp_path, -6.0)), "--out", str(out)]) == 0
+    text = (out / "claims.md").read_text()
+    # one line per pair, from the numbers: CQL gap mean (-6 + -5) / 2, SAC (50 + 51) / 2
+    assert ("value gap -5.5 vs +50.5" in text and "CQL's predicted value is a lower bound"
+            in text and "naive SAC over-estimates" in text)
+    assert "CQL unlearns and Cal-QL does not" in text
+    assert "largest drop after the switch to online 0.0 vs 40.0" in text
+    assert "cumulative regret 0.00 vs 0.13" in text and "Cal-QL's regret is lower" in text
+    assert "pre-training 0.10 vs 0.70" in text
+    # Table 4 style: gap at each evaluated step, mean [CI] over 2 seeds, and the sign count
+    bound, finetune = text.split("**Lower bound**")[1], text.split("**Fine-tuning**")[1]
+    row = table_row(bound, "pendulum-medium", "cql")
+    assert row[3].startswith("-1.5 [") and row[5].startswith("-5.5 [") and row[6] == "2/2"
+    row = table_row(bound, "pendulum-medium", "sac")
+    assert row[5].startswith("+50.5 [") and row[6] == "0/2"
+    # fine-tuning: the drop and when it happened, calibration at the end of pre-training
+    row = table_row(finetune, "pointmaze-binary", "cql")
+    assert row[3].startswith("100 [") and row[4].startswith("40 [")
+    assert row[5] == "500, 500" and row[8].startswith("0.70 [")
+    row = table_row(finetune, "pointmaze-binary", "calql")
+    assert row[4].startswith("0 [") and row[5] == "—, —"
+    for name in ("claims_curves", "claims_value_gap", "claims_calibration"):
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG" and f"({name}.png)" in text
+
+
+def test_a_failed_bound_is_reported_as_such(tmp_path):
+    assert report.main([str(claims_root(tmp_path, 4.0)), "--out", str(tmp_path / "r")]) == 0
+    text = (tmp_path / "r" / "claims.md").read_text()
+    assert "CQL over-estimates here: the lower bound does not hold" in text
+    assert "lower bound of the return" not in text
+
+
+def test_largest_drop_and_gap_steps_by_hand(tmp_path):
+    runs = report.load_runs(claims_root(tmp_path, -6.0))["claims"]
+    cql = next(r for r in runs if r.key == (CALQL, "pointmaze-binary", "cql"))
+    assert report.largest_drop(cql) == (40.0, 500.0)
+    calql = next(r for r in runs if r.key == (CALQL, "pointmaze-binary", "calql"))
+    assert report.largest_drop(calql) == (0.0, None)
+    sac = [r for r in runs if r.job["script"] == CQL_SAC]
+    assert report.gap_steps(sac) == [1000, 2000, 3000]
+    assert report.gap_steps(sac, n=1) == [3000]

@@ -39,15 +39,39 @@ def test_a_bad_flag_in_a_suite_would_be_caught():
 def test_suite_structure():
     for name, suite in SUITES.items():
         jobs = suite_jobs(name, Path("/runs"))
-        assert len(jobs) == len(suite.entries) * suite.seeds
+        assert len(jobs) == sum(e.seeds or suite.seeds for e in suite.entries)
         assert len({j.run_dir for j in jobs}) == len(jobs), f"{name}: run dirs collide"
         assert {j.entry.script for j in jobs} <= set(SCRIPTS)
-    # smoke and local exercise all three scripts on local data only
-    for name in ("smoke", "local"):
+    # smoke, demo, local and claims run on local data only; all but claims use all scripts
+    for name in ("smoke", "demo", "local", "claims"):
         entries = SUITES[name].entries
-        assert {e.script for e in entries} == set(SCRIPTS)
+        assert name == "claims" or {e.script for e in entries} == set(SCRIPTS)
         assert all(d in datasets.LOCAL_DATASETS for e in entries for d in e.datasets)
     assert {e.variant for e in SUITES["local"].entries} == {"cql", "sac", "qrdqn", "calql"}
+
+
+def test_claims_and_demo_put_each_method_next_to_its_baseline():
+    jobs = suite_jobs("claims", Path("/runs"))
+    pendulum = {(j.entry.env, j.entry.variant) for j in jobs if j.entry.script == CQL_SAC}
+    for level in ("random", "medium", "expert", "medium-replay", "medium-expert"):
+        for variant in ("cql", "sac"):  # issue 12: every local Pendulum dataset, >= 5 seeds
+            assert sum(j.entry.env == f"pendulum-{level}" and j.entry.variant == variant
+                       for j in jobs) >= 5
+        assert (f"pendulum-{level}", "cql-eq1-polyak5e-3") in pendulum
+    for suite in ("claims", "demo"):
+        by_variant = {}
+        for job in suite_jobs(suite, Path("/runs"), seeds=1):
+            args = parse(job)
+            if job.entry.script == CQL_SAC and job.entry.variant in ("cql", "sac"):
+                assert args.cql_weight == (0.0 if job.entry.variant == "sac" else 5.0)
+            if job.entry.script == CALQL:  # the paper's protocol: only the flag differs
+                by_variant[job.entry.variant] = args
+        calql, cql = by_variant["calql"], by_variant["cql"]
+        assert calql.enable_calql and not cql.enable_calql
+        assert {k for k in vars(calql) if getattr(calql, k) != getattr(cql, k)} == {
+            "enable_calql", "run_dir"}
+    scripts = {j.entry.script for j in suite_jobs("demo", Path("/runs"))}
+    assert scripts == set(SCRIPTS) and SUITES["demo"].seeds == 1
 
 
 def test_paper_suites_use_the_scripts_datasets_and_known_references():

@@ -91,7 +91,7 @@ OFFICIAL = dict(
     pendulum=dict(  # project: CPU-sized local runs (no paper counterpart)
         total_steps=5_000, eval_every=500, eval_episodes=5, actor_hidden_dims=(64, 64),
         critic_hidden_dims=(64, 64), policy_lr=1e-3, qf_lr=1e-3, reward_mode="scale_bias",
-        reward_scale=0.1,
+        reward_scale=0.1, soft_target_update=0.05,
     ),
 )
 
