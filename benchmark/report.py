@@ -12,6 +12,13 @@ offline score (end of pre-training), cumulative regret (mean over online evaluat
 1 - success rate) and the largest drop below the offline score during fine-tuning
 ("unlearning"); their curves mark the end of pre-training.
 
+Each method next to its baseline (suites.PAIRS: CQL-SAC vs naive SAC, CQL vs plain QR-DQN,
+Cal-QL vs CQL): one sentence per pair, written from the numbers, says what the runs show;
+for CQL-SAC a table of the value gap at several training steps (CQL paper Table 4) and a
+figure of it (<suite>_value_gap.png); for Cal-QL the largest drop below the pre-trained score
+and when, the regret and the calibration share with CIs, and their figure
+(<suite>_calibration.png).
+
 Writes <out>/<suite>.md and <out>/<suite>_curves.png (out defaults to RUN_ROOT).
 """
 
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
@@ -245,9 +253,11 @@ def gap_sign(gap: float) -> str:
     return "below" if gap <= 0 else "above"
 
 
-def pair_line(runs: list[Run], script: str, env: str) -> str | None:
-    """One sentence, from the numbers, on what a method shows next to its baseline."""
-    method, base = PAIRS[script]
+def pair_line(runs: list[Run], script: str, env: str, tag: str = "") -> str | None:
+    """One sentence, from the numbers, on what a method shows next to its baseline; `tag`
+    names a side condition run for both (variants <method><tag> and <baseline><tag>)."""
+    method, base = (v + tag for v in PAIRS[script])
+    where = f"`{env}`" + (f", condition `{tag.lstrip('-')}`" if tag else "")
     a, b = finished(runs, script, env, method), finished(runs, script, env, base)
     if not a or not b:
         return None
@@ -262,7 +272,7 @@ def pair_line(runs: list[Run], script: str, env: str) -> str | None:
                    "both under-estimate (the data cover what either policy does)"
                    if ga <= 0 and gb <= 0 else
                    "CQL over-estimates here: the lower bound does not hold")
-        return (f"- **CQL vs naive offline SAC**, `{env}` ({seeds}): value gap {ga:+.1f} vs "
+        return (f"- **CQL vs naive offline SAC**, {where} ({seeds}): value gap {ga:+.1f} vs "
                 f"{gb:+.1f} (predicted minus obtained discounted return: CQL "
                 f"{gap_sign(ga)}, SAC {gap_sign(gb)} the truth), normalized score "
                 f"{fmt(sa)} vs {fmt(sb)}: {verdict}.")
@@ -271,7 +281,7 @@ def pair_line(runs: list[Run], script: str, env: str) -> str | None:
         if sa is None or sb is None:
             return None
         word = "higher than" if sa > sb else "lower than" if sa < sb else "equal to"
-        return (f"- **CQL vs plain QR-DQN**, `{env}` ({seeds}): return {fmt(sa)} vs "
+        return (f"- **CQL vs plain QR-DQN**, {where} ({seeds}): return {fmt(sa)} vs "
                 f"{fmt(sb)}: CQL's is {word} the unregularized learner's on the same data.")
     off_a, off_b = (mean_of([r.summary.get("offline_score") for r in g]) for g in (a, b))
     drop_a, drop_b = (mean_of([largest_drop(r)[0] for r in g]) for g in (a, b))
@@ -290,7 +300,7 @@ def pair_line(runs: list[Run], script: str, env: str) -> str | None:
     calib = ("" if cal_a is None or cal_b is None else
              f"; share of batch states with Q(s, pi(s)) < V_mu(s) at the end of pre-training "
              f"{cal_a:.2f} vs {cal_b:.2f}")
-    return (f"- **Cal-QL vs CQL fine-tuning**, `{env}` ({seeds}): offline score "
+    return (f"- **Cal-QL vs CQL fine-tuning**, {where} ({seeds}): offline score "
             f"{fmt(off_a)} vs {fmt(off_b)}, largest drop after the switch to online "
             f"{fmt(drop_a)} vs {fmt(drop_b)}, cumulative regret {reg_a:.2f} vs {reg_b:.2f}"
             f"{calib}: {unlearn}, and Cal-QL's regret is {regret}.")
@@ -321,7 +331,12 @@ def pair_lines(runs: list[Run]) -> list[str]:
     lines = []
     for script in PAIRS:  # CQL-SAC, QR-DQN, Cal-QL: the order of the README
         envs = sorted({r.job["env"] for r in runs if r.job["script"] == script})
-        lines += [line for env in envs if (line := pair_line(runs, script, env))]
+        method = PAIRS[script][0]
+        for env in envs:
+            tags = sorted({r.job["variant"][len(method):] for r in runs
+                           if r.job["script"] == script and r.job["env"] == env
+                           and r.job["variant"].startswith(method)})
+            lines += [line for tag in tags if (line := pair_line(runs, script, env, tag))]
         if script == CQL_SAC and (line := bound_line(runs)):
             lines.append(line)
     return ["What it shows (each method next to its baseline; means over seeds):", "",
@@ -468,7 +483,8 @@ def plot_suite(suite: str, runs: list[Run], path: Path, metric: str | None = Non
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     what = f"{METRIC_NAMES.get(metric, metric)}, " if metric else ""
-    fig.suptitle(f"suite {suite}: {what}mean over seeds, band = min..max", fontsize=11)
+    title = f"suite {suite}: {what}mean over seeds, band = min..max"
+    fig.suptitle(textwrap.fill(title, 50 * cols), fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

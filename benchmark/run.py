@@ -1,6 +1,7 @@
 """Run a benchmark suite: every (script, task, variant, seed) as its own process and run dir.
 
-    python benchmark/run.py --suite smoke                  # README's offline main job
+    python benchmark/run.py --suite demo                   # README's main job (~5 CPU min)
+    python benchmark/run.py --suite smoke                  # everything runs (~30 s)
     python benchmark/run.py --suite local --jobs 2         # the committed CPU results
     python benchmark/run.py --suite d4rl-gym --launcher slurm --partition gpu --gpus 1
 

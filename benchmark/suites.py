@@ -146,6 +146,9 @@ _CLAIMS_SAC = ("--total-steps", "3000", "--eval-every", "500", "--eval-episodes"
 # The pendulum preset at the paper's Polyak rate, with Eq. 4's data term and without it
 # (Eq. 1): the condition under which the lower bound fails here (README, claims).
 _PAPER_POLYAK = ("--soft-target-update", "5e-3")
+# A side condition for both methods alike: the flags under which CQL's values on this task
+# fall below V_mu on most states (tests/test_calql_learning.py), the premise of unlearning.
+_CONSERVATIVE = ("--cql-weight", "20", "--no-cql-importance-sample", "--no-max-backup")
 CLAIMS = Suite("claims", "the papers' central claims on local data: CQL's lower bound on "
                "every Pendulum dataset (CQL-SAC vs naive SAC), and Cal-QL vs CQL through "
                "the start of online fine-tuning (PointMaze corridor, binary reward)", (
@@ -156,9 +159,10 @@ CLAIMS = Suite("claims", "the papers' central claims on local data: CQL's lower 
           ("cql", (), None), ("sac", ("--cql-weight", "0"), None),
           ("cql-polyak5e-3", _PAPER_POLYAK, 3),
           ("cql-eq1-polyak5e-3", (*_PAPER_POLYAK, "--no-cql-data-term"), 3))),
-    *(Entry(CALQL, "pointmaze-binary", variant, (*_FINETUNE, *extra),
-            ("pointmaze-sparse",), "score") for variant, extra in (("calql", ()),
-                                                                   ("cql", _NO_CALQL))),
+    *(Entry(CALQL, "pointmaze-binary", variant + tag, (*_FINETUNE, *shared, *extra),
+            ("pointmaze-sparse",), "score", seeds=10)
+      for tag, shared in (("", ()), ("-conservative", _CONSERVATIVE))
+      for variant, extra in (("calql", ()), ("cql", _NO_CALQL))),
 ), seeds=5)
 
 DEMO = Suite("demo", "each method next to its baseline, one seed, a few CPU minutes: "
