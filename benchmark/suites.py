@@ -100,9 +100,6 @@ class Job:
 
 # ---------------------------------------------------------------------------------- data
 _SMOKE_EVAL = ("--eval-episodes", "2", "--hidden-dims", "32", "32", "--batch-size", "64")
-# CQL-SAC on local Pendulum: learns the expert data in ~3k steps with these settings.
-_PENDULUM = ("--hidden-dims", "64", "64", "--policy-lr", "1e-3", "--qf-lr", "1e-3",
-             "--reward-mode", "scale_bias", "--reward-scale", "0.1")
 # Cal-QL on the local PointMaze corridor: the settings of tests/test_calql_learning.py.
 _POINTMAZE = ("--hidden-dims", "64", "64", "--batch-size", "64", "--qf-lr", "1e-3",
               "--policy-lr", "1e-3", "--soft-target-update", "0.05", "--cql-weight", "5")
@@ -119,31 +116,45 @@ SMOKE = Suite("smoke", "all three scripts on local data, a few hundred steps eac
                                                *_SMOKE_EVAL), ("pointmaze-sparse",), "score"),
 ), seeds=1)
 
+# Each method next to its baseline: variant -> the baseline variant it is compared with.
+PAIRS = {CQL_SAC: ("cql", "sac"), CQL_QRDQN: ("cql", "qrdqn"), CALQL: ("calql", "cql")}
+# CQL-SAC on local Pendulum with the pendulum preset (CPU-sized networks and rates).
+_PENDULUM_RUN = ("--total-steps", "3000", "--eval-every", "500", "--eval-episodes", "10")
+_CARTPOLE_RUN = ("--total-steps", "4000", "--eval-every", "500", "--eval-episodes", "10")
 # Cal-QL vs CQL: pre-training long enough to succeed (both reach 100 % offline on every seed
 # after 1500-2500 steps; 800 steps gave 0 %), then online fine-tuning evaluated every 250 env
 # steps so that a dip is seen when it happens.
 _FINETUNE = ("--offline-steps", "3000", "--offline-eval-every", "500", "--online-steps",
              "3000", "--eval-every", "250", "--eval-episodes", "10", *_POINTMAZE)
-_LOCAL_SAC = ("--total-steps", "3000", "--eval-every", "500", "--eval-episodes", "10",
-              *_PENDULUM)
-_LOCAL_QR = ("--total-steps", "4000", "--eval-every", "500", "--eval-episodes", "10")
+
+
+def cql_vs_naive_sac(level: str, args: tuple[str, ...] = _PENDULUM_RUN) -> tuple[Entry, ...]:
+    """CQL-SAC and naive offline SAC (CQL weight 0) on local pendulum-<level>."""
+    env = f"pendulum-{level}"
+    return (Entry(CQL_SAC, env, "cql", args, (env,)),
+            Entry(CQL_SAC, env, "sac", (*args, "--cql-weight", "0"), (env,)))
+
+
+def cql_vs_qrdqn(env: str = "cartpole-expert") -> tuple[Entry, ...]:
+    """CQL on QR-DQN and plain QR-DQN (CQL weight 0) on local CartPole data."""
+    return (Entry(CQL_QRDQN, env, "cql", _CARTPOLE_RUN, (env,)),
+            Entry(CQL_QRDQN, env, "qrdqn", (*_CARTPOLE_RUN, "--cql-weight", "0"), (env,)))
+
+
+def calql_vs_cql(tag: str = "", shared: tuple[str, ...] = (), seeds: int | None = None
+                 ) -> tuple[Entry, ...]:
+    """Cal-QL and CQL, identical but for the calibration flag (the paper's protocol), on the
+    PointMaze corridor; `tag`/`shared`: a side condition given to both."""
+    return tuple(Entry(CALQL, "pointmaze-binary", variant + tag, (*_FINETUNE, *shared, *extra),
+                       ("pointmaze-sparse",), "score", seeds=seeds)
+                 for variant, extra in (("calql", ()), ("cql", _NO_CALQL)))
+
+
 LOCAL = Suite("local", "local datasets, CPU-sized: conservative vs naive, Cal-QL vs CQL", (
-    Entry(CQL_SAC, "pendulum-expert", "cql", _LOCAL_SAC, ("pendulum-expert",)),
-    Entry(CQL_SAC, "pendulum-expert", "sac", (*_LOCAL_SAC, "--cql-weight", "0"),
-          ("pendulum-expert",)),
-    Entry(CQL_QRDQN, "cartpole-expert", "cql", _LOCAL_QR, ("cartpole-expert",)),
-    Entry(CQL_QRDQN, "cartpole-expert", "qrdqn", (*_LOCAL_QR, "--cql-weight", "0"),
-          ("cartpole-expert",)),
-    Entry(CALQL, "pointmaze-binary", "calql", _FINETUNE, ("pointmaze-sparse",), "score"),
-    Entry(CALQL, "pointmaze-binary", "cql", (*_FINETUNE, *_NO_CALQL), ("pointmaze-sparse",),
-          "score"),
-), seeds=5)
+    *cql_vs_naive_sac("expert"), *cql_vs_qrdqn(), *calql_vs_cql()), seeds=5)
 
 # The papers' two central claims on local data (issue 12), and the README's demonstration.
 PENDULUM_LEVELS = ("random", "medium", "expert", "medium-replay", "medium-expert")
-# Each method next to its baseline: variant -> the baseline variant it is compared with.
-PAIRS = {CQL_SAC: ("cql", "sac"), CQL_QRDQN: ("cql", "qrdqn"), CALQL: ("calql", "cql")}
-_CLAIMS_SAC = ("--total-steps", "3000", "--eval-every", "500", "--eval-episodes", "10")
 # The pendulum preset at the paper's Polyak rate, with Eq. 4's data term and without it
 # (Eq. 1): the condition under which the lower bound fails here (README, claims).
 _PAPER_POLYAK = ("--soft-target-update", "5e-3")
@@ -153,31 +164,19 @@ _CONSERVATIVE = ("--cql-weight", "20", "--no-cql-importance-sample", "--no-max-b
 CLAIMS = Suite("claims", "the papers' central claims on local data: CQL's lower bound on "
                "every Pendulum dataset (CQL-SAC vs naive SAC), and Cal-QL vs CQL through "
                "the start of online fine-tuning (PointMaze corridor, binary reward)", (
-    *(Entry(CQL_SAC, f"pendulum-{level}", variant, (*_CLAIMS_SAC, *extra),
-            (f"pendulum-{level}",), seeds=seeds)
-      for level in PENDULUM_LEVELS
-      for variant, extra, seeds in (
-          ("cql", (), None), ("sac", ("--cql-weight", "0"), None),
-          ("cql-polyak5e-3", _PAPER_POLYAK, 3),
-          ("cql-eq1-polyak5e-3", (*_PAPER_POLYAK, "--no-cql-data-term"), 3))),
-    *(Entry(CALQL, "pointmaze-binary", variant + tag, (*_FINETUNE, *shared, *extra),
-            ("pointmaze-sparse",), "score", seeds=10)
-      for tag, shared in (("", ()), ("-conservative", _CONSERVATIVE))
-      for variant, extra in (("calql", ()), ("cql", _NO_CALQL))),
+    *(entry for level in PENDULUM_LEVELS for entry in (
+        *cql_vs_naive_sac(level),
+        *(Entry(CQL_SAC, f"pendulum-{level}", variant, (*_PENDULUM_RUN, *extra),
+                (f"pendulum-{level}",), seeds=3)
+          for variant, extra in (("cql-polyak5e-3", _PAPER_POLYAK),
+                                 ("cql-eq1-polyak5e-3", (*_PAPER_POLYAK, "--no-cql-data-term"))
+                                 )))),
+    *calql_vs_cql(seeds=10), *calql_vs_cql("-conservative", _CONSERVATIVE, seeds=10),
 ), seeds=5)
 
 DEMO = Suite("demo", "each method next to its baseline, one seed, a few CPU minutes: "
              "CQL-SAC vs naive SAC, CQL vs plain QR-DQN, Cal-QL vs CQL", (
-    Entry(CQL_SAC, "pendulum-medium", "cql", _CLAIMS_SAC, ("pendulum-medium",)),
-    Entry(CQL_SAC, "pendulum-medium", "sac", (*_CLAIMS_SAC, "--cql-weight", "0"),
-          ("pendulum-medium",)),
-    Entry(CQL_QRDQN, "cartpole-expert", "cql", _LOCAL_QR, ("cartpole-expert",)),
-    Entry(CQL_QRDQN, "cartpole-expert", "qrdqn", (*_LOCAL_QR, "--cql-weight", "0"),
-          ("cartpole-expert",)),
-    *(Entry(CALQL, "pointmaze-binary", variant, (*_FINETUNE, *extra),
-            ("pointmaze-sparse",), "score") for variant, extra in (("calql", ()),
-                                                                   ("cql", _NO_CALQL))),
-), seeds=1)
+    *cql_vs_naive_sac("medium"), *cql_vs_qrdqn(), *calql_vs_cql()), seeds=1)
 
 # Paper suites: the scripts' presets are the papers' settings; no overrides.
 D4RL_GYM = Suite("d4rl-gym", "CQL-SAC on Minari MuJoCo (D4RL-style locomotion), 1M steps", tuple(
