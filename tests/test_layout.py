@@ -1,0 +1,209 @@
+"""The layout of the three scripts: three parts with a banner each and a true map of them in
+the module docstring, the algorithm first, CQL-SAC and Cal-QL sharing their common code
+byte for byte, the run plumbing identical in all three, imports that follow need.
+
+Allow-lists below name each shared definition that must differ, with its reason."""
+
+import ast
+import difflib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ("cql_sac_continuous.py", "cql_qrdqn_atari.py", "calql_finetune.py")
+PARTS = ("I", "II", "III")
+BANNER = {"I": "# Part I: the algorithm", "II": "# Part II: datasets and presets",
+          "III": "# Part III: run plumbing (not part of the algorithm)"}
+RULE = "# " + "=" * 86
+PART_I_MAX = {"cql_sac_continuous.py": 600, "cql_qrdqn_atari.py": 600, "calql_finetune.py": 750}
+FIRST_NETWORK_MAX = 200
+DIFF_MAX = 700  # changed lines in `diff cql_sac_continuous.py calql_finetune.py`
+
+# Top-level definitions both CQL-SAC and Cal-QL have that differ, each with its reason.
+# Everything else both files define is the same text.
+MAY_DIFFER = {
+    "__doc__": "each script's own paper, usage and map",
+    "Args": "each script's own hyperparameters (Cal-QL: the online phase, MC returns)",
+    "PRESETS": "each paper's presets, with their sources",
+    "ENV_GROUPS": "each paper's tasks",
+    "Trainer": "Cal-QL: the phase switch (start_online) and the online CQL weight",
+    "compute_losses": "Cal-QL: the calibrated logsumexp, its CQL weight argument",
+    "cql_term": "Cal-QL: the calibration max(Q, V_mu) of the policy-action Q-values",
+    "ReplayBuffer": "Cal-QL: MC returns stored, trajectories appended online",
+    "evaluate": "Cal-QL: the binary episode end at success",
+    "load_data": "Cal-QL: MC returns and the binary relabelling",
+    "Data": "Cal-QL: MC returns in the transitions",
+    "main": "Cal-QL: pre-training, then the online loop",
+    "final_summary": "Cal-QL: offline score, regret, calibration",
+    "LENGTH_FIELD": "the run length's field: total_steps / online_steps",
+    "FAMILIES": "each script's dataset families",
+}
+
+
+def source(name: str) -> str:
+    return (ROOT / name).read_text()
+
+
+def parts(name: str) -> dict[str, tuple[int, int]]:
+    """Part -> (first line, last line), 1-based, from the banners in the file."""
+    lines = source(name).splitlines()
+    starts = {}
+    for i, line in enumerate(lines):
+        for part, title in BANNER.items():
+            if line == title:
+                assert lines[i - 1] == RULE and lines[i + 1] == RULE, f"{name}: {title} banner"
+                assert part not in starts, f"{name}: two {title} banners"
+                starts[part] = i  # 1-based line of the rule above the title
+    assert sorted(starts) == sorted(PARTS), f"{name}: banners found {sorted(starts)}"
+    ordered = [starts[p] for p in PARTS]
+    assert ordered == sorted(ordered), f"{name}: parts out of order"
+    ends = [*(s - 1 for s in ordered[1:]), len(lines)]
+    return {p: (s, e) for p, s, e in zip(PARTS, ordered, ends, strict=True)}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_the_docstring_maps_the_three_parts_truly(name):
+    doc = ast.get_docstring(ast.parse(source(name)))
+    found = {m.group(1): (int(m.group(2)), int(m.group(3)))
+             for m in re.finditer(r"Part (III|II|I)\b.*?lines (\d+)-(\d+)", doc)}
+    assert found == parts(name)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_the_algorithm_comes_first_and_is_short(name):
+    lines = source(name).splitlines()
+    first_net = next(i for i, line in enumerate(lines, 1)
+                     if re.match(r"class \w+\((nn\.Module|torch\.nn\.Module)\)", line))
+    assert first_net <= FIRST_NETWORK_MAX
+    start, end = parts(name)["I"]
+    assert start < first_net <= end
+    assert end - start + 1 <= PART_I_MAX[name]
+    tree = ast.parse(source(name))
+    defs = {n.name: n.lineno for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)}
+    for algorithm in ("Args", "Agent", "compute_losses", "Trainer", "ReplayBuffer", "evaluate",
+                      "main"):
+        assert start <= defs[algorithm] <= end, f"{name}: {algorithm} outside Part I"
+    for later in ("preset_args", "presets_markdown", "parse_args", "load_data"):
+        assert parts(name)["II"][0] <= defs[later] <= parts(name)["II"][1], later
+
+
+def part_text(name: str, part: str) -> str:
+    start, end = parts(name)[part]
+    return "\n".join(source(name).splitlines()[start - 1:end])
+
+
+def test_the_run_plumbing_is_byte_identical_in_the_three_scripts():
+    first, *others = (part_text(name, "III") for name in SCRIPTS)
+    for name, text in zip(SCRIPTS[1:], others, strict=True):
+        assert text == first, f"{name}'s Part III differs from {SCRIPTS[0]}'s"
+
+
+def top_level(name: str) -> dict[str, str]:
+    """Name -> source text of each top-level function, class and assignment."""
+    text = source(name)
+    tree = ast.parse(text)
+    out = {"__doc__": ast.get_docstring(tree)}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):
+            names = [node.name]
+        elif isinstance(node, ast.Assign):
+            names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names = [node.target.id]
+        else:
+            continue
+        start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        segment = "\n".join(text.splitlines()[start - 1:node.end_lineno])
+        out.update({n: segment for n in names})
+    return out
+
+
+def test_cql_sac_and_calql_share_their_common_definitions_byte_for_byte():
+    sac, calql = top_level("cql_sac_continuous.py"), top_level("calql_finetune.py")
+    common = sorted(set(sac) & set(calql))
+    assert len(common) >= 30, common  # networks, losses, data, presets, plumbing
+    drifted = [n for n in common if sac[n] != calql[n] and n not in MAY_DIFFER]
+    assert not drifted, f"shared definitions that differ: {drifted}"
+    stale = [n for n in MAY_DIFFER if n in common and sac[n] == calql[n]]
+    assert not stale, f"allow-listed but identical (drop from MAY_DIFFER): {stale}"
+
+
+def changed_lines(a: str, b: str) -> int:
+    matcher = difflib.SequenceMatcher(None, a.splitlines(), b.splitlines(), autojunk=False)
+    return sum(max(i2 - i1, 0) + max(j2 - j1, 0)
+               for tag, i1, i2, j1, j2 in matcher.get_opcodes() if tag != "equal")
+
+
+def test_the_calql_diff_shows_only_what_calql_changes():
+    assert changed_lines(source("cql_sac_continuous.py"), source("calql_finetune.py")) <= DIFF_MAX
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_no_family_branch_in_evaluate(name):
+    text = top_level(name)["evaluate"]
+    for family in ("antmaze", "kitchen", "adroit", "pointmaze", "dqn_replay"):
+        assert family not in text.lower(), f"{name}: evaluate names {family}"
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_presets_have_one_shape(name):
+    module = __import__(name.removesuffix(".py"))
+    assert callable(module.preset_args) and callable(module.presets_markdown)
+    for group, fields in module.PRESETS.items():
+        for field, entry in fields.items():
+            value, src = entry
+            assert isinstance(src, str) and src.strip(), f"{name}: {group}.{field} unsourced"
+            assert hasattr(module.Args, field) or field in module.Args.__dataclass_fields__
+    assert module.ENV_GROUPS
+    for env, groups in module.ENV_GROUPS.items():
+        assert all(g in module.PRESETS for g in groups), f"{name}: {env} -> {groups}"
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_texts_are_sentences(name):
+    tree = ast.parse(source(name))
+    args = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args")
+    body = args.body
+    for field, doc in zip(body, body[1:], strict=False):
+        if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(
+                doc.value, ast.Constant):
+            text = doc.value.value.strip()
+            assert text[0].isupper() or text[0] in "`-(\"'", f"{field.target.id}: {text!r}"
+            assert text.endswith((".", ")", "`")), f"{field.target.id}: {text!r}"
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_no_runs_of_blank_lines(name):
+    assert "\n\n\n\n" not in source(name), f"{name}: three or more blank lines in a row"
+
+
+OPTIONAL = ("ale_py", "cv2", "gymnasium_robotics", "minari", "wandb", "matplotlib", "h5py")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_imports_follow_need(name):
+    """The script imports and prints its help with none of the optional packages."""
+    block = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, fullname, path, target=None):\n"
+        f"        if fullname.split('.')[0] in {OPTIONAL!r}:\n"
+        "            raise ImportError('blocked: ' + fullname)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        f"import {name.removesuffix('.py')} as m\n")
+    out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_test_files_are_named_by_script():
+    prefixes = ("test_cql_sac_", "test_cql_qrdqn_", "test_calql_", "test_benchmark_")
+    shared = {"test_run_contract.py", "test_layout.py", "test_readme.py", "test_twins.py",
+              "test_envs.py", "test_compile.py"}
+    for path in (ROOT / "tests").glob("test_*.py"):
+        assert path.name in shared or path.name.startswith(prefixes), path.name
