@@ -8,6 +8,7 @@ and ``log.txt`` (the script's output, one block per attempt).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -112,3 +113,19 @@ def command_line() -> str:
         with contextlib.suppress(ValueError):
             argv[0] = str(Path(argv[0]).resolve().relative_to(REPO))
     return "python " + " ".join(argv)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """`--help` that keeps the description's line breaks and shows every option's default
+    (argparse.ArgumentDefaultsHelpFormatter without its noise: no default for switches and
+    for options without one, none where the help already names it, lists space-separated)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (text == argparse.SUPPRESS or not action.option_strings or "default" in text
+                or default in (None, False, argparse.SUPPRESS) or default == []):
+            return action.help
+        shown = (" ".join(map(str, default)) if isinstance(default, list | tuple)
+                 else str(default))
+        return f"{text} (default: {shown.replace('%', '%%')})".lstrip()

@@ -53,14 +53,22 @@ PointMaze_UMaze-v3 on a 1x4 corridor (``maze_map`` [[1]*6, [1, r, 0, 0, g, 1], [
 reward 1 at success):
     The controller drives the ball at the goal, ``a = clip(2 (goal - x) - 0.5 v, -1, 1)``
     (the shortest path needs about 65 steps). Noise as for Pendulum (bound 1).
-    pointmaze-sparse  local/pointmaze/sparse-v0  100 ep, eps 0.6, noise 1.0: about 50 % of
-                                                 the episodes reach the goal
+    pointmaze-binary  local/pointmaze/sparse-v0  100 ep, eps 0.6, noise 1.0: about 50 % of
+                                                 the episodes reach the goal (the data of
+                                                 calql_finetune.py --env pointmaze-binary;
+                                                 old name pointmaze-sparse still accepted)
 AdroitHandPen-v1 (100-step episodes ended by truncation; dense rewards stored, as in
 ``D4RL/pen/cloned-v2``, whose env spec also has ``max_episode_steps=100``):
     Actions: Gaussian noise of std 0.3 around the hand's mean posture (action 0). The pen
     falls through the target orientation in about 15 % of the episodes (success for a few
     steps around step 10-45), the rest fail.
-    pen-cloned-local  local/pen/cloned-v0        40 ep, noise 0.3
+    pen-cloned-local  local/pen/cloned-v0        40 ep, noise 0.3 (a stand-in for
+                                                 D4RL/pen/cloned-v2, which no --env loads
+                                                 by default: calql_finetune.py --env
+                                                 pen-binary --dataset-id local/pen/cloned-v0)
+
+Each short name is the ``--env`` name of the script that trains on it (pen-cloned-local
+aside, see above); ALIASES keeps earlier names working.
 
 Command line: ``python benchmark/datasets.py [NAME ...] [--force] [--list]`` (no names:
 build all). Datasets go to Minari's datasets folder (``MINARI_DATASETS_PATH`` if set).
@@ -70,9 +78,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -85,6 +95,11 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from minari.data_collector import EpisodeBuffer
+
+if __package__ in (None, ""):  # `python benchmark/datasets.py`: make `benchmark` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmark.common import HelpFormatter
 
 Policy = Callable[[np.ndarray], Any]
 
@@ -231,7 +246,7 @@ LOCAL_DATASETS: dict[str, DatasetSpec] = {
         "frames stored exactly, 2500 transitions.",
         max_steps=2500, image_obs=True,
     ),
-    "pointmaze-sparse": DatasetSpec(
+    "pointmaze-binary": DatasetSpec(  # calql_finetune.py --env pointmaze-binary
         "local/pointmaze/sparse-v0", "PointMaze_UMaze-v3",
         (Segment(100, seed=0, policy=pointmaze_controller, eps=(0.6, 0.6), noise=1.0),),
         "PointMaze 1x4 corridor, sparse reward, episode ends at the goal (100 steps max); "
@@ -252,13 +267,34 @@ LOCAL_DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+# Earlier short names -> the current ones (the --env names of the data).
+ALIASES = {"pointmaze-sparse": "pointmaze-binary"}
+
+
+def canonical(name: str) -> str:
+    """The current short name of a name or alias (anything else unchanged)."""
+    return ALIASES.get(name, name)
+
+
+def is_local(name: str) -> bool:
+    """Whether a short name, alias or ``local/`` id names a dataset built here."""
+    return canonical(name) in LOCAL_DATASETS or name.startswith("local/")
+
+
+def closest(name: str) -> str:
+    """' (did you mean X?)' for the nearest short name or local id, else ''."""
+    known = [*LOCAL_DATASETS, *ALIASES, *(spec.dataset_id for spec in LOCAL_DATASETS.values())]
+    match = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
 def dataset_id(name: str) -> str:
-    """Map a short name (``pendulum-medium``) to its Minari id; an id passes through unchanged."""
-    if name in LOCAL_DATASETS:
-        return LOCAL_DATASETS[name].dataset_id
+    """Map a short name (``pendulum-medium``) or alias to its Minari id; an id passes through."""
+    if canonical(name) in LOCAL_DATASETS:
+        return LOCAL_DATASETS[canonical(name)].dataset_id
     if "/" in name:
         return name
-    raise KeyError(f"unknown dataset {name!r}; known: {', '.join(LOCAL_DATASETS)}")
+    raise KeyError(f"unknown dataset {name!r}{closest(name)}; known: {', '.join(LOCAL_DATASETS)}")
 
 
 def _spec(name_or_id: str) -> DatasetSpec:
@@ -267,7 +303,7 @@ def _spec(name_or_id: str) -> DatasetSpec:
     for spec in LOCAL_DATASETS.values():
         if spec.dataset_id == wanted:
             return spec
-    raise KeyError(f"{name_or_id!r} is not a locally buildable dataset")
+    raise KeyError(f"{name_or_id!r} is not a locally buildable dataset{closest(name_or_id)}")
 
 
 # --------------------------------------------------------------------------- collection
@@ -567,24 +603,29 @@ def _list() -> None:
     print(f"datasets root: {datasets_root()}")
     for name, spec in LOCAL_DATASETS.items():
         state = "built" if is_built(spec.dataset_id) else "missing"
-        print(f"{name:24s} {spec.dataset_id:34s} {state}")
+        old = [alias for alias, new in ALIASES.items() if new == name]
+        print(f"{name:24s} {spec.dataset_id:34s} {state}"
+              + (f"  (also: {', '.join(old)})" if old else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: build the named datasets (all when none is named), or ``--list`` them."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("names", nargs="*", help="short names or ids (default: all)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help="short names (= --env names) or ids (default: all)")
     parser.add_argument("--force", action="store_true", help="rebuild even if present")
     parser.add_argument("--list", action="store_true", help="list datasets and exit")
     args = parser.parse_args(argv)
     if args.list:
         _list()
         return
-    unknown = [n for n in args.names if n not in LOCAL_DATASETS
+    unknown = [n for n in args.names if canonical(n) not in LOCAL_DATASETS
                and n not in {spec.dataset_id for spec in LOCAL_DATASETS.values()}]
     if unknown:
-        parser.exit(2, f"error: unknown dataset {', '.join(unknown)}; buildable here: "
-                       f"{', '.join(LOCAL_DATASETS)} (or their ids, see --list)\n")
+        parser.exit(2, f"error: unknown dataset {', '.join(n + closest(n) for n in unknown)}; "
+                       f"buildable here: {', '.join(LOCAL_DATASETS)} (or their ids, see "
+                       "--list)\n")
     for name in args.names or list(LOCAL_DATASETS):
         if not args.force and is_built(name):
             print(f"present {dataset_id(name)} (use --force to rebuild)", flush=True)

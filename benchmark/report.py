@@ -540,10 +540,12 @@ def write_report(root: Path, out: Path | None = None, suites: Sequence[str] | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run_root", type=Path)
-    p.add_argument("--out", type=Path, default=None, help="output folder (default RUN_ROOT)")
-    p.add_argument("--suite", action="append", default=None, help="only these suites")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=common.HelpFormatter)
+    p.add_argument("run_root", type=Path, help="folder holding <suite>/<entry>/s<seed> runs")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_ROOT)")
+    p.add_argument("--suite", action="append", default=None,
+                   help="only this suite, repeatable (default: every suite found)")
     args = p.parse_args(argv)
     paths = write_report(args.run_root, args.out, args.suite)
     if not paths:

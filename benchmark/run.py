@@ -42,6 +42,7 @@ from benchmark.common import (
     LOG_FILE,
     REPO,
     SUITE_FILE,
+    HelpFormatter,
     command_line,
     machine_info,
     read_json,
@@ -155,7 +156,7 @@ def prepare_datasets(jobs: Iterable[Job], log: Callable[[str], None] = say) -> d
     errors: dict[str, str] = {}
     for name in dict.fromkeys(d for job in jobs for d in job.entry.datasets):
         try:
-            if name in datasets.LOCAL_DATASETS or name.startswith("local/"):
+            if datasets.is_local(name):
                 if not datasets.is_built(datasets.dataset_id(name)):
                     log(f"building local dataset {name} ...")
                 datasets.ensure(name)
@@ -249,27 +250,33 @@ def make_executor(args: argparse.Namespace, folder: Path):
 # ------------------------------------------------------------------------------------ main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", required=True, choices=sorted(SUITES))
+                                formatter_class=HelpFormatter)
+    p.add_argument("--suite", required=True, choices=sorted(SUITES),
+                   help="which suite to run (benchmark/suites.py)")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: the suite's)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (Slurm: array parallelism)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="run root")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="--device of every run")
     p.add_argument("--compile", action="store_true", help="pass --compile to every run")
     p.add_argument("--data-root", type=Path, default=Path("dqn-replay"),
                    help="DQN Replay root holding <Game>/1/replay_logs (Atari suites)")
     p.add_argument("--only", default=None, help="run only jobs whose label contains this")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per run (local launcher; default cores // jobs)")
+                   help="torch threads per run, local launcher (default: cores // jobs)")
     p.add_argument("--no-report", action="store_true", help="do not write the report")
     g = p.add_argument_group("launcher")
-    g.add_argument("--launcher", default="local", choices=["local", "slurm", "submitit-local"])
-    g.add_argument("--partition", default=None, help="Slurm partition")
+    g.add_argument("--launcher", default="local", choices=["local", "slurm", "submitit-local"],
+                   help="where the runs go (see above)")
+    g.add_argument("--partition", default=None,
+                   help="Slurm partition (default: the cluster's)")
     g.add_argument("--gpus", type=int, default=None,
-                   help="GPUs per job (default 1 on Slurm, 0 with submitit-local)")
-    g.add_argument("--cpus-per-task", type=int, default=8)
-    g.add_argument("--mem-gb", type=int, default=None)
-    g.add_argument("--time-min", type=int, default=24 * 60, help="Slurm time limit per job")
+                   help="GPUs per job (default: 1 on Slurm, 0 with submitit-local)")
+    g.add_argument("--cpus-per-task", type=int, default=8, help="CPUs per Slurm job")
+    g.add_argument("--mem-gb", type=int, default=None,
+                   help="memory per Slurm job in GB (default: the partition's)")
+    g.add_argument("--time-min", type=int, default=24 * 60,
+                   help="Slurm time limit per job, minutes")
     g.add_argument("--slurm-extra", nargs="*", default=[], metavar="KEY=VALUE",
                    help="additional sbatch parameters, e.g. account=abc qos=high")
     return p.parse_args(argv)

@@ -44,7 +44,7 @@ import torch
 if __package__ in (None, ""):  # `python benchmark/speed.py`: make `benchmark` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmark.common import REPO, command_line, machine_info, machine_lines
+from benchmark.common import REPO, HelpFormatter, command_line, machine_info, machine_lines
 from benchmark.suites import ALGORITHM, CALQL, CQL_QRDQN, CQL_SAC
 
 if str(REPO) not in sys.path:
@@ -215,7 +215,7 @@ def matmul_gflops(device: torch.device, n: int = 4096, reps: int = 3) -> float:
 
 # ---------------------------------------------------------------------------- data loading
 LOAD_CASES = ((CQL_SAC, "pendulum-medium-expert"), (CQL_QRDQN, "cartpole-mixed"),
-              (CQL_QRDQN, "pong-random"), (CALQL, "pointmaze-sparse"))
+              (CQL_QRDQN, "pong-random"), (CALQL, "pointmaze-binary"))
 
 
 def load_buffer(script: str, dataset_id: str, device: torch.device) -> int:
@@ -418,17 +418,22 @@ def markdown(results: list[dict[str, Any]], flops: dict[str, Any], loading: list
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="device to measure on")
     p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per case")
-    p.add_argument("--min-steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--min-steps", type=int, default=3, help="timed steps per case, at least")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     p.add_argument("--matmul-n", type=int, default=4096, help="size of the reference matmul")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--modes", nargs="+", default=["eager", "compile", "compile+cudagraphs"])
-    p.add_argument("--sizes", nargs="+", default=["paper", "small"])
+    p.add_argument("--modes", nargs="+", default=["eager", "compile", "compile+cudagraphs"],
+                   help="execution modes to time")
+    p.add_argument("--sizes", nargs="+", default=["paper", "small"],
+                   help="network sizes to time")
     p.add_argument("--no-loading", action="store_true", help="skip the data-loading table")
-    p.add_argument("--out", type=Path, default=None, help="default results/speed_<device>.md")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output file (default: benchmark/results/speed_<device>.md)")
     p.add_argument("--load-probe", nargs=2, metavar=("SCRIPT", "DATASET"), help=argparse.SUPPRESS)
     p.add_argument("--memory-probe", nargs=2, metavar=("DATASET", "PLACEMENT"),
                    help=argparse.SUPPRESS)

@@ -46,7 +46,7 @@ def test_suite_structure():
     for name in ("smoke", "demo", "local", "claims"):
         entries = SUITES[name].entries
         assert name == "claims" or {e.script for e in entries} == set(SCRIPTS)
-        assert all(d in datasets.LOCAL_DATASETS for e in entries for d in e.datasets)
+        assert all(datasets.is_local(d) for e in entries for d in e.datasets)
     assert {e.variant for e in SUITES["local"].entries} == {"cql", "sac", "qrdqn", "calql"}
 
 
