@@ -13,6 +13,8 @@ import contextlib
 import json
 import os
 import platform
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -107,12 +109,40 @@ def machine_lines(info: dict[str, Any]) -> list[str]:
 
 
 def command_line() -> str:
-    """The current process's command line, as it would be typed from the repository root."""
+    """The current process's command line, as it would be typed from the repository root
+    (shell-quoted, so that it can be pasted back)."""
     argv = list(sys.argv)
     if argv:
         with contextlib.suppress(ValueError):
             argv[0] = str(Path(argv[0]).resolve().relative_to(REPO))
-    return "python " + " ".join(argv)
+    return shlex.join(["python", *argv])
+
+
+def shown_path(path: Path | str) -> str:
+    """A path as a report may print it: relative to the repository when inside it, else
+    `<run root>` (no machine's own folders in committed text)."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(REPO)) or "."
+    except ValueError:
+        return "<run root>"
+
+
+# An absolute path (/a/b...) that is not part of a URL or of a relative path.
+_ABSOLUTE = re.compile(r"(?<![\w.:/~<>-])/(?:[\w.+=@%-]+/)+[\w.+=@%-]*")
+
+
+def scrub(text: str, root: Path | str | None = None) -> str:
+    """Text with the machine's paths taken out: the run root as shown_path() gives it, the
+    repository as `.`, the interpreter as `python`, the home folder as `~`, and any other
+    absolute path as `<path>`."""
+    swaps = {sys.executable: "python", str(REPO): "."}
+    if root is not None:
+        swaps[str(Path(root).resolve())] = shown_path(root)
+    swaps[str(Path.home())] = "~"
+    for old in sorted(swaps, key=len, reverse=True):  # longest first: nested folders
+        text = text.replace(old, swaps[old])
+    return _ABSOLUTE.sub("<path>", text)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -129,3 +159,30 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         shown = (" ".join(map(str, default)) if isinstance(default, list | tuple)
                  else str(default))
         return f"{text} (default: {shown.replace('%', '%%')})".lstrip()
+
+
+EXIT_MARK = "=== exit code "
+
+
+def failure_reason(log: str) -> str:
+    """Why a run failed, from its log.txt: the script's one-line error (`error: ...`), else
+    the last line of a traceback, else the log's last line."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    attempt = max((i for i, line in enumerate(lines) if line.startswith("=== ")
+                   and not line.startswith(EXIT_MARK)), default=-1)
+    lines = [line for line in lines[attempt + 1:] if not line.startswith("=== ")]
+    errors = [line for line in lines if line.startswith(("error:", "could not start:"))]
+    if errors:
+        return errors[-1]
+    if any(line.startswith("Traceback") for line in lines):
+        return lines[-1]
+    return lines[-1] if lines else "no output"
+
+
+def exit_code(log: str) -> int | None:
+    """The exit code the runner wrote at the end of the log's last attempt (None: none,
+    e.g. the runner itself was stopped)."""
+    marks = [line for line in log.splitlines() if line.startswith(("=== ", EXIT_MARK))]
+    if not marks or not marks[-1].startswith(EXIT_MARK):
+        return None
+    return int(marks[-1][len(EXIT_MARK):].split()[0])

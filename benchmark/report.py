@@ -10,7 +10,12 @@ mean (IQM) with a 95% percentile bootstrap CI (rliable, Agarwal et al. 2021), si
 with the papers' numbers (REFERENCES below) where the task matches. Cal-QL rows add the
 offline score (end of pre-training), cumulative regret (mean over online evaluations of
 1 - success rate) and the largest drop below the offline score during fine-tuning
-("unlearning"); their curves mark the end of pre-training.
+("unlearning"); their curves are two panels, pre-training (gradient steps) and fine-tuning
+(env steps from the switch). Curves: mean over seeds with the 95% bootstrap CI of the mean as
+band (the tables' interval), variants in words, one colour per method in every figure.
+Runs without summary.json are listed with the exit code and reason their log.txt ends with;
+a pair gets a verdict only with 3 or more seeds of each; no absolute path of the machine
+appears (the run root is shown relative to the repository, else as `<run root>`).
 
 Each method next to its baseline (suites.PAIRS: CQL-SAC vs naive SAC, CQL vs plain QR-DQN,
 Cal-QL vs CQL): one sentence per pair, written from the numbers, says what the runs show;
@@ -41,7 +46,7 @@ if __package__ in (None, ""):  # `python benchmark/report.py`: make `benchmark` 
 
 from benchmark import common
 from benchmark.common import read_json, read_jsonl
-from benchmark.suites import ALGORITHM, CALQL, CQL_QRDQN, CQL_SAC, PAIRS, SUITES
+from benchmark.suites import ALGORITHM, CALQL, CQL_QRDQN, CQL_SAC, PAIRS, SCRIPTS, SUITES
 
 # ------------------------------------------------------------------------ reference numbers
 # Key "<variant key>/<task>" -> {source: value}. Sources:
@@ -77,6 +82,7 @@ for _pct, _table in {
         REFERENCES[f"qrdqn-{_pct}/{_game}"] = dict(paper=_qr)
         REFERENCES[f"cql-{_pct}/{_game}"] = dict(paper=_cql)
 
+MIN_VERDICT_SEEDS = 3  # below this a pair line gives its numbers and no verdict
 CALQL_COLUMNS = (("offline score", "offline_score"), ("cum. regret", "cumulative_regret"),
                  ("largest drop", "max_drop_below_offline"))
 METRIC_NAMES = {"normalized_score": "normalized score", "return_mean": "return",
@@ -261,7 +267,12 @@ def pair_line(runs: list[Run], script: str, env: str, tag: str = "") -> str | No
     a, b = finished(runs, script, env, method), finished(runs, script, env, base)
     if not a or not b:
         return None
-    seeds = f"{len(a)} and {len(b)} seed{'s' if len(a) + len(b) > 2 else ''}"
+    seeds = (f"{len(a)} seed{'s' if len(a) > 1 else ''} each" if len(a) == len(b) else
+             f"{len(a)} and {len(b)} seeds")
+    name = METRIC_NAMES.get(a[0].job["metric"], a[0].job["metric"])
+    few = min(len(a), len(b)) < MIN_VERDICT_SEEDS
+    no_verdict = (f": {'one seed' if max(len(a), len(b)) == 1 else 'fewer than 3 seeds'}, "
+                  "too few for a verdict.")
     if script == CQL_SAC:
         ga, gb = (mean_of([r.summary.get("value_gap") for r in g]) for g in (a, b))
         sa, sb = (mean_of([r.final for r in g]) for g in (a, b))
@@ -274,15 +285,16 @@ def pair_line(runs: list[Run], script: str, env: str, tag: str = "") -> str | No
                    "CQL over-estimates here: the lower bound does not hold")
         return (f"- **CQL vs naive offline SAC**, {where} ({seeds}): value gap {ga:+.1f} vs "
                 f"{gb:+.1f} (predicted minus obtained discounted return: CQL "
-                f"{gap_sign(ga)}, SAC {gap_sign(gb)} the truth), normalized score "
-                f"{fmt(sa)} vs {fmt(sb)}: {verdict}.")
+                f"{gap_sign(ga)}, SAC {gap_sign(gb)} the truth), {name} "
+                f"{fmt(sa)} vs {fmt(sb)}" + (no_verdict if few else f": {verdict}."))
     if script == CQL_QRDQN:
         sa, sb = (mean_of([r.final for r in g]) for g in (a, b))
         if sa is None or sb is None:
             return None
         word = "higher than" if sa > sb else "lower than" if sa < sb else "equal to"
-        return (f"- **CQL vs plain QR-DQN**, {where} ({seeds}): return {fmt(sa)} vs "
-                f"{fmt(sb)}: CQL's is {word} the unregularized learner's on the same data.")
+        return (f"- **CQL vs plain QR-DQN**, {where} ({seeds}): {name} {fmt(sa)} vs {fmt(sb)}"
+                + (no_verdict if few else f": CQL's is {word} the unregularized learner's on "
+                   "the same data."))
     off_a, off_b = (mean_of([r.summary.get("offline_score") for r in g]) for g in (a, b))
     drop_a, drop_b = (mean_of([largest_drop(r)[0] for r in g]) for g in (a, b))
     reg_a, reg_b = (mean_of([r.summary.get("cumulative_regret") for r in g]) for g in (a, b))
@@ -303,7 +315,8 @@ def pair_line(runs: list[Run], script: str, env: str, tag: str = "") -> str | No
     return (f"- **Cal-QL vs CQL fine-tuning**, {where} ({seeds}): offline score "
             f"{fmt(off_a)} vs {fmt(off_b)}, largest drop after the switch to online "
             f"{fmt(drop_a)} vs {fmt(drop_b)}, cumulative regret {reg_a:.2f} vs {reg_b:.2f}"
-            f"{calib}: {unlearn}, and Cal-QL's regret is {regret}.")
+            f"{calib}" + (no_verdict if few else
+                          f": {unlearn}, and Cal-QL's regret is {regret}."))
 
 
 def bound_line(runs: list[Run]) -> str | None:
@@ -339,7 +352,8 @@ def pair_lines(runs: list[Run]) -> list[str]:
             lines += [line for tag in tags if (line := pair_line(runs, script, env, tag))]
         if script == CQL_SAC and (line := bound_line(runs)):
             lines.append(line)
-    return ["What it shows (each method next to its baseline; means over seeds):", "",
+    return ["What it shows (each method next to its baseline; means over seeds; a verdict "
+            f"only with {MIN_VERDICT_SEEDS} or more seeds of each):", "",
             *lines, ""] if lines else []
 
 
@@ -417,75 +431,144 @@ def _num(value: Any) -> float:
     return np.nan if value is None else float(value)
 
 
-def curve_x(run: Run) -> tuple[np.ndarray, float | None]:
-    """x of each evaluation, and the pre-training boundary for Cal-QL runs: offline rows at
-    their gradient step, online rows at offline_steps + env steps."""
-    if run.job["script"] != CALQL:
-        return np.array([r["step"] for r in run.rows], float), None
-    offline = run.config.get("args", {}).get("offline_steps")
-    if offline is None:
-        offline = max([r["step"] for r in run.rows if r.get("phase") == "offline"], default=0)
-    x = [r["step"] if r.get("phase") == "offline" else offline + r["env_steps"]
-         for r in run.rows]
-    return np.array(x, float), float(offline)
+# Axis labels: what the number is, its units and scale.
+AXIS_LABELS = {"normalized_score": "normalized score (0 = random, 100 = expert)",
+               "return_mean": "episode return (mean over evaluation episodes)",
+               "score": "score (success rate, %)",
+               "value_gap": "value gap: predicted minus\nobtained discounted return",
+               "calib_below_share": "share of batch states with\nQ(s, π(s)) < V_μ(s)  (0 to 1)"}
+# Variant labels in words: (script or None for any, variant base) -> words; suffix -> words.
+VARIANT_WORDS = {(CQL_SAC, "cql"): "CQL", (CQL_SAC, "sac"): "naive SAC (CQL weight 0)",
+                 (CQL_QRDQN, "cql"): "CQL", (CQL_QRDQN, "qrdqn"): "QR-DQN (CQL weight 0)",
+                 (CALQL, "calql"): "Cal-QL", (CALQL, "cql"): "CQL (no calibration)"}
+SUFFIX_WORDS = {"-eq1": "without the data term (Eq. 1)",
+                "-polyak5e-3": "Polyak rate 5e-3 (the paper's)",
+                "-conservative": "conservative settings"}
+COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
+           "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+BAND = "band = 95% bootstrap CI of the mean over seeds (as in the tables)"
 
 
-def plot_suite(suite: str, runs: list[Run], path: Path, metric: str | None = None,
-               scripts: tuple[str, ...] | None = None, symlog: bool = False) -> Path:
-    """One figure: a panel per (script, task), a line per variant (mean over seeds, band =
-    min..max over seeds); Cal-QL panels mark the end of pre-training and the offline score.
-    `metric` plots that key of the rows instead of each job's metric; `scripts` filters."""
+def variant_label(script: str, variant: str) -> str:
+    """`cql-eq1-polyak5e-3` -> 'CQL, without the data term (Eq. 1), Polyak rate 5e-3 ...'."""
+    words = []
+    rest = variant
+    while suffix := next((s for s in SUFFIX_WORDS if rest.endswith(s)), None):
+        words.insert(0, SUFFIX_WORDS[suffix])
+        rest = rest.removesuffix(suffix)
+    return ", ".join([VARIANT_WORDS.get((script, rest), rest), *words])
+
+
+def variant_colours(runs: list[Run]) -> dict[str, str]:
+    """One colour per method (its label) across every panel and figure of a suite."""
+    labels = sorted({variant_label(*r.key[::2]) for r in runs},
+                    key=lambda label: (not label.startswith(("CQL", "Cal-QL")), label))
+    return {label: COLOURS[i % len(COLOURS)] for i, label in enumerate(labels)}
+
+
+def phase_curve(run: Run, key: str, phase: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of one run: all rows at their gradient step (phase None), Cal-QL's offline rows
+    at their gradient step, or its online rows at their env step, starting from the last
+    offline evaluation at env step 0 (the switch)."""
+    rows = run.rows if phase is None else [r for r in run.rows if r.get("phase") == phase]
+    if phase != "online":
+        return (np.array([r["step"] for r in rows], float),
+                np.array([_num(r.get(key)) for r in rows], float))
+    offline = [r for r in run.rows if r.get("phase") == "offline"][-1:]
+    x = [0.0] * len(offline) + [float(r["env_steps"]) for r in rows]
+    return np.array(x), np.array([_num(r.get(key)) for r in [*offline, *rows]], float)
+
+
+def mean_band(y: np.ndarray, reps: int = 1000, seed: int = 0
+              ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Mean over seeds (rows) at each x and its 95% percentile bootstrap CI over seeds (the
+    tables' interval; None for one seed). NaN where a seed has no value (step 0)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(y, 0)
+        if len(y) < 2:
+            return mean, None, None
+        idx = np.random.default_rng(seed).integers(len(y), size=(reps, len(y)))
+        means = np.nanmean(y[idx], 1)  # (reps, x)
+        return mean, np.nanpercentile(means, 2.5, 0), np.nanpercentile(means, 97.5, 0)
+
+
+def draw_panel(ax, script: str, env: str, groups: dict[str, list[Run]], key: str,
+               phase: str | None, colours: dict[str, str], symlog: bool) -> None:
+    """One panel: a line per variant (mean over seeds) with its CI band."""
+    for variant, group in sorted(groups.items()):
+        curves = [phase_curve(r, key, phase) for r in group]
+        # seeds may evaluate at slightly different x (Cal-QL evaluates after whole
+        # trajectories): interpolate every seed onto the shortest run's x
+        x = min((c[0] for c in curves), key=len)
+        if not len(x):
+            continue
+        y = np.array([np.interp(x, cx, cy) for cx, cy in curves], float)
+        mean, low, high = mean_band(y)
+        label = variant_label(script, variant)
+        seeds = f"{len(group)} seed{'s' if len(group) > 1 else ', no band'}"
+        ax.plot(x, mean, marker=".", color=colours[label], label=f"{label} ({seeds})")
+        if low is not None:
+            ax.fill_between(x, low, high, alpha=0.2, color=colours[label], lw=0)
+        if phase == "online":  # where each method starts fine-tuning from
+            ax.axhline(mean[0], color=colours[label], ls=":", lw=1)
+    if phase == "online":
+        ax.plot([], [], color="0.4", ls=":", lw=1, label="dotted: score at the switch")
+    scale = ""
+    if symlog:
+        ax.set_yscale("symlog", linthresh=10)
+        ax.axhline(0, color="k", lw=0.8, label="0: prediction = outcome")
+        scale = "\n(symlog scale: linear in ±10)"
+    ax.set_ylabel(AXIS_LABELS.get(key, key) + scale, fontsize=9)
+    ax.set_xlabel({None: "gradient steps", "offline": "pre-training: gradient steps",
+                   "online": "fine-tuning: environment steps after the switch"}[phase])
+    what = {None: "", "offline": ", offline pre-training", "online": ", online fine-tuning"}
+    ax.set_title(f"{ALGORITHM.get(script, script)}: {env}{what[phase]}", fontsize=10)
+    ax.grid(alpha=0.3)
+    # below the panel: long labels never cover the curves
+    ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+
+
+def suite_figure(suite: str, runs: list[Run], metric: str | None = None,
+                 scripts: tuple[str, ...] | None = None, symlog: bool = False):
+    """The figure: a panel per (script, task), two for Cal-QL (pre-training, then
+    fine-tuning on its own x axis so that the switch is large enough to see); `metric`
+    plots that key of the rows instead of each job's metric; `scripts` filters."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colours = variant_colours(runs)  # from the whole suite: the same in every figure
     panels: dict[tuple[str, str], dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         if run.rows and (scripts is None or run.job["script"] in scripts):
             panels[(run.job["script"], run.job["env"])][run.job["variant"]].append(run)
-    keys = sorted(panels)
-    cols = min(3, max(1, len(keys)))
-    rows = (len(keys) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
-    for ax, key in zip(axes.flat, keys, strict=False):
-        script, env = key
-        for variant, group in sorted(panels[key].items()):
-            xs = [curve_x(r) for r in group]
-            # seeds may evaluate at slightly different x (Cal-QL evaluates after whole
-            # trajectories): interpolate every seed onto the shortest run's x
-            x = min((x for x, _ in xs), key=len)
-            y = np.array([np.interp(x, xr, [_num(row.get(metric or r.job["metric"]))
-                                            for row in r.rows])
-                          for r, (xr, _) in zip(group, xs, strict=True)], float)
-            with warnings.catch_warnings():  # a metric absent at some x (step 0): a gap
-                warnings.simplefilter("ignore", RuntimeWarning)
-                mean, low, high = np.nanmean(y, 0), np.nanmin(y, 0), np.nanmax(y, 0)
-            (line,) = ax.plot(x, mean, marker=".", label=f"{variant} ({len(group)})")
-            ax.fill_between(x, low, high, alpha=0.2, color=line.get_color())
-            boundary = xs[0][1]
-            if boundary is not None and boundary in x:  # the offline score, dotted
-                ax.axhline(float(np.nanmean(y[:, list(x).index(boundary)])),
-                           color=line.get_color(), ls=":", lw=1)
-        if script == CALQL:
-            ax.axvline(xs[0][1], color="k", ls="--", lw=1, label="end of pre-training")
-            ax.set_xlabel("offline gradient steps, then online env steps")
-        else:
-            ax.set_xlabel("gradient steps")
-        key = metric or group[0].job["metric"]
-        ax.set_ylabel(METRIC_NAMES.get(key, key))
-        if symlog:
-            ax.set_yscale("symlog", linthresh=10)
-            ax.axhline(0, color="k", lw=0.8)
-        ax.set_title(f"{ALGORITHM.get(script, script)}: {env}", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(keys):]:
+    order = lambda key: (SCRIPTS.index(key[0]) if key[0] in SCRIPTS else len(SCRIPTS), key)
+    slots = [(key, phase) for key in sorted(panels, key=order)  # the README's order
+             for phase in (("offline", "online") if key[0] == CALQL else (None,))]
+    cols = min(3, max(1, len(slots)))
+    rows = (len(slots) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 5.0 * rows), squeeze=False)
+    for ax, ((script, env), phase) in zip(axes.flat, slots, strict=False):
+        groups = panels[(script, env)]
+        key = metric or next(iter(groups.values()))[0].job["metric"]
+        draw_panel(ax, script, env, groups, key, phase, colours, symlog)
+    for ax in list(axes.flat)[len(slots):]:
         ax.axis("off")
-    what = f"{METRIC_NAMES.get(metric, metric)}, " if metric else ""
-    title = f"suite {suite}: {what}mean over seeds, band = min..max"
-    fig.suptitle(textwrap.fill(title, 50 * cols), fontsize=11)
+    what = f"{METRIC_NAMES.get(metric, metric)}; " if metric else ""
+    title = f"suite {suite}: {what}lines = mean over seeds, {BAND}"
+    fig.suptitle(textwrap.fill(title, 60 * cols), fontsize=11)
     fig.tight_layout()
+    return fig
+
+
+def plot_suite(suite: str, runs: list[Run], path: Path, metric: str | None = None,
+               scripts: tuple[str, ...] | None = None, symlog: bool = False) -> Path:
+    """Write suite_figure() to a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = suite_figure(suite, runs, metric, scripts, symlog)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -493,27 +576,51 @@ def plot_suite(suite: str, runs: list[Run], path: Path, metric: str | None = Non
 
 
 # ----------------------------------------------------------------------------------- report
-def suite_header(suite: str, suite_dir: Path) -> list[str]:
-    """Title, description and how the runs were produced (from the runner's suite.json)."""
+def suite_header(suite: str, suite_dir: Path, root: Path, command: str) -> list[str]:
+    """Title, description and how the runs were produced (from the runner's suite.json);
+    `command`: the one that writes this report. Paths relative to the repository or to the
+    run root, never the machine's own."""
     lines = [f"# Suite `{suite}`", ""]
     if suite in SUITES:
         lines += [SUITES[suite].description + ".", ""]
     path = suite_dir / common.SUITE_FILE
     if path.exists():
         for inv in read_json(path)["invocations"]:
-            lines += [f"- Command: `{inv['command']}` ({inv['launcher']} launcher, "
+            lines += [f"- Command: `{common.scrub(inv['command'], root)}` ({inv['launcher']} "
+                      "launcher, "
                       f"{inv['jobs']} at once): {inv['ok']} ran, {inv['skipped']} skipped, "
                       f"{inv['failed']} failed, {inv['wall_s'] / 60:.1f} min wall",
                       *common.machine_lines(inv["machine"])]
         lines.append("")
-    lines += [f"Report: `{common.command_line()}`", ""]
+    lines += [f"Report: `{common.scrub(command, root)}`", ""]
     return lines
 
 
-def write_report(root: Path, out: Path | None = None, suites: Sequence[str] | None = None
-                 ) -> list[Path]:
-    """Write <out>/<suite>.md and <out>/<suite>_curves.png for each suite under root."""
-    root = Path(root)
+def unfinished_lines(runs: list[Run], root: Path) -> list[str]:
+    """Every run without summary.json, with the exit code and the reason its log.txt ends
+    with (the runner writes both there)."""
+    rows = []
+    for run in sorted((r for r in runs if r.summary is None), key=lambda r: r.path):
+        log = run.path / common.LOG_FILE
+        text = log.read_text(errors="replace") if log.exists() else ""
+        code = common.exit_code(text)
+        reason = common.failure_reason(text) if text else "no log.txt: never started"
+        where = run.path.relative_to(root) if run.path.is_relative_to(root) else run.path.name
+        rows.append(f"| `{where}` | {'— (not recorded)' if code is None else code} | "
+                    f"{common.scrub(reason, root).replace('|', '/')} |")
+    if not rows:
+        return []
+    return [f"**Runs that did not finish** ({len(rows)} of {len(runs)}; not in the statistics "
+            "below; reason: the end of the run's log.txt):", "",
+            "| run (under the run root) | exit code | reason |", "|---|---|---|", *rows, ""]
+
+
+def write_report(root: Path, out: Path | None = None, suites: Sequence[str] | None = None,
+                 command: str | None = None) -> list[Path]:
+    """Write <out>/<suite>.md and <out>/<suite>_curves.png for each suite under root;
+    `command` (default: this process's) is recorded as the one that writes the report."""
+    root = Path(root).resolve()
+    command = command or common.command_line()
     out = Path(out) if out is not None else root
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -525,7 +632,8 @@ def write_report(root: Path, out: Path | None = None, suites: Sequence[str] | No
                  for name, (metric, scripts, symlog) in FIGURES.items()
                  if any(r.job["script"] in scripts and r.rows for r in runs)]
         suite_dir = runs[0].path.parents[1]
-        lines = [*suite_header(suite, suite_dir),
+        lines = [*suite_header(suite, suite_dir, root, command),
+                 *unfinished_lines(runs, root),
                  "Final score over seeds: mean and IQM with 95% percentile bootstrap CIs "
                  "(rliable), std with ddof 1; `seeds` = finished/all runs. Reference columns: "
                  "CQL paper (Kumar et al. 2020, Tables 1-3) and a PyTorch reimplementation "
@@ -534,7 +642,7 @@ def write_report(root: Path, out: Path | None = None, suites: Sequence[str] | No
                  *finetune_table(runs), f"![learning curves]({figure.name})", "",
                  *(f"![{f.stem}]({f.name})" for f in extra), ""]
         path = out / f"{suite}.md"
-        path.write_text("\n".join(lines))
+        path.write_text(common.scrub("\n".join(lines), root))  # no machine's paths
         written.append(path)
     return written
 

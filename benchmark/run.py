@@ -7,9 +7,10 @@
 
 Run directories are <out>/<suite>/<script>__<variant>__<env>/s<seed>. A run with summary.json is
 skipped, one with checkpoint.pt but no summary.json is resumed (`--resume RUN_DIR` with the
-same arguments), anything else starts fresh. Each run's output goes to its log.txt; a
-failed run is reported with the tail of that log and does not stop the others. At the end
-the report (benchmark/report.py) of the suite is written to <out>/<suite>/report.md.
+same arguments), anything else starts fresh. Each run's output goes to its log.txt, which
+ends with the exit code; a failed run is reported with the tail of that log and does not
+stop the others. At the end the report (benchmark/report.py) of the suite is written to
+<out>/<suite>/<suite>.md, with its figures <out>/<suite>/<suite>_*.png next to it.
 
 Launchers: `local` (default) runs --jobs processes at once on this machine, each with
 cores/jobs torch threads; `slurm` submits one Slurm job per run through submitit (a job
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -38,16 +40,19 @@ if __package__ in (None, ""):  # `python benchmark/run.py`: make `benchmark` imp
 import contextlib
 
 from benchmark.common import (
+    EXIT_MARK,
     JOB_FILE,
     LOG_FILE,
     REPO,
     SUITE_FILE,
     HelpFormatter,
     command_line,
+    failure_reason,
     machine_info,
     read_json,
     read_jsonl,
     run_status,
+    scrub,
     tail,
     write_json,
 )
@@ -110,7 +115,8 @@ def execute(job: Job, env: dict[str, str] | None = None,
         if on_start is not None:
             on_start(proc)
         returncode = proc.wait()
-    seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        log.write(f"{EXIT_MARK}{returncode} after {seconds:.0f}s\n")  # the report reads it
     if returncode == 0 and run_status(job.run_dir) == "done":
         return Result(job.label, "ok", seconds, 0, resume,
                       summary=read_json(job.run_dir / "summary.json"), score=final_score(job))
@@ -283,7 +289,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def fail_result(job: Job, why: str) -> Result:
-    return Result(job.label, "failed", log_tail=why)
+    """A job that could not start: recorded in its run dir (job.json, log.txt) as well, so
+    that the report lists it with its reason."""
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(job.run_dir / JOB_FILE, job.to_dict())
+    with open(job.run_dir / LOG_FILE, "a") as log:
+        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} not started\n"
+                  f"could not start: {why}\n")
+    return Result(job.label, "failed", log_tail=f"could not start: {why}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in results if r.status == "failed"]
     invocation.update(finished=time.strftime("%Y-%m-%d %H:%M:%S"), wall_s=time.time() - t0,
                       ok=sum(r.status == "ok" for r in results), failed=len(failed),
-                      skipped=sum(r.status == "skipped" for r in results))
+                      skipped=sum(r.status == "skipped" for r in results),
+                      failures=[dict(label=r.label, returncode=r.returncode,
+                                     reason=failure_reason(r.log_tail)) for r in failed])
     record_invocation(out / args.suite, args.suite, invocation)
     for r in failed:
         print(f"\nFAILED {r.label} (exit code {r.returncode}); last lines of its log:\n"
@@ -336,7 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_report:
         from benchmark import report
 
-        for path in report.write_report(out, out / args.suite, suites=[args.suite]):
+        # the command that writes the same report again, paths as a report shows them
+        again = scrub(shlex.join(["python", "benchmark/report.py", str(out), "--suite",
+                                  args.suite, "--out", str(out / args.suite)]), out)
+        for path in report.write_report(out, out / args.suite, suites=[args.suite],
+                                        command=again):
             print(f"report: {path}")
     return 1 if failed else 0
 

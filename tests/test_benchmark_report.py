@@ -121,24 +121,26 @@ def test_report_from_a_synthetic_run_root(run_root, tmp_path):
         assert f"({suite}_curves.png)" in (out / f"{suite}.md").read_text()
 
 
-def test_calql_curve_x_marks_the_phase_boundary(run_root):
+def test_calql_curves_split_at_the_switch(run_root):
     runs = report.load_runs(run_root)["local"]
-    calql = next(r for r in runs if r.job["script"] == CALQL)
-    x, boundary = report.curve_x(calql)
-    assert boundary == 200 and list(x) == [100, 200, 300, 400]
+    calql = next(r for r in runs if r.job["script"] == CALQL and r.job["seed"] == 0)
+    x, y = report.phase_curve(calql, "score", "offline")
+    assert list(x) == [100, 200] and list(y) == [20, 40]
+    x, y = report.phase_curve(calql, "score", "online")  # from the switch, in env steps
+    assert list(x) == [0, 100, 200] and list(y) == [40, 10, 80]
     sac = next(r for r in runs if r.job["script"] == CQL_SAC)
-    assert report.curve_x(sac)[1] is None
+    assert list(report.phase_curve(sac, "normalized_score", None)[0]) == [500, 1000]
 
 
 def test_empty_root_is_an_error(tmp_path):
     assert report.main([str(tmp_path)]) == 1
 
 
-def claims_root(tmp_path: Path, cql_gap: float) -> Path:
+def claims_root(tmp_path: Path, cql_gap: float, seeds: int = 3) -> Path:
     """A synthetic `claims` run root: CQL-SAC vs SAC on one dataset (CQL's last value gap
-    `cql_gap`, SAC's +50), Cal-QL vs CQL where CQL dips to 60 at env step 500."""
+    `cql_gap` + seed, SAC's +50 + seed), Cal-QL vs CQL where CQL dips to 60 at env step 500."""
     root = tmp_path / "runs"
-    for seed in range(2):
+    for seed in range(seeds):
         for variant, last_gap in (("cql", cql_gap), ("sac", 50.0)):
             rows = [dict(step=s, normalized_score=90.0 - (variant == "sac") * 60,
                          value_gap=last_gap * s / 3000 + seed) for s in (1000, 2000, 3000)]
@@ -164,25 +166,26 @@ def test_claims_report_states_each_pair_and_the_tables(tmp_path):
     out = tmp_path / "report"
     assert report.main([str(claims_root(tmp_path, -6.0)), "--out", str(out)]) == 0
     text = (out / "claims.md").read_text()
-    # one line per pair, from the numbers: CQL gap mean (-6 + -5) / 2, SAC (50 + 51) / 2
-    assert ("value gap -5.5 vs +50.5" in text and "CQL's predicted value is a lower bound"
+    # one line per pair, from the numbers: CQL gap mean (-6 - 5 - 4) / 3, SAC (50 + 51 + 52) / 3
+    assert ("(3 seeds each): value gap -5.0 vs +51.0" in text and "normalized score 90.0 vs "
+            "30.0: CQL's" in text and "CQL's predicted value is a lower bound"
             in text and "naive SAC over-estimates" in text)
     assert "CQL unlearns and Cal-QL does not" in text
     assert "largest drop after the switch to online 0.0 vs 40.0" in text
     assert "cumulative regret 0.00 vs 0.13" in text and "Cal-QL's regret is lower" in text
     assert "pre-training 0.10 vs 0.70" in text
-    # Table 4 style: gap at each evaluated step, mean [CI] over 2 seeds, and the sign count
+    # Table 4 style: gap at each evaluated step, mean [CI] over 3 seeds, and the sign count
     bound, finetune = text.split("**Lower bound**")[1], text.split("**Fine-tuning**")[1]
     row = table_row(bound, "pendulum-medium", "cql")
-    assert row[3].startswith("-1.5 [") and row[5].startswith("-5.5 [") and row[6] == "2/2"
+    assert row[3].startswith("-1.0 [") and row[5].startswith("-5.0 [") and row[6] == "3/3"
     row = table_row(bound, "pendulum-medium", "sac")
-    assert row[5].startswith("+50.5 [") and row[6] == "0/2"
+    assert row[5].startswith("+51.0 [") and row[6] == "0/3"
     # fine-tuning: the drop and when it happened, calibration at the end of pre-training
     row = table_row(finetune, "pointmaze-binary", "cql")
     assert row[3].startswith("100 [") and row[4].startswith("40 [")
-    assert row[5] == "500, 500" and row[8].startswith("0.70 [")
+    assert row[5] == "500, 500, 500" and row[8].startswith("0.70 [")
     row = table_row(finetune, "pointmaze-binary", "calql")
-    assert row[4].startswith("0 [") and row[5] == "—, —"
+    assert row[4].startswith("0 [") and row[5] == "—, —, —"
     for name in ("claims_curves", "claims_value_gap", "claims_calibration"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG" and f"({name}.png)" in text
 
@@ -203,3 +206,53 @@ def test_largest_drop_and_gap_steps_by_hand(tmp_path):
     sac = [r for r in runs if r.job["script"] == CQL_SAC]
     assert report.gap_steps(sac) == [1000, 2000, 3000]
     assert report.gap_steps(sac, n=1) == [3000]
+
+
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_below_three_seeds_the_numbers_come_without_a_verdict(tmp_path, seeds):
+    assert report.main([str(claims_root(tmp_path, -6.0, seeds)), "--out", str(tmp_path / "r")]) == 0
+    text = (tmp_path / "r" / "claims.md").read_text()
+    few = "one seed" if seeds == 1 else "fewer than 3 seeds"
+    assert text.count(f": {few}, too few for a verdict.") == 2  # CQL-SAC and Cal-QL pairs
+    for verdict in ("lower bound of the return", "unlearns", "regret is"):
+        assert verdict not in text
+    assert f"({seeds} seed{'s' if seeds > 1 else ''} each): value gap" in text
+
+
+def test_figure_reads_without_the_code(tmp_path):
+    """Words for variants, seeds in every legend entry, one colour per method in every
+    panel, CI bands only with 2+ seeds, units on the axes, Cal-QL's switch on its own axis."""
+    root = claims_root(tmp_path, -6.0)
+    fake_run(root, "claims", CQL_SAC, "pendulum-medium", "cql-eq1-polyak5e-3", 0,
+             [dict(step=s, normalized_score=50.0, value_gap=5.0) for s in (1000, 2000, 3000)],
+             dict(value_gap=5.0))
+    runs = report.load_runs(root)["claims"]
+    fig = report.suite_figure("claims", runs)
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in axes] == [
+        "CQL-SAC: pendulum-medium", "Cal-QL fine-tuning: pointmaze-binary, offline pre-training",
+        "Cal-QL fine-tuning: pointmaze-binary, online fine-tuning"]
+    colour = {}
+    for ax in axes:
+        assert "(" in ax.get_ylabel() and "steps" in ax.get_xlabel()
+        lines = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+        labels = [line.get_label() for line in lines]
+        assert labels == [t.get_text() for t in ax.get_legend().get_texts()]  # all in it
+        for line in lines:
+            if "seed" in line.get_label():
+                method = line.get_label().rsplit(" (", 1)[0]
+                assert colour.setdefault(method, line.get_color()) == line.get_color()
+        assert len(ax.collections) == sum("3 seeds" in label for label in labels)  # bands
+    sac_labels = [t.get_text() for t in axes[0].get_legend().get_texts()]
+    assert sac_labels == ["CQL (3 seeds)", "CQL, without the data term (Eq. 1), Polyak rate "
+                          "5e-3 (the paper's) (1 seed, no band)", "naive SAC (CQL weight 0) "
+                          "(3 seeds)"]
+    assert axes[2].get_xlabel() == "fine-tuning: environment steps after the switch"
+    assert "dotted: score at the switch" in [t.get_text() for t in axes[2].get_legend().get_texts()]
+    gap = report.suite_figure("claims", runs, "value_gap", (CQL_SAC,), symlog=True)
+    assert "symlog" in gap.axes[0].get_ylabel() and "discounted return" in gap.axes[0].get_ylabel()
+    gap_colour = {line.get_label().rsplit(" (", 1)[0]: line.get_color()
+                  for line in gap.axes[0].get_lines()}
+    assert gap_colour["CQL"] == colour["CQL"]  # the same colour in every figure of a suite
+    report.plot_suite("claims", runs, tmp_path / "claims_curves.png")
+    assert (tmp_path / "claims_curves.png").stat().st_size > 20_000

@@ -2,12 +2,14 @@
 the others, the submitit (local executor) launcher, and the `smoke` suite end to end."""
 
 import json
+import re
 import textwrap
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 
-from benchmark import run, suites
+from benchmark import common, run, suites
 from benchmark.common import read_json, read_jsonl, run_status
 
 # A stand-in for the three scripts: the same run-dir contract, no training. It records its
@@ -131,6 +133,34 @@ def test_smoke_suite_end_to_end(tmp_path, capsys):
     assert "1 ran, 2 skipped" in text and f"{jobs[0].label} (resumed)" in text
     assert "3 runs (2 finished, 1 to resume, 0 new)" in text and "needs CPU" in text
     attempts = [line for line in (jobs[0].run_dir / "log.txt").read_text().splitlines()
-                if line.startswith("=== ")]
+                if line.startswith("=== ") and not line.startswith(common.EXIT_MARK)]
     assert len(attempts) == 2 and attempts[-1].endswith(f"--resume {jobs[0].run_dir}")
     assert run_status(jobs[0].run_dir) == "done"
+
+
+def test_report_lists_failed_runs_with_their_reason_and_no_machine_paths(fake_suite):
+    assert run.main(["--suite", "fake", "--out", str(fake_suite), "--jobs", "1"]) == 1
+    log = (fake_suite / "fake" / "fake_script__v__fail" / "s0" / "log.txt").read_text()
+    assert log.splitlines()[-1].startswith("=== exit code 3 after ")
+    text = (fake_suite / "fake" / "fake.md").read_text()  # the file run.py's docstring names
+    assert "**Runs that did not finish** (1 of 3;" in text
+    assert "| `fake/fake_script__v__fail/s0` | 3 | error: boom, the dataset is broken |" in text
+    assert ("Report: `python benchmark/report.py <run root> --suite fake --out "
+            "<run root>/fake`") in text
+    assert str(fake_suite.parent) not in text and str(Path.home()) not in text
+    assert not re.search(r"(?<![\w.:/~<>-])/(?:[\w.+=@%-]+/)+", text), "an absolute path"
+    invocation = read_json(fake_suite / "fake" / "suite.json")["invocations"][-1]
+    assert invocation["failures"] == [dict(label="fake/fake_script__v__fail/s0", returncode=3,
+                                           reason="error: boom, the dataset is broken")]
+
+
+def test_failure_reason_and_exit_code_from_a_log():
+    log = ("=== 2026-01-01 00:00:00 python a.py\nerror: first attempt\n=== exit code 1 after 2s\n"
+           "=== 2026-01-01 00:01:00 python a.py --resume x\nstep 10\nTraceback (most recent "
+           "call last):\n  File x\nValueError: bad shape\n=== exit code 1 after 3s\n")
+    assert common.failure_reason(log) == "ValueError: bad shape"  # the last attempt's
+    assert common.exit_code(log) == 1
+    assert common.exit_code(log + "=== 2026-01-01 00:02:00 python a.py\n") is None  # killed
+    assert common.failure_reason("=== x\nstep 1\nstep 2\n") == "step 2"
+    assert common.scrub(f"{common.REPO}/a.py --run-dir /tmp/r/demo/s0 https://x.org/a/b",
+                        "/tmp/r") == "./a.py --run-dir <run root>/demo/s0 https://x.org/a/b"
