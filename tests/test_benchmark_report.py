@@ -256,3 +256,16 @@ def test_figure_reads_without_the_code(tmp_path):
     assert gap_colour["CQL"] == colour["CQL"]  # the same colour in every figure of a suite
     report.plot_suite("claims", runs, tmp_path / "claims_curves.png")
     assert (tmp_path / "claims_curves.png").stat().st_size > 20_000
+
+
+def test_verdict_lines_name_the_metric_they_compare(tmp_path):
+    from benchmark.suites import CQL_QRDQN
+
+    root = tmp_path / "runs"
+    for seed in range(3):
+        for variant, final in (("cql", 80.0), ("qrdqn", 20.0)):
+            fake_run(root, "demo", CQL_QRDQN, "cartpole-expert", variant, seed,
+                     [dict(step=500, normalized_score=final)], {})
+    text = report.pair_lines(report.load_runs(root)["demo"])[2]
+    assert "(3 seeds each): normalized score 80.0 vs 20.0: CQL's is higher" in text
+    assert "return" not in text
