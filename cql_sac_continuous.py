@@ -1377,8 +1377,7 @@ class Run:
     signals, the divergence guard, W&B and the summary. The main loop calls `log`,
     `evaluate_and_checkpoint` and `stop_if_signalled`; nothing here touches the algorithm."""
 
-    restore_signals = True  # cli(): False, the process ends with the run (a late signal
-    # then meets Run's handler, which ignores it, instead of the default that kills)
+    restore_signals = True  # cli(): False, the process ends with the run
 
     def __init__(self, args: Args, parts: dict[str, Any], info: dict[str, Any],
                  eval_env: dict[str, Any], device: torch.device):
@@ -1503,12 +1502,12 @@ class Run:
         return summary
 
     def close(self) -> None:
-        """The directory's lock goes; the signal handlers go back (but on the command line,
-        where the process ends here and a late signal must not kill it)."""
+        """The directory's lock goes; the signal handlers go back. On the command line the
+        process ends here: signals are ignored (Python's exit would otherwise put back the
+        default handler, and a late signal would kill the process)."""
         unlock_run_dir(self.dir)
-        if self.restore_signals:
-            for s, handler in self._handlers.items():
-                signal.signal(s, handler)
+        for s, handler in self._handlers.items():
+            signal.signal(s, handler if self.restore_signals else signal.SIG_IGN)
 
     # ---- files, checkpoints and resume -------------------------------------------------
     def _on_signal(self, signum: int, _frame: Any) -> None:
