@@ -1342,25 +1342,40 @@ def final_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
         calib_below_share_offline_end=pre.get("calib_below_share"))
 
 
+LENGTH_FIELD = "online_steps"  # the run length a resume may grow (Part III)
+
+
 # ======================================================================================
-# Run plumbing: not part of the algorithm
+# Part III: run plumbing (not part of the algorithm)
 # ======================================================================================
 # The run directory contract, the same block under the same names in all three scripts:
-#   config.json    resolved arguments, dataset facts, eval env, versions (written once)
+#   config.json    resolved arguments, dataset facts, eval env, versions (written at the
+#                  start; a resume that grows the length records the new length)
 #   metrics.jsonl  one row per evaluation; rebuilt from the checkpoint on resume
-#   checkpoint.pt  everything needed to continue bit-identically on CPU (atomic, fsync'd)
+#   checkpoint.pt  everything needed to continue bit-identically on CPU, with the script and
+#                  the arguments that made it (atomic, fsync'd)
 #   summary.json   final numbers, speed, wall time over all sessions (atomic, fsync'd)
-# SIGINT/SIGTERM checkpoint and exit 128+signal; `--resume RUN_DIR` continues; a resume
-# whose arguments differ from config.json (but for RESUME_FREE) is refused.
+#   run.lock       flock'ed by the process that runs the directory (it holds its PID)
+# SIGINT/SIGTERM checkpoint and exit 128+signal (the first one; later ones are ignored);
+# `--resume RUN_DIR` continues; a resume whose arguments differ from config.json (but for
+# RESUME_FREE) is refused, and the length may grow but not shrink. A new run needs a
+# directory without run files. Everything that can be checked before the data is loaded is
+# checked then (check_run_args, from the command line); Run checks it again.
 #
-# Per script, above this banner, only: RESUME_FREE's extension field (the length that a
-# finished run may grow by) and the `parts` passed to Run (objects with state_dict() /
-# load_state_dict(): agent, trainer, buffers, loop counters).
+# Per script, above this banner, only: LENGTH_FIELD (the length that a finished run may
+# grow by) and the `parts` passed to Run (objects with state_dict() / load_state_dict():
+# agent, trainer, buffers, loop counters).
 
 RESUME_FREE = {"resume", "run_dir", "track", "wandb_project", "wandb_entity", "progress",
-               "log_every", "online_steps"}  # LENGTH_FIELD: total_steps / online_steps
+               "log_every", LENGTH_FIELD}  # a resume may change these (the length: grow only)
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json")
+LOCK_FILE = "run.lock"
+DEVICES = ("auto", "cpu", "cuda")
+SEED_END = 2**31  # seeds in [0, 2**31): torch, numpy and gymnasium accept all of them
+WANDB_REFUSED = ":;,#?/'"  # not allowed in a W&B run id (wandb/sdk/wandb_settings.py)
 REPORT_KEYS = ("step", "phase", "env_steps", "return_mean", "score", "normalized_score",
                "success_rate", "value_gap")  # printed after each evaluation, when present
+_LOCKS: dict[str, int] = {}  # run directory -> descriptor of its lock, held by this process
 
 
 def default_run_dir(args: Args) -> str:
@@ -1373,12 +1388,167 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(f"error: {message}")
 
 
+def check_device(name: str) -> None:
+    if name not in DEVICES:
+        hint = (f"--device cuda with CUDA_VISIBLE_DEVICES={name[5:]}" if name.startswith("cuda:")
+                else "--device auto (CUDA when visible), cpu or cuda")
+        fail(f"--device {name!r} is not one of {', '.join(DEVICES)}; use {hint}")
+
+
 def pick_device(name: str) -> torch.device:
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         fail("--device cuda but no CUDA device is visible; use --device cpu or auto")
     return torch.device(name)
+
+
+def check_run_args(args: Args) -> Args:
+    """The run's own arguments, before any data is loaded: device, seed and the run
+    directory (writable, not in use; a new run's without run files, a resume's config.json
+    whole, of this script, with the same arguments). Takes the directory's lock."""
+    check_device(args.device)
+    if not 0 <= args.seed < SEED_END:
+        fail(f"--seed {args.seed} is outside [0, 2**31); pick a seed in that range")
+    run_dir = Path(args.resume or args.run_dir or default_run_dir(args))
+    if args.resume and not ((run_dir / "checkpoint.pt").exists()
+                            and (run_dir / "config.json").exists()):
+        fail(f"--resume {run_dir}: no checkpoint.pt and config.json there; "
+             "start a new run instead")
+    check_writable(run_dir)
+    if run_dir.is_dir():
+        lock_run_dir(run_dir)
+    if args.resume:
+        check_resume_config(run_dir, args)
+    else:
+        check_new_run_dir(run_dir, args)
+    return args
+
+
+def check_writable(path: Path) -> None:
+    """The run directory, or the nearest folder above it that exists, takes a file."""
+    if path.exists() and not path.is_dir():
+        fail(f"--run-dir {path} is a file, not a directory; pick another --run-dir")
+    there = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not there.is_dir():
+        fail(f"--run-dir {path} cannot be created: {there} is a file; pick another --run-dir")
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=there)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        fail(f"--run-dir {path} cannot be written ({there}: {exc.strerror}); pick another "
+             "--run-dir or make it writable")
+
+
+def lock_run_dir(path: Path) -> None:
+    """An exclusive flock on RUN_DIR/run.lock, held until close() or the process ends: a
+    second process on the directory refuses, naming the first one's PID."""
+    key = str(path.resolve())
+    if key in _LOCKS:
+        return
+    try:
+        import fcntl
+    except ImportError:  # no flock on this system: no lock
+        return
+    lock = path / LOCK_FILE
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        fail(f"--run-dir {path}: cannot open {lock} ({exc.strerror}); make it writable")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        fail(f"{path} is in use by another process (PID {pid}, holding {lock}); wait for it "
+             "to end, or pick another --run-dir")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _LOCKS[key] = fd
+
+
+def unlock_run_dir(path: Path) -> None:
+    fd = _LOCKS.pop(str(path.resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def arg_values(args: Args) -> dict[str, Any]:
+    """Args as config.json holds them (JSON round trip, NaN/inf -> None)."""
+    return json_safe(json.loads(json.dumps(config_dict(args))))
+
+
+def arg_changes(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """'key: saved -> now, ...' for the arguments a resume may not change ('' if none)."""
+    diff = sorted(k for k in now if k not in RESUME_FREE and saved.get(k) != now[k])
+    shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff[:6])
+    return shown + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
+
+
+def check_length(where: str, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    flag = "--" + LENGTH_FIELD.replace("_", "-")
+    if now[LENGTH_FIELD] < saved.get(LENGTH_FIELD, now[LENGTH_FIELD]):
+        fail(f"{where}: {flag} {now[LENGTH_FIELD]} is shorter than the run's "
+             f"{saved[LENGTH_FIELD]}; a resume may grow it, not shrink it; rerun with "
+             f"{flag} {saved[LENGTH_FIELD]} or more")
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """config.json, or a one-line error naming it (the other run files are kept)."""
+    try:
+        config = json.loads(path.read_bytes().decode())
+        problem = ("it holds no 'args'" if not isinstance(config, dict) or not isinstance(
+            config.get("args"), dict) else "")
+    except (OSError, ValueError) as exc:  # unreadable, binary, empty, truncated
+        config, problem = {}, f"{type(exc).__name__}: not readable JSON"
+    if problem:
+        fail(f"{path} is damaged ({problem}); checkpoint.pt and metrics.jsonl beside it are "
+             "kept as they are; put back a copy of config.json, or start a new run in "
+             "another --run-dir")
+    return config
+
+
+def check_resume_config(path: Path, args: Args) -> None:
+    """Refuse a resume of another script's run, or with arguments other than config.json's."""
+    config, this = read_config(path / "config.json"), Path(__file__).name
+    script = config.get("script", this)
+    if script != this:
+        fail(f"--resume {path} is a run of {script}, not of {this}; continue it with "
+             f"python {script} ... --resume {path}")
+    saved, now = config["args"], arg_values(args)
+    detail = arg_changes(saved, now)
+    if detail:
+        fail(f"--resume {path} does not match its config.json ({detail}); rerun with the "
+             "original arguments or start a new run")
+    check_length(f"--resume {path}", saved, now)
+
+
+def check_new_run_dir(path: Path, args: Args) -> None:
+    """A new run needs a directory without run files; one exception loses nothing: a start
+    of the same command that stopped before its first checkpoint and row."""
+    found = [name for name in RUN_FILES if (path / name).exists()]
+    if not found:
+        return
+    if "checkpoint.pt" in found:
+        fail(f"{path} already holds a run ({', '.join(found)}); continue it with --resume "
+             f"{path} or pick another --run-dir")
+    if set(found) <= {"config.json", "metrics.jsonl"} and "config.json" in found:
+        rows = path / "metrics.jsonl"
+        config = read_config(path / "config.json")
+        if (config.get("script") == Path(__file__).name and not arg_changes(
+                config["args"], arg_values(args)) and not (rows.exists() and rows.stat().st_size)):
+            return
+    fail(f"{path} holds files of another run ({', '.join(found)}) and no checkpoint to "
+         "resume; pick another --run-dir, or move them away first")
+
+
+def wandb_run_id(name: str) -> str:
+    """The W&B run id of a run directory: its name, the characters W&B refuses replaced."""
+    return "".join("-" if c in WANDB_REFUSED or c.isspace() else c for c in name)[-64:]
 
 
 def config_dict(args: Args) -> dict[str, Any]:
@@ -1398,13 +1568,26 @@ def json_safe(value: Any) -> Any:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename: the file is whole or untouched."""
+    """Temp file in the same directory, fsync, rename: the file is whole or untouched, and
+    a failed write (a full disk) leaves no temp file behind."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        quietly(os.unlink, tmp)
+        raise
+
+
+def quietly(action: Callable[..., Any], *args: Any) -> None:
+    """action(*args), an OSError ignored: clean-up after a failed write."""
+    try:
+        action(*args)
+    except OSError:
+        return
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -1418,42 +1601,68 @@ def host_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(keys, values, strict=True))
 
 
+class StartupSignal(BaseException):
+    """SIGINT/SIGTERM before Run took the signals over (the command line's start-up)."""
+
+
+def _startup_signal(signum: int, _frame: Any) -> None:
+    raise StartupSignal(signum)
+
+
 class Run:
     """One run directory: config, evaluation rows, checkpoints of `parts`, resume, stop
     signals, the divergence guard, W&B and the summary. The main loop calls `log`,
     `evaluate_and_checkpoint` and `stop_if_signalled`; nothing here touches the algorithm."""
+
+    restore_signals = True  # cli(): False, the process ends with the run
 
     def __init__(self, args: Args, parts: dict[str, Any], info: dict[str, Any],
                  eval_env: dict[str, Any], device: torch.device):
         self.args, self.parts = args, parts
         self.dir = Path(args.run_dir)
         self.ckpt = self.dir / "checkpoint.pt"
-        self.step, self.history = 0, []
+        self.step, self.history, self.saved = 0, [], None  # saved: the checkpoint's step
         self.timing = dict(train_s=0.0, wall_s=0.0)
         self.train_values: dict[str, float] = {}
-        if self.dir.exists() and not self.dir.is_dir():
-            fail(f"--run-dir {self.dir} is a file, not a directory; pick another --run-dir")
+        self.signal: int | None = None
+        self.wandb = None
+        # first: a stop signal from here on is honoured at the first step boundary
+        self._handlers = {s: signal.signal(s, self._on_signal)
+                          for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.start(info, eval_env, device)
+        except BaseException:
+            self.close()
+            raise
+        now = time.perf_counter()
+        self._wall0, self._train0 = now - self.timing["wall_s"], now
+
+    def start(self, info: dict[str, Any], eval_env: dict[str, Any],
+              device: torch.device) -> None:
+        args = self.args
+        check_run_args(args)  # again: main() may be called without the command line
         if args.resume:
-            self.check_resume_config()
             self.load()
+            config = read_config(self.dir / "config.json")
+            if getattr(args, LENGTH_FIELD) != config["args"].get(LENGTH_FIELD):
+                config["args"][LENGTH_FIELD] = getattr(args, LENGTH_FIELD)  # grown
+                self.write(self.dir / "config.json", config)
         else:
-            if (self.dir / "checkpoint.pt").exists():
-                fail(f"{self.dir} already holds a run; continue it with --resume {self.dir} "
-                     "or pick another --run-dir")
-            self.dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.dir / "config.json", dict(
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                fail(f"--run-dir {self.dir} cannot be created ({exc.strerror}); pick another "
+                     "--run-dir")
+            lock_run_dir(self.dir)
+            check_new_run_dir(self.dir, args)  # again, under the lock
+            self.write(self.dir / "config.json", dict(
                 args=config_dict(args), dataset=info, eval_env=eval_env,
                 script=Path(__file__).name, torch=torch.__version__, device=str(device)))
         # metrics.jsonl = the checkpoint's history: rows written after the last checkpoint
         # (a hard kill between the two writes) are dropped, never duplicated.
-        atomic_write(self.dir / "metrics.jsonl",
-                     "".join(json.dumps(json_safe(r)) + "\n" for r in self.history).encode())
+        self.write(self.dir / "metrics.jsonl",
+                   "".join(json.dumps(json_safe(r)) + "\n" for r in self.history).encode())
         self.wandb = self.init_wandb() if args.track else None
-        self.signal: int | None = None
-        self._handlers = {s: signal.signal(s, self._on_signal)
-                          for s in (signal.SIGINT, signal.SIGTERM)}
-        now = time.perf_counter()
-        self._wall0, self._train0 = now - self.timing["wall_s"], now
 
     # ---- called by the main loop -----------------------------------------------------
     def due(self, step: int, *every: int, last: int | None = None) -> bool:
@@ -1483,25 +1692,34 @@ class Run:
         self.timing["train_s"] += time.perf_counter() - self._train0
         row = dict(step=step, **fields, **evaluate(), **self.train_values)
         self.history.append(row)
-        with open(self.dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(json_safe(row)) + "\n")
+        metrics = target = self.dir / "metrics.jsonl"
+        size = metrics.stat().st_size if metrics.exists() else 0
+        try:
+            with open(metrics, "a") as fh:
+                fh.write(json.dumps(json_safe(row)) + "\n")
+            self.step, target = step, self.ckpt
+            self.save()
+        except OSError as exc:  # the row goes with its checkpoint: both, or neither
+            quietly(os.truncate, metrics, size)  # else dropped on resume anyway
+            self.write_failed(target, exc)
         if self.wandb is not None:
             self.wandb.log({f"eval/{k}": v for k, v in row.items()
                             if isinstance(v, (int, float))}, step=step)
-        self.step = step
-        self.save()
         tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                             for k, v in row.items() if k in REPORT_KEYS and v is not None))
         self._train0 = time.perf_counter()
         return row
 
     def stop_if_signalled(self, step: int) -> None:
-        """After SIGINT/SIGTERM: checkpoint here and exit 128+signal."""
+        """After SIGINT/SIGTERM: checkpoint here and exit 128+signal (the first signal)."""
         if self.signal is None:
             return
         self.timing["train_s"] += time.perf_counter() - self._train0
         self.step = step
-        self.save()
+        try:
+            self.save()
+        except OSError as exc:
+            self.write_failed(self.ckpt, exc)
         print(f"stopped by signal {self.signal} at step {step}; continue with the same "
               f"arguments plus --resume {self.dir}", file=sys.stderr)
         self.close()
@@ -1513,7 +1731,7 @@ class Run:
         self.timing["wall_s"] = time.perf_counter() - self._wall0
         summary = json_safe(dict(summary, updates_per_sec=self.step / max(
             self.timing["train_s"], 1e-9), wall_time_s=self.timing["wall_s"]))
-        write_json(self.dir / "summary.json", summary)
+        self.write(self.dir / "summary.json", summary)
         if self.wandb is not None:
             self.wandb.summary.update(summary)
             self.wandb.finish()
@@ -1521,16 +1739,43 @@ class Run:
         return summary
 
     def close(self) -> None:
+        """The directory's lock goes; the signal handlers go back. On the command line the
+        process ends here: signals are ignored (Python's exit would otherwise put back the
+        default handler, and a late signal would kill the process)."""
+        unlock_run_dir(self.dir)
         for s, handler in self._handlers.items():
-            signal.signal(s, handler)
+            signal.signal(s, handler if self.restore_signals else signal.SIG_IGN)
 
-    # ---- checkpoints and resume -------------------------------------------------------
+    # ---- files, checkpoints and resume -------------------------------------------------
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        self.signal = signum  # acted on at the next step boundary
+        if self.signal is None:  # the first signal decides; a stop is under way after it
+            self.signal = signum  # acted on at the next step boundary
+
+    def kept(self) -> str:
+        if self.saved is None:
+            return "no checkpoint was written; start the run again"
+        return (f"the checkpoint of step {self.saved} ({self.ckpt}) is intact; continue with "
+                f"the same arguments plus --resume {self.dir}")
+
+    def write_failed(self, path: Path, exc: OSError) -> NoReturn:
+        self.close()
+        fail(f"could not write {path} ({exc.strerror or exc}); {self.kept()} once the disk "
+             "has room (or the directory is writable)")
+
+    def write(self, path: Path, obj: Any) -> None:
+        """write_json (bytes: atomic_write), or a one-line error saying what is intact."""
+        try:
+            if isinstance(obj, bytes):
+                atomic_write(path, obj)
+            else:
+                write_json(path, obj)
+        except OSError as exc:
+            self.write_failed(path, exc)
 
     def save(self) -> None:
         self.timing["wall_s"] = time.perf_counter() - self._wall0
         state = dict(step=self.step, history=self.history, timing=self.timing,
+                     script=Path(__file__).name, args=arg_values(self.args),
                      parts={k: p.state_dict() for k, p in self.parts.items()},
                      torch_rng=torch.get_rng_state(),
                      cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available()
@@ -1538,42 +1783,63 @@ class Run:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         atomic_write(self.ckpt, buffer.getvalue())
+        self.saved = self.step
 
     def load(self) -> None:
         try:
             state = torch.load(self.ckpt, map_location="cpu", weights_only=False)
+            problem = "" if isinstance(state, dict) and {"parts", "step", "history"} <= \
+                state.keys() else "not a checkpoint"
         except Exception as exc:  # truncated or overwritten file: many error types
-            fail(f"{self.ckpt} is damaged ({type(exc).__name__}) and cannot be resumed; "
-                 "checkpoints are replaced atomically, so it was damaged after it was "
-                 "written and no earlier state is kept; start a new run")
-        for k, part in self.parts.items():
-            part.load_state_dict(state["parts"][k])
+            problem = type(exc).__name__
+        if problem:
+            fail(f"{self.ckpt} is damaged ({problem}) and cannot be resumed; checkpoints "
+                 "are replaced atomically, so it was damaged after it was written and no "
+                 "earlier state is kept; start a new run")
+        this, now = Path(__file__).name, arg_values(self.args)
+        unchanged = f"nothing was changed; put back this run's own {self.ckpt.name}, or " \
+                    "start a new run"
+        if state.get("script", this) != this:
+            fail(f"{self.ckpt} was written by {state['script']}, not {this}: it belongs to "
+                 f"another run; {unchanged}")
+        detail = arg_changes(state.get("args", now), now)
+        if detail:
+            fail(f"{self.ckpt} was made by another run of {this} ({detail}); {unchanged}")
+        check_length(f"--resume {self.dir}", state.get("args", now), now)
+        try:
+            for k, part in self.parts.items():
+                part.load_state_dict(state["parts"][k])
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+            fail(f"{self.ckpt} does not fit this run ({type(exc).__name__}): written by "
+                 f"another script or version; {unchanged}")
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step, self.history, self.timing = state["step"], state["history"], state["timing"]
-
-    def check_resume_config(self) -> None:
-        """Refuse a resume whose arguments differ from the run's config.json."""
-        path = self.dir / "config.json"
-        if not self.ckpt.exists() or not path.exists():
-            fail(f"--resume {self.dir}: no checkpoint.pt and config.json there; "
-                 "start a new run instead")
-        saved = json.loads(path.read_text())["args"]
-        now = json_safe(json.loads(json.dumps(config_dict(self.args))))
-        diff = sorted(k for k in now if k not in RESUME_FREE and saved.get(k) != now[k])
-        if diff:
-            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
-            fail(f"--resume {self.dir} does not match its config.json ({detail}); rerun "
-                 "with the original arguments or start a new run")
+        self.saved = self.step
 
     def init_wandb(self):
         import wandb
 
         return wandb.init(project=self.args.wandb_project, entity=self.args.wandb_entity,
                           config=config_dict(self.args), name=self.dir.name,
-                          dir=str(self.dir), id=self.dir.name[-64:], resume="allow")
+                          dir=str(self.dir), id=wandb_run_id(self.dir.name), resume="allow")
+
+
+def cli() -> None:
+    """The command line: run checks before the data loads; a stop signal before Run takes
+    the signals over exits 128+signal with one line (Ctrl-C: 130)."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, _startup_signal)
+    Run.restore_signals = False
+    try:
+        main(check_run_args(parse_args()))
+    except StartupSignal as stop:
+        signum = stop.args[0]
+        print(f"error: stopped by signal {signum} during start-up, before training began; "
+              "nothing was written; run the command again", file=sys.stderr)
+        raise SystemExit(128 + signum) from None
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli()

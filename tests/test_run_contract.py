@@ -41,11 +41,18 @@ in the per-script test files):
   -> test_divergence_names_the_step_and_the_last_good_checkpoint[qrdqn].
 """
 
+import contextlib
+import errno
 import os
+import random
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import time
+import types
+from dataclasses import replace
 from pathlib import Path
 
 import minari
@@ -53,6 +60,7 @@ import pytest
 import torch
 from conftest import (
     BAD_INPUTS,
+    ROOT,
     SCRIPTS,
     TIMING_KEYS,
     Script,
@@ -61,6 +69,7 @@ from conftest import (
     read_json,
     read_metrics,
     run_script,
+    script_env,
     start_script,
 )
 
@@ -263,6 +272,11 @@ def test_a_finished_run_is_extended_from_its_last_step(s, reference, tmp_path):
         assert short["env_steps"] == 0
     main(s, s.args(run, "--resume", str(run), "--log-every", "50"))
     same_results(run, reference)
+    field = s.length.lstrip("-").replace("-", "_")
+    assert field == s.module.LENGTH_FIELD
+    assert read_json(run / "config.json")["args"][field] == int(s.schedule[s.length])
+    message = error_of(s.module, s.args(run, "--resume", str(run), s.length, s.short))
+    assert f"{s.length} {s.short} is shorter than the run's {s.schedule[s.length]}" in message
 
 
 @PARAMS
@@ -373,3 +387,321 @@ def test_script_bad_inputs(s, case, bad_root, tmp_path, monkeypatch):
     for want in says:
         assert (want.search(message) if isinstance(want, re.Pattern) else want in message), \
             (want, message)
+
+
+# ------------------------------------------------ the run's own bad input (issue 19)
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json")
+
+
+def run_files(run: Path) -> dict[str, bytes]:
+    """The bytes of the run files in `run`: an error must leave them as they were."""
+    return {n: (run / n).read_bytes() for n in RUN_FILES if (run / n).exists()}
+
+
+def refuse_loading(*_args, **_kwargs):
+    raise AssertionError("the data was loaded before the check")
+
+
+def one_line_stop(call) -> str:
+    """call() must stop with a one-line error (SystemExit with the message)."""
+    with pytest.raises(SystemExit) as exc:
+        call()
+    assert isinstance(exc.value.code, str) and "\n" not in exc.value.code, exc.value.code
+    return one_line_error(exc.value.code)
+
+
+@PARAMS
+@pytest.mark.parametrize("device", ["nonsense", "meta", "cuda:0"])
+def test_a_device_outside_auto_cpu_cuda_is_refused_before_loading(s, device, tmp_path,
+                                                                  monkeypatch):
+    """main() itself refuses it (pick_device) before the data loads, nothing written."""
+    monkeypatch.setattr(s.module, "load_data", refuse_loading)
+    args = replace(s.module.parse_args(s.args(tmp_path / "run")), device=device)
+    message = one_line_stop(lambda: s.module.main(args))
+    assert f"--device {device!r} is not one of auto, cpu, cuda; use --device " in message
+    if device == "cuda:0":
+        assert "CUDA_VISIBLE_DEVICES=0" in message
+    assert not (tmp_path / "run").exists()
+
+
+@PARAMS
+@pytest.mark.parametrize("seed", ["-2", str(2**64), str(2**31)])
+def test_a_seed_outside_0_to_2_31_is_refused(s, seed, local_dataset, tmp_path):
+    """On the command line before any data loads (no dataset at all here); through main()
+    (2**31) at the latest when the run starts. Nothing is written."""
+    run = tmp_path / "run"
+    if seed == str(2**31):
+        local_dataset(s.dataset)
+        message = error_of(s.module, s.args(run, "--seed", seed))
+    else:
+        (tmp_path / "no-datasets").mkdir()
+        proc = run_script(s.path, *s.args(run, "--seed", seed),
+                          env={"MINARI_DATASETS_PATH": str(tmp_path / "no-datasets")})
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        message = one_line_error(proc.stderr)
+    assert f"--seed {seed} is outside [0, 2**31)" in message
+    assert not run.exists()
+
+
+DAMAGED_CONFIG = {"empty": b"", "empty-object": b"{}", "binary": bytes(range(256)),
+                  "no-args": b'{"args": 3}', "truncated": None}
+
+
+@PARAMS
+@pytest.mark.parametrize("damage", list(DAMAGED_CONFIG))
+def test_a_resume_with_a_damaged_config_names_it_and_keeps_the_run(s, damage, reference,
+                                                                   tmp_path):
+    run = copy_run(reference, tmp_path / "run")
+    config = run / "config.json"
+    text = config.read_bytes()
+    config.write_bytes(DAMAGED_CONFIG[damage] if damage != "truncated" else text[:len(text) // 2])
+    before = run_files(run)
+    message = error_of(s.module, s.args(run, "--resume", str(run)))
+    assert f"{config} is damaged (" in message and "kept as they are" in message, message
+    assert run_files(run) == before
+
+
+@PARAMS
+@pytest.mark.parametrize("case", ["other-script-dir", "other-script-checkpoint",
+                                  "other-seed-checkpoint"])
+def test_a_resume_of_another_run_names_what_made_it(s, case, references, local_dataset,
+                                                    tmp_path):
+    """Another script's run directory or checkpoint, or a checkpoint of the same script
+    with another seed: refused, naming the script (or the argument), nothing changed."""
+    other = next(o for o in SCRIPTS.values() if o.key != s.key)
+    for script in (s, other):
+        local_dataset(script.dataset)
+    run = copy_run(references(other if case == "other-script-dir" else s), tmp_path / "run")
+    if case == "other-script-dir":
+        says = f"is a run of {other.file}, not of {s.file}; continue it with python {other.file}"
+    elif case == "other-script-checkpoint":
+        shutil.copy(references(other) / "checkpoint.pt", run / "checkpoint.pt")
+        says = f"was written by {other.file}, not {s.file}"
+    else:
+        state = checkpoint(run)
+        state["args"]["seed"] = 1
+        torch.save(state, run / "checkpoint.pt")
+        says = f"was made by another run of {s.file} (seed: 1 -> 0); nothing was changed"
+    before = run_files(run)
+    message = error_of(s.module, s.args(run, "--resume", str(run)))
+    assert says in message, message
+    assert len(message) < 300, message
+    assert run_files(run) == before
+
+
+def read_only(directory: Path, monkeypatch) -> None:
+    """chmod 555; as root (which writes anyway) os.open answers as the kernel does a user."""
+    directory.chmod(0o555)
+    if os.geteuid() != 0:
+        return
+    real = os.open
+
+    def refuse(path, flags, *args, **kwargs):
+        writes = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+        if writes and Path(os.fsdecode(path)).absolute().is_relative_to(directory):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
+
+
+@PARAMS
+@pytest.mark.parametrize("case", ["below-a-file", "read-only-new", "read-only-resume"])
+def test_a_run_dir_that_cannot_be_written_fails_up_front(s, case, reference, tmp_path,
+                                                         monkeypatch):
+    """Before any data loads (the command line's check_run_args; below a file: the command
+    line itself, with no dataset at all), with the path; nothing written."""
+    if case == "below-a-file":
+        (tmp_path / "file").write_text("a file")
+        (tmp_path / "no-datasets").mkdir()
+        run = tmp_path / "file" / "run"
+        proc = run_script(s.path, *s.args(run),
+                          env={"MINARI_DATASETS_PATH": str(tmp_path / "no-datasets")})
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        message = one_line_error(proc.stderr)
+        assert f"--run-dir {run} cannot be created: {tmp_path / 'file'} is a file" in message
+        return
+    if case == "read-only-new":
+        (tmp_path / "ro").mkdir()
+        run, argv, there = tmp_path / "ro" / "run", s.args(tmp_path / "ro" / "run"), tmp_path / "ro"
+    else:
+        run = there = copy_run(reference, tmp_path / "run")
+        argv = s.args(run, "--resume", str(run))
+    before = run_files(run) if run.exists() else {}
+    read_only(there, monkeypatch)
+    try:
+        monkeypatch.setattr(s.module, "load_data", refuse_loading)
+        message = one_line_stop(lambda: s.module.check_run_args(s.module.parse_args(argv)))
+        assert f"--run-dir {run} cannot be written ({there}: Permission denied)" in message
+        assert (run_files(run) if run.exists() else {}) == before
+    finally:
+        there.chmod(0o755)
+
+
+@PARAMS
+@pytest.mark.parametrize("target", ["checkpoint.pt", "summary.json"])
+def test_a_failed_write_leaves_no_temp_file_and_names_the_intact_checkpoint(
+        s, target, reference, tmp_path, monkeypatch):
+    """A full disk at the second checkpoint (or the summary): the temp file is removed, the
+    error names the checkpoint that is intact, the rows match it, and a resume finishes
+    as the uninterrupted run."""
+    run, real, calls = tmp_path / "run", os.replace, []
+
+    def disk_full(src, dst):
+        if Path(dst).name == target:
+            calls.append(dst)
+            if target == "summary.json" or len(calls) == 2:
+                assert Path(src).exists()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    message = error_of(s.module, s.args(run))
+    ref_rows = read_metrics(reference)
+    kept = ref_rows[0 if target == "checkpoint.pt" else -1]["step"]
+    assert f"could not write {run / target} (No space left on device)" in message, message
+    assert f"the checkpoint of step {kept} ({run / 'checkpoint.pt'}) is intact" in message
+    assert not list(run.glob("*.tmp"))
+    assert checkpoint(run)["step"] == kept
+    assert read_metrics(run) == ref_rows[:len(checkpoint(run)["history"])]
+    monkeypatch.setattr(os, "replace", real)
+    main(s, s.args(run, "--resume", str(run)))
+    same_results(run, reference)
+
+
+@PARAMS
+def test_a_second_process_on_a_run_dir_refuses_with_the_first_ones_pid(s, reference,
+                                                                       tmp_path):
+    run = tmp_path / "run"
+    first = start_script(s.path, *s.args(run, s.length, "100000"))  # still running below
+    try:
+        wait_for_rows(run, 1, first)
+        for extra in ((), ("--resume", str(run))):
+            second = run_script(s.path, *s.args(run, *extra))
+            assert second.returncode == 1, second.stderr[-3000:]
+            assert f"{run} is in use by another process (PID {first.pid}, holding " \
+                f"{run / 'run.lock'})" in one_line_error(second.stderr)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    rows, ref_rows = read_metrics(run), read_metrics(reference)
+    n = min(len(rows), len(ref_rows))
+    assert rows[:n] == ref_rows[:n]  # no row twice, none of another run
+    assert [r["step"] for r in rows] == sorted({r["step"] for r in rows})
+
+
+@PARAMS
+@pytest.mark.parametrize("name", RUN_FILES)
+def test_a_new_run_refuses_a_directory_holding_any_run_file(s, name, reference, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(reference / name, run / name)
+    before = run_files(run)
+    message = error_of(s.module, s.args(run, "--seed", "3"))
+    assert f"{run} " in message and f"({name})" in message, message
+    assert ("continue it with --resume" if name == "checkpoint.pt" else
+            "no checkpoint to resume") in message
+    assert run_files(run) == before
+
+
+@PARAMS
+def test_a_start_that_stopped_before_its_first_checkpoint_may_run_again(s, reference,
+                                                                        tmp_path):
+    """config.json of the same command and no row (a start killed early): nothing to lose,
+    so the same command runs (the benchmark runner's retry of a new job)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(reference / "config.json", run / "config.json")
+    (run / "metrics.jsonl").write_text("")
+    main(s, s.args(run))
+    same_results(run, reference)
+
+
+@PARAMS
+def test_track_makes_a_run_id_that_wandb_accepts(s, local_dataset, tmp_path, monkeypatch):
+    """The directory name holds every character W&B refuses in a run id (and a space)."""
+    from wandb.sdk.wandb_settings import Settings
+
+    local_dataset(s.dataset)
+    name = "run:a;b,c#d?e'f g"
+    with pytest.raises(Exception, match="Run ID cannot contain"):
+        Settings(run_id=name)
+    inits = []
+
+    def init(**kwargs):
+        inits.append(kwargs)
+        Settings(run_id=kwargs["id"])  # W&B's own check
+        return types.SimpleNamespace(log=lambda *a, **k: None, summary={}, finish=lambda: None)
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    main(s, s.args(tmp_path / name, "--track", s.steps, "30", s.eval_every, "30",
+                   *s.no_online))
+    assert [i["id"] for i in inits] == ["run-a-b-c-d-e-f-g"]
+    assert inits[0]["name"] == name
+
+
+@PARAMS
+def test_signals_during_the_stop_change_nothing_exit_is_128_plus_the_first(s, reference,
+                                                                           tmp_path):
+    """SIGTERM, then SIGINT every 2 ms until the process ends (through its stop and its
+    exit): exit 143, one stop message, no traceback, and the resume is bit-identical."""
+    run = tmp_path / "run"
+    proc = start_script(s.path, *s.args(run))
+    wait_for_rows(run, rows_before_stop(s), proc)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)  # handled (signals pending together are handled in number order)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+        time.sleep(0.002)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and err.count("stopped by signal 15") == 1, err[-3000:]
+    resumed = run_script(s.path, *s.args(run, "--resume", str(run)))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    same_results(run, reference)
+
+
+@PARAMS
+def test_ctrl_c_during_start_up_exits_130_with_one_line(s, tmp_path):
+    """SIGINT while the data loads (before Run takes the signals over): exit 130, one line,
+    no run directory."""
+    run = tmp_path / "run"
+    code = (f"import os, signal, sys, time\nsys.path.insert(0, {str(ROOT)!r})\n"
+            f"sys.argv = {[s.file, *s.args(run)]!r}\nimport {Path(s.file).stem} as m\n"
+            "def load(*args, **kwargs):\n    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(30)\n    raise AssertionError('the signal did not stop it')\n"
+            "m.load_data = load\nm.cli()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, env=script_env())
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-3000:]
+    assert "stopped by signal 2 during start-up" in one_line_error(proc.stderr)
+    assert not run.exists()
+
+
+@PARAMS
+def test_random_signal_stops_then_resume_is_bit_identical(s, reference, tmp_path,
+                                                          monkeypatch, capsys):
+    """Three sessions, each stopped by SIGINT or SIGTERM during a random update (seeded):
+    the rows always a prefix of the uninterrupted run's, the finished run equal to it."""
+    rng = random.Random(f"issue-19-{s.key}")
+    run, step = tmp_path / "run", s.module.Trainer.step
+    for session in range(3):
+        n, sig, calls = rng.randint(1, 60), rng.choice((signal.SIGINT, signal.SIGTERM)), []
+
+        def interrupted(self, batch, n=n, sig=sig, calls=calls):
+            calls.append(1)
+            if len(calls) == n:
+                os.kill(os.getpid(), sig)
+            return step(self, batch)
+
+        monkeypatch.setattr(s.module.Trainer, "step", interrupted)
+        with pytest.raises(SystemExit) as exc:
+            main(s, s.args(run, *(("--resume", str(run)) if session else ())))
+        assert exc.value.code == 128 + sig, (session, n, sig)
+        rows = read_metrics(run)
+        assert rows == read_metrics(reference)[:len(rows)]
+    monkeypatch.setattr(s.module.Trainer, "step", step)
+    main(s, s.args(run, "--resume", str(run)))
+    same_results(run, reference)
