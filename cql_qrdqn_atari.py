@@ -24,9 +24,17 @@ max-pooling, 84x84 gray, 4-frame stack), epsilon 0.001, at most 27k agent steps;
 dataset (atari/<game>/expert-v0) in its own env spec's setting (repeat_action_probability 0,
 ALE's internal frame-skip 4), no no-op starts.
 
-One file, top to bottom: arguments and presets, data, replay buffer, networks, losses, training
-step, evaluation, main loop; below them the run plumbing (run directory, checkpoints, resume,
-signals), which is not part of the algorithm.
+The file reads in three parts:
+  Part I, the algorithm, lines 67-529: Args, the quantile network, the losses (QR-DQN,
+    CQL(H)), the training step, the replay buffer, evaluation and the main loop.
+  Part II, datasets and presets, lines 530-1273: Minari loading and the generic path
+    (vector observations, local datasets), one block per dataset family (Minari Atari, DQN
+    Replay: each its data, evaluation env and score, registered in FAMILIES), the presets
+    with their sources, the command line.
+  Part III, run plumbing, lines 1274-1508: run directory, checkpoints, resume, signals.
+To use the file on your own discrete-action data, delete the two family blocks (ale-py and
+OpenCV go with them): the generic path loads any Minari dataset of vector observations
+(--dataset-id) and evaluates it in the dataset's own env.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gzip
+import importlib
 import io
 import json
 import math
@@ -48,358 +57,296 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-import ale_py
-import cv2
 import gymnasium as gym
-import minari
 import numpy as np
 import torch
 import torch.nn as nn
 import tyro
 from tqdm import tqdm
 
-gym.register_envs(ale_py)  # the ALE/<Game>-v5 ids
-
 # ======================================================================================
-# Arguments and presets
+# Part I: the algorithm
 # ======================================================================================
 
 @dataclass
 class Args:
     """Defaults are the paper's Atari setting (1% of DQN Replay); `preset_args(env)` fills the
-    preset of the env's group (PRESETS), so `--env X --help` shows the values that run for X."""
+    preset of the env's groups (PRESETS), so `--env X --help` shows the values that run for X."""
 
     env: str = "pong"
-    """pong|breakout|qbert|seaquest|asterix (or any ALE game id), or a local dataset name such as
-    cartpole-expert (= local/cartpole/expert-v0) or pong-random (= local/ale-pong/random-v0);
-    with only --dataset-id: a label derived from the id (atari/pong/expert-v0 -> pong-expert-v0)"""
+    """The task: pong|breakout|qbert|seaquest|asterix (or any ALE game id), or a local dataset
+    such as cartpole-expert (= local/cartpole/expert-v0) or pong-random
+    (= local/ale-pong/random-v0); with only --dataset-id, a label derived from the id
+    (atari/pong/expert-v0 -> pong-expert-v0)."""
     dataset_id: str | None = None
-    """any Minari dataset id with a discrete action space; None: the env's dataset (a game:
-    atari/<game>/expert-v0). Alone it picks the preset by its observations (frames: Atari)"""
+    """Any Minari dataset id with a discrete action space; None: the env's dataset (a game:
+    atari/<game>/expert-v0). Alone it picks the preset by its observations (frames: Atari)."""
     dqn_replay_dir: str | None = None
-    """DQN Replay directory (dopamine's format) of the --env game, e.g. /data/Pong/1/replay_logs"""
+    """DQN Replay directory (dopamine's format) of the --env game, e.g. /data/Pong/1/replay_logs."""
     data_fraction: float = 0.01
-    """share of each DQN Replay checkpoint to load (its first transitions): 0.01 = the paper's 1%
-    setting (500k of 50M transitions), 0.1 = 10%; it also picks the CQL weight preset"""
+    """Share of each DQN Replay checkpoint to load (its first transitions): 0.01 = the paper's 1%
+    setting (500k of 50M transitions), 0.1 = 10%; it also picks the CQL weight preset."""
     checkpoints: str = "all"
-    """which DQN Replay checkpoints to draw from: 'all' or a list such as '0-9,20'"""
+    """Which DQN Replay checkpoints to draw from: 'all' or a list such as '0-9,20'."""
     seed: int = 0
-    """random seed (torch, batch sampling); evaluation seeds derive from it"""
+    """Random seed (torch, batch sampling); evaluation seeds derive from it."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """auto picks cuda when available"""
+    """Training device; auto picks cuda when available."""
     buffer_device: Literal["device", "cpu"] = "device"
-    """where the replay buffer lives: the training device, or host memory ('cpu': pinned with
-    CUDA, only sampled batches move; 10% of a game is 5M frames = 35 GB, beyond most GPUs)"""
+    """Where the replay buffer lives: the training device, or host memory ('cpu': pinned with
+    CUDA, only sampled batches move; 10% of a game is 5M frames = 35 GB, beyond most GPUs)."""
     total_steps: int = 62_500_000
-    """number of gradient steps (Atari: 1000 dopamine iterations of 62.5k gradient steps)"""
+    """Number of gradient steps (Atari: 1000 dopamine iterations of 62.5k gradient steps)."""
     eval_every: int = 62_500
-    """gradient steps between evaluations (and checkpoints)"""
+    """Gradient steps between evaluations (and checkpoints)."""
     eval_episodes: int = 10
-    """episodes per evaluation"""
+    """Episodes per evaluation."""
     batch_size: int = 32
-    """minibatch size"""
+    """Minibatch size."""
     qf_lr: float = 5e-5
-    """Adam learning rate of the quantile network"""
+    """Adam learning rate of the quantile network."""
     adam_eps: float = 3.125e-4
-    """Adam epsilon (0.01/32)"""
+    """Adam epsilon (0.01/32)."""
     gamma: float = 0.99
-    """discount factor"""
+    """Discount factor."""
     num_quantiles: int = 200
-    """quantiles per action"""
+    """Quantiles per action."""
     kappa: float = 1.0
-    """quantile Huber loss threshold"""
+    """Quantile Huber loss threshold."""
     target_update_every: int = 2000
-    """gradient steps between hard target-network updates (2000 = 8000 agent steps)"""
+    """Gradient steps between hard target-network updates (2000 = 8000 agent steps)."""
     cql_weight: float = 4.0
-    """CQL weight alpha (paper: 4.0 for 1% data, 1.0 for 10%); 0 gives plain offline QR-DQN"""
+    """CQL weight alpha (paper: 4.0 for 1% data, 1.0 for 10%); 0 gives plain offline QR-DQN."""
     lagrange: bool = False
-    """tune alpha' by dual gradient descent so that the CQL gap approaches --cql-tau"""
+    """Tune alpha' by dual gradient descent so that the CQL gap approaches --cql-tau."""
     cql_tau: float = 1.0
-    """Lagrange threshold tau on E[logsumexp Q] - E_D[Q] (only with --lagrange)"""
+    """Lagrange threshold tau on E[logsumexp Q] - E_D[Q] (only with --lagrange)."""
     alpha_prime_lr: float = 3e-4
-    """Adam learning rate of log alpha' (only with --lagrange)"""
+    """Adam learning rate of log alpha' (only with --lagrange)."""
     log_alpha_prime_init: float = 0.0
-    """initial log alpha' (only with --lagrange; the official Atari code has no Lagrange form)"""
+    """Initial log alpha' (only with --lagrange; the official Atari code has no Lagrange form)."""
     max_abs_q: float = 1e6
-    """stop as diverged when a logged |Q| exceeds this"""
+    """Stop as diverged when a logged |Q| exceeds this."""
     hidden_dims: tuple[int, ...] = (512,)
-    """MLP torso for vector observations (frames: the Nature DQN conv torso, dense layer 512)"""
+    """MLP torso for vector observations (frames: the Nature DQN conv torso, dense layer 512)."""
     torso_padding: Literal["same", "valid"] = "same"
-    """conv padding: 'same' as the official dopamine network, 'valid' as the Nature DQN paper"""
+    """Conv padding: 'same' as the official dopamine network, 'valid' as the Nature DQN paper."""
     clip_reward: bool = True
-    """clip training rewards to [-1, 1] (Atari; the DQN Replay data is already clipped)"""
+    """Clip training rewards to [-1, 1] (Atari; the DQN Replay data is already clipped)."""
     eval_epsilon: float = 0.001
-    """epsilon-greedy evaluation"""
+    """Epsilon of the epsilon-greedy evaluation."""
     sticky_prob: float | None = 0.25
     """Atari evaluation: sticky-action probability, the data's own setting by preset: DQN Replay
     0.25 (dopamine's evaluation), Minari data its env spec's (atari/<game>/expert-v0: 0); None:
-    read from the Minari data when loaded. config.json's eval_env is the env evaluated"""
+    read from the Minari data when loaded. config.json's eval_env is the env evaluated."""
     noop_max: int = 0
-    """Atari evaluation: at most this many no-op actions at reset (dopamine's and Minari's: 0)"""
+    """Atari evaluation: at most this many no-op actions at reset (dopamine's and Minari's: 0)."""
     max_episode_steps: int = 27_000
-    """Atari evaluation: agent steps per episode at most (27k = 108k frames)"""
+    """Atari evaluation: agent steps per episode at most (27k = 108k frames)."""
     threads: int | None = None
-    """torch CPU threads; None keeps torch's default"""
+    """CPU threads of torch; None keeps torch's default."""
     run_dir: str | None = None
-    """None: runs/cql_qrdqn_atari__{env}__s{seed}__{YYYYmmdd-HHMMSS}"""
+    """Run directory; None: runs/cql_qrdqn_atari__{env}__s{seed}__{YYYYmmdd-HHMMSS}."""
     log_every: int = 1000
-    """gradient steps between host syncs for logging and divergence checks"""
+    """Gradient steps between host syncs for logging and divergence checks."""
     track: bool = False
-    """log to Weights & Biases"""
+    """Log to Weights & Biases."""
     wandb_project: str = "cql-calql"
-    """W&B project"""
+    """W&B project."""
     wandb_entity: str | None = None
-    """W&B entity; None: your default entity"""
+    """W&B entity; None: your default entity."""
     compile: bool = False
-    """torch.compile the loss computation of the update step"""
+    """`torch.compile` the loss computation of the update step."""
     cudagraphs: bool = False
-    """with --compile on CUDA: compile mode reduce-overhead (CUDA graphs)"""
+    """With --compile on CUDA: compile mode reduce-overhead (CUDA graphs)."""
     resume: str | None = None
-    """RUN_DIR to resume from (same other arguments); None: a new run"""
+    """RUN_DIR to resume from (same other arguments); None: a new run."""
     progress: bool = True
-    """show a tqdm progress bar"""
+    """Show a tqdm progress bar."""
 
 
-PAPER_GAMES = ("pong", "breakout", "qbert", "seaquest", "asterix")  # CQL paper, Table 3
+# --- Networks --------------------------------------------------------------------------------
 
-# Local datasets (built by benchmark/datasets.py into $MINARI_DATASETS_PATH).
-LOCAL_ENVS = {
-    "cartpole-random": "local/cartpole/random-v0", "cartpole-medium": "local/cartpole/medium-v0",
-    "cartpole-expert": "local/cartpole/expert-v0", "cartpole-mixed": "local/cartpole/mixed-v0",
-    "pong-random": "local/ale-pong/random-v0",
-}
-
-
-# Presets: every value with its source. CQL = github.com/aviralkumar2907/CQL (atari/ folder, on
-# google-research/batch_rl and dopamine); GIN = its atari/batch_rl/fixed_replay/configs/
-# quantile.gin (Pong; quantile_{asterix,breakout,qbert,seaquest}.gin are identical but the game).
-# A dopamine "iteration" (FixedReplayRunner._run_train_phase) calls the agent's _train_step
-# training_steps = 250k times (GIN line 30); dopamine's DQNAgent._train_step runs a gradient step
-# every update_period = 4 calls (GIN line 14): one iteration = 62.5k gradient steps.
-Preset = dict[str, tuple[Any, str]]
-_GIN = "CQL atari/batch_rl/fixed_replay/configs/quantile.gin"
-_DQN_STICKY = (0.25, f"{_GIN} line 28 sticky_actions=True (dopamine: 0.25); the data was "
-                     "collected with them")
-ATARI_PRESET: Preset = {
-    # training length: the CQL README's command runs FixedReplayRunner.num_iterations=1000
-    # (README line 31, overriding GIN line 29's 200), and the paper reports Table 3 "after 5X
-    # gradient steps" (App. F), the REM paper's 5X = 1000 iterations (Agarwal et al. 2020, Fig. 6).
-    # 1000 x 62.5k = 62.5M gradient steps; GIN's 200 iterations = --total-steps 12500000.
-    "total_steps": (62_500_000, "CQL README line 31 num_iterations=1000 x 62.5k gradient steps "
-                                "(paper App. F: Table 3 after 5X gradient steps)"),
-    "eval_every": (62_500, "one dopamine iteration: GIN line 30 training_steps=250000 / "
-                           "update_period=4 (line 14)"),
-    # official: episodes until 125k agent steps per evaluation (GIN line 31 evaluation_steps);
-    # here a fixed number of episodes, so that every evaluation averages the same count
-    "eval_episodes": (10, "project choice (official: episodes filling 125k agent steps, "
-                          "GIN line 31)"),
-    "batch_size": (32, f"{_GIN} line 35 WrappedFixedReplayBuffer.batch_size"),
-    "qf_lr": (5e-5, f"{_GIN} line 24 AdamOptimizer.learning_rate"),
-    "adam_eps": (3.125e-4, f"{_GIN} line 25 AdamOptimizer.epsilon"),
-    "gamma": (0.99, f"{_GIN} line 11"),
-    "num_quantiles": (200, f"{_GIN} line 10 num_atoms"),
-    "kappa": (1.0, "CQL atari/batch_rl/multi_head/quantile_agent.py line 40 kappa=1.0"),
-    "target_update_every": (2000, f"{_GIN} line 15 target_update_period=8000 agent steps / "
-                                  "update_period 4"),
-    "clip_reward": (True, "dopamine DQN Replay data is stored clipped to [-1, 1] "
-                          "(dqn_agent.py: np.clip(reward, -1, 1))"),
-    "eval_epsilon": (0.001, f"{_GIN} line 17 epsilon_eval"),
-    "max_episode_steps": (27_000, f"{_GIN} line 32 max_steps_per_episode"),
-    "noop_max": (0, "dopamine atari_lib.create_atari_environment: no no-op starts"),
-    "torso_padding": ("same", "dopamine atari_lib.NatureDQNNetwork (Keras padding='same')"),
-    "hidden_dims": ((512,), "Nature DQN dense layer (only its width; frames use the conv torso)"),
-}
-PRESETS: dict[str, Preset] = {
-    "atari": ATARI_PRESET,
-    # DQN Replay: the paper's two data settings; the weight is chosen from --data-fraction
-    # (<= 5% -> the 1% weight, else the 10% weight; the paper's 20% curves used 0.5)
-    "dqn-replay-1pct": {
-        "cql_weight": (4.0, "CQL README line 35 'For 1% data, use minq_weight=4.0'; paper App. F"),
-        "sticky_prob": _DQN_STICKY},
-    "dqn-replay-10pct": {
-        "cql_weight": (1.0, "CQL README line 35 'for 10% data, use minq_weight=1.0'; paper App. F"),
-        "sticky_prob": _DQN_STICKY},
-    # Minari atari/<game>/expert-v0: 10 expert episodes, not the paper's data
-    "minari-atari": {
-        "cql_weight": (4.0, "project choice: the paper's weight for its smallest (1%) data"),
-        "sticky_prob": (0.0, "the dataset's env spec: Minari atari/<game>/expert-v0 was collected "
-                             "with repeat_action_probability=0 (read from the data when local)"),
-    },
-    # small vector problems (CartPole) on a CPU: no paper setting exists
-    "vector": {
-        "total_steps": (20_000, "project choice: CPU-sized"),
-        "eval_every": (2000, "project choice"),
-        "batch_size": (64, "project choice"),
-        "qf_lr": (1e-3, "project choice: small MLP"),
-        "num_quantiles": (50, "project choice"),
-        "target_update_every": (500, "project choice"),
-        "cql_weight": (1.0, "project choice (tests/test_qrdqn_run.py learning test)"),
-        "clip_reward": (False, "project choice: CartPole rewards are 1"),
-        "eval_epsilon": (0.0, "project choice: greedy"),
-        "hidden_dims": ((128, 128), "project choice"),
-        "threads": (1, "project choice: one thread is fastest for small MLPs"),
-    },
-}
-ONE_PCT_MAX = 0.05  # --data-fraction up to this uses the 1% weight, above it the 10% weight
+def variance_scaling_(module: nn.Module):
+    """dopamine's init: VarianceScaling(scale=1/sqrt(3), mode='fan_in', 'uniform'), zero bias."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            fan_in = m.weight[0].numel()
+            bound = math.sqrt(3.0 * (1.0 / math.sqrt(3.0)) / fan_in)
+            nn.init.uniform_(m.weight, -bound, bound)
+            nn.init.zeros_(m.bias)
 
 
-def atari_game(name: str) -> str | None:
-    """ALE ROM id for an env name (pong, Pong, space-invaders, SpaceInvaders...), or None."""
-    rom = name.lower().replace("-", "_")
-    roms = set(ale_py.roms.get_all_rom_ids())
-    if rom in roms:
-        return rom
-    squashed = {r.replace("_", ""): r for r in roms}
-    return squashed.get(rom.replace("_", ""))
+def _tf_same_pad(size: int, k: int, s: int) -> tuple[int, int, int]:
+    """TensorFlow 'same' padding (before, after) and the output size."""
+    out = -(-size // s)
+    total = max((out - 1) * s + k - size, 0)
+    return total // 2, total - total // 2, out
 
 
-def ale_env_id(rom: str) -> str:
-    return "ALE/" + "".join(w.capitalize() for w in rom.split("_")) + "-v5"
+class QRNetwork(nn.Module):
+    """obs -> (B, A, N) quantiles. Nature DQN torso (conv 32x8x8/4, 64x4x4/2, 64x3x3/1, dense 512)
+    for (stack, 84, 84) uint8 frames, an MLP torso for vector observations."""
+
+    def __init__(self, obs_shape: tuple[int, ...], n_actions: int, n_quantiles: int,
+                 hidden_dims: tuple[int, ...], padding: str = "same"):
+        super().__init__()
+        self.n_actions, self.n_quantiles = n_actions, n_quantiles
+        self.frames = len(obs_shape) == 3
+        if self.frames:
+            layers, c, size = [], obs_shape[0], obs_shape[1]
+            for out_c, k, s in ((32, 8, 4), (64, 4, 2), (64, 3, 1)):
+                if padding == "same":  # official dopamine network (Keras padding='same')
+                    lo, hi, size = _tf_same_pad(size, k, s)
+                    layers.append(nn.ZeroPad2d((lo, hi, lo, hi)))
+                else:
+                    size = (size - k) // s + 1
+                layers += [nn.Conv2d(c, out_c, k, s), nn.ReLU()]
+                c = out_c
+            layers += [nn.Flatten(), nn.Linear(c * size * size, 512), nn.ReLU()]
+            width = 512
+        else:
+            layers, width = [], obs_shape[0]
+            for h in hidden_dims:
+                layers += [nn.Linear(width, h), nn.ReLU()]
+                width = h
+        self.torso = nn.Sequential(*layers)
+        self.head = nn.Linear(width, n_actions * n_quantiles)
+        variance_scaling_(self)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = obs.float() / 255.0 if self.frames else obs.float()
+        return self.head(self.torso(x)).view(-1, self.n_actions, self.n_quantiles)
 
 
-@dataclass
-class DataSource:
-    kind: Literal["dqn_replay", "minari"]
-    game: str | None  # ALE ROM id, from the names (Minari data: its env spec may add it)
-    dataset_id: str | None
-    description: str
+class Agent(nn.Module):
+    """All trainable state: the quantile network, its target copy and log alpha'."""
+
+    def __init__(self, obs_shape: tuple[int, ...], n_actions: int, args: Args):
+        super().__init__()
+        shape = (obs_shape, n_actions, args.num_quantiles, args.hidden_dims, args.torso_padding)
+        self.q, self.target_q = QRNetwork(*shape), QRNetwork(*shape)
+        self.target_q.load_state_dict(self.q.state_dict())
+        self.target_q.requires_grad_(False)
+        self.log_alpha_prime = nn.Parameter(torch.tensor(float(args.log_alpha_prime_init)))
 
 
-def resolve_source(env: str, dataset_id: str | None = None, dqn_replay_dir: str | None = None,
-                   data_fraction: float = 0.01, checkpoints: str = "all") -> DataSource:
-    """Which data the run uses, from --env, --dataset-id and --dqn-replay-dir."""
-    name = env.lower()
-    game = None if name in LOCAL_ENVS else atari_game(name)
-    if dqn_replay_dir is not None:
-        if game is None:
-            what = "is a local dataset, not an Atari game" if name in LOCAL_ENVS else "unknown"
-            fail(f"--dqn-replay-dir needs an Atari game as --env: '{env}' {what}; valid: "
-                 f"{', '.join(PAPER_GAMES)} or any ALE game id")
-        path_game = dqn_replay_game(dqn_replay_dir)
-        if path_game is not None and path_game != game:
-            fail(f"--dqn-replay-dir {dqn_replay_dir} holds {path_game} data, but --env is "
-                 f"{env} ({game}); pass the same game to both")
-        return DataSource("dqn_replay", game, None,
-                          f"dqn_replay:{dqn_replay_dir}:fraction={data_fraction}"
-                          f":checkpoints={checkpoints}")
-    if dataset_id is not None:  # any Minari id; --env is then only a label
-        m = re.match(r"atari/([a-z0-9_]+)/", dataset_id)
-        return DataSource("minari", (atari_game(m.group(1)) if m else None) or game,
-                          dataset_id, dataset_id)
-    if name in LOCAL_ENVS:
-        return DataSource("minari", None, LOCAL_ENVS[name], LOCAL_ENVS[name])
-    if game is None:
-        fail(f"unknown --env '{env}'; valid: {', '.join(list(PAPER_GAMES) + list(LOCAL_ENVS))}, "
-             "or any ALE game id (python -c 'import ale_py; print(ale_py.roms.get_all_rom_ids())')")
-    dataset_id = f"atari/{game.replace('_', '')}/expert-v0"
-    return DataSource("minari", game, dataset_id, dataset_id)
+# --- Losses ----------------------------------------------------------------------------------
+
+def quantile_huber_loss(pred: torch.Tensor, target: torch.Tensor, kappa: float = 1.0):
+    """QR-DQN loss per sample. pred (B, N) quantiles of Q(s, a_D); target (B, N') (no gradient).
+    Returns (B,): sum over the N predicted quantiles of the mean over the N' targets."""
+    n = pred.shape[1]
+    u = target[:, None, :] - pred[:, :, None]  # (B, N, N'): input u of Eq. 9 (Dabney et al.)
+    abs_u = u.abs()
+    # Huber loss L_kappa(u) (Eq. 9), as written in quantile_agent.py (no division by kappa)
+    huber = torch.where(abs_u <= kappa, 0.5 * u.pow(2), kappa * (abs_u - 0.5 * kappa))
+    tau_hat = (torch.arange(n, device=pred.device, dtype=pred.dtype) + 0.5) / n  # midpoints
+    # rho^kappa_tau(u) = |tau - 1{u < 0}| * L_kappa(u)  (Eq. 10)
+    rho = (tau_hat[None, :, None] - (u.detach() < 0).to(pred.dtype)).abs() * huber
+    # official: tf.reduce_sum(tf.reduce_mean(quantile_huber_loss, 2), 1)
+    return rho.mean(dim=2).sum(dim=1)
 
 
-def env_from_dataset(dataset_id: str) -> str:
-    """--env label of a run given only --dataset-id: atari/pong/expert-v0 -> pong-expert-v0."""
-    return "-".join(dataset_id.split("/")[1:]) or dataset_id
+def qr_target(next_quantiles_target: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor,
+              gamma: float) -> torch.Tensor:
+    """Target quantiles r + gamma (1 - d) theta_j(s', a*), a* = argmax_a mean_j theta_j(s', a)
+    from the target network (quantile_agent.py _build_target_distribution). (B, N)."""
+    q_next = next_quantiles_target.mean(dim=2)  # (B, A)
+    a_star = q_next.argmax(dim=1)
+    theta = next_quantiles_target[torch.arange(len(a_star), device=a_star.device), a_star]
+    return rewards[:, None] + gamma * (1.0 - dones[:, None]) * theta
 
 
-def preset_groups(source: DataSource, data_fraction: float = 0.01, spec=None) -> list[str]:
-    """The PRESETS groups that apply, in order (later ones override earlier ones): by the data
-    source, and for Minari data by its observations (spec: the local dataset's, when known)."""
-    if source.kind == "dqn_replay":
-        return ["atari", "dqn-replay-1pct" if data_fraction <= ONE_PCT_MAX else "dqn-replay-10pct"]
-    frames = spec is not None and len(spec.observation_space.shape or ()) >= 2
-    return ["atari", "minari-atari"] if source.game is not None or frames else ["vector"]
+def cql_gap(q: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """CQL(H) regularizer (paper Eq. 4) with the exact logsumexp over the discrete actions:
+    E_s[log sum_a exp Q(s,a)] - E_D[Q(s,a)] on Q = mean over quantiles (quantile_agent.py:
+    negative_sampling - dataset_expec). Lowers Q of all actions, raises Q of the data action."""
+    logsumexp = torch.logsumexp(q, dim=1).mean()
+    data_q = q.gather(1, actions[:, None]).mean()
+    return logsumexp - data_q
 
 
-def data_sticky_prob(spec) -> float | None:
-    """The sticky-action setting a Minari dataset (spec) is evaluated with: the
-    repeat_action_probability of its eval env spec, or of its data-collection env spec when it
-    names none (as recover_environment(eval_env=True)), with the registered default of the id
-    (ALE v5: 0.25) where the spec does not set it; None for a non-ALE env."""
-    env_spec = getattr(spec, "eval_env_spec", None) or getattr(spec, "env_spec", None)
-    if env_spec is None or not env_spec.id.startswith("ALE/"):
-        return None
-    kwargs = {**gym.spec(env_spec.id).kwargs, **env_spec.kwargs}
-    return float(kwargs.get("repeat_action_probability", 0.25))
+def lagrange_terms(gap: torch.Tensor, log_alpha_prime: torch.Tensor, weight: float, tau: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Paper Eq. 30 dual descent, Cal-QL / CORL form alpha' w (gap - tau): (CQL penalty, alpha'
+    loss, alpha'), alpha' = clamp(exp(log alpha'), 0, 1e6). The penalty sees alpha' as a constant,
+    the alpha' loss the gap, so alpha' grows while gap > tau and shrinks below it."""
+    alpha_prime = log_alpha_prime.exp().clamp(0.0, 1e6)
+    penalty = alpha_prime.detach() * weight * (gap - tau)
+    alpha_prime_loss = -(alpha_prime * weight * (gap.detach() - tau))
+    return penalty, alpha_prime_loss, alpha_prime.detach()
 
 
-def preset_args(env: str, dataset_id: str | None = None, dqn_replay_dir: str | None = None,
-                data_fraction: float = 0.01) -> Args:
-    """Args() with the values of the env's preset groups filled in (literal values)."""
-    source = resolve_source(env, dataset_id, dqn_replay_dir, data_fraction)
-    spec = None
-    if source.kind == "minari":  # the local dataset's spec, if any (missing: load_data says so)
-        with contextlib.suppress(Exception):
-            spec = minari.load_dataset(source.dataset_id).spec
-    groups = preset_groups(source, data_fraction, spec)
-    values = {k: v for group in groups for k, (v, _) in PRESETS[group].items()}
-    sticky = data_sticky_prob(spec) if "minari-atari" in groups else None
-    if sticky is not None:  # the dataset's own sticky-action setting, when it is local
-        values["sticky_prob"] = sticky
-    return replace(Args(), env=env, dataset_id=dataset_id, dqn_replay_dir=dqn_replay_dir,
-                   data_fraction=data_fraction, **values)
+def compute_losses(agent: Agent, batch: dict[str, torch.Tensor], args: Args
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """QR-DQN loss + CQL(H) penalty (+ the alpha' loss with --lagrange), summed for one
+    backward pass; metrics as device tensors. Which loss trains which parameters:
+      qr_loss   -> agent.q          target quantiles from agent.target_q under no_grad
+      cql_loss  -> agent.q          alpha' detached (lagrange_terms)
+      alpha' loss -> log_alpha_prime  gap detached (lagrange_terms)
+    agent.target_q is never trained (requires_grad off; copied by the Trainer). Checked by
+    tests/test_qrdqn_losses.py::test_each_loss_trains_only_its_parameters."""
+    obs, actions = batch["obs"], batch["actions"]
+    quantiles = agent.q(obs)  # (B, A, N)
+    with torch.no_grad():
+        target = qr_target(agent.target_q(batch["next_obs"]), batch["rewards"], batch["dones"],
+                           args.gamma)
+    chosen = quantiles[torch.arange(len(actions), device=actions.device), actions]
+    qr_loss = quantile_huber_loss(chosen, target, args.kappa).mean()  # batch mean
+    q = quantiles.mean(dim=2)  # Q(s, a) = mean over quantiles
+    gap = cql_gap(q, actions)
+    if args.lagrange:
+        cql_loss, alpha_prime_loss, alpha_prime = lagrange_terms(
+            gap, agent.log_alpha_prime, args.cql_weight, args.cql_tau)
+    else:  # official: min_q_loss * minq_weight
+        cql_loss, alpha_prime_loss = args.cql_weight * gap, None
+        alpha_prime = gap.new_tensor(args.cql_weight)  # the weight on the gap
+    loss = qr_loss + cql_loss
+    metrics = dict(loss=loss, qr_loss=qr_loss, cql_loss=cql_loss, cql_gap=gap,
+                   q_data=q.gather(1, actions[:, None]).mean(), q_abs_max=q.abs().max(),
+                   alpha_prime=alpha_prime)
+    # no `loss + 0`: torch.compile then returns a total without gradient (torch 2.x)
+    total = loss if alpha_prime_loss is None else loss + alpha_prime_loss
+    return total, {k: v.detach() for k, v in metrics.items()}
 
 
-def presets_markdown() -> str:
-    """Every preset value with its source, as a markdown table (`--presets`)."""
-    lines = ["| preset | field | value | source |", "|---|---|---|---|"]
-    for group, preset in PRESETS.items():
-        for name, (value, source) in preset.items():
-            lines.append(f"| {group} | `{name}` | `{value!r}` | {source} |")
-    applies = ("atari: every Atari source; dqn-replay-1pct: --dqn-replay-dir with --data-fraction "
-               f"<= {ONE_PCT_MAX}; dqn-replay-10pct: above; minari-atari: a Minari dataset of "
-               "frames (atari/<game>/expert-v0); vector: vector observations (CartPole)")
-    return "\n".join(lines) + f"\n\nGroups: {applies}. Unlisted fields: `Args` defaults.\n"
+# --- Training step ---------------------------------------------------------------------------
+
+class Trainer:
+    """Optimizers and one gradient step with no host sync (metrics stay on the device). The
+    target network is refreshed every target_update_every updates, counted here (resumable)."""
+
+    def __init__(self, agent: Agent, args: Args, device: torch.device):
+        self.agent, self.args, self.updates = agent, args, 0
+        self.optimizers = dict(
+            q=torch.optim.Adam(agent.q.parameters(), lr=args.qf_lr, eps=args.adam_eps),
+            alpha_prime=torch.optim.Adam([agent.log_alpha_prime], lr=args.alpha_prime_lr))
+        mode = "reduce-overhead" if args.cudagraphs and device.type == "cuda" else None
+        self.loss_fn = torch.compile(compute_losses, mode=mode) if args.compile else compute_losses
+
+    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        total, metrics = self.loss_fn(self.agent, batch, self.args)
+        total.backward()
+        for opt in self.optimizers.values():
+            opt.step()
+        self.updates += 1
+        if self.updates % self.args.target_update_every == 0:  # hard update (dopamine)
+            self.agent.target_q.load_state_dict(self.agent.q.state_dict())
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(updates=self.updates, **{k: o.state_dict() for k, o in self.optimizers.items()})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = state["updates"]
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(state[k])
 
 
-POSITIVE = ("total_steps", "eval_every", "eval_episodes", "batch_size", "num_quantiles",
-            "target_update_every", "log_every", "max_episode_steps", "qf_lr", "adam_eps",
-            "alpha_prime_lr", "kappa", "max_abs_q")
-
-
-def check_args(args: Args) -> None:
-    """Every argument checked once, up front: one-line errors, never a traceback or a NaN."""
-    rules = [(name, "positive", getattr(args, name) > 0) for name in POSITIVE] + [
-        ("data_fraction", "in (0, 1]", 0.0 < args.data_fraction <= 1.0),
-        ("gamma", "in [0, 1]", 0.0 <= args.gamma <= 1.0),
-        ("cql_weight", ">= 0", args.cql_weight >= 0),
-        ("sticky_prob", "in [0, 1]", args.sticky_prob is None or 0.0 <= args.sticky_prob <= 1.0),
-        ("eval_epsilon", "in [0, 1]", 0.0 <= args.eval_epsilon <= 1.0),
-        ("noop_max", ">= 0", args.noop_max >= 0),
-        ("hidden_dims", "positive widths", all(h > 0 for h in args.hidden_dims)),
-        ("threads", "positive", args.threads is None or args.threads > 0),
-        ("checkpoints", "'all' or a list such as 0-9,20",
-         re.fullmatch(r"all|\d+(-\d+)?(,\d+(-\d+)?)*", args.checkpoints.replace(" ", "")))]
-    for name, rule, ok in rules:
-        if not ok:
-            fail(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
-
-
-def parse_args(argv: list[str] | None = None) -> Args:
-    """Command line -> complete Args: --env (or --dataset-id alone) and the data flags pick the
-    preset, which tyro shows in --help and the other flags override."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--presets" in argv:
-        print(presets_markdown(), end="")
-        raise SystemExit(0)
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for flag in ("--env", "--dataset-id", "--dqn-replay-dir"):
-        pre.add_argument(flag)
-    pre.add_argument("--data-fraction", type=float, default=0.01)
-    known, _ = pre.parse_known_args(argv)
-    env = known.env or (env_from_dataset(known.dataset_id) if known.dataset_id else None)
-    if env is None and not {"-h", "--help"} & set(argv):
-        fail("--env is required (e.g. --env pong, --env cartpole-expert) unless --dataset-id "
-             "names the data; see --help")
-    preset = preset_args(env or Args.env, known.dataset_id, known.dqn_replay_dir,
-                         known.data_fraction)
-    args = tyro.cli(Args, default=preset, args=argv, description=__doc__.split("\n\n")[0])
-    check_args(args)
-    return args
-
-
-# ======================================================================================
-# Data
-# ======================================================================================
-# One layout for every source, dopamine's: single observations (frames) in time order; before each
+# --- Data and replay buffer ------------------------------------------------------------------
 # episode STACK-1 zero frames, so that a frame stack [t-3..t] never reaches into the previous
 # episode; `valid` lists the indices i whose transition (stack at i, a_i, r_i, d_i, stack at i+1)
 # may be sampled.
@@ -424,25 +371,233 @@ class Data:
     score_range: tuple[float, float] | None = None  # 0 and 100 of the normalized score
 
 
-def host_zeros(shape: tuple[int, ...], dtype, pin: bool) -> np.ndarray:
-    """A zero numpy array, in page-locked (pinned) host memory when `pin` (--buffer-device cpu
-    with CUDA): the replay buffer then uses it in place, without a second host copy."""
-    if not pin:
-        return np.zeros(shape, dtype)
-    return torch.zeros(shape, dtype=torch.from_numpy(np.zeros(0, dtype)).dtype,
-                       pin_memory=True).numpy()
+class ReplayBuffer:
+    """Data's tensors in `storage` (default: the training device), sampled with a generator
+    there. With --buffer-device cpu and CUDA, the frames are pinned host memory and each batch
+    is copied to the device asynchronously, so the buffer needs no device memory."""
+
+    def __init__(self, data: Data, device: torch.device, seed: int, clip_reward: bool,
+                 storage: torch.device | None = None):
+        self.device = device
+        self.storage = device if storage is None else storage
+        self.pin = self.storage.type == "cpu" and device.type == "cuda"
+        frames = torch.as_tensor(data.frames)
+        if self.pin and not frames.is_pinned():
+            frames = frames.pin_memory()
+        self.frames = frames.to(self.storage)
+        self.actions = torch.as_tensor(data.actions).to(self.storage)
+        rewards = torch.as_tensor(data.rewards)
+        self.rewards = (rewards.clamp(-1.0, 1.0) if clip_reward else rewards).to(self.storage)
+        self.dones = torch.as_tensor(data.dones).to(self.storage)
+        self.valid = torch.as_tensor(data.valid).to(self.storage)
+        self.stack = data.stack
+        self.offsets = torch.arange(-data.stack + 1, 1, device=self.storage)
+        self.obs_shape = tuple(self.stacked(self.valid[:1]).shape[1:])
+        self.generator = torch.Generator(device=self.storage)
+        self.generator.manual_seed(seed)
+
+    def nbytes(self) -> int:
+        """Bytes of the buffer's tensors (where they live: `storage`)."""
+        return sum(t.numel() * t.element_size() for t in
+                   (self.frames, self.actions, self.rewards, self.dones, self.valid))
+
+    def __len__(self) -> int:
+        return len(self.valid)
+
+    def stacked(self, idx: torch.Tensor) -> torch.Tensor:
+        """Observation at indices idx: (B, stack, 84, 84) frames [i-3..i] or (B, obs_dim)."""
+        if self.stack == 1:
+            return self.frames[idx]
+        return self.frames[idx[:, None] + self.offsets]
+
+    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
+        j = torch.randint(len(self.valid), (batch_size,), device=self.storage,
+                          generator=self.generator)
+        idx = self.valid[j]
+        batch = dict(obs=self.stacked(idx), actions=self.actions[idx], rewards=self.rewards[idx],
+                     next_obs=self.stacked(idx + 1), dones=self.dones[idx])
+        if self.storage == self.device:
+            return batch  # else to the device; from page-locked memory (pin) asynchronously
+        return {k: (t.pin_memory() if self.pin else t).to(self.device, non_blocking=self.pin)
+                for k, t in batch.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(generator=self.generator.get_state())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
 
 
-def preprocess_rgb(rgb: np.ndarray) -> np.ndarray:
-    """Raw ALE RGB frame (210, 160, 3) -> 84x84 gray, as the evaluation env does it: ALE grayscale
-    (equal to OpenCV's RGB2GRAY) then cv2.resize with INTER_AREA (gymnasium AtariPreprocessing,
-    dopamine)."""
-    gray = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
-    return cv2.resize(gray, (84, 84), interpolation=cv2.INTER_AREA)
+# --- Evaluation ------------------------------------------------------------------------------
+
+def make_eval_env(spec: dict) -> gym.Env:
+    """Build the env a JSON spec (config.json `eval_env`) describes: gym.make(id, **kwargs), then
+    each of its `wrappers` (gymnasium.wrappers name -> kwargs) in order. With wrappers (Atari:
+    `atari_eval_env`) the agent-step limit is evaluate's (a TimeLimit would count ALE frames)."""
+    if "wrappers" not in spec:
+        return gym.make(spec["id"], max_episode_steps=spec["max_episode_steps"], **spec["kwargs"])
+    env = gym.make(spec["id"], **spec["kwargs"])
+    for name, kwargs in spec["wrappers"].items():
+        env = getattr(gym.wrappers, name)(env, **kwargs)
+    return env
+
+
+def eval_seed(seed: int, eval_index: int) -> int:
+    """Evaluation env seed from (seed, eval index) only: evaluation never depends on history."""
+    return int(np.random.SeedSequence([seed, eval_index, 0xE7A1]).generate_state(1)[0]) % 2**30
+
+
+@torch.no_grad()
+def evaluate(q: QRNetwork, envs: list[gym.Env], epsilon: float, seed: int, device,
+             max_steps: int, gamma: float = 0.99, clip_reward: bool = False,
+             score_range: tuple[float, float] | None = None) -> dict[str, Any]:
+    """One epsilon-greedy episode on mean-over-quantiles Q in each env, side by side (env e reset
+    with seed + e, its own epsilon RNG; equal to one after the other), one batch per step.
+    normalized_score: 100 (R - lo) / (hi - lo), score_range = (lo, hi). value_gap, the lower-bound
+    check (paper Table 4): max_a Q(s_0, a) minus the discounted return (of the training rewards,
+    i.e. clipped for Atari) obtained from s_0."""
+    episodes = len(envs)
+    rngs = [np.random.default_rng([seed, e]) for e in range(episodes)]
+    obs = [np.asarray(env.reset(seed=seed + e)[0]) for e, env in enumerate(envs)]
+    returns, disc, steps = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes, np.int64)
+    q_s0, active = None, list(range(episodes))
+    while active:
+        x = torch.as_tensor(np.stack([obs[e] for e in active]), device=device)
+        q_mean = q(x).mean(dim=2)
+        if q_s0 is None:
+            q_s0 = q_mean.max(dim=1).values.cpu().numpy()
+        greedy = q_mean.argmax(dim=1).tolist()
+        still = []
+        for e, a in zip(active, greedy, strict=True):
+            if rngs[e].random() < epsilon:
+                a = int(rngs[e].integers(envs[e].action_space.n))
+            o, r, term, trunc, _ = envs[e].step(a)
+            obs[e] = np.asarray(o)
+            returns[e] += float(r)
+            disc[e] += gamma ** steps[e] * (float(np.clip(r, -1, 1)) if clip_reward else float(r))
+            steps[e] += 1
+            if not (term or trunc or steps[e] >= max_steps):
+                still.append(e)
+        active = still
+    ret = float(returns.mean())
+    lo, hi = score_range or (0.0, 0.0)
+    return dict(return_mean=ret, return_std=float(returns.std()),
+                normalized_score=100.0 * (ret - lo) / (hi - lo) if score_range else None,
+                q_pred_s0=float(q_s0.mean()), value_gap=float((q_s0 - disc).mean()),
+                episode_returns=returns.tolist())
+
+
+# --- Main loop -------------------------------------------------------------------------------
+
+def main(args: Args) -> dict[str, Any]:
+    """Train with a complete Args (parse_args, or replace() on preset_args(env))."""
+    check_args(args)
+    device = pick_device(args.device)
+    args = replace(args, run_dir=args.resume or args.run_dir or default_run_dir(args))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    data = load_data(args)
+    buffer = ReplayBuffer(data, device, args.seed, args.clip_reward,
+                          torch.device("cpu") if args.buffer_device == "cpu" else None)
+    data.frames = data.actions = data.rewards = data.dones = data.valid = None  # in the buffer
+    agent = Agent(buffer.obs_shape, data.n_actions, args).to(device)
+    trainer = Trainer(agent, args, device)
+    envs = [make_eval_env(data.eval_env) for _ in range(args.eval_episodes)]
+    max_steps = data.eval_env["max_episode_steps"] or 10**9
+    run = Run(args, dict(agent=agent, trainer=trainer, buffer=buffer), data.info,
+              data.eval_env, device)
+    for step in tqdm(range(run.step + 1, args.total_steps + 1), initial=run.step,
+                     total=args.total_steps, disable=not args.progress, desc="cql-qrdqn"):
+        metrics = trainer.step(buffer.sample(args.batch_size))
+        if run.due(step, args.log_every, args.eval_every, last=args.total_steps):
+            run.log(step, metrics)
+        if run.due(step, args.eval_every, last=args.total_steps):
+            run.evaluate_and_checkpoint(step, partial(
+                evaluate, agent.q, envs, args.eval_epsilon, eval_seed(args.seed, step), device,
+                max_steps, args.gamma, args.clip_reward, data.score_range))
+        run.stop_if_signalled(step)
+    return run.finish(final_summary(run.history, args, data))
+
+
+def final_summary(history: list[dict[str, Any]], args: Args, data: Data) -> dict[str, Any]:
+    last = history[-1]
+    return dict(final_normalized_score=last["normalized_score"], final_return=last["return_mean"],
+                total_steps=args.total_steps, dataset=data.info["source"],
+                transitions=data.info["transitions"])
+
+
+# ======================================================================================
+# Part II: datasets and presets
+# ======================================================================================
+# The generic path: a Minari dataset with a discrete action space and vector observations
+# (CartPole; the local datasets of benchmark/datasets.py), evaluated in the dataset's own env.
+# Each family block below hooks into it through FAMILIES (Family: which data is its, its
+# presets, its data, its evaluation env, its score); deleting a block removes the family.
+
+
+def optional_import(module: str, package: str, what: str):
+    """An optional package, imported where a family needs it; a one-line error without it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        fail(f"{what} needs the {package} package: pip install {package}")
+
+
+# Local datasets (built by benchmark/datasets.py into $MINARI_DATASETS_PATH).
+LOCAL_ENVS = {
+    "cartpole-random": "local/cartpole/random-v0", "cartpole-medium": "local/cartpole/medium-v0",
+    "cartpole-expert": "local/cartpole/expert-v0", "cartpole-mixed": "local/cartpole/mixed-v0",
+    "pong-random": "local/ale-pong/random-v0",
+}
+
+
+@dataclass
+class DataSource:
+    kind: Literal["dqn_replay", "minari"]
+    game: str | None  # ALE ROM id, from the names (Minari data: its env spec may add it)
+    dataset_id: str | None
+    description: str
+
+
+@dataclass
+class Family:
+    """A family block's hooks, asked in FAMILIES order; each gives None for others' data."""
+
+    source: Callable[..., DataSource | None]  # (env, dataset_id, dqn_replay_dir, fraction, ckpts)
+    preset: Callable[..., tuple[list[str], dict] | None]  # (source, fraction, spec): its groups,
+    load: Callable[..., Data | None] = lambda *_: None  # and values read from the data; (args,
+    eval_env: Callable[..., dict | None] = lambda *_: None  # source, pin/data) -> data, eval env
+    frames: Callable[..., Data] | None = None  # (ds, progress, pin): Minari frames -> Data
+    names: tuple[str, ...] = ()  # --env names and the tail of the unknown-env error
+    hint: str = ""
+
+
+FAMILIES: dict[str, Family] = {}  # each family block adds itself
+
+
+def resolve_source(env: str, dataset_id: str | None = None, dqn_replay_dir: str | None = None,
+                   data_fraction: float = 0.01, checkpoints: str = "all") -> DataSource:
+    """Which data the run uses, from --env, --dataset-id and --dqn-replay-dir: the first family
+    that claims it, else the Minari dataset of --dataset-id or of a local name."""
+    for family in FAMILIES.values():
+        if (source := family.source(env, dataset_id, dqn_replay_dir, data_fraction,
+                                    checkpoints)) is not None:
+            return source
+    if dqn_replay_dir is not None:
+        fail("--dqn-replay-dir needs the DQN Replay block of cql_qrdqn_atari.py")
+    if dataset_id is not None:  # any Minari id; --env is then only a label
+        return DataSource("minari", None, dataset_id, dataset_id)
+    if env.lower() in LOCAL_ENVS:
+        return DataSource("minari", None, LOCAL_ENVS[env.lower()], LOCAL_ENVS[env.lower()])
+    valid = [n for family in FAMILIES.values() for n in family.names] + list(LOCAL_ENVS)
+    fail(f"unknown --env '{env}'; valid: {', '.join(valid)}"
+         + "".join(family.hint for family in FAMILIES.values()))
 
 
 def load_minari_dataset(dataset_id: str):
     """The raw Minari dataset: the local copy, else a download; one-line errors."""
+    minari = optional_import("minari", "minari", "Minari data")
     try:
         return minari.load_dataset(dataset_id)
     except Exception as e:  # noqa: BLE001 - any failure: not there locally
@@ -461,30 +616,40 @@ def load_minari_dataset(dataset_id: str):
              f"or set MINARI_DATASETS_PATH")
 
 
+def host_zeros(shape: tuple[int, ...], dtype, pin: bool) -> np.ndarray:
+    """A zero numpy array, in page-locked (pinned) host memory when `pin` (--buffer-device cpu
+    with CUDA): the replay buffer then uses it in place, without a second host copy."""
+    if not pin:
+        return np.zeros(shape, dtype)
+    return torch.zeros(shape, dtype=torch.from_numpy(np.zeros(0, dtype)).dtype,
+                       pin_memory=True).numpy()
+
+
 def _ref_scores(ds) -> tuple[float, float] | None:
     lo, hi = (ds.storage.metadata.get(k) for k in ("ref_min_score", "ref_max_score"))
     return None if lo is None or hi is None or hi == lo else (float(lo), float(hi))
 
 
-def episodes_layout(episodes, n_total: int, stack: int, rgb: bool = False, pin: bool = False):
+def episodes_layout(episodes, n_total: int, stack: int, pin: bool = False,
+                    preprocess: Callable[[np.ndarray], np.ndarray] | None = None):
     """Episodes (observations (T+1, ...), actions (T,), rewards (T,), terminations (T,)) -> the
-    flat layout: per episode STACK-1 zero frames, then its T+1 observations (RGB frames go
-    through preprocess_rgb). The last observation is stored for the bootstrap of a truncated
-    episode but starts no transition. n_total: an upper bound on the number of rows."""
+    flat layout: per episode STACK-1 zero frames, then its T+1 observations (each through
+    `preprocess` if given: RGB frames). The last observation is stored for the bootstrap of a
+    truncated episode but starts no transition. n_total: an upper bound on the number of rows."""
     pad = stack - 1
     frames = actions = rewards = dones = None
     valid, cur = [], 0
     for obs, act, rew, term in episodes:
         T = len(act)
         if frames is None:
-            fshape = (84, 84) if rgb else obs.shape[1:]
+            fshape = preprocess(obs[0]).shape if preprocess else obs.shape[1:]
             frames = host_zeros((n_total, *fshape), np.uint8 if stack > 1 else np.float32, pin)
             actions, rewards, dones = (np.zeros(n_total, t)
                                        for t in (np.int64, np.float32, np.float32))
         start = cur + pad
-        if rgb:
+        if preprocess:
             for t in range(T + 1):
-                frames[start + t] = preprocess_rgb(obs[t])
+                frames[start + t] = preprocess(obs[t])
         else:
             frames[start:start + T + 1] = obs
         actions[start:start + T] = act.reshape(T)
@@ -498,10 +663,33 @@ def episodes_layout(episodes, n_total: int, stack: int, rgb: bool = False, pin: 
             np.concatenate(valid).astype(np.int64))
 
 
+def minari_layout(ds, stack: int, preprocess=None, progress: bool = True, pin: bool = False):
+    """A Minari dataset's episodes in the layout above (episodes_layout), checked finite, and the
+    spec of its evaluation env (its data-collection env unless it names another)."""
+    dataset_id = ds.spec.dataset_id
+    n_total = ds.total_steps + ds.total_episodes * stack  # + each episode's last obs, padding
+    episodes = (
+        (np.asarray(ep.observations), np.asarray(ep.actions), np.asarray(ep.rewards),
+         np.asarray(ep.terminations))
+        for ep in tqdm(ds.iterate_episodes(), total=ds.total_episodes,
+                       desc=f"loading {dataset_id}", disable=not progress, leave=False))
+    frames, actions, rewards, dones, valid = episodes_layout(episodes, n_total, stack, pin,
+                                                             preprocess)
+    if not (np.isfinite(rewards).all() and (stack > 1 or np.isfinite(frames).all())):
+        fail(f"dataset {dataset_id} contains NaN or inf in its observations or rewards; "
+             f"clean or rebuild it")
+    try:
+        probe = ds.recover_environment(eval_env=True)
+        spec = probe.spec
+        probe.close()
+    except Exception as e:  # noqa: BLE001
+        fail(f"dataset {dataset_id}: cannot create its environment ({type(e).__name__}: {e})")
+    return frames, actions, rewards, dones, valid, spec
 
 
 def minari_data(ds, progress: bool = True, pin: bool = False) -> Data:
-    """A raw Minari dataset (load_minari_dataset) in the layout above, with its env spec."""
+    """A raw Minari dataset (load_minari_dataset) in the layout above, with its env spec: vector
+    observations here, frames by the family that reads them (Family.frames: Minari Atari)."""
     dataset_id = ds.spec.dataset_id
     act_space, obs_space = ds.action_space, ds.observation_space
     if isinstance(act_space, gym.spaces.Box):
@@ -511,39 +699,229 @@ def minari_data(ds, progress: bool = True, pin: bool = False) -> Data:
         fail(f"dataset {dataset_id}: action space {act_space} is not Discrete")
     if not isinstance(obs_space, gym.spaces.Box):
         fail(f"dataset {dataset_id}: observation space {obs_space} is not a Box")
+    if len(obs_space.shape) != 1:
+        read = next((family.frames for family in FAMILIES.values() if family.frames), None)
+        if read is None:
+            fail(f"dataset {dataset_id}: observation shape {obs_space.shape} is not a vector")
+        return read(ds, progress, pin)
+    layout = minari_layout(ds, 1, None, progress, pin)
+    return Data(*layout[:5], 1, int(act_space.n), _ref_scores(ds), layout[5])
+
+
+def env_action_count(spec: dict) -> int:
+    return int(make_eval_env(spec).action_space.n)
+
+
+def load_data(args: Args) -> Data:
+    """The run's data (a family's, else the Minari dataset of --dataset-id / --env), the env that
+    evaluates it (JSON spec), its score range and the dataset facts for config.json."""
+    source = resolve_source(args.env, args.dataset_id, args.dqn_replay_dir, args.data_fraction,
+                            args.checkpoints)
+    # --buffer-device cpu with CUDA: frames are loaded into pinned memory, used in place
+    pin = args.buffer_device == "cpu" and pick_device(args.device).type == "cuda"
+    data = next((d for family in FAMILIES.values()
+                 if (d := family.load(args, source, pin)) is not None), None)
+    if data is None:  # Minari data
+        data = minari_data(load_minari_dataset(source.dataset_id), args.progress, pin)
+        eval_env = next((e for family in FAMILIES.values()
+                         if (e := family.eval_env(args, source, data)) is not None), None)
+        if eval_env is None:  # vectors: the dataset's (eval) env; arrays as lists, else str
+            spec = data.env_spec
+            kwargs = json.dumps(spec.kwargs, default=lambda v: getattr(v, "tolist", v.__str__)())
+            eval_env = {"id": spec.id, "max_episode_steps": spec.max_episode_steps,
+                        "kwargs": json.loads(kwargs)}
+        n_actions = env_action_count(eval_env)
+        if n_actions != data.n_actions:
+            fail(f"evaluation env has {n_actions} actions, the data {data.n_actions}")
+        data.n_actions, data.eval_env = n_actions, eval_env
+    data.score_range = data.score_range or data.ref_scores
+    data.info = dict(source=source.description, dataset_id=source.dataset_id, game=data.game,
+                     transitions=len(data.valid), n_actions=data.n_actions, stack=data.stack,
+                     score_range=data.score_range)
+    return data
+
+
+# --- Family: Minari Atari (atari/<game>/expert-v0, local pong-random) -------------------------
+# Frames of an ALE game, evaluated in ALE with the data's own sticky-action and frame-skip
+# settings, scored human-normalized (ATARI_RANDOM_HUMAN). Needs ale-py (and OpenCV for RGB).
+
+
+def import_ale():
+    """ale_py, with gymnasium's ALE/<Game>-v5 ids registered."""
+    ale_py = optional_import("ale_py", "ale-py", "Atari")
+    gym.register_envs(ale_py)
+    return ale_py
+
+
+PAPER_GAMES = ("pong", "breakout", "qbert", "seaquest", "asterix")  # CQL paper, Table 3
+
+
+def atari_game(name: str) -> str | None:
+    """ALE ROM id for an env name (pong, Pong, space-invaders, SpaceInvaders...), or None (also
+    without ale-py)."""
+    try:
+        import ale_py
+    except ImportError:
+        return None
+    rom = name.lower().replace("-", "_")
+    roms = set(ale_py.roms.get_all_rom_ids())
+    if rom in roms:
+        return rom
+    squashed = {r.replace("_", ""): r for r in roms}
+    return squashed.get(rom.replace("_", ""))
+
+
+def ale_env_id(rom: str) -> str:
+    return "ALE/" + "".join(w.capitalize() for w in rom.split("_")) + "-v5"
+
+
+def data_sticky_prob(spec) -> float | None:
+    """The sticky-action setting a Minari dataset (spec) is evaluated with: the
+    repeat_action_probability of its eval env spec, or of its data-collection env spec when it
+    names none (as recover_environment(eval_env=True)), with the registered default of the id
+    (ALE v5: 0.25) where the spec does not set it; None for a non-ALE env."""
+    env_spec = getattr(spec, "eval_env_spec", None) or getattr(spec, "env_spec", None)
+    if env_spec is None or not env_spec.id.startswith("ALE/"):
+        return None
+    import_ale()  # the ALE ids' registered defaults
+    kwargs = {**gym.spec(env_spec.id).kwargs, **env_spec.kwargs}
+    return float(kwargs.get("repeat_action_probability", 0.25))
+
+
+def preprocess_rgb(rgb: np.ndarray) -> np.ndarray:
+    """Raw ALE RGB frame (210, 160, 3) -> 84x84 gray, as the evaluation env does it: ALE grayscale
+    (equal to OpenCV's RGB2GRAY) then cv2.resize with INTER_AREA (gymnasium AtariPreprocessing,
+    dopamine)."""
+    cv2 = optional_import("cv2", "opencv-python", "Atari RGB frames")
+    gray = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+    return cv2.resize(gray, (84, 84), interpolation=cv2.INTER_AREA)
+
+
+def minari_atari_frames(ds, progress: bool = True, pin: bool = False) -> Data:
+    """Minari frames (Atari RGB or 84x84 gray) in the layout above, 4 frames a state, with the
+    data's ALE settings: ALE's internal frame-skip (RGB data), sticky actions, game."""
+    dataset_id, obs_space = ds.spec.dataset_id, ds.observation_space
     shape = obs_space.shape
     rgb = len(shape) == 3 and shape[-1] == 3 and obs_space.dtype == np.uint8
     gray = shape == (84, 84) and obs_space.dtype == np.uint8
-    if not (rgb or gray or len(shape) == 1):
+    if not (rgb or gray):
         fail(f"dataset {dataset_id}: observation shape {shape} is neither a vector, "
              f"Atari RGB frames nor 84x84 gray frames")
-    frames_mode = rgb or gray
-    n_total = ds.total_steps + ds.total_episodes * (1 + (3 if frames_mode else 0))
-    episodes = (
-        (np.asarray(ep.observations), np.asarray(ep.actions), np.asarray(ep.rewards),
-         np.asarray(ep.terminations))
-        for ep in tqdm(ds.iterate_episodes(), total=ds.total_episodes,
-                       desc=f"loading {dataset_id}", disable=not progress, leave=False))
-    frames, actions, rewards, dones, valid = episodes_layout(
-        episodes, n_total, stack=4 if frames_mode else 1, rgb=rgb, pin=pin)
-    if not (np.isfinite(rewards).all() and (frames_mode or np.isfinite(frames).all())):
-        fail(f"dataset {dataset_id} contains NaN or inf in its observations or rewards; "
-             f"clean or rebuild it")
-    try:  # the dataset's evaluation env (its data-collection env unless it names another)
-        probe = ds.recover_environment(eval_env=True)
-        spec = probe.spec
-        probe.close()
-    except Exception as e:  # noqa: BLE001
-        fail(f"dataset {dataset_id}: cannot create its environment ({type(e).__name__}: {e})")
+    import_ale()  # the data's env
+    *layout, spec = minari_layout(ds, 4, preprocess_rgb if rgb else None, progress, pin)
     internal_skip = rgb and spec.kwargs.get("frameskip", 4) != 1
-    ale = re.fullmatch(r"ALE/(\w+)-v\d+", spec.id) if frames_mode else None
-    return Data(frames, actions, rewards, dones, valid, 4 if frames_mode else 1,
-                int(act_space.n), _ref_scores(ds), spec, bool(internal_skip),
-                data_sticky_prob(ds.spec) if frames_mode else None,
-                atari_game(ale.group(1)) if ale else None)
+    ale = re.fullmatch(r"ALE/(\w+)-v\d+", spec.id)
+    return Data(*layout, 4, int(ds.action_space.n), _ref_scores(ds), spec, bool(internal_skip),
+                data_sticky_prob(ds.spec), atari_game(ale.group(1)) if ale else None)
 
 
-# --- DQN Replay Dataset (dopamine's OutOfGraphReplayBuffer checkpoints) -----------
+def atari_eval_env(game: str, internal_frameskip: bool = False, sticky_prob: float = 0.25,
+                   noop_max: int = 0, max_episode_steps: int = 27_000,
+                   full_action_space: bool = False, stack: int = 4) -> dict:
+    """The Atari evaluation env as JSON (config.json `eval_env`): gym.make id and kwargs, and the
+    preprocessing wrappers. DQN Replay: dopamine's create_atari_environment (ALE v5, frameskip=1
+    with AtariPreprocessing's 4-frame skip and max-pooling of the last two frames, sticky actions
+    0.25, no no-op starts). internal_frameskip: the Minari Atari convention (ALE's own frameskip=4,
+    observation = the last frame, no max-pooling), with the dataset's sticky-action setting."""
+    import_ale()  # make_eval_env builds an ALE env
+    return {
+        "id": ale_env_id(game), "max_episode_steps": max_episode_steps,
+        "kwargs": {"frameskip": 4 if internal_frameskip else 1,
+                   "repeat_action_probability": sticky_prob,
+                   "full_action_space": full_action_space,
+                   "max_num_frames_per_episode": max_episode_steps * 4},
+        "wrappers": {"AtariPreprocessing": {"noop_max": noop_max,
+                                            "frame_skip": 1 if internal_frameskip else 4,
+                                            "screen_size": 84, "grayscale_obs": True},
+                     "FrameStackObservation": {"stack_size": stack, "padding_type": "zero"}},
+    }
+
+
+# Atari random and human scores (no-op starts) of the human-normalized score of DQN (Mnih et al.
+# 2015), Rainbow and dopamine; values as in DeepMind's dqn_zoo/atari_data.py; keys: ALE ROM ids.
+ATARI_RANDOM_HUMAN = {
+    "alien": (227.8, 7127.7), "amidar": (5.8, 1719.5), "assault": (222.4, 742.0),
+    "asterix": (210.0, 8503.3), "asteroids": (719.1, 47388.7), "atlantis": (12850.0, 29028.1),
+    "bank_heist": (14.2, 753.1), "battle_zone": (2360.0, 37187.5),
+    "beam_rider": (363.9, 16926.5), "berzerk": (123.7, 2630.4), "bowling": (23.1, 160.7),
+    "boxing": (0.1, 12.1), "breakout": (1.7, 30.5), "centipede": (2090.9, 12017.0),
+    "chopper_command": (811.0, 7387.8), "crazy_climber": (10780.5, 35829.4),
+    "defender": (2874.5, 18688.9), "demon_attack": (152.1, 1971.0),
+    "double_dunk": (-18.6, -16.4), "enduro": (0.0, 860.5), "fishing_derby": (-91.7, -38.7),
+    "freeway": (0.0, 29.6), "frostbite": (65.2, 4334.7), "gopher": (257.6, 2412.5),
+    "gravitar": (173.0, 3351.4), "hero": (1027.0, 30826.4), "ice_hockey": (-11.2, 0.9),
+    "jamesbond": (29.0, 302.8), "kangaroo": (52.0, 3035.0), "krull": (1598.0, 2665.5),
+    "kung_fu_master": (258.5, 22736.3), "montezuma_revenge": (0.0, 4753.3),
+    "ms_pacman": (307.3, 6951.6), "name_this_game": (2292.3, 8049.0),
+    "phoenix": (761.4, 7242.6), "pitfall": (-229.4, 6463.7), "pong": (-20.7, 14.6),
+    "private_eye": (24.9, 69571.3), "qbert": (163.9, 13455.0), "riverraid": (1338.5, 17118.0),
+    "road_runner": (11.5, 7845.0), "robotank": (2.2, 11.9), "seaquest": (68.4, 42054.7),
+    "skiing": (-17098.1, -4336.9), "solaris": (1236.3, 12326.7),
+    "space_invaders": (148.0, 1668.7), "star_gunner": (664.0, 10250.0),
+    "surround": (-10.0, 6.5), "tennis": (-23.8, -8.3), "time_pilot": (3568.0, 5229.2),
+    "tutankham": (11.4, 167.6), "up_n_down": (533.4, 11693.2), "venture": (0.0, 1187.5),
+    "video_pinball": (16256.9, 17667.9), "wizard_of_wor": (563.5, 4756.5),
+    "yars_revenge": (3092.9, 54576.9), "zaxxon": (32.5, 9173.3),
+}
+
+
+def minari_atari_source(env: str, dataset_id: str | None = None,
+                        dqn_replay_dir: str | None = None, *_) -> DataSource | None:
+    """A game's Minari data: --env GAME (atari/<game>/expert-v0), or a --dataset-id of a game."""
+    name = env.lower()
+    if dqn_replay_dir is not None or (dataset_id is None and name in LOCAL_ENVS):
+        return None
+    if dataset_id is None:
+        import_ale()  # a game name: without ale-py, that is the error
+    game = None if name in LOCAL_ENVS else atari_game(name)
+    if dataset_id is not None:
+        m = re.match(r"atari/([a-z0-9_]+)/", dataset_id)
+        game = (atari_game(m.group(1)) if m else None) or game
+        return DataSource("minari", game, dataset_id, dataset_id) if game else None
+    if game is None:
+        return None
+    dataset_id = f"atari/{game.replace('_', '')}/expert-v0"
+    return DataSource("minari", game, dataset_id, dataset_id)
+
+
+def minari_atari_preset(source: DataSource, data_fraction: float = 0.01, spec=None):
+    """Minari data of a game or of frames (spec: the local dataset's, when known): the atari and
+    minari-atari groups, and the data's own sticky-action setting when it is local."""
+    frames = spec is not None and len(spec.observation_space.shape or ()) >= 2
+    if source.kind != "minari" or not (source.game is not None or frames):
+        return None
+    sticky = data_sticky_prob(spec)
+    return ["atari", "minari-atari"], {} if sticky is None else {"sticky_prob": sticky}
+
+
+def minari_atari_eval_env(args: Args, source: DataSource, data: Data) -> dict | None:
+    """Minari frames: evaluated in ALE with the data's own sticky actions and frame-skip
+    convention (--sticky-prob overrides, with a note), scored human-normalized."""
+    if data.stack == 1:
+        return None
+    spec, data.game = data.env_spec, data.game or source.game
+    if data.game is None:
+        fail(f"dataset {source.dataset_id} holds Atari frames but its game is unknown; "
+             f"pass --env GAME")
+    data.score_range = ATARI_RANDOM_HUMAN.get(data.game)
+    sticky = data.sticky_prob if args.sticky_prob is None else args.sticky_prob
+    if data.sticky_prob is not None and sticky != data.sticky_prob:
+        tqdm.write(f"note: evaluating with sticky actions {sticky}; the data was collected with "
+                   f"{data.sticky_prob} ({spec.id})")
+    full = bool(spec.kwargs.get("full_action_space", False))
+    return atari_eval_env(data.game, data.atari_internal_frameskip,
+                          0.25 if sticky is None else sticky, args.noop_max,
+                          args.max_episode_steps, full)
+
+
+FAMILIES["minari-atari"] = Family(
+    minari_atari_source, minari_atari_preset, frames=minari_atari_frames,
+    eval_env=minari_atari_eval_env, names=PAPER_GAMES,
+    hint=", or any ALE game id (python -c 'import ale_py; print(ale_py.roms.get_all_rom_ids())')")
+
+
+# --- Family: DQN Replay (dopamine's OutOfGraphReplayBuffer checkpoints) ----------------------
+# The paper's data. Uses the Minari Atari block's ALE helpers (evaluation env, scores).
 # Files per checkpoint K: $store$_{observation,action,reward,terminal}_ckpt.K.gz (np.save'd arrays,
 # gzipped; observation (capacity, 84, 84) uint8 single frames), add_count_ckpt.K.gz,
 # invalid_range_ckpt.K.gz. Dopamine already wrote STACK-1 zero "padding" transitions before each
@@ -673,467 +1051,224 @@ def load_dqn_replay(path: str, fraction: float, checkpoints: str = "all",
                 int(actions.max()) + 1, None, game=game)
 
 
-
-# Atari random and human scores (no-op starts) of the human-normalized score of DQN (Mnih et al.
-# 2015), Rainbow and dopamine; values as in DeepMind's dqn_zoo/atari_data.py; keys: ALE ROM ids.
-ATARI_RANDOM_HUMAN = {
-    "alien": (227.8, 7127.7), "amidar": (5.8, 1719.5), "assault": (222.4, 742.0),
-    "asterix": (210.0, 8503.3), "asteroids": (719.1, 47388.7), "atlantis": (12850.0, 29028.1),
-    "bank_heist": (14.2, 753.1), "battle_zone": (2360.0, 37187.5),
-    "beam_rider": (363.9, 16926.5), "berzerk": (123.7, 2630.4), "bowling": (23.1, 160.7),
-    "boxing": (0.1, 12.1), "breakout": (1.7, 30.5), "centipede": (2090.9, 12017.0),
-    "chopper_command": (811.0, 7387.8), "crazy_climber": (10780.5, 35829.4),
-    "defender": (2874.5, 18688.9), "demon_attack": (152.1, 1971.0),
-    "double_dunk": (-18.6, -16.4), "enduro": (0.0, 860.5), "fishing_derby": (-91.7, -38.7),
-    "freeway": (0.0, 29.6), "frostbite": (65.2, 4334.7), "gopher": (257.6, 2412.5),
-    "gravitar": (173.0, 3351.4), "hero": (1027.0, 30826.4), "ice_hockey": (-11.2, 0.9),
-    "jamesbond": (29.0, 302.8), "kangaroo": (52.0, 3035.0), "krull": (1598.0, 2665.5),
-    "kung_fu_master": (258.5, 22736.3), "montezuma_revenge": (0.0, 4753.3),
-    "ms_pacman": (307.3, 6951.6), "name_this_game": (2292.3, 8049.0),
-    "phoenix": (761.4, 7242.6), "pitfall": (-229.4, 6463.7), "pong": (-20.7, 14.6),
-    "private_eye": (24.9, 69571.3), "qbert": (163.9, 13455.0), "riverraid": (1338.5, 17118.0),
-    "road_runner": (11.5, 7845.0), "robotank": (2.2, 11.9), "seaquest": (68.4, 42054.7),
-    "skiing": (-17098.1, -4336.9), "solaris": (1236.3, 12326.7),
-    "space_invaders": (148.0, 1668.7), "star_gunner": (664.0, 10250.0),
-    "surround": (-10.0, 6.5), "tennis": (-23.8, -8.3), "time_pilot": (3568.0, 5229.2),
-    "tutankham": (11.4, 167.6), "up_n_down": (533.4, 11693.2), "venture": (0.0, 1187.5),
-    "video_pinball": (16256.9, 17667.9), "wizard_of_wor": (563.5, 4756.5),
-    "yars_revenge": (3092.9, 54576.9), "zaxxon": (32.5, 9173.3),
-}
+def dqn_replay_source(env: str, dataset_id: str | None = None, dqn_replay_dir: str | None = None,
+                      data_fraction: float = 0.01, checkpoints: str = "all") -> DataSource | None:
+    """--dqn-replay-dir: the DQN Replay data of the --env game."""
+    if dqn_replay_dir is None:
+        return None
+    import_ale()
+    name = env.lower()
+    game = None if name in LOCAL_ENVS else atari_game(name)
+    if game is None:
+        what = "is a local dataset, not an Atari game" if name in LOCAL_ENVS else "unknown"
+        fail(f"--dqn-replay-dir needs an Atari game as --env: '{env}' {what}; valid: "
+             f"{', '.join(PAPER_GAMES)} or any ALE game id")
+    path_game = dqn_replay_game(dqn_replay_dir)
+    if path_game is not None and path_game != game:
+        fail(f"--dqn-replay-dir {dqn_replay_dir} holds {path_game} data, but --env is "
+             f"{env} ({game}); pass the same game to both")
+    return DataSource("dqn_replay", game, None,
+                      f"dqn_replay:{dqn_replay_dir}:fraction={data_fraction}"
+                      f":checkpoints={checkpoints}")
 
 
-def load_data(args: Args) -> Data:
-    """The run's data (--dqn-replay-dir, else the Minari dataset of --dataset-id / --env), the
-    env that evaluates it (JSON spec) and the dataset facts for config.json."""
-    source = resolve_source(args.env, args.dataset_id, args.dqn_replay_dir, args.data_fraction,
-                            args.checkpoints)
-    # --buffer-device cpu with CUDA: frames are loaded into pinned memory, used in place
-    pin = args.buffer_device == "cpu" and pick_device(args.device).type == "cuda"
-    if source.kind == "dqn_replay":
-        # dopamine's evaluation: sticky actions 0.25 (the data's), no no-op starts (presets)
-        sticky = 0.25 if args.sticky_prob is None else args.sticky_prob
-        eval_env = atari_eval_env(source.game, False, sticky, args.noop_max, args.max_episode_steps)
-        n_actions = env_action_count(eval_env)
-        data = load_dqn_replay(args.dqn_replay_dir, args.data_fraction, args.checkpoints,
-                               args.progress, source.game, n_actions, pin)
-    else:
-        data = minari_data(load_minari_dataset(source.dataset_id), args.progress, pin)
-        data.game = (data.game or source.game) if data.stack == 4 else None
-        if data.stack == 4 and data.game is None:
-            fail(f"dataset {source.dataset_id} holds Atari frames but its game is unknown; "
-                 f"pass --env GAME")
-        eval_env = minari_eval_env(args, data)
-        n_actions = env_action_count(eval_env)
-        if n_actions != data.n_actions:
-            fail(f"evaluation env has {n_actions} actions, the data {data.n_actions}")
+def dqn_replay_preset(source: DataSource, data_fraction: float = 0.01, spec=None):
+    """DQN Replay: the atari group and the CQL weight of the paper's 1% or 10% setting."""
+    if source.kind != "dqn_replay":
+        return None
+    return ["atari", "dqn-replay-1pct" if data_fraction <= ONE_PCT_MAX else "dqn-replay-10pct"], {}
+
+
+def dqn_replay_data(args: Args, source: DataSource, pin: bool) -> Data | None:
+    """DQN Replay data, evaluated as dopamine does: sticky actions 0.25 (the data's), no no-op
+    starts (presets); scored human-normalized."""
+    if source.kind != "dqn_replay":
+        return None
+    sticky = 0.25 if args.sticky_prob is None else args.sticky_prob
+    eval_env = atari_eval_env(source.game, False, sticky, args.noop_max, args.max_episode_steps)
+    n_actions = env_action_count(eval_env)
+    data = load_dqn_replay(args.dqn_replay_dir, args.data_fraction, args.checkpoints,
+                           args.progress, source.game, n_actions, pin)
     data.n_actions, data.eval_env = n_actions, eval_env
-    data.score_range = ATARI_RANDOM_HUMAN.get(data.game) or data.ref_scores
-    data.info = dict(source=source.description, dataset_id=source.dataset_id, game=data.game,
-                     transitions=len(data.valid), n_actions=n_actions, stack=data.stack,
-                     score_range=data.score_range)
+    data.score_range = ATARI_RANDOM_HUMAN.get(data.game)
     return data
 
 
-# ======================================================================================
-# Replay buffer
-# ======================================================================================
-
-
-class ReplayBuffer:
-    """Data's tensors in `storage` (default: the training device), sampled with a generator
-    there. With --buffer-device cpu and CUDA, the frames are pinned host memory and each batch
-    is copied to the device asynchronously, so the buffer needs no device memory."""
-
-    def __init__(self, data: Data, device: torch.device, seed: int, clip_reward: bool,
-                 storage: torch.device | None = None):
-        self.device = device
-        self.storage = device if storage is None else storage
-        self.pin = self.storage.type == "cpu" and device.type == "cuda"
-        frames = torch.as_tensor(data.frames)
-        if self.pin and not frames.is_pinned():
-            frames = frames.pin_memory()
-        self.frames = frames.to(self.storage)
-        self.actions = torch.as_tensor(data.actions).to(self.storage)
-        rewards = torch.as_tensor(data.rewards)
-        self.rewards = (rewards.clamp(-1.0, 1.0) if clip_reward else rewards).to(self.storage)
-        self.dones = torch.as_tensor(data.dones).to(self.storage)
-        self.valid = torch.as_tensor(data.valid).to(self.storage)
-        self.stack = data.stack
-        self.offsets = torch.arange(-data.stack + 1, 1, device=self.storage)
-        self.obs_shape = tuple(self.stacked(self.valid[:1]).shape[1:])
-        self.generator = torch.Generator(device=self.storage)
-        self.generator.manual_seed(seed)
-
-    def nbytes(self) -> int:
-        """Bytes of the buffer's tensors (where they live: `storage`)."""
-        return sum(t.numel() * t.element_size() for t in
-                   (self.frames, self.actions, self.rewards, self.dones, self.valid))
-
-    def __len__(self) -> int:
-        return len(self.valid)
-
-    def stacked(self, idx: torch.Tensor) -> torch.Tensor:
-        """Observation at indices idx: (B, stack, 84, 84) frames [i-3..i] or (B, obs_dim)."""
-        if self.stack == 1:
-            return self.frames[idx]
-        return self.frames[idx[:, None] + self.offsets]
-
-    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
-        j = torch.randint(len(self.valid), (batch_size,), device=self.storage,
-                          generator=self.generator)
-        idx = self.valid[j]
-        batch = dict(obs=self.stacked(idx), actions=self.actions[idx], rewards=self.rewards[idx],
-                     next_obs=self.stacked(idx + 1), dones=self.dones[idx])
-        if self.storage == self.device:
-            return batch  # else to the device; from page-locked memory (pin) asynchronously
-        return {k: (t.pin_memory() if self.pin else t).to(self.device, non_blocking=self.pin)
-                for k, t in batch.items()}
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(generator=self.generator.get_state())
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
-
-
-# ======================================================================================
-# Networks
-# ======================================================================================
-
-
-def variance_scaling_(module: nn.Module):
-    """dopamine's init: VarianceScaling(scale=1/sqrt(3), mode='fan_in', 'uniform'), zero bias."""
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            fan_in = m.weight[0].numel()
-            bound = math.sqrt(3.0 * (1.0 / math.sqrt(3.0)) / fan_in)
-            nn.init.uniform_(m.weight, -bound, bound)
-            nn.init.zeros_(m.bias)
-
-
-def _tf_same_pad(size: int, k: int, s: int) -> tuple[int, int, int]:
-    """TensorFlow 'same' padding (before, after) and the output size."""
-    out = -(-size // s)
-    total = max((out - 1) * s + k - size, 0)
-    return total // 2, total - total // 2, out
-
-
-class QRNetwork(nn.Module):
-    """obs -> (B, A, N) quantiles. Nature DQN torso (conv 32x8x8/4, 64x4x4/2, 64x3x3/1, dense 512)
-    for (stack, 84, 84) uint8 frames, an MLP torso for vector observations."""
-
-    def __init__(self, obs_shape: tuple[int, ...], n_actions: int, n_quantiles: int,
-                 hidden_dims: tuple[int, ...], padding: str = "same"):
-        super().__init__()
-        self.n_actions, self.n_quantiles = n_actions, n_quantiles
-        self.frames = len(obs_shape) == 3
-        if self.frames:
-            layers, c, size = [], obs_shape[0], obs_shape[1]
-            for out_c, k, s in ((32, 8, 4), (64, 4, 2), (64, 3, 1)):
-                if padding == "same":  # official dopamine network (Keras padding='same')
-                    lo, hi, size = _tf_same_pad(size, k, s)
-                    layers.append(nn.ZeroPad2d((lo, hi, lo, hi)))
-                else:
-                    size = (size - k) // s + 1
-                layers += [nn.Conv2d(c, out_c, k, s), nn.ReLU()]
-                c = out_c
-            layers += [nn.Flatten(), nn.Linear(c * size * size, 512), nn.ReLU()]
-            width = 512
-        else:
-            layers, width = [], obs_shape[0]
-            for h in hidden_dims:
-                layers += [nn.Linear(width, h), nn.ReLU()]
-                width = h
-        self.torso = nn.Sequential(*layers)
-        self.head = nn.Linear(width, n_actions * n_quantiles)
-        variance_scaling_(self)
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        x = obs.float() / 255.0 if self.frames else obs.float()
-        return self.head(self.torso(x)).view(-1, self.n_actions, self.n_quantiles)
-
-
-class Agent(nn.Module):
-    """All trainable state: the quantile network, its target copy and log alpha'."""
-
-    def __init__(self, obs_shape: tuple[int, ...], n_actions: int, args: Args):
-        super().__init__()
-        shape = (obs_shape, n_actions, args.num_quantiles, args.hidden_dims, args.torso_padding)
-        self.q, self.target_q = QRNetwork(*shape), QRNetwork(*shape)
-        self.target_q.load_state_dict(self.q.state_dict())
-        self.target_q.requires_grad_(False)
-        self.log_alpha_prime = nn.Parameter(torch.tensor(float(args.log_alpha_prime_init)))
-
-
-# ======================================================================================
-# Losses
-# ======================================================================================
-
-
-def quantile_huber_loss(pred: torch.Tensor, target: torch.Tensor, kappa: float = 1.0):
-    """QR-DQN loss per sample. pred (B, N) quantiles of Q(s, a_D); target (B, N') (no gradient).
-    Returns (B,): sum over the N predicted quantiles of the mean over the N' targets."""
-    n = pred.shape[1]
-    u = target[:, None, :] - pred[:, :, None]  # (B, N, N'): input u of Eq. 9 (Dabney et al.)
-    abs_u = u.abs()
-    # Huber loss L_kappa(u) (Eq. 9), as written in quantile_agent.py (no division by kappa)
-    huber = torch.where(abs_u <= kappa, 0.5 * u.pow(2), kappa * (abs_u - 0.5 * kappa))
-    tau_hat = (torch.arange(n, device=pred.device, dtype=pred.dtype) + 0.5) / n  # midpoints
-    # rho^kappa_tau(u) = |tau - 1{u < 0}| * L_kappa(u)  (Eq. 10)
-    rho = (tau_hat[None, :, None] - (u.detach() < 0).to(pred.dtype)).abs() * huber
-    # official: tf.reduce_sum(tf.reduce_mean(quantile_huber_loss, 2), 1)
-    return rho.mean(dim=2).sum(dim=1)
-
-
-def qr_target(next_quantiles_target: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor,
-              gamma: float) -> torch.Tensor:
-    """Target quantiles r + gamma (1 - d) theta_j(s', a*), a* = argmax_a mean_j theta_j(s', a)
-    from the target network (quantile_agent.py _build_target_distribution). (B, N)."""
-    q_next = next_quantiles_target.mean(dim=2)  # (B, A)
-    a_star = q_next.argmax(dim=1)
-    theta = next_quantiles_target[torch.arange(len(a_star), device=a_star.device), a_star]
-    return rewards[:, None] + gamma * (1.0 - dones[:, None]) * theta
-
-
-def cql_gap(q: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """CQL(H) regularizer (paper Eq. 4) with the exact logsumexp over the discrete actions:
-    E_s[log sum_a exp Q(s,a)] - E_D[Q(s,a)] on Q = mean over quantiles (quantile_agent.py:
-    negative_sampling - dataset_expec). Lowers Q of all actions, raises Q of the data action."""
-    logsumexp = torch.logsumexp(q, dim=1).mean()
-    data_q = q.gather(1, actions[:, None]).mean()
-    return logsumexp - data_q
-
-
-
-
-def lagrange_terms(gap: torch.Tensor, log_alpha_prime: torch.Tensor, weight: float, tau: float
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Paper Eq. 30 dual descent, Cal-QL / CORL form alpha' w (gap - tau): (CQL penalty, alpha'
-    loss, alpha'), alpha' = clamp(exp(log alpha'), 0, 1e6). The penalty sees alpha' as a constant,
-    the alpha' loss the gap, so alpha' grows while gap > tau and shrinks below it."""
-    alpha_prime = log_alpha_prime.exp().clamp(0.0, 1e6)
-    penalty = alpha_prime.detach() * weight * (gap - tau)
-    alpha_prime_loss = -(alpha_prime * weight * (gap.detach() - tau))
-    return penalty, alpha_prime_loss, alpha_prime.detach()
-
-
-def compute_losses(agent: Agent, batch: dict[str, torch.Tensor], args: Args
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """QR-DQN loss + CQL(H) penalty (+ the alpha' loss with --lagrange), summed for one
-    backward pass; metrics as device tensors. Which loss trains which parameters:
-      qr_loss   -> agent.q          target quantiles from agent.target_q under no_grad
-      cql_loss  -> agent.q          alpha' detached (lagrange_terms)
-      alpha' loss -> log_alpha_prime  gap detached (lagrange_terms)
-    agent.target_q is never trained (requires_grad off; copied by the Trainer). Checked by
-    tests/test_qrdqn_losses.py::test_each_loss_trains_only_its_parameters."""
-    obs, actions = batch["obs"], batch["actions"]
-    quantiles = agent.q(obs)  # (B, A, N)
-    with torch.no_grad():
-        target = qr_target(agent.target_q(batch["next_obs"]), batch["rewards"], batch["dones"],
-                           args.gamma)
-    chosen = quantiles[torch.arange(len(actions), device=actions.device), actions]
-    qr_loss = quantile_huber_loss(chosen, target, args.kappa).mean()  # batch mean
-    q = quantiles.mean(dim=2)  # Q(s, a) = mean over quantiles
-    gap = cql_gap(q, actions)
-    if args.lagrange:
-        cql_loss, alpha_prime_loss, alpha_prime = lagrange_terms(
-            gap, agent.log_alpha_prime, args.cql_weight, args.cql_tau)
-    else:  # official: min_q_loss * minq_weight
-        cql_loss, alpha_prime_loss = args.cql_weight * gap, None
-        alpha_prime = gap.new_tensor(args.cql_weight)  # the weight on the gap
-    loss = qr_loss + cql_loss
-    metrics = dict(loss=loss, qr_loss=qr_loss, cql_loss=cql_loss, cql_gap=gap,
-                   q_data=q.gather(1, actions[:, None]).mean(), q_abs_max=q.abs().max(),
-                   alpha_prime=alpha_prime)
-    # no `loss + 0`: torch.compile then returns a total without gradient (torch 2.x)
-    total = loss if alpha_prime_loss is None else loss + alpha_prime_loss
-    return total, {k: v.detach() for k, v in metrics.items()}
-
-
-# ======================================================================================
-# Training step
-# ======================================================================================
-
-
-class Trainer:
-    """Optimizers and one gradient step with no host sync (metrics stay on the device). The
-    target network is refreshed every target_update_every updates, counted here (resumable)."""
-
-    def __init__(self, agent: Agent, args: Args, device: torch.device):
-        self.agent, self.args, self.updates = agent, args, 0
-        self.optimizers = dict(
-            q=torch.optim.Adam(agent.q.parameters(), lr=args.qf_lr, eps=args.adam_eps),
-            alpha_prime=torch.optim.Adam([agent.log_alpha_prime], lr=args.alpha_prime_lr))
-        mode = "reduce-overhead" if args.cudagraphs and device.type == "cuda" else None
-        self.loss_fn = torch.compile(compute_losses, mode=mode) if args.compile else compute_losses
-
-    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        total, metrics = self.loss_fn(self.agent, batch, self.args)
-        total.backward()
-        for opt in self.optimizers.values():
-            opt.step()
-        self.updates += 1
-        if self.updates % self.args.target_update_every == 0:  # hard update (dopamine)
-            self.agent.target_q.load_state_dict(self.agent.q.state_dict())
-        return metrics
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(updates=self.updates, **{k: o.state_dict() for k, o in self.optimizers.items()})
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.updates = state["updates"]
-        for k, opt in self.optimizers.items():
-            opt.load_state_dict(state[k])
-
-
-# ======================================================================================
-# Evaluation
-# ======================================================================================
-
-
-def atari_eval_env(game: str, internal_frameskip: bool = False, sticky_prob: float = 0.25,
-                   noop_max: int = 0, max_episode_steps: int = 27_000,
-                   full_action_space: bool = False, stack: int = 4) -> dict:
-    """The Atari evaluation env as JSON (config.json `eval_env`): gym.make id and kwargs, and the
-    preprocessing wrappers. DQN Replay: dopamine's create_atari_environment (ALE v5, frameskip=1
-    with AtariPreprocessing's 4-frame skip and max-pooling of the last two frames, sticky actions
-    0.25, no no-op starts). internal_frameskip: the Minari Atari convention (ALE's own frameskip=4,
-    observation = the last frame, no max-pooling), with the dataset's sticky-action setting."""
-    return {
-        "id": ale_env_id(game), "max_episode_steps": max_episode_steps,
-        "kwargs": {"frameskip": 4 if internal_frameskip else 1,
-                   "repeat_action_probability": sticky_prob,
-                   "full_action_space": full_action_space,
-                   "max_num_frames_per_episode": max_episode_steps * 4},
-        "wrappers": {"AtariPreprocessing": {"noop_max": noop_max,
-                                            "frame_skip": 1 if internal_frameskip else 4,
-                                            "screen_size": 84, "grayscale_obs": True},
-                     "FrameStackObservation": {"stack_size": stack, "padding_type": "zero"}},
-    }
-
-
-def make_eval_env(spec: dict) -> gym.Env:
-    """Build the env a JSON spec (config.json `eval_env`) describes. Atari (`atari_eval_env`):
-    ALE env, 84x84 gray, a zero-padded frame stack (as dopamine's agent state at reset); the
-    agent-step limit is evaluate's (a TimeLimit here would count ALE frames). Vector
-    observations: the dataset's own env."""
-    if "wrappers" not in spec:
-        return gym.make(spec["id"], max_episode_steps=spec["max_episode_steps"], **spec["kwargs"])
-    env = gym.make(spec["id"], **spec["kwargs"])
-    env = gym.wrappers.AtariPreprocessing(env, **spec["wrappers"]["AtariPreprocessing"])
-    return gym.wrappers.FrameStackObservation(env, **spec["wrappers"]["FrameStackObservation"])
-
-
-def env_action_count(spec: dict) -> int:
-    return int(make_eval_env(spec).action_space.n)
-
-
-def minari_eval_env(args: Args, data: Data) -> dict:
-    """A Minari dataset's evaluation env: frames in ALE with the data's own sticky actions and
-    frame-skip convention (--sticky-prob overrides, with a note); vectors in its (eval) env."""
-    spec = data.env_spec
-    if data.stack == 1:
-        kwargs = json.dumps(spec.kwargs, default=lambda v: getattr(v, "tolist", v.__str__)())
-        return {"id": spec.id, "max_episode_steps": spec.max_episode_steps,
-                "kwargs": json.loads(kwargs)}  # arrays as lists, other objects as str
-    sticky = data.sticky_prob if args.sticky_prob is None else args.sticky_prob
-    if data.sticky_prob is not None and sticky != data.sticky_prob:
-        tqdm.write(f"note: evaluating with sticky actions {sticky}; the data was collected with "
-                   f"{data.sticky_prob} ({spec.id})")
-    full = bool(spec.kwargs.get("full_action_space", False))
-    return atari_eval_env(data.game, data.atari_internal_frameskip,
-                          0.25 if sticky is None else sticky, args.noop_max,
-                          args.max_episode_steps, full)
-
-
-def eval_seed(seed: int, eval_index: int) -> int:
-    """Evaluation env seed from (seed, eval index) only: evaluation never depends on history."""
-    return int(np.random.SeedSequence([seed, eval_index, 0xE7A1]).generate_state(1)[0]) % 2**30
-
-
-@torch.no_grad()
-def evaluate(q: QRNetwork, envs: list[gym.Env], epsilon: float, seed: int, device,
-             max_steps: int, gamma: float = 0.99, clip_reward: bool = False,
-             score_range: tuple[float, float] | None = None) -> dict[str, Any]:
-    """One epsilon-greedy episode on mean-over-quantiles Q in each env, side by side (env e reset
-    with seed + e, its own epsilon RNG; equal to one after the other), one batch per step.
-    normalized_score: 100 (R - lo) / (hi - lo), score_range = (lo, hi). value_gap, the lower-bound
-    check (paper Table 4): max_a Q(s_0, a) minus the discounted return (of the training rewards,
-    i.e. clipped for Atari) obtained from s_0."""
-    episodes = len(envs)
-    rngs = [np.random.default_rng([seed, e]) for e in range(episodes)]
-    obs = [np.asarray(env.reset(seed=seed + e)[0]) for e, env in enumerate(envs)]
-    returns, disc, steps = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes, np.int64)
-    q_s0, active = None, list(range(episodes))
-    while active:
-        x = torch.as_tensor(np.stack([obs[e] for e in active]), device=device)
-        q_mean = q(x).mean(dim=2)
-        if q_s0 is None:
-            q_s0 = q_mean.max(dim=1).values.cpu().numpy()
-        greedy = q_mean.argmax(dim=1).tolist()
-        still = []
-        for e, a in zip(active, greedy, strict=True):
-            if rngs[e].random() < epsilon:
-                a = int(rngs[e].integers(envs[e].action_space.n))
-            o, r, term, trunc, _ = envs[e].step(a)
-            obs[e] = np.asarray(o)
-            returns[e] += float(r)
-            disc[e] += gamma ** steps[e] * (float(np.clip(r, -1, 1)) if clip_reward else float(r))
-            steps[e] += 1
-            if not (term or trunc or steps[e] >= max_steps):
-                still.append(e)
-        active = still
-    ret = float(returns.mean())
-    lo, hi = score_range or (0.0, 0.0)
-    return dict(return_mean=ret, return_std=float(returns.std()),
-                normalized_score=100.0 * (ret - lo) / (hi - lo) if score_range else None,
-                q_pred_s0=float(q_s0.mean()), value_gap=float((q_s0 - disc).mean()),
-                episode_returns=returns.tolist())
-
-
-# ======================================================================================
-# Main loop
-# ======================================================================================
-
-
-def final_summary(history: list[dict[str, Any]], args: Args, data: Data) -> dict[str, Any]:
-    last = history[-1]
-    return dict(final_normalized_score=last["normalized_score"], final_return=last["return_mean"],
-                total_steps=args.total_steps, dataset=data.info["source"],
-                transitions=data.info["transitions"])
-
-
-def main(args: Args) -> dict[str, Any]:
-    """Train with a complete Args (parse_args, or replace() on preset_args(env))."""
+FAMILIES["dqn-replay"] = Family(dqn_replay_source, dqn_replay_preset, load=dqn_replay_data)
+
+
+# --- Presets: every value with its source ----------------------------------------------------
+# Presets: every value with its source. CQL = github.com/aviralkumar2907/CQL (atari/ folder, on
+# google-research/batch_rl and dopamine); GIN = its atari/batch_rl/fixed_replay/configs/
+# quantile.gin (Pong; quantile_{asterix,breakout,qbert,seaquest}.gin are identical but the game).
+# A dopamine "iteration" (FixedReplayRunner._run_train_phase) calls the agent's _train_step
+# training_steps = 250k times (GIN line 30); dopamine's DQNAgent._train_step runs a gradient step
+# every update_period = 4 calls (GIN line 14): one iteration = 62.5k gradient steps.
+Preset = dict[str, tuple[Any, str]]
+_GIN = "CQL atari/batch_rl/fixed_replay/configs/quantile.gin"
+_DQN_STICKY = (0.25, f"{_GIN} line 28 sticky_actions=True (dopamine: 0.25); the data was "
+                     "collected with them")
+PRESETS: dict[str, Preset] = {
+    "atari": {  # every Atari source
+        # training length: the CQL README's command runs num_iterations=1000 (README line 31,
+        # over GIN line 29's 200); the paper reports Table 3 "after 5X gradient steps" (App. F),
+        # the REM paper's 5X = 1000 iterations (Agarwal et al. 2020, Fig. 6). GIN's 200
+        # iterations = --total-steps 12500000.
+        "total_steps": (62_500_000, "CQL README line 31 num_iterations=1000 x 62.5k gradient steps "
+                                    "(paper App. F: Table 3 after 5X gradient steps)"),
+        "eval_every": (62_500, "one dopamine iteration: GIN line 30 training_steps=250000 / "
+                               "update_period=4 (line 14)"),
+        # official: episodes until 125k agent steps per evaluation (GIN line 31 evaluation_steps);
+        # here a fixed number of episodes, so that every evaluation averages the same count
+        "eval_episodes": (10, "project choice (official: episodes filling 125k agent steps, "
+                              "GIN line 31)"),
+        "batch_size": (32, f"{_GIN} line 35 WrappedFixedReplayBuffer.batch_size"),
+        "qf_lr": (5e-5, f"{_GIN} line 24 AdamOptimizer.learning_rate"),
+        "adam_eps": (3.125e-4, f"{_GIN} line 25 AdamOptimizer.epsilon"),
+        "gamma": (0.99, f"{_GIN} line 11"),
+        "num_quantiles": (200, f"{_GIN} line 10 num_atoms"),
+        "kappa": (1.0, "CQL atari/batch_rl/multi_head/quantile_agent.py line 40 kappa=1.0"),
+        "target_update_every": (2000, f"{_GIN} line 15 target_update_period=8000 agent steps / "
+                                      "update_period 4"),
+        "clip_reward": (True, "dopamine DQN Replay data is stored clipped to [-1, 1] "
+                              "(dqn_agent.py: np.clip(reward, -1, 1))"),
+        "eval_epsilon": (0.001, f"{_GIN} line 17 epsilon_eval"),
+        "max_episode_steps": (27_000, f"{_GIN} line 32 max_steps_per_episode"),
+        "noop_max": (0, "dopamine atari_lib.create_atari_environment: no no-op starts"),
+        "torso_padding": ("same", "dopamine atari_lib.NatureDQNNetwork (Keras padding='same')"),
+    },
+    # DQN Replay: the paper's two data settings; the weight is chosen from --data-fraction
+    # (<= 5% -> the 1% weight, else the 10% weight; the paper's 20% curves used 0.5)
+    "dqn-replay-1pct": {
+        "cql_weight": (4.0, "CQL README line 35 'For 1% data, use minq_weight=4.0'; paper App. F"),
+        "sticky_prob": _DQN_STICKY},
+    "dqn-replay-10pct": {
+        "cql_weight": (1.0, "CQL README line 35 'for 10% data, use minq_weight=1.0'; paper App. F"),
+        "sticky_prob": _DQN_STICKY},
+    # Minari atari/<game>/expert-v0: 10 expert episodes, not the paper's data
+    "minari-atari": {
+        "cql_weight": (4.0, "project choice: the paper's weight for its smallest (1%) data"),
+        "sticky_prob": (0.0, "the dataset's env spec: Minari atari/<game>/expert-v0 was collected "
+                             "with repeat_action_probability=0 (read from the data when local)"),
+    },
+    # small vector problems (CartPole) on a CPU: no paper setting exists
+    "vector": {
+        "total_steps": (20_000, "project choice: CPU-sized"),
+        "eval_every": (2000, "project choice"),
+        "batch_size": (64, "project choice"),
+        "qf_lr": (1e-3, "project choice: small MLP"),
+        "num_quantiles": (50, "project choice"),
+        "target_update_every": (500, "project choice"),
+        "cql_weight": (1.0, "project choice (tests/test_qrdqn_run.py learning test)"),
+        "clip_reward": (False, "project choice: CartPole rewards are 1"),
+        "eval_epsilon": (0.0, "project choice: greedy"),
+        "hidden_dims": ((128, 128), "project choice"),
+        "threads": (1, "project choice: one thread is fastest for small MLPs"),
+    },
+}
+ONE_PCT_MAX = 0.05  # --data-fraction up to this uses the 1% weight, above it the 10% weight
+
+# --env name -> its PRESETS groups, in order (later ones override earlier ones; preset_groups
+# resolves them). By source for the rest: --dqn-replay-dir -> atari, dqn-replay-1pct
+# (--data-fraction <= ONE_PCT_MAX) or dqn-replay-10pct; another ALE game, or a Minari dataset of
+# frames -> atari, minari-atari; a dataset of vector observations -> vector.
+ENV_GROUPS: dict[str, list[str]] = {
+    **{game: ["atari", "minari-atari"] for game in ("pong", "breakout", "qbert", "seaquest",
+                                                     "asterix")},  # PAPER_GAMES
+    **{f"cartpole-{kind}": ["vector"] for kind in ("random", "medium", "expert", "mixed")},
+    "pong-random": ["atari", "minari-atari"],  # local frames
+}
+
+
+def preset_claim(source: DataSource, data_fraction: float = 0.01, spec=None
+                 ) -> tuple[list[str], dict[str, Any]]:
+    """The PRESETS groups of the data (the first family's that claims it, else vector) and the
+    preset values read from the local data (spec: the local dataset's, when known)."""
+    return next((claim for family in FAMILIES.values()
+                 if (claim := family.preset(source, data_fraction, spec)) is not None),
+                (["vector"], {}))
+
+
+def preset_groups(source: DataSource, data_fraction: float = 0.01, spec=None) -> list[str]:
+    """The PRESETS groups that apply, in order (later ones override earlier ones)."""
+    return preset_claim(source, data_fraction, spec)[0]
+
+
+def preset_args(env: str, dataset_id: str | None = None, dqn_replay_dir: str | None = None,
+                data_fraction: float = 0.01) -> Args:
+    """Args() with the values of the env's preset groups filled in (literal values)."""
+    source = resolve_source(env, dataset_id, dqn_replay_dir, data_fraction)
+    spec = None
+    if source.kind == "minari":  # the local dataset's spec, if any (missing: load_data says so)
+        with contextlib.suppress(Exception):
+            spec = importlib.import_module("minari").load_dataset(source.dataset_id).spec
+    groups, from_data = preset_claim(source, data_fraction, spec)
+    values = {k: v for group in groups for k, (v, _) in PRESETS[group].items()}
+    return replace(Args(), env=env, dataset_id=dataset_id, dqn_replay_dir=dqn_replay_dir,
+                   data_fraction=data_fraction, **{**values, **from_data})
+
+
+def presets_markdown() -> str:
+    """Every preset value with its source, as a markdown table (`--presets`)."""
+    lines = ["| preset | field | value | source |", "|---|---|---|---|"]
+    for group, preset in PRESETS.items():
+        for name, (value, source) in preset.items():
+            lines.append(f"| {group} | `{name}` | `{value!r}` | {source} |")
+    applies = ("atari: every Atari source; dqn-replay-1pct: --dqn-replay-dir with --data-fraction "
+               f"<= {ONE_PCT_MAX}; dqn-replay-10pct: above; minari-atari: a Minari dataset of "
+               "frames (atari/<game>/expert-v0); vector: vector observations (CartPole)")
+    return "\n".join(lines) + f"\n\nGroups: {applies}. Unlisted fields: `Args` defaults.\n"
+
+
+def env_from_dataset(dataset_id: str) -> str:
+    """--env label of a run given only --dataset-id: atari/pong/expert-v0 -> pong-expert-v0."""
+    return "-".join(dataset_id.split("/")[1:]) or dataset_id
+
+
+POSITIVE = ("total_steps", "eval_every", "eval_episodes", "batch_size", "num_quantiles",
+            "target_update_every", "log_every", "max_episode_steps", "qf_lr", "adam_eps",
+            "alpha_prime_lr", "kappa", "max_abs_q")
+
+
+def check_args(args: Args) -> None:
+    """Every argument checked once, up front: one-line errors, never a traceback or a NaN."""
+    rules = [(name, "positive", getattr(args, name) > 0) for name in POSITIVE] + [
+        ("data_fraction", "in (0, 1]", 0.0 < args.data_fraction <= 1.0),
+        ("gamma", "in [0, 1]", 0.0 <= args.gamma <= 1.0),
+        ("cql_weight", ">= 0", args.cql_weight >= 0),
+        ("sticky_prob", "in [0, 1]", args.sticky_prob is None or 0.0 <= args.sticky_prob <= 1.0),
+        ("eval_epsilon", "in [0, 1]", 0.0 <= args.eval_epsilon <= 1.0),
+        ("noop_max", ">= 0", args.noop_max >= 0),
+        ("hidden_dims", "positive widths", all(h > 0 for h in args.hidden_dims)),
+        ("threads", "positive", args.threads is None or args.threads > 0),
+        ("checkpoints", "'all' or a list such as 0-9,20",
+         re.fullmatch(r"all|\d+(-\d+)?(,\d+(-\d+)?)*", args.checkpoints.replace(" ", "")))]
+    for name, rule, ok in rules:
+        if not ok:
+            fail(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """Command line -> complete Args: --env (or --dataset-id alone) and the data flags pick the
+    preset, which tyro shows in --help and the other flags override."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--presets" in argv:
+        print(presets_markdown(), end="")
+        raise SystemExit(0)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flag in ("--env", "--dataset-id", "--dqn-replay-dir"):
+        pre.add_argument(flag)
+    pre.add_argument("--data-fraction", type=float, default=0.01)
+    known, _ = pre.parse_known_args(argv)
+    env = known.env or (env_from_dataset(known.dataset_id) if known.dataset_id else None)
+    if env is None and not {"-h", "--help"} & set(argv):
+        fail("--env is required (e.g. --env pong, --env cartpole-expert) unless --dataset-id "
+             "names the data; see --help")
+    preset = preset_args(env or Args.env, known.dataset_id, known.dqn_replay_dir,
+                         known.data_fraction)
+    args = tyro.cli(Args, default=preset, args=argv, description=__doc__.split("\n\n")[0])
     check_args(args)
-    device = pick_device(args.device)
-    args = replace(args, run_dir=args.resume or args.run_dir or default_run_dir(args))
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    data = load_data(args)
-    buffer = ReplayBuffer(data, device, args.seed, args.clip_reward,
-                          torch.device("cpu") if args.buffer_device == "cpu" else None)
-    data.frames = data.actions = data.rewards = data.dones = data.valid = None  # in the buffer
-    agent = Agent(buffer.obs_shape, data.n_actions, args).to(device)
-    trainer = Trainer(agent, args, device)
-    envs = [make_eval_env(data.eval_env) for _ in range(args.eval_episodes)]
-    max_steps = data.eval_env["max_episode_steps"] or 10**9
-    run = Run(args, dict(agent=agent, trainer=trainer, buffer=buffer), data.info,
-              data.eval_env, device)
-    for step in tqdm(range(run.step + 1, args.total_steps + 1), initial=run.step,
-                     total=args.total_steps, disable=not args.progress, desc="cql-qrdqn"):
-        metrics = trainer.step(buffer.sample(args.batch_size))
-        if run.due(step, args.log_every, args.eval_every, last=args.total_steps):
-            run.log(step, metrics)
-        if run.due(step, args.eval_every, last=args.total_steps):
-            run.evaluate_and_checkpoint(step, partial(
-                evaluate, agent.q, envs, args.eval_epsilon, eval_seed(args.seed, step), device,
-                max_steps, args.gamma, args.clip_reward, data.score_range))
-        run.stop_if_signalled(step)
-    return run.finish(final_summary(run.history, args, data))
+    return args
 
 
 LENGTH_FIELD = "total_steps"  # the run length a resume may grow (Part III)
