@@ -27,11 +27,11 @@ ALE's internal frame-skip 4), no no-op starts.
 The file reads in three parts:
   Part I, the algorithm, lines 67-529: Args, the quantile network, the losses (QR-DQN,
     CQL(H)), the training step, the replay buffer, evaluation and the main loop.
-  Part II, datasets and presets, lines 530-1273: Minari loading and the generic path
+  Part II, datasets and presets, lines 530-1276: Minari loading and the generic path
     (vector observations, local datasets), one block per dataset family (Minari Atari, DQN
     Replay: each its data, evaluation env and score, registered in FAMILIES), the presets
     with their sources, the command line.
-  Part III, run plumbing, lines 1274-1508: run directory, checkpoints, resume, signals.
+  Part III, run plumbing, lines 1277-1774: run directory, checkpoints, resume, signals.
 To use the file on your own discrete-action data, delete the two family blocks (ale-py and
 OpenCV go with them): the generic path loads any Minari dataset of vector observations
 (--dataset-id) and evaluates it in the dataset's own env.
