@@ -97,8 +97,6 @@ class Args:
     """Online update-to-data ratio: gradient steps per collected env step."""
     run_dir: str | None = None
     """Run directory; None: runs/calql_finetune__<env>__s<seed>__<time>."""
-    hidden_dims: tuple[int, ...] | None = None
-    """Command-line shorthand for --actor-hidden-dims and --critic-hidden-dims (given ones win)."""
     actor_hidden_dims: tuple[int, ...] = (512, 512)
     """Actor hidden widths."""
     critic_hidden_dims: tuple[int, ...] = (512, 512, 512)
@@ -412,9 +410,6 @@ def check_args(args: Args) -> None:
         fail("hidden widths must be at least 1")
     if args.cudagraphs and not args.compile:
         fail("--cudagraphs needs --compile")
-    if args.hidden_dims is not None:
-        fail("hidden_dims is a command-line shorthand (parse_args); set actor_hidden_dims "
-             "and critic_hidden_dims instead")
 
 
 def presets_markdown() -> str:
@@ -442,12 +437,6 @@ def parse_args(argv: list[str] | None = None) -> Args:
     known, _ = pre.parse_known_args(argv)
     env = known.env or (env_for_dataset(known.dataset_id) if known.dataset_id else Args.env)
     args = tyro.cli(Args, default=preset_args(env, known.dataset_id), args=argv)
-    if args.hidden_dims is not None:  # shorthand for both networks; explicit flags win
-        given = {a.replace("_", "-") for a in argv}
-        args = replace(args, hidden_dims=None, **{
-            f"{net}_hidden_dims": tuple(getattr(args, f"{net}_hidden_dims")
-                                        if f"--{net}-hidden-dims" in given else args.hidden_dims)
-            for net in ("actor", "critic")})
     check_args(args)
     return args
 

@@ -67,9 +67,6 @@ class Args:
     """Transitions per gradient step."""
     run_dir: str | None = None
     """Run directory; None: runs/cql_sac_continuous__<env>__s<seed>__<time>."""
-    hidden_dims: tuple[int, ...] | None = None
-    """Command-line shorthand for the actor and critic widths (a per-network flag given on the
-    command line wins); parse_args spends it (None), main takes the per-network widths."""
     actor_hidden_dims: tuple[int, ...] = (256, 256, 256)
     """Actor hidden widths."""
     critic_hidden_dims: tuple[int, ...] = (256, 256, 256)
@@ -101,12 +98,10 @@ class Args:
     # ---- CQL -------------------------------------------------------------------------
     cql_weight: float = 5.0
     """Weight w of the conservative penalty (official `min_q_weight`; 0: naive offline SAC)."""
-    cql_variant: Literal["is", "plain", "eq7"] = "is"
+    cql_variant: Literal["is", "plain"] = "is"
     """is: CQL(H) with the importance-sampled logsumexp (App. F; official `min_q_version 3`).
     plain: logsumexp over [rand, data, pi(s'), pi(s)] Q-values with temperature, no importance
-    weights (official `min_q_version 2`, which the official README calls "CQL(rho)").
-    eq7: this project's own reading of Eq. 7 (softmax(Q)-weighted mean of Q over actions from
-    the current policy, weights detached); it has NO counterpart in the official code."""
+    weights (official `min_q_version 2`, which the official README calls "CQL(rho)")."""
     cql_data_term: bool = True
     """Subtract E_D[Q(s,a)] (Eq. 2/4); --no-cql-data-term gives the Eq. 1 variant (Table 5)."""
     cql_n_actions: int = 10
@@ -331,12 +326,6 @@ def parse_args(argv: list[str] | None = None) -> Args:
     known, _ = pre.parse_known_args(argv)
     env = known.env or (env_from_dataset(known.dataset_id) if known.dataset_id else Args.env)
     args = tyro.cli(Args, default=preset_args(env, known.dataset_id), args=argv)
-    if args.hidden_dims is not None:  # a per-network flag on the command line wins
-        given = {a.split("=", 1)[0].replace("_", "-") for a in argv}
-        args = replace(args, hidden_dims=None, **{
-            f"{net}_hidden_dims": getattr(args, f"{net}_hidden_dims")
-            if f"--{net}-hidden-dims" in given else tuple(args.hidden_dims)
-            for net in ("actor", "critic")})
     check_args(args)
     return args
 
@@ -362,9 +351,6 @@ def check_args(args: Args) -> None:
     for name, rule, ok in rules:
         if not ok:
             fail(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
-    if args.hidden_dims is not None:
-        fail("hidden_dims is a command-line shorthand (parse_args); set actor_hidden_dims "
-             "and critic_hidden_dims instead")
     if args.cudagraphs and not args.compile:
         fail("--cudagraphs needs --compile")
 
@@ -836,15 +822,6 @@ def cql_logsumexp_plain(q_rand: torch.Tensor, q_pi: torch.Tensor, q_next_pi: tor
     return temp * torch.logsumexp(cat / temp, dim=-1)
 
 
-def cql_eq7_push_down(q_pi: torch.Tensor) -> torch.Tensor:
-    """`--cql-variant eq7`: this project's own reading of Eq. 7 (CQL(rho) with rho = the
-    current policy); the official code has NO counterpart (its README's "CQL(rho)" is
-    `min_q_version 2`, here `plain`). The maximizing mu is rho*exp(Q)/Z, so the pushed-down
-    value is the softmax(Q)-weighted mean of Q over actions drawn from rho; the weights are the
-    solution of the inner max, hence held fixed (detached)."""
-    return (torch.softmax(q_pi.detach(), dim=-1) * q_pi).sum(-1)
-
-
 def cql_penalty(push_down: torch.Tensor, q_data: torch.Tensor, data_term: bool,
                 clip_min: float, clip_max: float) -> torch.Tensor:
     """Per-critic gap E_s[push-down] - E_D[Q(s,a)] (Eq. 4); without the data term: Eq. 1."""
@@ -898,10 +875,8 @@ def cql_term(agent: Agent, batch: dict[str, torch.Tensor], args: Args, q_data: t
     if args.cql_variant == "is":
         push_down = cql_logsumexp_is(q_rand, q_cur, logp_cur, q_next, logp_next, action_dim,
                                      args.cql_temp)
-    elif args.cql_variant == "plain":
+    else:
         push_down = cql_logsumexp_plain(q_rand, q_cur, q_next, q_data, args.cql_temp)
-    else:  # eq7: the project's own Eq. 7 reading, no official counterpart
-        push_down = cql_eq7_push_down(q_cur)
     gap = cql_penalty(push_down, q_data, args.cql_data_term, args.cql_clip_diff_min,
                       args.cql_clip_diff_max)
     metrics = dict(cql_gap=gap.detach().mean(), q_ood=push_down.detach().mean())
