@@ -143,7 +143,7 @@ def test_initial_alpha_prime_is_e():
     agent = calql.Agent(3, 2, args)
     assert agent.log_alpha_prime.item() == 1.0
     gap = torch.tensor([2.0, 2.0])
-    _, _, alpha_prime = calql.lagrange_terms(gap, agent.log_alpha_prime, 5.0, 0.8)
+    _, _, alpha_prime = calql.lagrange_terms(gap, agent.log_alpha_prime, 5.0, 0.8, "calql")
     assert float(alpha_prime) == pytest.approx(math.e)
 
 
