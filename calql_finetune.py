@@ -9,24 +9,22 @@ weight) plus ONE change: in the logsumexp, the Q-values of the policy actions (p
 pi(.|s'), both scored at s) are replaced by max(Q(s,a), V_mu(s)), V_mu the Monte-Carlo
 return-to-go of the behaviour policy. `--no-enable-calql` gives plain CQL, all else equal.
 Where the official code and the paper's appendix differ, the official code is followed and
-the comment says so. `python calql_finetune.py --presets` prints every preset value with
-its source; `python calql_finetune.py --env X --help` shows the values that run for X.
+the comment says so. `--presets` prints every preset value with its source; `--env X
+--help` shows the values that run for X. `diff cql_sac_continuous.py calql_finetune.py`
+shows what Cal-QL changes.
 
     python benchmark/datasets.py pointmaze-sparse pen-cloned-local   # local datasets
     python calql_finetune.py --env pointmaze-binary                 # CPU, about a minute
-    python calql_finetune.py --env pen-binary --dataset-id local/pen/cloned-v0
-    python calql_finetune.py --env pen-binary --device cuda          # D4RL/pen/cloned-v2
     python calql_finetune.py --env antmaze-medium-play --no-enable-calql   # plain CQL
     python calql_finetune.py --dataset-id mujoco/hopper/medium-v0    # generic preset
 
-The file reads in three parts:
-- Part I, the algorithm (lines 59-783): Args, networks, losses, the training step, the replay
-  buffers, evaluation and online episodes, main.
-- Part II, datasets and presets (lines 784-1347): Minari loading, one block per dataset family
+- Part I, the algorithm (lines 57-781): Args, networks, losses, training step, buffers,
+  evaluation and online episodes, main.
+- Part II, datasets and presets (lines 782-1343): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1348-1582): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1344-1578): run directory, checkpoints, resume, signals, W&B.
 """
 
 
@@ -1039,8 +1037,7 @@ def eval_env_description(dataset, args: Args) -> tuple[dict[str, Any], bool]:
                 entry_point=str(spec.entry_point)), comparable
 
 
-# ---- dataset families: what each does to the data, its evaluation env, its score ---------
-# Data (what the presets load, and how it differs from the paper's):
+# ---- dataset families: what the presets load, how it differs from the paper's -----------
 # - Adroit binary (`pen|door|relocate-binary`): `D4RL/<task>/cloned-v2` (D4RL's human demos
 #   plus BC rollouts), re-labelled `r = success - 1` from its `success` infos. The official
 #   data, AWAC's 25 demos plus 500 BC trajectories per task (Cal-QL README, `JaxCQL/
@@ -1050,8 +1047,7 @@ def eval_env_description(dataset, args: Args) -> tuple[dict[str, Any], bool]:
 # - AntMaze (`antmaze-<maze>`): `D4RL/antmaze/<maze>-v1`, never terminated: goal-reward steps
 #   become terminals (D4RL's antmaze `terminals`, which Cal-QL reads); evaluated in the DATA's
 #   maze with fixed start and goal cells, ending at the goal, score = success rate x 100.
-#
-# - Any other continuous-action dataset: `--dataset-id X` alone, the generic preset (GENERIC).
+# - Any other continuous-action dataset: `--dataset-id X` alone, the generic preset.
 
 
 # ---- family: Adroit binary (pen, door, relocate) -----------------------------------------

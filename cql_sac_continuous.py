@@ -9,14 +9,13 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
     python cql_sac_continuous.py --env pendulum-medium          # local dataset (see README)
     python cql_sac_continuous.py --dataset-id mujoco/hopper/expert-v0 --device cuda
 
-The file reads in three parts:
-- Part I, the algorithm (lines 48-599): Args, networks, losses, the training step, the replay
+- Part I, the algorithm (lines 47-598): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 600-1171): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 599-1170): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1172-1406): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1171-1405): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
