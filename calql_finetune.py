@@ -177,7 +177,7 @@ class Args:
     max_abs_q: float = 1e6
     """Stop the run when |Q| exceeds this (divergence guard), checked when metrics are read."""
     compile: bool = False
-    """torch.compile the loss computation (CPU and CUDA)."""
+    """Compile the loss computation with torch.compile (CPU and CUDA)."""
     cudagraphs: bool = False
     """With --compile on CUDA: mode reduce-overhead (CUDA graphs)."""
     resume: str | None = None

@@ -108,8 +108,8 @@ class Args:
     cql_weight: float = 5.0
     """Weight w of the conservative penalty (official `min_q_weight`; 0: naive offline SAC)."""
     cql_variant: Literal["is", "plain"] = "is"
-    """is: CQL(H) with the importance-sampled logsumexp (App. F; official `min_q_version 3`).
-    plain: logsumexp over [rand, data, pi(s'), pi(s)] Q-values with temperature, no importance
+    """`is`: CQL(H) with the importance-sampled logsumexp (App. F; official `min_q_version 3`).
+    `plain`: logsumexp over [rand, data, pi(s'), pi(s)] Q-values with temperature, no importance
     weights (official `min_q_version 2`, which the official README calls "CQL(rho)")."""
     cql_data_term: bool = True
     """Subtract E_D[Q(s,a)] (Eq. 2/4); --no-cql-data-term gives the Eq. 1 variant (Table 5)."""
@@ -129,7 +129,7 @@ class Args:
     w = 1, the official default with Lagrange (`cql_mujoco_new.py`); calql form
     alpha'*w*(gap - tau) (Cal-QL, CORL) drives the gap to tau whatever w (antmaze: 0.8, w 5)."""
     lagrange_form: Literal["cql", "calql"] = "cql"
-    """cql: alpha'*(w*gap - tau) (rlkit `cql.py`); calql: alpha'*w*(gap - tau) (Cal-QL
+    """`cql`: alpha'*(w*gap - tau) (rlkit `cql.py`); `calql`: alpha'*w*(gap - tau) (Cal-QL
     `conservative_sac.py`, CORL `cql.py`). See --cql-tau."""
     log_alpha_prime_init: float = 0.0
     """Initial log alpha' (Lagrange only): 0.0 in rlkit `cql.py` (`ptu.zeros(1)`), 1.0 in Cal-QL
@@ -139,7 +139,7 @@ class Args:
 
     # ---- data ------------------------------------------------------------------------
     reward_mode: Literal["none", "locomotion", "scale_bias"] = "none"
-    """none; locomotion: r*1000/(max_return - min_return); scale_bias: r*scale + bias."""
+    """`none`; `locomotion`: r*1000/(max_return - min_return); `scale_bias`: r*scale + bias."""
     reward_scale: float = 1.0
     """Scale for reward_mode scale_bias."""
     reward_bias: float = 0.0
@@ -153,7 +153,7 @@ class Args:
     max_abs_q: float = 1e6
     """Stop the run when |Q| exceeds this (divergence guard), checked every log_every steps."""
     compile: bool = False
-    """torch.compile the loss computation (CPU and CUDA)."""
+    """Compile the loss computation with torch.compile (CPU and CUDA)."""
     cudagraphs: bool = False
     """With --compile on CUDA: mode reduce-overhead (CUDA graphs)."""
     resume: str | None = None
