@@ -3,17 +3,26 @@
 Kumar, Zhou, Tucker, Levine. "Conservative Q-Learning for Offline Reinforcement Learning."
 NeurIPS 2020. https://arxiv.org/abs/2006.04779. Official code: github.com/aviralkumar2907/CQL
 (rlkit `cql.py`); points where the Cal-QL code (github.com/nakamotoo/Cal-QL) is followed are
-named where they appear. Top to bottom: the algorithm (arguments to main loop), then the run
-plumbing. `--env X --help` shows the values that run for X; `--presets` lists their sources.
+named where they appear. `--env X --help` shows the values that run for X; `--presets` lists
+their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL changes.
 
     python cql_sac_continuous.py --env pendulum-medium          # local dataset (see README)
     python cql_sac_continuous.py --dataset-id mujoco/hopper/expert-v0 --device cuda
+
+- Part I, the algorithm (lines 47-598): Args, networks, losses, the training step, the replay
+  buffer, generic evaluation, main.
+- Part II, datasets and presets (lines 599-1173): Minari loading, one block per dataset family
+  (its data, evaluation env and score), the presets with their sources, argument parsing.
+  Copying the file for your own data: delete the family blocks and the presets and pass
+  `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
+- Part III, run plumbing (lines 1174-1671): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import json
 import math
@@ -36,7 +45,7 @@ import tyro
 from tqdm import tqdm
 
 # ======================================================================================
-# Arguments and presets
+# Part I: the algorithm
 # ======================================================================================
 
 
@@ -56,7 +65,7 @@ class Args:
     seed: int = 0
     """Random seed (networks, sampling, evaluation episodes)."""
     device: str = "auto"
-    """auto | cpu | cuda (auto picks CUDA when available)."""
+    """Device: auto, cpu or cuda (auto picks CUDA when available)."""
     total_steps: int = 1_000_000
     """Number of gradient steps."""
     eval_every: int = 10_000
@@ -67,9 +76,6 @@ class Args:
     """Transitions per gradient step."""
     run_dir: str | None = None
     """Run directory; None: runs/cql_sac_continuous__<env>__s<seed>__<time>."""
-    hidden_dims: tuple[int, ...] | None = None
-    """Command-line shorthand for the actor and critic widths (a per-network flag given on the
-    command line wins); parse_args spends it (None), main takes the per-network widths."""
     actor_hidden_dims: tuple[int, ...] = (256, 256, 256)
     """Actor hidden widths."""
     critic_hidden_dims: tuple[int, ...] = (256, 256, 256)
@@ -101,12 +107,10 @@ class Args:
     # ---- CQL -------------------------------------------------------------------------
     cql_weight: float = 5.0
     """Weight w of the conservative penalty (official `min_q_weight`; 0: naive offline SAC)."""
-    cql_variant: Literal["is", "plain", "eq7"] = "is"
-    """is: CQL(H) with the importance-sampled logsumexp (App. F; official `min_q_version 3`).
-    plain: logsumexp over [rand, data, pi(s'), pi(s)] Q-values with temperature, no importance
-    weights (official `min_q_version 2`, which the official README calls "CQL(rho)").
-    eq7: this project's own reading of Eq. 7 (softmax(Q)-weighted mean of Q over actions from
-    the current policy, weights detached); it has NO counterpart in the official code."""
+    cql_variant: Literal["is", "plain"] = "is"
+    """`is`: CQL(H) with the importance-sampled logsumexp (App. F; official `min_q_version 3`).
+    `plain`: logsumexp over [rand, data, pi(s'), pi(s)] Q-values with temperature, no importance
+    weights (official `min_q_version 2`, which the official README calls "CQL(rho)")."""
     cql_data_term: bool = True
     """Subtract E_D[Q(s,a)] (Eq. 2/4); --no-cql-data-term gives the Eq. 1 variant (Table 5)."""
     cql_n_actions: int = 10
@@ -125,7 +129,7 @@ class Args:
     w = 1, the official default with Lagrange (`cql_mujoco_new.py`); calql form
     alpha'*w*(gap - tau) (Cal-QL, CORL) drives the gap to tau whatever w (antmaze: 0.8, w 5)."""
     lagrange_form: Literal["cql", "calql"] = "cql"
-    """cql: alpha'*(w*gap - tau) (rlkit `cql.py`); calql: alpha'*w*(gap - tau) (Cal-QL
+    """`cql`: alpha'*(w*gap - tau) (rlkit `cql.py`); `calql`: alpha'*w*(gap - tau) (Cal-QL
     `conservative_sac.py`, CORL `cql.py`). See --cql-tau."""
     log_alpha_prime_init: float = 0.0
     """Initial log alpha' (Lagrange only): 0.0 in rlkit `cql.py` (`ptu.zeros(1)`), 1.0 in Cal-QL
@@ -135,7 +139,7 @@ class Args:
 
     # ---- data ------------------------------------------------------------------------
     reward_mode: Literal["none", "locomotion", "scale_bias"] = "none"
-    """none; locomotion: r*1000/(max_return - min_return); scale_bias: r*scale + bias."""
+    """`none`; `locomotion`: r*1000/(max_return - min_return); `scale_bias`: r*scale + bias."""
     reward_scale: float = 1.0
     """Scale for reward_mode scale_bias."""
     reward_bias: float = 0.0
@@ -149,7 +153,7 @@ class Args:
     max_abs_q: float = 1e6
     """Stop the run when |Q| exceeds this (divergence guard), checked every log_every steps."""
     compile: bool = False
-    """torch.compile the loss computation (CPU and CUDA)."""
+    """Compile the loss computation with torch.compile (CPU and CUDA)."""
     cudagraphs: bool = False
     """With --compile on CUDA: mode reduce-overhead (CUDA graphs)."""
     resume: str | None = None
@@ -164,6 +168,794 @@ class Args:
     """Show a tqdm progress bar."""
 
 
+# ---- networks: tanh-Gaussian actor, twin critics fused into one batched ensemble ---------
+
+
+class EnsembleLinear(nn.Module):
+    """E independent linear layers evaluated by one batched matmul: [E, B, in] -> [E, B, out]."""
+
+    def __init__(self, ensemble: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(ensemble, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(ensemble, 1, out_features))
+        bound = 1 / math.sqrt(in_features)  # nn.Linear's default init, per member
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor, detach: bool = False) -> torch.Tensor:
+        w, b = (self.weight.detach(), self.bias.detach()) if detach else (self.weight, self.bias)
+        return torch.baddbmm(b, x, w)
+
+
+def orthogonal_(layers: list[nn.Module], transposed: bool) -> None:
+    """Orthogonal init (Cal-QL code): gain sqrt(2), last layer 1e-2, zero biases. Weights are
+    nn.Linear's [out, in] or, `transposed`, EnsembleLinear's [E, in, out] (as nn.init would)."""
+    for k, layer in enumerate(layers):
+        gain = 1e-2 if k == len(layers) - 1 else math.sqrt(2)
+        for mat in (layer.weight.data if transposed else layer.weight.data.T[None]):
+            mat.copy_(nn.init.orthogonal_(torch.empty(mat.shape[1], mat.shape[0]), gain).T)
+        nn.init.zeros_(layer.bias)
+
+
+class FusedCritic(nn.Module):
+    """Twin Q-networks as ONE ensemble: each layer is one baddbmm for both critics."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...],
+                 orthogonal: bool, ensemble: int = 2):
+        super().__init__()
+        dims = (obs_dim + action_dim, *hidden, 1)
+        self.layers = nn.ModuleList(EnsembleLinear(ensemble, i, o) for i, o in pairwise(dims))
+        self.ensemble = ensemble
+        if orthogonal:
+            orthogonal_(list(self.layers), transposed=True)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor,
+                detach: bool = False) -> torch.Tensor:
+        """obs [..., d], action [..., a] -> Q [E, ...]; detach=True gives no critic gradients."""
+        x = torch.cat([obs, action], -1)
+        lead = x.shape[:-1]
+        h = x.reshape(1, -1, x.shape[-1]).expand(self.ensemble, -1, -1)
+        for layer in self.layers[:-1]:
+            h = F.relu(layer(h, detach))
+        return self.layers[-1](h, detach).reshape(self.ensemble, *lead)
+
+
+def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> nn.Sequential:
+    dims = (in_dim, *hidden, out_dim)
+    layers = [m for i, o in pairwise(dims) for m in (nn.Linear(i, o), nn.ReLU())]
+    return nn.Sequential(*layers[:-1])  # no ReLU after the output layer
+
+
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # paper App. F; both official codes (rlkit, JaxCQL)
+
+
+class TanhGaussianActor(nn.Module):
+    """pi(a|s) = tanh(N(mu(s), sigma(s))), log-std clamped to `log_std_range`; log_std_affine:
+    log-std = m * log_std + b before the clamp, m and b learnable scalars initialised to 1 and
+    -1 (Args.log_std_affine: Cal-QL `model.py`, CORL)."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...], orthogonal: bool,
+                 log_std_affine: bool = False,
+                 log_std_range: tuple[float, float] = (LOG_STD_MIN, LOG_STD_MAX)):
+        super().__init__()
+        self.net = mlp(obs_dim, hidden, 2 * action_dim)
+        if orthogonal:
+            orthogonal_([m for m in self.net if isinstance(m, nn.Linear)], transposed=False)
+        self.log_std_affine, self.log_std_range = log_std_affine, log_std_range
+        if log_std_affine:
+            self.log_std_multiplier = nn.Parameter(torch.tensor(1.0))
+            self.log_std_offset = nn.Parameter(torch.tensor(-1.0))
+
+    def dist(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.net(obs).chunk(2, -1)
+        if self.log_std_affine:
+            log_std = self.log_std_multiplier * log_std + self.log_std_offset
+        return mean, log_std.clamp(*self.log_std_range)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterized sample a ~ pi(.|s) and its log-density (tanh change of variables)."""
+        mean, log_std = self.dist(obs)
+        u = mean + log_std.exp() * torch.randn_like(mean)
+        return torch.tanh(u), tanh_gaussian_log_prob(u, mean, log_std)
+
+    def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """log pi(a|s) of a given action in (-1, 1) (behaviour cloning)."""
+        mean, log_std = self.dist(obs)
+        u = torch.atanh(action.clamp(-1 + 1e-6, 1 - 1e-6))
+        return tanh_gaussian_log_prob(u, mean, log_std)
+
+    @torch.no_grad()
+    def act_deterministic(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dist(obs)[0])
+
+
+def tanh_gaussian_log_prob(u: torch.Tensor, mean: torch.Tensor,
+                           log_std: torch.Tensor) -> torch.Tensor:
+    """log N(u; mean, std) - sum log(1 - tanh(u)^2), the latter in a stable softplus form."""
+    normal = -0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+    log_det = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
+    return (normal - log_det).sum(-1)
+
+
+class Agent(nn.Module):
+    """All trainable state: actor, fused twin critics and their target, log alpha, log alpha'."""
+
+    def __init__(self, obs_dim: int, action_dim: int, args: Args):
+        super().__init__()
+        self.action_dim = action_dim
+        self.actor = TanhGaussianActor(obs_dim, action_dim, args.actor_hidden_dims,
+                                       args.orthogonal_init, args.log_std_affine)
+        self.critic = FusedCritic(obs_dim, action_dim, args.critic_hidden_dims,
+                                  args.orthogonal_init)
+        self.target_critic = FusedCritic(obs_dim, action_dim, args.critic_hidden_dims, False)
+        self.target_critic.load_state_dict(self.critic.state_dict())
+        self.target_critic.requires_grad_(False)
+        self.log_alpha = nn.Parameter(torch.zeros(()))
+        # rlkit cql.py starts log alpha' at 0, Cal-QL and CORL at 1.0: --log-alpha-prime-init
+        self.log_alpha_prime = nn.Parameter(torch.tensor(float(args.log_alpha_prime_init)))
+
+
+# ---- losses ------------------------------------------------------------------------------
+
+
+def cql_logsumexp_is(q_rand: torch.Tensor, q_pi: torch.Tensor, logp_pi: torch.Tensor,
+                     q_next_pi: torch.Tensor, logp_next_pi: torch.Tensor, action_dim: int,
+                     temp: float = 1.0) -> torch.Tensor:
+    """Importance-sampled log sum_a exp Q(s,a), App. F (official `min_q_version 3`).
+    q_*: [E, B, N], all scored at the CURRENT state s; logp_*: [B, N] proposal log-densities.
+    Each sample's Q has its proposal's log-density subtracted (detached: the penalty never
+    trains the actor); uniform density on [-1, 1]^d is 0.5^d. Returns [E, B]. The constant
+    log(3N) of a proper mean is omitted, as in the official code (it changes no gradient)."""
+    cat = torch.cat([q_rand - action_dim * math.log(0.5), q_pi - logp_pi.detach(),
+                     q_next_pi - logp_next_pi.detach()], dim=-1)
+    return temp * torch.logsumexp(cat / temp, dim=-1)
+
+
+def cql_logsumexp_plain(q_rand: torch.Tensor, q_pi: torch.Tensor, q_next_pi: torch.Tensor,
+                        q_data: torch.Tensor, temp: float = 1.0) -> torch.Tensor:
+    """T * logsumexp(Q/T) over [Q_rand, Q_data, Q_pi(s'), Q_pi(s)], no importance weights
+    (official `min_q_version 2`, which the official README calls "CQL(rho)")."""
+    cat = torch.cat([q_rand, q_data.unsqueeze(-1), q_next_pi, q_pi], dim=-1)
+    return temp * torch.logsumexp(cat / temp, dim=-1)
+
+
+def cql_penalty(push_down: torch.Tensor, q_data: torch.Tensor, data_term: bool,
+                clip_min: float, clip_max: float) -> torch.Tensor:
+    """Per-critic gap E_s[push-down] - E_D[Q(s,a)] (Eq. 4); without the data term: Eq. 1."""
+    return (push_down - q_data if data_term else push_down).clamp(clip_min, clip_max).mean(-1)
+
+
+def lagrange_terms(gap: torch.Tensor, log_alpha_prime: torch.Tensor, weight: float, tau: float,
+                   form: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 30 dual descent (forms: see Args.cql_tau). Returns (critic penalty [E], alpha' loss,
+    alpha'), alpha' = clamp(exp(log alpha'), 0, 1e6). The critic sees alpha' as a constant;
+    alpha' sees the gap as a constant and grows while gap > tau."""
+    alpha_prime = log_alpha_prime.exp().clamp(0.0, 1e6)
+    slack = weight * (gap - tau) if form == "calql" else weight * gap - tau
+    alpha_prime_loss = -(alpha_prime * slack.detach()).mean()  # mean over both critics
+    return alpha_prime.detach() * slack, alpha_prime_loss, alpha_prime
+
+
+def bellman_target(agent: Agent, batch: dict[str, torch.Tensor], args: Args,
+                   alpha: torch.Tensor) -> torch.Tensor:
+    """r + gamma (1 - d) * target value at s' (no gradient). Backups:
+    standard: min_j Qbar_j(s', a') - alpha log pi(a'|s');  deterministic: no entropy term
+    (official `deterministic_backup`); max: max over N a' ~ pi(.|s') of min_j Qbar_j (Cal-QL)."""
+    with torch.no_grad():
+        next_obs = batch["next_obs"]
+        if args.max_backup:
+            rep = next_obs.unsqueeze(1).expand(-1, args.cql_n_actions, -1)
+            a_next, logp_next = agent.actor(rep)  # [B, N, a], [B, N]
+            q_next, idx = agent.target_critic(rep, a_next).min(0).values.max(-1)  # over N
+            logp_next = logp_next.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+        else:
+            a_next, logp_next = agent.actor(next_obs)
+            q_next = agent.target_critic(next_obs, a_next).min(0).values
+        if args.backup_entropy:
+            q_next = q_next - alpha * logp_next
+        return batch["rewards"] + args.gamma * (1.0 - batch["dones"]) * q_next
+
+
+def compute_losses(agent: Agent, batch: dict[str, torch.Tensor], args: Args, bc: bool
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The four losses of one update, summed for ONE backward pass. Each trains only its own
+    parameters; what keeps the others out of its gradient:
+
+      loss              trains            kept off the other parameters by
+      actor_loss        actor             critic detached (critic(detach=True)), alpha detached
+      alpha_loss        log_alpha         log pi detached
+      critic_loss       critic            target under no_grad (bellman_target), CQL
+        (Bellman + CQL)                   proposals under no_grad and their log pi detached
+                                          (cql_term), alpha' detached (lagrange_terms)
+      alpha_prime_loss  log_alpha_prime   gap detached (lagrange_terms)
+      (none)            target_critic     requires_grad False; Polyak in Trainer.step
+
+    Checked by tests/test_cql_sac_losses.py: test_compute_losses_gradients_are_disjoint
+    (the map above), test_cql_term_matches_manual_computation_and_never_trains_the_actor,
+    test_lagrange_alpha_prime_rises_above_tau_and_falls_below (alpha' constant to critics).
+    `bc`: behaviour cloning instead of the SAC actor loss (the first bc_steps updates)."""
+    obs, actions = batch["obs"], batch["actions"]
+    alpha = agent.log_alpha.exp()
+    # ---- actor: SAC loss, or behaviour cloning for the first bc_steps (official code) ----
+    a_pi, logp_pi = agent.actor(obs)
+    if bc:
+        actor_loss = (alpha.detach() * logp_pi - agent.actor.log_prob(obs, actions)).mean()
+    else:
+        q_pi = agent.critic(obs, a_pi, detach=True).min(0).values
+        actor_loss = (alpha.detach() * logp_pi - q_pi).mean()
+    target_entropy = -actions.shape[-1] if args.target_entropy is None else args.target_entropy
+    alpha_loss = -(agent.log_alpha * (logp_pi.detach() + target_entropy)).mean()
+    # ---- critics: Bellman error (MSE without the 1/2 of Eq. 4, as both official codes) ---
+    target = bellman_target(agent, batch, args, alpha.detach())
+    q_data = agent.critic(obs, actions)  # [E, B]
+    bellman = ((q_data - target) ** 2).mean(-1)  # [E]
+    critic_loss = bellman.sum()
+    if args.cql_weight > 0 or args.lagrange:
+        penalty, alpha_prime_loss, cql_metrics = cql_term(agent, batch, args, q_data)
+        critic_loss = critic_loss + penalty.sum()
+    else:  # naive offline SAC
+        alpha_prime_loss = torch.zeros((), device=obs.device)
+        cql_metrics = dict(alpha_prime=alpha_prime_loss)
+    total = actor_loss + alpha_loss + critic_loss + alpha_prime_loss
+    return total, dict(bellman_loss=bellman.mean(), q_data=q_data.mean(), actor_loss=actor_loss,
+                       alpha=alpha.detach(), log_pi=logp_pi.detach().mean(),
+                       critic_loss=critic_loss.detach(), **cql_metrics)
+
+
+def cql_term(agent: Agent, batch: dict[str, torch.Tensor], args: Args, q_data: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Conservative penalty per critic [E], the alpha' loss (0 without Lagrange), metrics."""
+    obs, next_obs = batch["obs"], batch["next_obs"]
+    (batch_size, action_dim), n = batch["actions"].shape, args.cql_n_actions
+    rep_obs = obs.unsqueeze(1).expand(-1, n, -1)  # [B, N, d]
+    with torch.no_grad():  # proposal samples: the penalty never trains the actor
+        a_rand = torch.rand(batch_size, n, action_dim, device=obs.device) * 2 - 1
+        a_cur, logp_cur = agent.actor(rep_obs)
+        a_next, logp_next = agent.actor(next_obs.unsqueeze(1).expand(-1, n, -1))
+    # One critic call for all 3N actions, every one of them scored at the CURRENT state s.
+    q_all = agent.critic(rep_obs.repeat(1, 3, 1), torch.cat([a_rand, a_cur, a_next], 1))
+    q_rand, q_cur, q_next = q_all.split(n, dim=-1)  # each [E, B, N]
+    if args.cql_variant == "is":
+        push_down = cql_logsumexp_is(q_rand, q_cur, logp_cur, q_next, logp_next, action_dim,
+                                     args.cql_temp)
+    else:
+        push_down = cql_logsumexp_plain(q_rand, q_cur, q_next, q_data, args.cql_temp)
+    gap = cql_penalty(push_down, q_data, args.cql_data_term, args.cql_clip_diff_min,
+                      args.cql_clip_diff_max)
+    metrics = dict(cql_gap=gap.detach().mean(), q_ood=push_down.detach().mean())
+    if args.lagrange:
+        penalty, alpha_prime_loss, alpha_prime = lagrange_terms(
+            gap, agent.log_alpha_prime, args.cql_weight, args.cql_tau, args.lagrange_form)
+        return penalty, alpha_prime_loss, metrics | dict(alpha_prime=alpha_prime.detach())
+    zero = torch.zeros((), device=obs.device)
+    return args.cql_weight * gap, zero, metrics | dict(alpha_prime=zero + args.cql_weight)
+
+
+# ---- training step -----------------------------------------------------------------------
+
+
+class Trainer:
+    """Optimizers and one gradient step with no host sync (the metrics stay on the device until
+    Run.log reads them); counts its updates for the behaviour-cloning warm start."""
+
+    def __init__(self, agent: Agent, args: Args, device: torch.device):
+        self.agent, self.args, self.updates = agent, args, 0
+        fused = device.type == "cuda"
+        adam = lambda params, lr: torch.optim.Adam(params, lr=lr, fused=fused or None,
+                                                   foreach=None if fused else True)
+        self.optimizers = dict(actor=adam(agent.actor.parameters(), args.policy_lr),
+                               critic=adam(agent.critic.parameters(), args.qf_lr),
+                               alpha=adam([agent.log_alpha], args.policy_lr),
+                               alpha_prime=adam([agent.log_alpha_prime], args.alpha_prime_lr))
+        self.loss_fn = compute_losses
+        if args.compile:  # --cudagraphs: CUDA graphs replay the captured step
+            mode = "reduce-overhead" if args.cudagraphs and device.type == "cuda" else None
+            self.loss_fn = torch.compile(compute_losses, mode=mode)
+        self.online = list(agent.critic.parameters())
+        self.target = list(agent.target_critic.parameters())
+
+    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        bc = self.updates < self.args.bc_steps
+        total, metrics = self.loss_fn(self.agent, batch, self.args, bc)
+        total.backward()
+        for opt in self.optimizers.values():
+            opt.step()
+        with torch.no_grad():  # Polyak averaging of the target critics
+            torch._foreach_lerp_(self.target, self.online, self.args.soft_target_update)
+        self.updates += 1
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(updates=self.updates,
+                    optimizers={k: opt.state_dict() for k, opt in self.optimizers.items()})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = state["updates"]
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][k])
+
+
+# ---- replay buffer -----------------------------------------------------------------------
+
+
+class ReplayBuffer:
+    """The whole dataset as tensors on the training device; uniform sampling on the device."""
+
+    def __init__(self, data: dict[str, np.ndarray], device: torch.device, seed: int):
+        self.data = {k: torch.as_tensor(v, device=device) for k, v in data.items()}
+        self.size = len(self.data["obs"])
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, self.size, (batch_size,), device=self.data["obs"].device,
+                            generator=self.generator)
+        return {k: v[idx] for k, v in self.data.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(generator=self.generator.get_state())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+# ---- evaluation --------------------------------------------------------------------------
+
+
+def make_eval_env(spec: dict[str, Any]) -> gym.Env:
+    """The env of an eval_env spec (config.json's `eval_env`; online episodes use it too):
+    built from its recorded entry point where it has one, else by its registered id."""
+    register_robotics_envs()
+    kwargs = copy.deepcopy(spec["kwargs"])
+    try:
+        if spec.get("entry_point"):
+            return gym.make(gym.envs.registration.EnvSpec(
+                id=spec["id"], entry_point=spec["entry_point"],
+                max_episode_steps=spec["max_episode_steps"], kwargs=kwargs))
+        return gym.make(spec["id"], max_episode_steps=spec["max_episode_steps"], **kwargs)
+    except (gym.error.UnregisteredEnv, ModuleNotFoundError) as exc:
+        fail(f"cannot build the evaluation env {spec['id']} ({exc}); Adroit, AntMaze, Kitchen "
+             "and PointMaze envs need gymnasium-robotics (pip install gymnasium-robotics)")
+
+
+def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[str, Any],
+             device: torch.device) -> dict[str, float | None]:
+    """Deterministic policy for `eval_episodes` episodes, seeds fixed (independent of history).
+    normalized_score is the score of the dataset's family (info["score"], Part II), by
+    default 100*(return - ref_min)/(ref_max - ref_min); return_mean is always the raw return.
+    value_gap (paper Table 4): the critics' predicted value of the policy at each episode's
+    first state, min over twins of Q(s0, pi(s0)), minus the discounted return obtained
+    (rewards transformed as in training); < 0: conservative."""
+    episodes, has_success = [], False
+    for i in range(args.eval_episodes):
+        obs, _ = env.reset(seed=10_000 * (args.seed + 1) + i)
+        done, ep_return, disc_return, discount, t = False, 0.0, 0.0, 1.0, 0
+        success, step_info = False, {}
+        while not done:
+            x = torch.as_tensor(tf.obs(flatten_obs(obs)), device=device).reshape(1, -1)
+            action = agent.actor.act_deterministic(x)
+            if t == 0:
+                with torch.no_grad():
+                    pred = agent.critic(x, action).min(0).values.item()
+            obs, reward, terminated, truncated, step_info = env.step(
+                tf.to_env_action(action[0].cpu().numpy()))
+            ep_return += float(reward)
+            disc_return += discount * float(tf.reward(float(reward)))
+            discount *= args.gamma
+            has_success = has_success or "success" in step_info
+            success = success or bool(step_info.get("success", False))
+            done = terminated or truncated
+            t += 1
+        episodes.append((ep_return, pred, pred - disc_return, success, t, step_info))
+    returns, preds, gaps, successes, lengths = (np.array(x, np.float64) for x in zip(
+        *(e[:5] for e in episodes), strict=True))
+    norm, extra = family_of(info.get("family")).score(info, returns, successes,
+                                                      [e[5] for e in episodes])
+    return dict(return_mean=float(np.mean(returns)), return_std=float(np.std(returns)),
+                normalized_score=norm, value_gap=float(np.mean(gaps)),
+                q_pred_s0=float(np.mean(preds)),
+                success_rate=float(np.mean(successes)) if has_success else None,
+                episode_length=float(np.mean(lengths)), **extra)
+
+
+# ---- main loop ---------------------------------------------------------------------------
+
+
+def main(args: Args) -> dict[str, Any]:
+    """Train with a complete Args (parse_args, or preset_args plus replace)."""
+    check_args(args)
+    device = pick_device(args.device)
+    args = replace(args, run_dir=args.resume or args.run_dir or default_run_dir(args))
+    torch.manual_seed(args.seed)  # all training randomness is torch's; eval envs are seeded
+    data = load_data(args)
+    buffer = ReplayBuffer(data.transitions, device, args.seed)
+    agent = Agent(data.info["obs_dim"], data.info["action_dim"], args).to(device)
+    trainer = Trainer(agent, args, device)
+    env = make_eval_env(data.eval_env)
+    run = Run(args, dict(agent=agent, trainer=trainer, buffer=buffer), data.info,
+              data.eval_env, device)
+    for step in tqdm(range(run.step + 1, args.total_steps + 1), initial=run.step,
+                     total=args.total_steps, desc=f"CQL {args.env}", disable=not args.progress):
+        metrics = trainer.step(buffer.sample(args.batch_size))
+        if run.due(step, args.log_every, args.eval_every, last=args.total_steps):
+            run.log(step, metrics)
+        if run.due(step, args.eval_every, last=args.total_steps):
+            run.evaluate_and_checkpoint(
+                step, lambda: evaluate(agent, env, data.tf, args, data.info, device))
+        run.stop_if_signalled(step)
+    env.close()
+    return run.finish(final_summary(run.history, data.info, args))
+
+
+def final_summary(history: list[dict], info: dict[str, Any], args: Args) -> dict[str, Any]:
+    """summary.json's numbers: the last evaluation, and how its score is computed."""
+    last = history[-1]
+    return dict(final_normalized_score=last["normalized_score"], final_return=last["return_mean"],
+                score=info["score"], ref_source=info["ref_source"], value_gap=last["value_gap"],
+                success_rate=last["success_rate"], total_steps=args.total_steps)
+
+
+# ======================================================================================
+# Part II: datasets and presets
+# ======================================================================================
+
+
+# ---- Minari loading: episodes to transitions, the transforms, the evaluation env ---------
+
+
+def load_minari_dataset(dataset_id: str):
+    """Load a Minari dataset: local copy first, else download (needs network)."""
+    try:
+        import minari
+    except ImportError:
+        fail("loading a Minari dataset needs the package minari (pip install minari)")
+    with contextlib.suppress(FileNotFoundError):
+        return minari.load_dataset(dataset_id)
+    if dataset_id.startswith("local/"):  # built by this project, never downloaded
+        fail(f"dataset {dataset_id} not found; build it with: "
+             f"python benchmark/datasets.py {dataset_id}")
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except Exception as exc:  # network errors come in many types
+        fail(f"dataset {dataset_id} is not in {os.environ.get('MINARI_DATASETS_PATH', '~/.minari')}"
+             f" and could not be downloaded ({type(exc).__name__}); on a machine with network "
+             f"run `minari download {dataset_id}` and copy the datasets folder here")
+
+
+def flatten_obs(obs: Any) -> np.ndarray:
+    """Flatten (possibly nested dict) observations to float32 [..., d], keys sorted: the dataset
+    (time axis) and the evaluation env use this one function, so their feature orders agree."""
+    if isinstance(obs, dict):
+        return np.concatenate([flatten_obs(obs[k]) for k in sorted(obs)], axis=-1)
+    return np.asarray(obs, dtype=np.float32)
+
+
+def check_finite(data: dict[str, np.ndarray], dataset_id: str) -> None:
+    """Refuse NaN/inf in the data, naming the field."""
+    for key in ("obs", "next_obs", "actions", "rewards"):
+        bad = int((~np.isfinite(data[key])).sum())
+        if bad:
+            fail(f"dataset {dataset_id} has {bad} non-finite values in '{key}'; clean or filter "
+                 "those episodes before training")
+
+
+@dataclass
+class Transform:
+    """Everything applied to data that must be applied identically to env steps (evaluation,
+    online episodes)."""
+
+    obs_mean: np.ndarray
+    obs_std: np.ndarray
+    action_scale: np.ndarray
+    action_bias: np.ndarray
+    reward_scale: float
+    reward_bias: float
+
+    def obs(self, obs: np.ndarray) -> np.ndarray:
+        return ((obs - self.obs_mean) / self.obs_std).astype(np.float32)
+
+    def reward(self, reward: np.ndarray | float) -> np.ndarray | float:
+        return reward * self.reward_scale + self.reward_bias
+
+    def to_env_action(self, action: np.ndarray) -> np.ndarray:
+        """Actor output in [-1, 1]^d -> env action in [low, high]."""
+        return action * self.action_scale + self.action_bias
+
+    def from_env_action(self, action: np.ndarray) -> np.ndarray:
+        """Env action in [low, high] -> [-1, 1]^d, float32 (the dataset's actions)."""
+        return np.clip((action - self.action_bias) / self.action_scale, -1.0, 1.0).astype(
+            np.float32)
+
+
+def register_robotics_envs() -> None:
+    """Register gymnasium-robotics' envs (Adroit, AntMaze, Kitchen, PointMaze) when it is
+    installed; the generic path (any other gymnasium env) does not need it."""
+    with contextlib.suppress(ImportError):
+        import gymnasium_robotics
+        gym.register_envs(gymnasium_robotics)
+
+
+def episode_to_transitions(observations: Any, actions: np.ndarray, rewards: np.ndarray,
+                           terminations: np.ndarray, truncations: np.ndarray) -> dict[str, Any]:
+    """One episode (T+1 observations, T steps) -> T transitions, `next_obs[t] = obs[t+1]`; `done`
+    is termination only: a truncation (time limit) is not terminal, its target bootstraps."""
+    obs = flatten_obs(observations)
+    if obs.ndim == 1:
+        obs = obs[:, None]
+    steps = len(actions)
+    if len(obs) != steps + 1:
+        fail(f"episode has {len(obs)} observations for {steps} actions (expected T+1)")
+    return dict(obs=obs[:-1], next_obs=obs[1:],
+                actions=np.asarray(actions, np.float32).reshape(steps, -1),
+                rewards=np.asarray(rewards, np.float32).reshape(steps),
+                dones=np.asarray(terminations, np.float32).reshape(steps),
+                timeouts=np.asarray(truncations, np.float32).reshape(steps))
+
+
+def episodes_to_transitions(episodes) -> dict[str, np.ndarray]:
+    """Concatenate the transitions of Minari episodes (objects with the EpisodeData fields)."""
+    parts = [episode_to_transitions(ep.observations, ep.actions, ep.rewards, ep.terminations,
+                                    ep.truncations) for ep in episodes]
+    if not parts:
+        fail("the dataset has no episodes")
+    data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    # per episode, for the locomotion reward scale
+    data["episode_returns"] = np.array([p["rewards"].sum() for p in parts], np.float64)
+    return data
+
+
+def make_transform(data: dict[str, np.ndarray], action_space: gym.spaces.Box,
+                   args: Args) -> Transform:
+    """Observation statistics, action rescaling and reward scale/bias from the dataset."""
+    dim = data["obs"].shape[1]
+    mean, std = np.zeros(dim, np.float32), np.ones(dim, np.float32)
+    if args.normalize_states:
+        mean, std = data["obs"].mean(0), data["obs"].std(0) + 1e-3
+    low, high = action_space.low.astype(np.float32), action_space.high.astype(np.float32)
+    scale, bias = float(args.reward_scale), float(args.reward_bias)
+    if args.reward_mode == "none":
+        scale, bias = 1.0, 0.0
+    elif args.reward_mode == "locomotion":  # CORL / IQL: r * 1000 / (max_ret - min_ret)
+        spread = float(data["episode_returns"].max() - data["episode_returns"].min())
+        scale, bias = 1000.0 / max(spread, 1e-6), 0.0
+    return Transform(mean.astype(np.float32), std.astype(np.float32), (high - low) / 2,
+                     (high + low) / 2, scale, bias)
+
+
+def apply_transform(data: dict[str, np.ndarray], tf: Transform) -> dict[str, np.ndarray]:
+    """Normalized observations, actions in [-1, 1], scaled rewards: what the networks see."""
+    actions = (data["actions"] - tf.action_bias) / tf.action_scale
+    return dict(obs=tf.obs(data["obs"]), next_obs=tf.obs(data["next_obs"]),
+                actions=np.clip(actions, -1.0, 1.0).astype(np.float32),
+                rewards=np.asarray(tf.reward(data["rewards"]), np.float32),
+                dones=data["dones"])
+
+
+def spec_dict(spec: gym.envs.registration.EnvSpec) -> dict[str, Any]:
+    """What config.json records as `eval_env`: id, horizon and kwargs (maze_map included)."""
+    return json.loads(json.dumps(dict(id=spec.id, max_episode_steps=spec.max_episode_steps,
+                                      kwargs=spec.kwargs)))
+
+
+def scoring(meta: dict[str, Any], family: str | None, dataset_id: str) -> dict[str, Any]:
+    """How `normalized_score` is computed for this dataset, with its source."""
+    return family_of(family).scoring(meta, dataset_id)
+
+
+def eval_env_spec(dataset, family: str | None) -> gym.envs.registration.EnvSpec:
+    """The env evaluation runs in: the dataset's eval env spec (else its env spec), as the
+    family changes it."""
+    register_robotics_envs()
+    text = dataset.storage.metadata.get("eval_env_spec")
+    eval_spec = gym.envs.registration.EnvSpec.from_json(text) if text else None
+    return family_of(family).eval_spec(dataset.env_spec, eval_spec)
+
+
+@dataclass
+class Data:
+    """What training and evaluation take from a dataset."""
+
+    transitions: dict[str, np.ndarray]  # obs, actions, rewards, next_obs, dones, as trained on
+    tf: Transform  # applied identically at evaluation
+    info: dict[str, Any]  # dataset facts and how it is scored (config.json "dataset")
+    eval_env: dict[str, Any]  # JSON spec of the evaluation env (config.json "eval_env")
+
+
+def load_data(args: Args) -> Data:
+    """Dataset id -> transitions as the networks see them, their transform, facts, eval env."""
+    dataset = load_minari_dataset(args.dataset_id)
+    if not isinstance(dataset.action_space, gym.spaces.Box):
+        fail(f"dataset {args.dataset_id} has a {type(dataset.action_space).__name__} action "
+             "space; this script needs continuous (Box) actions: use cql_qrdqn_atari.py")
+    episodes = tqdm(dataset.iterate_episodes(), total=dataset.total_episodes, leave=False,
+                    desc=f"loading {args.dataset_id}", disable=not args.progress)
+    data = episodes_to_transitions(episodes)
+    check_finite(data, args.dataset_id)
+    family = dataset_family(args.dataset_id)
+    if (terminals := family_of(family).terminals) is not None:
+        data["dones"] = terminals(data)
+    tf = make_transform(data, dataset.action_space, args)
+    info = dict(dataset_id=args.dataset_id, family=family, transitions=len(data["obs"]),
+                episodes=len(data["episode_returns"]), obs_dim=data["obs"].shape[1],
+                action_dim=data["actions"].shape[1], goal_terminals=terminals is not None,
+                **scoring(dataset.storage.metadata, family, args.dataset_id))
+    return Data(apply_transform(data, tf), tf, info, spec_dict(eval_env_spec(dataset, family)))
+
+
+# ---- dataset families: what each does to the data, its evaluation env, its score ----------
+# One block per family, each registering a Family in FAMILIES; a dataset of no family (or a
+# copy of this file with the blocks deleted) takes the generic Family() defaults.
+
+
+def reference_scoring(meta: dict[str, Any], dataset_id: str) -> dict[str, Any]:
+    """Generic score: the dataset metadata's reference returns, where it has them."""
+    lo, hi = (None if meta.get(k) is None else float(meta[k])
+              for k in ("ref_min_score", "ref_max_score"))
+    source = None if lo is None or hi is None else "dataset metadata (ref_min_score / " \
+        "ref_max_score)"
+    return dict(score="100 * (return - ref_min) / (ref_max - ref_min)" if source else None,
+                ref_min_score=lo, ref_max_score=hi, ref_source=source)
+
+
+def reference_score(info: dict[str, Any], returns: np.ndarray, successes: np.ndarray,
+                    last_infos: list[dict]) -> tuple[float | None, dict[str, float]]:
+    """normalized_score of evaluation episodes from the reference returns (None without)."""
+    ret, lo, hi = float(np.mean(returns)), info.get("ref_min_score"), info.get("ref_max_score")
+    return (100.0 * (ret - lo) / (hi - lo) if lo is not None and hi is not None else None), {}
+
+
+@dataclass(frozen=True)
+class Family:
+    """A dataset family's changes to the generic path (the defaults)."""
+
+    terminals: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None  # new `dones`
+    eval_spec: Callable[[Any, Any], Any] = lambda data_spec, eval_spec: eval_spec or data_spec
+    scoring: Callable[[dict[str, Any], str], dict[str, Any]] = reference_scoring
+    score: Callable[..., tuple[float | None, dict[str, float]]] = reference_score
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def family_of(name: str | None) -> Family:
+    return FAMILIES.get(name or "", Family())
+
+
+# ---- family: gym (Minari's mujoco/*) ------------------------------------------------------
+# D4RL's Gym-MuJoCo reference returns (d4rl/gym_mujoco/__init__.py, *_RANDOM_SCORE and
+# *_EXPERT_SCORE, used for every split of the v0-v2 datasets): (random, expert).
+D4RL_MUJOCO_REFS = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0),
+                    "walker2d": (1.629008, 4592.3), "ant": (-325.6, 3879.7)}
+
+
+def gym_scoring(meta: dict[str, Any], dataset_id: str) -> dict[str, Any]:
+    out, robot = reference_scoring(meta, dataset_id), dataset_id.split("/")[1]
+    if out["ref_source"] is None and robot in D4RL_MUJOCO_REFS:  # Minari #323: none stored
+        out.update(score="100 * (return - ref_min) / (ref_max - ref_min)",
+                   ref_min_score=D4RL_MUJOCO_REFS[robot][0],
+                   ref_max_score=D4RL_MUJOCO_REFS[robot][1],
+                   ref_source="D4RL d4rl/gym_mujoco/__init__.py random/expert returns of the "
+                   "v2 datasets' envs (Gym MuJoCo v3): NOT like-for-like with the v5 envs")
+    return out
+
+
+FAMILIES["gym"] = Family(scoring=gym_scoring)
+
+
+# ---- family: adroit (D4RL/pen, door, relocate, hammer) --------------------------------------
+def adroit_eval_spec(data_spec, eval_spec) -> gym.envs.registration.EnvSpec:
+    """Minari's spec says 200 steps for every task (pen was 100 until Minari #286; pen
+    episodes are 100-200 steps, #303), but the reference scores are D4RL's, measured on
+    D4RL's horizons: 100 steps for pen, 200 for door, relocate and hammer."""
+    horizon = 100 if "Pen" in data_spec.id else 200
+    return replace(eval_spec or data_spec, max_episode_steps=horizon)
+
+
+def adroit_scoring(meta: dict[str, Any], dataset_id: str) -> dict[str, Any]:
+    out = reference_scoring(meta, dataset_id)
+    if out["ref_source"] is not None:
+        out["ref_source"] = ("dataset metadata: D4RL's reference scores (100-step pen "
+                             "episodes, see eval_env)")
+    return out
+
+
+FAMILIES["adroit"] = Family(eval_spec=adroit_eval_spec, scoring=adroit_scoring)
+
+
+# ---- family: kitchen (D4RL/kitchen) ---------------------------------------------------------
+KITCHEN_HORIZON = 280  # D4RL d4rl/kitchen/__init__.py: max_episode_steps=280 for every task
+KITCHEN_TASK_SCORE = 25.0  # D4RL: ref_min_score 0, ref_max_score 4 tasks -> tasks x 25
+
+
+def kitchen_eval_spec(data_spec, eval_spec) -> gym.envs.registration.EnvSpec:
+    """Minari collected with tasks kept and no termination (reward accumulates); D4RL's
+    evaluation removes each task when completed and ends when all are done, 280 steps."""
+    return replace(data_spec, max_episode_steps=KITCHEN_HORIZON,
+                   kwargs={**data_spec.kwargs, "remove_task_when_completed": True,
+                           "terminate_on_tasks_completed": True})
+
+
+def kitchen_score(info: dict[str, Any], returns: np.ndarray, successes: np.ndarray,
+                  last_infos: list[dict]) -> tuple[float, dict[str, float]]:
+    """Tasks completed x 25; with tasks removed when completed each task rewards 1 once."""
+    tasks = np.array([len(i.get("episode_task_completions", [])) or r
+                      for r, i in zip(returns, last_infos, strict=True)], np.float64)
+    return KITCHEN_TASK_SCORE * float(np.mean(tasks)), dict(tasks_completed=float(np.mean(tasks)))
+
+
+FAMILIES["kitchen"] = Family(
+    eval_spec=kitchen_eval_spec, score=kitchen_score, scoring=lambda meta, dataset_id: dict(
+        score="tasks completed (0-4) x 25, as D4RL (ref_min 0, ref_max 4)", ref_min_score=0.0,
+        ref_max_score=4.0,
+        ref_source="D4RL d4rl/kitchen/__init__.py ref_min_score 0, ref_max_score 4"))
+
+
+# ---- family: antmaze (D4RL/antmaze) ---------------------------------------------------------
+
+
+def goal_terminals(data: dict[str, np.ndarray]) -> np.ndarray:
+    """AntMaze: every goal-reaching step (raw reward 1) is terminal. Minari's AntMaze data come
+    from a continuing task (never terminated, reward 1 at every step within 0.45 of the goal).
+    D4RL's antmaze datasets store `terminals` equal to these rewards (D4RL issue #199: "a
+    reward/terminal of 1 when the ant is near the goal"), and the official codes train on
+    those terminals: CQL `cql_antmaze_new.py` (`load_hdf5`: `_terminals = dataset['terminals']`
+    from d4rl.qlearning_dataset) and Cal-QL `replay_buffer.py` (`dones=dataset['terminals']`).
+    We follow them: done = reward == 1. Without it Q at the goal heads to r/(1-gamma), and
+    evaluation, which ends at the goal, would not match the data."""
+    return np.maximum(data["dones"], (data["rewards"] == 1.0).astype(np.float32))
+
+
+def _cell(maze_map: list[list[Any]], mark: str) -> tuple[int, int] | None:
+    found = [(i, j) for i, row in enumerate(maze_map) for j, c in enumerate(row) if c == mark]
+    return found[0] if len(found) == 1 else None
+
+
+def antmaze_eval_spec(data_spec, eval_spec) -> gym.envs.registration.EnvSpec:
+    """The DATA's maze with the eval spec's fixed start (r) and goal (g) cells, ending at the
+    goal (continuing_task=False), the eval horizon (700 umaze, 1000 others). The eval spec's
+    maze is the data maze seen under a symmetry: identical for medium/large, the 180-degree
+    rotation for umaze/umaze-diverse (Minari #304, #301: its walls are the mirror image). The
+    eval cells are mapped through the symmetry that takes the eval walls onto the data walls
+    (and, where the data map has a goal cell, its goal onto that goal)."""
+    data_map = data_spec.kwargs.get("maze_map") or gym.spec(data_spec.id).kwargs["maze_map"]
+    walls = np.array([[c == 1 for c in row] for row in data_map])
+    source_map = eval_spec.kwargs.get("maze_map", data_map) if eval_spec else data_map
+    reset, goal = _cell(source_map, "r"), _cell(source_map, "g")
+    if reset is None or goal is None:
+        fail(f"the AntMaze eval spec of {data_spec.id} has no single start (r) and goal (g) "
+             "cell; cannot fix the evaluation episodes")
+    eval_walls = np.array([[c == 1 for c in row] for row in source_map])
+    (h, w), data_goal = walls.shape, _cell(data_map, "g")
+    # (name, map transform, cell transform) for identity, the two mirrors and rot180
+    symmetries = (("identity", lambda a: a, lambda i, j: (i, j)),
+                  ("mirror-lr", lambda a: a[:, ::-1], lambda i, j: (i, w - 1 - j)),
+                  ("mirror-ud", lambda a: a[::-1, :], lambda i, j: (h - 1 - i, j)),
+                  ("rot180", lambda a: a[::-1, ::-1], lambda i, j: (h - 1 - i, w - 1 - j)))
+    options = [(name, cell) for name, grid, cell in symmetries
+               if eval_walls.shape == walls.shape and np.array_equal(grid(eval_walls), walls)]
+    options.sort(key=lambda option: option[1](*goal) != data_goal)  # no data goal: no change
+    if not options:
+        fail(f"the AntMaze eval maze of {data_spec.id} matches the data maze under no "
+             "mirror or rotation; cannot place its start and goal in the data maze")
+    _, cell = options[0]
+    maze = [[1 if c == 1 else 0 for c in row] for row in data_map]
+    (ri, rj), (gi, gj) = cell(*reset), cell(*goal)
+    maze[ri][rj], maze[gi][gj] = "r", "g"
+    kwargs = {**data_spec.kwargs, "maze_map": maze, "continuing_task": False,
+              "reset_target": False}
+    steps = (eval_spec or data_spec).max_episode_steps
+    return replace(data_spec, kwargs=kwargs, max_episode_steps=steps)
+
+FAMILIES["antmaze"] = Family(
+    terminals=goal_terminals, eval_spec=antmaze_eval_spec,
+    score=lambda info, returns, successes, last_infos: (100.0 * float(np.mean(successes)), {}),
+    scoring=lambda meta, dataset_id: dict(score="success rate x100 (CQL paper Table 2)",
+                                          ref_min_score=None, ref_max_score=None,
+                                          ref_source=None))
+
+
+# ---- presets, each value with its source; the command line -------------------------------
 # Sources of the Args defaults above. "CQL code" = github.com/aviralkumar2907/CQL (rlkit under
 # d4rl/), "Cal-QL code" = github.com/nakamotoo/Cal-QL, "CORL" = github.com/tinkoff-ai/CORL.
 _MUJOCO_NEW = "CQL code d4rl/examples/cql_mujoco_new.py"
@@ -210,6 +1002,7 @@ _APP_F_LAGRANGE = ("paper App. F: Lagrange with tau = 5 for Adroit and kitchen; 
                    "using lagrange\"), so in the CQL form the target gap is tau")
 # Preset values, each with its source: group -> field -> (value, source).
 PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
+    "defaults": {k: (getattr(Args, k), source) for k, source in DEFAULT_SOURCES.items()},
     "gym": dict(
         policy_lr=(1e-4, "CQL README, MuJoCo command `--policy_lr=1e-4`"),
         bc_steps=(40_000, f"{_MUJOCO_NEW} `--policy_eval_start` default 40000"),
@@ -288,6 +1081,7 @@ ENV_PRESETS: dict[str, tuple[str, str]] = {
         ("pendulum", "local/{}/{}-v0", ("pendulum",),
          ("random", "medium", "expert", "medium-replay", "medium-expert"))]
     for task in tasks for level in levels}
+ENV_GROUPS: dict[str, tuple[str, ...]] = {env: (g,) for env, (_, g) in ENV_PRESETS.items()}
 
 
 def dataset_family(dataset_id: str) -> str | None:
@@ -300,16 +1094,17 @@ def dataset_family(dataset_id: str) -> str | None:
 
 
 def preset_args(env: str, dataset_id: str | None = None) -> Args:
-    """Args() with the preset of `env` filled in (literal values); `dataset_id` replaces the
-    preset's dataset. An unknown `env` needs `dataset_id` (its family's preset, if any)."""
+    """Args() with the preset of `env` filled in (literal values): the defaults, then the
+    groups ENV_GROUPS names; `dataset_id` replaces the preset's dataset. An unknown `env`
+    needs `dataset_id` (its family's preset, if any)."""
     if env in ENV_PRESETS:
-        preset_id, group = ENV_PRESETS[env]
+        preset_id, groups = ENV_PRESETS[env][0], ENV_GROUPS[env]
     elif dataset_id is not None:
-        preset_id, group = None, dataset_family(dataset_id)
+        preset_id, groups = None, tuple(g for g in [dataset_family(dataset_id)] if g)
     else:
         fail(f"unknown --env {env!r}; choose one of {', '.join(ENV_PRESETS)} "
              "or pass any Minari id with --dataset-id")
-    values = {k: v for k, (v, _) in PRESETS[group].items()} if group else {}
+    values = {k: v for g in ("defaults", *groups) for k, (v, _) in PRESETS[g].items()}
     return replace(Args(), env=env, dataset_id=dataset_id or preset_id, **values)
 
 
@@ -323,7 +1118,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     tyro's default (so `--help` shows it), the other flags override it."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--presets" in argv:
-        print(preset_table())
+        print(presets_markdown())
         raise SystemExit(0)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--env", default=None)
@@ -331,12 +1126,6 @@ def parse_args(argv: list[str] | None = None) -> Args:
     known, _ = pre.parse_known_args(argv)
     env = known.env or (env_from_dataset(known.dataset_id) if known.dataset_id else Args.env)
     args = tyro.cli(Args, default=preset_args(env, known.dataset_id), args=argv)
-    if args.hidden_dims is not None:  # a per-network flag on the command line wins
-        given = {a.split("=", 1)[0].replace("_", "-") for a in argv}
-        args = replace(args, hidden_dims=None, **{
-            f"{net}_hidden_dims": getattr(args, f"{net}_hidden_dims")
-            if f"--{net}-hidden-dims" in given else tuple(args.hidden_dims)
-            for net in ("actor", "critic")})
     check_args(args)
     return args
 
@@ -362,747 +1151,21 @@ def check_args(args: Args) -> None:
     for name, rule, ok in rules:
         if not ok:
             fail(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
-    if args.hidden_dims is not None:
-        fail("hidden_dims is a command-line shorthand (parse_args); set actor_hidden_dims "
-             "and critic_hidden_dims instead")
     if args.cudagraphs and not args.compile:
         fail("--cudagraphs needs --compile")
 
 
-def preset_table() -> str:
+def presets_markdown() -> str:
     """Markdown table of the defaults and every preset value, with sources (`--presets`)."""
     fmt = lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else repr(v)  # str quoted
     lines = ["| preset | field | value | source |", "|---|---|---|---|"]
-    for name, source in DEFAULT_SOURCES.items():
-        lines.append(f"| defaults | {name} | {fmt(getattr(Args(), name))} | {source} |")
     for group, values in PRESETS.items():
         for name, (value, source) in values.items():
             lines.append(f"| {group} | {name} | {fmt(value)} | {source} |")
     lines += ["", "| preset | --env |", "|---|---|"] + [
-        f"| {g} | {', '.join(e for e, (_, eg) in ENV_PRESETS.items() if eg == g)} |"
-        for g in PRESETS]
+        f"| {g} | {', '.join(e for e, groups in ENV_GROUPS.items() if g in groups)} |"
+        for g in PRESETS if g != "defaults"]
     return "\n".join(lines)
-
-
-# ======================================================================================
-# Data
-# ======================================================================================
-
-
-def load_minari_dataset(dataset_id: str):
-    """Load a Minari dataset: local copy first, else download (needs network)."""
-    import minari
-
-    with contextlib.suppress(FileNotFoundError):
-        return minari.load_dataset(dataset_id)
-    if dataset_id.startswith("local/"):  # built by this project, never downloaded
-        fail(f"dataset {dataset_id} not found; build it with: "
-             f"python benchmark/datasets.py {dataset_id}")
-    try:
-        return minari.load_dataset(dataset_id, download=True)
-    except Exception as exc:  # network errors come in many types
-        fail(f"dataset {dataset_id} is not in {os.environ.get('MINARI_DATASETS_PATH', '~/.minari')}"
-             f" and could not be downloaded ({type(exc).__name__}); on a machine with network "
-             f"run `minari download {dataset_id}` and copy the datasets folder here")
-
-
-def flatten_obs(obs: Any) -> np.ndarray:
-    """Flatten (possibly nested dict) observations to float32 [..., d], keys sorted: the dataset
-    (time axis) and the evaluation env use this one function, so their feature orders agree."""
-    if isinstance(obs, dict):
-        return np.concatenate([flatten_obs(obs[k]) for k in sorted(obs)], axis=-1)
-    return np.asarray(obs, dtype=np.float32)
-
-
-def episode_to_transitions(observations: Any, actions: np.ndarray, rewards: np.ndarray,
-                           terminations: np.ndarray, truncations: np.ndarray) -> dict[str, Any]:
-    """One episode (T+1 observations, T steps) -> T transitions, `next_obs[t] = obs[t+1]`; `done`
-    is termination only: a truncation (time limit) is not terminal, its target bootstraps."""
-    obs = flatten_obs(observations)
-    if obs.ndim == 1:
-        obs = obs[:, None]
-    steps = len(actions)
-    if len(obs) != steps + 1:
-        fail(f"episode has {len(obs)} observations for {steps} actions (expected T+1)")
-    return dict(obs=obs[:-1], next_obs=obs[1:],
-                actions=np.asarray(actions, np.float32).reshape(steps, -1),
-                rewards=np.asarray(rewards, np.float32).reshape(steps),
-                dones=np.asarray(terminations, np.float32).reshape(steps),
-                timeouts=np.asarray(truncations, np.float32).reshape(steps))
-
-
-def episodes_to_transitions(episodes) -> dict[str, np.ndarray]:
-    """Concatenate the transitions of Minari episodes (objects with the EpisodeData fields)."""
-    parts = [episode_to_transitions(ep.observations, ep.actions, ep.rewards, ep.terminations,
-                                    ep.truncations) for ep in episodes]
-    if not parts:
-        fail("the dataset has no episodes")
-    data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    # per episode, for the locomotion reward scale
-    data["episode_returns"] = np.array([p["rewards"].sum() for p in parts], np.float64)
-    return data
-
-
-def check_finite(data: dict[str, np.ndarray], dataset_id: str) -> None:
-    """Refuse NaN/inf in the data, naming the field."""
-    for key in ("obs", "next_obs", "actions", "rewards"):
-        bad = int((~np.isfinite(data[key])).sum())
-        if bad:
-            fail(f"dataset {dataset_id} has {bad} non-finite values in '{key}'; clean or filter "
-                 "those episodes before training")
-
-
-def goal_terminals(data: dict[str, np.ndarray]) -> np.ndarray:
-    """AntMaze: every goal-reaching step (raw reward 1) is terminal. Minari's AntMaze data come
-    from a continuing task (never terminated, reward 1 at every step within 0.45 of the goal).
-    D4RL's antmaze datasets store `terminals` equal to these rewards (D4RL issue #199: "a
-    reward/terminal of 1 when the ant is near the goal"), and the official codes train on
-    those terminals: CQL `cql_antmaze_new.py` (`load_hdf5`: `_terminals = dataset['terminals']`
-    from d4rl.qlearning_dataset) and Cal-QL `replay_buffer.py` (`dones=dataset['terminals']`).
-    We follow them: done = reward == 1. Without it Q at the goal heads to r/(1-gamma), and
-    evaluation, which ends at the goal, would not match the data."""
-    return np.maximum(data["dones"], (data["rewards"] == 1.0).astype(np.float32))
-
-
-@dataclass
-class Transform:
-    """Everything applied to data that must be applied identically at evaluation."""
-
-    obs_mean: np.ndarray
-    obs_std: np.ndarray
-    action_scale: np.ndarray
-    action_bias: np.ndarray
-    reward_scale: float
-    reward_bias: float
-
-    def obs(self, obs: np.ndarray) -> np.ndarray:
-        return ((obs - self.obs_mean) / self.obs_std).astype(np.float32)
-
-    def reward(self, reward: np.ndarray | float) -> np.ndarray | float:
-        return reward * self.reward_scale + self.reward_bias
-
-    def to_env_action(self, action: np.ndarray) -> np.ndarray:
-        """Actor output in [-1, 1]^d -> env action in [low, high]."""
-        return action * self.action_scale + self.action_bias
-
-
-def make_transform(data: dict[str, np.ndarray], action_space: gym.spaces.Box,
-                   args: Args) -> Transform:
-    """Observation statistics, action rescaling and reward scale/bias from the dataset."""
-    dim = data["obs"].shape[1]
-    mean, std = np.zeros(dim, np.float32), np.ones(dim, np.float32)
-    if args.normalize_states:
-        mean, std = data["obs"].mean(0), data["obs"].std(0) + 1e-3
-    low, high = action_space.low.astype(np.float32), action_space.high.astype(np.float32)
-    scale, bias = float(args.reward_scale), float(args.reward_bias)
-    if args.reward_mode == "none":
-        scale, bias = 1.0, 0.0
-    elif args.reward_mode == "locomotion":  # CORL / IQL: r * 1000 / (max_ret - min_ret)
-        spread = float(data["episode_returns"].max() - data["episode_returns"].min())
-        scale, bias = 1000.0 / max(spread, 1e-6), 0.0
-    return Transform(mean.astype(np.float32), std.astype(np.float32), (high - low) / 2,
-                     (high + low) / 2, scale, bias)
-
-
-def apply_transform(data: dict[str, np.ndarray], tf: Transform) -> dict[str, np.ndarray]:
-    """Normalized observations, actions in [-1, 1], scaled rewards: what the networks see."""
-    actions = (data["actions"] - tf.action_bias) / tf.action_scale
-    return dict(obs=tf.obs(data["obs"]), next_obs=tf.obs(data["next_obs"]),
-                actions=np.clip(actions, -1.0, 1.0).astype(np.float32),
-                rewards=np.asarray(tf.reward(data["rewards"]), np.float32),
-                dones=data["dones"])
-
-
-# ---- the evaluation env and score of a dataset ----------------------------------------
-
-
-def register_robotics_envs() -> None:
-    """Register gymnasium-robotics' envs (Adroit, AntMaze, Kitchen) when it is installed."""
-    with contextlib.suppress(ImportError):
-        import gymnasium_robotics
-        gym.register_envs(gymnasium_robotics)
-
-
-def spec_dict(spec: gym.envs.registration.EnvSpec) -> dict[str, Any]:
-    """What config.json records as `eval_env`: id, horizon and kwargs (maze_map included)."""
-    return json.loads(json.dumps(dict(id=spec.id, max_episode_steps=spec.max_episode_steps,
-                                      kwargs=spec.kwargs)))
-
-
-# D4RL's Gym-MuJoCo reference returns (d4rl/gym_mujoco/__init__.py, *_RANDOM_SCORE and
-# *_EXPERT_SCORE, used for every split of the v0-v2 datasets): (random, expert).
-D4RL_MUJOCO_REFS = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0),
-                    "walker2d": (1.629008, 4592.3), "ant": (-325.6, 3879.7)}
-KITCHEN_HORIZON = 280  # D4RL d4rl/kitchen/__init__.py: max_episode_steps=280 for every task
-KITCHEN_TASK_SCORE = 25.0  # D4RL: ref_min_score 0, ref_max_score 4 tasks -> tasks x 25
-
-
-def scoring(meta: dict[str, Any], family: str | None, dataset_id: str) -> dict[str, Any]:
-    """How `normalized_score` is computed for this dataset, with its source."""
-    if family == "antmaze":
-        return dict(score="success rate x100 (CQL paper Table 2)", ref_min_score=None,
-                    ref_max_score=None, ref_source=None)
-    if family == "kitchen":
-        return dict(score="tasks completed (0-4) x 25, as D4RL (ref_min 0, ref_max 4)",
-                    ref_min_score=0.0, ref_max_score=4.0,
-                    ref_source="D4RL d4rl/kitchen/__init__.py ref_min_score 0, ref_max_score 4")
-    lo, hi = (None if meta.get(k) is None else float(meta[k])
-              for k in ("ref_min_score", "ref_max_score"))
-    source = ("dataset metadata: D4RL's reference scores (100-step pen episodes, see eval_env)"
-              if family == "adroit" else "dataset metadata (ref_min_score / ref_max_score)")
-    if (lo is None or hi is None) and family == "gym":
-        robot = dataset_id.split("/")[1]
-        if robot in D4RL_MUJOCO_REFS:  # Minari's mujoco/* have none (Minari #323)
-            lo, hi = D4RL_MUJOCO_REFS[robot]
-            source = ("D4RL d4rl/gym_mujoco/__init__.py random/expert returns of the v2 "
-                      "datasets' envs (Gym MuJoCo v3): NOT like-for-like with the v5 envs")
-    if lo is None or hi is None:
-        source = None
-    return dict(score="100 * (return - ref_min) / (ref_max - ref_min)" if source else None,
-                ref_min_score=lo, ref_max_score=hi, ref_source=source)
-
-
-def eval_env_spec(dataset, family: str | None) -> gym.envs.registration.EnvSpec:
-    """The env evaluation runs in, built from the dataset's env specs (per family)."""
-    register_robotics_envs()
-    data_spec = dataset.env_spec
-    text = dataset.storage.metadata.get("eval_env_spec")
-    eval_spec = gym.envs.registration.EnvSpec.from_json(text) if text else None
-    if family == "antmaze":
-        return antmaze_eval_spec(data_spec, eval_spec)
-    if family == "kitchen":
-        # Minari collected with tasks kept and no termination (reward accumulates); D4RL's
-        # evaluation removes each task when completed and ends when all are done, 280 steps.
-        return replace(data_spec, max_episode_steps=KITCHEN_HORIZON,
-                       kwargs={**data_spec.kwargs, "remove_task_when_completed": True,
-                               "terminate_on_tasks_completed": True})
-    if family == "adroit":
-        # Minari's spec says 200 steps for every task (pen was 100 until Minari #286; pen
-        # episodes are 100-200 steps, #303), but the reference scores are D4RL's, measured on
-        # D4RL's horizons: 100 steps for pen, 200 for door, relocate and hammer.
-        horizon = 100 if "Pen" in data_spec.id else 200
-        return replace(eval_spec or data_spec, max_episode_steps=horizon)
-    return eval_spec or data_spec
-
-
-def _cell(maze_map: list[list[Any]], mark: str) -> tuple[int, int] | None:
-    found = [(i, j) for i, row in enumerate(maze_map) for j, c in enumerate(row) if c == mark]
-    return found[0] if len(found) == 1 else None
-
-
-def antmaze_eval_spec(data_spec, eval_spec) -> gym.envs.registration.EnvSpec:
-    """The DATA's maze with the eval spec's fixed start (r) and goal (g) cells, ending at the
-    goal (continuing_task=False), the eval horizon (700 umaze, 1000 others). The eval spec's
-    maze is the data maze seen under a symmetry: identical for medium/large, the 180-degree
-    rotation for umaze/umaze-diverse (Minari #304, #301: its walls are the mirror image). The
-    eval cells are mapped through the symmetry that takes the eval walls onto the data walls
-    (and, where the data map has a goal cell, its goal onto that goal)."""
-    data_map = data_spec.kwargs.get("maze_map") or gym.spec(data_spec.id).kwargs["maze_map"]
-    walls = np.array([[c == 1 for c in row] for row in data_map])
-    source_map = eval_spec.kwargs.get("maze_map", data_map) if eval_spec else data_map
-    reset, goal = _cell(source_map, "r"), _cell(source_map, "g")
-    if reset is None or goal is None:
-        fail(f"the AntMaze eval spec of {data_spec.id} has no single start (r) and goal (g) "
-             "cell; cannot fix the evaluation episodes")
-    eval_walls = np.array([[c == 1 for c in row] for row in source_map])
-    (h, w), data_goal = walls.shape, _cell(data_map, "g")
-    # (name, map transform, cell transform) for identity, the two mirrors and rot180
-    symmetries = (("identity", lambda a: a, lambda i, j: (i, j)),
-                  ("mirror-lr", lambda a: a[:, ::-1], lambda i, j: (i, w - 1 - j)),
-                  ("mirror-ud", lambda a: a[::-1, :], lambda i, j: (h - 1 - i, j)),
-                  ("rot180", lambda a: a[::-1, ::-1], lambda i, j: (h - 1 - i, w - 1 - j)))
-    options = [(name, cell) for name, grid, cell in symmetries
-               if eval_walls.shape == walls.shape and np.array_equal(grid(eval_walls), walls)]
-    options.sort(key=lambda option: option[1](*goal) != data_goal)  # no data goal: no change
-    if not options:
-        fail(f"the AntMaze eval maze of {data_spec.id} matches the data maze under no "
-             "mirror or rotation; cannot place its start and goal in the data maze")
-    _, cell = options[0]
-    maze = [[1 if c == 1 else 0 for c in row] for row in data_map]
-    (ri, rj), (gi, gj) = cell(*reset), cell(*goal)
-    maze[ri][rj], maze[gi][gj] = "r", "g"
-    kwargs = {**data_spec.kwargs, "maze_map": maze, "continuing_task": False,
-              "reset_target": False}
-    steps = (eval_spec or data_spec).max_episode_steps
-    return replace(data_spec, kwargs=kwargs, max_episode_steps=steps)
-
-
-@dataclass
-class Data:
-    """What training and evaluation take from a dataset."""
-
-    transitions: dict[str, np.ndarray]  # obs, actions, rewards, next_obs, dones, as trained on
-    tf: Transform  # applied identically at evaluation
-    info: dict[str, Any]  # dataset facts and how it is scored (config.json "dataset")
-    eval_env: dict[str, Any]  # JSON spec of the evaluation env (config.json "eval_env")
-
-
-def load_data(args: Args) -> Data:
-    """Dataset id -> transitions as the networks see them, their transform, facts, eval env."""
-    dataset = load_minari_dataset(args.dataset_id)
-    if not isinstance(dataset.action_space, gym.spaces.Box):
-        fail(f"dataset {args.dataset_id} has a {type(dataset.action_space).__name__} action "
-             "space; this script needs continuous (Box) actions: use cql_qrdqn_atari.py")
-    episodes = tqdm(dataset.iterate_episodes(), total=dataset.total_episodes, leave=False,
-                    desc=f"loading {args.dataset_id}", disable=not args.progress)
-    data = episodes_to_transitions(episodes)
-    check_finite(data, args.dataset_id)
-    family = dataset_family(args.dataset_id)
-    if family == "antmaze":
-        data["dones"] = goal_terminals(data)
-    tf = make_transform(data, dataset.action_space, args)
-    info = dict(dataset_id=args.dataset_id, family=family, transitions=len(data["obs"]),
-                episodes=len(data["episode_returns"]), obs_dim=data["obs"].shape[1],
-                action_dim=data["actions"].shape[1], goal_terminals=family == "antmaze",
-                **scoring(dataset.storage.metadata, family, args.dataset_id))
-    return Data(apply_transform(data, tf), tf, info, spec_dict(eval_env_spec(dataset, family)))
-
-
-# ======================================================================================
-# Replay buffer
-# ======================================================================================
-
-
-class ReplayBuffer:
-    """The whole dataset as tensors on the training device; uniform sampling on the device."""
-
-    def __init__(self, data: dict[str, np.ndarray], device: torch.device, seed: int):
-        self.data = {k: torch.as_tensor(v, device=device) for k, v in data.items()}
-        self.size = len(self.data["obs"])
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-
-    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
-        idx = torch.randint(0, self.size, (batch_size,), device=self.data["obs"].device,
-                            generator=self.generator)
-        return {k: v[idx] for k, v in self.data.items()}
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(generator=self.generator.get_state())
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
-
-
-# ======================================================================================
-# Networks
-# ======================================================================================
-# Tanh-Gaussian actor, twin critics fused into one batched ensemble, Agent = all of them.
-
-
-class EnsembleLinear(nn.Module):
-    """E independent linear layers evaluated by one batched matmul: [E, B, in] -> [E, B, out]."""
-
-    def __init__(self, ensemble: int, in_features: int, out_features: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(ensemble, in_features, out_features))
-        self.bias = nn.Parameter(torch.empty(ensemble, 1, out_features))
-        bound = 1 / math.sqrt(in_features)  # nn.Linear's default init, per member
-        nn.init.uniform_(self.weight, -bound, bound)
-        nn.init.uniform_(self.bias, -bound, bound)
-
-    def forward(self, x: torch.Tensor, detach: bool = False) -> torch.Tensor:
-        w, b = (self.weight.detach(), self.bias.detach()) if detach else (self.weight, self.bias)
-        return torch.baddbmm(b, x, w)
-
-
-def orthogonal_(layers: list[nn.Module], transposed: bool) -> None:
-    """Orthogonal init (Cal-QL code): gain sqrt(2), last layer 1e-2, zero biases. Weights are
-    nn.Linear's [out, in] or, `transposed`, EnsembleLinear's [E, in, out] (as nn.init would)."""
-    for k, layer in enumerate(layers):
-        gain = 1e-2 if k == len(layers) - 1 else math.sqrt(2)
-        for mat in (layer.weight.data if transposed else layer.weight.data.T[None]):
-            mat.copy_(nn.init.orthogonal_(torch.empty(mat.shape[1], mat.shape[0]), gain).T)
-        nn.init.zeros_(layer.bias)
-
-
-class FusedCritic(nn.Module):
-    """Twin Q-networks as ONE ensemble: each layer is one baddbmm for both critics."""
-
-    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...],
-                 orthogonal: bool, ensemble: int = 2):
-        super().__init__()
-        dims = (obs_dim + action_dim, *hidden, 1)
-        self.layers = nn.ModuleList(EnsembleLinear(ensemble, i, o) for i, o in pairwise(dims))
-        self.ensemble = ensemble
-        if orthogonal:
-            orthogonal_(list(self.layers), transposed=True)
-
-    def forward(self, obs: torch.Tensor, action: torch.Tensor,
-                detach: bool = False) -> torch.Tensor:
-        """obs [..., d], action [..., a] -> Q [E, ...]; detach=True gives no critic gradients."""
-        x = torch.cat([obs, action], -1)
-        lead = x.shape[:-1]
-        h = x.reshape(1, -1, x.shape[-1]).expand(self.ensemble, -1, -1)
-        for layer in self.layers[:-1]:
-            h = F.relu(layer(h, detach))
-        return self.layers[-1](h, detach).reshape(self.ensemble, *lead)
-
-
-def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> nn.Sequential:
-    dims = (in_dim, *hidden, out_dim)
-    layers = [m for i, o in pairwise(dims) for m in (nn.Linear(i, o), nn.ReLU())]
-    return nn.Sequential(*layers[:-1])  # no ReLU after the output layer
-
-
-LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # paper App. F / official code
-
-
-class TanhGaussianActor(nn.Module):
-    """pi(a|s) = tanh(N(mu(s), sigma(s))), log-std clamped to [-20, 2]; log_std_affine: log-std
-    = m * log_std + b before the clamp (Args.log_std_affine: Cal-QL `model.py`, CORL)."""
-
-    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...], orthogonal: bool,
-                 log_std_affine: bool = False):
-        super().__init__()
-        self.net = mlp(obs_dim, hidden, 2 * action_dim)
-        if orthogonal:
-            orthogonal_([m for m in self.net if isinstance(m, nn.Linear)], transposed=False)
-        self.log_std_affine = log_std_affine
-        if log_std_affine:
-            self.log_std_multiplier = nn.Parameter(torch.tensor(1.0))
-            self.log_std_offset = nn.Parameter(torch.tensor(-1.0))
-
-    def dist(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, log_std = self.net(obs).chunk(2, -1)
-        if self.log_std_affine:
-            log_std = self.log_std_multiplier * log_std + self.log_std_offset
-        return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
-
-    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reparameterized sample a ~ pi(.|s) and its log-density (tanh change of variables)."""
-        mean, log_std = self.dist(obs)
-        u = mean + log_std.exp() * torch.randn_like(mean)
-        return torch.tanh(u), tanh_gaussian_log_prob(u, mean, log_std)
-
-    def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """log pi(a|s) of a given action in (-1, 1) (behaviour cloning)."""
-        mean, log_std = self.dist(obs)
-        u = torch.atanh(action.clamp(-1 + 1e-6, 1 - 1e-6))
-        return tanh_gaussian_log_prob(u, mean, log_std)
-
-    @torch.no_grad()
-    def act_deterministic(self, obs: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.dist(obs)[0])
-
-
-def tanh_gaussian_log_prob(u: torch.Tensor, mean: torch.Tensor,
-                           log_std: torch.Tensor) -> torch.Tensor:
-    """log N(u; mean, std) - sum log(1 - tanh(u)^2), the latter in a stable softplus form."""
-    normal = -0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
-    log_det = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
-    return (normal - log_det).sum(-1)
-
-
-class Agent(nn.Module):
-    """All trainable state: actor, fused twin critics and their target, log alpha, log alpha'."""
-
-    def __init__(self, obs_dim: int, action_dim: int, args: Args):
-        super().__init__()
-        self.actor = TanhGaussianActor(obs_dim, action_dim, args.actor_hidden_dims,
-                                       args.orthogonal_init, args.log_std_affine)
-        self.critic = FusedCritic(obs_dim, action_dim, args.critic_hidden_dims,
-                                  args.orthogonal_init)
-        self.target_critic = FusedCritic(obs_dim, action_dim, args.critic_hidden_dims, False)
-        self.target_critic.load_state_dict(self.critic.state_dict())
-        self.target_critic.requires_grad_(False)
-        self.log_alpha = nn.Parameter(torch.zeros(()))
-        # rlkit cql.py starts log alpha' at 0, Cal-QL and CORL at 1.0: --log-alpha-prime-init
-        self.log_alpha_prime = nn.Parameter(torch.tensor(float(args.log_alpha_prime_init)))
-
-
-# ======================================================================================
-# Losses
-# ======================================================================================
-
-
-def cql_logsumexp_is(q_rand: torch.Tensor, q_pi: torch.Tensor, logp_pi: torch.Tensor,
-                     q_next_pi: torch.Tensor, logp_next_pi: torch.Tensor, action_dim: int,
-                     temp: float = 1.0) -> torch.Tensor:
-    """Importance-sampled log sum_a exp Q(s,a), App. F (official `min_q_version 3`).
-    q_*: [E, B, N], all scored at the CURRENT state s; logp_*: [B, N] proposal log-densities.
-    Each sample's Q has its proposal's log-density subtracted (detached: the penalty never
-    trains the actor); uniform density on [-1, 1]^d is 0.5^d. Returns [E, B]. The constant
-    log(3N) of a proper mean is omitted, as in the official code (it changes no gradient)."""
-    cat = torch.cat([q_rand - action_dim * math.log(0.5), q_pi - logp_pi.detach(),
-                     q_next_pi - logp_next_pi.detach()], dim=-1)
-    return temp * torch.logsumexp(cat / temp, dim=-1)
-
-
-def cql_logsumexp_plain(q_rand: torch.Tensor, q_pi: torch.Tensor, q_next_pi: torch.Tensor,
-                        q_data: torch.Tensor, temp: float = 1.0) -> torch.Tensor:
-    """T * logsumexp(Q/T) over [Q_rand, Q_data, Q_pi(s'), Q_pi(s)], no importance weights
-    (official `min_q_version 2`, which the official README calls "CQL(rho)")."""
-    cat = torch.cat([q_rand, q_data.unsqueeze(-1), q_next_pi, q_pi], dim=-1)
-    return temp * torch.logsumexp(cat / temp, dim=-1)
-
-
-def cql_eq7_push_down(q_pi: torch.Tensor) -> torch.Tensor:
-    """`--cql-variant eq7`: this project's own reading of Eq. 7 (CQL(rho) with rho = the
-    current policy); the official code has NO counterpart (its README's "CQL(rho)" is
-    `min_q_version 2`, here `plain`). The maximizing mu is rho*exp(Q)/Z, so the pushed-down
-    value is the softmax(Q)-weighted mean of Q over actions drawn from rho; the weights are the
-    solution of the inner max, hence held fixed (detached)."""
-    return (torch.softmax(q_pi.detach(), dim=-1) * q_pi).sum(-1)
-
-
-def cql_penalty(push_down: torch.Tensor, q_data: torch.Tensor, data_term: bool,
-                clip_min: float, clip_max: float) -> torch.Tensor:
-    """Per-critic gap E_s[push-down] - E_D[Q(s,a)] (Eq. 4); without the data term: Eq. 1."""
-    return (push_down - q_data if data_term else push_down).clamp(clip_min, clip_max).mean(-1)
-
-
-def lagrange_terms(gap: torch.Tensor, log_alpha_prime: torch.Tensor, weight: float, tau: float,
-                   form: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eq. 30 dual descent (forms: see Args.cql_tau). Returns (critic penalty [E], alpha' loss,
-    alpha'), alpha' = clamp(exp(log alpha'), 0, 1e6). The critic sees alpha' as a constant;
-    alpha' sees the gap as a constant and grows while gap > tau."""
-    alpha_prime = log_alpha_prime.exp().clamp(0.0, 1e6)
-    slack = weight * (gap - tau) if form == "calql" else weight * gap - tau
-    alpha_prime_loss = -(alpha_prime * slack.detach()).mean()  # mean over both critics
-    return alpha_prime.detach() * slack, alpha_prime_loss, alpha_prime
-
-
-def bellman_target(agent: Agent, batch: dict[str, torch.Tensor], args: Args,
-                   alpha: torch.Tensor) -> torch.Tensor:
-    """r + gamma (1 - d) * target value at s' (no gradient). Backups:
-    standard: min_j Qbar_j(s', a') - alpha log pi(a'|s');  deterministic: no entropy term
-    (official `deterministic_backup`); max: max over N a' ~ pi(.|s') of min_j Qbar_j (Cal-QL)."""
-    with torch.no_grad():
-        next_obs = batch["next_obs"]
-        if args.max_backup:
-            rep = next_obs.unsqueeze(1).expand(-1, args.cql_n_actions, -1)
-            a_next, logp_next = agent.actor(rep)  # [B, N, a], [B, N]
-            q_next, idx = agent.target_critic(rep, a_next).min(0).values.max(-1)  # over N
-            logp_next = logp_next.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
-        else:
-            a_next, logp_next = agent.actor(next_obs)
-            q_next = agent.target_critic(next_obs, a_next).min(0).values
-        if args.backup_entropy:
-            q_next = q_next - alpha * logp_next
-        return batch["rewards"] + args.gamma * (1.0 - batch["dones"]) * q_next
-
-
-def cql_term(agent: Agent, batch: dict[str, torch.Tensor], args: Args, q_data: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Conservative penalty per critic [E], the alpha' loss (0 without Lagrange), metrics."""
-    obs, next_obs = batch["obs"], batch["next_obs"]
-    (batch_size, action_dim), n = batch["actions"].shape, args.cql_n_actions
-    rep_obs = obs.unsqueeze(1).expand(-1, n, -1)  # [B, N, d]
-    with torch.no_grad():  # proposal samples: the penalty never trains the actor
-        a_rand = torch.rand(batch_size, n, action_dim, device=obs.device) * 2 - 1
-        a_cur, logp_cur = agent.actor(rep_obs)
-        a_next, logp_next = agent.actor(next_obs.unsqueeze(1).expand(-1, n, -1))
-    # One critic call for all 3N actions, every one of them scored at the CURRENT state s.
-    q_all = agent.critic(rep_obs.repeat(1, 3, 1), torch.cat([a_rand, a_cur, a_next], 1))
-    q_rand, q_cur, q_next = q_all.split(n, dim=-1)  # each [E, B, N]
-    if args.cql_variant == "is":
-        push_down = cql_logsumexp_is(q_rand, q_cur, logp_cur, q_next, logp_next, action_dim,
-                                     args.cql_temp)
-    elif args.cql_variant == "plain":
-        push_down = cql_logsumexp_plain(q_rand, q_cur, q_next, q_data, args.cql_temp)
-    else:  # eq7: the project's own Eq. 7 reading, no official counterpart
-        push_down = cql_eq7_push_down(q_cur)
-    gap = cql_penalty(push_down, q_data, args.cql_data_term, args.cql_clip_diff_min,
-                      args.cql_clip_diff_max)
-    metrics = dict(cql_gap=gap.detach().mean(), q_ood=push_down.detach().mean())
-    if args.lagrange:
-        penalty, alpha_prime_loss, alpha_prime = lagrange_terms(
-            gap, agent.log_alpha_prime, args.cql_weight, args.cql_tau, args.lagrange_form)
-        return penalty, alpha_prime_loss, metrics | dict(alpha_prime=alpha_prime.detach())
-    zero = torch.zeros((), device=obs.device)
-    return args.cql_weight * gap, zero, metrics | dict(alpha_prime=zero + args.cql_weight)
-
-
-def compute_losses(agent: Agent, batch: dict[str, torch.Tensor], args: Args, bc: bool
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The four losses of one update, summed for ONE backward pass. Each trains only its own
-    parameters; what keeps the others out of its gradient:
-
-      loss              trains            kept off the other parameters by
-      actor_loss        actor             critic detached (critic(detach=True)), alpha detached
-      alpha_loss        log_alpha         log pi detached
-      critic_loss       critic            target under no_grad (bellman_target), CQL
-        (Bellman + CQL)                   proposals under no_grad and their log pi detached
-                                          (cql_term), alpha' detached (lagrange_terms)
-      alpha_prime_loss  log_alpha_prime   gap detached (lagrange_terms)
-      (none)            target_critic     requires_grad False; Polyak in Trainer.step
-
-    Checked by tests/test_cql_sac_losses.py: test_compute_losses_gradients_are_disjoint
-    (the map above), test_cql_term_matches_manual_computation_and_never_trains_the_actor,
-    test_lagrange_alpha_prime_rises_above_tau_and_falls_below (alpha' constant to critics).
-    `bc`: behaviour cloning instead of the SAC actor loss (the first bc_steps updates)."""
-    obs, actions = batch["obs"], batch["actions"]
-    alpha = agent.log_alpha.exp()
-    # ---- actor: SAC loss, or behaviour cloning for the first bc_steps (official code) ----
-    a_pi, logp_pi = agent.actor(obs)
-    if bc:
-        actor_loss = (alpha.detach() * logp_pi - agent.actor.log_prob(obs, actions)).mean()
-    else:
-        q_pi = agent.critic(obs, a_pi, detach=True).min(0).values
-        actor_loss = (alpha.detach() * logp_pi - q_pi).mean()
-    target_entropy = -actions.shape[-1] if args.target_entropy is None else args.target_entropy
-    alpha_loss = -(agent.log_alpha * (logp_pi.detach() + target_entropy)).mean()
-    # ---- critics: Bellman error (MSE without the 1/2 of Eq. 4, as both official codes) ---
-    target = bellman_target(agent, batch, args, alpha.detach())
-    q_data = agent.critic(obs, actions)  # [E, B]
-    bellman = ((q_data - target) ** 2).mean(-1)  # [E]
-    critic_loss = bellman.sum()
-    if args.cql_weight > 0 or args.lagrange:
-        penalty, alpha_prime_loss, cql_metrics = cql_term(agent, batch, args, q_data)
-        critic_loss = critic_loss + penalty.sum()
-    else:  # naive offline SAC
-        alpha_prime_loss = torch.zeros((), device=obs.device)
-        cql_metrics = dict(alpha_prime=alpha_prime_loss)
-    total = actor_loss + alpha_loss + critic_loss + alpha_prime_loss
-    return total, dict(bellman_loss=bellman.mean(), q_data=q_data.mean(), actor_loss=actor_loss,
-                       alpha=alpha.detach(), log_pi=logp_pi.detach().mean(),
-                       critic_loss=critic_loss.detach(), **cql_metrics)
-
-
-# ======================================================================================
-# Training step
-# ======================================================================================
-
-
-class Trainer:
-    """Optimizers and one gradient step with no host sync (the metrics stay on the device until
-    Run.log reads them); counts its updates for the behaviour-cloning warm start."""
-
-    def __init__(self, agent: Agent, args: Args, device: torch.device):
-        self.agent, self.args, self.updates = agent, args, 0
-        fused = device.type == "cuda"
-        adam = lambda params, lr: torch.optim.Adam(params, lr=lr, fused=fused or None,
-                                                   foreach=None if fused else True)
-        self.optimizers = dict(actor=adam(agent.actor.parameters(), args.policy_lr),
-                               critic=adam(agent.critic.parameters(), args.qf_lr),
-                               alpha=adam([agent.log_alpha], args.policy_lr),
-                               alpha_prime=adam([agent.log_alpha_prime], args.alpha_prime_lr))
-        self.loss_fn = compute_losses
-        if args.compile:  # --cudagraphs: CUDA graphs replay the captured step
-            mode = "reduce-overhead" if args.cudagraphs and device.type == "cuda" else None
-            self.loss_fn = torch.compile(compute_losses, mode=mode)
-        self.online = list(agent.critic.parameters())
-        self.target = list(agent.target_critic.parameters())
-
-    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        bc = self.updates < self.args.bc_steps
-        total, metrics = self.loss_fn(self.agent, batch, self.args, bc)
-        total.backward()
-        for opt in self.optimizers.values():
-            opt.step()
-        with torch.no_grad():  # Polyak averaging of the target critics
-            torch._foreach_lerp_(self.target, self.online, self.args.soft_target_update)
-        self.updates += 1
-        return metrics
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(updates=self.updates,
-                    optimizers={k: opt.state_dict() for k, opt in self.optimizers.items()})
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.updates = state["updates"]
-        for k, opt in self.optimizers.items():
-            opt.load_state_dict(state["optimizers"][k])
-
-
-# ======================================================================================
-# Evaluation
-# ======================================================================================
-
-
-def make_eval_env(spec: dict[str, Any]) -> gym.Env:
-    """The evaluation env from its JSON spec (Data.eval_env, config.json `eval_env`)."""
-    register_robotics_envs()
-    return gym.make(spec["id"], max_episode_steps=spec["max_episode_steps"], **spec["kwargs"])
-
-
-def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[str, Any],
-             device: torch.device) -> dict[str, float | None]:
-    """Deterministic policy for `eval_episodes` episodes, seeds fixed (independent of history).
-    normalized_score is the paper's score of the family (info["score"]): success rate x100
-    (AntMaze), tasks completed x25 (Kitchen), else 100*(return - ref_min)/(ref_max - ref_min);
-    return_mean is always the raw return. value_gap (paper Table 4): the critics' predicted
-    value of the policy at each episode's first state, min over twins of Q(s0, pi(s0)), minus
-    the discounted return obtained (rewards transformed as in training); < 0: conservative."""
-    episodes, has_success = [], False
-    for i in range(args.eval_episodes):
-        obs, _ = env.reset(seed=10_000 * (args.seed + 1) + i)
-        done, ep_return, disc_return, discount, t = False, 0.0, 0.0, 1.0, 0
-        success, step_info = False, {}
-        while not done:
-            x = torch.as_tensor(tf.obs(flatten_obs(obs)), device=device).reshape(1, -1)
-            action = agent.actor.act_deterministic(x)
-            if t == 0:
-                with torch.no_grad():
-                    pred = agent.critic(x, action).min(0).values.item()
-            obs, reward, terminated, truncated, step_info = env.step(
-                tf.to_env_action(action[0].cpu().numpy()))
-            ep_return += float(reward)
-            disc_return += discount * float(tf.reward(float(reward)))
-            discount *= args.gamma
-            has_success = has_success or "success" in step_info
-            success = success or bool(step_info.get("success", False))
-            done = terminated or truncated
-            t += 1
-        # Kitchen with tasks removed when completed: each task rewards 1 once.
-        tasks = len(step_info.get("episode_task_completions", [])) or ep_return
-        episodes.append((ep_return, pred, pred - disc_return, success, t, tasks))
-    returns, preds, gaps, successes, lengths, tasks = (np.array(x, np.float64)
-                                                       for x in zip(*episodes, strict=True))
-    ret, family = float(np.mean(returns)), info.get("family")
-    success_rate = float(np.mean(successes)) if has_success else None
-    lo, hi = info.get("ref_min_score"), info.get("ref_max_score")
-    if family == "antmaze":
-        norm = 100.0 * float(np.mean(successes))
-    elif family == "kitchen":
-        norm = KITCHEN_TASK_SCORE * float(np.mean(tasks))
-    else:
-        norm = 100.0 * (ret - lo) / (hi - lo) if lo is not None and hi is not None else None
-    extra = dict(tasks_completed=float(np.mean(tasks))) if family == "kitchen" else {}
-    return dict(return_mean=ret, return_std=float(np.std(returns)), normalized_score=norm,
-                value_gap=float(np.mean(gaps)), q_pred_s0=float(np.mean(preds)),
-                success_rate=success_rate, episode_length=float(np.mean(lengths)), **extra)
-
-
-def final_summary(history: list[dict], info: dict[str, Any], args: Args) -> dict[str, Any]:
-    """summary.json's numbers: the last evaluation, and how its score is computed."""
-    last = history[-1]
-    return dict(final_normalized_score=last["normalized_score"], final_return=last["return_mean"],
-                score=info["score"], ref_source=info["ref_source"], value_gap=last["value_gap"],
-                success_rate=last["success_rate"], total_steps=args.total_steps)
-
-
-# ======================================================================================
-# Main loop
-# ======================================================================================
-
-
-def main(args: Args) -> dict[str, Any]:
-    """Train with a complete Args (parse_args, or preset_args plus replace)."""
-    check_args(args)
-    device = pick_device(args.device)
-    args = replace(args, run_dir=args.resume or args.run_dir or default_run_dir(args))
-    torch.manual_seed(args.seed)  # all training randomness is torch's; eval envs are seeded
-    data = load_data(args)
-    buffer = ReplayBuffer(data.transitions, device, args.seed)
-    agent = Agent(data.info["obs_dim"], data.info["action_dim"], args).to(device)
-    trainer = Trainer(agent, args, device)
-    env = make_eval_env(data.eval_env)
-    run = Run(args, dict(agent=agent, trainer=trainer, buffer=buffer), data.info,
-              data.eval_env, device)
-    for step in tqdm(range(run.step + 1, args.total_steps + 1), initial=run.step,
-                     total=args.total_steps, desc=f"CQL {args.env}", disable=not args.progress):
-        metrics = trainer.step(buffer.sample(args.batch_size))
-        if run.due(step, args.log_every, args.eval_every, last=args.total_steps):
-            run.log(step, metrics)
-        if run.due(step, args.eval_every, last=args.total_steps):
-            run.evaluate_and_checkpoint(
-                step, lambda: evaluate(agent, env, data.tf, args, data.info, device))
-        run.stop_if_signalled(step)
-    env.close()
-    return run.finish(final_summary(run.history, data.info, args))
 
 
 LENGTH_FIELD = "total_steps"  # the run length a resume may grow (Part III)

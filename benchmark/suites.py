@@ -99,21 +99,25 @@ class Job:
 
 
 # ---------------------------------------------------------------------------------- data
-_SMOKE_EVAL = ("--eval-episodes", "2", "--hidden-dims", "32", "32", "--batch-size", "64")
+_SMOKE_EVAL = ("--eval-episodes", "2", "--batch-size", "64")
+_SMOKE_SAC = ("--actor-hidden-dims", "32", "32", "--critic-hidden-dims", "32", "32")
 # Cal-QL on the local PointMaze corridor: the settings of tests/test_calql_learning.py.
-_POINTMAZE = ("--hidden-dims", "64", "64", "--batch-size", "64", "--qf-lr", "1e-3",
-              "--policy-lr", "1e-3", "--soft-target-update", "0.05", "--cql-weight", "5")
+_POINTMAZE = ("--actor-hidden-dims", "64", "64", "--critic-hidden-dims", "64", "64",
+              "--batch-size", "64", "--qf-lr", "1e-3", "--policy-lr", "1e-3",
+              "--soft-target-update", "0.05", "--cql-weight", "5")
 _NO_CALQL = ("--no-enable-calql",)
 
 SMOKE = Suite("smoke", "all three scripts on local data, a few hundred steps each", (
     Entry(CQL_SAC, "pendulum-expert", "cql", ("--total-steps", "200", "--eval-every", "100",
-                                              *_SMOKE_EVAL), ("pendulum-expert",)),
+                                              *_SMOKE_EVAL, *_SMOKE_SAC), ("pendulum-expert",)),
     Entry(CQL_QRDQN, "cartpole-expert", "cql", ("--total-steps", "300", "--eval-every", "150",
-                                                *_SMOKE_EVAL), ("cartpole-expert",)),
+                                                *_SMOKE_EVAL, "--hidden-dims", "32", "32"),
+          ("cartpole-expert",)),
     Entry(CALQL, "pointmaze-binary", "calql", ("--offline-steps", "100",
                                                "--offline-eval-every", "100",
                                                "--online-steps", "200", "--eval-every", "100",
-                                               *_SMOKE_EVAL), ("pointmaze-sparse",), "score"),
+                                               *_SMOKE_EVAL, *_SMOKE_SAC), ("pointmaze-sparse",),
+          "score"),
 ), seeds=1)
 
 # Each method next to its baseline: variant -> the baseline variant it is compared with.

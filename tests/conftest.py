@@ -117,11 +117,12 @@ class Script:
                 str(run_dir), *extra]
 
 
-TINY = ("--hidden-dims", "16", "16", "--batch-size", "32", "--eval-episodes", "1",
+SAC_WIDTHS = ("--actor-hidden-dims", "16", "16", "--critic-hidden-dims", "16", "16")
+TINY = ("--batch-size", "32", "--eval-episodes", "1",
         "--log-every", "25", "--no-progress")
 SCRIPTS = {s.key: s for s in (
     Script("cql_sac", "cql_sac_continuous.py", "pendulum-medium",
-           ("--env", "pendulum-medium", *TINY, "--cql-n-actions", "3"),
+           ("--env", "pendulum-medium", *SAC_WIDTHS, *TINY, "--cql-n-actions", "3"),
            {"--total-steps": "400", "--eval-every": "100"}, "--total-steps", "200",
            "--total-steps", "--eval-every", (), (100, 200, 300, 400), ((150, 150),),
            {"args.env": "pendulum-medium", "args.cql_weight": 5.0,
@@ -135,7 +136,7 @@ SCRIPTS = {s.key: s for s in (
     # Cal-QL: offline 100 gradient steps, then 200 environment steps at UTD 1; evaluation at
     # step 0 (before any update), every 50 offline steps, every 100 environment steps.
     Script("calql", "calql_finetune.py", "pointmaze-sparse",
-           ("--env", "pointmaze-binary", *TINY, "--cql-n-actions", "3"),
+           ("--env", "pointmaze-binary", *SAC_WIDTHS, *TINY, "--cql-n-actions", "3"),
            {"--offline-steps": "100", "--offline-eval-every": "50", "--online-steps": "200",
             "--eval-every": "100"}, "--online-steps", "0",
            "--offline-steps", "--offline-eval-every", ("--online-steps", "0"), (0, 50, 100),
@@ -146,7 +147,7 @@ SCRIPTS = {s.key: s for s in (
            ("score", "success_rate", "value_gap", "critic_loss", "actor_loss", "cql_gap"),
            {"final_score": "score"}, False),
     Script("qrdqn", "cql_qrdqn_atari.py", "cartpole-medium",
-           ("--env", "cartpole-medium", *TINY, "--num-quantiles", "8"),
+           ("--env", "cartpole-medium", "--hidden-dims", "16", "16", *TINY, "--num-quantiles", "8"),
            {"--total-steps": "400", "--eval-every": "100"}, "--total-steps", "200",
            "--total-steps", "--eval-every", (), (100, 200, 300, 400), ((150, 150),),
            {"args.env": "cartpole-medium", "args.cql_weight": 1.0, "args.hidden_dims": [16, 16],

@@ -143,17 +143,17 @@ def test_initial_alpha_prime_is_e():
     agent = calql.Agent(3, 2, args)
     assert agent.log_alpha_prime.item() == 1.0
     gap = torch.tensor([2.0, 2.0])
-    _, _, alpha_prime = calql.lagrange_terms(gap, agent.log_alpha_prime, 5.0, 0.8)
+    _, _, alpha_prime = calql.lagrange_terms(gap, agent.log_alpha_prime, 5.0, 0.8, "calql")
     assert float(alpha_prime) == pytest.approx(math.e)
 
 
 def test_no_enable_calql_and_other_flags_parse():
     assert calql.parse_args(["--env", "pen-binary", "--no-enable-calql"]).enable_calql is False
-    args = calql.parse_args(["--env", "antmaze-umaze", "--no-lagrange", "--hidden-dims", "32",
-                             "32", "--critic-hidden-dims", "8"])
+    args = calql.parse_args(["--env", "antmaze-umaze", "--no-lagrange", "--actor-hidden-dims",
+                             "32", "32", "--critic-hidden-dims", "8"])
     assert args.lagrange is False and args.cql_weight == 5.0 and args.horizon == 700
     assert args.actor_hidden_dims == (32, 32) and args.critic_hidden_dims == (8,)
-    assert args.hidden_dims is None
+    assert not hasattr(args, "hidden_dims")  # removed (issue 16): one flag per network
     with pytest.raises(SystemExit):
         calql.parse_args(["--env", "pen-binary", "--enable-calql", "False"])  # old README form
 
@@ -188,7 +188,7 @@ def help_defaults(env: str) -> dict[str, str]:
 def test_help_shows_the_values_that_will_run(env):
     shown = help_defaults(env)
     args = calql.preset_args(env)
-    optional = {"run-dir", "hidden-dims", "target-entropy", "cql-weight-online", "resume",
+    optional = {"run-dir", "target-entropy", "cql-weight-online", "resume",
                 "wandb-entity"}  # documented: None = derived at run time / not set
     for f in fields(args):
         flag = f.name.replace("_", "-")

@@ -81,15 +81,6 @@ def test_plain_logsumexp_includes_data_q():
             assert got[i, j].item() == pytest.approx(want, rel=1e-5)
 
 
-def test_cql_eq7_is_softmax_weighted_mean_with_fixed_weights():
-    q = torch.tensor([[[0.0, 1.0, 3.0]]], requires_grad=True)
-    got = cql.cql_eq7_push_down(q)
-    w = np.exp([0.0, 1.0, 3.0]) / np.exp([0.0, 1.0, 3.0]).sum()
-    assert got.item() == pytest.approx(float((w * [0.0, 1.0, 3.0]).sum()), rel=1e-6)
-    got.sum().backward()  # weights are the inner max's solution: gradient = the weights
-    np.testing.assert_allclose(q.grad[0, 0].numpy(), w, rtol=1e-6)
-
-
 @pytest.mark.parametrize("data_term", [True, False])
 def test_penalty_gap_and_eq1_variant(data_term):
     push = torch.tensor([[1.0, 4.0], [2.0, -1.0]])

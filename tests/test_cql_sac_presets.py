@@ -197,7 +197,7 @@ def test_help_shows_the_values_that_will_run(capsys, monkeypatch):
     assert "(default: 5.0)" in option(text, "--cql-tau")
     assert "(default: D4RL/pen/human-v2)" in option(text, "--dataset-id")
     # None only where it means "derived at run time" (documented in the field's help)
-    allowed = {"--run-dir", "--hidden-dims", "--target-entropy", "--resume", "--wandb-entity"}
+    allowed = {"--run-dir", "--target-entropy", "--resume", "--wandb-entity"}
     for flag in ("--policy-lr", "--bc-steps", "--lagrange", "--max-backup", "--reward-mode",
                  "--actor-hidden-dims", "--log-alpha-prime-init", "--total-steps"):
         assert "(default: None)" not in option(text, flag), flag
@@ -228,10 +228,10 @@ def test_boolean_flags_and_precedence():
     assert cql.parse_args(["--env", "pen-human", "--no-lagrange"]).lagrange is False
     assert cql.parse_args(["--compile", "--no-progress"]).progress is False
     over = cql.parse_args(["--env", "antmaze-medium-play", "--cql-tau", "2", "--no-lagrange",
-                           "--hidden-dims", "64", "64", "--critic-hidden-dims", "32"])
+                           "--actor-hidden-dims", "64", "64", "--critic-hidden-dims", "32"])
     assert (over.cql_tau, over.lagrange, over.cql_weight) == (2.0, False, 5.0)
     assert over.actor_hidden_dims == (64, 64) and over.critic_hidden_dims == (32,)
-    assert over.hidden_dims is None  # spent: main reads the per-network widths only
+    assert not hasattr(over, "hidden_dims")  # removed (issue 16): one flag per network
     custom = cql.parse_args(["--env", "my-pen", "--dataset-id", "D4RL/pen/cloned-v2"])
     assert custom.dataset_id == "D4RL/pen/cloned-v2" and custom.cql_weight == 1.0  # adroit
     other = cql.parse_args(["--env", "hopper-medium", "--dataset-id", "mujoco/ant/expert-v0"])
@@ -250,21 +250,22 @@ def test_boolean_flags_and_precedence():
                           (["--eval-episodes", "0"], "--eval-episodes must be positive"),
                           (["--bc-steps", "-1"], "--bc-steps must be >= 0"),
                           (["--gamma", "1.5"], "--gamma must be in"),
-                          (["--hidden-dims", "8", "0"], "--actor-hidden-dims must be positive"),
+                          (["--actor-hidden-dims", "8", "0"], "--actor-hidden-dims must be"),
                           (["--cudagraphs"], "--cudagraphs needs --compile")):
         with pytest.raises(SystemExit, match=message):
             cql.parse_args(argv)
-    with pytest.raises(SystemExit, match="hidden_dims is a command-line shorthand"):
-        cql.main(cql.replace(cql.preset_args("pendulum-medium"), hidden_dims=(8,)))
+    with pytest.raises(SystemExit):  # removed (issue 16): --actor/--critic-hidden-dims
+        cql.parse_args(["--hidden-dims", "8"])
 
 
 def test_config_records_the_resolved_args(local_dataset, tmp_path):
     """main() gets complete Args: config.json holds literal values, no None placeholders."""
     local_dataset("pendulum-medium")
-    args = cql.parse_args(["--env", "pendulum-medium", "--hidden-dims", "8", "--total-steps",
+    args = cql.parse_args(["--env", "pendulum-medium", "--actor-hidden-dims", "8",
+                           "--critic-hidden-dims", "8", "--total-steps",
                            "2", "--eval-every", "2", "--eval-episodes", "1", "--batch-size",
                            "8", "--no-progress", "--run-dir", str(tmp_path / "run")])
     cql.main(args)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["args"]
     assert saved["actor_hidden_dims"] == [8] and saved["policy_lr"] == 1e-3
-    assert saved["hidden_dims"] is None and saved["lagrange"] is False
+    assert "hidden_dims" not in saved and saved["lagrange"] is False

@@ -20,13 +20,12 @@ def tiny_args(run_dir: Path, **overrides) -> cql.Args:
 
 @pytest.mark.parametrize("overrides", [
     dict(cql_variant="plain", cql_temp=0.5),
-    dict(cql_variant="eq7"),
     dict(cql_data_term=False),
     dict(lagrange=True, cql_tau=1.0, lagrange_form="calql"),
     dict(max_backup=True, backup_entropy=True, orthogonal_init=True),
     dict(cql_weight=0.0, normalize_states=True, reward_mode="scale_bias", reward_scale=0.1,
          track=True),  # W&B code path, disabled by conftest
-], ids=["plain", "eq7", "eq1", "lagrange", "max-backup", "naive-sac"])
+], ids=["plain", "eq1", "lagrange", "max-backup", "naive-sac"])
 def test_variants_run_end_to_end(local_dataset, tmp_path, overrides):
     local_dataset("pendulum-medium")
     summary = cql.main(tiny_args(tmp_path / "run", total_steps=30, **overrides))

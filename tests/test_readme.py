@@ -33,10 +33,11 @@ SETUP = ["pip install -r requirements.txt", "python -m pytest"]
 # Appended for the brief run: a few steps, tiny networks, one short evaluation.
 BRIEF = {
     "cql_sac_continuous.py": "--total-steps 2 --eval-every 2 --eval-episodes 1 --batch-size 8 "
-                             "--cql-n-actions 2 --hidden-dims 8 8 --bc-steps 1 --log-every 1",
+                             "--cql-n-actions 2 --actor-hidden-dims 8 8 --critic-hidden-dims 8 8 "
+                             "--bc-steps 1 --log-every 1",
     "calql_finetune.py": "--offline-steps 2 --offline-eval-every 2 --online-steps 3 "
                          "--eval-every 3 --eval-episodes 1 --batch-size 8 --cql-n-actions 2 "
-                         "--hidden-dims 8 8 --log-every 1",
+                         "--actor-hidden-dims 8 8 --critic-hidden-dims 8 8 --log-every 1",
     "cql_qrdqn_atari.py": "--total-steps 2 --eval-every 2 --eval-episodes 1 --batch-size 4 "
                           "--num-quantiles 4 --max-episode-steps 30 --log-every 1",
 }
