@@ -8,7 +8,7 @@ the eager run's numbers; a capture that changed the math (a wrong guard, a dropp
 `detach`, a graph break that reorders the draws) would not. Inductor itself draws random
 numbers with its own generator (no public switch makes it use eager's): the script's
 inductor path is compared with eager's spread over seeds in tests/test_cql_sac_run.py and
-run end to end in tests/test_qrdqn_run.py.
+run end to end in tests/test_cql_qrdqn_run.py.
 """
 
 from __future__ import annotations
