@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Tests never touch the user's ~/.minari: every dataset they need is built locally, once.
 os.environ.setdefault("MINARI_DATASETS_PATH", str(ROOT / ".cache" / "minari"))
 os.environ.setdefault("WANDB_MODE", "disabled")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: more threads oversubscribe
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(ROOT))
 
 
