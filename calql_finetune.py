@@ -20,11 +20,11 @@ shows what Cal-QL changes.
 
 - Part I, the algorithm (lines 57-781): Args, networks, losses, training step, buffers,
   evaluation and online episodes, main.
-- Part II, datasets and presets (lines 782-1346): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 782-1351): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1347-1844): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1352-1882): run directory, checkpoints, resume, signals, W&B.
 """
 
 
@@ -1344,6 +1344,11 @@ def parse_args(argv: list[str] | None = None) -> Args:
 LENGTH_FIELD = "online_steps"  # the run length a resume may grow (Part III)
 
 
+def planned_updates(args: Args) -> int:
+    """Gradient updates of the whole run (Part III's start line)."""
+    return args.offline_steps + args.online_steps * args.utd
+
+
 # ======================================================================================
 # Part III: run plumbing (not part of the algorithm)
 # ======================================================================================
@@ -1362,8 +1367,8 @@ LENGTH_FIELD = "online_steps"  # the run length a resume may grow (Part III)
 # checked then (check_run_args, from the command line); Run checks it again.
 #
 # Per script, above this banner, only: LENGTH_FIELD (the length that a finished run may
-# grow by) and the `parts` passed to Run (objects with state_dict() / load_state_dict():
-# agent, trainer, buffers, loop counters).
+# grow by), planned_updates(args), and the `parts` passed to Run (objects with
+# state_dict() / load_state_dict(): agent, trainer, buffers, loop counters).
 
 RESUME_FREE = {"resume", "run_dir", "track", "wandb_project", "wandb_entity", "progress",
                "log_every", LENGTH_FIELD}  # a resume may change these (the length: grow only)
@@ -1372,6 +1377,7 @@ LOCK_FILE = "run.lock"
 DEVICES = ("auto", "cpu", "cuda")
 SEED_END = 2**31  # seeds in [0, 2**31): torch, numpy and gymnasium accept all of them
 WANDB_REFUSED = ":;,#?/'"  # not allowed in a W&B run id (wandb/sdk/wandb_settings.py)
+CPU_WARN_UPDATES = 100_000  # more updates than this on a CPU: a warning and a time estimate
 REPORT_KEYS = ("step", "phase", "env_steps", "return_mean", "score", "normalized_score",
                "success_rate", "value_gap")  # printed after each evaluation, when present
 _LOCKS: dict[str, int] = {}  # run directory -> descriptor of its lock, held by this process
@@ -1662,6 +1668,29 @@ class Run:
         self.write(self.dir / "metrics.jsonl",
                    "".join(json.dumps(json_safe(r)) + "\n" for r in self.history).encode())
         self.wandb = self.init_wandb() if args.track else None
+        self.announce(info, device)
+
+    def announce(self, info: dict[str, Any], device: torch.device) -> None:
+        """The start line: run directory, data, device, updates; a warning for a long run
+        on a CPU, whose duration log() estimates from the first updates."""
+        updates, args = planned_updates(self.args), self.args
+        data = info.get("dataset_id") or info.get("source") or args.dataset_id
+        print(f"{Path(__file__).name}: {'resuming' if args.resume else 'new'} run {self.dir} "
+              f"| data {data} | device {device} | {updates:,} updates", file=sys.stderr)
+        self.estimate_at = None
+        if device.type == "cpu" and updates > CPU_WARN_UPDATES:
+            self.estimate_at = self.step + args.log_every  # the first log after the start
+            self.estimate_from = (self.step, time.perf_counter())
+            print(f"warning: {updates:,} updates is a paper-size run, slow on a CPU (a GPU: "
+                  "--device cuda); its duration is estimated after the first updates",
+                  file=sys.stderr)
+
+    def estimate_duration(self, step: int) -> None:
+        first, t0 = self.estimate_from
+        rate = (step - first) / max(time.perf_counter() - t0, 1e-9)
+        hours = (planned_updates(self.args) - step) / max(rate, 1e-9) / 3600
+        print(f"estimate: {rate:.1f} updates/s, about {hours:.1f} hours to go", file=sys.stderr)
+        self.estimate_at = None
 
     # ---- called by the main loop -----------------------------------------------------
     def due(self, step: int, *every: int, last: int | None = None) -> bool:
@@ -1671,6 +1700,8 @@ class Run:
     def log(self, step: int, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
         """Read the training metrics (the only host sync), guard against divergence."""
         self.train_values = host_metrics(metrics)
+        if self.estimate_at is not None and step >= self.estimate_at:
+            self.estimate_duration(step)
         bad = sorted(k for k, v in self.train_values.items() if not math.isfinite(v))
         q_max = max(abs(self.train_values.get(k, 0.0)) for k in ("q_data", "q_abs_max"))
         if bad or q_max > self.args.max_abs_q:
@@ -1735,6 +1766,13 @@ class Run:
             self.wandb.summary.update(summary)
             self.wandb.finish()
         self.close()
+        fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+        last = self.history[-1] if self.history else {}
+        score = summary.get("final_score", summary.get("final_normalized_score"))
+        gap = summary.get("value_gap", last.get("value_gap"))
+        print(f"done: final score {fmt(score)} | value gap {fmt(gap)} "
+              f"| wall time {summary['wall_time_s']:.0f} s | {self.dir / 'summary.json'}",
+              file=sys.stderr)
         return summary
 
     def close(self) -> None:

@@ -705,3 +705,28 @@ def test_random_signal_stops_then_resume_is_bit_identical(s, reference, tmp_path
     monkeypatch.setattr(s.module.Trainer, "step", step)
     main(s, s.args(run, "--resume", str(run)))
     same_results(run, reference)
+
+
+# --------------------------------------------------------------------------- start and end lines
+@PARAMS
+def test_a_run_says_where_it_runs_and_how_it_ended(s, local_dataset, tmp_path, capsys,
+                                                  monkeypatch):
+    """One start line (run directory, data, device, updates), and for a run longer than
+    CPU_WARN_UPDATES on a CPU a warning and, after the first log, an estimate of its
+    duration; one end line (final score, value gap, wall time, summary.json's path)."""
+    local_dataset(s.dataset)
+    monkeypatch.setattr(s.module, "CPU_WARN_UPDATES", 10)
+    run = tmp_path / "run"
+    args = s.module.parse_args(s.args(run, "--device", "cpu", "--log-every", "20"))
+    summary = s.module.main(args)
+    err = capsys.readouterr().err.splitlines()
+    updates, dataset = s.module.planned_updates(args), read_json(run / "config.json")["dataset"]
+    data = dataset.get("dataset_id") or dataset.get("source")
+    assert f"{s.file}: new run {run} | data {data} | device cpu | {updates:,} updates" in err
+    assert any(line.startswith(f"warning: {updates:,} updates is a paper-size run")
+               for line in err)
+    assert sum(line.startswith("estimate: ") and "hours to go" in line for line in err) == 1
+    end = [line for line in err if line.startswith("done: ")]
+    assert end == [end[0]] and end[0].endswith(f"| {run / 'summary.json'}")
+    gap = summary.get("value_gap", read_metrics(run)[-1]["value_gap"])
+    assert f"value gap {gap:.4g} |" in end[0]
