@@ -31,7 +31,7 @@ The file reads in three parts:
     (vector observations, local datasets), one block per dataset family (Minari Atari, DQN
     Replay: each its data, evaluation env and score, registered in FAMILIES), the presets
     with their sources, the command line.
-  Part III, run plumbing, lines 1282-1812: run directory, checkpoints, resume, signals.
+  Part III, run plumbing, lines 1282-1849: run directory, checkpoints, resume, signals.
 To use the file on your own discrete-action data, delete the two family blocks (ale-py and
 OpenCV go with them): the generic path loads any Minari dataset of vector observations
 (--dataset-id) and evaluates it in the dataset's own env.
@@ -1536,6 +1536,38 @@ def host_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(keys, values, strict=True))
 
 
+VERSIONED = ("python", "torch", "numpy", "gymnasium", "tyro", "minari", "gymnasium-robotics",
+             "mujoco", "ale-py", "opencv-python-headless")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and the installed packages a run may use (config.json)."""
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0]}
+    for name in VERSIONED[1:]:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with '+changes' when the tree differs), or None outside git."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 class StartupSignal(BaseException):
     """SIGINT/SIGTERM before Run took the signals over (the command line's start-up)."""
 
@@ -1550,6 +1582,7 @@ class Run:
     `evaluate_and_checkpoint` and `stop_if_signalled`; nothing here touches the algorithm."""
 
     restore_signals = True  # cli(): False, the process ends with the run
+    command: str | None = None  # cli(): the command line, for config.json
 
     def __init__(self, args: Args, parts: dict[str, Any], info: dict[str, Any],
                  eval_env: dict[str, Any], device: torch.device):
@@ -1592,7 +1625,8 @@ class Run:
             check_new_run_dir(self.dir, args)  # again, under the lock
             self.write(self.dir / "config.json", dict(
                 args=config_dict(args), dataset=info, eval_env=eval_env,
-                script=Path(__file__).name, torch=torch.__version__, device=str(device)))
+                script=Path(__file__).name, torch=torch.__version__, device=str(device),
+                command=Run.command, git_commit=git_commit(), versions=package_versions()))
         # metrics.jsonl = the checkpoint's history: rows written after the last checkpoint
         # (a hard kill between the two writes) are dropped, never duplicated.
         self.write(self.dir / "metrics.jsonl",
@@ -1798,7 +1832,10 @@ def cli() -> None:
     the signals over exits 128+signal with one line (Ctrl-C: 130)."""
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, _startup_signal)
+    import shlex
+
     Run.restore_signals = False
+    Run.command = shlex.join(["python", Path(sys.argv[0]).name, *sys.argv[1:]])
     try:
         main(check_run_args(parse_args()))
     except StartupSignal as stop:

@@ -15,7 +15,7 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1179-1709): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1179-1746): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -1433,6 +1433,38 @@ def host_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(keys, values, strict=True))
 
 
+VERSIONED = ("python", "torch", "numpy", "gymnasium", "tyro", "minari", "gymnasium-robotics",
+             "mujoco", "ale-py", "opencv-python-headless")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and the installed packages a run may use (config.json)."""
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0]}
+    for name in VERSIONED[1:]:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with '+changes' when the tree differs), or None outside git."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 class StartupSignal(BaseException):
     """SIGINT/SIGTERM before Run took the signals over (the command line's start-up)."""
 
@@ -1447,6 +1479,7 @@ class Run:
     `evaluate_and_checkpoint` and `stop_if_signalled`; nothing here touches the algorithm."""
 
     restore_signals = True  # cli(): False, the process ends with the run
+    command: str | None = None  # cli(): the command line, for config.json
 
     def __init__(self, args: Args, parts: dict[str, Any], info: dict[str, Any],
                  eval_env: dict[str, Any], device: torch.device):
@@ -1489,7 +1522,8 @@ class Run:
             check_new_run_dir(self.dir, args)  # again, under the lock
             self.write(self.dir / "config.json", dict(
                 args=config_dict(args), dataset=info, eval_env=eval_env,
-                script=Path(__file__).name, torch=torch.__version__, device=str(device)))
+                script=Path(__file__).name, torch=torch.__version__, device=str(device),
+                command=Run.command, git_commit=git_commit(), versions=package_versions()))
         # metrics.jsonl = the checkpoint's history: rows written after the last checkpoint
         # (a hard kill between the two writes) are dropped, never duplicated.
         self.write(self.dir / "metrics.jsonl",
@@ -1695,7 +1729,10 @@ def cli() -> None:
     the signals over exits 128+signal with one line (Ctrl-C: 130)."""
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, _startup_signal)
+    import shlex
+
     Run.restore_signals = False
+    Run.command = shlex.join(["python", Path(sys.argv[0]).name, *sys.argv[1:]])
     try:
         main(check_run_args(parse_args()))
     except StartupSignal as stop:

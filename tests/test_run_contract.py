@@ -46,6 +46,7 @@ import errno
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -730,3 +731,23 @@ def test_a_run_says_where_it_runs_and_how_it_ended(s, local_dataset, tmp_path, c
     assert end == [end[0]] and end[0].endswith(f"| {run / 'summary.json'}")
     gap = summary.get("value_gap", read_metrics(run)[-1]["value_gap"])
     assert f"value gap {gap:.4g} |" in end[0]
+
+
+@PARAMS
+def test_config_records_the_command_the_commit_and_the_versions(s, local_dataset, tmp_path):
+    """config.json of a command-line run: the exact command, the checkout's commit (with
+    '+changes' for a modified tree), and the versions of Python and the packages."""
+    local_dataset(s.dataset)
+    argv = s.args(tmp_path / "run")
+    out = run_script(s.path, *argv)
+    assert out.returncode == 0, out.stderr[-2000:]
+    config = read_json(tmp_path / "run" / "config.json")
+    assert config["command"] == shlex.join(["python", s.file, *argv])
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+    assert config["git_commit"].split("+")[0] == head
+    import numpy
+
+    assert config["versions"]["torch"] == torch.__version__.split("+")[0]
+    assert config["versions"]["numpy"] == numpy.__version__
+    assert config["versions"]["python"] == sys.version.split()[0]
