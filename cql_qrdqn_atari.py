@@ -25,13 +25,13 @@ dataset (atari/<game>/expert-v0) in its own env spec's setting (repeat_action_pr
 ALE's internal frame-skip 4), no no-op starts.
 
 The file reads in three parts:
-  Part I, the algorithm, lines 67-529: Args, the quantile network, the losses (QR-DQN,
+  Part I, the algorithm, lines 67-578: Args, the quantile network, the losses (QR-DQN,
     CQL(H)), the training step, the replay buffer, evaluation and the main loop.
-  Part II, datasets and presets, lines 530-1237: Minari loading and the generic path
+  Part II, datasets and presets, lines 579-1292: Minari loading and the generic path
     (vector observations, local datasets), the Atari family block (Minari Atari and DQN
     Replay: data, evaluation env, score; registered in FAMILIES), the presets with their
     sources, the command line.
-  Part III, run plumbing, lines 1238-1735: run directory, checkpoints, resume, signals.
+  Part III, run plumbing, lines 1293-1790: run directory, checkpoints, resume, signals.
 To use the file on your own discrete-action data, delete the family block (ale-py and OpenCV
 go with it): the generic path loads any Minari dataset of vector observations (--dataset-id)
 and evaluates it in the dataset's own env.
@@ -430,16 +430,55 @@ class ReplayBuffer:
 
 # --- Evaluation ------------------------------------------------------------------------------
 
-def make_eval_env(spec: dict) -> gym.Env:
+def make_eval_env(spec: dict, max_episode_steps: int | None = None) -> gym.Env:
     """Build the env a JSON spec (config.json `eval_env`) describes: gym.make(id, **kwargs), then
     each of its `wrappers` (gymnasium.wrappers name -> kwargs) in order. With wrappers (Atari:
-    `atari_eval_env`) the agent-step limit is evaluate's (a TimeLimit would count ALE frames)."""
+    `atari_eval_env`) the agent-step limit is evaluate's (a TimeLimit would count ALE frames);
+    max_episode_steps: a longer TimeLimit than the spec's (the value_gap rollout)."""
     if "wrappers" not in spec:
-        return gym.make(spec["id"], max_episode_steps=spec["max_episode_steps"], **spec["kwargs"])
+        return gym.make(spec["id"], max_episode_steps=max_episode_steps or
+                        spec["max_episode_steps"], **spec["kwargs"])
     env = gym.make(spec["id"], **spec["kwargs"])
     for name, kwargs in spec["wrappers"].items():
         env = getattr(gym.wrappers, name)(env, **kwargs)
     return env
+
+
+GAP_TAIL = 0.01  # value_gap neglects a tail below 1% of the return scale (issue 17 item 3)
+
+
+def gap_horizon(gamma: float) -> int | None:
+    """The value_gap rollout length: the first T with gamma^T <= GAP_TAIL (0.99 -> 459); 1 for
+    gamma 0; None for gamma >= 1 (no finite horizon: the score horizon, an unbounded tail)."""
+    if gamma >= 1.0:
+        return None
+    if gamma <= 0.0:
+        return 1
+    return math.ceil(math.log(GAP_TAIL) / math.log(gamma))
+
+
+def gap_tail_bound(gamma: float, steps: int, r_absmax: float, terminated: bool) -> float | None:
+    """Bound on the discounted return a rollout of `steps` steps leaves out: 0 if it ended by a
+    true termination, else gamma^steps r_absmax / (1 - gamma) (|V| <= r_absmax / (1 - gamma));
+    None (unbounded) for gamma >= 1."""
+    if terminated:
+        return 0.0
+    if gamma >= 1.0:
+        return None
+    return gamma**steps * r_absmax / (1.0 - gamma)
+
+
+def value_gap_spec(gamma: float, score_steps: int | None, r_absmax: float,
+                   note: str | None = None) -> dict[str, Any]:
+    """config.json eval_env.value_gap: the rollout that value_gap sums (score_steps: the score's
+    step limit, None: none) and the bound on the tail it leaves out."""
+    horizon = gap_horizon(gamma)
+    rollout = None if score_steps is None else max(score_steps, horizon or 0)
+    return dict(horizon=horizon, rule=f"ceil(log({GAP_TAIL})/log(gamma))", tail_fraction=GAP_TAIL,
+                score_max_steps=score_steps, rollout_max_steps=rollout,
+                runs_past_time_limit=rollout is not None and rollout > score_steps,
+                reward_abs_max=r_absmax, tail_bound=None if rollout is None else
+                gap_tail_bound(gamma, rollout, r_absmax, False), note=note)
 
 
 def eval_seed(seed: int, eval_index: int) -> int:
@@ -450,16 +489,19 @@ def eval_seed(seed: int, eval_index: int) -> int:
 @torch.no_grad()
 def evaluate(q: QRNetwork, envs: list[gym.Env], epsilon: float, seed: int, device,
              max_steps: int, gamma: float = 0.99, clip_reward: bool = False,
-             score_range: tuple[float, float] | None = None) -> dict[str, Any]:
+             score_range: tuple[float, float] | None = None, rollout_steps: int | None = None,
+             r_absmax: float = 1.0) -> dict[str, Any]:
     """One epsilon-greedy episode on mean-over-quantiles Q in each env, side by side (env e reset
-    with seed + e, its own epsilon RNG; equal to one after the other), one batch per step.
-    normalized_score: 100 (R - lo) / (hi - lo), score_range = (lo, hi). value_gap, the lower-bound
-    check (paper Table 4): max_a Q(s_0, a) minus the discounted return (of the training rewards,
-    i.e. clipped for Atari) obtained from s_0."""
-    episodes = len(envs)
+    with seed + e, its own epsilon RNG; equal to one after the other), one batch per step. The
+    score (return, normalized_score = 100 (R - lo) / (hi - lo), score_range = (lo, hi)) counts
+    the first max_steps steps. value_gap, the lower-bound check (paper Table 4): max_a Q(s_0, a)
+    minus the discounted return of the training rewards (clipped for Atari) from s_0, summed
+    until a true termination or rollout_steps (>= max_steps; a time limit is not an end)."""
+    episodes, limit = len(envs), max(max_steps, rollout_steps or 0)
     rngs = [np.random.default_rng([seed, e]) for e in range(episodes)]
     obs = [np.asarray(env.reset(seed=seed + e)[0]) for e, env in enumerate(envs)]
     returns, disc, steps = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes, np.int64)
+    terminated = np.zeros(episodes, bool)
     q_s0, active = None, list(range(episodes))
     while active:
         x = torch.as_tensor(np.stack([obs[e] for e in active]), device=device)
@@ -473,18 +515,22 @@ def evaluate(q: QRNetwork, envs: list[gym.Env], epsilon: float, seed: int, devic
                 a = int(rngs[e].integers(envs[e].action_space.n))
             o, r, term, trunc, _ = envs[e].step(a)
             obs[e] = np.asarray(o)
-            returns[e] += float(r)
+            if steps[e] < max_steps:  # the score's steps
+                returns[e] += float(r)
             disc[e] += gamma ** steps[e] * (float(np.clip(r, -1, 1)) if clip_reward else float(r))
-            steps[e] += 1
-            if not (term or trunc or steps[e] >= max_steps):
+            steps[e], terminated[e] = steps[e] + 1, term
+            if not (term or trunc or steps[e] >= limit):
                 still.append(e)
         active = still
     ret = float(returns.mean())
     lo, hi = score_range or (0.0, 0.0)
+    tails = [gap_tail_bound(gamma, int(t), r_absmax, bool(d))
+             for t, d in zip(steps, terminated, strict=True)]
     return dict(return_mean=ret, return_std=float(returns.std()),
                 normalized_score=100.0 * (ret - lo) / (hi - lo) if score_range else None,
                 q_pred_s0=float(q_s0.mean()), value_gap=float((q_s0 - disc).mean()),
-                episode_returns=returns.tolist())
+                value_gap_steps=float(steps.mean()), value_gap_tail_bound=None
+                if None in tails else float(np.mean(tails)), episode_returns=returns.tolist())
 
 
 # --- Main loop -------------------------------------------------------------------------------
@@ -503,7 +549,9 @@ def main(args: Args) -> dict[str, Any]:
     data.frames = data.actions = data.rewards = data.dones = data.valid = None  # in the buffer
     agent = Agent(buffer.obs_shape, data.n_actions, args).to(device)
     trainer = Trainer(agent, args, device)
-    envs = [make_eval_env(data.eval_env) for _ in range(args.eval_episodes)]
+    gap = data.eval_env["value_gap"]
+    envs = [make_eval_env(data.eval_env, gap["rollout_max_steps"])
+            for _ in range(args.eval_episodes)]
     max_steps = data.eval_env["max_episode_steps"] or 10**9
     run = Run(args, dict(agent=agent, trainer=trainer, buffer=buffer), data.info,
               data.eval_env, device)
@@ -515,7 +563,8 @@ def main(args: Args) -> dict[str, Any]:
         if run.due(step, args.eval_every, last=args.total_steps):
             run.evaluate_and_checkpoint(step, partial(
                 evaluate, agent.q, envs, args.eval_epsilon, eval_seed(args.seed, step), device,
-                max_steps, args.gamma, args.clip_reward, data.score_range))
+                max_steps, args.gamma, args.clip_reward, data.score_range,
+                gap["rollout_max_steps"], gap["reward_abs_max"]))
         run.stop_if_signalled(step)
     return run.finish(final_summary(run.history, args, data))
 
@@ -734,9 +783,13 @@ def load_data(args: Args) -> Data:
             fail(f"evaluation env has {n_actions} actions, the data {data.n_actions}")
         data.n_actions, data.eval_env = n_actions, eval_env
     data.score_range = data.score_range or data.ref_scores
+    rewards = data.rewards[data.valid]  # as trained (clipped): the value_gap tail's scale
+    r_absmax = float(np.abs(np.clip(rewards, -1, 1) if args.clip_reward else rewards).max())
+    data.eval_env["value_gap"] = value_gap_spec(args.gamma, data.eval_env["max_episode_steps"],
+                                                r_absmax, data.eval_env.pop("gap_note", None))
     data.info = dict(source=source.description, dataset_id=source.dataset_id, game=data.game,
                      transitions=len(data.valid), n_actions=data.n_actions, stack=data.stack,
-                     score_range=data.score_range)
+                     score_range=data.score_range, reward_abs_max=r_absmax)
     return data
 
 
@@ -831,6 +884,8 @@ def atari_eval_env(game: str, internal_frameskip: bool = False, sticky_prob: flo
                                             "frame_skip": 1 if internal_frameskip else 4,
                                             "screen_size": 84, "grayscale_obs": True},
                      "FrameStackObservation": {"stack_size": stack, "padding_type": "zero"}},
+        "gap_note": "episodes end at game over or ALE's frame cap (max_num_frames_per_episode, "
+                    "4 x max_episode_steps agent steps), far beyond the value_gap horizon",
     }
 
 
