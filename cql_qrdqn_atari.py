@@ -27,11 +27,11 @@ ALE's internal frame-skip 4), no no-op starts.
 The file reads in three parts:
   Part I, the algorithm, lines 67-578: Args, the quantile network, the losses (QR-DQN,
     CQL(H)), the training step, the replay buffer, evaluation and the main loop.
-  Part II, datasets and presets, lines 579-1292: Minari loading and the generic path
+  Part II, datasets and presets, lines 579-1313: Minari loading and the generic path
     (vector observations, local datasets), the Atari family block (Minari Atari and DQN
     Replay: data, evaluation env, score; registered in FAMILIES), the presets with their
     sources, the command line.
-  Part III, run plumbing, lines 1293-1790: run directory, checkpoints, resume, signals.
+  Part III, run plumbing, lines 1314-1811: run directory, checkpoints, resume, signals.
 To use the file on your own discrete-action data, delete the family block (ale-py and OpenCV
 go with it): the generic path loads any Minari dataset of vector observations (--dataset-id)
 and evaluates it in the dataset's own env.
@@ -679,16 +679,20 @@ def _ref_scores(ds) -> tuple[float, float] | None:
 
 
 def episodes_layout(episodes, n_total: int, stack: int, pin: bool = False,
-                    preprocess: Callable[[np.ndarray], np.ndarray] | None = None):
+                    preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+                    what: str = "the dataset"):
     """Episodes (observations (T+1, ...), actions (T,), rewards (T,), terminations (T,)) -> the
     flat layout: per episode STACK-1 zero frames, then its T+1 observations (each through
     `preprocess` if given: RGB frames). The last observation is stored for the bootstrap of a
-    truncated episode but starts no transition. n_total: an upper bound on the number of rows."""
+    truncated episode but starts no transition; an episode with no step is skipped. n_total: an
+    upper bound on the number of rows."""
     pad = stack - 1
     frames = actions = rewards = dones = None
     valid, cur = [], 0
     for obs, act, rew, term in episodes:
         T = len(act)
+        if T == 0:  # no transition (issue 19: it used to end in a sampling error)
+            continue
         if frames is None:
             fshape = preprocess(obs[0]).shape if preprocess else obs.shape[1:]
             frames = host_zeros((n_total, *fshape), np.uint8 if stack > 1 else np.float32, pin)
@@ -706,7 +710,7 @@ def episodes_layout(episodes, n_total: int, stack: int, pin: bool = False,
         valid.append(np.arange(start, start + T))
         cur = start + T + 1
     if frames is None:
-        fail("the dataset has no episodes")
+        fail(f"{what} has no episode with at least one step")
     return (frames[:cur], actions[:cur], rewards[:cur], dones[:cur],
             np.concatenate(valid).astype(np.int64))
 
@@ -722,16 +726,21 @@ def minari_layout(ds, stack: int, preprocess=None, progress: bool = True, pin: b
         for ep in tqdm(ds.iterate_episodes(), total=ds.total_episodes,
                        desc=f"loading {dataset_id}", disable=not progress, leave=False))
     frames, actions, rewards, dones, valid = episodes_layout(episodes, n_total, stack, pin,
-                                                             preprocess)
+                                                             preprocess, f"dataset {dataset_id}")
     if not (np.isfinite(rewards).all() and (stack > 1 or np.isfinite(frames).all())):
         fail(f"dataset {dataset_id} contains NaN or inf in its observations or rewards; "
              f"clean or rebuild it")
+    n, act = int(ds.action_space.n), actions[valid]  # a bad action would index Q out of range
+    if bad := int(((act < 0) | (act >= n)).sum()):
+        fail(f"dataset {dataset_id}: {bad} of {len(act)} actions outside [0, {n}) of its action "
+             f"space Discrete({n}); fix or rebuild it")
     try:
         probe = ds.recover_environment(eval_env=True)
         spec = probe.spec
         probe.close()
-    except Exception as e:  # noqa: BLE001
-        fail(f"dataset {dataset_id}: cannot create its environment ({type(e).__name__}: {e})")
+    except Exception as e:  # noqa: BLE001 - unregistered id, missing entry-point module, ...
+        fail(f"dataset {dataset_id}: cannot create its environment {env_id_of(ds)} "
+             f"({one_line(e)}); install the package that registers it")
     return frames, actions, rewards, dones, valid, spec
 
 
@@ -756,8 +765,20 @@ def minari_data(ds, progress: bool = True, pin: bool = False) -> Data:
     return Data(*layout[:5], 1, int(act_space.n), _ref_scores(ds), layout[5])
 
 
+def one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+def env_id_of(ds) -> str:
+    spec = getattr(ds.spec, "eval_env_spec", None) or getattr(ds.spec, "env_spec", None)
+    return getattr(spec, "id", "(no env spec)")
+
+
 def env_action_count(spec: dict) -> int:
-    return int(make_eval_env(spec).action_space.n)
+    try:
+        return int(make_eval_env(spec).action_space.n)
+    except Exception as e:  # noqa: BLE001 - an env that cannot be created: name it
+        fail(f"cannot create the evaluation env {spec['id']} ({one_line(e)})")
 
 
 def load_data(args: Args) -> Data:
