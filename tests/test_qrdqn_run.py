@@ -79,7 +79,9 @@ def test_dataset_id_alone_runs(tmp_path, local_dataset):
     assert config["args"]["env"] == "cartpole-medium-v0"
     assert config["dataset"]["dataset_id"] == ds_id and config["dataset"]["source"] == ds_id
     assert config["args"]["hidden_dims"] == [128, 128]  # the vector preset
+    gap = config["eval_env"].pop("value_gap")
     assert config["eval_env"] == {"id": "CartPole-v1", "max_episode_steps": 500, "kwargs": {}}
+    assert gap["horizon"] == 459 and gap["rollout_max_steps"] == 500  # CartPole's limit >= 459
 
 
 def test_compile_runs_on_cpu(tmp_path, local_dataset):
