@@ -25,16 +25,16 @@ dataset (atari/<game>/expert-v0) in its own env spec's setting (repeat_action_pr
 ALE's internal frame-skip 4), no no-op starts.
 
 The file reads in three parts:
-  Part I, the algorithm, lines 67-529: Args, the quantile network, the losses (QR-DQN,
+  Part I, the algorithm, lines 67-578: Args, the quantile network, the losses (QR-DQN,
     CQL(H)), the training step, the replay buffer, evaluation and the main loop.
-  Part II, datasets and presets, lines 530-1281: Minari loading and the generic path
-    (vector observations, local datasets), one block per dataset family (Minari Atari, DQN
-    Replay: each its data, evaluation env and score, registered in FAMILIES), the presets
-    with their sources, the command line.
-  Part III, run plumbing, lines 1282-1849: run directory, checkpoints, resume, signals.
-To use the file on your own discrete-action data, delete the two family blocks (ale-py and
-OpenCV go with them): the generic path loads any Minari dataset of vector observations
-(--dataset-id) and evaluates it in the dataset's own env.
+  Part II, datasets and presets, lines 579-1318: Minari loading and the generic path
+    (vector observations, local datasets), the Atari family block (Minari Atari and DQN
+    Replay: data, evaluation env, score; registered in FAMILIES), the presets with their
+    sources, the command line.
+  Part III, run plumbing, lines 1319-1886: run directory, checkpoints, resume, signals.
+To use the file on your own discrete-action data, delete the family block (ale-py and OpenCV
+go with it): the generic path loads any Minari dataset of vector observations (--dataset-id)
+and evaluates it in the dataset's own env.
 """
 
 from __future__ import annotations
@@ -286,7 +286,7 @@ def compute_losses(agent: Agent, batch: dict[str, torch.Tensor], args: Args
       cql_loss  -> agent.q          alpha' detached (lagrange_terms)
       alpha' loss -> log_alpha_prime  gap detached (lagrange_terms)
     agent.target_q is never trained (requires_grad off; copied by the Trainer). Checked by
-    tests/test_qrdqn_losses.py::test_each_loss_trains_only_its_parameters."""
+    tests/test_cql_qrdqn_losses.py::test_each_loss_trains_only_its_parameters."""
     obs, actions = batch["obs"], batch["actions"]
     quantiles = agent.q(obs)  # (B, A, N)
     with torch.no_grad():
@@ -347,9 +347,9 @@ class Trainer:
 
 
 # --- Data and replay buffer ------------------------------------------------------------------
-# episode STACK-1 zero frames, so that a frame stack [t-3..t] never reaches into the previous
-# episode; `valid` lists the indices i whose transition (stack at i, a_i, r_i, d_i, stack at i+1)
-# may be sampled.
+# Frames in one flat array, STACK-1 zero frames before each episode, so that a frame stack
+# [t-3..t] never reaches into the previous episode; `valid` lists the indices i whose transition
+# (stack at i, a_i, r_i, d_i, stack at i+1) may be sampled.
 
 
 @dataclass
@@ -430,16 +430,55 @@ class ReplayBuffer:
 
 # --- Evaluation ------------------------------------------------------------------------------
 
-def make_eval_env(spec: dict) -> gym.Env:
+def make_eval_env(spec: dict, max_episode_steps: int | None = None) -> gym.Env:
     """Build the env a JSON spec (config.json `eval_env`) describes: gym.make(id, **kwargs), then
     each of its `wrappers` (gymnasium.wrappers name -> kwargs) in order. With wrappers (Atari:
-    `atari_eval_env`) the agent-step limit is evaluate's (a TimeLimit would count ALE frames)."""
+    `atari_eval_env`) the agent-step limit is evaluate's (a TimeLimit would count ALE frames);
+    max_episode_steps: a longer TimeLimit than the spec's (the value_gap rollout)."""
     if "wrappers" not in spec:
-        return gym.make(spec["id"], max_episode_steps=spec["max_episode_steps"], **spec["kwargs"])
+        return gym.make(spec["id"], max_episode_steps=max_episode_steps or
+                        spec["max_episode_steps"], **spec["kwargs"])
     env = gym.make(spec["id"], **spec["kwargs"])
     for name, kwargs in spec["wrappers"].items():
         env = getattr(gym.wrappers, name)(env, **kwargs)
     return env
+
+
+GAP_TAIL = 0.01  # value_gap neglects a tail below 1% of the return scale (issue 17 item 3)
+
+
+def gap_horizon(gamma: float) -> int | None:
+    """The value_gap rollout length: the first T with gamma^T <= GAP_TAIL (0.99 -> 459); 1 for
+    gamma 0; None for gamma >= 1 (no finite horizon: the score horizon, an unbounded tail)."""
+    if gamma >= 1.0:
+        return None
+    if gamma <= 0.0:
+        return 1
+    return math.ceil(math.log(GAP_TAIL) / math.log(gamma))
+
+
+def gap_tail_bound(gamma: float, steps: int, r_absmax: float, terminated: bool) -> float | None:
+    """Bound on the discounted return a rollout of `steps` steps leaves out: 0 if it ended by a
+    true termination, else gamma^steps r_absmax / (1 - gamma) (|V| <= r_absmax / (1 - gamma));
+    None (unbounded) for gamma >= 1."""
+    if terminated:
+        return 0.0
+    if gamma >= 1.0:
+        return None
+    return gamma**steps * r_absmax / (1.0 - gamma)
+
+
+def value_gap_spec(gamma: float, score_steps: int | None, r_absmax: float,
+                   note: str | None = None) -> dict[str, Any]:
+    """config.json eval_env.value_gap: the rollout that value_gap sums (score_steps: the score's
+    step limit, None: none) and the bound on the tail it leaves out."""
+    horizon = gap_horizon(gamma)
+    rollout = None if score_steps is None else max(score_steps, horizon or 0)
+    return dict(horizon=horizon, rule=f"ceil(log({GAP_TAIL})/log(gamma))", tail_fraction=GAP_TAIL,
+                score_max_steps=score_steps, rollout_max_steps=rollout,
+                runs_past_time_limit=rollout is not None and rollout > score_steps,
+                reward_abs_max=r_absmax, tail_bound=None if rollout is None else
+                gap_tail_bound(gamma, rollout, r_absmax, False), note=note)
 
 
 def eval_seed(seed: int, eval_index: int) -> int:
@@ -450,16 +489,19 @@ def eval_seed(seed: int, eval_index: int) -> int:
 @torch.no_grad()
 def evaluate(q: QRNetwork, envs: list[gym.Env], epsilon: float, seed: int, device,
              max_steps: int, gamma: float = 0.99, clip_reward: bool = False,
-             score_range: tuple[float, float] | None = None) -> dict[str, Any]:
+             score_range: tuple[float, float] | None = None, rollout_steps: int | None = None,
+             r_absmax: float = 1.0) -> dict[str, Any]:
     """One epsilon-greedy episode on mean-over-quantiles Q in each env, side by side (env e reset
-    with seed + e, its own epsilon RNG; equal to one after the other), one batch per step.
-    normalized_score: 100 (R - lo) / (hi - lo), score_range = (lo, hi). value_gap, the lower-bound
-    check (paper Table 4): max_a Q(s_0, a) minus the discounted return (of the training rewards,
-    i.e. clipped for Atari) obtained from s_0."""
-    episodes = len(envs)
+    with seed + e, its own epsilon RNG; equal to one after the other), one batch per step. The
+    score (return, normalized_score = 100 (R - lo) / (hi - lo), score_range = (lo, hi)) counts
+    the first max_steps steps. value_gap, the lower-bound check (paper Table 4): max_a Q(s_0, a)
+    minus the discounted return of the training rewards (clipped for Atari) from s_0, summed
+    until a true termination or rollout_steps (>= max_steps; a time limit is not an end)."""
+    episodes, limit = len(envs), max(max_steps, rollout_steps or 0)
     rngs = [np.random.default_rng([seed, e]) for e in range(episodes)]
     obs = [np.asarray(env.reset(seed=seed + e)[0]) for e, env in enumerate(envs)]
     returns, disc, steps = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes, np.int64)
+    terminated = np.zeros(episodes, bool)
     q_s0, active = None, list(range(episodes))
     while active:
         x = torch.as_tensor(np.stack([obs[e] for e in active]), device=device)
@@ -473,18 +515,22 @@ def evaluate(q: QRNetwork, envs: list[gym.Env], epsilon: float, seed: int, devic
                 a = int(rngs[e].integers(envs[e].action_space.n))
             o, r, term, trunc, _ = envs[e].step(a)
             obs[e] = np.asarray(o)
-            returns[e] += float(r)
+            if steps[e] < max_steps:  # the score's steps
+                returns[e] += float(r)
             disc[e] += gamma ** steps[e] * (float(np.clip(r, -1, 1)) if clip_reward else float(r))
-            steps[e] += 1
-            if not (term or trunc or steps[e] >= max_steps):
+            steps[e], terminated[e] = steps[e] + 1, term
+            if not (term or trunc or steps[e] >= limit):
                 still.append(e)
         active = still
     ret = float(returns.mean())
     lo, hi = score_range or (0.0, 0.0)
+    tails = [gap_tail_bound(gamma, int(t), r_absmax, bool(d))
+             for t, d in zip(steps, terminated, strict=True)]
     return dict(return_mean=ret, return_std=float(returns.std()),
                 normalized_score=100.0 * (ret - lo) / (hi - lo) if score_range else None,
                 q_pred_s0=float(q_s0.mean()), value_gap=float((q_s0 - disc).mean()),
-                episode_returns=returns.tolist())
+                value_gap_steps=float(steps.mean()), value_gap_tail_bound=None
+                if None in tails else float(np.mean(tails)), episode_returns=returns.tolist())
 
 
 # --- Main loop -------------------------------------------------------------------------------
@@ -503,7 +549,9 @@ def main(args: Args) -> dict[str, Any]:
     data.frames = data.actions = data.rewards = data.dones = data.valid = None  # in the buffer
     agent = Agent(buffer.obs_shape, data.n_actions, args).to(device)
     trainer = Trainer(agent, args, device)
-    envs = [make_eval_env(data.eval_env) for _ in range(args.eval_episodes)]
+    gap = data.eval_env["value_gap"]
+    envs = [make_eval_env(data.eval_env, gap["rollout_max_steps"])
+            for _ in range(args.eval_episodes)]
     max_steps = data.eval_env["max_episode_steps"] or 10**9
     run = Run(args, dict(agent=agent, trainer=trainer, buffer=buffer), data.info,
               data.eval_env, device)
@@ -515,7 +563,8 @@ def main(args: Args) -> dict[str, Any]:
         if run.due(step, args.eval_every, last=args.total_steps):
             run.evaluate_and_checkpoint(step, partial(
                 evaluate, agent.q, envs, args.eval_epsilon, eval_seed(args.seed, step), device,
-                max_steps, args.gamma, args.clip_reward, data.score_range))
+                max_steps, args.gamma, args.clip_reward, data.score_range,
+                gap["rollout_max_steps"], gap["reward_abs_max"]))
         run.stop_if_signalled(step)
     return run.finish(final_summary(run.history, args, data))
 
@@ -532,8 +581,7 @@ def final_summary(history: list[dict[str, Any]], args: Args, data: Data) -> dict
 # ======================================================================================
 # The generic path: a Minari dataset with a discrete action space and vector observations
 # (CartPole; the local datasets of benchmark/datasets.py), evaluated in the dataset's own env.
-# Each family block below hooks into it through FAMILIES (Family: which data is its, its
-# presets, its data, its evaluation env, its score); deleting a block removes the family.
+# A family block hooks into it through FAMILIES; deleting the block removes the family.
 
 
 def optional_import(module: str, package: str, what: str):
@@ -565,9 +613,9 @@ class Family:
     """A family block's hooks, asked in FAMILIES order; each gives None for others' data."""
 
     source: Callable[..., DataSource | None]  # (env, dataset_id, dqn_replay_dir, fraction, ckpts)
-    preset: Callable[..., tuple[list[str], dict] | None]  # (source, fraction, spec): its groups,
-    load: Callable[..., Data | None] = lambda *_: None  # and values read from the data; (args,
-    eval_env: Callable[..., dict | None] = lambda *_: None  # source, pin/data) -> data, eval env
+    preset: Callable[..., tuple[list[str], dict] | None]  # (source, fraction, spec): groups, values
+    load: Callable[..., Data | None]  # (args, source, pin): data not in Minari's format
+    eval_env: Callable[..., dict | None]  # (args, source, data): eval env of its Minari data
     frames: Callable[..., Data] | None = None  # (ds, progress, pin): Minari frames -> Data
     names: tuple[str, ...] = ()  # --env names and the tail of the unknown-env error
     hint: str = ""
@@ -631,16 +679,20 @@ def _ref_scores(ds) -> tuple[float, float] | None:
 
 
 def episodes_layout(episodes, n_total: int, stack: int, pin: bool = False,
-                    preprocess: Callable[[np.ndarray], np.ndarray] | None = None):
+                    preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+                    what: str = "the dataset"):
     """Episodes (observations (T+1, ...), actions (T,), rewards (T,), terminations (T,)) -> the
     flat layout: per episode STACK-1 zero frames, then its T+1 observations (each through
     `preprocess` if given: RGB frames). The last observation is stored for the bootstrap of a
-    truncated episode but starts no transition. n_total: an upper bound on the number of rows."""
+    truncated episode but starts no transition; an episode with no step is skipped. n_total: an
+    upper bound on the number of rows."""
     pad = stack - 1
     frames = actions = rewards = dones = None
     valid, cur = [], 0
     for obs, act, rew, term in episodes:
         T = len(act)
+        if T == 0:  # no transition (issue 19: it used to end in a sampling error)
+            continue
         if frames is None:
             fshape = preprocess(obs[0]).shape if preprocess else obs.shape[1:]
             frames = host_zeros((n_total, *fshape), np.uint8 if stack > 1 else np.float32, pin)
@@ -658,7 +710,7 @@ def episodes_layout(episodes, n_total: int, stack: int, pin: bool = False,
         valid.append(np.arange(start, start + T))
         cur = start + T + 1
     if frames is None:
-        fail("the dataset has no episodes")
+        fail(f"{what} has no episode with at least one step")
     return (frames[:cur], actions[:cur], rewards[:cur], dones[:cur],
             np.concatenate(valid).astype(np.int64))
 
@@ -674,16 +726,21 @@ def minari_layout(ds, stack: int, preprocess=None, progress: bool = True, pin: b
         for ep in tqdm(ds.iterate_episodes(), total=ds.total_episodes,
                        desc=f"loading {dataset_id}", disable=not progress, leave=False))
     frames, actions, rewards, dones, valid = episodes_layout(episodes, n_total, stack, pin,
-                                                             preprocess)
+                                                             preprocess, f"dataset {dataset_id}")
     if not (np.isfinite(rewards).all() and (stack > 1 or np.isfinite(frames).all())):
         fail(f"dataset {dataset_id} contains NaN or inf in its observations or rewards; "
              f"clean or rebuild it")
+    n, act = int(ds.action_space.n), actions[valid]  # a bad action would index Q out of range
+    if bad := int(((act < 0) | (act >= n)).sum()):
+        fail(f"dataset {dataset_id}: {bad} of {len(act)} actions outside [0, {n}) of its action "
+             f"space Discrete({n}); fix or rebuild it")
     try:
         probe = ds.recover_environment(eval_env=True)
         spec = probe.spec
         probe.close()
-    except Exception as e:  # noqa: BLE001
-        fail(f"dataset {dataset_id}: cannot create its environment ({type(e).__name__}: {e})")
+    except Exception as e:  # noqa: BLE001 - unregistered id, missing entry-point module, ...
+        fail(f"dataset {dataset_id}: cannot create its environment {env_id_of(ds)} "
+             f"({one_line(e)}); install the package that registers it")
     return frames, actions, rewards, dones, valid, spec
 
 
@@ -708,8 +765,20 @@ def minari_data(ds, progress: bool = True, pin: bool = False) -> Data:
     return Data(*layout[:5], 1, int(act_space.n), _ref_scores(ds), layout[5])
 
 
+def one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+def env_id_of(ds) -> str:
+    spec = getattr(ds.spec, "eval_env_spec", None) or getattr(ds.spec, "env_spec", None)
+    return getattr(spec, "id", "(no env spec)")
+
+
 def env_action_count(spec: dict) -> int:
-    return int(make_eval_env(spec).action_space.n)
+    try:
+        return int(make_eval_env(spec).action_space.n)
+    except Exception as e:  # noqa: BLE001 - an env that cannot be created: name it
+        fail(f"cannot create the evaluation env {spec['id']} ({one_line(e)})")
 
 
 def load_data(args: Args) -> Data:
@@ -735,15 +804,20 @@ def load_data(args: Args) -> Data:
             fail(f"evaluation env has {n_actions} actions, the data {data.n_actions}")
         data.n_actions, data.eval_env = n_actions, eval_env
     data.score_range = data.score_range or data.ref_scores
+    rewards = data.rewards[data.valid]  # as trained (clipped): the value_gap tail's scale
+    r_absmax = float(np.abs(np.clip(rewards, -1, 1) if args.clip_reward else rewards).max())
+    data.eval_env["value_gap"] = value_gap_spec(args.gamma, data.eval_env["max_episode_steps"],
+                                                r_absmax, data.eval_env.pop("gap_note", None))
     data.info = dict(source=source.description, dataset_id=source.dataset_id, game=data.game,
                      transitions=len(data.valid), n_actions=data.n_actions, stack=data.stack,
-                     score_range=data.score_range)
+                     score_range=data.score_range, reward_abs_max=r_absmax)
     return data
 
 
-# --- Family: Minari Atari (atari/<game>/expert-v0, local pong-random) -------------------------
-# Frames of an ALE game, evaluated in ALE with the data's own sticky-action and frame-skip
-# settings, scored human-normalized (ATARI_RANDOM_HUMAN). Needs ale-py (and OpenCV for RGB).
+# --- Family: Atari (Minari atari/<game>/expert-v0, local pong-random; DQN Replay) -------------
+# Frames of an ALE game, evaluated in ALE, scored human-normalized (ATARI_RANDOM_HUMAN); needs
+# ale-py (and OpenCV for RGB). Minari data keeps its env spec's sticky-action and frame-skip
+# settings; DQN Replay, the paper's data, is evaluated as dopamine does.
 
 
 def import_ale():
@@ -757,7 +831,7 @@ PAPER_GAMES = ("pong", "breakout", "qbert", "seaquest", "asterix")  # CQL paper,
 
 
 def atari_game(name: str) -> str | None:
-    """ALE ROM id for an env name (pong, Pong, space-invaders, SpaceInvaders...), or None (also
+    """ALE ROM id of an env name (pong, Pong, space-invaders, SpaceInvaders...), else None (also
     without ale-py)."""
     try:
         import ale_py
@@ -776,10 +850,9 @@ def ale_env_id(rom: str) -> str:
 
 
 def data_sticky_prob(spec) -> float | None:
-    """The sticky-action setting a Minari dataset (spec) is evaluated with: the
-    repeat_action_probability of its eval env spec, or of its data-collection env spec when it
-    names none (as recover_environment(eval_env=True)), with the registered default of the id
-    (ALE v5: 0.25) where the spec does not set it; None for a non-ALE env."""
+    """The repeat_action_probability a Minari dataset (spec) is evaluated with: its eval env
+    spec's, else its data-collection env spec's (as recover_environment(eval_env=True)), else the
+    id's registered default (ALE v5: 0.25); None for a non-ALE env."""
     env_spec = getattr(spec, "eval_env_spec", None) or getattr(spec, "env_spec", None)
     if env_spec is None or not env_spec.id.startswith("ALE/"):
         return None
@@ -789,17 +862,16 @@ def data_sticky_prob(spec) -> float | None:
 
 
 def preprocess_rgb(rgb: np.ndarray) -> np.ndarray:
-    """Raw ALE RGB frame (210, 160, 3) -> 84x84 gray, as the evaluation env does it: ALE grayscale
-    (equal to OpenCV's RGB2GRAY) then cv2.resize with INTER_AREA (gymnasium AtariPreprocessing,
-    dopamine)."""
+    """Raw ALE RGB frame (210, 160, 3) -> 84x84 gray as the evaluation env does it: ALE grayscale
+    (= OpenCV's RGB2GRAY), cv2.resize INTER_AREA (gymnasium AtariPreprocessing, dopamine)."""
     cv2 = optional_import("cv2", "opencv-python", "Atari RGB frames")
     gray = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
     return cv2.resize(gray, (84, 84), interpolation=cv2.INTER_AREA)
 
 
 def minari_atari_frames(ds, progress: bool = True, pin: bool = False) -> Data:
-    """Minari frames (Atari RGB or 84x84 gray) in the layout above, 4 frames a state, with the
-    data's ALE settings: ALE's internal frame-skip (RGB data), sticky actions, game."""
+    """Minari frames (Atari RGB or 84x84 gray) in the layout, 4 frames a state, with the data's
+    ALE settings: ALE's internal frame-skip (RGB data), sticky actions, game."""
     dataset_id, obs_space = ds.spec.dataset_id, ds.observation_space
     shape = obs_space.shape
     rgb = len(shape) == 3 and shape[-1] == 3 and obs_space.dtype == np.uint8
@@ -818,11 +890,10 @@ def minari_atari_frames(ds, progress: bool = True, pin: bool = False) -> Data:
 def atari_eval_env(game: str, internal_frameskip: bool = False, sticky_prob: float = 0.25,
                    noop_max: int = 0, max_episode_steps: int = 27_000,
                    full_action_space: bool = False, stack: int = 4) -> dict:
-    """The Atari evaluation env as JSON (config.json `eval_env`): gym.make id and kwargs, and the
-    preprocessing wrappers. DQN Replay: dopamine's create_atari_environment (ALE v5, frameskip=1
-    with AtariPreprocessing's 4-frame skip and max-pooling of the last two frames, sticky actions
-    0.25, no no-op starts). internal_frameskip: the Minari Atari convention (ALE's own frameskip=4,
-    observation = the last frame, no max-pooling), with the dataset's sticky-action setting."""
+    """The Atari evaluation env as JSON: gym.make id and kwargs, and the preprocessing wrappers.
+    Default: dopamine's (module docstring: frameskip=1, AtariPreprocessing's 4-frame skip and
+    max-pooling); internal_frameskip: the Minari Atari convention (ALE's own frameskip=4,
+    observation = the last frame, no max-pooling)."""
     import_ale()  # make_eval_env builds an ALE env
     return {
         "id": ale_env_id(game), "max_episode_steps": max_episode_steps,
@@ -834,6 +905,8 @@ def atari_eval_env(game: str, internal_frameskip: bool = False, sticky_prob: flo
                                             "frame_skip": 1 if internal_frameskip else 4,
                                             "screen_size": 84, "grayscale_obs": True},
                      "FrameStackObservation": {"stack_size": stack, "padding_type": "zero"}},
+        "gap_note": "episodes end at game over or ALE's frame cap (max_num_frames_per_episode, "
+                    "4 x max_episode_steps agent steps), far beyond the value_gap horizon",
     }
 
 
@@ -864,69 +937,10 @@ ATARI_RANDOM_HUMAN = {
     "yars_revenge": (3092.9, 54576.9), "zaxxon": (32.5, 9173.3),
 }
 
-
-def minari_atari_source(env: str, dataset_id: str | None = None,
-                        dqn_replay_dir: str | None = None, *_) -> DataSource | None:
-    """A game's Minari data: --env GAME (atari/<game>/expert-v0), or a --dataset-id of a game."""
-    name = env.lower()
-    if dqn_replay_dir is not None or (dataset_id is None and name in LOCAL_ENVS):
-        return None
-    if dataset_id is None:
-        import_ale()  # a game name: without ale-py, that is the error
-    game = None if name in LOCAL_ENVS else atari_game(name)
-    if dataset_id is not None:
-        m = re.match(r"atari/([a-z0-9_]+)/", dataset_id)
-        game = (atari_game(m.group(1)) if m else None) or game
-        return DataSource("minari", game, dataset_id, dataset_id) if game else None
-    if game is None:
-        return None
-    dataset_id = f"atari/{game.replace('_', '')}/expert-v0"
-    return DataSource("minari", game, dataset_id, dataset_id)
-
-
-def minari_atari_preset(source: DataSource, data_fraction: float = 0.01, spec=None):
-    """Minari data of a game or of frames (spec: the local dataset's, when known): the atari and
-    minari-atari groups, and the data's own sticky-action setting when it is local."""
-    frames = spec is not None and len(spec.observation_space.shape or ()) >= 2
-    if source.kind != "minari" or not (source.game is not None or frames):
-        return None
-    sticky = data_sticky_prob(spec)
-    return ["atari", "minari-atari"], {} if sticky is None else {"sticky_prob": sticky}
-
-
-def minari_atari_eval_env(args: Args, source: DataSource, data: Data) -> dict | None:
-    """Minari frames: evaluated in ALE with the data's own sticky actions and frame-skip
-    convention (--sticky-prob overrides, with a note), scored human-normalized."""
-    if data.stack == 1:
-        return None
-    spec, data.game = data.env_spec, data.game or source.game
-    if data.game is None:
-        fail(f"dataset {source.dataset_id} holds Atari frames but its game is unknown; "
-             f"pass --env GAME")
-    data.score_range = ATARI_RANDOM_HUMAN.get(data.game)
-    sticky = data.sticky_prob if args.sticky_prob is None else args.sticky_prob
-    if data.sticky_prob is not None and sticky != data.sticky_prob:
-        tqdm.write(f"note: evaluating with sticky actions {sticky}; the data was collected with "
-                   f"{data.sticky_prob} ({spec.id})")
-    full = bool(spec.kwargs.get("full_action_space", False))
-    return atari_eval_env(data.game, data.atari_internal_frameskip,
-                          0.25 if sticky is None else sticky, args.noop_max,
-                          args.max_episode_steps, full)
-
-
-FAMILIES["minari-atari"] = Family(
-    minari_atari_source, minari_atari_preset, frames=minari_atari_frames,
-    eval_env=minari_atari_eval_env, names=PAPER_GAMES,
-    hint=", or any ALE game id (python -c 'import ale_py; print(ale_py.roms.get_all_rom_ids())')")
-
-
-# --- Family: DQN Replay (dopamine's OutOfGraphReplayBuffer checkpoints) ----------------------
-# The paper's data. Uses the Minari Atari block's ALE helpers (evaluation env, scores).
-# Files per checkpoint K: $store$_{observation,action,reward,terminal}_ckpt.K.gz (np.save'd arrays,
-# gzipped; observation (capacity, 84, 84) uint8 single frames), add_count_ckpt.K.gz,
-# invalid_range_ckpt.K.gz. Dopamine already wrote STACK-1 zero "padding" transitions before each
-# episode, and its rewards are already clipped to [-1, 1].
-
+# DQN Replay files per checkpoint K: $store$_{observation,action,reward,terminal}_ckpt.K.gz
+# (np.save'd arrays, gzipped; observation (capacity, 84, 84) uint8 single frames),
+# add_count_ckpt.K.gz, invalid_range_ckpt.K.gz. Dopamine already wrote STACK-1 zero "padding"
+# transitions before each episode, and its rewards are already clipped to [-1, 1].
 DQN_STORE = "$store$_{}_ckpt.{}.gz"
 
 
@@ -968,8 +982,8 @@ def parse_checkpoint_list(spec: str, available: list[int]) -> list[int]:
 
 
 def dqn_replay_game(path: str) -> str | None:
-    """The game a DQN Replay directory belongs to, from its path (gs://atari-replay-datasets/dqn
-    layout <Game>/<run>/replay_logs): the last path component that names an ALE game."""
+    """The game of a DQN Replay directory (gs://atari-replay-datasets/dqn layout
+    <Game>/<run>/replay_logs): the last path component that names an ALE game."""
     for part in reversed(Path(path).parts):
         if part != "replay_logs" and not part.isdigit() and (game := atari_game(part)):
             return game
@@ -980,16 +994,11 @@ def load_dqn_replay(path: str, fraction: float, checkpoints: str = "all",
                     progress: bool = True, game: str | None = None, game_actions: int | None = None,
                     pin: bool = False) -> Data:
     """The first round(fraction x filled rows) transitions of each chosen checkpoint (all 50 by
-    default): 0.01 of a game's 50 checkpoints of 1M = 10k rows each, 500k transitions in all.
-
-    The official code (github.com/aviralkumar2907/CQL, atari/) shrinks dopamine's replay_capacity
-    to 10k when loading each checkpoint (fixed_replay_buffer.py lines 51-53, 'For 1% experiments,
-    we load 10000 sized buffers'), so it samples only the first 10k rows of each 1M checkpoint,
-    from 10 checkpoints drawn at random (line 69 num_buffers=10, np.random.choice line 166;
-    comment 'For 1% experiments, set num_buffers=50'). Its README says args[2] = 1000 for 1% and
-    10000 for 10% instead. Only 10k rows x 50 checkpoints is 1% of 50M (the README's 1000 x 50 is
-    0.1%; 10 random checkpoints give a fifth of the share): this loader follows the 1%/10%
-    definitions, 10k / 100k rows of each of the 50 checkpoints; `--checkpoints` picks a subset."""
+    default): 0.01 = 10k rows of each 1M checkpoint, 500k transitions, 1% of 50M. The official
+    code loads 10k-row buffers (fixed_replay_buffer.py lines 51-53, 'For 1% experiments, we load
+    10000 sized buffers') from 10 random checkpoints (line 69 num_buffers=10, 'For 1%
+    experiments, set num_buffers=50'); its README says args[2] = 1000 for 1%, 10000 for 10%.
+    Only 10k x 50 is the paper's 1%: this loader follows the 1%/10% definitions."""
     root = Path(path)
     if not root.is_dir():
         fail(f"--dqn-replay-dir {path} does not exist; download a game's logs with "
@@ -1001,20 +1010,19 @@ def load_dqn_replay(path: str, fraction: float, checkpoints: str = "all",
         fail(f"--dqn-replay-dir {path} has no $store$_observation_ckpt.K.gz files "
              f"(pass the replay_logs folder of one run, e.g. .../Pong/1/replay_logs)")
     chosen = parse_checkpoint_list(checkpoints, found)
-    stack = 4
-    # the data must be --env's game: Pong data with --env breakout would index Q out of range
-    # (6 actions vs 4), and a game with more actions would train silently on the wrong game
-    for k in chosen if game_actions is not None else ():
-        top = int(_read_npy_gz(root / DQN_STORE.format("action", k)).max())
-        if top >= game_actions:
-            fail(f"--dqn-replay-dir {path}: checkpoint {k} has action {top}, but {game} has "
-                 f"{game_actions} actions: this is not {game}'s data; pass the replay_logs "
-                 f"of the --env game")
-    plan = []
+    stack, plan = 4, []
     for k in chosen:
         for name in ("action", "reward", "terminal"):
             if not (root / DQN_STORE.format(name, k)).exists():
                 fail(f"checkpoint {k} in {path} lacks {DQN_STORE.format(name, k)}")
+        # the data must be --env's game: Pong data with --env breakout would index Q out of
+        # range (6 actions vs 4), a game with more actions would train on the wrong game
+        acts = _read_npy_gz(root / DQN_STORE.format("action", k))
+        if game_actions is not None and (acts.min() < 0 or acts.max() >= game_actions):
+            bad = int(((acts < 0) | (acts >= game_actions)).sum())
+            fail(f"--dqn-replay-dir {path}: checkpoint {k} has action {int(acts.max())}, but "
+                 f"{game} has {game_actions} actions ({bad} actions outside [0, {game_actions})):"
+                 f" this is not {game}'s data; pass the replay_logs of the --env game")
         add_count = int(_read_npy_gz(root / f"add_count_ckpt.{k}.gz"))
         terminal = _read_npy_gz(root / DQN_STORE.format("terminal", k))
         filled = min(add_count, len(terminal))
@@ -1051,37 +1059,52 @@ def load_dqn_replay(path: str, fraction: float, checkpoints: str = "all",
                 int(actions.max()) + 1, None, game=game)
 
 
-def dqn_replay_source(env: str, dataset_id: str | None = None, dqn_replay_dir: str | None = None,
-                      data_fraction: float = 0.01, checkpoints: str = "all") -> DataSource | None:
-    """--dqn-replay-dir: the DQN Replay data of the --env game."""
-    if dqn_replay_dir is None:
-        return None
-    import_ale()
+def atari_source(env: str, dataset_id: str | None = None, dqn_replay_dir: str | None = None,
+                 data_fraction: float = 0.01, checkpoints: str = "all") -> DataSource | None:
+    """A game's data: --dqn-replay-dir (DQN Replay of the --env game), --env GAME (Minari
+    atari/<game>/expert-v0) or a --dataset-id of a game."""
     name = env.lower()
-    game = None if name in LOCAL_ENVS else atari_game(name)
-    if game is None:
-        what = "is a local dataset, not an Atari game" if name in LOCAL_ENVS else "unknown"
-        fail(f"--dqn-replay-dir needs an Atari game as --env: '{env}' {what}; valid: "
-             f"{', '.join(PAPER_GAMES)} or any ALE game id")
-    path_game = dqn_replay_game(dqn_replay_dir)
-    if path_game is not None and path_game != game:
-        fail(f"--dqn-replay-dir {dqn_replay_dir} holds {path_game} data, but --env is "
-             f"{env} ({game}); pass the same game to both")
-    return DataSource("dqn_replay", game, None,
-                      f"dqn_replay:{dqn_replay_dir}:fraction={data_fraction}"
-                      f":checkpoints={checkpoints}")
+    local = name in LOCAL_ENVS
+    if dqn_replay_dir is not None or (dataset_id is None and not local):
+        import_ale()  # a game name: without ale-py, that is the error
+    game = None if local else atari_game(name)
+    if dqn_replay_dir is not None:
+        if game is None:
+            what = "is a local dataset, not an Atari game" if local else "unknown"
+            fail(f"--dqn-replay-dir needs an Atari game as --env: '{env}' {what}; valid: "
+                 f"{', '.join(PAPER_GAMES)} or any ALE game id")
+        path_game = dqn_replay_game(dqn_replay_dir)
+        if path_game is not None and path_game != game:
+            fail(f"--dqn-replay-dir {dqn_replay_dir} holds {path_game} data, but --env is "
+                 f"{env} ({game}); pass the same game to both")
+        return DataSource("dqn_replay", game, None,
+                          f"dqn_replay:{dqn_replay_dir}:fraction={data_fraction}"
+                          f":checkpoints={checkpoints}")
+    if dataset_id is not None:
+        m = re.match(r"atari/([a-z0-9_]+)/", dataset_id)
+        game = (atari_game(m.group(1)) if m else None) or game
+    elif game is not None:
+        dataset_id = f"atari/{game.replace('_', '')}/expert-v0"
+    return DataSource("minari", game, dataset_id, dataset_id) if game else None
 
 
-def dqn_replay_preset(source: DataSource, data_fraction: float = 0.01, spec=None):
-    """DQN Replay: the atari group and the CQL weight of the paper's 1% or 10% setting."""
-    if source.kind != "dqn_replay":
+def atari_preset(source: DataSource, data_fraction: float = 0.01, spec=None):
+    """The atari group, then DQN Replay's 1% or 10% setting by --data-fraction, or for Minari
+    data of a game or of frames (spec: the local dataset's, when known) minari-atari and the
+    data's own sticky-action setting when it is local."""
+    if source.kind == "dqn_replay":
+        return ["atari", "dqn-replay-1pct" if data_fraction <= ONE_PCT_MAX
+                else "dqn-replay-10pct"], {}
+    frames = spec is not None and len(spec.observation_space.shape or ()) >= 2
+    if source.game is None and not frames:
         return None
-    return ["atari", "dqn-replay-1pct" if data_fraction <= ONE_PCT_MAX else "dqn-replay-10pct"], {}
+    sticky = data_sticky_prob(spec)
+    return ["atari", "minari-atari"], {} if sticky is None else {"sticky_prob": sticky}
 
 
 def dqn_replay_data(args: Args, source: DataSource, pin: bool) -> Data | None:
-    """DQN Replay data, evaluated as dopamine does: sticky actions 0.25 (the data's), no no-op
-    starts (presets); scored human-normalized."""
+    """DQN Replay data, evaluated as dopamine does (sticky actions 0.25, the data's; no no-op
+    starts: presets), scored human-normalized."""
     if source.kind != "dqn_replay":
         return None
     sticky = 0.25 if args.sticky_prob is None else args.sticky_prob
@@ -1094,32 +1117,50 @@ def dqn_replay_data(args: Args, source: DataSource, pin: bool) -> Data | None:
     return data
 
 
-FAMILIES["dqn-replay"] = Family(dqn_replay_source, dqn_replay_preset, load=dqn_replay_data)
+def minari_atari_eval_env(args: Args, source: DataSource, data: Data) -> dict | None:
+    """Minari frames: evaluated in ALE with the data's own sticky actions and frame-skip
+    convention (--sticky-prob overrides, with a note), scored human-normalized."""
+    if data.stack == 1:
+        return None
+    spec, data.game = data.env_spec, data.game or source.game
+    if data.game is None:
+        fail(f"dataset {source.dataset_id} holds Atari frames but its game is unknown; "
+             f"pass --env GAME")
+    data.score_range = ATARI_RANDOM_HUMAN.get(data.game)
+    sticky = data.sticky_prob if args.sticky_prob is None else args.sticky_prob
+    if data.sticky_prob is not None and sticky != data.sticky_prob:
+        tqdm.write(f"note: evaluating with sticky actions {sticky}; the data was collected with "
+                   f"{data.sticky_prob} ({spec.id})")
+    full = bool(spec.kwargs.get("full_action_space", False))
+    return atari_eval_env(data.game, data.atari_internal_frameskip,
+                          0.25 if sticky is None else sticky, args.noop_max,
+                          args.max_episode_steps, full)
+
+
+FAMILIES["atari"] = Family(
+    atari_source, atari_preset, dqn_replay_data, minari_atari_eval_env, minari_atari_frames,
+    names=PAPER_GAMES,
+    hint=", or any ALE game id (python -c 'import ale_py; print(ale_py.roms.get_all_rom_ids())')")
 
 
 # --- Presets: every value with its source ----------------------------------------------------
-# Presets: every value with its source. CQL = github.com/aviralkumar2907/CQL (atari/ folder, on
-# google-research/batch_rl and dopamine); GIN = its atari/batch_rl/fixed_replay/configs/
-# quantile.gin (Pong; quantile_{asterix,breakout,qbert,seaquest}.gin are identical but the game).
-# A dopamine "iteration" (FixedReplayRunner._run_train_phase) calls the agent's _train_step
-# training_steps = 250k times (GIN line 30); dopamine's DQNAgent._train_step runs a gradient step
-# every update_period = 4 calls (GIN line 14): one iteration = 62.5k gradient steps.
+# CQL = github.com/aviralkumar2907/CQL (atari/, on batch_rl and dopamine); GIN = its atari/
+# batch_rl/fixed_replay/configs/quantile.gin (Pong; the other games' .gin differ only in the
+# game). A dopamine iteration (FixedReplayRunner._run_train_phase) is training_steps = 250k agent
+# steps (GIN line 30), a gradient step every update_period = 4 (line 14): 62.5k gradient steps.
 Preset = dict[str, tuple[Any, str]]
 _GIN = "CQL atari/batch_rl/fixed_replay/configs/quantile.gin"
 _DQN_STICKY = (0.25, f"{_GIN} line 28 sticky_actions=True (dopamine: 0.25); the data was "
                      "collected with them")
 PRESETS: dict[str, Preset] = {
     "atari": {  # every Atari source
-        # training length: the CQL README's command runs num_iterations=1000 (README line 31,
-        # over GIN line 29's 200); the paper reports Table 3 "after 5X gradient steps" (App. F),
-        # the REM paper's 5X = 1000 iterations (Agarwal et al. 2020, Fig. 6). GIN's 200
-        # iterations = --total-steps 12500000.
+        # the README's num_iterations=1000 overrides GIN line 29's 200 (= --total-steps 12.5M);
+        # paper Table 3 "after 5X gradient steps" = REM's 1000 iterations (Agarwal et al. 2020)
         "total_steps": (62_500_000, "CQL README line 31 num_iterations=1000 x 62.5k gradient steps "
                                     "(paper App. F: Table 3 after 5X gradient steps)"),
         "eval_every": (62_500, "one dopamine iteration: GIN line 30 training_steps=250000 / "
                                "update_period=4 (line 14)"),
-        # official: episodes until 125k agent steps per evaluation (GIN line 31 evaluation_steps);
-        # here a fixed number of episodes, so that every evaluation averages the same count
+        # a fixed number of episodes, so that every evaluation averages the same count
         "eval_episodes": (10, "project choice (official: episodes filling 125k agent steps, "
                               "GIN line 31)"),
         "batch_size": (32, f"{_GIN} line 35 WrappedFixedReplayBuffer.batch_size"),
@@ -1159,7 +1200,7 @@ PRESETS: dict[str, Preset] = {
         "qf_lr": (1e-3, "project choice: small MLP"),
         "num_quantiles": (50, "project choice"),
         "target_update_every": (500, "project choice"),
-        "cql_weight": (1.0, "project choice (tests/test_qrdqn_run.py learning test)"),
+        "cql_weight": (1.0, "project choice (tests/test_cql_qrdqn_learning.py)"),
         "clip_reward": (False, "project choice: CartPole rewards are 1"),
         "eval_epsilon": (0.0, "project choice: greedy"),
         "hidden_dims": ((128, 128), "project choice"),
@@ -1167,11 +1208,11 @@ PRESETS: dict[str, Preset] = {
     },
 }
 ONE_PCT_MAX = 0.05  # --data-fraction up to this uses the 1% weight, above it the 10% weight
-
-# --env name -> its PRESETS groups, in order (later ones override earlier ones; preset_groups
-# resolves them). By source for the rest: --dqn-replay-dir -> atari, dqn-replay-1pct
-# (--data-fraction <= ONE_PCT_MAX) or dqn-replay-10pct; another ALE game, or a Minari dataset of
-# frames -> atari, minari-atari; a dataset of vector observations -> vector.
+# Which groups apply (preset_groups, by the data; later ones override earlier ones)
+GROUP_RULE = ("atari: every Atari source; dqn-replay-1pct: --dqn-replay-dir with --data-fraction "
+              f"<= {ONE_PCT_MAX}; dqn-replay-10pct: above; minari-atari: a Minari dataset of "
+              "frames (atari/<game>/expert-v0); vector: vector observations (CartPole)")
+# --env name -> its groups by GROUP_RULE (tests/test_cql_qrdqn_presets.py checks them)
 ENV_GROUPS: dict[str, list[str]] = {
     **{game: ["atari", "minari-atari"] for game in ("pong", "breakout", "qbert", "seaquest",
                                                      "asterix")},  # PAPER_GAMES
@@ -1182,15 +1223,14 @@ ENV_GROUPS: dict[str, list[str]] = {
 
 def preset_claim(source: DataSource, data_fraction: float = 0.01, spec=None
                  ) -> tuple[list[str], dict[str, Any]]:
-    """The PRESETS groups of the data (the first family's that claims it, else vector) and the
-    preset values read from the local data (spec: the local dataset's, when known)."""
+    """The PRESETS groups of the data by GROUP_RULE (the first family's that claims it, else
+    vector) and the values read from the local data (spec: the local dataset's, when known)."""
     return next((claim for family in FAMILIES.values()
                  if (claim := family.preset(source, data_fraction, spec)) is not None),
                 (["vector"], {}))
 
 
 def preset_groups(source: DataSource, data_fraction: float = 0.01, spec=None) -> list[str]:
-    """The PRESETS groups that apply, in order (later ones override earlier ones)."""
     return preset_claim(source, data_fraction, spec)[0]
 
 
@@ -1214,10 +1254,7 @@ def presets_markdown() -> str:
     for group, preset in PRESETS.items():
         for name, (value, source) in preset.items():
             lines.append(f"| {group} | `{name}` | `{value!r}` | {source} |")
-    applies = ("atari: every Atari source; dqn-replay-1pct: --dqn-replay-dir with --data-fraction "
-               f"<= {ONE_PCT_MAX}; dqn-replay-10pct: above; minari-atari: a Minari dataset of "
-               "frames (atari/<game>/expert-v0); vector: vector observations (CartPole)")
-    return "\n".join(lines) + f"\n\nGroups: {applies}. Unlisted fields: `Args` defaults.\n"
+    return "\n".join(lines) + f"\n\nGroups: {GROUP_RULE}. Unlisted fields: `Args` defaults.\n"
 
 
 def env_from_dataset(dataset_id: str) -> str:

@@ -263,3 +263,88 @@ def test_eval_env_settings():
     obs, _ = env.reset(seed=1)
     assert (np.asarray(obs)[:3] == 0).all()  # zero-padded stack at reset
     env.close()
+
+
+# --- data validated once, when loaded (issue 19 items 2-4) ----------------------------------------
+
+
+def edited_dataset(root: Path, name: str, edit_h5=None, edit_env_spec=None) -> str:
+    """A tiny CartPole Minari dataset (conftest.write_dataset, 2 episodes) in `root`, its HDF5
+    file edited with h5py (edit_h5(file)) and/or its metadata's env spec (edit_env_spec(dict))."""
+    import json
+
+    import h5py
+    from conftest import write_dataset
+
+    dataset_id = f"test/cartpole/{name}-v0"
+    write_dataset(root, dataset_id, "CartPole-v1")
+    data = root / "test" / "cartpole" / f"{name}-v0" / "data"
+    if edit_h5:
+        with h5py.File(data / "main_data.hdf5", "r+") as f:
+            edit_h5(f)
+    if edit_env_spec:
+        meta = json.loads((data / "metadata.json").read_text())
+        spec = json.loads(meta["env_spec"])
+        edit_env_spec(spec)
+        meta["env_spec"] = json.dumps(spec)
+        (data / "metadata.json").write_text(json.dumps(meta))
+    return dataset_id
+
+
+def no_steps(episode) -> None:
+    """Episode group -> an episode of zero steps (its reset observation only)."""
+    obs = episode["observations"][:1]
+    for key in ("actions", "rewards", "terminations", "truncations", "observations"):
+        old = episode[key][:0] if key != "observations" else obs
+        del episode[key]
+        episode.create_dataset(key, data=old)
+    episode.attrs["total_steps"] = 0
+
+
+def load_error(dataset_id: str, tmp_path) -> str:
+    from conftest import error_of
+
+    return error_of(m, ["--dataset-id", dataset_id, "--total-steps", "2", "--eval-every", "2",
+                        "--no-progress", "--run-dir", str(tmp_path / "run")])
+
+
+def test_dataset_actions_outside_the_action_space_are_refused_at_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "ds"))
+
+    def bad(f):
+        f["episode_1"]["actions"][3] = 7
+        f["episode_0"]["actions"][0] = -1
+
+    line = load_error(edited_dataset(tmp_path / "ds", "badact", bad), tmp_path)
+    assert "dataset test/cartpole/badact-v0: 2 of " in line and "outside [0, 2)" in line
+    assert not (tmp_path / "run").exists()  # refused before the run started
+
+
+def test_zero_step_episodes_are_skipped_and_none_left_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "ds"))
+    one = edited_dataset(tmp_path / "ds", "onezero", lambda f: no_steps(f["episode_0"]))
+    data = m.minari_data(m.load_minari_dataset(one), progress=False)
+    full = edited_dataset(tmp_path / "ds", "full")
+    ref = m.minari_data(m.load_minari_dataset(full), progress=False)
+    n1 = len(list(m.load_minari_dataset(full).iterate_episodes())[1].actions)
+    assert len(data.valid) == n1 < len(ref.valid)  # only episode 1's transitions remain
+    np.testing.assert_array_equal(data.actions[data.valid], ref.actions[ref.valid][-n1:])
+
+    def both(f):
+        no_steps(f["episode_0"])
+        no_steps(f["episode_1"])
+
+    line = load_error(edited_dataset(tmp_path / "ds", "allzero", both), tmp_path)
+    assert line == "error: dataset test/cartpole/allzero-v0 has no episode with at least one step"
+
+
+@pytest.mark.parametrize("edit, names", [
+    (lambda s: s.update(id="NoSuchEnv-v0", entry_point="no_such_package.envs:Env"),
+     "NoSuchEnv-v0"),
+    (lambda s: s.update(entry_point="no_such_package.envs:Env"), "no_such_package")])
+def test_an_env_that_cannot_be_created_is_named(edit, names, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "ds"))
+    dataset_id = edited_dataset(tmp_path / "ds", "noenv", edit_env_spec=edit)
+    line = load_error(dataset_id, tmp_path)
+    assert line.startswith(f"error: dataset {dataset_id}: cannot create its environment")
+    assert names in line, line

@@ -141,3 +141,18 @@ def test_presets_prints_the_table_with_sources():
     assert "| atari | `total_steps` | `62500000` |" in r.stdout
     assert len([line for line in r.stdout.splitlines() if line.startswith("| ")]) == \
         1 + sum(len(p) for p in m.PRESETS.values())  # the header, then one row per value
+
+
+def test_env_groups_are_the_groups_preset_groups_resolves(local_dataset):
+    """ENV_GROUPS (the table the docs show) agrees with what preset_groups resolves from the data
+    of each --env name: the paper's games, the local CartPole sets and the local Pong frames."""
+    import minari
+
+    assert set(m.PAPER_GAMES) | {"pong-random"} <= set(m.ENV_GROUPS)
+    for env, groups in m.ENV_GROUPS.items():
+        source = m.resolve_source(env)
+        spec = None
+        if source.dataset_id.startswith("local/"):
+            spec = minari.load_dataset(local_dataset(env)).spec
+        assert m.preset_groups(source, spec=spec) == groups, env
+    assert m.GROUP_RULE in m.presets_markdown()

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -79,7 +80,9 @@ def test_dataset_id_alone_runs(tmp_path, local_dataset):
     assert config["args"]["env"] == "cartpole-medium-v0"
     assert config["dataset"]["dataset_id"] == ds_id and config["dataset"]["source"] == ds_id
     assert config["args"]["hidden_dims"] == [128, 128]  # the vector preset
+    gap = config["eval_env"].pop("value_gap")
     assert config["eval_env"] == {"id": "CartPole-v1", "max_episode_steps": 500, "kwargs": {}}
+    assert gap["horizon"] == 459 and gap["rollout_max_steps"] == 500  # CartPole's limit >= 459
 
 
 def test_compile_runs_on_cpu(tmp_path, local_dataset):
@@ -170,6 +173,72 @@ def test_value_gap_is_q_s0_minus_discounted_return():
     assert out["q_pred_s0"] == 7.0
     assert out["value_gap"] == pytest.approx(7.0 - 1.9375)
     assert out["return_mean"] == 5.0 and out["normalized_score"] == pytest.approx(200.0)
+
+
+class MinusOne(gym.Env):
+    """A CPU stub env: reward -1 every step, terminated at step `end` (None: never)."""
+
+    def __init__(self, end=None):
+        self.end, self.t = end, 0
+        self.action_space = gym.spaces.Discrete(2)
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
+
+    def reset(self, seed=None, options=None):
+        self.t = 0
+        return np.zeros(4, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.zeros(4, np.float32), -1.0, self.t == self.end, False, {}
+
+
+class ConstQ(torch.nn.Module):  # Q = 7 everywhere, 1 quantile
+    frames = False
+
+    def forward(self, x):
+        return torch.full((len(x), 2, 1), 7.0)
+
+
+def test_gap_horizon_values():
+    assert m.gap_horizon(0.99) == 459 and 0.99**459 <= m.GAP_TAIL < 0.99**458
+    assert m.gap_horizon(0.995) == 919 and m.gap_horizon(0.9) == 44
+    assert m.gap_horizon(0.0) == 1 and m.gap_horizon(1.0) is None
+    assert m.gap_tail_bound(0.99, 3, 1.0, terminated=True) == 0.0
+    assert m.gap_tail_bound(0.99, 459, 2.0, False) == pytest.approx(0.99**459 * 2.0 / 0.01)
+    assert m.gap_tail_bound(1.0, 459, 1.0, False) is None
+
+
+def test_value_gap_sums_past_the_score_horizon_until_a_true_termination():
+    """Never terminating, score limit 200: the score counts 200 steps, value_gap the 459 of the
+    gap horizon (a time limit is not an end); terminating at t = 3: 3 steps, no tail."""
+    import gymnasium as gym
+
+    spec = m.value_gap_spec(0.99, 200, 1.0)
+    assert spec["horizon"] == 459 and spec["rollout_max_steps"] == 459
+    assert spec["runs_past_time_limit"] and spec["score_max_steps"] == 200
+    envs = [gym.wrappers.TimeLimit(MinusOne(), 459) for _ in range(2)]
+    out = m.evaluate(ConstQ(), envs, 0.0, 0, "cpu", 200, 0.99, rollout_steps=459, r_absmax=1.0)
+    assert out["return_mean"] == -200.0 and out["value_gap_steps"] == 459
+    assert out["value_gap"] == pytest.approx(7.0 + (1 - 0.99**459) / 0.01)
+    assert out["value_gap_tail_bound"] == pytest.approx(0.99**459 / 0.01)
+    out = m.evaluate(ConstQ(), [MinusOne(end=3)], 0.0, 0, "cpu", 200, 0.99, rollout_steps=459)
+    assert out["value_gap_steps"] == 3 and out["value_gap_tail_bound"] == 0.0
+    assert out["return_mean"] == -3.0 and out["value_gap"] == pytest.approx(7.0 + 1 + .99 + .9801)
+
+
+def test_config_records_the_value_gap_rollout(local_dataset):
+    """CartPole (score limit 500 > 459): no run past the limit; Atari: evaluate's 27k steps."""
+    local_dataset("cartpole-expert"), local_dataset("pong-random")
+    data = m.load_data(small("cartpole-expert"))
+    gap = data.eval_env["value_gap"]
+    assert gap["horizon"] == 459 and gap["rollout_max_steps"] == 500
+    assert not gap["runs_past_time_limit"] and gap["reward_abs_max"] == 1.0
+    assert gap["tail_bound"] == pytest.approx(0.99**500 / 0.01) and gap["note"] is None
+    assert data.info["reward_abs_max"] == 1.0
+    pong = m.load_data(small("pong-random", hidden_dims=(512,)))
+    gap = pong.eval_env["value_gap"]
+    assert gap["rollout_max_steps"] == 27_000 and "frame cap" in gap["note"]
+    assert "gap_note" not in pong.eval_env
 
 
 def test_track_logs_to_wandb(tmp_path, local_dataset, monkeypatch):
