@@ -57,6 +57,16 @@ reward 1 at success):
                                                  the episodes reach the goal (the data of
                                                  calql_finetune.py --env pointmaze-binary;
                                                  old name pointmaze-sparse still accepted)
+PointMaze_UMaze-v3 on its own U-maze, by the recipe of Minari's D4RL/pointmaze datasets
+(``continuing_task=True, reset_target=True``: a new random goal cell at each success):
+    One continuing run of a waypoint controller on a QIteration cell path (gains 10 / -1)
+    with N(0, 0.5^2) action noise, cut into episodes at each success (truncation; the next
+    episode starts where it ended, with the new goal). Eval env: goal cell fixed at row 1,
+    column 1, random resets, 300 steps (Minari's EVAL_ENV_MAPS["umaze"]).
+    pointmaze-umaze-binary  local/pointmaze/umaze-v0  30000 steps, 386 episodes, all but the
+                                                 last end at success (calql_finetune.py --env
+                                                 pointmaze-binary --dataset-id
+                                                 local/pointmaze/umaze-v0 --horizon 300)
 AdroitHandPen-v1 (100-step episodes ended by truncation; dense rewards stored, as in
 ``D4RL/pen/cloned-v2``, whose env spec also has ``max_episode_steps=100``):
     Actions: Gaussian noise of std 0.3 around the hand's mean posture (action 0). The pen
@@ -68,7 +78,7 @@ AdroitHandPen-v1 (100-step episodes ended by truncation; dense rewards stored, a
                                                  pen-binary --dataset-id local/pen/cloned-v0)
 
 Each short name is the ``--env`` name of the script that trains on it (pen-cloned-local
-aside, see above); ALIASES keeps earlier names working.
+and pointmaze-umaze-binary aside, see above); ALIASES keeps earlier names working.
 
 Command line: ``python benchmark/datasets.py [NAME ...] [--force] [--list]`` (no names:
 build all). Datasets go to Minari's datasets folder (``MINARI_DATASETS_PATH`` if set).
