@@ -159,6 +159,8 @@ def pointmaze_controller(obs: dict[str, np.ndarray]) -> np.ndarray:
 # adds N(0, 0.5^2) noise to each action and clips it to [-1, 1], and ends an episode
 # (truncation) at every success step. Its eval env (EVAL_ENV_MAPS["umaze"]) fixes the goal
 # cell at row 1, column 1 and resets anywhere else, continuing_task=True, reset_target=False.
+# Ours differs in size only (30,000 steps, CPU-sized; the script collects 1,000,000) and in
+# storing T+1 observations per episode (the next one starts where the last one ended).
 UMAZE = [[1, 1, 1, 1, 1], [1, 0, 0, 0, 1], [1, 1, 1, 0, 1], [1, 0, 0, 0, 1], [1, 1, 1, 1, 1]]
 UMAZE_EVAL = [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, 0, 0, 0, 1],
               [1, 1, 1, 1, 1]]
