@@ -57,6 +57,16 @@ reward 1 at success):
                                                  the episodes reach the goal (the data of
                                                  calql_finetune.py --env pointmaze-binary;
                                                  old name pointmaze-sparse still accepted)
+PointMaze_UMaze-v3 on its own U-maze, by the recipe of Minari's D4RL/pointmaze datasets
+(``continuing_task=True, reset_target=True``: a new random goal cell at each success):
+    One continuing run of a waypoint controller on a QIteration cell path (gains 10 / -1)
+    with N(0, 0.5^2) action noise, cut into episodes at each success (truncation; the next
+    episode starts where it ended, with the new goal). Eval env: goal cell fixed at row 1,
+    column 1, random resets, 300 steps (Minari's EVAL_ENV_MAPS["umaze"]).
+    pointmaze-umaze-binary  local/pointmaze/umaze-v0  30000 steps, 386 episodes, all but the
+                                                 last end at success (calql_finetune.py --env
+                                                 pointmaze-binary --dataset-id
+                                                 local/pointmaze/umaze-v0 --horizon 300)
 AdroitHandPen-v1 (100-step episodes ended by truncation; dense rewards stored, as in
 ``D4RL/pen/cloned-v2``, whose env spec also has ``max_episode_steps=100``):
     Actions: Gaussian noise of std 0.3 around the hand's mean posture (action 0). The pen
@@ -68,7 +78,7 @@ AdroitHandPen-v1 (100-step episodes ended by truncation; dense rewards stored, a
                                                  pen-binary --dataset-id local/pen/cloned-v0)
 
 Each short name is the ``--env`` name of the script that trains on it (pen-cloned-local
-aside, see above); ALIASES keeps earlier names working.
+and pointmaze-umaze-binary aside, see above); ALIASES keeps earlier names working.
 
 Command line: ``python benchmark/datasets.py [NAME ...] [--force] [--list]`` (no names:
 build all). Datasets go to Minari's datasets folder (``MINARI_DATASETS_PATH`` if set).
@@ -139,6 +149,84 @@ def pointmaze_controller(obs: dict[str, np.ndarray]) -> np.ndarray:
     return np.clip(2.0 * (obs["desired_goal"] - pos) - 0.5 * vel, -1.0, 1.0)
 
 
+# PointMaze U-maze by the recipe of Minari's D4RL/pointmaze datasets (Farama-Foundation/
+# minari-dataset-generation-scripts, scripts/pointmaze/): create_pointmaze_dataset.py makes
+# PointMaze_UMaze-v3 a continuing task (continuing_task=True, reset_target=True: a new random
+# goal cell each time the goal is reached), acts with controller.py's WaypointController
+# (gains p=10, d=-1, waypoint threshold 0.1, waypoints = cell centres shifted by -U(0, 0.2)
+# per axis, the last one the goal itself) on maze_solver.py's QIteration path (value
+# iteration on the cell grid: reward 1 on entering the goal cell, discount 0.99, 50 sweeps),
+# adds N(0, 0.5^2) noise to each action and clips it to [-1, 1], and ends an episode
+# (truncation) at every success step. Its eval env (EVAL_ENV_MAPS["umaze"]) fixes the goal
+# cell at row 1, column 1 and resets anywhere else, continuing_task=True, reset_target=False.
+# Ours differs in size only (30,000 steps, CPU-sized; the script collects 1,000,000) and in
+# storing T+1 observations per episode (the next one starts where the last one ended).
+UMAZE = [[1, 1, 1, 1, 1], [1, 0, 0, 0, 1], [1, 1, 1, 0, 1], [1, 0, 0, 0, 1], [1, 1, 1, 1, 1]]
+UMAZE_EVAL = [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, 0, 0, 0, 1],
+              [1, 1, 1, 1, 1]]
+_MOVES = ((-1, 0), (1, 0), (0, -1), (0, 1))  # the planner's four cell moves
+
+
+def maze_next_cells(maze_map: list[list[Any]], goal: tuple[int, int], sweeps: int = 50,
+                    gamma: float = 0.99) -> dict[tuple[int, int], tuple[int, int]]:
+    """Greedy next cell towards ``goal`` from every free cell (value iteration: reward 1 for
+    entering the goal cell; a move into a wall stays put and earns nothing)."""
+    free = [(r, c) for r, row in enumerate(maze_map) for c, v in enumerate(row) if v != 1]
+
+    def move(cell: tuple[int, int], d: tuple[int, int]) -> tuple[int, int] | None:
+        nxt = (cell[0] + d[0], cell[1] + d[1])
+        return nxt if nxt in free else None
+
+    value = dict.fromkeys(free, 0.0)
+    for _ in range(sweeps):
+        value = {c: max((float(n == goal) + gamma * value[n]) if (n := move(c, d)) else 0.0
+                        for d in _MOVES) for c in free}
+    best = {}
+    for c in free:
+        scores = [(float(n == goal) + gamma * value[n]) if (n := move(c, d)) else -1.0
+                  for d in _MOVES]
+        best[c] = move(c, _MOVES[int(np.argmax(scores))]) or c
+    return best
+
+
+class WaypointController:
+    """Drive the PointMaze ball along the planner's cell path to ``desired_goal``.
+
+    Plans when the goal changes; heads for the next cell centre (jittered by -U(0, 0.2) per
+    axis after the first) and switches once within 0.1 of it; in the goal cell it heads for
+    the goal. Action: ``10 (target - x) - 1 v`` (unclipped; the caller adds noise, clips).
+    """
+
+    def __init__(self, maze: Any, rng: np.random.Generator):
+        self.maze, self.rng = maze, rng
+        self.goal_xy: np.ndarray | None = None
+
+    def _cell(self, xy: np.ndarray) -> tuple[int, int]:
+        row, col = self.maze.cell_xy_to_rowcol(xy)
+        return int(row), int(col)
+
+    def _aim(self, cell: tuple[int, int], jitter: bool) -> None:
+        self.target_cell = cell
+        if cell == self.goal_cell:
+            self.target_xy = np.asarray(self.goal_xy, dtype=np.float64)
+        else:
+            centre = np.asarray(self.maze.cell_rowcol_to_xy(np.array(cell)), dtype=np.float64)
+            self.target_xy = centre - (self.rng.uniform(size=2) * 0.2 if jitter else 0.0)
+
+    def __call__(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        pos, vel = obs["achieved_goal"], obs["observation"][2:4]
+        if self.goal_xy is None or np.linalg.norm(self.goal_xy - obs["desired_goal"]) > 1e-3:
+            self.goal_xy = np.array(obs["desired_goal"], dtype=np.float64)
+            self.goal_cell = self._cell(self.goal_xy)
+            self.path = maze_next_cells(self.maze.maze_map, self.goal_cell)
+            here = self._cell(pos)
+            self._aim(self.goal_cell if here == self.goal_cell else self.path[here], False)
+        if (self.target_cell != self.goal_cell
+                and np.linalg.norm(self.target_xy - pos) <= 0.1):
+            self._aim(self.path[self.target_cell], True)
+        return 10.0 * (self.target_xy - pos) - 1.0 * vel
+
+
 def adroit_rest_controller(obs: np.ndarray) -> np.ndarray:
     """The Adroit hand's mean posture (action 0 is the middle of every joint's range)."""
     del obs
@@ -181,6 +269,8 @@ class DatasetSpec:
     image_obs: bool = False  # exact frames (no JPEG) and a gzip-repacked HDF5 file
     env_kwargs: dict[str, Any] = field(default_factory=dict)  # gym.make keyword arguments
     record_success: bool = False  # store the env's per-step ``success`` info
+    eval_env_kwargs: dict[str, Any] | None = None  # the eval env's kwargs; None: the data env's
+    collector: Callable[[DatasetSpec], list[EpisodeBuffer]] | None = None  # None: segments
 
 
 POINTMAZE_CORRIDOR = [[1, 1, 1, 1, 1, 1], [1, "r", 0, 0, "g", 1], [1, 1, 1, 1, 1, 1]]
@@ -255,6 +345,21 @@ LOCAL_DATASETS: dict[str, DatasetSpec] = {
         env_kwargs=dict(maze_map=POINTMAZE_CORRIDOR, continuing_task=False,
                         reward_type="sparse", max_episode_steps=100),
         record_success=True,
+    ),
+    "pointmaze-umaze-binary": DatasetSpec(  # calql_finetune.py --dataset-id ...umaze-v0
+        "local/pointmaze/umaze-v0", "PointMaze_UMaze-v3", (),
+        "PointMaze U-maze by the recipe of Minari's D4RL/pointmaze datasets: one continuing "
+        "run (random goal cells, a new one at each success) of a QIteration waypoint "
+        "controller with Gaussian action noise std 0.5, 30000 steps split into episodes at "
+        "every success (truncation); per-step 'success' infos. Eval env: goal cell fixed at "
+        "row 1, column 1, random resets, 300 steps.",
+        max_steps=30_000,
+        env_kwargs=dict(maze_map=UMAZE, continuing_task=True, reset_target=True,
+                        reward_type="sparse", max_episode_steps=1_000_000),
+        eval_env_kwargs=dict(maze_map=UMAZE_EVAL, continuing_task=True, reset_target=False,
+                             reward_type="sparse", max_episode_steps=300),
+        record_success=True,
+        collector=lambda spec: collect_continuing_maze(spec, seed=0, noise=0.5),
     ),
     "pen-cloned-local": DatasetSpec(
         "local/pen/cloned-v0", "AdroitHandPen-v1",
@@ -400,8 +505,52 @@ def collect_segment(
     return episodes
 
 
+def collect_continuing_maze(spec: DatasetSpec, seed: int, noise: float) -> list[EpisodeBuffer]:
+    """``spec.max_steps`` steps of one continuing PointMaze run (a single reset with
+    ``seed``), cut into episodes at each success step (truncation, not termination, as
+    Minari's PointMazeStepDataCallback). The next episode starts from the same state with
+    the new goal that the env drew (it is in the next step's observation; the env's own
+    observation at the success step still shows the old one). Actions: WaypointController
+    + N(0, noise^2) per axis, clipped to the action bounds; controller jitter and noise
+    come from ``numpy.random.default_rng(seed)``. The last episode ends at the budget."""
+    assert spec.max_steps is not None, "a continuing run needs a step budget"
+    env = make_env(spec.env_id, **spec.env_kwargs)
+    rng = np.random.default_rng(seed)
+    controller = WaypointController(env.unwrapped.maze, rng)  # type: ignore[attr-defined]
+    space = env.action_space
+    obs, _ = env.reset(seed=seed)
+    episodes: list[EpisodeBuffer] = []
+    observations, actions, rewards, success = [obs], [], [], [False]
+    try:
+        for step in range(spec.max_steps):
+            action = controller(obs) + noise * space.high * rng.standard_normal(space.shape)
+            action = np.clip(action, space.low, space.high).astype(space.dtype)
+            obs, reward, _, _, info = env.step(action)
+            observations.append(obs)
+            actions.append(action)
+            rewards.append(float(reward))
+            success.append(bool(info["success"]))
+            if not (success[-1] or step + 1 == spec.max_steps):
+                continue
+            n = len(actions)
+            episodes.append(EpisodeBuffer(
+                seed=seed if not episodes else None,
+                observations={k: np.stack([o[k] for o in observations]) for k in obs},
+                actions=np.stack(actions), rewards=np.asarray(rewards, dtype=np.float64),
+                terminations=np.zeros(n, dtype=bool),
+                truncations=np.arange(n) == n - 1,
+                infos={"success": np.asarray(success)} if spec.record_success else None))
+            obs = dict(obs, desired_goal=env.unwrapped.goal.copy())  # type: ignore[attr-defined]
+            observations, actions, rewards, success = [obs], [], [], [False]
+    finally:
+        env.close()
+    return episodes
+
+
 def collect(spec: DatasetSpec) -> list[EpisodeBuffer]:
     """All episodes of a dataset, in order."""
+    if spec.collector is not None:
+        return spec.collector(spec)
     env = make_env(spec.env_id, **spec.env_kwargs)
     try:
         episodes: list[EpisodeBuffer] = []
@@ -476,17 +625,20 @@ def _create(spec: DatasetSpec, episodes: list[EpisodeBuffer]) -> None:
         low, high = ref_scores(spec.env_id, spec.ref_policy)
         refs = {"ref_min_score": low, "ref_max_score": high}
     env = make_env(spec.env_id, **spec.env_kwargs)
+    eval_env = env if spec.eval_env_kwargs is None else make_env(spec.env_id,
+                                                                 **spec.eval_env_kwargs)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*author_email")
             minari.create_dataset_from_buffers(
-                spec.dataset_id, episodes, env=env.spec, eval_env=env.spec,
+                spec.dataset_id, episodes, env=env.spec, eval_env=eval_env.spec,
                 algorithm_name="scripted controller with noise (benchmark/datasets.py)",
                 author="cql-calql-reference", code_permalink="benchmark/datasets.py",
                 description=spec.description, jpeg_encoding=not spec.image_obs, **refs,
             )
     finally:
         env.close()
+        eval_env.close()
     if spec.image_obs:
         _compress_hdf5(datasets_root() / spec.dataset_id / "data")
 

@@ -178,6 +178,21 @@ CLAIMS = Suite("claims", "the papers' central claims on local data: CQL's lower 
     *calql_vs_cql(seeds=10), *calql_vs_cql("-conservative", _CONSERVATIVE, seeds=10),
 ), seeds=5)
 
+# Proposal, not yet in SUITES (issue 18, item 3): Cal-QL vs CQL on the local U-maze
+# (benchmark/datasets.py pointmaze-umaze-binary, Minari's D4RL/pointmaze recipe), where CQL
+# pre-trains a good policy whose values sit below V_mu (/work/wt/umaze_results.md); 10k
+# pre-training steps (3k left values still propagating), the eval spec's 300-step horizon.
+_UMAZE = ("--dataset-id", "local/pointmaze/umaze-v0", "--horizon", "300",
+          "--offline-steps", "10000", "--offline-eval-every", "2500", "--online-steps", "2000",
+          "--eval-every", "250", "--eval-episodes", "10", "--actor-hidden-dims", "64", "64",
+          "--critic-hidden-dims", "64", "64", "--batch-size", "64", "--qf-lr", "1e-3",
+          "--policy-lr", "1e-3", "--soft-target-update", "0.05", *_CONSERVATIVE)
+UMAZE_FINETUNE = Suite("umaze-finetune", "Cal-QL vs CQL through the switch to online "
+                       "fine-tuning on the local PointMaze U-maze (binary reward)", tuple(
+    Entry(CALQL, "pointmaze-binary", variant + "-umaze", (*_UMAZE, *extra),
+          ("pointmaze-umaze-binary",), "score")
+    for variant, extra in (("calql", ()), ("cql", _NO_CALQL))), seeds=5)
+
 DEMO = Suite("demo", "each method next to its baseline, one seed, a few CPU minutes: "
              "CQL-SAC vs naive SAC, CQL vs plain QR-DQN, Cal-QL vs CQL", (
     *cql_vs_naive_sac("medium"), *cql_vs_qrdqn(), *calql_vs_cql()), seeds=1)

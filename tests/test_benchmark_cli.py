@@ -13,7 +13,10 @@ from benchmark.suites import CALQL, SCRIPTS
 MODULES = {script: importlib.import_module(script.removesuffix(".py")) for script in SCRIPTS}
 # Builders whose data no --env loads by default: the arguments that use it instead.
 STAND_INS = {"pen-cloned-local": (CALQL, ["--env", "pen-binary", "--dataset-id",
-                                          "local/pen/cloned-v0"])}
+                                          "local/pen/cloned-v0"]),
+             # a second maze for the pointmaze-binary preset (issue 18, item 3)
+             "pointmaze-umaze-binary": (CALQL, ["--env", "pointmaze-binary", "--dataset-id",
+                                                "local/pointmaze/umaze-v0"])}
 
 
 class Parsed(Exception):

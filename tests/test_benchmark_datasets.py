@@ -3,6 +3,7 @@ the sparse-reward datasets calql_finetune.py uses (PointMaze, pen)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -292,3 +293,54 @@ def test_pen_cloned_local_has_the_d4rl_pen_structure(local_dataset) -> None:
     np.testing.assert_allclose(ep.observations[0], obs)
     flags = [env.step(a)[4]["success"] for a in ep.actions]
     np.testing.assert_array_equal(flags, ep.infos["success"][1:])
+
+
+def test_umaze_planner_follows_the_corridor() -> None:
+    path = datasets.maze_next_cells(datasets.UMAZE, (1, 1))
+    cell, visited = (3, 1), [(3, 1)]
+    while cell != (1, 1):
+        cell = path[cell]
+        visited.append(cell)
+    assert visited == [(3, 1), (3, 2), (3, 3), (2, 3), (1, 3), (1, 2), (1, 1)]
+    assert path[(1, 2)] == (1, 1)  # next to the goal: step into it
+
+
+def test_pointmaze_umaze_structure(local_dataset) -> None:
+    """Minari's D4RL/pointmaze recipe: one continuing run cut at each success (truncation,
+    never termination), random goals, and the eval env with the fixed goal cell."""
+    spec = datasets.LOCAL_DATASETS["pointmaze-umaze-binary"]
+    dataset = minari.load_dataset(local_dataset("pointmaze-umaze-binary"))
+    assert dataset.total_steps == 30_000 and dataset.total_episodes == 386
+    env = dataset.recover_environment(eval_env=True)
+    assert env.spec.id == "PointMaze_UMaze-v3" and env.spec.max_episode_steps == 300
+    assert env.spec.kwargs["maze_map"] == datasets.UMAZE_EVAL
+    assert env.spec.kwargs["continuing_task"] and not env.spec.kwargs["reset_target"]
+    assert dataset.recover_environment().spec.kwargs["reset_target"]
+    episodes = list(dataset.iterate_episodes())
+    goal_cells = set()
+    for k, ep in enumerate(episodes):
+        n, success = len(ep.rewards), ep.infos["success"]
+        assert success.shape == (n + 1,) and not success[0]
+        assert not ep.terminations.any()  # a continuing task never terminates
+        assert ep.truncations[-1] and not ep.truncations[:-1].any()
+        assert not success[1:-1].any() and success[-1] == (k < len(episodes) - 1)
+        np.testing.assert_array_equal(ep.rewards, success[1:].astype(float))
+        goals = ep.observations["desired_goal"]
+        assert np.all(goals == goals[0])  # one goal per episode
+        goal_cells.add(tuple(np.round(goals[0])))
+        if k:  # the run continues from the previous episode's last state, with a new goal
+            prev = episodes[k - 1].observations
+            np.testing.assert_array_equal(ep.observations["observation"][0],
+                                          prev["observation"][-1])
+    assert len(goal_cells) == 7  # every free cell of the U-maze is a goal somewhere
+    assert np.all(np.abs(np.concatenate([ep.actions for ep in episodes])) <= 1.0)
+    # Deterministic, and the budget only cuts: a shorter build is a prefix of the stored one.
+    short = [datasets.collect(dataclasses.replace(spec, max_steps=1_000)) for _ in range(2)]
+    for ep_a, ep_b, ep in zip(*short, episodes, strict=False):
+        for key in ("actions", "rewards", "truncations"):
+            np.testing.assert_array_equal(getattr(ep_a, key), getattr(ep_b, key))
+        if ep_a.truncations[-1] and ep_a.infos["success"][-1]:  # whole episodes only
+            np.testing.assert_allclose(ep_a.actions, ep.actions)
+            np.testing.assert_allclose(ep_a.observations["observation"],
+                                       ep.observations["observation"])
+    assert sum(len(ep.rewards) for ep in short[0]) == 1_000

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmark import datasets
+from benchmark import datasets, suites
 from benchmark.report import REFERENCES
 from benchmark.suites import CALQL, CQL_QRDQN, CQL_SAC, SCRIPTS, SUITES, suite_jobs
 
@@ -105,3 +105,17 @@ def test_variants_change_what_they_claim():
     assert local[(CQL_SAC, "sac")].cql_weight == 0 and local[(CQL_SAC, "cql")].cql_weight > 0
     assert local[(CQL_QRDQN, "qrdqn")].cql_weight == 0
     assert local[(CALQL, "calql")].enable_calql and not local[(CALQL, "cql")].enable_calql
+
+
+def test_umaze_proposal_parses_and_differs_only_by_the_calibration_flag():
+    parsed = {}
+    umaze = suites.UMAZE_FINETUNE  # a proposal, not in SUITES yet
+    for entry in umaze.entries:
+        args = parse(suites.Job(umaze.name, entry, 0, Path("/runs") / entry.name))
+        assert args.dataset_id == "local/pointmaze/umaze-v0" and args.horizon == 300
+        assert all(datasets.is_local(d) for d in entry.datasets)
+        parsed[entry.variant] = args
+    calql, cql = parsed["calql-umaze"], parsed["cql-umaze"]
+    assert calql.enable_calql and not cql.enable_calql and calql.offline_steps >= 10_000
+    assert {k for k in vars(calql) if getattr(calql, k) != getattr(cql, k)} == {
+        "enable_calql", "run_dir"}
