@@ -9,13 +9,13 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
     python cql_sac_continuous.py --env pendulum-medium          # local dataset (see README)
     python cql_sac_continuous.py --dataset-id mujoco/hopper/expert-v0 --device cuda
 
-- Part I, the algorithm (lines 47-650): Args, networks, losses, the training step, the replay
+- Part I, the algorithm (lines 47-649): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 651-1234): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 650-1235): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1235-1732): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1236-1733): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -632,9 +632,8 @@ def main(args: Args) -> dict[str, Any]:
         if run.due(step, args.log_every, args.eval_every, last=args.total_steps):
             run.log(step, metrics)
         if run.due(step, args.eval_every, last=args.total_steps):
-            run.evaluate_and_checkpoint(
-                step, lambda: evaluate(agent, env, data.tf, args, data.info, device,
-                                 spec["value_gap"]))
+            run.evaluate_and_checkpoint(step, lambda: evaluate(
+                agent, env, data.tf, args, data.info, device, spec["value_gap"]))
         run.stop_if_signalled(step)
     env.close()
     return run.finish(final_summary(run.history, data.info, args))
@@ -927,6 +926,8 @@ def kitchen_eval_spec(data_spec, eval_spec) -> gym.envs.registration.EnvSpec:
     compares like with like; D4RL's 280 steps. (D4RL's own semantics, each task paying 1
     once and the episode ending when all are done, would give returns <= 4 against Q-values
     trained on per-step counts.) The score is still D4RL's: kitchen_score."""
+    # Minari collected so (minari-dataset-generation-scripts scripts/D4RL/kitchen/
+    # create_franka_dataset.py); the data spec's own kwargs win where it records them
     kept = {"remove_task_when_completed": False, "terminate_on_tasks_completed": False}
     return replace(data_spec, max_episode_steps=KITCHEN_HORIZON,
                    kwargs={**kept, **data_spec.kwargs})
