@@ -18,13 +18,13 @@ shows what Cal-QL changes.
     python calql_finetune.py --env antmaze-medium-play --no-enable-calql   # plain CQL
     python calql_finetune.py --dataset-id mujoco/hopper/medium-v0    # generic preset
 
-- Part I, the algorithm (lines 57-781): Args, networks, losses, training step, buffers,
+- Part I, the algorithm (lines 57-834): Args, networks, losses, training step, buffers,
   evaluation and online episodes, main.
-- Part II, datasets and presets (lines 782-1351): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 835-1404): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1352-1919): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1405-1972): run directory, checkpoints, resume, signals, W&B.
 """
 
 
@@ -583,17 +583,18 @@ def mixed_batch(offline: ReplayBuffer, online: ReplayBuffer | None, batch_size: 
 # ---- evaluation, and online episodes in the same env with the same transform -------------
 
 
-def make_eval_env(spec: dict[str, Any]) -> gym.Env:
+def make_eval_env(spec: dict[str, Any], max_episode_steps: int | None = None) -> gym.Env:
     """The env of an eval_env spec (config.json's `eval_env`; online episodes use it too):
-    built from its recorded entry point where it has one, else by its registered id."""
+    built from its recorded entry point where it has one, else by its registered id, with the
+    spec's time limit or `max_episode_steps` (evaluation: the value gap's longer rollout)."""
     register_robotics_envs()
-    kwargs = copy.deepcopy(spec["kwargs"])
+    kwargs, steps = copy.deepcopy(spec["kwargs"]), max_episode_steps or spec["max_episode_steps"]
     try:
         if spec.get("entry_point"):
             return gym.make(gym.envs.registration.EnvSpec(
-                id=spec["id"], entry_point=spec["entry_point"],
-                max_episode_steps=spec["max_episode_steps"], kwargs=kwargs))
-        return gym.make(spec["id"], max_episode_steps=spec["max_episode_steps"], **kwargs)
+                id=spec["id"], entry_point=spec["entry_point"], max_episode_steps=steps,
+                kwargs=kwargs))
+        return gym.make(spec["id"], max_episode_steps=steps, **kwargs)
     except (gym.error.UnregisteredEnv, ModuleNotFoundError) as exc:
         fail(f"cannot build the evaluation env {spec['id']} ({exc}); Adroit, AntMaze, Kitchen "
              "and PointMaze envs need gymnasium-robotics (pip install gymnasium-robotics)")
@@ -637,22 +638,28 @@ def collect_trajectory(agent: Agent, env: gym.Env, tf: Transform, args: Args,
 
 
 def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[str, Any],
-             device: torch.device) -> dict[str, float | None]:
-    """Deterministic policy for `eval_episodes` episodes with fixed seeds; binary episodes
-    end at success; success rate = share of episodes that reach success at any step.
+             device: torch.device, gap: dict[str, Any]) -> dict[str, float | None]:
+    """Deterministic policy for `eval_episodes` episodes with fixed seeds, one rollout each;
+    `gap` = config.json's eval_env["value_gap"] (value_gap_spec). Binary episodes end at
+    success. The score counts the first `score_max_steps` steps only (the horizon); success
+    rate = share of episodes that reach success within them.
 
     score: 100 * success rate where the env reports success (the papers' metric on binary and
     goal-reaching tasks), else the normalized return (only where the dataset's reference
     scores apply to the evaluated return, see eval_env_description), else the mean return.
     return_mean: the raw env return (binary: the relabelled {-1, 0} return); length_mean:
     mean episode length (the horizon bounds it; success ends it).
-    value_gap: min_j Q_j(s0, pi(s0)) minus the discounted (scaled) return obtained;
-    negative = conservative."""
+    value_gap: min_j Q_j(s0, pi(s0)) minus the discounted (scaled) return of the whole
+    rollout: to a terminal or `rollout_max_steps` (a time limit is no end: training
+    bootstraps through it); negative = conservative. value_gap_steps: its mean length;
+    value_gap_tail_bound: the mean bound on the return left out (0 after a terminal)."""
+    score_steps, rollout_steps = (gap[k] or math.inf for k in ("score_max_steps",
+                                                                "rollout_max_steps"))
     episodes, has_success = [], False
     for i in range(args.eval_episodes):
         obs, _ = env.reset(seed=10_000 * (args.seed + 1) + i)
-        done, ep_return, disc_return, discount, t, success = False, 0.0, 0.0, 1.0, 0, False
-        while not done:
+        end, ep_return, disc_return, discount, t, success = False, 0.0, 0.0, 1.0, 0, False
+        while not end:
             x = torch.as_tensor(tf.obs(flatten_obs(obs)), device=device).reshape(1, -1)
             action = agent.actor.act_deterministic(x)
             if t == 0:
@@ -660,19 +667,61 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
                     pred = agent.critic(x, action).min(0).values.item()
             obs, reward, terminal, truncated, ok = env_step(
                 env, tf.to_env_action(action[0].cpu().numpy()), args)
-            has_success, success = has_success or ok is not None, success or bool(ok)
-            ep_return, disc_return = ep_return + reward, disc_return + discount * float(
-                tf.reward(reward))
-            discount, done, t = discount * args.gamma, terminal or truncated, t + 1
-        episodes.append((ep_return, t, pred - disc_return, success))
-    returns, lengths, gaps, successes = zip(*episodes, strict=True)
+            if t < score_steps:
+                has_success, success = has_success or ok is not None, success or bool(ok)
+                ep_return += reward
+            disc_return += discount * float(tf.reward(reward))
+            discount, end, t = discount * args.gamma, terminal or truncated, t + 1
+            end = end or t >= rollout_steps
+        tail = 0.0 if terminal else gap_tail_bound(args.gamma, t, gap["reward_abs_max"])
+        episodes.append((ep_return, min(t, score_steps), pred - disc_return, success, t, tail))
+    returns, lengths, gaps, successes, steps, tails = zip(*episodes, strict=True)
     ret = float(np.mean(returns))
     lo, hi = info.get("ref_min_score"), info.get("ref_max_score")
     norm = 100.0 * (ret - lo) / (hi - lo) if lo is not None and hi is not None else None
     rate = float(np.mean(successes)) if has_success else None
     score = 100.0 * rate if rate is not None else (norm if norm is not None else ret)
     return dict(score=score, success_rate=rate, return_mean=ret, normalized_score=norm,
-                length_mean=float(np.mean(lengths)), value_gap=float(np.mean(gaps)))
+                length_mean=float(np.mean(lengths)), value_gap=float(np.mean(gaps)),
+                value_gap_steps=float(np.mean(steps)),
+                value_gap_tail_bound=None if None in tails else float(np.mean(tails)))
+
+
+# ---- the value gap's rollout: long enough that the return left out is < 1% of its scale ---
+GAP_TAIL = 0.01  # issue 17 item 3: the neglected tail below 1% of the return scale
+
+
+def gap_horizon(gamma: float) -> int | None:
+    """The fewest steps T with gamma^T <= GAP_TAIL, so that the return after T steps, at most
+    gamma^T r_max / (1 - gamma), is below GAP_TAIL of the return scale r_max / (1 - gamma):
+    0.99 -> 459; gamma 0 -> 1; gamma 1 -> None (no finite horizon)."""
+    if gamma >= 1.0:
+        return None
+    return 1 if gamma <= 0.0 else math.ceil(math.log(GAP_TAIL) / math.log(gamma))
+
+
+def gap_tail_bound(gamma: float, steps: int, reward_abs_max: float) -> float | None:
+    """Bound on |sum_{t >= steps} gamma^t r_t| for |r_t| <= r_max, the return a rollout cut at
+    `steps` leaves out: gamma^steps r_max / (1 - gamma); None: unbounded."""
+    if reward_abs_max == 0.0:
+        return 0.0
+    return None if gamma >= 1.0 else gamma**steps * reward_abs_max / (1.0 - gamma)
+
+
+def value_gap_spec(gamma: float, score_steps: int | None, rewards: np.ndarray
+                   ) -> dict[str, Any]:
+    """config.json's eval_env["value_gap"]: an evaluation episode is one rollout of
+    max(score_steps, gap_horizon) steps or to a true termination, scored over its first
+    score_steps; r_max = max |r| of the rewards as trained bounds the tail left out."""
+    horizon, r_max = gap_horizon(gamma), float(np.abs(rewards).max(initial=0.0))
+    rollout = None if score_steps is None else max(score_steps, horizon or 0)
+    return dict(
+        horizon=horizon, rule=f"ceil(log({GAP_TAIL}) / log(gamma))", tail_fraction=GAP_TAIL,
+        score_max_steps=score_steps, rollout_max_steps=rollout,
+        runs_past_time_limit=rollout is not None and rollout > score_steps, reward_abs_max=r_max,
+        tail_bound=None if rollout is None else gap_tail_bound(gamma, rollout, r_max),
+        note="no time limit: rollouts end where the env ends them" if rollout is None else
+        "an env's own truncation before rollout_max_steps: see value_gap_tail_bound in metrics")
 
 
 # ---- main loop ---------------------------------------------------------------------------
@@ -707,11 +756,15 @@ def main(args: Args) -> dict[str, Any]:
                           args.seed + 1, args.online_steps + data.eval_env["max_episode_steps"])
     agent = Agent(obs_dim, action_dim, args).to(device)
     trainer = Trainer(agent, args, device)
-    env, eval_env = make_eval_env(data.eval_env), make_eval_env(data.eval_env)
+    spec = dict(data.eval_env, value_gap=value_gap_spec(
+        args.gamma, data.eval_env["max_episode_steps"], data.transitions["rewards"]))
+    # online episodes keep the horizon; evaluation rolls out the value gap's longer limit
+    env, eval_env = make_eval_env(spec), make_eval_env(spec, spec["value_gap"]["rollout_max_steps"])
     loop = Counters()
     run = Run(args, dict(agent=agent, trainer=trainer, offline=offline, online=online,
-                         loop=loop), data.info, data.eval_env, device)
-    evaluate_policy = lambda: evaluate(agent, eval_env, data.tf, args, data.info, device)
+                         loop=loop), data.info, spec, device)
+    evaluate_policy = lambda: evaluate(agent, eval_env, data.tf, args, data.info, device,
+                                       spec["value_gap"])
     name = f"{'Cal-QL' if args.enable_calql else 'CQL'} {args.env}"
     # ---- offline pre-training: CQL / Cal-QL updates on offline batches -----------------
     if not run.history:  # the initial policy, as the official loop's epoch 0

@@ -9,13 +9,13 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
     python cql_sac_continuous.py --env pendulum-medium          # local dataset (see README)
     python cql_sac_continuous.py --dataset-id mujoco/hopper/expert-v0 --device cuda
 
-- Part I, the algorithm (lines 47-598): Args, networks, losses, the training step, the replay
+- Part I, the algorithm (lines 47-649): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 599-1178): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 650-1240): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1179-1746): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1241-1808): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -503,36 +503,42 @@ class ReplayBuffer:
 # ---- evaluation --------------------------------------------------------------------------
 
 
-def make_eval_env(spec: dict[str, Any]) -> gym.Env:
+def make_eval_env(spec: dict[str, Any], max_episode_steps: int | None = None) -> gym.Env:
     """The env of an eval_env spec (config.json's `eval_env`; online episodes use it too):
-    built from its recorded entry point where it has one, else by its registered id."""
+    built from its recorded entry point where it has one, else by its registered id, with the
+    spec's time limit or `max_episode_steps` (evaluation: the value gap's longer rollout)."""
     register_robotics_envs()
-    kwargs = copy.deepcopy(spec["kwargs"])
+    kwargs, steps = copy.deepcopy(spec["kwargs"]), max_episode_steps or spec["max_episode_steps"]
     try:
         if spec.get("entry_point"):
             return gym.make(gym.envs.registration.EnvSpec(
-                id=spec["id"], entry_point=spec["entry_point"],
-                max_episode_steps=spec["max_episode_steps"], kwargs=kwargs))
-        return gym.make(spec["id"], max_episode_steps=spec["max_episode_steps"], **kwargs)
+                id=spec["id"], entry_point=spec["entry_point"], max_episode_steps=steps,
+                kwargs=kwargs))
+        return gym.make(spec["id"], max_episode_steps=steps, **kwargs)
     except (gym.error.UnregisteredEnv, ModuleNotFoundError) as exc:
         fail(f"cannot build the evaluation env {spec['id']} ({exc}); Adroit, AntMaze, Kitchen "
              "and PointMaze envs need gymnasium-robotics (pip install gymnasium-robotics)")
 
 
 def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[str, Any],
-             device: torch.device) -> dict[str, float | None]:
-    """Deterministic policy for `eval_episodes` episodes, seeds fixed (independent of history).
-    normalized_score is the score of the dataset's family (info["score"], Part II), by
-    default 100*(return - ref_min)/(ref_max - ref_min); return_mean is always the raw return.
-    value_gap (paper Table 4): the critics' predicted value of the policy at each episode's
-    first state, min over twins of Q(s0, pi(s0)), minus the discounted return obtained
-    (rewards transformed as in training); < 0: conservative."""
+             device: torch.device, gap: dict[str, Any]) -> dict[str, float | None]:
+    """Deterministic policy for `eval_episodes` episodes, seeds fixed (independent of history),
+    one rollout each (`gap`: config.json's eval_env["value_gap"]). The score counts the first
+    `score_max_steps` steps (the family's horizon): normalized_score is the family's score
+    (info["score"], Part II), by default 100*(return - ref_min)/(ref_max - ref_min);
+    return_mean is the raw return unless the family's score replaces it.
+    value_gap (paper Table 4): min over twins of Q(s0, pi(s0)) minus the discounted return
+    (rewards as trained) of the whole rollout, to a true termination or `rollout_max_steps`
+    (a time limit is no end: training bootstraps through it); < 0: conservative. Its mean
+    length: value_gap_steps; the mean bound on the return left out: value_gap_tail_bound."""
+    score_steps, rollout_steps = (gap[k] or math.inf for k in ("score_max_steps",
+                                                                "rollout_max_steps"))
     episodes, has_success = [], False
     for i in range(args.eval_episodes):
         obs, _ = env.reset(seed=10_000 * (args.seed + 1) + i)
-        done, ep_return, disc_return, discount, t = False, 0.0, 0.0, 1.0, 0
-        success, step_info = False, {}
-        while not done:
+        end, ep_return, disc_return, discount, t, success, score_info = (
+            False, 0.0, 0.0, 1.0, 0, False, {})
+        while not end:
             x = torch.as_tensor(tf.obs(flatten_obs(obs)), device=device).reshape(1, -1)
             action = agent.actor.act_deterministic(x)
             if t == 0:
@@ -540,23 +546,67 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
                     pred = agent.critic(x, action).min(0).values.item()
             obs, reward, terminated, truncated, step_info = env.step(
                 tf.to_env_action(action[0].cpu().numpy()))
-            ep_return += float(reward)
+            if t < score_steps:
+                ep_return += float(reward)
+                has_success = has_success or "success" in step_info
+                success = success or bool(step_info.get("success", False))
             disc_return += discount * float(tf.reward(float(reward)))
-            discount *= args.gamma
-            has_success = has_success or "success" in step_info
-            success = success or bool(step_info.get("success", False))
-            done = terminated or truncated
-            t += 1
-        episodes.append((ep_return, pred, pred - disc_return, success, t, step_info))
-    returns, preds, gaps, successes, lengths = (np.array(x, np.float64) for x in zip(
-        *(e[:5] for e in episodes), strict=True))
+            discount, t = discount * args.gamma, t + 1
+            end = terminated or truncated or t >= rollout_steps
+            if t == score_steps or end and t < score_steps:  # the last scored step's info,
+                score_info = copy.deepcopy(step_info)  # copied: envs may grow its lists later
+        tail = 0.0 if terminated else gap_tail_bound(args.gamma, t, gap["reward_abs_max"])
+        episodes.append((ep_return, pred, pred - disc_return, success, min(t, score_steps), t,
+                         tail, score_info))
+    returns, preds, gaps, successes, lengths, steps = (np.array(x, np.float64) for x in zip(
+        *(e[:6] for e in episodes), strict=True))
+    tails = [e[6] for e in episodes]  # None: unbounded
     norm, extra = family_of(info.get("family")).score(info, returns, successes,
-                                                      [e[5] for e in episodes])
+                                                      [e[7] for e in episodes])
     return dict(return_mean=float(np.mean(returns)), return_std=float(np.std(returns)),
                 normalized_score=norm, value_gap=float(np.mean(gaps)),
+                value_gap_steps=float(np.mean(steps)),
+                value_gap_tail_bound=None if None in tails else float(np.mean(tails)),
                 q_pred_s0=float(np.mean(preds)),
                 success_rate=float(np.mean(successes)) if has_success else None,
-                episode_length=float(np.mean(lengths)), **extra)
+                episode_length=float(np.mean(lengths))) | extra
+
+
+# ---- the value gap's rollout: long enough that the return left out is < 1% of its scale ---
+GAP_TAIL = 0.01  # issue 17 item 3: the neglected tail below 1% of the return scale
+
+
+def gap_horizon(gamma: float) -> int | None:
+    """The fewest steps T with gamma^T <= GAP_TAIL, so that the return after T steps, at most
+    gamma^T r_max / (1 - gamma), is below GAP_TAIL of the return scale r_max / (1 - gamma):
+    0.99 -> 459; gamma 0 -> 1; gamma 1 -> None (no finite horizon)."""
+    if gamma >= 1.0:
+        return None
+    return 1 if gamma <= 0.0 else math.ceil(math.log(GAP_TAIL) / math.log(gamma))
+
+
+def gap_tail_bound(gamma: float, steps: int, reward_abs_max: float) -> float | None:
+    """Bound on |sum_{t >= steps} gamma^t r_t| for |r_t| <= r_max, the return a rollout cut at
+    `steps` leaves out: gamma^steps r_max / (1 - gamma); None: unbounded."""
+    if reward_abs_max == 0.0:
+        return 0.0
+    return None if gamma >= 1.0 else gamma**steps * reward_abs_max / (1.0 - gamma)
+
+
+def value_gap_spec(gamma: float, score_steps: int | None, rewards: np.ndarray
+                   ) -> dict[str, Any]:
+    """config.json's eval_env["value_gap"]: an evaluation episode is one rollout of
+    max(score_steps, gap_horizon) steps or to a true termination, scored over its first
+    score_steps; r_max = max |r| of the rewards as trained bounds the tail left out."""
+    horizon, r_max = gap_horizon(gamma), float(np.abs(rewards).max(initial=0.0))
+    rollout = None if score_steps is None else max(score_steps, horizon or 0)
+    return dict(
+        horizon=horizon, rule=f"ceil(log({GAP_TAIL}) / log(gamma))", tail_fraction=GAP_TAIL,
+        score_max_steps=score_steps, rollout_max_steps=rollout,
+        runs_past_time_limit=rollout is not None and rollout > score_steps, reward_abs_max=r_max,
+        tail_bound=None if rollout is None else gap_tail_bound(gamma, rollout, r_max),
+        note="no time limit: rollouts end where the env ends them" if rollout is None else
+        "an env's own truncation before rollout_max_steps: see value_gap_tail_bound in metrics")
 
 
 # ---- main loop ---------------------------------------------------------------------------
@@ -572,17 +622,18 @@ def main(args: Args) -> dict[str, Any]:
     buffer = ReplayBuffer(data.transitions, device, args.seed)
     agent = Agent(data.info["obs_dim"], data.info["action_dim"], args).to(device)
     trainer = Trainer(agent, args, device)
-    env = make_eval_env(data.eval_env)
-    run = Run(args, dict(agent=agent, trainer=trainer, buffer=buffer), data.info,
-              data.eval_env, device)
+    spec = dict(data.eval_env, value_gap=value_gap_spec(
+        args.gamma, data.eval_env["max_episode_steps"], data.transitions["rewards"]))
+    env = make_eval_env(spec, spec["value_gap"]["rollout_max_steps"])
+    run = Run(args, dict(agent=agent, trainer=trainer, buffer=buffer), data.info, spec, device)
     for step in tqdm(range(run.step + 1, args.total_steps + 1), initial=run.step,
                      total=args.total_steps, desc=f"CQL {args.env}", disable=not args.progress):
         metrics = trainer.step(buffer.sample(args.batch_size))
         if run.due(step, args.log_every, args.eval_every, last=args.total_steps):
             run.log(step, metrics)
         if run.due(step, args.eval_every, last=args.total_steps):
-            run.evaluate_and_checkpoint(
-                step, lambda: evaluate(agent, env, data.tf, args, data.info, device))
+            run.evaluate_and_checkpoint(step, lambda: evaluate(
+                agent, env, data.tf, args, data.info, device, spec["value_gap"]))
         run.stop_if_signalled(step)
     env.close()
     return run.finish(final_summary(run.history, data.info, args))
@@ -869,19 +920,30 @@ KITCHEN_TASK_SCORE = 25.0  # D4RL: ref_min_score 0, ref_max_score 4 tasks -> tas
 
 
 def kitchen_eval_spec(data_spec, eval_spec) -> gym.envs.registration.EnvSpec:
-    """Minari collected with tasks kept and no termination (reward accumulates); D4RL's
-    evaluation removes each task when completed and ends when all are done, 280 steps."""
+    """The DATA's semantics: Minari collected with tasks kept and no termination
+    (`remove_task_when_completed=False, terminate_on_tasks_completed=False`), so the reward
+    is the number of goal tasks that hold at each step, as trained on, and the value gap
+    compares like with like; D4RL's 280 steps. (D4RL's own semantics, each task paying 1
+    once and the episode ending when all are done, would give returns <= 4 against Q-values
+    trained on per-step counts.) The score is still D4RL's: kitchen_score."""
+    # Minari collected so (minari-dataset-generation-scripts scripts/D4RL/kitchen/
+    # create_franka_dataset.py); the data spec's own kwargs win where it records them
+    kept = {"remove_task_when_completed": False, "terminate_on_tasks_completed": False}
     return replace(data_spec, max_episode_steps=KITCHEN_HORIZON,
-                   kwargs={**data_spec.kwargs, "remove_task_when_completed": True,
-                           "terminate_on_tasks_completed": True})
+                   kwargs={**kept, **data_spec.kwargs})
 
 
 def kitchen_score(info: dict[str, Any], returns: np.ndarray, successes: np.ndarray,
                   last_infos: list[dict]) -> tuple[float, dict[str, float]]:
-    """Tasks completed x 25; with tasks removed when completed each task rewards 1 once."""
-    tasks = np.array([len(i.get("episode_task_completions", [])) or r
-                      for r, i in zip(returns, last_infos, strict=True)], np.float64)
-    return KITCHEN_TASK_SCORE * float(np.mean(tasks)), dict(tasks_completed=float(np.mean(tasks)))
+    """D4RL's score: distinct tasks completed in the 280 steps x 25. The env lists every task
+    completed so far in info["episode_task_completions"] whether or not it removes them
+    (gymnasium-robotics kitchen_env.py `step`), read at the last scored step; D4RL removes a
+    task when first completed, so its return is that count: return_mean reports it too."""
+    tasks = np.array([len(i.get("episode_task_completions", ())) for i in last_infos],
+                     np.float64)
+    return KITCHEN_TASK_SCORE * float(np.mean(tasks)), dict(
+        return_mean=float(np.mean(tasks)), return_std=float(np.std(tasks)),
+        tasks_completed=float(np.mean(tasks)))
 
 
 FAMILIES["kitchen"] = Family(

@@ -69,7 +69,8 @@ def test_compile_gives_the_eager_losses(one_torch_thread):
 
 def test_dataset_id_alone_runs_with_the_default_preset(tmp_path, monkeypatch):
     """No --env and a dataset of no known family: the paper's defaults, env named after it;
-    config.json's eval_env is exactly {id, max_episode_steps, kwargs}."""
+    config.json's eval_env is exactly {id, max_episode_steps, kwargs, value_gap}: Pendulum
+    never terminates, so every evaluation rolls out the gap's 459 steps past its 200."""
     write_dataset(tmp_path, "someone/pendulum/tiny-v0", "Pendulum-v1")
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
     tiny = SCRIPTS["cql_sac"].argv[2:]  # the contract's tiny sizes, without its --env
@@ -80,5 +81,14 @@ def test_dataset_id_alone_runs_with_the_default_preset(tmp_path, monkeypatch):
     assert summary["total_steps"] == 2 and np.isfinite(summary["final_return"])
     eval_env = read_json(tmp_path / "run" / "config.json")["eval_env"]
     assert eval_env == {"id": "Pendulum-v1", "max_episode_steps": 200,
-                        "kwargs": eval_env["kwargs"]}
+                        "kwargs": eval_env["kwargs"], "value_gap": eval_env["value_gap"]}
+    gap = eval_env["value_gap"]
+    assert (gap["horizon"], gap["score_max_steps"], gap["rollout_max_steps"]) == (459, 200, 459)
+    assert gap["tail_fraction"] == 0.01 and gap["runs_past_time_limit"] is True
+    rewards = cql.load_data(args).transitions["rewards"]
+    assert gap["reward_abs_max"] == pytest.approx(float(np.abs(rewards).max()))
+    assert gap["tail_bound"] == pytest.approx(0.99**459 * gap["reward_abs_max"] / 0.01)
+    for row in read_metrics(tmp_path / "run"):
+        assert row["episode_length"] == 200 and row["value_gap_steps"] == 459
+        assert row["value_gap_tail_bound"] == pytest.approx(gap["tail_bound"])
 

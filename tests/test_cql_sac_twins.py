@@ -1,8 +1,9 @@
 """CQL-SAC on the schema twins of Minari's real datasets (tests/twins.py): each family's preset
 runs end to end, and evaluation sees what the papers evaluated (issue 8): the data's maze with
 fixed start/goal cells and termination at the goal (AntMaze, success rate x100), D4RL's
-horizons (Adroit pen 100 steps), tasks removed and counted x25 (Kitchen), reference returns
-with a stated source (mujoco/*), the raw return always logged, `eval_env` in config.json."""
+horizons (Adroit pen 100 steps), the data's reward semantics with D4RL's task count x25
+(Kitchen), reference returns with a stated source (mujoco/*), the raw return always logged,
+`eval_env` in config.json with the value gap's rollout (issue 17 item 3)."""
 
 import json
 from pathlib import Path
@@ -34,6 +35,11 @@ def run(env: str, dataset_id: str, tmp_path: Path, **overrides) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return dict(config=json.loads((run_dir / "config.json").read_text()), rows=rows,
                 summary=summary, args=args)
+
+
+def without_gap(eval_env: dict) -> dict:
+    """config.json's eval_env less the value gap's block (main adds it to load_data's)."""
+    return {k: v for k, v in eval_env.items() if k != "value_gap"}
 
 
 def walls(maze_map) -> list[list[bool]]:
@@ -73,8 +79,11 @@ def test_antmaze_evaluates_in_the_data_maze_ending_at_the_goal(twin, tmp_path, d
     assert cell_of(recorded["kwargs"]["maze_map"], "r") == reset_cell
 
     # The env evaluation builds: the data's walls, start and goal in those cells, and the
-    # episode ends (terminated, success) when the ant is at the goal.
-    assert cql.load_data(out["args"]).eval_env == recorded
+    # episode ends (terminated, success) when the ant is at the goal. main adds the value
+    # gap's block; the horizon (700 / 1000) is longer than the gap's 459 steps.
+    assert cql.load_data(out["args"]).eval_env == without_gap(recorded)
+    assert recorded["value_gap"]["rollout_max_steps"] == horizon
+    assert recorded["value_gap"]["runs_past_time_limit"] is False
     env = cql.make_eval_env(recorded)
     maze = env.unwrapped.maze
     assert walls(maze.maze_map) == walls(data_map) and env.spec.max_episode_steps == horizon
@@ -132,54 +141,75 @@ def test_adroit_horizon_matches_the_reference_scores(twin, tmp_path, task, horiz
 # ---------------------------------------------------------------- Kitchen
 
 
-def test_kitchen_removes_tasks_terminates_and_scores_tasks_x25(twin, tmp_path):
+def test_kitchen_evaluates_in_the_data_semantics_and_scores_tasks_x25(twin, tmp_path):
+    """Issue 17 item 2: the data (Minari) keeps tasks and never terminates, so its reward is
+    the number of goal tasks holding at each step; evaluation now runs in those semantics
+    (was: D4RL's, each task paying 1 once, returns <= 4 against Q-values trained on per-step
+    counts), so the value gap compares like with like; the score stays D4RL's task count."""
     dataset_id = twin("D4RL/kitchen/complete-v2")
+    data_kwargs = minari.load_dataset(dataset_id).env_spec.kwargs
     out = run("kitchen-complete", dataset_id, tmp_path, eval_episodes=1)
     recorded = out["config"]["eval_env"]
-    assert recorded["max_episode_steps"] == 280  # D4RL kitchen horizon
-    assert recorded["kwargs"]["remove_task_when_completed"] is True
-    assert recorded["kwargs"]["terminate_on_tasks_completed"] is True
+    assert recorded["max_episode_steps"] == 280  # D4RL kitchen horizon: the score's
+    for key in ("remove_task_when_completed", "terminate_on_tasks_completed"):
+        assert recorded["kwargs"][key] is False and data_kwargs[key] is False
     assert recorded["kwargs"]["tasks_to_complete"] == ["microwave", "kettle", "light switch",
                                                        "slide cabinet"]
+    assert recorded["value_gap"]["rollout_max_steps"] == 459  # never terminates: 459 steps
     last = out["rows"][-1]
     assert last["normalized_score"] is not None
     assert last["normalized_score"] == 25.0 * last["tasks_completed"]
-    assert last["tasks_completed"] == last["return_mean"]  # each task rewards 1 once
-    assert cql.load_data(out["args"]).eval_env == recorded
-    env = cql.make_eval_env(recorded)
-    assert env.unwrapped.remove_task_when_completed and env.unwrapped.terminate_on_tasks_completed
+    assert last["tasks_completed"] == last["return_mean"]  # D4RL's return: each task once
+    assert last["episode_length"] == 280 and last["value_gap_steps"] == 459
+    assert cql.load_data(out["args"]).eval_env == without_gap(recorded)
+    env = cql.make_eval_env(recorded, recorded["value_gap"]["rollout_max_steps"])
+    kitchen = env.unwrapped
+    assert not kitchen.remove_task_when_completed and not kitchen.terminate_on_tasks_completed
+    assert env.spec.max_episode_steps == 459
     env.close()
 
 
 class TasksEnv(gym.Env):
-    """Completes one more task every 3 steps (two in all), then ends: the kitchen's info."""
+    """The kitchen's infos: a task completed at steps 100 and 300, listed in ONE list that
+    the env grows in place (as FrankaKitchen's episode_task_completions); reward 2 at every
+    step (tasks holding, the data's semantics); never terminates."""
 
     observation_space = gym.spaces.Box(-1, 1, (3,), np.float32)
     action_space = gym.spaces.Box(-1, 1, (2,), np.float32)
 
+    def __init__(self):
+        self.done_tasks = []
+
     def reset(self, *, seed=None, options=None):
-        self.t, self.done_tasks = 0, []
+        self.t = 0
+        self.done_tasks.clear()  # in place too, as FrankaKitchen's reset
         return np.zeros(3, np.float32), {}
 
     def step(self, action):
         self.t += 1
-        new = ["microwave", "kettle"][len(self.done_tasks)] if self.t % 3 == 0 else None
+        new = {100: "microwave", 300: "kettle"}.get(self.t)
         self.done_tasks += [new] if new else []
         info = dict(step_task_completions=[new] if new else [],
-                    episode_task_completions=list(self.done_tasks))
-        return np.zeros(3, np.float32), float(bool(new)), len(self.done_tasks) == 2, False, info
+                    episode_task_completions=self.done_tasks)
+        return np.zeros(3, np.float32), 2.0, False, False, info
 
 
-def test_kitchen_score_counts_completed_tasks():
+def test_kitchen_score_counts_tasks_within_280_steps_and_the_gap_the_whole_rollout():
     args = cql.replace(cql.preset_args("kitchen-mixed"), actor_hidden_dims=(8,),
                        critic_hidden_dims=(8,), eval_episodes=2)
     agent = cql.Agent(3, 2, args)
     tf = cql.Transform(np.zeros(3, np.float32), np.ones(3, np.float32), np.ones(2, np.float32),
                        np.zeros(2, np.float32), 1.0, 0.0)
     info = cql.scoring({}, "kitchen", "D4RL/kitchen/mixed-v2") | dict(family="kitchen")
-    out = cql.evaluate(agent, TasksEnv(), tf, args, info, torch.device("cpu"))
-    assert out["tasks_completed"] == 2 and out["normalized_score"] == 50.0
-    assert out["return_mean"] == 2.0 and out["episode_length"] == 6
+    gap = cql.value_gap_spec(args.gamma, cql.KITCHEN_HORIZON, np.array([2.0]))
+    out = cql.evaluate(agent, TasksEnv(), tf, args, info, torch.device("cpu"), gap)
+    # the task of step 300 is past D4RL's 280 steps: one task, read at step 280
+    assert out["tasks_completed"] == 1 and out["normalized_score"] == 25.0
+    assert out["return_mean"] == 1.0 and out["episode_length"] == 280
+    assert out["return_std"] == 0.0  # each episode's own count (the env reuses its list)
+    assert out["value_gap_steps"] == 459
+    obtained = 2.0 * (1 - args.gamma**459) / (1 - args.gamma)  # the data's reward, 459 steps
+    assert out["value_gap"] == pytest.approx(out["q_pred_s0"] - obtained, abs=1e-9)
 
 
 # ---------------------------------------------------------------- mujoco/*
