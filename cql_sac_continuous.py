@@ -11,11 +11,11 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
 
 - Part I, the algorithm (lines 47-598): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 599-1173): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 599-1195): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1174-1671): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1196-1693): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class Args:
     cql_data_term: bool = True
     """Subtract E_D[Q(s,a)] (Eq. 2/4); --no-cql-data-term gives the Eq. 1 variant (Table 5)."""
     cql_n_actions: int = 10
-    """N actions per state from each proposal."""
+    """N actions per state from each proposal (uniform, pi(.|s), pi(.|s'))."""
     cql_temp: float = 1.0
     """Temperature T of T*logsumexp(Q/T)."""
     cql_clip_diff_min: float = -math.inf
@@ -151,7 +151,7 @@ class Args:
     log_every: int = 1000
     """Read training metrics to the host (the only sync) every this many steps."""
     max_abs_q: float = 1e6
-    """Stop the run when |Q| exceeds this (divergence guard), checked every log_every steps."""
+    """Stop the run when |Q| exceeds this (divergence guard), checked when metrics are read."""
     compile: bool = False
     """Compile the loss computation with torch.compile (CPU and CUDA)."""
     cudagraphs: bool = False
@@ -772,7 +772,7 @@ def load_data(args: Args) -> Data:
                     desc=f"loading {args.dataset_id}", disable=not args.progress)
     data = episodes_to_transitions(episodes)
     check_finite(data, args.dataset_id)
-    family = dataset_family(args.dataset_id)
+    family = next(iter(fallback_groups(args.dataset_id)), None)
     if (terminals := family_of(family).terminals) is not None:
         data["dones"] = terminals(data)
     tf = make_transform(data, dataset.action_space, args)
@@ -1064,12 +1064,10 @@ PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
 
 
 ADROIT_TASKS = ("pen", "door", "relocate", "hammer")
-
-
-# `--env` name -> (Minari dataset id, preset group of PRESETS): "{task}-{level}" for each
+# `--env` -> (Minari dataset id, preset groups over the defaults): "{task}-{level}" for each
 # (group, dataset id pattern, tasks, levels).
-ENV_PRESETS: dict[str, tuple[str, str]] = {
-    f"{task}-{level}": (pattern.format(task, level), group)
+ENVS: dict[str, tuple[str, tuple[str, ...]]] = {
+    f"{task}-{level}": (pattern.format(task, level), (group,))
     for group, pattern, tasks, levels in [
         ("gym", "mujoco/{}/{}-v0", ("hopper", "halfcheetah", "walker2d", "ant"),
          ("simple", "medium", "expert")),
@@ -1081,36 +1079,69 @@ ENV_PRESETS: dict[str, tuple[str, str]] = {
         ("pendulum", "local/{}/{}-v0", ("pendulum",),
          ("random", "medium", "expert", "medium-replay", "medium-expert"))]
     for task in tasks for level in levels}
-ENV_GROUPS: dict[str, tuple[str, ...]] = {env: (g,) for env, (_, g) in ENV_PRESETS.items()}
+# `--dataset-id` without a preset `--env`: id prefix -> groups (the dataset's family).
+FALLBACK: dict[str, tuple[str, ...]] = {
+    "": (), "mujoco/": ("gym",), "D4RL/antmaze/": ("antmaze",), "D4RL/kitchen/": ("kitchen",),
+    "local/pendulum/": ("pendulum",), **{f"D4RL/{t}/": ("adroit",) for t in ADROIT_TASKS}}
+ALONE_TAKES_ITS_PRESET = False  # `--dataset-id D4RL/pen/human-v2` alone runs as pen-human-v2
+ENV_HINT: Callable[[str], str | None] = lambda env: None  # no `--env` needs a reason
+_POSITIVE, _NON_NEGATIVE = ("positive", lambda v: v > 0), (">= 0", lambda v: v >= 0)
+_WIDTHS = ("positive widths", lambda v: min(v, default=1) > 0)
+# Field -> (rule, check of its value); None values are not checked.
+RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    **dict.fromkeys(("total_steps", "eval_every", "eval_episodes", "batch_size",
+                     "cql_n_actions", "log_every", "policy_lr", "qf_lr", "alpha_prime_lr",
+                     "cql_temp", "max_abs_q"), _POSITIVE),
+    **dict.fromkeys(("bc_steps", "cql_weight"), _NON_NEGATIVE),
+    "gamma": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "soft_target_update": ("in (0, 1]", lambda v: 0 < v <= 1),
+    **dict.fromkeys(("actor_hidden_dims", "critic_hidden_dims"), _WIDTHS)}
 
 
-def dataset_family(dataset_id: str) -> str | None:
-    """Preset group of a dataset id by its prefix (mujoco/, D4RL/antmaze/, ...), else None."""
-    parts = dataset_id.split("/")
-    if parts[0] == "mujoco":
-        return "gym"
-    return {"D4RL/antmaze": "antmaze", "D4RL/kitchen": "kitchen", "local/pendulum": "pendulum",
-            **{f"D4RL/{t}": "adroit" for t in ADROIT_TASKS}}.get("/".join(parts[:2]))
+# ---- from the command line to Args: the same code in CQL-SAC and Cal-QL (the tables above
+# are what differs) ------------------------------------------------------------------------
+ENV_GROUPS: dict[str, tuple[str, ...]] = {env: groups for env, (_, groups) in ENVS.items()}
+
+
+def fallback_groups(dataset_id: str) -> tuple[str, ...]:
+    """FALLBACK's groups for `dataset_id`: those of the longest id prefix it names."""
+    return FALLBACK[max((p for p in FALLBACK if dataset_id.startswith(p)), key=len)]
+
+
+def preset_values(env: str, dataset_id: str | None = None) -> dict[str, tuple[Any, str]]:
+    """Field -> (value, source) of `env`'s preset: the defaults (PRESETS' first group), then
+    its groups in order (later ones win); an `env` without a preset takes FALLBACK's."""
+    groups = ENVS[env][1] if env in ENVS else fallback_groups(dataset_id or "")
+    return {k: entry for g in (next(iter(PRESETS)), *groups) for k, entry in PRESETS[g].items()}
+
+
+ENV_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    env: (dataset_id, {k: v for k, (v, _) in preset_values(env).items()})
+    for env, (dataset_id, _) in ENVS.items()}  # `--env` -> (dataset id, preset values)
+
+
+def env_for_dataset(dataset_id: str) -> str:
+    """`--env` of a run given only `--dataset-id`: the preset naming it where
+    ALONE_TAKES_ITS_PRESET, else a name from the id (D4RL/pen/human-v2 -> pen-human-v2)."""
+    named = [env for env, (ds, _) in ENVS.items() if ds == dataset_id and ALONE_TAKES_ITS_PRESET]
+    return named[0] if named else "-".join(dataset_id.split("/")[1:]) or dataset_id
+
+
+def check_env(env: str, dataset_id: str | None = None) -> None:
+    """One-line error for an `--env` without a preset (ENV_HINT's, or without `--dataset-id`)."""
+    if env not in ENVS and (hint := ENV_HINT(env)):
+        fail(f"--env {env}: {hint}")
+    if env not in ENVS and dataset_id is None:
+        fail(f"unknown --env {env!r}; choose one of {', '.join(ENVS)}, or pass a Minari id "
+             "with --dataset-id")
 
 
 def preset_args(env: str, dataset_id: str | None = None) -> Args:
-    """Args() with the preset of `env` filled in (literal values): the defaults, then the
-    groups ENV_GROUPS names; `dataset_id` replaces the preset's dataset. An unknown `env`
-    needs `dataset_id` (its family's preset, if any)."""
-    if env in ENV_PRESETS:
-        preset_id, groups = ENV_PRESETS[env][0], ENV_GROUPS[env]
-    elif dataset_id is not None:
-        preset_id, groups = None, tuple(g for g in [dataset_family(dataset_id)] if g)
-    else:
-        fail(f"unknown --env {env!r}; choose one of {', '.join(ENV_PRESETS)} "
-             "or pass any Minari id with --dataset-id")
-    values = {k: v for g in ("defaults", *groups) for k, (v, _) in PRESETS[g].items()}
-    return replace(Args(), env=env, dataset_id=dataset_id or preset_id, **values)
-
-
-def env_from_dataset(dataset_id: str) -> str:
-    """The `--env` name of a run given only `--dataset-id`: D4RL/pen/human-v2 -> pen-human-v2."""
-    return "-".join(dataset_id.split("/")[1:]) or dataset_id
+    """Args() with `env`'s preset filled in (literal values, see `--presets`); `dataset_id`
+    replaces the preset's dataset (an `env` without a preset needs it)."""
+    check_env(env, dataset_id)
+    values = {k: v for k, (v, _) in preset_values(env, dataset_id).items()}
+    return replace(Args(), env=env, dataset_id=dataset_id or ENVS[env][0], **values)
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
@@ -1124,48 +1155,39 @@ def parse_args(argv: list[str] | None = None) -> Args:
     pre.add_argument("--env", default=None)
     pre.add_argument("--dataset-id", "--dataset_id", default=None)
     known, _ = pre.parse_known_args(argv)
-    env = known.env or (env_from_dataset(known.dataset_id) if known.dataset_id else Args.env)
+    env = known.env or (env_for_dataset(known.dataset_id) if known.dataset_id else Args.env)
     args = tyro.cli(Args, default=preset_args(env, known.dataset_id), args=argv)
     check_args(args)
     return args
 
 
-POSITIVE = ("total_steps", "eval_every", "eval_episodes", "batch_size", "cql_n_actions",
-            "log_every", "policy_lr", "qf_lr", "alpha_prime_lr", "cql_temp", "max_abs_q")
-
-
 def check_args(args: Args) -> None:
-    """Every argument checked once, up front: one-line errors, never a traceback or a NaN."""
-    if args.env not in ENV_PRESETS and args.dataset_id is None:
-        fail(f"unknown --env {args.env!r}; choose one of {', '.join(ENV_PRESETS)} "
-             "or pass any Minari id with --dataset-id")
-    rules = [(name, "positive", getattr(args, name) > 0) for name in POSITIVE] + [
-        ("bc_steps", ">= 0", args.bc_steps >= 0),
-        ("cql_weight", ">= 0", args.cql_weight >= 0),
-        ("gamma", "in [0, 1]", 0 <= args.gamma <= 1),
-        ("soft_target_update", "in (0, 1]", 0 < args.soft_target_update <= 1),
-        ("actor_hidden_dims", "positive widths", min(args.actor_hidden_dims, default=1) > 0),
-        ("critic_hidden_dims", "positive widths", min(args.critic_hidden_dims, default=1) > 0),
-        ("cql_clip_diff_max", ">= --cql-clip-diff-min",
-         args.cql_clip_diff_max >= args.cql_clip_diff_min)]
-    for name, rule, ok in rules:
-        if not ok:
-            fail(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
+    """Every argument checked once, up front (RULES): one-line errors, never a traceback."""
+    check_env(args.env, args.dataset_id)
+    for name, (rule, ok) in RULES.items():
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            fail(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+    if args.cql_clip_diff_max < args.cql_clip_diff_min:
+        fail("--cql-clip-diff-max must be >= --cql-clip-diff-min")
     if args.cudagraphs and not args.compile:
         fail("--cudagraphs needs --compile")
 
 
 def presets_markdown() -> str:
-    """Markdown table of the defaults and every preset value, with sources (`--presets`)."""
+    """Markdown table of the defaults and every preset value, with sources (`--presets`), then
+    the `--env` names and the rule for a dataset without one."""
     fmt = lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else repr(v)  # str quoted
     lines = ["| preset | field | value | source |", "|---|---|---|---|"]
     for group, values in PRESETS.items():
         for name, (value, source) in values.items():
-            lines.append(f"| {group} | {name} | {fmt(value)} | {source} |")
-    lines += ["", "| preset | --env |", "|---|---|"] + [
-        f"| {g} | {', '.join(e for e, groups in ENV_GROUPS.items() if g in groups)} |"
-        for g in PRESETS if g != "defaults"]
-    return "\n".join(lines)
+            cells = (group, name, fmt(value), source)  # "|" inside a cell escaped
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    envs = "; ".join(f"`{env}`: {ds}, {' + '.join(g)}" for env, (ds, g) in ENVS.items())
+    alone = "; ".join(f"{p or 'other'}...: {' + '.join(g) or 'defaults'}"
+                      for p, g in FALLBACK.items())
+    return "\n".join([*lines, "", f"`--env` -> dataset, groups over the defaults: {envs}.", "",
+                      f"`--dataset-id` without a preset `--env`: {alone}."])
 
 
 LENGTH_FIELD = "total_steps"  # the run length a resume may grow (Part III)

@@ -105,7 +105,7 @@ def test_defaults_are_the_official_ones():
 @pytest.mark.parametrize("group", list(OFFICIAL))
 def test_each_preset_sets_exactly_the_official_values(group):
     assert {k: v for k, (v, _) in cql.PRESETS[group].items()} == OFFICIAL[group]
-    envs = [e for e, (_, g) in cql.ENV_PRESETS.items() if g == group]
+    envs = [e for e, g in cql.ENV_GROUPS.items() if g == (group,)]
     assert envs
     for env in envs:
         args = cql.preset_args(env)
@@ -127,7 +127,7 @@ def test_preset_families_and_datasets():
               "kitchen-mixed": ("D4RL/kitchen/mixed-v2", "kitchen"),
               "pendulum-expert": ("local/pendulum/expert-v0", "pendulum")}
     for env, value in expect.items():
-        assert cql.ENV_PRESETS[env] == value
+        assert cql.ENVS[env] == (value[0], (value[1],))
         assert cql.preset_args(env).dataset_id == value[0]
 
 
@@ -219,7 +219,7 @@ def test_presets_prints_the_table_with_sources():
     assert "Scalar(1.0)" in table[("antmaze", "log_alpha_prime_init")][1]
     assert table[("defaults", "log_alpha_prime_init")][0] == "0.0"
     assert all(len(src.strip(" |")) > 10 for _, src in table.values() if src != "source |")
-    assert "| adroit | pen-human," in proc.stdout
+    assert "`pen-human`: D4RL/pen/human-v2, adroit;" in proc.stdout
 
 
 def test_boolean_flags_and_precedence():
