@@ -8,25 +8,23 @@ Cal-QL is CQL (importance-sampled logsumexp, twin critics, max backup, fixed or 
 weight) plus ONE change: in the logsumexp, the Q-values of the policy actions (pi(.|s) and
 pi(.|s'), both scored at s) are replaced by max(Q(s,a), V_mu(s)), V_mu the Monte-Carlo
 return-to-go of the behaviour policy. `--no-enable-calql` gives plain CQL, all else equal.
-Where the official code and the paper's appendix differ, the official code is followed and
-the comment says so. `--presets` prints every preset value with its source; `--env X
---help` shows the values that run for X. `diff cql_sac_continuous.py calql_finetune.py`
-shows what Cal-QL changes.
+Where the official code and the paper's appendix differ, the official code is followed.
+`--env X --help` shows the values that run for X; `--presets` lists their sources.
+`diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL changes.
 
     python benchmark/datasets.py pointmaze-sparse pen-cloned-local   # local datasets
     python calql_finetune.py --env pointmaze-binary                 # CPU, about a minute
     python calql_finetune.py --env antmaze-medium-play --no-enable-calql   # plain CQL
     python calql_finetune.py --dataset-id mujoco/hopper/medium-v0    # generic preset
 
-- Part I, the algorithm (lines 57-797): Args, networks, losses, training step, buffers,
+- Part I, the algorithm (lines 55-804): Args, networks, losses, training step, buffers,
   evaluation and online episodes, main.
-- Part II, datasets and presets (lines 798-1382): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 805-1427): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1383-1880): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1428-1925): run directory, checkpoints, resume, signals, W&B.
 """
-
 
 from __future__ import annotations
 
@@ -44,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import gymnasium as gym
 import numpy as np
@@ -65,12 +63,10 @@ class Args:
     (`--env X --help` shows it, `--presets` lists every preset value with its source)."""
 
     env: str = "pen-binary"
-    """Task with a preset: pen-binary, door-binary, relocate-binary, antmaze-<maze>,
-    pointmaze-binary (local, CPU). Left out with --dataset-id: the preset of the dataset's
-    family, else the generic preset under a name derived from the id."""
+    """Task with a preset: pen/door/relocate-binary, antmaze-<maze>, pointmaze-binary (local);
+    with only --dataset-id: the preset naming it, else the generic one (a name from the id)."""
     dataset_id: str = "D4RL/pen/cloned-v2"
-    """Minari dataset id (the preset's by default); any other id keeps the preset's values,
-    e.g. D4RL/pen/human-v2 or local/pen/cloned-v0."""
+    """Minari dataset id (the preset's by default); another id keeps the preset's values."""
     seed: int = 0
     """Random seed (networks, sampling, online and evaluation episodes)."""
     device: str = "auto"
@@ -80,8 +76,8 @@ class Args:
     online_steps: int = 200_000
     """Environment steps of online fine-tuning."""
     offline_eval_every: int = 2_000
-    """Evaluate (and checkpoint) every N updates of pre-training; also at step 0 (before any
-    update, as the official loop's epoch 0) and at its end (the 'offline score')."""
+    """Evaluate (and checkpoint) every N pre-training updates, at step 0 (the official epoch 0)
+    and at its end (the 'offline score')."""
     eval_every: int = 2_000
     """Evaluate (and checkpoint) every this many env steps during fine-tuning."""
     eval_episodes: int = 20
@@ -98,8 +94,14 @@ class Args:
     """Actor hidden widths."""
     critic_hidden_dims: tuple[int, ...] = (512, 512, 512)
     """Critic hidden widths (each of the twin critics)."""
-    orthogonal_init: bool = True
-    """Orthogonal init, hidden gain sqrt(2), last layer 1e-2 (Cal-QL code)."""
+    init: Literal["rlkit", "orthogonal", "pytorch"] = "orthogonal"
+    """Network init: `rlkit` (CQL code), `orthogonal` (Cal-QL code), `pytorch` (see init_)."""
+    log_std_min: float = -20.0
+    """Lower clamp of the actor's log-std (CQL code -5, Cal-QL -20)."""
+    log_std_max: float = 2.0
+    """Upper clamp of the actor's log-std (both official codes: 2)."""
+    mean_clamp: float | None = None
+    """Clamp of |mean| in the BC log-likelihood only (CQL code: 9; None, Cal-QL: none)."""
     log_std_affine: bool = True
     """Actor log-std = m * log_std + b with learnable scalars m (init 1.0) and b (init -1.0),
     before the clamp (Cal-QL `model.py` TanhGaussianPolicy, CORL `cql.py` the same)."""
@@ -120,7 +122,9 @@ class Args:
     backup_entropy: bool = False
     """Keep -alpha*log pi in the Bellman target (JaxCQL `backup_entropy`)."""
     max_backup: bool = True
-    """Max backup: max over N actions from pi(.|s') of the twin-min target Q."""
+    """Max backup over N actions from pi(.|s'), in the form --max-backup-form."""
+    max_backup_form: Literal["cql", "calql"] = "calql"
+    """`cql`: min over critics of each one's max (rlkit); `calql`: max of the twin-min (Cal-QL)."""
 
     # ---- CQL / Cal-QL ------------------------------------------------------------------
     enable_calql: bool = True
@@ -128,8 +132,7 @@ class Args:
     cql_weight: float = 1.0
     """CQL weight alpha (official `cql_min_q_weight`); with --lagrange it multiplies the gap."""
     cql_weight_online: float | None = None
-    """CQL weight during fine-tuning; None: the same as --cql-weight (official
-    `cql_min_q_weight_online=-1`: unchanged)."""
+    """CQL weight during fine-tuning; None: --cql-weight (official `cql_min_q_weight_online=-1`)."""
     cql_n_actions: int = 10
     """N actions per state from each proposal (uniform, pi(.|s), pi(.|s'))."""
     cql_importance_sample: bool = True
@@ -152,14 +155,13 @@ class Args:
 
     # ---- data ------------------------------------------------------------------------
     binary: bool = True
-    """Binary relabelling (Adroit): r = success - 1, success step terminal, failed
-    trajectories dropped, each cut after its last success; online episodes end at success."""
+    """Binary relabelling (Adroit): r = success - 1, success terminal, failures dropped, each
+    trajectory cut after its last success; online episodes end at success."""
     goal_terminals: bool = False
-    """Data steps that receive the goal reward (`success` info) are terminal, as D4RL's
-    antmaze `terminals` (AntMaze); MC returns restart after each terminal."""
+    """Goal-reward steps (`success` info) are terminal, as D4RL's antmaze `terminals`."""
     horizon: int | None = 100
-    """Episode length limit of online and evaluation episodes; None (generic preset): the
-    evaluation env spec's max_episode_steps."""
+    """Episode length of online and evaluation episodes; None (generic preset): D4RL's for
+    Adroit (d4rl_adroit_horizon), else the evaluation env spec's max_episode_steps."""
     reward_scale: float = 10.0
     """Rewards become r * scale + bias."""
     reward_bias: float = 5.0
@@ -167,8 +169,7 @@ class Args:
     sparse_reward: bool = True
     """Apply the all-failure rule to MC returns (sparse tasks)."""
     reward_neg: float = -1.0
-    """Raw failure reward r_neg; a trajectory whose every reward is r_neg (after scale and
-    bias) gets MC returns r_neg / (1 - gamma) at every step."""
+    """Raw failure reward r_neg: an all-r_neg trajectory gets MC returns r_neg / (1 - gamma)."""
     normalize_states: bool = False
     """Normalize observations with the offline data's mean/std (eps 1e-3), at evaluation too."""
 
@@ -212,6 +213,28 @@ class EnsembleLinear(nn.Module):
         return torch.baddbmm(b, x, w)
 
 
+def rlkit_init_(layers: list[nn.Module], last_bound: float, transposed: bool) -> None:
+    """rlkit init (rlkit/torch/networks.py L27-31, L49-64; pytorch_util.py fanin_init L17-26):
+    hidden weights +-1/sqrt(size[0]) of the [out, in] weight (out_features: rlkit's quirk),
+    biases 0.1; last layer +-last_bound (Q 3e-3; policy 1e-3, sac/policies.py L45, L61-63)."""
+    for k, layer in enumerate(layers):
+        if k == len(layers) - 1:
+            nn.init.uniform_(layer.weight, -last_bound, last_bound)
+            nn.init.uniform_(layer.bias, -last_bound, last_bound)
+        else:
+            bound = 1 / math.sqrt(layer.weight.shape[-1 if transposed else 0])
+            nn.init.uniform_(layer.weight, -bound, bound)
+            nn.init.constant_(layer.bias, 0.1)
+
+
+def init_(layers: list[nn.Module], init: str, last_bound: float, transposed: bool) -> None:
+    """Args.init: rlkit_init_ (CQL code), orthogonal_ (Cal-QL code) or `pytorch` (as built)."""
+    if init == "orthogonal":
+        orthogonal_(layers, transposed)
+    elif init == "rlkit":
+        rlkit_init_(layers, last_bound, transposed)
+
+
 def orthogonal_(layers: list[nn.Module], transposed: bool) -> None:
     """Orthogonal init (Cal-QL code): gain sqrt(2), last layer 1e-2, zero biases. Weights are
     nn.Linear's [out, in] or, `transposed`, EnsembleLinear's [E, in, out] (as nn.init would)."""
@@ -225,14 +248,13 @@ def orthogonal_(layers: list[nn.Module], transposed: bool) -> None:
 class FusedCritic(nn.Module):
     """Twin Q-networks as ONE ensemble: each layer is one baddbmm for both critics."""
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...],
-                 orthogonal: bool, ensemble: int = 2):
+    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...], init: str,
+                 ensemble: int = 2):
         super().__init__()
         dims = (obs_dim + action_dim, *hidden, 1)
         self.layers = nn.ModuleList(EnsembleLinear(ensemble, i, o) for i, o in pairwise(dims))
         self.ensemble = ensemble
-        if orthogonal:
-            orthogonal_(list(self.layers), transposed=True)
+        init_(list(self.layers), init, 3e-3, transposed=True)  # rlkit Q: init_w 3e-3
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor,
                 detach: bool = False) -> torch.Tensor:
@@ -251,28 +273,30 @@ def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])  # no ReLU after the output layer
 
 
-LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # paper App. F; both official codes (rlkit, JaxCQL)
-
-
 class TanhGaussianActor(nn.Module):
-    """pi(a|s) = tanh(N(mu(s), sigma(s))), log-std clamped to `log_std_range`; log_std_affine:
-    log-std = m * log_std + b before the clamp, m and b learnable scalars initialised to 1 and
-    -1 (Args.log_std_affine: Cal-QL `model.py`, CORL)."""
+    """pi(a|s) = tanh(N(mu(s), sigma(s))), log-std clamped to `log_std_range`, the mean to
+    +-mean_clamp in log_prob (BC) only (rlkit `policies.py` L81; sampling uses the raw mean);
+    log_std_affine: log-std = m * log_std + b before the clamp, learnable m, b from 1, -1
+    (Cal-QL `model.py`, CORL). rlkit's log(1 - a^2 + 1e-6): ours is the exact form."""
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...], orthogonal: bool,
-                 log_std_affine: bool = False,
-                 log_std_range: tuple[float, float] = (LOG_STD_MIN, LOG_STD_MAX)):
+    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...], init: str,
+                 log_std_affine: bool = False, log_std_range: tuple[float, float] = (-5.0, 2.0),
+                 mean_clamp: float | None = None):
         super().__init__()
         self.net = mlp(obs_dim, hidden, 2 * action_dim)
-        if orthogonal:
-            orthogonal_([m for m in self.net if isinstance(m, nn.Linear)], transposed=False)
+        # rlkit policy: init_w 1e-3 for the mean and log-std heads (policies.py L45, L61-63)
+        init_([m for m in self.net if isinstance(m, nn.Linear)], init, 1e-3, transposed=False)
         self.log_std_affine, self.log_std_range = log_std_affine, log_std_range
+        self.mean_clamp = mean_clamp
         if log_std_affine:
             self.log_std_multiplier = nn.Parameter(torch.tensor(1.0))
             self.log_std_offset = nn.Parameter(torch.tensor(-1.0))
 
-    def dist(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def dist(self, obs: torch.Tensor, clamp_mean: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         mean, log_std = self.net(obs).chunk(2, -1)
+        if clamp_mean and self.mean_clamp is not None:
+            mean = mean.clamp(-self.mean_clamp, self.mean_clamp)
         if self.log_std_affine:
             log_std = self.log_std_multiplier * log_std + self.log_std_offset
         return mean, log_std.clamp(*self.log_std_range)
@@ -285,7 +309,7 @@ class TanhGaussianActor(nn.Module):
 
     def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """log pi(a|s) of a given action in (-1, 1) (behaviour cloning)."""
-        mean, log_std = self.dist(obs)
+        mean, log_std = self.dist(obs, clamp_mean=True)
         u = torch.atanh(action.clamp(-1 + 1e-6, 1 - 1e-6))
         return tanh_gaussian_log_prob(u, mean, log_std)
 
@@ -308,11 +332,13 @@ class Agent(nn.Module):
     def __init__(self, obs_dim: int, action_dim: int, args: Args):
         super().__init__()
         self.action_dim = action_dim
-        self.actor = TanhGaussianActor(obs_dim, action_dim, args.actor_hidden_dims,
-                                       args.orthogonal_init, args.log_std_affine)
-        self.critic = FusedCritic(obs_dim, action_dim, args.critic_hidden_dims,
-                                  args.orthogonal_init)
-        self.target_critic = FusedCritic(obs_dim, action_dim, args.critic_hidden_dims, False)
+        self.actor = TanhGaussianActor(obs_dim, action_dim, args.actor_hidden_dims, args.init,
+                                       args.log_std_affine, (args.log_std_min, args.log_std_max),
+                                       args.mean_clamp)
+        self.critic = FusedCritic(obs_dim, action_dim, args.critic_hidden_dims, args.init)
+        # A copy of the critic, as Cal-QL (`deepcopy`, conservative_sac.py L95); rlkit builds
+        # its target networks with their own random init (cql_mujoco_new.py L45-54): deviation.
+        self.target_critic = FusedCritic(obs_dim, action_dim, args.critic_hidden_dims, "pytorch")
         self.target_critic.load_state_dict(self.critic.state_dict())
         self.target_critic.requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.zeros(()))
@@ -363,13 +389,10 @@ def calql_logsumexp(q_rand: torch.Tensor, q_pi: torch.Tensor, logp_pi: torch.Ten
                     mc_returns: torch.Tensor | None, action_dim: int, temp: float = 1.0,
                     importance_sample: bool = True, q_data: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The pushed-down term of the Cal-QL critic loss, per critic and state [E, B]: CQL's
-    logsumexp (above) of calibrated policy-action Q-values; mc_returns None = CQL.
-    Order of operations of the Cal-QL official code (`enable_calql` branch): the max with
-    V_mu is taken on the RAW policy-action Q-values (pi(s) and pi(s') sets), BEFORE the
-    importance-sampling correction; the random actions are never calibrated. (The paper's
-    appendix listing takes the max after subtracting log pi and uses 4 samples of pi(s)
-    only: the official code is followed.)"""
+    """Cal-QL's pushed-down term [E, B]: CQL's logsumexp (above) after the max with V_mu of the
+    RAW policy-action Q-values (pi(s), pi(s')), before the importance weights, random actions
+    never calibrated: the official `enable_calql` branch (the paper's appendix listing takes
+    the max after subtracting log pi, 4 samples of pi(s) only). mc_returns None = CQL."""
     stats: dict[str, torch.Tensor] = {}
     if mc_returns is not None:
         q_pi, stats["bound_rate_pi"] = calibrate(q_pi, mc_returns)
@@ -395,14 +418,19 @@ def bellman_target(agent: Agent, batch: dict[str, torch.Tensor], args: Args,
                    alpha: torch.Tensor) -> torch.Tensor:
     """r + gamma (1 - d) * target value at s' (no gradient). Backups:
     standard: min_j Qbar_j(s', a') - alpha log pi(a'|s');  deterministic: no entropy term
-    (official `deterministic_backup`); max: max over N a' ~ pi(.|s') of min_j Qbar_j (Cal-QL)."""
+    (official `deterministic_backup`); max over N a' ~ pi(.|s') (max_backup_form): `cql` min_j
+    max_a' Qbar_j (rlkit `cql.py` L219-224), `calql` max_a' min_j Qbar_j (Cal-QL L176-186)."""
     with torch.no_grad():
         next_obs = batch["next_obs"]
         if args.max_backup:
             rep = next_obs.unsqueeze(1).expand(-1, args.cql_n_actions, -1)
             a_next, logp_next = agent.actor(rep)  # [B, N, a], [B, N]
-            q_next, idx = agent.target_critic(rep, a_next).min(0).values.max(-1)  # over N
-            logp_next = logp_next.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+            q_all = agent.target_critic(rep, a_next)  # [E, B, N]
+            if args.max_backup_form == "cql":  # check_args: no backup_entropy with it
+                q_next = q_all.max(-1).values.min(0).values
+            else:
+                q_next, idx = q_all.min(0).values.max(-1)  # over N
+                logp_next = logp_next.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
         else:
             a_next, logp_next = agent.actor(next_obs)
             q_next = agent.target_critic(next_obs, a_next).min(0).values
@@ -430,7 +458,7 @@ def compute_losses(agent: Agent, batch: dict[str, torch.Tensor], args: Args, bc:
     `bc`: behaviour cloning instead of the SAC actor loss (the first bc_steps updates);
     `cql_weight`: the phase's CQL weight (Trainer.start_online)."""
     obs, actions = batch["obs"], batch["actions"]
-    alpha = agent.log_alpha.exp()
+    alpha = agent.log_alpha.exp()  # before this step's update (rlkit steps alpha first, L164)
     # ---- actor: SAC loss, or behaviour cloning for the first bc_steps (official code) ----
     a_pi, logp_pi = agent.actor(obs)
     q_pi = agent.critic(obs, a_pi, detach=True).min(0).values  # [B], also for calibration
@@ -540,15 +568,12 @@ class Trainer:
 
 
 # ---- replay buffer -----------------------------------------------------------------------
-
 KEYS = ("obs", "next_obs", "actions", "rewards", "dones", "mc_returns")
 
 
 class ReplayBuffer:
-    """Transitions (KEYS) as tensors on the training device, sampled uniformly there. The
-    offline buffer holds the dataset; the online one is preallocated (`capacity`) and takes
-    whole trajectories, each with its MC returns, once they have ended. Checkpoints hold
-    the online contents; the offline data is reloaded from the dataset."""
+    """Transitions (KEYS) on the training device, sampled uniformly there: the dataset, or
+    (`capacity`) the online trajectories with their MC returns, which checkpoints hold."""
 
     def __init__(self, data: dict[str, np.ndarray], device: torch.device, seed: int,
                  capacity: int = 0):
@@ -587,8 +612,8 @@ class ReplayBuffer:
 
 def mixed_batch(offline: ReplayBuffer, online: ReplayBuffer | None, batch_size: int,
                 mixing_ratio: float) -> dict[str, torch.Tensor]:
-    """Online phase: round(batch * mixing_ratio) offline transitions, the rest online
-    (Cal-QL official `concatenate_batches`; paper: 128 + 128). Pre-training: all offline."""
+    """Online: round(batch * mixing_ratio) offline rows, the rest online (official
+    `concatenate_batches` with int(): equal for 0.5, 128 + 128); pre-training: all offline."""
     n_off = batch_size if online is None or online.size == 0 else round(batch_size * mixing_ratio)
     if n_off in (0, batch_size):  # one source only
         return (offline if n_off else online).sample(batch_size)
@@ -597,22 +622,6 @@ def mixed_batch(offline: ReplayBuffer, online: ReplayBuffer | None, batch_size: 
 
 
 # ---- evaluation, and online episodes in the same env with the same transform -------------
-
-
-def make_eval_env(spec: dict[str, Any]) -> gym.Env:
-    """The env of an eval_env spec (config.json's `eval_env`; online episodes use it too):
-    built from its recorded entry point where it has one, else by its registered id."""
-    register_robotics_envs()
-    kwargs = copy.deepcopy(spec["kwargs"])
-    try:
-        if spec.get("entry_point"):
-            return gym.make(gym.envs.registration.EnvSpec(
-                id=spec["id"], entry_point=spec["entry_point"],
-                max_episode_steps=spec["max_episode_steps"], kwargs=kwargs))
-        return gym.make(spec["id"], max_episode_steps=spec["max_episode_steps"], **kwargs)
-    except (gym.error.UnregisteredEnv, ModuleNotFoundError) as exc:
-        fail(f"cannot build the evaluation env {spec['id']} ({exc}); Adroit, AntMaze, Kitchen "
-             "and PointMaze envs need gymnasium-robotics (pip install gymnasium-robotics)")
 
 
 def env_step(env: gym.Env, action: np.ndarray, args: Args
@@ -633,8 +642,7 @@ def env_step(env: gym.Env, action: np.ndarray, args: Args
 
 def collect_trajectory(agent: Agent, env: gym.Env, tf: Transform, args: Args,
                        device: torch.device, seed: int) -> tuple[dict[str, np.ndarray], bool]:
-    """One whole trajectory with the current STOCHASTIC policy (Cal-QL official sampler),
-    from env.reset(seed=seed); its MC returns are computed once it has ended."""
+    """One whole trajectory with the STOCHASTIC policy (official sampler), its MC returns."""
     obs, _ = env.reset(seed=seed)
     rows, done, success = [], False, False
     while not done:
@@ -695,9 +703,8 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
 
 
 class Counters:
-    """Loop counters, one of Run's checkpointed parts: the phase (offline | online), online
-    env steps and trajectories so far. Online episode k resets its env with its own seed, so
-    a resumed run continues bit-identically on CPU."""
+    """Checkpointed loop counters: phase (offline | online), online env steps, trajectories
+    (online episode k has its own reset seed: a resumed run continues bit-identically)."""
 
     def __init__(self):
         self.phase, self.env_steps, self.episodes = "offline", 0, 0
@@ -865,6 +872,32 @@ class Transform:
         """Env action in [low, high] -> [-1, 1]^d, float32 (the dataset's actions)."""
         return np.clip((action - self.action_bias) / self.action_scale, -1.0, 1.0).astype(
             np.float32)
+
+
+def d4rl_adroit_horizon(env_id: str) -> int | None:
+    """D4RL's horizon of an Adroit env, which D4RL's reference scores are measured on: 100
+    steps for pen, 200 for door, relocate and hammer (d4rl/hand_manipulation_suite/
+    __init__.py). Minari's spec says 200 for every task (pen was 100 until Minari #286; pen
+    episodes are 100-200 steps, #303). None: not an Adroit env."""
+    if not env_id.startswith("AdroitHand"):
+        return None
+    return 100 if "Pen" in env_id else 200
+
+
+def make_eval_env(spec: dict[str, Any]) -> gym.Env:
+    """The env of an eval_env spec (config.json's `eval_env`; online episodes use it too):
+    built from its recorded entry point where it has one, else by its registered id."""
+    register_robotics_envs()
+    kwargs = copy.deepcopy(spec["kwargs"])
+    try:
+        if spec.get("entry_point"):
+            return gym.make(gym.envs.registration.EnvSpec(
+                id=spec["id"], entry_point=spec["entry_point"],
+                max_episode_steps=spec["max_episode_steps"], kwargs=kwargs))
+        return gym.make(spec["id"], max_episode_steps=spec["max_episode_steps"], **kwargs)
+    except (gym.error.UnregisteredEnv, ModuleNotFoundError) as exc:
+        fail(f"cannot build the evaluation env {spec['id']} ({exc}); Adroit, AntMaze, Kitchen "
+             "and PointMaze envs need gymnasium-robotics (pip install gymnasium-robotics)")
 
 
 def register_robotics_envs() -> None:
@@ -1041,7 +1074,7 @@ def eval_env_description(dataset, args: Args) -> tuple[dict[str, Any], bool]:
     spec = getattr(dataset, "_eval_env_spec", None) or data_spec
     if spec is None:
         fail(f"dataset {args.dataset_id} records no environment to evaluate in")
-    horizon = args.horizon or spec.max_episode_steps
+    horizon = args.horizon or d4rl_adroit_horizon(spec.id) or spec.max_episode_steps
     if not horizon:
         fail(f"dataset {args.dataset_id}: its env spec has no max_episode_steps; set --horizon")
     kwargs = dict(spec.kwargs)
@@ -1123,7 +1156,11 @@ COMMON: dict[str, tuple[Any, str]] = {
     "batch_size": (256, f"{MAIN_PY} FLAGS batch_size=256; paper App. D: 256"),
     "mixing_ratio": (0.5, f"{ADROIT_SH} / {ANTMAZE_SH} --mixing_ratio=0.5"),
     "utd": (1, f"{MAIN_PY} FLAGS online_utd_ratio=1"),
-    "orthogonal_init": (True, f"{MAIN_PY} FLAGS orthogonal_init=True"),
+    "init": ("orthogonal", f"{MAIN_PY} FLAGS orthogonal_init=True; JaxCQL/model.py L56-71"),
+    "log_std_min": (-20.0, "Cal-QL JaxCQL/model.py TanhGaussianPolicy `jnp.clip(log_std, "
+                    "-20.0, 2.0)` (L121, L134)"),
+    "log_std_max": (2.0, "Cal-QL JaxCQL/model.py `jnp.clip(log_std, -20.0, 2.0)` (L121, L134)"),
+    "mean_clamp": (None, "Cal-QL JaxCQL/model.py: no mean clamp"),
     "log_std_affine": (True, "Cal-QL JaxCQL/model.py TanhGaussianPolicy: learnable "
                        "`Scalar(log_std_multiplier=1.0)`, `Scalar(log_std_offset=-1.0)`"),
     "gamma": (0.99, f"{JAXCQL} discount=0.99"),
@@ -1134,6 +1171,8 @@ COMMON: dict[str, tuple[Any, str]] = {
     "bc_steps": (0, "Cal-QL code has no BC warm start"),
     "backup_entropy": (False, f"{JAXCQL} backup_entropy=False"),
     "max_backup": (True, f"{JAXCQL} cql_max_target_backup=True"),
+    "max_backup_form": ("calql", "Cal-QL JaxCQL/conservative_sac.py L176-186: min over "
+                        "critics, then max over actions"),
     "enable_calql": (True, f"{ADROIT_SH} / {ANTMAZE_SH} --enable_calql=True"),
     "cql_weight_online": (None, f"{MAIN_PY} FLAGS cql_min_q_weight_online=-1.0 (unchanged)"),
     "cql_n_actions": (10, f"{JAXCQL} cql_n_actions=10"),
@@ -1158,8 +1197,9 @@ ADROIT: dict[str, tuple[Any, str]] = {
     "critic_hidden_dims": ((512, 512, 512), f"{ADROIT_SH} --qf_arch=512-512-512"),
     "cql_weight": (1.0, f"{ADROIT_SH} --cql_min_q_weight=1.0"),
     "lagrange": (False, f"{JAXCQL} cql_lagrange=False (not set by {ADROIT_SH})"),
-    "binary": (True, "Cal-QL JaxCQL/replay_buffer.py get_hand_dataset_with_mc_calculation: "
-               "r = goal_achieved - 1, cut after the last success, failures dropped"),
+    "binary": (True, "Cal-QL JaxCQL/replay_buffer.py: success (reward 0) terminal (L150), "
+               "failures dropped, cut after the last success (L184-187); r = goal_achieved - 1 "
+               "is nakamotoo/mj_envs' binary reward (its npy data is already {-1, 0})"),
     "goal_terminals": (False, "binary relabelling makes each success step terminal"),
     "reward_scale": (10.0, f"{ADROIT_SH} --reward_scale=10.0"),
     "reward_bias": (5.0, f"{ADROIT_SH} --reward_bias=5.0"),
@@ -1275,7 +1315,7 @@ _WIDTHS = ("positive widths", lambda v: min(v, default=1) > 0)
 RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     **dict.fromkeys(("offline_eval_every", "eval_every", "eval_episodes", "batch_size",
                      "cql_n_actions", "log_every", "policy_lr", "qf_lr", "alpha_prime_lr",
-                     "cql_temp", "max_abs_q", "utd", "horizon"), _POSITIVE),
+                     "cql_temp", "max_abs_q", "utd", "horizon", "mean_clamp"), _POSITIVE),
     **dict.fromkeys(("bc_steps", "cql_weight", "offline_steps", "online_steps",
                      "cql_weight_online"), _NON_NEGATIVE),
     "gamma": ("in [0, 1]", lambda v: 0 <= v <= 1),
@@ -1355,6 +1395,11 @@ def check_args(args: Args) -> None:
         value = getattr(args, name)
         if value is not None and not ok(value):
             fail(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+    if args.max_backup and args.backup_entropy and args.max_backup_form == "cql":
+        fail("--backup-entropy with --max-backup needs --max-backup-form calql (rlkit's max "
+             "backup has no entropy term)")
+    if args.log_std_min >= args.log_std_max:
+        fail("--log-std-min must be < --log-std-max")
     if args.cql_clip_diff_max < args.cql_clip_diff_min:
         fail("--cql-clip-diff-max must be >= --cql-clip-diff-min")
     if args.cudagraphs and not args.compile:
