@@ -8,25 +8,23 @@ Cal-QL is CQL (importance-sampled logsumexp, twin critics, max backup, fixed or 
 weight) plus ONE change: in the logsumexp, the Q-values of the policy actions (pi(.|s) and
 pi(.|s'), both scored at s) are replaced by max(Q(s,a), V_mu(s)), V_mu the Monte-Carlo
 return-to-go of the behaviour policy. `--no-enable-calql` gives plain CQL, all else equal.
-Where the official code and the paper's appendix differ, the official code is followed and
-the comment says so. `--presets` prints every preset value with its source; `--env X
---help` shows the values that run for X. `diff cql_sac_continuous.py calql_finetune.py`
-shows what Cal-QL changes.
+Where the official code and the paper's appendix differ, the official code is followed.
+`--env X --help` shows the values that run for X; `--presets` lists their sources.
+`diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL changes.
 
     python benchmark/datasets.py pointmaze-sparse pen-cloned-local   # local datasets
     python calql_finetune.py --env pointmaze-binary                 # CPU, about a minute
     python calql_finetune.py --env antmaze-medium-play --no-enable-calql   # plain CQL
     python calql_finetune.py --dataset-id mujoco/hopper/medium-v0    # generic preset
 
-- Part I, the algorithm (lines 57-834): Args, networks, losses, training step, buffers,
+- Part I, the algorithm (lines 55-856): Args, networks, losses, training step, buffers,
   evaluation and online episodes, main.
-- Part II, datasets and presets (lines 835-1404): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 857-1485): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1405-1972): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1486-2053): run directory, checkpoints, resume, signals, W&B.
 """
-
 
 from __future__ import annotations
 
@@ -44,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import gymnasium as gym
 import numpy as np
@@ -65,12 +63,10 @@ class Args:
     (`--env X --help` shows it, `--presets` lists every preset value with its source)."""
 
     env: str = "pen-binary"
-    """Task with a preset: pen-binary, door-binary, relocate-binary, antmaze-<maze>,
-    pointmaze-binary (local, CPU). Left out with --dataset-id: the preset of the dataset's
-    family, else the generic preset under a name derived from the id."""
+    """Task with a preset: pen/door/relocate-binary, antmaze-<maze>, pointmaze-binary (local);
+    with only --dataset-id: the preset naming it, else the generic one (a name from the id)."""
     dataset_id: str = "D4RL/pen/cloned-v2"
-    """Minari dataset id (the preset's by default); any other id keeps the preset's values,
-    e.g. D4RL/pen/human-v2 or local/pen/cloned-v0."""
+    """Minari dataset id (the preset's by default); another id keeps the preset's values."""
     seed: int = 0
     """Random seed (networks, sampling, online and evaluation episodes)."""
     device: str = "auto"
@@ -80,8 +76,8 @@ class Args:
     online_steps: int = 200_000
     """Environment steps of online fine-tuning."""
     offline_eval_every: int = 2_000
-    """Evaluate (and checkpoint) every N updates of pre-training; also at step 0 (before any
-    update, as the official loop's epoch 0) and at its end (the 'offline score')."""
+    """Evaluate (and checkpoint) every N pre-training updates, at step 0 (the official epoch 0)
+    and at its end (the 'offline score')."""
     eval_every: int = 2_000
     """Evaluate (and checkpoint) every this many env steps during fine-tuning."""
     eval_episodes: int = 20
@@ -97,12 +93,18 @@ class Args:
     actor_hidden_dims: tuple[int, ...] = (512, 512)
     """Actor hidden widths."""
     critic_hidden_dims: tuple[int, ...] = (512, 512, 512)
-    """Critic hidden widths."""
-    orthogonal_init: bool = True
-    """Orthogonal init, hidden gain sqrt(2), last layer 1e-2 (Cal-QL code)."""
+    """Critic hidden widths (each of the twin critics)."""
+    init: Literal["rlkit", "orthogonal", "pytorch"] = "orthogonal"
+    """Network init: `rlkit` (CQL code), `orthogonal` (Cal-QL code), `pytorch` (see init_)."""
+    log_std_min: float = -20.0
+    """Lower clamp of the actor's log-std (CQL code -5, Cal-QL -20)."""
+    log_std_max: float = 2.0
+    """Upper clamp of the actor's log-std (both official codes: 2)."""
+    mean_clamp: float | None = None
+    """Clamp of |mean| in the BC log-likelihood only (CQL code: 9; None, Cal-QL: none)."""
     log_std_affine: bool = True
     """Actor log-std = m * log_std + b with learnable scalars m (init 1.0) and b (init -1.0),
-    before the clamp (Cal-QL JaxCQL/model.py TanhGaussianPolicy); the same flag as CQL-SAC."""
+    before the clamp (Cal-QL `model.py` TanhGaussianPolicy, CORL `cql.py` the same)."""
 
     # ---- SAC -------------------------------------------------------------------------
     gamma: float = 0.99
@@ -114,13 +116,15 @@ class Args:
     soft_target_update: float = 5e-3
     """Polyak rate of the target critics."""
     target_entropy: float | None = None
-    """Entropy target of the automatic temperature; None: -|A|."""
+    """Entropy target of the automatic temperature; None: -|A| (SAC)."""
     bc_steps: int = 0
     """Behaviour-cloning warm start of the actor for this many offline steps."""
     backup_entropy: bool = False
     """Keep -alpha*log pi in the Bellman target (JaxCQL `backup_entropy`)."""
     max_backup: bool = True
-    """Max backup: max over N actions from pi(.|s') of the twin-min target Q."""
+    """Max backup over N actions from pi(.|s'), in the form --max-backup-form."""
+    max_backup_form: Literal["cql", "calql"] = "calql"
+    """`cql`: min over critics of each one's max (rlkit); `calql`: max of the twin-min (Cal-QL)."""
 
     # ---- CQL / Cal-QL ------------------------------------------------------------------
     enable_calql: bool = True
@@ -128,8 +132,7 @@ class Args:
     cql_weight: float = 1.0
     """CQL weight alpha (official `cql_min_q_weight`); with --lagrange it multiplies the gap."""
     cql_weight_online: float | None = None
-    """CQL weight during fine-tuning; None: the same as --cql-weight (official
-    `cql_min_q_weight_online=-1`: unchanged)."""
+    """CQL weight during fine-tuning; None: --cql-weight (official `cql_min_q_weight_online=-1`)."""
     cql_n_actions: int = 10
     """N actions per state from each proposal (uniform, pi(.|s), pi(.|s'))."""
     cql_importance_sample: bool = True
@@ -137,28 +140,28 @@ class Args:
     cql_temp: float = 1.0
     """Temperature T of T*logsumexp(Q/T)."""
     cql_clip_diff_min: float = -math.inf
-    """Lower clip of the per-critic CQL gap (Cal-QL code)."""
+    """Lower clip of the penalty (pushed-down minus data Q), per critic (Cal-QL code)."""
     cql_clip_diff_max: float = math.inf
-    """Upper clip of the per-critic CQL gap (Cal-QL code)."""
+    """Upper clip of the penalty, per critic (Cal-QL code)."""
     lagrange: bool = False
     """Tune alpha' by dual descent towards the gap --cql-tau (Cal-QL: alpha' * w * (gap - tau))."""
     cql_tau: float = 1.0
     """Target action gap of the Lagrange form (official `cql_target_action_gap`)."""
-    alpha_prime_lr: float = 3e-4
-    """Learning rate of log alpha' (Lagrange only; official: qf_lr)."""
     log_alpha_prime_init: float = 1.0
-    """Initial log alpha' (Lagrange only): 1.0, i.e. alpha' = e at the start."""
+    """Initial log alpha' (Lagrange only): 1.0 in Cal-QL (`Scalar(1.0)`) and CORL, i.e.
+    alpha' = e at the start; 0.0 in rlkit `cql.py` (`ptu.zeros(1)`)."""
+    alpha_prime_lr: float = 3e-4
+    """Learning rate of log alpha' (Lagrange only)."""
 
     # ---- data ------------------------------------------------------------------------
     binary: bool = True
-    """Binary relabelling (Adroit): r = success - 1, success step terminal, failed
-    trajectories dropped, each cut after its last success; online episodes end at success."""
+    """Binary relabelling (Adroit): r = success - 1, success terminal, failures dropped, each
+    trajectory cut after its last success; online episodes end at success."""
     goal_terminals: bool = False
-    """Data steps that receive the goal reward (`success` info) are terminal, as D4RL's
-    antmaze `terminals` (AntMaze); MC returns restart after each terminal."""
+    """Goal-reward steps (`success` info) are terminal, as D4RL's antmaze `terminals`."""
     horizon: int | None = 100
-    """Episode length limit of online and evaluation episodes; None (generic preset): the
-    evaluation env spec's max_episode_steps."""
+    """Episode length of online and evaluation episodes; None (generic preset): D4RL's for
+    Adroit (d4rl_adroit_horizon), else the evaluation env spec's max_episode_steps."""
     reward_scale: float = 10.0
     """Rewards become r * scale + bias."""
     reward_bias: float = 5.0
@@ -166,8 +169,7 @@ class Args:
     sparse_reward: bool = True
     """Apply the all-failure rule to MC returns (sparse tasks)."""
     reward_neg: float = -1.0
-    """Raw failure reward r_neg; a trajectory whose every reward is r_neg (after scale and
-    bias) gets MC returns r_neg / (1 - gamma) at every step."""
+    """Raw failure reward r_neg: an all-r_neg trajectory gets MC returns r_neg / (1 - gamma)."""
     normalize_states: bool = False
     """Normalize observations with the offline data's mean/std (eps 1e-3), at evaluation too."""
 
@@ -211,6 +213,28 @@ class EnsembleLinear(nn.Module):
         return torch.baddbmm(b, x, w)
 
 
+def rlkit_init_(layers: list[nn.Module], last_bound: float, transposed: bool) -> None:
+    """rlkit init (rlkit/torch/networks.py L27-31, L49-64; pytorch_util.py fanin_init L17-26):
+    hidden weights +-1/sqrt(size[0]) of the [out, in] weight (out_features: rlkit's quirk),
+    biases 0.1; last layer +-last_bound (Q 3e-3; policy 1e-3, sac/policies.py L45, L61-63)."""
+    for k, layer in enumerate(layers):
+        if k == len(layers) - 1:
+            nn.init.uniform_(layer.weight, -last_bound, last_bound)
+            nn.init.uniform_(layer.bias, -last_bound, last_bound)
+        else:
+            bound = 1 / math.sqrt(layer.weight.shape[-1 if transposed else 0])
+            nn.init.uniform_(layer.weight, -bound, bound)
+            nn.init.constant_(layer.bias, 0.1)
+
+
+def init_(layers: list[nn.Module], init: str, last_bound: float, transposed: bool) -> None:
+    """Args.init: rlkit_init_ (CQL code), orthogonal_ (Cal-QL code) or `pytorch` (as built)."""
+    if init == "orthogonal":
+        orthogonal_(layers, transposed)
+    elif init == "rlkit":
+        rlkit_init_(layers, last_bound, transposed)
+
+
 def orthogonal_(layers: list[nn.Module], transposed: bool) -> None:
     """Orthogonal init (Cal-QL code): gain sqrt(2), last layer 1e-2, zero biases. Weights are
     nn.Linear's [out, in] or, `transposed`, EnsembleLinear's [E, in, out] (as nn.init would)."""
@@ -224,14 +248,13 @@ def orthogonal_(layers: list[nn.Module], transposed: bool) -> None:
 class FusedCritic(nn.Module):
     """Twin Q-networks as ONE ensemble: each layer is one baddbmm for both critics."""
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...],
-                 orthogonal: bool, ensemble: int = 2):
+    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...], init: str,
+                 ensemble: int = 2):
         super().__init__()
         dims = (obs_dim + action_dim, *hidden, 1)
         self.layers = nn.ModuleList(EnsembleLinear(ensemble, i, o) for i, o in pairwise(dims))
         self.ensemble = ensemble
-        if orthogonal:
-            orthogonal_(list(self.layers), transposed=True)
+        init_(list(self.layers), init, 3e-3, transposed=True)  # rlkit Q: init_w 3e-3
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor,
                 detach: bool = False) -> torch.Tensor:
@@ -250,28 +273,30 @@ def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])  # no ReLU after the output layer
 
 
-LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # paper App. F; both official codes (rlkit, JaxCQL)
-
-
 class TanhGaussianActor(nn.Module):
-    """pi(a|s) = tanh(N(mu(s), sigma(s))), log-std clamped to `log_std_range`; log_std_affine:
-    log-std = m * log_std + b before the clamp, m and b learnable scalars initialised to 1 and
-    -1 (Args.log_std_affine: Cal-QL `model.py`, CORL)."""
+    """pi(a|s) = tanh(N(mu(s), sigma(s))), log-std clamped to `log_std_range`, the mean to
+    +-mean_clamp in log_prob (BC) only (rlkit `policies.py` L81; sampling uses the raw mean);
+    log_std_affine: log-std = m * log_std + b before the clamp, learnable m, b from 1, -1
+    (Cal-QL `model.py`, CORL). rlkit's log(1 - a^2 + 1e-6): ours is the exact form."""
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...], orthogonal: bool,
-                 log_std_affine: bool = False,
-                 log_std_range: tuple[float, float] = (LOG_STD_MIN, LOG_STD_MAX)):
+    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...], init: str,
+                 log_std_affine: bool = False, log_std_range: tuple[float, float] = (-5.0, 2.0),
+                 mean_clamp: float | None = None):
         super().__init__()
         self.net = mlp(obs_dim, hidden, 2 * action_dim)
-        if orthogonal:
-            orthogonal_([m for m in self.net if isinstance(m, nn.Linear)], transposed=False)
+        # rlkit policy: init_w 1e-3 for the mean and log-std heads (policies.py L45, L61-63)
+        init_([m for m in self.net if isinstance(m, nn.Linear)], init, 1e-3, transposed=False)
         self.log_std_affine, self.log_std_range = log_std_affine, log_std_range
+        self.mean_clamp = mean_clamp
         if log_std_affine:
             self.log_std_multiplier = nn.Parameter(torch.tensor(1.0))
             self.log_std_offset = nn.Parameter(torch.tensor(-1.0))
 
-    def dist(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def dist(self, obs: torch.Tensor, clamp_mean: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         mean, log_std = self.net(obs).chunk(2, -1)
+        if clamp_mean and self.mean_clamp is not None:
+            mean = mean.clamp(-self.mean_clamp, self.mean_clamp)
         if self.log_std_affine:
             log_std = self.log_std_multiplier * log_std + self.log_std_offset
         return mean, log_std.clamp(*self.log_std_range)
@@ -284,7 +309,7 @@ class TanhGaussianActor(nn.Module):
 
     def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """log pi(a|s) of a given action in (-1, 1) (behaviour cloning)."""
-        mean, log_std = self.dist(obs)
+        mean, log_std = self.dist(obs, clamp_mean=True)
         u = torch.atanh(action.clamp(-1 + 1e-6, 1 - 1e-6))
         return tanh_gaussian_log_prob(u, mean, log_std)
 
@@ -307,11 +332,13 @@ class Agent(nn.Module):
     def __init__(self, obs_dim: int, action_dim: int, args: Args):
         super().__init__()
         self.action_dim = action_dim
-        self.actor = TanhGaussianActor(obs_dim, action_dim, args.actor_hidden_dims,
-                                       args.orthogonal_init, args.log_std_affine)
-        self.critic = FusedCritic(obs_dim, action_dim, args.critic_hidden_dims,
-                                  args.orthogonal_init)
-        self.target_critic = FusedCritic(obs_dim, action_dim, args.critic_hidden_dims, False)
+        self.actor = TanhGaussianActor(obs_dim, action_dim, args.actor_hidden_dims, args.init,
+                                       args.log_std_affine, (args.log_std_min, args.log_std_max),
+                                       args.mean_clamp)
+        self.critic = FusedCritic(obs_dim, action_dim, args.critic_hidden_dims, args.init)
+        # A copy of the critic, as Cal-QL (`deepcopy`, conservative_sac.py L95); rlkit builds
+        # its target networks with their own random init (cql_mujoco_new.py L45-54): deviation.
+        self.target_critic = FusedCritic(obs_dim, action_dim, args.critic_hidden_dims, "pytorch")
         self.target_critic.load_state_dict(self.critic.state_dict())
         self.target_critic.requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.zeros(()))
@@ -330,34 +357,50 @@ def calibrate(q_pi: torch.Tensor, mc_returns: torch.Tensor) -> tuple[torch.Tenso
     return torch.maximum(q_pi, lower), bound_rate
 
 
+def cql_logsumexp_is(q_rand: torch.Tensor, q_pi: torch.Tensor, logp_pi: torch.Tensor,
+                     q_next_pi: torch.Tensor, logp_next_pi: torch.Tensor, action_dim: int,
+                     temp: float = 1.0) -> torch.Tensor:
+    """Importance-sampled log sum_a exp Q(s,a), App. F (official `min_q_version 3`).
+    q_*: [E, B, N], all scored at the CURRENT state s; logp_*: [B, N] proposal log-densities.
+    Each sample's Q has its proposal's log-density subtracted (detached: the penalty never
+    trains the actor); uniform density on [-1, 1]^d is 0.5^d. Returns [E, B]. The constant
+    log(3N) of a proper mean is omitted, as in the official code (it changes no gradient)."""
+    cat = torch.cat([q_rand - action_dim * math.log(0.5), q_pi - logp_pi.detach(),
+                     q_next_pi - logp_next_pi.detach()], dim=-1)
+    return temp * torch.logsumexp(cat / temp, dim=-1)
+
+
+def cql_logsumexp_plain(q_rand: torch.Tensor, q_pi: torch.Tensor, q_next_pi: torch.Tensor,
+                        q_data: torch.Tensor, temp: float = 1.0) -> torch.Tensor:
+    """T * logsumexp(Q/T) over [Q_rand, Q_data, Q_pi(s'), Q_pi(s)], no importance weights
+    (official `min_q_version 2`, which the official README calls "CQL(rho)")."""
+    cat = torch.cat([q_rand, q_data.unsqueeze(-1), q_next_pi, q_pi], dim=-1)
+    return temp * torch.logsumexp(cat / temp, dim=-1)
+
+
+def cql_penalty(push_down: torch.Tensor, q_data: torch.Tensor, data_term: bool,
+                clip_min: float, clip_max: float) -> torch.Tensor:
+    """Per-critic gap E_s[push-down] - E_D[Q(s,a)] (Eq. 4); without the data term: Eq. 1."""
+    return (push_down - q_data if data_term else push_down).clamp(clip_min, clip_max).mean(-1)
+
+
 def calql_logsumexp(q_rand: torch.Tensor, q_pi: torch.Tensor, logp_pi: torch.Tensor,
                     q_next_pi: torch.Tensor, logp_next_pi: torch.Tensor,
                     mc_returns: torch.Tensor | None, action_dim: int, temp: float = 1.0,
                     importance_sample: bool = True, q_data: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The pushed-down term of the CQL/Cal-QL critic loss, per critic and state: [E, B].
-
-    q_*: [E, B, N], every action scored at the CURRENT state s; logp_*: [B, N] proposal
-    log-densities (detached: the penalty never trains the actor). mc_returns None = CQL.
-    Order of operations of the Cal-QL official code (`enable_calql` branch): the max with
-    V_mu is taken on the RAW policy-action Q-values (pi(s) and pi(s') sets), BEFORE the
-    importance-sampling correction; the random actions are never calibrated. (The paper's
-    appendix listing takes the max after subtracting log pi and uses 4 samples of pi(s)
-    only: the official code is followed.) Then random - log(0.5^d), pi - log pi, the three
-    sets concatenated and T * logsumexp(./T) (App. F; log(3N) omitted as in the code)."""
+    """Cal-QL's pushed-down term [E, B]: CQL's logsumexp (above) after the max with V_mu of the
+    RAW policy-action Q-values (pi(s), pi(s')), before the importance weights, random actions
+    never calibrated: the official `enable_calql` branch (the paper's appendix listing takes
+    the max after subtracting log pi, 4 samples of pi(s) only). mc_returns None = CQL."""
     stats: dict[str, torch.Tensor] = {}
     if mc_returns is not None:
-        # Cal-QL official: max with V_mu before the IS correction, policy actions only.
         q_pi, stats["bound_rate_pi"] = calibrate(q_pi, mc_returns)
         q_next_pi, stats["bound_rate_pi_next"] = calibrate(q_next_pi, mc_returns)
     if importance_sample:
-        log_unif = action_dim * math.log(0.5)  # log density of Uniform(-1, 1)^d
-        cat = torch.cat([q_rand - log_unif, q_pi - logp_pi.detach(),
-                         q_next_pi - logp_next_pi.detach()], dim=-1)
-    else:  # official `cql_importance_sample=False`: [Q_rand, Q_data, Q_pi(s'), Q_pi(s)]
-        assert q_data is not None
-        cat = torch.cat([q_rand, q_data.unsqueeze(-1), q_next_pi, q_pi], dim=-1)
-    return temp * torch.logsumexp(cat / temp, dim=-1), stats
+        return cql_logsumexp_is(q_rand, q_pi, logp_pi, q_next_pi, logp_next_pi, action_dim,
+                                temp), stats
+    return cql_logsumexp_plain(q_rand, q_pi, q_next_pi, q_data, temp), stats
 
 
 def lagrange_terms(gap: torch.Tensor, log_alpha_prime: torch.Tensor, weight: float, tau: float,
@@ -375,14 +418,19 @@ def bellman_target(agent: Agent, batch: dict[str, torch.Tensor], args: Args,
                    alpha: torch.Tensor) -> torch.Tensor:
     """r + gamma (1 - d) * target value at s' (no gradient). Backups:
     standard: min_j Qbar_j(s', a') - alpha log pi(a'|s');  deterministic: no entropy term
-    (official `deterministic_backup`); max: max over N a' ~ pi(.|s') of min_j Qbar_j (Cal-QL)."""
+    (official `deterministic_backup`); max over N a' ~ pi(.|s') (max_backup_form): `cql` min_j
+    max_a' Qbar_j (rlkit `cql.py` L219-224), `calql` max_a' min_j Qbar_j (Cal-QL L176-186)."""
     with torch.no_grad():
         next_obs = batch["next_obs"]
         if args.max_backup:
             rep = next_obs.unsqueeze(1).expand(-1, args.cql_n_actions, -1)
             a_next, logp_next = agent.actor(rep)  # [B, N, a], [B, N]
-            q_next, idx = agent.target_critic(rep, a_next).min(0).values.max(-1)  # over N
-            logp_next = logp_next.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+            q_all = agent.target_critic(rep, a_next)  # [E, B, N]
+            if args.max_backup_form == "cql":  # check_args: no backup_entropy with it
+                q_next = q_all.max(-1).values.min(0).values
+            else:
+                q_next, idx = q_all.min(0).values.max(-1)  # over N
+                logp_next = logp_next.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
         else:
             a_next, logp_next = agent.actor(next_obs)
             q_next = agent.target_critic(next_obs, a_next).min(0).values
@@ -393,106 +441,102 @@ def bellman_target(agent: Agent, batch: dict[str, torch.Tensor], args: Args,
 
 def compute_losses(agent: Agent, batch: dict[str, torch.Tensor], args: Args, bc: bool,
                    cql_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The four losses, summed for ONE backward pass; each trains only its own parameters:
+    """The four losses of one update, summed for ONE backward pass. Each trains only its own
+    parameters; what keeps the others out of its gradient:
 
-      actor_loss        -> actor (incl. log-std scalars): Q(s, a~pi) by critic(detach=True)
-                           (critic weights detached, gradient through a only); alpha detached
-      alpha_loss        -> log_alpha: log pi detached
-      critic_loss       -> critic: Bellman target under no_grad (bellman_target); CQL
-                           proposals under no_grad, their log pi detached (cql_term,
-                           calql_logsumexp); alpha' detached (lagrange_terms)
-      alpha_prime_loss  -> log_alpha_prime: the gap detached (lagrange_terms)
-      target critic     -> nothing (requires_grad False; Polyak averaging in Trainer.step)
+      loss              trains            kept off the other parameters by
+      actor_loss        actor             critic detached (critic(detach=True)), alpha detached
+      alpha_loss        log_alpha         log pi detached
+      critic_loss       critic            target under no_grad (bellman_target), CQL
+        (Bellman + CQL)                   proposals under no_grad and their log pi detached
+                                          (cql_term), alpha' detached (lagrange_terms)
+      alpha_prime_loss  log_alpha_prime   gap detached (lagrange_terms)
+      (none)            target_critic     requires_grad False; Polyak in Trainer.step
 
     Checked by tests/test_calql_losses.py::
-    test_gradients_are_disjoint_and_the_penalty_never_trains_the_actor."""
+    test_gradients_are_disjoint_and_the_penalty_never_trains_the_actor (the map above).
+    `bc`: behaviour cloning instead of the SAC actor loss (the first bc_steps updates);
+    `cql_weight`: the phase's CQL weight (Trainer.start_online)."""
     obs, actions = batch["obs"], batch["actions"]
-    alpha = agent.log_alpha.exp()
-
-    # ---- actor: SAC loss E[alpha log pi - min_j Q_j(s, a~pi)] (JaxCQL policy_loss) ------
+    alpha = agent.log_alpha.exp()  # before this step's update (rlkit steps alpha first, L164)
+    # ---- actor: SAC loss, or behaviour cloning for the first bc_steps (official code) ----
     a_pi, logp_pi = agent.actor(obs)
     q_pi = agent.critic(obs, a_pi, detach=True).min(0).values  # [B], also for calibration
-    if bc:  # optional BC warm start: E[alpha log pi - log pi(a_D|s)]
+    if bc:
         actor_loss = (alpha.detach() * logp_pi - agent.actor.log_prob(obs, actions)).mean()
     else:
         actor_loss = (alpha.detach() * logp_pi - q_pi).mean()
-    # Automatic entropy tuning: -log alpha * (log pi + target entropy) (SAC, JaxCQL).
-    target_entropy = -agent.action_dim if args.target_entropy is None else args.target_entropy
+    target_entropy = -actions.shape[-1] if args.target_entropy is None else args.target_entropy
     alpha_loss = -(agent.log_alpha * (logp_pi.detach() + target_entropy)).mean()
-
-    # ---- critics: Bellman MSE (JaxCQL `mse_loss(q_pred, td_target)`, no 1/2) -----------
+    # ---- critics: Bellman error (MSE without the 1/2 of Eq. 4, as both official codes) ---
     target = bellman_target(agent, batch, args, alpha.detach())
     q_data = agent.critic(obs, actions)  # [E, B]
     bellman = ((q_data - target) ** 2).mean(-1)  # [E]
+    critic_loss = bellman.sum()
     penalty, alpha_prime_loss, cql_metrics = cql_term(agent, batch, args, q_data, cql_weight)
-    critic_loss = bellman.sum() + penalty.sum()  # the penalty applies to each critic
+    critic_loss = critic_loss + penalty.sum()
     # calibration of the batch: share of states with Q(s, pi(s)) < V_mu(s), mean Q - V_mu
     gap_to_mc = q_pi.detach() - batch["mc_returns"]
-    metrics = dict(bellman_loss=bellman.mean(), q_data=q_data.mean(), actor_loss=actor_loss,
-                   alpha=alpha.detach(), log_pi=logp_pi.detach().mean(),
-                   calib_below_share=(gap_to_mc < 0).float().mean(),
-                   calib_q_minus_vmu=gap_to_mc.mean(), critic_loss=critic_loss.detach(),
-                   **cql_metrics)
     total = actor_loss + alpha_loss + critic_loss + alpha_prime_loss
-    return total, metrics
+    return total, dict(bellman_loss=bellman.mean(), q_data=q_data.mean(), actor_loss=actor_loss,
+                       alpha=alpha.detach(), log_pi=logp_pi.detach().mean(),
+                       critic_loss=critic_loss.detach(), **cql_metrics,
+                       calib_below_share=(gap_to_mc < 0).float().mean(),
+                       calib_q_minus_vmu=gap_to_mc.mean())
 
 
 def cql_term(agent: Agent, batch: dict[str, torch.Tensor], args: Args, q_data: torch.Tensor,
              cql_weight: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Conservative penalty per critic [E], the alpha' loss (0 without Lagrange), metrics."""
     obs, next_obs = batch["obs"], batch["next_obs"]
-    batch_size, n, action_dim = obs.shape[0], args.cql_n_actions, agent.action_dim
+    (batch_size, action_dim), n = batch["actions"].shape, args.cql_n_actions
     rep_obs = obs.unsqueeze(1).expand(-1, n, -1)  # [B, N, d]
     with torch.no_grad():  # proposal samples: the penalty never trains the actor
         a_rand = torch.rand(batch_size, n, action_dim, device=obs.device) * 2 - 1
         a_cur, logp_cur = agent.actor(rep_obs)
         a_next, logp_next = agent.actor(next_obs.unsqueeze(1).expand(-1, n, -1))
-    # One critic call for all 3N actions; pi(s') actions are scored at the CURRENT s
-    # (official `cql_next_actions` evaluated with `observations`).
+    # One critic call for all 3N actions, every one of them scored at the CURRENT state s.
     q_all = agent.critic(rep_obs.repeat(1, 3, 1), torch.cat([a_rand, a_cur, a_next], 1))
     q_rand, q_cur, q_next = q_all.split(n, dim=-1)  # each [E, B, N]
     mc = batch["mc_returns"] if args.enable_calql else None
-    push_down, metrics = calql_logsumexp(q_rand, q_cur, logp_cur, q_next, logp_next, mc,
-                                         action_dim, args.cql_temp, args.cql_importance_sample,
-                                         q_data)
-    # CQL gap per critic: E_s[logsumexp] - E_D[Q(s,a)], clipped (official `cql_qf_diff`).
-    gap = (push_down - q_data).clamp(args.cql_clip_diff_min, args.cql_clip_diff_max).mean(-1)
-    metrics.update(cql_gap=gap.detach().mean(), q_ood=push_down.detach().mean())
+    push_down, stats = calql_logsumexp(q_rand, q_cur, logp_cur, q_next, logp_next, mc,
+                                       action_dim, args.cql_temp, args.cql_importance_sample,
+                                       q_data)
+    gap = cql_penalty(push_down, q_data, True, args.cql_clip_diff_min,
+                      args.cql_clip_diff_max)
+    metrics = dict(stats, cql_gap=gap.detach().mean(), q_ood=push_down.detach().mean())
     if args.lagrange:
         penalty, alpha_prime_loss, alpha_prime = lagrange_terms(
             gap, agent.log_alpha_prime, cql_weight, args.cql_tau, "calql")
-        return penalty, alpha_prime_loss, dict(metrics, alpha_prime=alpha_prime.detach())
-    # Fixed weight: alpha * gap (official `cql_min_q_weight * cql_qf_diff`).
+        return penalty, alpha_prime_loss, metrics | dict(alpha_prime=alpha_prime.detach())
     zero = torch.zeros((), device=obs.device)
-    return cql_weight * gap, zero, dict(metrics, alpha_prime=zero + cql_weight)
+    return cql_weight * gap, zero, metrics | dict(alpha_prime=zero + cql_weight)
 
 
 # ---- training step -----------------------------------------------------------------------
 
 
 class Trainer:
-    """Optimizers and one gradient step with no host sync (metrics stay on the device until
-    Run.log reads them). Its update counter ends the BC warm start; `start_online()` sets
-    the fine-tuning phase's CQL weight (--cql-weight-online) at the phase switch."""
+    """Optimizers and one gradient step with no host sync (the metrics stay on the device until
+    Run.log reads them); counts its updates for the behaviour-cloning warm start.
+    `start_online()` sets the fine-tuning phase's CQL weight (--cql-weight-online)."""
 
     def __init__(self, agent: Agent, args: Args, device: torch.device):
-        self.agent, self.args = agent, args
+        self.agent, self.args, self.updates = agent, args, 0
+        self.fine_tuning, self.cql_weight = False, args.cql_weight
         fused = device.type == "cuda"
         adam = lambda params, lr: torch.optim.Adam(params, lr=lr, fused=fused or None,
                                                    foreach=None if fused else True)
-        self.optimizers = dict(
-            actor=adam(agent.actor.parameters(), args.policy_lr),
-            critic=adam(agent.critic.parameters(), args.qf_lr),
-            alpha=adam([agent.log_alpha], args.policy_lr),
-            alpha_prime=adam([agent.log_alpha_prime], args.alpha_prime_lr),
-        )
+        self.optimizers = dict(actor=adam(agent.actor.parameters(), args.policy_lr),
+                               critic=adam(agent.critic.parameters(), args.qf_lr),
+                               alpha=adam([agent.log_alpha], args.policy_lr),
+                               alpha_prime=adam([agent.log_alpha_prime], args.alpha_prime_lr))
         self.loss_fn = compute_losses
-        if args.compile:
+        if args.compile:  # --cudagraphs: CUDA graphs replay the captured step
             mode = "reduce-overhead" if args.cudagraphs and device.type == "cuda" else None
             self.loss_fn = torch.compile(compute_losses, mode=mode)
         self.online = list(agent.critic.parameters())
         self.target = list(agent.target_critic.parameters())
-        self.updates, self.fine_tuning, self.cql_weight = 0, False, args.cql_weight
 
     def start_online(self) -> None:
         """The phase switch: no BC warm start, the online CQL weight."""
@@ -524,15 +568,12 @@ class Trainer:
 
 
 # ---- replay buffer -----------------------------------------------------------------------
-
 KEYS = ("obs", "next_obs", "actions", "rewards", "dones", "mc_returns")
 
 
 class ReplayBuffer:
-    """Transitions (KEYS) as tensors on the training device, sampled uniformly there. The
-    offline buffer holds the dataset; the online one is preallocated (`capacity`) and takes
-    whole trajectories, each with its MC returns, once they have ended. Checkpoints hold
-    the online contents; the offline data is reloaded from the dataset."""
+    """Transitions (KEYS) on the training device, sampled uniformly there: the dataset, or
+    (`capacity`) the online trajectories with their MC returns, which checkpoints hold."""
 
     def __init__(self, data: dict[str, np.ndarray], device: torch.device, seed: int,
                  capacity: int = 0):
@@ -571,8 +612,8 @@ class ReplayBuffer:
 
 def mixed_batch(offline: ReplayBuffer, online: ReplayBuffer | None, batch_size: int,
                 mixing_ratio: float) -> dict[str, torch.Tensor]:
-    """Online phase: round(batch * mixing_ratio) offline transitions, the rest online
-    (Cal-QL official `concatenate_batches`; paper: 128 + 128). Pre-training: all offline."""
+    """Online: round(batch * mixing_ratio) offline rows, the rest online (official
+    `concatenate_batches` with int(): equal for 0.5, 128 + 128); pre-training: all offline."""
     n_off = batch_size if online is None or online.size == 0 else round(batch_size * mixing_ratio)
     if n_off in (0, batch_size):  # one source only
         return (offline if n_off else online).sample(batch_size)
@@ -581,23 +622,6 @@ def mixed_batch(offline: ReplayBuffer, online: ReplayBuffer | None, batch_size: 
 
 
 # ---- evaluation, and online episodes in the same env with the same transform -------------
-
-
-def make_eval_env(spec: dict[str, Any], max_episode_steps: int | None = None) -> gym.Env:
-    """The env of an eval_env spec (config.json's `eval_env`; online episodes use it too):
-    built from its recorded entry point where it has one, else by its registered id, with the
-    spec's time limit or `max_episode_steps` (evaluation: the value gap's longer rollout)."""
-    register_robotics_envs()
-    kwargs, steps = copy.deepcopy(spec["kwargs"]), max_episode_steps or spec["max_episode_steps"]
-    try:
-        if spec.get("entry_point"):
-            return gym.make(gym.envs.registration.EnvSpec(
-                id=spec["id"], entry_point=spec["entry_point"], max_episode_steps=steps,
-                kwargs=kwargs))
-        return gym.make(spec["id"], max_episode_steps=steps, **kwargs)
-    except (gym.error.UnregisteredEnv, ModuleNotFoundError) as exc:
-        fail(f"cannot build the evaluation env {spec['id']} ({exc}); Adroit, AntMaze, Kitchen "
-             "and PointMaze envs need gymnasium-robotics (pip install gymnasium-robotics)")
 
 
 def env_step(env: gym.Env, action: np.ndarray, args: Args
@@ -618,8 +642,7 @@ def env_step(env: gym.Env, action: np.ndarray, args: Args
 
 def collect_trajectory(agent: Agent, env: gym.Env, tf: Transform, args: Args,
                        device: torch.device, seed: int) -> tuple[dict[str, np.ndarray], bool]:
-    """One whole trajectory with the current STOCHASTIC policy (Cal-QL official sampler),
-    from env.reset(seed=seed); its MC returns are computed once it has ended."""
+    """One whole trajectory with the STOCHASTIC policy (official sampler), its MC returns."""
     obs, _ = env.reset(seed=seed)
     rows, done, success = [], False, False
     while not done:
@@ -728,9 +751,8 @@ def value_gap_spec(gamma: float, score_steps: int | None, rewards: np.ndarray
 
 
 class Counters:
-    """Loop counters, one of Run's checkpointed parts: the phase (offline | online), online
-    env steps and trajectories so far. Online episode k resets its env with its own seed, so
-    a resumed run continues bit-identically on CPU."""
+    """Checkpointed loop counters: phase (offline | online), online env steps, trajectories
+    (online episode k has its own reset seed: a resumed run continues bit-identically)."""
 
     def __init__(self):
         self.phase, self.env_steps, self.episodes = "offline", 0, 0
@@ -904,6 +926,33 @@ class Transform:
             np.float32)
 
 
+def d4rl_adroit_horizon(env_id: str) -> int | None:
+    """D4RL's horizon of an Adroit env, which D4RL's reference scores are measured on: 100
+    steps for pen, 200 for door, relocate and hammer (d4rl/hand_manipulation_suite/
+    __init__.py). Minari's spec says 200 for every task (pen was 100 until Minari #286; pen
+    episodes are 100-200 steps, #303). None: not an Adroit env."""
+    if not env_id.startswith("AdroitHand"):
+        return None
+    return 100 if "Pen" in env_id else 200
+
+
+def make_eval_env(spec: dict[str, Any], max_episode_steps: int | None = None) -> gym.Env:
+    """The env of an eval_env spec (config.json's `eval_env`; online episodes use it too):
+    built from its recorded entry point where it has one, else by its registered id, with the
+    spec's time limit or `max_episode_steps` (evaluation: the value gap's longer rollout)."""
+    register_robotics_envs()
+    kwargs, steps = copy.deepcopy(spec["kwargs"]), max_episode_steps or spec["max_episode_steps"]
+    try:
+        if spec.get("entry_point"):
+            return gym.make(gym.envs.registration.EnvSpec(
+                id=spec["id"], entry_point=spec["entry_point"], max_episode_steps=steps,
+                kwargs=kwargs))
+        return gym.make(spec["id"], max_episode_steps=steps, **kwargs)
+    except (gym.error.UnregisteredEnv, ModuleNotFoundError) as exc:
+        fail(f"cannot build the evaluation env {spec['id']} ({exc}); Adroit, AntMaze, Kitchen "
+             "and PointMaze envs need gymnasium-robotics (pip install gymnasium-robotics)")
+
+
 def register_robotics_envs() -> None:
     """Register gymnasium-robotics' envs (Adroit, AntMaze, Kitchen, PointMaze) when it is
     installed; the generic path (any other gymnasium env) does not need it."""
@@ -999,11 +1048,11 @@ def episode_transitions(ep, args: Args) -> dict[str, np.ndarray] | None:
 
 @dataclass
 class Data:
-    """What a run needs from its dataset."""
+    """What training and evaluation take from a dataset."""
 
     transitions: dict[str, np.ndarray]  # KEYS, transformed: the offline replay buffer
     tf: Transform  # applied identically to online and evaluation steps
-    info: dict[str, Any]  # dataset facts for config.json
+    info: dict[str, Any]  # dataset facts and how it is scored (config.json "dataset")
     eval_env: dict[str, Any]  # JSON spec of the online/evaluation env (make_eval_env)
 
 
@@ -1078,7 +1127,7 @@ def eval_env_description(dataset, args: Args) -> tuple[dict[str, Any], bool]:
     spec = getattr(dataset, "_eval_env_spec", None) or data_spec
     if spec is None:
         fail(f"dataset {args.dataset_id} records no environment to evaluate in")
-    horizon = args.horizon or spec.max_episode_steps
+    horizon = args.horizon or d4rl_adroit_horizon(spec.id) or spec.max_episode_steps
     if not horizon:
         fail(f"dataset {args.dataset_id}: its env spec has no max_episode_steps; set --horizon")
     kwargs = dict(spec.kwargs)
@@ -1160,7 +1209,11 @@ COMMON: dict[str, tuple[Any, str]] = {
     "batch_size": (256, f"{MAIN_PY} FLAGS batch_size=256; paper App. D: 256"),
     "mixing_ratio": (0.5, f"{ADROIT_SH} / {ANTMAZE_SH} --mixing_ratio=0.5"),
     "utd": (1, f"{MAIN_PY} FLAGS online_utd_ratio=1"),
-    "orthogonal_init": (True, f"{MAIN_PY} FLAGS orthogonal_init=True"),
+    "init": ("orthogonal", f"{MAIN_PY} FLAGS orthogonal_init=True; JaxCQL/model.py L56-71"),
+    "log_std_min": (-20.0, "Cal-QL JaxCQL/model.py TanhGaussianPolicy `jnp.clip(log_std, "
+                    "-20.0, 2.0)` (L121, L134)"),
+    "log_std_max": (2.0, "Cal-QL JaxCQL/model.py `jnp.clip(log_std, -20.0, 2.0)` (L121, L134)"),
+    "mean_clamp": (None, "Cal-QL JaxCQL/model.py: no mean clamp"),
     "log_std_affine": (True, "Cal-QL JaxCQL/model.py TanhGaussianPolicy: learnable "
                        "`Scalar(log_std_multiplier=1.0)`, `Scalar(log_std_offset=-1.0)`"),
     "gamma": (0.99, f"{JAXCQL} discount=0.99"),
@@ -1171,6 +1224,8 @@ COMMON: dict[str, tuple[Any, str]] = {
     "bc_steps": (0, "Cal-QL code has no BC warm start"),
     "backup_entropy": (False, f"{JAXCQL} backup_entropy=False"),
     "max_backup": (True, f"{JAXCQL} cql_max_target_backup=True"),
+    "max_backup_form": ("calql", "Cal-QL JaxCQL/conservative_sac.py L176-186: min over "
+                        "critics, then max over actions"),
     "enable_calql": (True, f"{ADROIT_SH} / {ANTMAZE_SH} --enable_calql=True"),
     "cql_weight_online": (None, f"{MAIN_PY} FLAGS cql_min_q_weight_online=-1.0 (unchanged)"),
     "cql_n_actions": (10, f"{JAXCQL} cql_n_actions=10"),
@@ -1195,8 +1250,9 @@ ADROIT: dict[str, tuple[Any, str]] = {
     "critic_hidden_dims": ((512, 512, 512), f"{ADROIT_SH} --qf_arch=512-512-512"),
     "cql_weight": (1.0, f"{ADROIT_SH} --cql_min_q_weight=1.0"),
     "lagrange": (False, f"{JAXCQL} cql_lagrange=False (not set by {ADROIT_SH})"),
-    "binary": (True, "Cal-QL JaxCQL/replay_buffer.py get_hand_dataset_with_mc_calculation: "
-               "r = goal_achieved - 1, cut after the last success, failures dropped"),
+    "binary": (True, "Cal-QL JaxCQL/replay_buffer.py: success (reward 0) terminal (L150), "
+               "failures dropped, cut after the last success (L184-187); r = goal_achieved - 1 "
+               "is nakamotoo/mj_envs' binary reward (its npy data is already {-1, 0})"),
     "goal_terminals": (False, "binary relabelling makes each success step terminal"),
     "reward_scale": (10.0, f"{ADROIT_SH} --reward_scale=10.0"),
     "reward_bias": (5.0, f"{ADROIT_SH} --reward_bias=5.0"),
@@ -1206,22 +1262,18 @@ ADROIT: dict[str, tuple[Any, str]] = {
                    "reward_neg=-1.0"),
 }
 _MJ_ENVS = "nakamotoo/mj_envs hand_manipulation_suite/__init__.py"
-_CLONED = "closest public data to AWAC's demos + BC data (module docstring)"
 TASKS: dict[str, dict[str, tuple[Any, str]]] = {
     "pen-binary": {
-        "dataset_id": ("D4RL/pen/cloned-v2", _CLONED),
         # --online-steps 300000 gives the paper's number
         "online_steps": (200_000, f"{ADROIT_SH} max_online_env_steps=2e5 for pen (paper "
                          "App. D.3 says 300k: the official script is followed)"),
         "horizon": (100, f"{_MJ_ENVS} pen-binary-v0 max_episode_steps=100 (D4RL pen: 100)"),
     },
     "door-binary": {
-        "dataset_id": ("D4RL/door/cloned-v2", _CLONED),
         "online_steps": (1_000_000, f"{ADROIT_SH} max_online_env_steps=1e6 for door"),
         "horizon": (200, f"{_MJ_ENVS} door-binary-v0 max_episode_steps=200"),
     },
     "relocate-binary": {
-        "dataset_id": ("D4RL/relocate/cloned-v2", _CLONED),
         "online_steps": (1_000_000, f"{ADROIT_SH} max_online_env_steps=1e6 for relocate"),
         "horizon": (200, f"{_MJ_ENVS} relocate-binary-v0 max_episode_steps=200"),
     },
@@ -1251,17 +1303,12 @@ ANTMAZE: dict[str, tuple[Any, str]] = {
 MAZES = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play",
          "large-diverse")
 _D4RL_ANT = "D4RL d4rl/locomotion/__init__.py antmaze-{}-v2 max_episode_steps={}"
-for _maze in MAZES:
-    _steps = 700 if _maze.startswith("umaze") else 1000
-    TASKS[f"antmaze-{_maze}"] = {
-        "dataset_id": (f"D4RL/antmaze/{_maze}-v1", "Minari's port of D4RL antmaze-*-v2"),
-        "horizon": (_steps, _D4RL_ANT.format(_maze, _steps)),
-    }
+TASKS.update({f"antmaze-{m}": {"horizon": (n, _D4RL_ANT.format(m, n))} for m in MAZES
+              for n in [700 if m.startswith("umaze") else 1000]})
 
 # Local sparse task (benchmark/datasets.py): small enough for a CPU in about a minute.
 POINTMAZE: dict[str, tuple[Any, str]] = {
     **ADROIT,
-    "dataset_id": ("local/pointmaze/sparse-v0", LOCAL),
     "offline_steps": (2_000, LOCAL),
     "online_steps": (3_000, LOCAL),
     "offline_eval_every": (1_000, LOCAL),
@@ -1284,107 +1331,107 @@ GENERIC: dict[str, tuple[Any, str]] = {
     "horizon": (None, "the evaluation env spec's max_episode_steps"),
 }
 
-# `--env` -> the preset groups applied in order (later ones win).
-ENV_GROUPS: dict[str, tuple[str, ...]] = {
-    **{f"{t}-binary": ("adroit-binary", f"{t}-binary") for t in ("pen", "door", "relocate")},
-    **{f"antmaze-{m}": ("antmaze", f"antmaze-{m}") for m in MAZES},
-    "pointmaze-binary": ("pointmaze-binary",),
-}
 PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
     "all (Args defaults)": COMMON, "adroit-binary": ADROIT, "antmaze": ANTMAZE,
-    "pointmaze-binary": POINTMAZE, **{k: v for k, v in TASKS.items() if v},
-    "generic": GENERIC,
+    "pointmaze-binary": POINTMAZE, **TASKS, "generic": GENERIC,
 }
-
-
-def preset_values(env: str) -> dict[str, tuple[Any, str]]:
-    """Field -> (value, source) of the `--env` preset, shared values included."""
-    out = dict(COMMON)
-    for group in ENV_GROUPS.get(env, ("adroit-binary", "generic")):
-        out.update(PRESETS[group])
-    return out
-
-
-ENV_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    env: (preset_values(env)["dataset_id"][0],
-          {k: v for k, (v, _) in preset_values(env).items() if k != "dataset_id"})
-    for env in ENV_GROUPS
-}  # `--env` -> (preset dataset id, preset field values)
+# `--env` -> (Minari dataset id, preset groups over the defaults, later ones win). Adroit:
+# cloned-v2, the closest public data to AWAC's demos + BC data (see the family comment);
+# AntMaze: Minari's port of D4RL's antmaze-*-v2; pointmaze: the local CPU task.
+ENVS: dict[str, tuple[str, tuple[str, ...]]] = {
+    **{f"{t}-binary": (f"D4RL/{t}/cloned-v2", ("adroit-binary", f"{t}-binary"))
+       for t in ("pen", "door", "relocate")},
+    **{f"antmaze-{m}": (f"D4RL/antmaze/{m}-v1", ("antmaze", f"antmaze-{m}")) for m in MAZES},
+    "pointmaze-binary": ("local/pointmaze/sparse-v0", ("pointmaze-binary",)),
+}
+# `--dataset-id` without a preset `--env`: id prefix -> groups (the generic preset).
+FALLBACK: dict[str, tuple[str, ...]] = {"": ("adroit-binary", "generic")}
+ALONE_TAKES_ITS_PRESET = True  # `--dataset-id D4RL/door/cloned-v2` alone runs door-binary
 DENSE_TASKS = ("hopper", "halfcheetah", "walker2d", "ant", "pendulum", "cartpole", "hammer",
                "kitchen", "humanoid", "swimmer")
 
 
-def generic_env(dataset_id: str) -> str:
-    """`--env` of a dataset without a preset: mujoco/hopper/medium-v0 -> hopper-medium-v0."""
-    return "-".join(dataset_id.split("/")[1:]) or dataset_id
+def binary_hint(env: str) -> str | None:
+    """Why a `<task>-binary` without a preset has none (ENV_HINT)."""
+    if not env.endswith("-binary"):
+        return None
+    base = env.removesuffix("-binary")
+    kind = "a dense-reward task" if base.split("-")[0] in DENSE_TASKS else "not a task"
+    return (f"{base} is {kind} with no binary (success) version; binary tasks: "
+            f"{', '.join(k for k in ENVS if k.endswith('-binary'))}")
+
+
+ENV_HINT: Callable[[str], str | None] = binary_hint
+_POSITIVE, _NON_NEGATIVE = ("positive", lambda v: v > 0), (">= 0", lambda v: v >= 0)
+_WIDTHS = ("positive widths", lambda v: min(v, default=1) > 0)
+# Field -> (rule, check of its value); None values are not checked.
+RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    **dict.fromkeys(("offline_eval_every", "eval_every", "eval_episodes", "batch_size",
+                     "cql_n_actions", "log_every", "policy_lr", "qf_lr", "alpha_prime_lr",
+                     "cql_temp", "max_abs_q", "utd", "horizon", "mean_clamp"), _POSITIVE),
+    **dict.fromkeys(("bc_steps", "cql_weight", "offline_steps", "online_steps",
+                     "cql_weight_online"), _NON_NEGATIVE),
+    "gamma": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "soft_target_update": ("in (0, 1]", lambda v: 0 < v <= 1),
+    **dict.fromkeys(("actor_hidden_dims", "critic_hidden_dims"), _WIDTHS),
+    "mixing_ratio": ("in [0, 1] (the share of offline data in each online batch)",
+                     lambda v: 0 <= v <= 1)}
+
+
+# ---- from the command line to Args: the same code in CQL-SAC and Cal-QL (the tables above
+# are what differs) ------------------------------------------------------------------------
+ENV_GROUPS: dict[str, tuple[str, ...]] = {env: groups for env, (_, groups) in ENVS.items()}
+
+
+def fallback_groups(dataset_id: str) -> tuple[str, ...]:
+    """FALLBACK's groups for `dataset_id`: those of the longest id prefix it names."""
+    return FALLBACK[max((p for p in FALLBACK if dataset_id.startswith(p)), key=len)]
+
+
+def preset_values(env: str, dataset_id: str | None = None) -> dict[str, tuple[Any, str]]:
+    """Field -> (value, source) of `env`'s preset: the defaults (PRESETS' first group), then
+    its groups in order (later ones win); an `env` without a preset takes FALLBACK's."""
+    groups = ENVS[env][1] if env in ENVS else fallback_groups(dataset_id or "")
+    return {k: entry for g in (next(iter(PRESETS)), *groups) for k, entry in PRESETS[g].items()}
+
+
+ENV_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    env: (dataset_id, {k: v for k, (v, _) in preset_values(env).items()})
+    for env, (dataset_id, _) in ENVS.items()}  # `--env` -> (dataset id, preset values)
 
 
 def env_for_dataset(dataset_id: str) -> str:
-    """`--dataset-id` alone: the preset that loads this dataset, else the generic preset."""
-    named = [env for env, (ds, _) in ENV_PRESETS.items() if ds == dataset_id]
-    return named[0] if named else generic_env(dataset_id)
+    """`--env` of a run given only `--dataset-id`: the preset naming it where
+    ALONE_TAKES_ITS_PRESET, else a name from the id (D4RL/pen/human-v2 -> pen-human-v2)."""
+    named = [env for env, (ds, _) in ENVS.items() if ds == dataset_id and ALONE_TAKES_ITS_PRESET]
+    return named[0] if named else "-".join(dataset_id.split("/")[1:]) or dataset_id
 
 
 def check_env(env: str, dataset_id: str | None = None) -> None:
-    """One-line error for an `--env` without a preset (the generic name of `dataset_id` is
-    one)."""
-    if env.endswith("-binary") and env not in ENV_PRESETS:
-        base = env.removesuffix("-binary")
-        kind = "a dense-reward task" if base.split("-")[0] in DENSE_TASKS else "not a task"
-        fail(f"--env {env}: {base} is {kind} with no binary (success) version; binary "
-             f"tasks: {', '.join(k for k in ENV_PRESETS if k.endswith('-binary'))}")
-    if env not in ENV_PRESETS and (dataset_id is None or env != generic_env(dataset_id)):
-        fail(f"unknown --env {env!r}; choose one of {', '.join(ENV_PRESETS)}, or give "
-             "--dataset-id alone")
+    """One-line error for an `--env` without a preset (ENV_HINT's, or without `--dataset-id`)."""
+    if env not in ENVS and (hint := ENV_HINT(env)):
+        fail(f"--env {env}: {hint}")
+    if env not in ENVS and dataset_id is None:
+        fail(f"unknown --env {env!r}; choose one of {', '.join(ENVS)}, or pass a Minari id "
+             "with --dataset-id")
 
 
 def preset_args(env: str, dataset_id: str | None = None) -> Args:
-    """Args() with the `--env` preset's values filled in (literal values, see --presets);
-    the generic preset where `env` is `dataset_id`'s generic name."""
+    """Args() with `env`'s preset filled in (literal values, see `--presets`); `dataset_id`
+    replaces the preset's dataset (an `env` without a preset needs it)."""
     check_env(env, dataset_id)
-    values = {k: v for k, (v, _) in preset_values(env).items() if k != "dataset_id"}
-    return replace(Args(), env=env, dataset_id=dataset_id or ENV_PRESETS[env][0], **values)
-
-
-def check_args(args: Args) -> None:
-    """Every argument once, up front: one-line errors for values no run can use."""
-    check_env(args.env, args.dataset_id)
-    least = dict(offline_steps=0, online_steps=0, bc_steps=0, offline_eval_every=1,
-                 eval_every=1, eval_episodes=1, batch_size=1, utd=1, cql_n_actions=1,
-                 log_every=1, horizon=1)
-    for name, low in least.items():
-        value = getattr(args, name)
-        if value is not None and value < low:
-            fail(f"--{name.replace('_', '-')} {value} must be at least {low}")
-    if not 0.0 <= args.mixing_ratio <= 1.0:
-        fail(f"--mixing-ratio {args.mixing_ratio} is outside [0, 1] (share of offline data "
-             "in each online batch)")
-    if min(args.actor_hidden_dims + args.critic_hidden_dims) < 1:
-        fail("hidden widths must be at least 1")
-    if args.cudagraphs and not args.compile:
-        fail("--cudagraphs needs --compile")
-
-
-def presets_markdown() -> str:
-    """The preset table: group, field, value, source (`--presets`)."""
-    lines = ["| preset group | field | value | source |", "|---|---|---|---|"]
-    for group, values in PRESETS.items():
-        for name, (value, source) in values.items():
-            cells = (group, f"`{name}`", f"`{value}`", source)  # escape "|" inside a cell
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    uses = "; ".join(f"`{env}`: {' + '.join(g)}" for env, g in ENV_GROUPS.items())
-    return "\n".join([*lines, "", f"`--env` -> groups applied over the defaults: {uses}; "
-                      "`--dataset-id` alone: the preset naming it, else adroit-binary + generic."])
+    values = {k: v for k, (v, _) in preset_values(env, dataset_id).items()}
+    return replace(Args(), env=env, dataset_id=dataset_id or ENVS[env][0], **values)
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    """Command line -> complete Args: the `--env` preset is tyro's default, so `--help`
-    shows the values that will run; `--presets` prints the preset table and exits."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Command line -> complete Args: `--env`/`--dataset-id` pick the preset, which becomes
+    tyro's default (so `--help` shows it), the other flags override it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     if "--presets" in argv:
         print(presets_markdown())
         raise SystemExit(0)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--env", default=None)
     pre.add_argument("--dataset-id", "--dataset_id", default=None)
     known, _ = pre.parse_known_args(argv)
@@ -1392,6 +1439,40 @@ def parse_args(argv: list[str] | None = None) -> Args:
     args = tyro.cli(Args, default=preset_args(env, known.dataset_id), args=argv)
     check_args(args)
     return args
+
+
+def check_args(args: Args) -> None:
+    """Every argument checked once, up front (RULES): one-line errors, never a traceback."""
+    check_env(args.env, args.dataset_id)
+    for name, (rule, ok) in RULES.items():
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            fail(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+    if args.max_backup and args.backup_entropy and args.max_backup_form == "cql":
+        fail("--backup-entropy with --max-backup needs --max-backup-form calql (rlkit's max "
+             "backup has no entropy term)")
+    if args.log_std_min >= args.log_std_max:
+        fail("--log-std-min must be < --log-std-max")
+    if args.cql_clip_diff_max < args.cql_clip_diff_min:
+        fail("--cql-clip-diff-max must be >= --cql-clip-diff-min")
+    if args.cudagraphs and not args.compile:
+        fail("--cudagraphs needs --compile")
+
+
+def presets_markdown() -> str:
+    """Markdown table of the defaults and every preset value, with sources (`--presets`), then
+    the `--env` names and the rule for a dataset without one."""
+    fmt = lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else repr(v)  # str quoted
+    lines = ["| preset | field | value | source |", "|---|---|---|---|"]
+    for group, values in PRESETS.items():
+        for name, (value, source) in values.items():
+            cells = (group, name, fmt(value), source)  # "|" inside a cell escaped
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    envs = "; ".join(f"`{env}`: {ds}, {' + '.join(g)}" for env, (ds, g) in ENVS.items())
+    alone = "; ".join(f"{p or 'other'}...: {' + '.join(g) or 'defaults'}"
+                      for p, g in FALLBACK.items())
+    return "\n".join([*lines, "", f"`--env` -> dataset, groups over the defaults: {envs}.", "",
+                      f"`--dataset-id` without a preset `--env`: {alone}."])
 
 
 LENGTH_FIELD = "online_steps"  # the run length a resume may grow (Part III)

@@ -9,13 +9,13 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
     python cql_sac_continuous.py --env pendulum-medium          # local dataset (see README)
     python cql_sac_continuous.py --dataset-id mujoco/hopper/expert-v0 --device cuda
 
-- Part I, the algorithm (lines 47-649): Args, networks, losses, the training step, the replay
+- Part I, the algorithm (lines 47-670): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 650-1240): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 671-1331): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1241-1808): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1332-1899): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -80,8 +80,14 @@ class Args:
     """Actor hidden widths."""
     critic_hidden_dims: tuple[int, ...] = (256, 256, 256)
     """Critic hidden widths (each of the twin critics)."""
-    orthogonal_init: bool = False
-    """Orthogonal init, hidden gain sqrt(2), last layer 1e-2 (Cal-QL code); else PyTorch default."""
+    init: Literal["rlkit", "orthogonal", "pytorch"] = "rlkit"
+    """Network init: `rlkit` (CQL code), `orthogonal` (Cal-QL code), `pytorch` (see init_)."""
+    log_std_min: float = -5.0
+    """Lower clamp of the actor's log-std (CQL code -5, Cal-QL -20)."""
+    log_std_max: float = 2.0
+    """Upper clamp of the actor's log-std (both official codes: 2)."""
+    mean_clamp: float | None = 9.0
+    """Clamp of |mean| in the BC log-likelihood only (CQL code: 9; None, Cal-QL: none)."""
     log_std_affine: bool = False
     """Actor log-std = m * log_std + b with learnable scalars m (init 1.0) and b (init -1.0),
     before the clamp (Cal-QL `model.py` TanhGaussianPolicy, CORL `cql.py` the same)."""
@@ -102,7 +108,9 @@ class Args:
     backup_entropy: bool = False
     """Keep -alpha*log pi in the Bellman target (off: the official `deterministic_backup=True`)."""
     max_backup: bool = False
-    """Max backup: max over N actions from pi(.|s') of the twin-min target Q."""
+    """Max backup over N actions from pi(.|s'), in the form --max-backup-form."""
+    max_backup_form: Literal["cql", "calql"] = "cql"
+    """`cql`: min over critics of each one's max (rlkit); `calql`: max of the twin-min (Cal-QL)."""
 
     # ---- CQL -------------------------------------------------------------------------
     cql_weight: float = 5.0
@@ -114,7 +122,7 @@ class Args:
     cql_data_term: bool = True
     """Subtract E_D[Q(s,a)] (Eq. 2/4); --no-cql-data-term gives the Eq. 1 variant (Table 5)."""
     cql_n_actions: int = 10
-    """N actions per state from each proposal."""
+    """N actions per state from each proposal (uniform, pi(.|s), pi(.|s'))."""
     cql_temp: float = 1.0
     """Temperature T of T*logsumexp(Q/T)."""
     cql_clip_diff_min: float = -math.inf
@@ -151,7 +159,7 @@ class Args:
     log_every: int = 1000
     """Read training metrics to the host (the only sync) every this many steps."""
     max_abs_q: float = 1e6
-    """Stop the run when |Q| exceeds this (divergence guard), checked every log_every steps."""
+    """Stop the run when |Q| exceeds this (divergence guard), checked when metrics are read."""
     compile: bool = False
     """Compile the loss computation with torch.compile (CPU and CUDA)."""
     cudagraphs: bool = False
@@ -187,6 +195,28 @@ class EnsembleLinear(nn.Module):
         return torch.baddbmm(b, x, w)
 
 
+def rlkit_init_(layers: list[nn.Module], last_bound: float, transposed: bool) -> None:
+    """rlkit init (rlkit/torch/networks.py L27-31, L49-64; pytorch_util.py fanin_init L17-26):
+    hidden weights +-1/sqrt(size[0]) of the [out, in] weight (out_features: rlkit's quirk),
+    biases 0.1; last layer +-last_bound (Q 3e-3; policy 1e-3, sac/policies.py L45, L61-63)."""
+    for k, layer in enumerate(layers):
+        if k == len(layers) - 1:
+            nn.init.uniform_(layer.weight, -last_bound, last_bound)
+            nn.init.uniform_(layer.bias, -last_bound, last_bound)
+        else:
+            bound = 1 / math.sqrt(layer.weight.shape[-1 if transposed else 0])
+            nn.init.uniform_(layer.weight, -bound, bound)
+            nn.init.constant_(layer.bias, 0.1)
+
+
+def init_(layers: list[nn.Module], init: str, last_bound: float, transposed: bool) -> None:
+    """Args.init: rlkit_init_ (CQL code), orthogonal_ (Cal-QL code) or `pytorch` (as built)."""
+    if init == "orthogonal":
+        orthogonal_(layers, transposed)
+    elif init == "rlkit":
+        rlkit_init_(layers, last_bound, transposed)
+
+
 def orthogonal_(layers: list[nn.Module], transposed: bool) -> None:
     """Orthogonal init (Cal-QL code): gain sqrt(2), last layer 1e-2, zero biases. Weights are
     nn.Linear's [out, in] or, `transposed`, EnsembleLinear's [E, in, out] (as nn.init would)."""
@@ -200,14 +230,13 @@ def orthogonal_(layers: list[nn.Module], transposed: bool) -> None:
 class FusedCritic(nn.Module):
     """Twin Q-networks as ONE ensemble: each layer is one baddbmm for both critics."""
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...],
-                 orthogonal: bool, ensemble: int = 2):
+    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...], init: str,
+                 ensemble: int = 2):
         super().__init__()
         dims = (obs_dim + action_dim, *hidden, 1)
         self.layers = nn.ModuleList(EnsembleLinear(ensemble, i, o) for i, o in pairwise(dims))
         self.ensemble = ensemble
-        if orthogonal:
-            orthogonal_(list(self.layers), transposed=True)
+        init_(list(self.layers), init, 3e-3, transposed=True)  # rlkit Q: init_w 3e-3
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor,
                 detach: bool = False) -> torch.Tensor:
@@ -226,28 +255,30 @@ def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])  # no ReLU after the output layer
 
 
-LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # paper App. F; both official codes (rlkit, JaxCQL)
-
-
 class TanhGaussianActor(nn.Module):
-    """pi(a|s) = tanh(N(mu(s), sigma(s))), log-std clamped to `log_std_range`; log_std_affine:
-    log-std = m * log_std + b before the clamp, m and b learnable scalars initialised to 1 and
-    -1 (Args.log_std_affine: Cal-QL `model.py`, CORL)."""
+    """pi(a|s) = tanh(N(mu(s), sigma(s))), log-std clamped to `log_std_range`, the mean to
+    +-mean_clamp in log_prob (BC) only (rlkit `policies.py` L81; sampling uses the raw mean);
+    log_std_affine: log-std = m * log_std + b before the clamp, learnable m, b from 1, -1
+    (Cal-QL `model.py`, CORL). rlkit's log(1 - a^2 + 1e-6): ours is the exact form."""
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...], orthogonal: bool,
-                 log_std_affine: bool = False,
-                 log_std_range: tuple[float, float] = (LOG_STD_MIN, LOG_STD_MAX)):
+    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...], init: str,
+                 log_std_affine: bool = False, log_std_range: tuple[float, float] = (-5.0, 2.0),
+                 mean_clamp: float | None = None):
         super().__init__()
         self.net = mlp(obs_dim, hidden, 2 * action_dim)
-        if orthogonal:
-            orthogonal_([m for m in self.net if isinstance(m, nn.Linear)], transposed=False)
+        # rlkit policy: init_w 1e-3 for the mean and log-std heads (policies.py L45, L61-63)
+        init_([m for m in self.net if isinstance(m, nn.Linear)], init, 1e-3, transposed=False)
         self.log_std_affine, self.log_std_range = log_std_affine, log_std_range
+        self.mean_clamp = mean_clamp
         if log_std_affine:
             self.log_std_multiplier = nn.Parameter(torch.tensor(1.0))
             self.log_std_offset = nn.Parameter(torch.tensor(-1.0))
 
-    def dist(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def dist(self, obs: torch.Tensor, clamp_mean: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         mean, log_std = self.net(obs).chunk(2, -1)
+        if clamp_mean and self.mean_clamp is not None:
+            mean = mean.clamp(-self.mean_clamp, self.mean_clamp)
         if self.log_std_affine:
             log_std = self.log_std_multiplier * log_std + self.log_std_offset
         return mean, log_std.clamp(*self.log_std_range)
@@ -260,7 +291,7 @@ class TanhGaussianActor(nn.Module):
 
     def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """log pi(a|s) of a given action in (-1, 1) (behaviour cloning)."""
-        mean, log_std = self.dist(obs)
+        mean, log_std = self.dist(obs, clamp_mean=True)
         u = torch.atanh(action.clamp(-1 + 1e-6, 1 - 1e-6))
         return tanh_gaussian_log_prob(u, mean, log_std)
 
@@ -283,11 +314,13 @@ class Agent(nn.Module):
     def __init__(self, obs_dim: int, action_dim: int, args: Args):
         super().__init__()
         self.action_dim = action_dim
-        self.actor = TanhGaussianActor(obs_dim, action_dim, args.actor_hidden_dims,
-                                       args.orthogonal_init, args.log_std_affine)
-        self.critic = FusedCritic(obs_dim, action_dim, args.critic_hidden_dims,
-                                  args.orthogonal_init)
-        self.target_critic = FusedCritic(obs_dim, action_dim, args.critic_hidden_dims, False)
+        self.actor = TanhGaussianActor(obs_dim, action_dim, args.actor_hidden_dims, args.init,
+                                       args.log_std_affine, (args.log_std_min, args.log_std_max),
+                                       args.mean_clamp)
+        self.critic = FusedCritic(obs_dim, action_dim, args.critic_hidden_dims, args.init)
+        # A copy of the critic, as Cal-QL (`deepcopy`, conservative_sac.py L95); rlkit builds
+        # its target networks with their own random init (cql_mujoco_new.py L45-54): deviation.
+        self.target_critic = FusedCritic(obs_dim, action_dim, args.critic_hidden_dims, "pytorch")
         self.target_critic.load_state_dict(self.critic.state_dict())
         self.target_critic.requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.zeros(()))
@@ -340,14 +373,19 @@ def bellman_target(agent: Agent, batch: dict[str, torch.Tensor], args: Args,
                    alpha: torch.Tensor) -> torch.Tensor:
     """r + gamma (1 - d) * target value at s' (no gradient). Backups:
     standard: min_j Qbar_j(s', a') - alpha log pi(a'|s');  deterministic: no entropy term
-    (official `deterministic_backup`); max: max over N a' ~ pi(.|s') of min_j Qbar_j (Cal-QL)."""
+    (official `deterministic_backup`); max over N a' ~ pi(.|s') (max_backup_form): `cql` min_j
+    max_a' Qbar_j (rlkit `cql.py` L219-224), `calql` max_a' min_j Qbar_j (Cal-QL L176-186)."""
     with torch.no_grad():
         next_obs = batch["next_obs"]
         if args.max_backup:
             rep = next_obs.unsqueeze(1).expand(-1, args.cql_n_actions, -1)
             a_next, logp_next = agent.actor(rep)  # [B, N, a], [B, N]
-            q_next, idx = agent.target_critic(rep, a_next).min(0).values.max(-1)  # over N
-            logp_next = logp_next.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+            q_all = agent.target_critic(rep, a_next)  # [E, B, N]
+            if args.max_backup_form == "cql":  # check_args: no backup_entropy with it
+                q_next = q_all.max(-1).values.min(0).values
+            else:
+                q_next, idx = q_all.min(0).values.max(-1)  # over N
+                logp_next = logp_next.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
         else:
             a_next, logp_next = agent.actor(next_obs)
             q_next = agent.target_critic(next_obs, a_next).min(0).values
@@ -375,7 +413,7 @@ def compute_losses(agent: Agent, batch: dict[str, torch.Tensor], args: Args, bc:
     test_lagrange_alpha_prime_rises_above_tau_and_falls_below (alpha' constant to critics).
     `bc`: behaviour cloning instead of the SAC actor loss (the first bc_steps updates)."""
     obs, actions = batch["obs"], batch["actions"]
-    alpha = agent.log_alpha.exp()
+    alpha = agent.log_alpha.exp()  # before this step's update (rlkit steps alpha first, L164)
     # ---- actor: SAC loss, or behaviour cloning for the first bc_steps (official code) ----
     a_pi, logp_pi = agent.actor(obs)
     if bc:
@@ -501,23 +539,6 @@ class ReplayBuffer:
 
 
 # ---- evaluation --------------------------------------------------------------------------
-
-
-def make_eval_env(spec: dict[str, Any], max_episode_steps: int | None = None) -> gym.Env:
-    """The env of an eval_env spec (config.json's `eval_env`; online episodes use it too):
-    built from its recorded entry point where it has one, else by its registered id, with the
-    spec's time limit or `max_episode_steps` (evaluation: the value gap's longer rollout)."""
-    register_robotics_envs()
-    kwargs, steps = copy.deepcopy(spec["kwargs"]), max_episode_steps or spec["max_episode_steps"]
-    try:
-        if spec.get("entry_point"):
-            return gym.make(gym.envs.registration.EnvSpec(
-                id=spec["id"], entry_point=spec["entry_point"], max_episode_steps=steps,
-                kwargs=kwargs))
-        return gym.make(spec["id"], max_episode_steps=steps, **kwargs)
-    except (gym.error.UnregisteredEnv, ModuleNotFoundError) as exc:
-        fail(f"cannot build the evaluation env {spec['id']} ({exc}); Adroit, AntMaze, Kitchen "
-             "and PointMaze envs need gymnasium-robotics (pip install gymnasium-robotics)")
 
 
 def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[str, Any],
@@ -719,6 +740,33 @@ class Transform:
             np.float32)
 
 
+def d4rl_adroit_horizon(env_id: str) -> int | None:
+    """D4RL's horizon of an Adroit env, which D4RL's reference scores are measured on: 100
+    steps for pen, 200 for door, relocate and hammer (d4rl/hand_manipulation_suite/
+    __init__.py). Minari's spec says 200 for every task (pen was 100 until Minari #286; pen
+    episodes are 100-200 steps, #303). None: not an Adroit env."""
+    if not env_id.startswith("AdroitHand"):
+        return None
+    return 100 if "Pen" in env_id else 200
+
+
+def make_eval_env(spec: dict[str, Any], max_episode_steps: int | None = None) -> gym.Env:
+    """The env of an eval_env spec (config.json's `eval_env`; online episodes use it too):
+    built from its recorded entry point where it has one, else by its registered id, with the
+    spec's time limit or `max_episode_steps` (evaluation: the value gap's longer rollout)."""
+    register_robotics_envs()
+    kwargs, steps = copy.deepcopy(spec["kwargs"]), max_episode_steps or spec["max_episode_steps"]
+    try:
+        if spec.get("entry_point"):
+            return gym.make(gym.envs.registration.EnvSpec(
+                id=spec["id"], entry_point=spec["entry_point"], max_episode_steps=steps,
+                kwargs=kwargs))
+        return gym.make(spec["id"], max_episode_steps=steps, **kwargs)
+    except (gym.error.UnregisteredEnv, ModuleNotFoundError) as exc:
+        fail(f"cannot build the evaluation env {spec['id']} ({exc}); Adroit, AntMaze, Kitchen "
+             "and PointMaze envs need gymnasium-robotics (pip install gymnasium-robotics)")
+
+
 def register_robotics_envs() -> None:
     """Register gymnasium-robotics' envs (Adroit, AntMaze, Kitchen, PointMaze) when it is
     installed; the generic path (any other gymnasium env) does not need it."""
@@ -823,7 +871,7 @@ def load_data(args: Args) -> Data:
                     desc=f"loading {args.dataset_id}", disable=not args.progress)
     data = episodes_to_transitions(episodes)
     check_finite(data, args.dataset_id)
-    family = dataset_family(args.dataset_id)
+    family = next(iter(fallback_groups(args.dataset_id)), None)
     if (terminals := family_of(family).terminals) is not None:
         data["dones"] = terminals(data)
     tf = make_transform(data, dataset.action_space, args)
@@ -899,7 +947,7 @@ def adroit_eval_spec(data_spec, eval_spec) -> gym.envs.registration.EnvSpec:
     """Minari's spec says 200 steps for every task (pen was 100 until Minari #286; pen
     episodes are 100-200 steps, #303), but the reference scores are D4RL's, measured on
     D4RL's horizons: 100 steps for pen, 200 for door, relocate and hammer."""
-    horizon = 100 if "Pen" in data_spec.id else 200
+    horizon = d4rl_adroit_horizon(data_spec.id) or 200
     return replace(eval_spec or data_spec, max_episode_steps=horizon)
 
 
@@ -1021,22 +1069,31 @@ FAMILIES["antmaze"] = Family(
 # Sources of the Args defaults above. "CQL code" = github.com/aviralkumar2907/CQL (rlkit under
 # d4rl/), "Cal-QL code" = github.com/nakamotoo/Cal-QL, "CORL" = github.com/tinkoff-ai/CORL.
 _MUJOCO_NEW = "CQL code d4rl/examples/cql_mujoco_new.py"
+_POL = "CQL code d4rl/rlkit/torch/sac/policies.py"
 DEFAULT_SOURCES: dict[str, str] = dict(
-    total_steps="paper App. F: 1M gradient steps",
+    total_steps="paper App. F: 1M gradient steps; the official script runs 3M (3000 epochs x "
+                "1000 steps, cql_mujoco_new.py L123-125): the paper's length is used",
     eval_every="project choice (the official loop evaluates every 1000-step epoch)",
     eval_episodes="project choice",
     batch_size=f"{_MUJOCO_NEW} `batch_size=256`; paper App. F",
     actor_hidden_dims=f"{_MUJOCO_NEW} `hidden_sizes=[M, M, M]`, `layer_size=256`",
     critic_hidden_dims=f"{_MUJOCO_NEW} `hidden_sizes=[M, M, M]`, `layer_size=256`",
-    orthogonal_init="CQL code: PyTorch default init (rlkit FlattenMlp)",
+    init="CQL code rlkit/torch/networks.py `fanin_init` hidden layers, `b_init_value=0.1`, "
+         "last layer `init_w=3e-3` (L27-31, L49-64); policies.py `init_w=1e-3` (L45, L61-63)",
+    log_std_min=f"{_POL} `LOG_SIG_MIN = -5` (L11)",
+    log_std_max=f"{_POL} `LOG_SIG_MAX = 2` (L10)",
+    mean_clamp=f"{_POL} `MEAN_MIN/MAX = -9/9` (L12-13), in `log_prob` only (L81)",
     log_std_affine="CQL code: rlkit TanhGaussianPolicy has no log-std multiplier/offset",
     gamma=f"{_MUJOCO_NEW} `discount=0.99`",
-    policy_lr="paper App. F: 3e-5 for all domains",
+    policy_lr="paper App. F: 3e-5 for all domains (the official script's default: 1e-4, "
+              "cql_mujoco_new.py L166)",
     qf_lr=f"{_MUJOCO_NEW} `qf_lr=3E-4`; paper App. F",
     soft_target_update=f"{_MUJOCO_NEW} `soft_target_tau=5e-3`",
+    target_entropy="rlkit cql.py: `-np.prod(action_space.shape)` (None: -|A|)",
     bc_steps="project default: no warm start (presets set the official 40k where it was used)",
     backup_entropy=f"{_MUJOCO_NEW} `--deterministic_backup` default 'True'",
     max_backup=f"{_MUJOCO_NEW} `--max_q_backup` default 'False'",
+    max_backup_form="rlkit cql.py L219-224: per critic the max over 10 actions, then the min",
     cql_weight="CQL README, MuJoCo command `--min_q_weight=(5.0 or 10.0)`",
     cql_variant=f"{_MUJOCO_NEW} `--min_q_version` default 3 (CQL(H))",
     cql_data_term="paper Eq. 4 (CQL(H)); rlkit cql.py subtracts `q1_pred.mean()`",
@@ -1045,7 +1102,8 @@ DEFAULT_SOURCES: dict[str, str] = dict(
     cql_clip_diff_min="CQL code: no clipping",
     cql_clip_diff_max="CQL code: no clipping",
     lagrange="CQL README, MuJoCo command `--lagrange_thresh=-1.0` (off)",
-    cql_tau="paper App. F: tau = 10 for gym (used with --lagrange)",
+    cql_tau="paper App. F: tau = 10 for gym (used with --lagrange; the official script's "
+            "default `--lagrange_thresh` is 5.0, cql_mujoco_new.py L168)",
     lagrange_form="rlkit cql.py: `alpha_prime * (min_qf1_loss - target_action_gap)` with the "
                   "weight inside min_qf1_loss",
     log_alpha_prime_init="rlkit cql.py: `log_alpha_prime = ptu.zeros(1)`",
@@ -1082,10 +1140,15 @@ PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
         log_alpha_prime_init=(1.0, f"{_CAL_QL} conservative_sac.py `Scalar(1.0)`; CORL "
                                    "cql.py `Scalar(1.0)`"),
         max_backup=(True, f"{_CAL_QL} `cql_max_target_backup = True`; CORL the same"),
+        max_backup_form=("calql", f"{_CAL_QL} conservative_sac.py L176-186: min over critics, "
+                                  "then max over actions"),
         critic_hidden_dims=((256, 256, 256, 256), f"{_RUN_ANTMAZE} `--qf_arch=256-256-256-256`"),
         actor_hidden_dims=((256, 256), f"{_RUN_ANTMAZE} `--policy_arch=256-256`"),
-        orthogonal_init=(True, f"{_CAL_QL} conservative_sac_main.py `orthogonal_init=True`; "
-                               "CORL `orthogonal_init: true`"),
+        init=("orthogonal", f"{_CAL_QL} conservative_sac_main.py `orthogonal_init=True` "
+                            "(model.py L56-71); CORL `orthogonal_init: true`"),
+        log_std_min=(-20.0, f"{_CAL_QL} model.py TanhGaussianPolicy `jnp.clip(log_std, -20.0, "
+                            "2.0)` (L121, L134); CORL the same"),
+        mean_clamp=(None, f"{_CAL_QL} model.py: no mean clamp"),
         log_std_affine=(True, f"{_CAL_QL} model.py TanhGaussianPolicy `log_std_multiplier=1.0`,"
                               " `log_std_offset=-1.0` (learnable); CORL the same"),
         reward_mode=("scale_bias", f"{_RUN_ANTMAZE} `--reward_scale/--reward_bias`"),
@@ -1106,6 +1169,7 @@ PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
         lagrange=(True, "paper App. F: Lagrange version for kitchen"),
         cql_tau=(5.0, "paper App. F: tau = 5 for kitchen"),
         max_backup=(True, "paper App. F: max backup for antmaze and kitchen"),
+        max_backup_form=("cql", "rlkit cql.py L219-224: per critic the max, then the min"),
     ),
     # Local Pendulum data, sized for a CPU: small networks, larger learning rates, rewards
     # x0.1 so that values (~ -100 instead of -1000) settle in a few 1000 steps.
@@ -1126,12 +1190,10 @@ PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
 
 
 ADROIT_TASKS = ("pen", "door", "relocate", "hammer")
-
-
-# `--env` name -> (Minari dataset id, preset group of PRESETS): "{task}-{level}" for each
+# `--env` -> (Minari dataset id, preset groups over the defaults): "{task}-{level}" for each
 # (group, dataset id pattern, tasks, levels).
-ENV_PRESETS: dict[str, tuple[str, str]] = {
-    f"{task}-{level}": (pattern.format(task, level), group)
+ENVS: dict[str, tuple[str, tuple[str, ...]]] = {
+    f"{task}-{level}": (pattern.format(task, level), (group,))
     for group, pattern, tasks, levels in [
         ("gym", "mujoco/{}/{}-v0", ("hopper", "halfcheetah", "walker2d", "ant"),
          ("simple", "medium", "expert")),
@@ -1143,36 +1205,69 @@ ENV_PRESETS: dict[str, tuple[str, str]] = {
         ("pendulum", "local/{}/{}-v0", ("pendulum",),
          ("random", "medium", "expert", "medium-replay", "medium-expert"))]
     for task in tasks for level in levels}
-ENV_GROUPS: dict[str, tuple[str, ...]] = {env: (g,) for env, (_, g) in ENV_PRESETS.items()}
+# `--dataset-id` without a preset `--env`: id prefix -> groups (the dataset's family).
+FALLBACK: dict[str, tuple[str, ...]] = {
+    "": (), "mujoco/": ("gym",), "D4RL/antmaze/": ("antmaze",), "D4RL/kitchen/": ("kitchen",),
+    "local/pendulum/": ("pendulum",), **{f"D4RL/{t}/": ("adroit",) for t in ADROIT_TASKS}}
+ALONE_TAKES_ITS_PRESET = False  # `--dataset-id D4RL/pen/human-v2` alone runs as pen-human-v2
+ENV_HINT: Callable[[str], str | None] = lambda env: None  # no `--env` needs a reason
+_POSITIVE, _NON_NEGATIVE = ("positive", lambda v: v > 0), (">= 0", lambda v: v >= 0)
+_WIDTHS = ("positive widths", lambda v: min(v, default=1) > 0)
+# Field -> (rule, check of its value); None values are not checked.
+RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    **dict.fromkeys(("total_steps", "eval_every", "eval_episodes", "batch_size",
+                     "cql_n_actions", "log_every", "policy_lr", "qf_lr", "alpha_prime_lr",
+                     "cql_temp", "max_abs_q", "mean_clamp"), _POSITIVE),
+    **dict.fromkeys(("bc_steps", "cql_weight"), _NON_NEGATIVE),
+    "gamma": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "soft_target_update": ("in (0, 1]", lambda v: 0 < v <= 1),
+    **dict.fromkeys(("actor_hidden_dims", "critic_hidden_dims"), _WIDTHS)}
 
 
-def dataset_family(dataset_id: str) -> str | None:
-    """Preset group of a dataset id by its prefix (mujoco/, D4RL/antmaze/, ...), else None."""
-    parts = dataset_id.split("/")
-    if parts[0] == "mujoco":
-        return "gym"
-    return {"D4RL/antmaze": "antmaze", "D4RL/kitchen": "kitchen", "local/pendulum": "pendulum",
-            **{f"D4RL/{t}": "adroit" for t in ADROIT_TASKS}}.get("/".join(parts[:2]))
+# ---- from the command line to Args: the same code in CQL-SAC and Cal-QL (the tables above
+# are what differs) ------------------------------------------------------------------------
+ENV_GROUPS: dict[str, tuple[str, ...]] = {env: groups for env, (_, groups) in ENVS.items()}
+
+
+def fallback_groups(dataset_id: str) -> tuple[str, ...]:
+    """FALLBACK's groups for `dataset_id`: those of the longest id prefix it names."""
+    return FALLBACK[max((p for p in FALLBACK if dataset_id.startswith(p)), key=len)]
+
+
+def preset_values(env: str, dataset_id: str | None = None) -> dict[str, tuple[Any, str]]:
+    """Field -> (value, source) of `env`'s preset: the defaults (PRESETS' first group), then
+    its groups in order (later ones win); an `env` without a preset takes FALLBACK's."""
+    groups = ENVS[env][1] if env in ENVS else fallback_groups(dataset_id or "")
+    return {k: entry for g in (next(iter(PRESETS)), *groups) for k, entry in PRESETS[g].items()}
+
+
+ENV_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    env: (dataset_id, {k: v for k, (v, _) in preset_values(env).items()})
+    for env, (dataset_id, _) in ENVS.items()}  # `--env` -> (dataset id, preset values)
+
+
+def env_for_dataset(dataset_id: str) -> str:
+    """`--env` of a run given only `--dataset-id`: the preset naming it where
+    ALONE_TAKES_ITS_PRESET, else a name from the id (D4RL/pen/human-v2 -> pen-human-v2)."""
+    named = [env for env, (ds, _) in ENVS.items() if ds == dataset_id and ALONE_TAKES_ITS_PRESET]
+    return named[0] if named else "-".join(dataset_id.split("/")[1:]) or dataset_id
+
+
+def check_env(env: str, dataset_id: str | None = None) -> None:
+    """One-line error for an `--env` without a preset (ENV_HINT's, or without `--dataset-id`)."""
+    if env not in ENVS and (hint := ENV_HINT(env)):
+        fail(f"--env {env}: {hint}")
+    if env not in ENVS and dataset_id is None:
+        fail(f"unknown --env {env!r}; choose one of {', '.join(ENVS)}, or pass a Minari id "
+             "with --dataset-id")
 
 
 def preset_args(env: str, dataset_id: str | None = None) -> Args:
-    """Args() with the preset of `env` filled in (literal values): the defaults, then the
-    groups ENV_GROUPS names; `dataset_id` replaces the preset's dataset. An unknown `env`
-    needs `dataset_id` (its family's preset, if any)."""
-    if env in ENV_PRESETS:
-        preset_id, groups = ENV_PRESETS[env][0], ENV_GROUPS[env]
-    elif dataset_id is not None:
-        preset_id, groups = None, tuple(g for g in [dataset_family(dataset_id)] if g)
-    else:
-        fail(f"unknown --env {env!r}; choose one of {', '.join(ENV_PRESETS)} "
-             "or pass any Minari id with --dataset-id")
-    values = {k: v for g in ("defaults", *groups) for k, (v, _) in PRESETS[g].items()}
-    return replace(Args(), env=env, dataset_id=dataset_id or preset_id, **values)
-
-
-def env_from_dataset(dataset_id: str) -> str:
-    """The `--env` name of a run given only `--dataset-id`: D4RL/pen/human-v2 -> pen-human-v2."""
-    return "-".join(dataset_id.split("/")[1:]) or dataset_id
+    """Args() with `env`'s preset filled in (literal values, see `--presets`); `dataset_id`
+    replaces the preset's dataset (an `env` without a preset needs it)."""
+    check_env(env, dataset_id)
+    values = {k: v for k, (v, _) in preset_values(env, dataset_id).items()}
+    return replace(Args(), env=env, dataset_id=dataset_id or ENVS[env][0], **values)
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
@@ -1186,48 +1281,44 @@ def parse_args(argv: list[str] | None = None) -> Args:
     pre.add_argument("--env", default=None)
     pre.add_argument("--dataset-id", "--dataset_id", default=None)
     known, _ = pre.parse_known_args(argv)
-    env = known.env or (env_from_dataset(known.dataset_id) if known.dataset_id else Args.env)
+    env = known.env or (env_for_dataset(known.dataset_id) if known.dataset_id else Args.env)
     args = tyro.cli(Args, default=preset_args(env, known.dataset_id), args=argv)
     check_args(args)
     return args
 
 
-POSITIVE = ("total_steps", "eval_every", "eval_episodes", "batch_size", "cql_n_actions",
-            "log_every", "policy_lr", "qf_lr", "alpha_prime_lr", "cql_temp", "max_abs_q")
-
-
 def check_args(args: Args) -> None:
-    """Every argument checked once, up front: one-line errors, never a traceback or a NaN."""
-    if args.env not in ENV_PRESETS and args.dataset_id is None:
-        fail(f"unknown --env {args.env!r}; choose one of {', '.join(ENV_PRESETS)} "
-             "or pass any Minari id with --dataset-id")
-    rules = [(name, "positive", getattr(args, name) > 0) for name in POSITIVE] + [
-        ("bc_steps", ">= 0", args.bc_steps >= 0),
-        ("cql_weight", ">= 0", args.cql_weight >= 0),
-        ("gamma", "in [0, 1]", 0 <= args.gamma <= 1),
-        ("soft_target_update", "in (0, 1]", 0 < args.soft_target_update <= 1),
-        ("actor_hidden_dims", "positive widths", min(args.actor_hidden_dims, default=1) > 0),
-        ("critic_hidden_dims", "positive widths", min(args.critic_hidden_dims, default=1) > 0),
-        ("cql_clip_diff_max", ">= --cql-clip-diff-min",
-         args.cql_clip_diff_max >= args.cql_clip_diff_min)]
-    for name, rule, ok in rules:
-        if not ok:
-            fail(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
+    """Every argument checked once, up front (RULES): one-line errors, never a traceback."""
+    check_env(args.env, args.dataset_id)
+    for name, (rule, ok) in RULES.items():
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            fail(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+    if args.max_backup and args.backup_entropy and args.max_backup_form == "cql":
+        fail("--backup-entropy with --max-backup needs --max-backup-form calql (rlkit's max "
+             "backup has no entropy term)")
+    if args.log_std_min >= args.log_std_max:
+        fail("--log-std-min must be < --log-std-max")
+    if args.cql_clip_diff_max < args.cql_clip_diff_min:
+        fail("--cql-clip-diff-max must be >= --cql-clip-diff-min")
     if args.cudagraphs and not args.compile:
         fail("--cudagraphs needs --compile")
 
 
 def presets_markdown() -> str:
-    """Markdown table of the defaults and every preset value, with sources (`--presets`)."""
+    """Markdown table of the defaults and every preset value, with sources (`--presets`), then
+    the `--env` names and the rule for a dataset without one."""
     fmt = lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else repr(v)  # str quoted
     lines = ["| preset | field | value | source |", "|---|---|---|---|"]
     for group, values in PRESETS.items():
         for name, (value, source) in values.items():
-            lines.append(f"| {group} | {name} | {fmt(value)} | {source} |")
-    lines += ["", "| preset | --env |", "|---|---|"] + [
-        f"| {g} | {', '.join(e for e, groups in ENV_GROUPS.items() if g in groups)} |"
-        for g in PRESETS if g != "defaults"]
-    return "\n".join(lines)
+            cells = (group, name, fmt(value), source)  # "|" inside a cell escaped
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    envs = "; ".join(f"`{env}`: {ds}, {' + '.join(g)}" for env, (ds, g) in ENVS.items())
+    alone = "; ".join(f"{p or 'other'}...: {' + '.join(g) or 'defaults'}"
+                      for p, g in FALLBACK.items())
+    return "\n".join([*lines, "", f"`--env` -> dataset, groups over the defaults: {envs}.", "",
+                      f"`--dataset-id` without a preset `--env`: {alone}."])
 
 
 LENGTH_FIELD = "total_steps"  # the run length a resume may grow (Part III)

@@ -291,9 +291,9 @@ BAD_INPUTS: dict[str, dict[str, tuple[list[str], tuple[str | re.Pattern, ...], s
                          ("none of its 2 trajectories reaches success",), "main"),
         "dense-as-binary": (["--env", "hopper-binary"], ("hopper is a dense-reward task",),
                             "main"),
-        "mixing-ratio": (["--mixing-ratio", "1.5"], ("--mixing-ratio 1.5 is outside [0, 1]",),
+        "mixing-ratio": (["--mixing-ratio", "1.5"], ("--mixing-ratio must be in [0, 1]",),
                          "cli"),
-        "negative-mixing": (["--mixing-ratio", "-0.1"], ("outside [0, 1]",), "main"),
+        "negative-mixing": (["--mixing-ratio", "-0.1"], ("must be in [0, 1]",), "main"),
         "unknown-env": (["--env", "pen-human"], ("unknown --env 'pen-human'",), "main"),
         "missing-local": (["--env", "pointmaze-binary"], (
             "build it with: python benchmark/datasets.py local/pointmaze/sparse-v0",), "main"),

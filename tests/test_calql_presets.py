@@ -9,7 +9,9 @@ import subprocess
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
+from types import SimpleNamespace
 
+import gymnasium as gym
 import pytest
 import torch
 
@@ -36,7 +38,8 @@ SCRIPT = str(ROOT / "calql_finetune.py")
 #     cql_target_action_gap 1.0, cql_lagrange False; log_alpha_prime = Scalar(1.0)
 #     (optimizer lr qf_lr). CORL algorithms/finetune/cal_ql.py: log_alpha_prime Scalar(1.0).
 #   JaxCQL/model.py TanhGaussianPolicy: log_std_multiplier 1.0 and log_std_offset -1.0 as
-#     learnable `Scalar`s.
+#     learnable `Scalar`s; jnp.clip(log_std, -20.0, 2.0), no mean clamp (L121, L134).
+#   JaxCQL/conservative_sac.py L176-186: max backup = min over critics, then max over actions.
 #   JaxCQL/conservative_sac_main.py FLAGS: batch_size 256, orthogonal_init True,
 #     online_utd_ratio 1, cql_min_q_weight_online -1 (= unchanged); evaluation at epoch 0.
 #   JaxCQL/replay_buffer.py ENV_CONFIG: adroit-binary reward_neg -1, antmaze reward_neg 0;
@@ -47,8 +50,9 @@ SHARED = dict(gamma=0.99, policy_lr=1e-4, qf_lr=3e-4, soft_target_update=5e-3,
               cql_n_actions=10, cql_importance_sample=True, cql_temp=1.0, max_backup=True,
               cql_clip_diff_min=-math.inf, cql_clip_diff_max=math.inf, backup_entropy=False,
               alpha_prime_lr=3e-4, log_alpha_prime_init=1.0, batch_size=256,
-              orthogonal_init=True, utd=1, cql_weight_online=None, mixing_ratio=0.5,
-              enable_calql=True, bc_steps=0, target_entropy=None, log_std_affine=True)
+              init="orthogonal", utd=1, cql_weight_online=None, mixing_ratio=0.5,
+              enable_calql=True, bc_steps=0, target_entropy=None, log_std_affine=True,
+              log_std_min=-20.0, log_std_max=2.0, mean_clamp=None, max_backup_form="calql")
 ADROIT = dict(SHARED, offline_steps=20 * 1000, offline_eval_every=2 * 1000, eval_every=2000,
               eval_episodes=20, actor_hidden_dims=(512, 512),
               critic_hidden_dims=(512, 512, 512), cql_weight=1.0, lagrange=False,
@@ -161,7 +165,7 @@ def test_no_enable_calql_and_other_flags_parse():
 @pytest.mark.parametrize("argv, message", [
     (["--env", "pen-human"], "unknown --env 'pen-human'"),
     (["--env", "hopper-binary", "--help"], "hopper is a dense-reward task"),
-    (["--env", "pen-binary", "--mixing-ratio", "2"], "outside [0, 1]"),
+    (["--env", "pen-binary", "--mixing-ratio", "2"], "must be in [0, 1]"),
 ])
 def test_bad_command_lines_give_one_line_errors(argv, message):
     with pytest.raises(SystemExit) as exc:
@@ -189,7 +193,7 @@ def test_help_shows_the_values_that_will_run(env):
     shown = help_defaults(env)
     args = calql.preset_args(env)
     optional = {"run-dir", "target-entropy", "cql-weight-online", "resume",
-                "wandb-entity"}  # documented: None = derived at run time / not set
+                "wandb-entity", "mean-clamp"}  # documented: None = derived at run time / not set
     for f in fields(args):
         flag = f.name.replace("_", "-")
         value = getattr(args, f.name)
@@ -215,8 +219,41 @@ def test_presets_table_runs_and_has_a_source_per_value():
     cells = [re.split(r"(?<!\\)\|", row)[1:-1] for row in rows]
     assert all(len(c) == 4 and c[3].strip() for c in cells), rows
     table = {(c[0].strip(), c[1].strip().strip("`")): c[2].strip() for c in cells}
-    assert table[("antmaze", "cql_tau")] == "`0.8`"
-    assert table[("pen-binary", "online_steps")] == "`200000`"
+    assert table[("antmaze", "cql_tau")] == "0.8"
+    assert table[("pen-binary", "online_steps")] == "200000"
     assert "300k" in next(r for r in rows if "pen-binary" in r and "online_steps" in r)
-    assert table[("all (Args defaults)", "log_alpha_prime_init")] == "`1.0`"
-    assert table[("adroit-binary", "offline_eval_every")] == "`2000`"
+    assert table[("all (Args defaults)", "log_alpha_prime_init")] == "1.0"
+    assert table[("adroit-binary", "offline_eval_every")] == "2000"
+
+
+# ---- Cal-QL's own actor, init and max backup (JaxCQL/model.py, conservative_sac.py) --------
+
+
+def test_calql_keeps_its_own_actor_init_and_max_backup_form():
+    args = calql.Args()
+    # model.py TanhGaussianPolicy: jnp.clip(log_std, -20.0, 2.0), no mean clamp (L121, L134)
+    assert (args.log_std_min, args.log_std_max, args.mean_clamp) == (-20.0, 2.0, None)
+    assert args.init == "orthogonal"  # conservative_sac_main.py orthogonal_init=True
+    assert args.max_backup_form == "calql"  # conservative_sac.py: min over critics, then max
+    assert "model.py" in calql.preset_values("pen-binary")["log_std_min"][1]
+
+
+# ---- D4RL's Adroit horizon for any Adroit dataset (issue 17, bug 2) -----------------------
+
+
+@pytest.mark.parametrize("env_id, ds_id, steps", [
+    ("AdroitHandPen-v1", "D4RL/pen/human-v2", 100), ("AdroitHandPen-v1", "D4RL/pen/expert-v2", 100),
+    ("AdroitHandDoor-v1", "D4RL/door/human-v2", 200), ("Pendulum-v1", "x/pendulum/y-v0", 200)])
+def test_dataset_id_alone_evaluates_adroit_on_d4rls_horizon(env_id, ds_id, steps):
+    """D4RL's reference scores (kept: dense returns) are measured on 100-step pen episodes
+    (d4rl/hand_manipulation_suite/__init__.py); Minari's spec says 200 for every task."""
+    spec = gym.envs.registration.EnvSpec(id=env_id, entry_point="x:y", max_episode_steps=200)
+    dataset = SimpleNamespace(env_spec=spec, _eval_env_spec=None)
+    args = calql.parse_args(["--dataset-id", ds_id])
+    assert args.horizon is None  # the generic preset
+    description, comparable = calql.eval_env_description(dataset, args)
+    assert description["max_episode_steps"] == steps and comparable
+    assert calql.d4rl_adroit_horizon(env_id) == (None if env_id == "Pendulum-v1" else steps)
+    if env_id.startswith("Adroit"):  # CQL-SAC's adroit family gives the same horizon
+        import cql_sac_continuous as cql
+        assert cql.adroit_eval_spec(spec, None).max_episode_steps == steps

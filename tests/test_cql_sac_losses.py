@@ -200,7 +200,7 @@ def test_tanh_gaussian_log_prob_matches_torch_distributions():
 
 def test_fused_critic_equals_two_separate_mlps():
     torch.manual_seed(0)
-    critic = cql.FusedCritic(3, 2, (8, 8), orthogonal=False)
+    critic = cql.FusedCritic(3, 2, (8, 8), init="pytorch")
     obs, act = torch.randn(5, 4, 3), torch.rand(5, 4, 2)
     got = critic(obs, act)  # [2, 5, 4]
     x = torch.cat([obs, act], -1)
@@ -215,7 +215,7 @@ def test_fused_critic_equals_two_separate_mlps():
 
 
 def test_orthogonal_init_gains():
-    critic = cql.FusedCritic(3, 1, (64, 64), orthogonal=True)
+    critic = cql.FusedCritic(3, 1, (64, 64), init="orthogonal")
     w = critic.layers[1].weight[0]  # [in, out] square: orthogonal times sqrt(2)
     torch.testing.assert_close(w.T @ w, 2.0 * torch.eye(64), atol=1e-4, rtol=1e-4)
     last = critic.layers[-1].weight[1]
@@ -229,7 +229,8 @@ def test_orthogonal_init_gains():
 @pytest.mark.parametrize("backup_entropy,max_backup", [(True, False), (False, False),
                                                        (False, True), (True, True)])
 def test_bellman_target_backups(backup_entropy, max_backup):
-    agent, args = small_agent(backup_entropy=backup_entropy, max_backup=max_backup)
+    agent, args = small_agent(backup_entropy=backup_entropy, max_backup=max_backup,
+                              max_backup_form="calql")  # the rlkit form: test_the_two_max_...
     batch = random_batch(8)
     batch["dones"][::2] = 1.0
     alpha = torch.tensor(0.3)
@@ -283,3 +284,89 @@ def test_behaviour_cloning_warm_start_raises_data_likelihood():
         cql.compute_losses(agent, batch, args, bc=True)[1]["actor_loss"].backward()
         opt.step()
     assert agent.actor.log_prob(batch["obs"], batch["actions"]).mean().item() > before + 0.4
+
+
+# ---------------------------------------------------------------- rlkit's actor, init, max backup
+# CQL code (github.com/aviralkumar2907/CQL @ d67dbe9): d4rl/rlkit/torch/sac/policies.py
+# LOG_SIG_MAX = 2, LOG_SIG_MIN = -5, MEAN_MIN/MAX = -9/9 (used in log_prob only, L81),
+# init_w=1e-3 (L45, L61-63); networks.py init_w=3e-3 (L27), fanin_init hidden layers with
+# b_init_value=0.1 (L30-31, L49-54); pytorch_util.py fanin_init bound 1/sqrt(size[0]);
+# cql.py L219-224: max backup = per critic the max over 10 sampled actions, then the min.
+
+
+def test_rlkit_actor_clamps_log_std_always_and_the_mean_in_log_prob_only():
+    args = cql.Args()
+    assert (args.log_std_min, args.log_std_max, args.mean_clamp) == (-5.0, 2.0, 9.0)
+    assert "policies.py" in cql.DEFAULT_SOURCES["log_std_min"]
+    actor = cql.TanhGaussianActor(3, 1, (4,), "rlkit", log_std_range=(-5.0, 2.0),
+                                  mean_clamp=9.0)
+    last = actor.net[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([20.0, -10.0]))  # mean 20, log-std -10
+    obs = torch.zeros(1, 3)
+    mean, log_std = actor.dist(obs)
+    assert mean.item() == 20.0 and log_std.item() == -5.0  # std exp(-5) in forward
+    assert actor.act_deterministic(obs).item() == pytest.approx(math.tanh(20.0))
+    a = torch.tensor([[0.5]])
+    u = torch.atanh(a)
+    want = Normal(torch.tensor(9.0), math.exp(-5.0)).log_prob(u) - torch.log1p(-a**2)
+    torch.testing.assert_close(actor.log_prob(obs, a), want.sum(-1), rtol=1e-4, atol=1e-3)
+
+
+def test_rlkit_init_bounds():
+    torch.manual_seed(0)
+    critic = cql.FusedCritic(3, 4, (7, 50), "rlkit")
+    hidden, last = critic.layers[0], critic.layers[-1]
+    bound = 1 / math.sqrt(7)  # rlkit fan_in = size[0] of the [out, in] weight: out_features
+    assert 0.9 * bound < hidden.weight.abs().max() <= bound
+    assert torch.all(hidden.bias == 0.1) and torch.all(critic.layers[1].bias == 0.1)
+    for t in (last.weight, last.bias):
+        assert 0.5 * 3e-3 < t.abs().max() <= 3e-3  # Q networks: init_w 3e-3
+    actor = cql.TanhGaussianActor(3, 2, (7, 50), "rlkit")
+    linears = [m for m in actor.net if isinstance(m, torch.nn.Linear)]
+    assert 0.9 / math.sqrt(7) < linears[0].weight.abs().max() <= 1 / math.sqrt(7)
+    assert torch.all(linears[0].bias == 0.1)
+    for t in (linears[-1].weight, linears[-1].bias):
+        assert 0.5e-3 < t.abs().max() <= 1e-3  # policy heads: init_w 1e-3
+    assert cql.Args().init == "rlkit" and cql.preset_args("antmaze-umaze").init == "orthogonal"
+
+
+class TwoActionCritic(torch.nn.Module):
+    """Q1(a) = [0, 10], Q2(a) = [10, 0] over the two sampled actions (a = -1, +1)."""
+
+    def forward(self, obs, action, detach=False):
+        a = action[..., 0]
+        return torch.stack([5 + 5 * a, 5 - 5 * a])
+
+
+class TwoActionActor(torch.nn.Module):
+    def forward(self, obs):
+        shape = obs.shape[:-1]
+        a = torch.tensor([-1.0, 1.0]).expand(*shape).reshape(*shape, 1)
+        return a, torch.zeros(shape)
+
+
+@pytest.mark.parametrize("form, value", [("cql", 10.0), ("calql", 0.0)])
+def test_the_two_max_backup_forms(form, value):
+    agent = torch.nn.Module()
+    agent.actor, agent.target_critic = TwoActionActor(), TwoActionCritic()
+    args = make_args(max_backup=True, max_backup_form=form, cql_n_actions=2, gamma=1.0)
+    batch = dict(next_obs=torch.zeros(1, 3), rewards=torch.zeros(1), dones=torch.zeros(1))
+    target = cql.bellman_target(agent, batch, args, torch.tensor(1.0))
+    assert target.item() == value  # rlkit: min(max Q1, max Q2); Cal-QL: max(min(Q1, Q2))
+    assert cql.Args().max_backup_form == "cql"
+    assert cql.preset_args("antmaze-umaze").max_backup_form == "calql"
+    assert cql.preset_args("kitchen-mixed").max_backup_form == "cql"
+
+
+def test_rlkit_max_backup_has_no_entropy_term():
+    with pytest.raises(SystemExit, match="--max-backup-form calql"):
+        cql.parse_args(["--max-backup", "--backup-entropy"])
+    assert cql.parse_args(["--max-backup", "--backup-entropy", "--max-backup-form",
+                           "calql"]).backup_entropy
+
+
+def test_total_steps_source_states_paper_and_official_lengths():
+    src = cql.DEFAULT_SOURCES["total_steps"]
+    assert "1M" in src and "3000" in src and "1000" in src and "3M" in src

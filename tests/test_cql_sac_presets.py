@@ -33,7 +33,10 @@ OFFICIAL_DEFAULTS = dict(
     batch_size=256,  # cql_mujoco_new.py batch_size=256
     actor_hidden_dims=(256, 256, 256),  # cql_mujoco_new.py hidden_sizes=[M, M, M], M=256
     critic_hidden_dims=(256, 256, 256),
-    orthogonal_init=False,  # rlkit: PyTorch default init
+    init="rlkit",  # rlkit networks.py fanin_init, bias 0.1, last layer init_w (3e-3 / 1e-3)
+    log_std_min=-5.0, log_std_max=2.0,  # rlkit policies.py LOG_SIG_MIN = -5, LOG_SIG_MAX = 2
+    mean_clamp=9.0,  # rlkit policies.py MEAN_MIN/MAX = -9/9 (log_prob only)
+    max_backup_form="cql",  # rlkit cql.py: per critic the max, then the min
     log_std_affine=False,  # rlkit TanhGaussianPolicy: no log-std multiplier/offset
     gamma=0.99,  # cql_mujoco_new.py discount=0.99
     policy_lr=3e-5,  # paper App. F
@@ -72,9 +75,11 @@ OFFICIAL = dict(
         lagrange_form="calql",  # alpha' * w * (diff - gap) in conservative_sac.py
         log_alpha_prime_init=1.0,  # Cal-QL Scalar(1.0); CORL Scalar(1.0)
         max_backup=True,  # cql_max_target_backup = True
+        max_backup_form="calql",  # conservative_sac.py: min over critics, then max
         critic_hidden_dims=(256, 256, 256, 256),  # --qf_arch=256-256-256-256
         actor_hidden_dims=(256, 256),  # --policy_arch=256-256
-        orthogonal_init=True,  # conservative_sac_main.py orthogonal_init=True
+        init="orthogonal",  # conservative_sac_main.py orthogonal_init=True
+        log_std_min=-20.0, mean_clamp=None,  # model.py jnp.clip(log_std, -20.0, 2.0), no mean clamp
         log_std_affine=True,  # model.py log_std_multiplier=1.0, log_std_offset=-1.0
         reward_mode="scale_bias", reward_scale=10.0, reward_bias=-5.0,  # --reward_scale/bias
     ),
@@ -87,6 +92,7 @@ OFFICIAL = dict(
     kitchen=dict(
         policy_lr=3e-5, bc_steps=40_000, cql_weight=1.0, lagrange=True, cql_tau=5.0,
         max_backup=True,  # paper App. F: max backup for kitchen
+        max_backup_form="cql",  # the CQL code's (rlkit cql.py) form
     ),
     pendulum=dict(  # project: CPU-sized local runs (no paper counterpart)
         total_steps=5_000, eval_every=500, eval_episodes=5, actor_hidden_dims=(64, 64),
@@ -105,7 +111,7 @@ def test_defaults_are_the_official_ones():
 @pytest.mark.parametrize("group", list(OFFICIAL))
 def test_each_preset_sets_exactly_the_official_values(group):
     assert {k: v for k, (v, _) in cql.PRESETS[group].items()} == OFFICIAL[group]
-    envs = [e for e, (_, g) in cql.ENV_PRESETS.items() if g == group]
+    envs = [e for e, g in cql.ENV_GROUPS.items() if g == (group,)]
     assert envs
     for env in envs:
         args = cql.preset_args(env)
@@ -127,7 +133,7 @@ def test_preset_families_and_datasets():
               "kitchen-mixed": ("D4RL/kitchen/mixed-v2", "kitchen"),
               "pendulum-expert": ("local/pendulum/expert-v0", "pendulum")}
     for env, value in expect.items():
-        assert cql.ENV_PRESETS[env] == value
+        assert cql.ENVS[env] == (value[0], (value[1],))
         assert cql.preset_args(env).dataset_id == value[0]
 
 
@@ -219,7 +225,7 @@ def test_presets_prints_the_table_with_sources():
     assert "Scalar(1.0)" in table[("antmaze", "log_alpha_prime_init")][1]
     assert table[("defaults", "log_alpha_prime_init")][0] == "0.0"
     assert all(len(src.strip(" |")) > 10 for _, src in table.values() if src != "source |")
-    assert "| adroit | pen-human," in proc.stdout
+    assert "`pen-human`: D4RL/pen/human-v2, adroit;" in proc.stdout
 
 
 def test_boolean_flags_and_precedence():

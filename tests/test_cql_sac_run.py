@@ -22,7 +22,7 @@ def tiny_args(run_dir: Path, **overrides) -> cql.Args:
     dict(cql_variant="plain", cql_temp=0.5),
     dict(cql_data_term=False),
     dict(lagrange=True, cql_tau=1.0, lagrange_form="calql"),
-    dict(max_backup=True, backup_entropy=True, orthogonal_init=True),
+    dict(max_backup=True, backup_entropy=True, max_backup_form="calql", init="orthogonal"),
     dict(cql_weight=0.0, normalize_states=True, reward_mode="scale_bias", reward_scale=0.1,
          track=True),  # W&B code path, disabled by conftest
 ], ids=["plain", "eq1", "lagrange", "max-backup", "naive-sac"])

@@ -30,7 +30,11 @@ MAY_DIFFER = {
     "__doc__": "each script's own paper, usage and map",
     "Args": "each script's own hyperparameters (Cal-QL: the online phase, MC returns)",
     "PRESETS": "each paper's presets, with their sources",
-    "ENV_GROUPS": "each paper's tasks",
+    "ENVS": "each paper's tasks: --env -> (dataset id, preset groups)",
+    "FALLBACK": "each script's preset for a dataset without one (by family / generic)",
+    "ALONE_TAKES_ITS_PRESET": "Cal-QL: --dataset-id alone runs the preset naming it",
+    "ENV_HINT": "Cal-QL: why a <task>-binary has no preset",
+    "RULES": "each script's own fields to check",
     "Trainer": "Cal-QL: the phase switch (start_online) and the online CQL weight",
     "compute_losses": "Cal-QL: the calibrated logsumexp, its CQL weight argument",
     "cql_term": "Cal-QL: the calibration max(Q, V_mu) of the policy-action Q-values",
@@ -41,6 +45,7 @@ MAY_DIFFER = {
     "main": "Cal-QL: pre-training, then the online loop",
     "final_summary": "Cal-QL: offline score, regret, calibration",
     "LENGTH_FIELD": "the run length's field: total_steps / online_steps",
+    "planned_updates": "Cal-QL: offline updates plus online env steps x UTD",
     "FAMILIES": "each script's dataset families",
 }
 
