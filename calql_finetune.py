@@ -17,9 +17,9 @@ Where the official code and the paper's appendix differ, the official code is fo
     python calql_finetune.py --env antmaze-medium-play --no-enable-calql   # plain CQL
     python calql_finetune.py --dataset-id mujoco/hopper/medium-v0    # generic preset
 
-- Part I, the algorithm (lines 55-856): Args, networks, losses, training step, buffers,
+- Part I, the algorithm (lines 55-819): Args, networks, losses, training step, buffers,
   evaluation and online episodes, main.
-- Part II, datasets and presets (lines 857-1485): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 820-1485): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
@@ -710,43 +710,6 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
                 value_gap_tail_bound=None if None in tails else float(np.mean(tails)))
 
 
-# ---- the value gap's rollout: long enough that the return left out is < 1% of its scale ---
-GAP_TAIL = 0.01  # issue 17 item 3: the neglected tail below 1% of the return scale
-
-
-def gap_horizon(gamma: float) -> int | None:
-    """The fewest steps T with gamma^T <= GAP_TAIL, so that the return after T steps, at most
-    gamma^T r_max / (1 - gamma), is below GAP_TAIL of the return scale r_max / (1 - gamma):
-    0.99 -> 459; gamma 0 -> 1; gamma 1 -> None (no finite horizon)."""
-    if gamma >= 1.0:
-        return None
-    return 1 if gamma <= 0.0 else math.ceil(math.log(GAP_TAIL) / math.log(gamma))
-
-
-def gap_tail_bound(gamma: float, steps: int, reward_abs_max: float) -> float | None:
-    """Bound on |sum_{t >= steps} gamma^t r_t| for |r_t| <= r_max, the return a rollout cut at
-    `steps` leaves out: gamma^steps r_max / (1 - gamma); None: unbounded."""
-    if reward_abs_max == 0.0:
-        return 0.0
-    return None if gamma >= 1.0 else gamma**steps * reward_abs_max / (1.0 - gamma)
-
-
-def value_gap_spec(gamma: float, score_steps: int | None, rewards: np.ndarray
-                   ) -> dict[str, Any]:
-    """config.json's eval_env["value_gap"]: an evaluation episode is one rollout of
-    max(score_steps, gap_horizon) steps or to a true termination, scored over its first
-    score_steps; r_max = max |r| of the rewards as trained bounds the tail left out."""
-    horizon, r_max = gap_horizon(gamma), float(np.abs(rewards).max(initial=0.0))
-    rollout = None if score_steps is None else max(score_steps, horizon or 0)
-    return dict(
-        horizon=horizon, rule=f"ceil(log({GAP_TAIL}) / log(gamma))", tail_fraction=GAP_TAIL,
-        score_max_steps=score_steps, rollout_max_steps=rollout,
-        runs_past_time_limit=rollout is not None and rollout > score_steps, reward_abs_max=r_max,
-        tail_bound=None if rollout is None else gap_tail_bound(gamma, rollout, r_max),
-        note="no time limit: rollouts end where the env ends them" if rollout is None else
-        "an env's own truncation before rollout_max_steps: see value_gap_tail_bound in metrics")
-
-
 # ---- main loop ---------------------------------------------------------------------------
 
 
@@ -857,6 +820,43 @@ def final_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
 # ======================================================================================
 # Part II: datasets and presets
 # ======================================================================================
+
+
+# ---- the value gap's rollout: long enough that the return left out is < 1% of its scale ---
+GAP_TAIL = 0.01  # issue 17 item 3: the neglected tail below 1% of the return scale
+
+
+def gap_horizon(gamma: float) -> int | None:
+    """The fewest steps T with gamma^T <= GAP_TAIL, so that the return after T steps, at most
+    gamma^T r_max / (1 - gamma), is below GAP_TAIL of the return scale r_max / (1 - gamma):
+    0.99 -> 459; gamma 0 -> 1; gamma 1 -> None (no finite horizon)."""
+    if gamma >= 1.0:
+        return None
+    return 1 if gamma <= 0.0 else math.ceil(math.log(GAP_TAIL) / math.log(gamma))
+
+
+def gap_tail_bound(gamma: float, steps: int, reward_abs_max: float) -> float | None:
+    """Bound on |sum_{t >= steps} gamma^t r_t| for |r_t| <= r_max, the return a rollout cut at
+    `steps` leaves out: gamma^steps r_max / (1 - gamma); None: unbounded."""
+    if reward_abs_max == 0.0:
+        return 0.0
+    return None if gamma >= 1.0 else gamma**steps * reward_abs_max / (1.0 - gamma)
+
+
+def value_gap_spec(gamma: float, score_steps: int | None, rewards: np.ndarray
+                   ) -> dict[str, Any]:
+    """config.json's eval_env["value_gap"]: an evaluation episode is one rollout of
+    max(score_steps, gap_horizon) steps or to a true termination, scored over its first
+    score_steps; r_max = max |r| of the rewards as trained bounds the tail left out."""
+    horizon, r_max = gap_horizon(gamma), float(np.abs(rewards).max(initial=0.0))
+    rollout = None if score_steps is None else max(score_steps, horizon or 0)
+    return dict(
+        horizon=horizon, rule=f"ceil(log({GAP_TAIL}) / log(gamma))", tail_fraction=GAP_TAIL,
+        score_max_steps=score_steps, rollout_max_steps=rollout,
+        runs_past_time_limit=rollout is not None and rollout > score_steps, reward_abs_max=r_max,
+        tail_bound=None if rollout is None else gap_tail_bound(gamma, rollout, r_max),
+        note="no time limit: rollouts end where the env ends them" if rollout is None else
+        "an env's own truncation before rollout_max_steps: see value_gap_tail_bound in metrics")
 
 
 # ---- Minari loading: episodes to transitions with MC returns, the evaluation env ---------
