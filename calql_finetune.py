@@ -177,9 +177,13 @@ class Args:
     max_abs_q: float = 1e6
     """Stop the run when |Q| exceeds this (divergence guard), checked when metrics are read."""
     compile: bool = False
-    """Compile the loss computation with torch.compile (CPU and CUDA)."""
+    """Compile the whole update (losses, backward, Adam, Polyak) with torch.compile."""
     cudagraphs: bool = False
-    """With --compile on CUDA: mode reduce-overhead (CUDA graphs)."""
+    """With --compile on CUDA: record the whole compiled update as one CUDA graph, replayed
+    each step."""
+    tf32: bool = False
+    """On CUDA: TF32 matmuls (torch.set_float32_matmul_precision("high")); off: float32, the
+    faithful numerics. Its effect on speed and losses is still to be measured on a GPU."""
     resume: str | None = None
     """Resume the run in this directory (same arguments; refused if the config differs)."""
     track: bool = False
@@ -478,21 +482,22 @@ class Trainer:
     def __init__(self, agent: Agent, args: Args, device: torch.device):
         self.agent, self.args = agent, args
         fused = device.type == "cuda"
+        if fused:  # --tf32: TF32 matmuls on CUDA; default float32
+            torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
+        capturable = args.compile and fused  # Adam's step counters on the device (CUDA graph)
         adam = lambda params, lr: torch.optim.Adam(params, lr=lr, fused=fused or None,
-                                                   foreach=None if fused else True)
+                                                   foreach=None if fused else True,
+                                                   capturable=capturable)
         self.optimizers = dict(
             actor=adam(agent.actor.parameters(), args.policy_lr),
             critic=adam(agent.critic.parameters(), args.qf_lr),
             alpha=adam([agent.log_alpha], args.policy_lr),
             alpha_prime=adam([agent.log_alpha_prime], args.alpha_prime_lr),
         )
-        self.loss_fn = compute_losses
-        if args.compile:
-            mode = "reduce-overhead" if args.cudagraphs and device.type == "cuda" else None
-            self.loss_fn = torch.compile(compute_losses, mode=mode)
         self.online = list(agent.critic.parameters())
         self.target = list(agent.target_critic.parameters())
         self.updates, self.fine_tuning, self.cql_weight = 0, False, args.cql_weight
+        self.compiled = CompiledStep(self, device) if args.compile else None
 
     def start_online(self) -> None:
         """The phase switch: no BC warm start, the online CQL weight."""
@@ -501,10 +506,12 @@ class Trainer:
             self.cql_weight = self.args.cql_weight_online
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.compiled is not None:  # --compile: this update, compiled (CompiledStep)
+            return self.compiled(batch)
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         bc = not self.fine_tuning and self.updates < self.args.bc_steps
-        total, metrics = self.loss_fn(self.agent, batch, self.args, bc, self.cql_weight)
+        total, metrics = compute_losses(self.agent, batch, self.args, bc, self.cql_weight)
         total.backward()
         for opt in self.optimizers.values():
             opt.step()
@@ -521,6 +528,84 @@ class Trainer:
         self.updates = state["updates"]
         for k, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][k])
+
+
+# ---- compiled step (--compile / --cudagraphs): not needed to read the algorithm ---------
+
+
+class CompiledStep:
+    """Trainer.step, whole, through torch.compile: losses, backward, the four Adam steps and
+    the Polyak update. Dynamo splits it at `backward` into the loss graph (its backward
+    compiled with it) and the optimizer graph. --cudagraphs (CUDA): after WARMUP compiled
+    steps, the whole update is recorded once as one CUDA graph (capturable Adam) and
+    replayed, the batch copied into its static inputs; the metrics it returns are rewritten
+    by the next step (Run.log reads them at once). The CQL weight is a 0-d tensor (the
+    phase switch changes its value, not the graph); the BC warm start stays a Python bool:
+    one recompilation (and capture) when it ends, none after. Sampling stays outside: the
+    buffers draw from their own torch.Generator, which Dynamo does not trace."""
+
+    WARMUP = 3  # compiled steps before capture (on a side stream, as CUDA graphs need)
+
+    def __init__(self, trainer: Trainer, device: torch.device):
+        self.trainer, self.graphed = trainer, trainer.args.cudagraphs and device.type == "cuda"
+        self.update = torch.compile(self.eager_update)
+        self.graph, self.static_batch, self.static_metrics = None, {}, {}
+        self.bc, self.warm = None, 0
+        self.weight_value = trainer.cql_weight
+        self.weight = torch.tensor(float(trainer.cql_weight), device=device)
+
+    def eager_update(self, batch: dict[str, torch.Tensor], bc: bool) -> dict[str, torch.Tensor]:
+        t = self.trainer
+        total, metrics = compute_losses(t.agent, batch, t.args, bc, self.weight)
+        total.backward()
+        for opt in t.optimizers.values():
+            opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(t.target, t.online, t.args.soft_target_update)
+        return metrics
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        t = self.trainer
+        bc = not t.fine_tuning and t.updates < t.args.bc_steps
+        t.updates += 1
+        if t.cql_weight != self.weight_value:  # the phase switch: a new value, same graph
+            self.weight_value = t.cql_weight
+            self.weight.fill_(float(t.cql_weight))
+        if bc != self.bc:  # first step, or the end of the warm start: compile, capture anew
+            self.bc, self.warm, self.graph = bc, 0, None
+        if not self.graphed:
+            for opt in t.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            return self.update(batch, bc)
+        if self.warm < self.WARMUP:
+            return self.warm_up(batch, bc)
+        if self.graph is None:
+            self.capture(batch, bc)
+        for k, v in batch.items():
+            self.static_batch[k].copy_(v)
+        self.graph.replay()
+        return self.static_metrics
+
+    def warm_up(self, batch: dict[str, torch.Tensor], bc: bool) -> dict[str, torch.Tensor]:
+        self.warm += 1
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for opt in self.trainer.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            metrics = self.update(batch, bc)
+        torch.cuda.current_stream().wait_stream(side)
+        return metrics
+
+    def capture(self, batch: dict[str, torch.Tensor], bc: bool) -> None:
+        """Record one update (nothing runs); grads None so backward allocates them in the
+        graph's memory, where each replay overwrites them."""
+        self.static_batch = {k: v.clone() for k, v in batch.items()}
+        for opt in self.trainer.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_metrics = self.update(self.static_batch, bc)
 
 
 # ---- replay buffer -----------------------------------------------------------------------

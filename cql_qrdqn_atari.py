@@ -156,9 +156,14 @@ class Args:
     wandb_entity: str | None = None
     """W&B entity; None: your default entity."""
     compile: bool = False
-    """`torch.compile` the loss computation of the update step."""
+    """`torch.compile` the whole update step (losses, backward, Adam, target copy)."""
     cudagraphs: bool = False
-    """With --compile on CUDA: compile mode reduce-overhead (CUDA graphs)."""
+    """With --compile on CUDA: record the whole compiled update as one CUDA graph, replayed
+    each step."""
+    tf32: bool = False
+    """On CUDA: TF32 matmuls and convolutions (torch.set_float32_matmul_precision("high"),
+    cudnn.allow_tf32); off: float32, the faithful numerics. Its effect on speed and losses is
+    still to be measured on a GPU."""
     resume: str | None = None
     """RUN_DIR to resume from (same other arguments); None: a new run."""
     progress: bool = True
@@ -319,16 +324,23 @@ class Trainer:
 
     def __init__(self, agent: Agent, args: Args, device: torch.device):
         self.agent, self.args, self.updates = agent, args, 0
+        if device.type == "cuda":  # --tf32: TF32 matmuls and convolutions; default float32
+            torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
+            torch.backends.cudnn.allow_tf32 = args.tf32
+        capturable = args.compile and device.type == "cuda"  # step counters on the device
         self.optimizers = dict(
-            q=torch.optim.Adam(agent.q.parameters(), lr=args.qf_lr, eps=args.adam_eps),
-            alpha_prime=torch.optim.Adam([agent.log_alpha_prime], lr=args.alpha_prime_lr))
-        mode = "reduce-overhead" if args.cudagraphs and device.type == "cuda" else None
-        self.loss_fn = torch.compile(compute_losses, mode=mode) if args.compile else compute_losses
+            q=torch.optim.Adam(agent.q.parameters(), lr=args.qf_lr, eps=args.adam_eps,
+                               capturable=capturable),
+            alpha_prime=torch.optim.Adam([agent.log_alpha_prime], lr=args.alpha_prime_lr,
+                                         capturable=capturable))
+        self.compiled = CompiledStep(self, device) if args.compile else None
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.compiled is not None:  # --compile: this update, compiled (CompiledStep)
+            return self.compiled(batch)
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        total, metrics = self.loss_fn(self.agent, batch, self.args)
+        total, metrics = compute_losses(self.agent, batch, self.args)
         total.backward()
         for opt in self.optimizers.values():
             opt.step()
@@ -344,6 +356,84 @@ class Trainer:
         self.updates = state["updates"]
         for k, opt in self.optimizers.items():
             opt.load_state_dict(state[k])
+
+
+# ---- compiled step (--compile / --cudagraphs): not needed to read the algorithm ---------
+
+
+class CompiledStep:
+    """Trainer.step, whole, through torch.compile: losses, backward, both Adam steps and the
+    periodic target copy. Dynamo splits it at `backward` into the loss graph (its backward
+    compiled with it) and the optimizer graph. The copy is a mask, not a branch: an update
+    counter on the device, and target.lerp_(online, due) with due 1.0 every
+    target_update_every updates, else 0.0 (lerp by 1 is an exact copy, by 0 no change).
+    --cudagraphs (CUDA): after WARMUP compiled steps, the whole update is recorded once as
+    one CUDA graph (capturable Adam) and replayed, the batch copied into its static inputs;
+    the metrics it returns are rewritten by the next step (Run.log reads them at once).
+    Sampling stays outside: the buffer draws from its own torch.Generator, which Dynamo does
+    not trace, and may copy each batch from host memory (--buffer-device cpu)."""
+
+    WARMUP = 3  # compiled steps before capture (on a side stream, as CUDA graphs need)
+
+    def __init__(self, trainer: Trainer, device: torch.device):
+        self.trainer, self.graphed = trainer, trainer.args.cudagraphs and device.type == "cuda"
+        self.update = torch.compile(self.eager_update)
+        self.graph, self.static_batch, self.static_metrics = None, {}, {}
+        self.warm, self.count_at = 0, 0
+        self.count = torch.zeros((), dtype=torch.long, device=device)  # = trainer.updates
+        agent = trainer.agent
+        self.online, self.target = list(agent.q.parameters()), list(agent.target_q.parameters())
+
+    def eager_update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        t = self.trainer
+        total, metrics = compute_losses(t.agent, batch, t.args)
+        total.backward()
+        for opt in t.optimizers.values():
+            opt.step()
+        with torch.no_grad():  # hard update (dopamine) when due
+            self.count.add_(1)
+            due = (self.count % t.args.target_update_every == 0).float()
+            torch._foreach_lerp_(self.target, self.online, due)
+        return metrics
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        t = self.trainer
+        if self.count_at != t.updates:  # resumed (Trainer.load_state_dict): follow its count
+            self.count.fill_(t.updates)
+        t.updates = self.count_at = t.updates + 1
+        if not self.graphed:
+            for opt in t.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            return self.update(batch)
+        if self.warm < self.WARMUP:
+            return self.warm_up(batch)
+        if self.graph is None:
+            self.capture(batch)
+        for k, v in batch.items():
+            self.static_batch[k].copy_(v)
+        self.graph.replay()
+        return self.static_metrics
+
+    def warm_up(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.warm += 1
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for opt in self.trainer.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            metrics = self.update(batch)
+        torch.cuda.current_stream().wait_stream(side)
+        return metrics
+
+    def capture(self, batch: dict[str, torch.Tensor]) -> None:
+        """Record one update (nothing runs); grads None so backward allocates them in the
+        graph's memory, where each replay overwrites them."""
+        self.static_batch = {k: v.clone() for k, v in batch.items()}
+        for opt in self.trainer.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_metrics = self.update(self.static_batch)
 
 
 # --- Data and replay buffer ------------------------------------------------------------------
