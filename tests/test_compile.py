@@ -81,8 +81,8 @@ def test_compiled_capture_reproduces_the_eager_losses(case, tmp_path, monkeypatc
     monkeypatch.setattr(torch, "compile", compile_aot_eager)
     compiled = run(case, tmp_path / "compiled", seed=1, compile=True)
     assert compiled_fns, "--compile did not go through torch.compile"
-    for key in CASES[case][4]:
-        assert compiled[key] == pytest.approx(eager[key], rel=1e-5, abs=1e-6), key
+    for key in CASES[case][4]:  # traced Adam's ulps (docstring), grown over the run's updates
+        assert compiled[key] == pytest.approx(eager[key], rel=1e-3, abs=1e-5), key
     assert compiled["step"] == eager["step"]
 
 
