@@ -157,6 +157,7 @@ def time_mode(case: Case, mode: str, device: torch.device, warmup: int, seconds:
               min_steps: int) -> dict[str, float]:
     """time_steps of the update, its memory, and the share of its time spent outside the
     compiled graph: the eager batch sampling, timed alone over as many steps."""
+    torch.compiler.reset()  # Dynamo's per-code cache (Optimizer.step's frames) is per process
     trainer, buffer, batch_size = build_parts(case, mode, device)
     step = lambda: trainer.step(buffer.sample(batch_size))
     r = time_steps(step, device, warmup, seconds, min_steps)

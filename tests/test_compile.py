@@ -144,7 +144,7 @@ def test_compiled_update_is_the_eager_update_and_resumes(name, tmp_path, monkeyp
     _, case, args = trainer_args(name, False)
     buffer = speed.random_buffer(replace(case, overrides=()), CPU)
     batches = [buffer.sample(args.batch_size) for _ in range(6)]
-    torch._dynamo.reset()
+    torch.compiler.reset()
     graphs: list[int] = []
 
     def counting(gm, example_inputs):
