@@ -25,13 +25,13 @@ dataset (atari/<game>/expert-v0) in its own env spec's setting (repeat_action_pr
 ALE's internal frame-skip 4), no no-op starts.
 
 The file reads in three parts:
-  Part I, the algorithm, lines 67-578: Args, the quantile network, the losses (QR-DQN,
+  Part I, the algorithm, lines 67-613: Args, the quantile network, the losses (QR-DQN,
     CQL(H)), the training step, the replay buffer, evaluation and the main loop.
-  Part II, datasets and presets, lines 579-1318: Minari loading and the generic path
+  Part II, datasets and presets, lines 614-1353: Minari loading and the generic path
     (vector observations, local datasets), the Atari family block (Minari Atari and DQN
     Replay: data, evaluation env, score; registered in FAMILIES), the presets with their
     sources, the command line.
-  Part III, run plumbing, lines 1319-1886: run directory, checkpoints, resume, signals.
+  Part III, run plumbing, lines 1354-1972: run directory, checkpoints, resume, signals.
 To use the file on your own discrete-action data, delete the family block (ale-py and OpenCV
 go with it): the generic path loads any Minari dataset of vector observations (--dataset-id)
 and evaluates it in the dataset's own env.
@@ -51,7 +51,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -156,9 +156,12 @@ class Args:
     wandb_entity: str | None = None
     """W&B entity; None: your default entity."""
     compile: bool = False
-    """`torch.compile` the loss computation of the update step."""
+    """`torch.compile` the whole update step (losses, backward, Adam, target copy)."""
     cudagraphs: bool = False
-    """With --compile on CUDA: compile mode reduce-overhead (CUDA graphs)."""
+    """With --compile on CUDA: replay the compiled update as one CUDA graph."""
+    tf32: bool = False
+    """TF32 matmuls and convolutions on CUDA (off: float32; speed and loss effect to be
+    measured on a GPU)."""
     resume: str | None = None
     """RUN_DIR to resume from (same other arguments); None: a new run."""
     progress: bool = True
@@ -319,16 +322,29 @@ class Trainer:
 
     def __init__(self, agent: Agent, args: Args, device: torch.device):
         self.agent, self.args, self.updates = agent, args, 0
+        if device.type == "cuda":  # --tf32: TF32 matmuls and convolutions; default float32
+            torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
+            torch.backends.cudnn.allow_tf32 = args.tf32
+        capturable = args.compile and device.type == "cuda"  # step counters on the device
         self.optimizers = dict(
-            q=torch.optim.Adam(agent.q.parameters(), lr=args.qf_lr, eps=args.adam_eps),
-            alpha_prime=torch.optim.Adam([agent.log_alpha_prime], lr=args.alpha_prime_lr))
-        mode = "reduce-overhead" if args.cudagraphs and device.type == "cuda" else None
-        self.loss_fn = torch.compile(compute_losses, mode=mode) if args.compile else compute_losses
+            q=torch.optim.Adam(agent.q.parameters(), lr=args.qf_lr, eps=args.adam_eps,
+                               capturable=capturable),
+            alpha_prime=torch.optim.Adam([agent.log_alpha_prime], lr=args.alpha_prime_lr,
+                                         capturable=capturable))
+        # compiled: the update count on the device, the target copy a mask (qrdqn_update)
+        self.count = torch.zeros((), dtype=torch.long, device=device)
+        self.online, self.target = list(agent.q.parameters()), list(agent.target_q.parameters())
+        self.compiled = CompiledStep(partial(qrdqn_update, self), self.optimizers.values(),
+                                     args.cudagraphs and device.type == "cuda") \
+            if args.compile else None
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.compiled is not None:  # --compile: this update, compiled (qrdqn_update)
+            self.updates += 1
+            return self.compiled(batch)
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        total, metrics = self.loss_fn(self.agent, batch, self.args)
+        total, metrics = compute_losses(self.agent, batch, self.args)
         total.backward()
         for opt in self.optimizers.values():
             opt.step()
@@ -344,6 +360,25 @@ class Trainer:
         self.updates = state["updates"]
         for k, opt in self.optimizers.items():
             opt.load_state_dict(state[k])
+        self.count.fill_(self.updates)
+
+
+# ---- compiled step (--compile / --cudagraphs): not needed to read the algorithm ---------
+# Trainer.step's update as one function, compiled (and CUDA-graphed) by CompiledStep (Part
+# III); the periodic target copy a mask: lerp by 1.0 (an exact copy) when due, else by 0.0
+
+
+def qrdqn_update(t: Trainer, batch: dict[str, torch.Tensor], _: None = None
+                 ) -> dict[str, torch.Tensor]:
+    total, metrics = compute_losses(t.agent, batch, t.args)
+    total.backward()
+    for opt in t.optimizers.values():
+        opt.step()
+    with torch.no_grad():  # hard update (dopamine) every target_update_every updates
+        t.count.add_(1)
+        due = (t.count % t.args.target_update_every == 0).float()
+        torch._foreach_lerp_(t.target, t.online, due)
+    return metrics
 
 
 # --- Data and replay buffer ------------------------------------------------------------------
@@ -1862,6 +1897,57 @@ class Run:
         return wandb.init(project=self.args.wandb_project, entity=self.args.wandb_entity,
                           config=config_dict(self.args), name=self.dir.name,
                           dir=str(self.dir), id=wandb_run_id(self.dir.name), resume="allow")
+
+
+class CompiledStep:
+    """--compile / --cudagraphs: `update(batch, switch)`, one whole training update (losses,
+    backward, optimizer steps, target update), through torch.compile; Dynamo splits it at
+    `backward` into the loss graph (its backward compiled with it) and the optimizer
+    graphs. `switch`: a Python value that selects a graph (the BC warm start): a new value
+    compiles once more; values that change more often go in as tensors. With `graphed`
+    (CUDA), after WARMUP compiled steps on a side stream, the update is recorded once as one
+    CUDA graph (capturable Adam) and replayed, the batch copied into its static inputs; the
+    metrics it returns are rewritten by the next step (Run.log reads them at once)."""
+
+    WARMUP = 3
+
+    def __init__(self, update: Callable[..., dict[str, torch.Tensor]],
+                 optimizers: Iterable[torch.optim.Optimizer], graphed: bool):
+        self.update, self.optimizers = torch.compile(update), list(optimizers)
+        self.graphed, self.graph, self.switch, self.warm = graphed, None, None, 0
+        self.static_batch: dict[str, torch.Tensor] = {}
+        self.static_metrics: dict[str, torch.Tensor] = {}
+
+    def __call__(self, batch: dict[str, torch.Tensor], switch: Any = None
+                 ) -> dict[str, torch.Tensor]:
+        if switch != self.switch:  # a new graph: compile (and capture) anew
+            self.switch, self.warm, self.graph = switch, 0, None
+        if not self.graphed:
+            return self.zero_grad_and_update(batch)
+        if self.warm < self.WARMUP:  # compile, and CUDA's lazy init, off the capture
+            self.warm += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                metrics = self.zero_grad_and_update(batch)
+            torch.cuda.current_stream().wait_stream(side)
+            return metrics
+        if self.graph is None:  # record (nothing runs); grads None: backward allocates them
+            self.static_batch = {k: v.clone() for k, v in batch.items()}  # in graph memory
+            self.graph = torch.cuda.CUDAGraph()
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            with torch.cuda.graph(self.graph):
+                self.static_metrics = self.update(self.static_batch, self.switch)
+        for k, v in batch.items():
+            self.static_batch[k].copy_(v)
+        self.graph.replay()  # each replay overwrites the grads: no zero_grad
+        return self.static_metrics
+
+    def zero_grad_and_update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        return self.update(batch, self.switch)
 
 
 def cli() -> None:

@@ -9,13 +9,13 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
     python cql_sac_continuous.py --env pendulum-medium          # local dataset (see README)
     python cql_sac_continuous.py --dataset-id mujoco/hopper/expert-v0 --device cuda
 
-- Part I, the algorithm (lines 47-633): Args, networks, losses, the training step, the replay
+- Part I, the algorithm (lines 47-653): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 634-1331): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 654-1351): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1332-1899): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1352-1970): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from itertools import pairwise
 from pathlib import Path
@@ -161,9 +161,11 @@ class Args:
     max_abs_q: float = 1e6
     """Stop the run when |Q| exceeds this (divergence guard), checked when metrics are read."""
     compile: bool = False
-    """Compile the loss computation with torch.compile (CPU and CUDA)."""
+    """Compile the whole update (losses, backward, Adam, Polyak) with torch.compile."""
     cudagraphs: bool = False
-    """With --compile on CUDA: mode reduce-overhead (CUDA graphs)."""
+    """With --compile on CUDA: replay the compiled update as one CUDA graph."""
+    tf32: bool = False
+    """TF32 matmuls on CUDA (off: float32; speed and loss effect to be measured on a GPU)."""
     resume: str | None = None
     """Resume the run in this directory (same arguments; refused if the config differs)."""
     track: bool = False
@@ -479,30 +481,34 @@ class Trainer:
     def __init__(self, agent: Agent, args: Args, device: torch.device):
         self.agent, self.args, self.updates = agent, args, 0
         fused = device.type == "cuda"
+        if fused:  # --tf32: TF32 matmuls on CUDA; default float32
+            torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
+        capturable = args.compile and fused  # Adam's step counters on the device (CUDA graph)
         adam = lambda params, lr: torch.optim.Adam(params, lr=lr, fused=fused or None,
-                                                   foreach=None if fused else True)
+                                                   foreach=None if fused else True,
+                                                   capturable=capturable)
         self.optimizers = dict(actor=adam(agent.actor.parameters(), args.policy_lr),
                                critic=adam(agent.critic.parameters(), args.qf_lr),
                                alpha=adam([agent.log_alpha], args.policy_lr),
                                alpha_prime=adam([agent.log_alpha_prime], args.alpha_prime_lr))
-        self.loss_fn = compute_losses
-        if args.compile:  # --cudagraphs: CUDA graphs replay the captured step
-            mode = "reduce-overhead" if args.cudagraphs and device.type == "cuda" else None
-            self.loss_fn = torch.compile(compute_losses, mode=mode)
         self.online = list(agent.critic.parameters())
         self.target = list(agent.target_critic.parameters())
+        update = lambda b, bc: sac_update(self, b, bc)
+        self.compiled = CompiledStep(update, self.optimizers.values(), args.cudagraphs and fused) \
+            if args.compile else None
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        bc, self.updates = self.updates < self.args.bc_steps, self.updates + 1
+        if self.compiled is not None:  # --compile: this update, compiled (sac_update)
+            return self.compiled(batch, bc)
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        bc = self.updates < self.args.bc_steps
-        total, metrics = self.loss_fn(self.agent, batch, self.args, bc)
+        total, metrics = compute_losses(self.agent, batch, self.args, bc)
         total.backward()
         for opt in self.optimizers.values():
             opt.step()
         with torch.no_grad():  # Polyak averaging of the target critics
             torch._foreach_lerp_(self.target, self.online, self.args.soft_target_update)
-        self.updates += 1
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
@@ -513,6 +519,20 @@ class Trainer:
         self.updates = state["updates"]
         for k, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][k])
+
+
+# ---- compiled step (--compile / --cudagraphs): not needed to read the algorithm ---------
+# Trainer.step's update as one function, compiled (and CUDA-graphed) by CompiledStep (Part III)
+
+
+def sac_update(t: Trainer, batch: dict[str, torch.Tensor], bc: bool) -> dict[str, torch.Tensor]:
+    total, metrics = compute_losses(t.agent, batch, t.args, bc)
+    total.backward()
+    for opt in t.optimizers.values():
+        opt.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(t.target, t.online, t.args.soft_target_update)
+    return metrics
 
 
 # ---- replay buffer -----------------------------------------------------------------------
@@ -1875,6 +1895,57 @@ class Run:
         return wandb.init(project=self.args.wandb_project, entity=self.args.wandb_entity,
                           config=config_dict(self.args), name=self.dir.name,
                           dir=str(self.dir), id=wandb_run_id(self.dir.name), resume="allow")
+
+
+class CompiledStep:
+    """--compile / --cudagraphs: `update(batch, switch)`, one whole training update (losses,
+    backward, optimizer steps, target update), through torch.compile; Dynamo splits it at
+    `backward` into the loss graph (its backward compiled with it) and the optimizer
+    graphs. `switch`: a Python value that selects a graph (the BC warm start): a new value
+    compiles once more; values that change more often go in as tensors. With `graphed`
+    (CUDA), after WARMUP compiled steps on a side stream, the update is recorded once as one
+    CUDA graph (capturable Adam) and replayed, the batch copied into its static inputs; the
+    metrics it returns are rewritten by the next step (Run.log reads them at once)."""
+
+    WARMUP = 3
+
+    def __init__(self, update: Callable[..., dict[str, torch.Tensor]],
+                 optimizers: Iterable[torch.optim.Optimizer], graphed: bool):
+        self.update, self.optimizers = torch.compile(update), list(optimizers)
+        self.graphed, self.graph, self.switch, self.warm = graphed, None, None, 0
+        self.static_batch: dict[str, torch.Tensor] = {}
+        self.static_metrics: dict[str, torch.Tensor] = {}
+
+    def __call__(self, batch: dict[str, torch.Tensor], switch: Any = None
+                 ) -> dict[str, torch.Tensor]:
+        if switch != self.switch:  # a new graph: compile (and capture) anew
+            self.switch, self.warm, self.graph = switch, 0, None
+        if not self.graphed:
+            return self.zero_grad_and_update(batch)
+        if self.warm < self.WARMUP:  # compile, and CUDA's lazy init, off the capture
+            self.warm += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                metrics = self.zero_grad_and_update(batch)
+            torch.cuda.current_stream().wait_stream(side)
+            return metrics
+        if self.graph is None:  # record (nothing runs); grads None: backward allocates them
+            self.static_batch = {k: v.clone() for k, v in batch.items()}  # in graph memory
+            self.graph = torch.cuda.CUDAGraph()
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            with torch.cuda.graph(self.graph):
+                self.static_metrics = self.update(self.static_batch, self.switch)
+        for k, v in batch.items():
+            self.static_batch[k].copy_(v)
+        self.graph.replay()  # each replay overwrites the grads: no zero_grad
+        return self.static_metrics
+
+    def zero_grad_and_update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        return self.update(batch, self.switch)
 
 
 def cli() -> None:

@@ -6,9 +6,14 @@
 Update speed: one update of each script's main loop, `trainer.step(buffer.sample(B))`
 (its own Agent, Trainer and replay buffer, the buffer filled with random transitions of the
 right shapes), the same code path for the three scripts, at paper size and at the small size
-of the local suite, eager and with `--compile` (and, on CUDA, `--compile --cudagraphs`: mode
-reduce-overhead). Warm-up steps (compilation
-included) are not timed; then steps run for `--seconds` (at least --min-steps).
+of the local suite, eager, with `--compile` (the whole update compiled: losses, backward, Adam,
+target update) and, on CUDA, `--compile --cudagraphs` (that update replayed as one CUDA graph).
+Warm-up steps (compilation, graph capture) are not timed; then steps run for `--seconds` (at
+least --min-steps). Per mode also: the memory of one update (CUDA: peak
+torch.cuda.max_memory_allocated above what was allocated before it; CPU: growth of the
+process RSS over one update, since tracemalloc does not see torch's allocator), and the
+share of the step spent outside the compiled graph: the batch sampling, `buffer.sample(B)`,
+which runs eagerly in every mode (timed alone the same way, median over blocks).
 
 Matmul share: the CQL-SAC update's matmul FLOPs, counted analytically (`cql_sac_flops`,
 cross-checked with torch's FlopCounterMode), times its updates/s, over a large float32
@@ -113,10 +118,9 @@ def random_buffer(case: Case, device: torch.device, n: int = 4096):
     return module.ReplayBuffer(data, device, 0)
 
 
-def build_step(case: Case, mode: str, device: torch.device) -> Callable[[], Any]:
-    """One update of the script's main loop, `trainer.step(buffer.sample(B))`, as a
-    no-argument callable: its own Agent, Trainer and replay buffer (random transitions);
-    past any BC warm start (bc_steps 0)."""
+def build_parts(case: Case, mode: str, device: torch.device) -> tuple[Any, Any, int]:
+    """The script's own Trainer (its Agent inside) and replay buffer (random transitions) in
+    `mode`, past any BC warm start (bc_steps 0), and the batch size."""
     module = MODULES[case.script]
     preset = module.preset_args(case.env)
     over = dict(case.overrides, device=str(device), compile=mode != "eager",
@@ -124,8 +128,44 @@ def build_step(case: Case, mode: str, device: torch.device) -> Callable[[], Any]
     args = replace(preset, **over, **({"bc_steps": 0} if hasattr(preset, "bc_steps") else {}))
     buffer = random_buffer(case, device)
     agent = module.Agent(case.obs_dim, case.action_dim, args).to(device)
-    trainer = module.Trainer(agent, args, device)
-    return lambda: trainer.step(buffer.sample(args.batch_size))
+    return module.Trainer(agent, args, device), buffer, args.batch_size
+
+
+def build_step(case: Case, mode: str, device: torch.device) -> Callable[[], Any]:
+    """One update of the script's main loop, `trainer.step(buffer.sample(B))`, as a
+    no-argument callable (build_parts)."""
+    trainer, buffer, batch_size = build_parts(case, mode, device)
+    return lambda: trainer.step(buffer.sample(batch_size))
+
+
+def update_memory_bytes(step: Callable[[], Any], device: torch.device) -> int:
+    """Memory one (warm) update needs: on CUDA its peak allocation above what was allocated
+    before it; on CPU the growth of the process RSS over it (0 once the allocator reuses)."""
+    if device.type == "cuda":
+        sync(device)
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        sync(device)
+        return torch.cuda.max_memory_allocated() - before
+    before = rss_bytes()
+    step()
+    return max(0, rss_bytes() - before)
+
+
+def time_mode(case: Case, mode: str, device: torch.device, warmup: int, seconds: float,
+              min_steps: int) -> dict[str, float]:
+    """time_steps of the update, its memory, and the share of its time spent outside the
+    compiled graph: the eager batch sampling, timed alone over as many steps."""
+    torch.compiler.reset()  # Dynamo's per-code cache (Optimizer.step's frames) is per process
+    trainer, buffer, batch_size = build_parts(case, mode, device)
+    step = lambda: trainer.step(buffer.sample(batch_size))
+    r = time_steps(step, device, warmup, seconds, min_steps)
+    memory = update_memory_bytes(step, device)
+    sample = time_steps(lambda: buffer.sample(batch_size), device, 1, 0.0, r["steps"])
+    return dict(r, update_memory_bytes=memory, memory_kind="device peak" if
+                device.type == "cuda" else "RSS growth",
+                outside_share=r["updates_per_sec"] / sample["updates_per_sec"])
 
 
 def sync(device: torch.device) -> None:
@@ -379,14 +419,19 @@ def markdown(results: list[dict[str, Any]], flops: dict[str, Any], loading: list
              "Each script's own update step on a random batch (warm-up steps, compilation "
              "included, not timed; torch's compile cache makes a repeated run's warm-up "
              "shorter). updates/s = 1 / median step time; `mean` = steps / total time "
-             "(lower when the machine is shared).", "",
-             "| script | size | setup | mode | updates/s | mean | warm-up s | timed steps |",
-             "|---|---|---|---|---|---|---|---|"]
+             "(lower when the machine is shared). MiB/update: the memory of one update "
+             "(CUDA: peak allocation above the resident state; CPU: RSS growth, 0 once the "
+             "allocator reuses its memory). Outside graph: the share of the step in the eager "
+             "batch sampling (the same in eager mode, where nothing is compiled).", "",
+             "| script | size | setup | mode | updates/s | mean | warm-up s | timed steps | "
+             "MiB/update | outside graph |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {ALGORITHM[r['script']]} | {r['size']} | {r['description']} | "
                      f"{r['mode']} | {r['updates_per_sec']:.2f} | "
                      f"{r['mean_updates_per_sec']:.2f} | {r['warmup_s']:.1f} | "
-                     f"{r['steps']} |")
+                     f"{r['steps']} | {r['update_memory_bytes'] / 2**20:.1f} "
+                     f"({r['memory_kind']}) | {100 * r['outside_share']:.1f}% |")
     lines += ["", "## CQL-SAC update vs. float32 matmul throughput", "",
               f"Reference: {flops['matmul_n']}x{flops['matmul_n']} float32 matmul, "
               f"{flops['matmul_gflops']:.1f} GFLOP/s (best of 3, before and after the "
@@ -453,8 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in (c for c in CASES if c.size in args.sizes):
         for mode in modes_for(device, args.modes):
             torch.manual_seed(0)
-            step = build_step(case, mode, device)
-            r = time_steps(step, device, args.warmup, args.seconds, args.min_steps)
+            r = time_mode(case, mode, device, args.warmup, args.seconds, args.min_steps)
             results.append(dict(script=case.script, size=case.size,
                                 description=case.description, mode=mode, **r))
             print(f"{case.script} {case.size} {mode}: {r['updates_per_sec']:.2f} updates/s "
