@@ -150,7 +150,7 @@ def calql_vs_cql(tag: str = "", shared: tuple[str, ...] = (), seeds: int | None 
     """Cal-QL and CQL, identical but for the calibration flag (the paper's protocol), on the
     PointMaze corridor; `tag`/`shared`: a side condition given to both."""
     return tuple(Entry(CALQL, "pointmaze-binary", variant + tag, (*_FINETUNE, *shared, *extra),
-                       ("pointmaze-sparse",), "score", seeds=seeds)
+                       ("pointmaze-binary",), "score", seeds=seeds)
                  for variant, extra in (("calql", ()), ("cql", _NO_CALQL)))
 
 
