@@ -17,13 +17,13 @@ Where the official code and the paper's appendix differ, the official code is fo
     python calql_finetune.py --env antmaze-medium-play --no-enable-calql   # plain CQL
     python calql_finetune.py --dataset-id mujoco/hopper/medium-v0    # generic preset
 
-- Part I, the algorithm (lines 55-844): Args, networks, losses, training step, buffers,
+- Part I, the algorithm (lines 55-811): Args, networks, losses, training step, buffers,
   evaluation and online episodes, main.
-- Part II, datasets and presets (lines 845-1510): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 812-1513): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1511-2129): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1514-2132): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -738,20 +738,6 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
 # ---- main loop ---------------------------------------------------------------------------
 
 
-class Counters:
-    """Checkpointed loop counters: phase (offline | online), online env steps, trajectories
-    (online episode k has its own reset seed: a resumed run continues bit-identically)."""
-
-    def __init__(self):
-        self.phase, self.env_steps, self.episodes = "offline", 0, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        vars(self).update(state)
-
-
 def main(args: Args) -> dict[str, Any]:
     """Offline pre-training, then online fine-tuning, from complete Args (parse_args, or
     preset_args + dataclasses.replace); returns the summary."""
@@ -821,25 +807,6 @@ def main(args: Args) -> dict[str, Any]:
         resource.close()
     return run.finish(dict(final_summary(run.history), gradient_steps=step,
                            env_steps=loop.env_steps, episodes=loop.episodes))
-
-
-def final_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Offline score (end of pre-training), final score, cumulative regret (mean over online
-    evaluations of 1 - success rate), largest drop below the pre-trained score, calibration."""
-    offline = [r for r in history if r["phase"] == "offline"]
-    online = [r for r in history if r["phase"] == "online"]
-    pre, last = offline[-1], history[-1]
-    rates = [r["success_rate"] for r in online if r["success_rate"] is not None]
-    return dict(
-        offline_score=pre["score"], offline_success_rate=pre["success_rate"],
-        final_score=last["score"], final_success_rate=last["success_rate"],
-        final_return=last["return_mean"], value_gap=last["value_gap"],
-        cumulative_regret=float(np.mean([1.0 - s for s in rates])) if rates else None,
-        max_drop_below_offline=max(0.0, pre["score"] - min(r["score"] for r in online))
-        if online else None,
-        calib_below_share=last.get("calib_below_share"),
-        calib_q_minus_vmu=last.get("calib_q_minus_vmu"),
-        calib_below_share_offline_end=pre.get("calib_below_share"))
 
 
 # ======================================================================================
@@ -1498,6 +1465,42 @@ def presets_markdown() -> str:
                       for p, g in FALLBACK.items())
     return "\n".join([*lines, "", f"`--env` -> dataset, groups over the defaults: {envs}.", "",
                       f"`--dataset-id` without a preset `--env`: {alone}."])
+
+
+# ---- the run: loop counters, summary and length (main and Part III) ----------------------
+
+
+class Counters:
+    """Checkpointed loop counters: phase (offline | online), online env steps, trajectories
+    (online episode k has its own reset seed: a resumed run continues bit-identically)."""
+
+    def __init__(self):
+        self.phase, self.env_steps, self.episodes = "offline", 0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+
+
+def final_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Offline score (end of pre-training), final score, cumulative regret (mean over online
+    evaluations of 1 - success rate), largest drop below the pre-trained score, calibration."""
+    offline = [r for r in history if r["phase"] == "offline"]
+    online = [r for r in history if r["phase"] == "online"]
+    pre, last = offline[-1], history[-1]
+    rates = [r["success_rate"] for r in online if r["success_rate"] is not None]
+    return dict(
+        offline_score=pre["score"], offline_success_rate=pre["success_rate"],
+        final_score=last["score"], final_success_rate=last["success_rate"],
+        final_return=last["return_mean"], value_gap=last["value_gap"],
+        cumulative_regret=float(np.mean([1.0 - s for s in rates])) if rates else None,
+        max_drop_below_offline=max(0.0, pre["score"] - min(r["score"] for r in online))
+        if online else None,
+        calib_below_share=last.get("calib_below_share"),
+        calib_q_minus_vmu=last.get("calib_q_minus_vmu"),
+        calib_below_share_offline_end=pre.get("calib_below_share"))
 
 
 LENGTH_FIELD = "online_steps"  # the run length a resume may grow (Part III)
