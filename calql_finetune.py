@@ -17,13 +17,13 @@ Where the official code and the paper's appendix differ, the official code is fo
     python calql_finetune.py --env antmaze-medium-play --no-enable-calql   # plain CQL
     python calql_finetune.py --dataset-id mujoco/hopper/medium-v0    # generic preset
 
-- Part I, the algorithm (lines 55-811): Args, networks, losses, training step, buffers,
+- Part I, the algorithm (lines 55-792): Args, networks, losses, training step, buffers,
   evaluation and online episodes, main.
-- Part II, datasets and presets (lines 812-1513): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 793-1510): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1514-2132): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1511-2129): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -59,8 +59,7 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
-    """Cal-QL fine-tuning. Defaults are the pen-binary preset; `--env X` loads X's preset
-    (`--env X --help` shows it, `--presets` lists every preset value with its source)."""
+    """Cal-QL fine-tuning, defaults pen-binary (`--env X --help`: X's values; `--presets`)."""
 
     env: str = "pen-binary"
     """Task with a preset: pen/door/relocate-binary, antmaze-<maze>, pointmaze-binary (local);
@@ -76,8 +75,7 @@ class Args:
     online_steps: int = 200_000
     """Environment steps of online fine-tuning."""
     offline_eval_every: int = 2_000
-    """Evaluate (and checkpoint) every N pre-training updates, at step 0 (the official epoch 0)
-    and at its end (the 'offline score')."""
+    """Evaluate and checkpoint every N pre-training updates, at 0 (official epoch 0) and the end."""
     eval_every: int = 2_000
     """Evaluate (and checkpoint) every this many env steps during fine-tuning."""
     eval_episodes: int = 20
@@ -649,22 +647,6 @@ def mixed_batch(offline: ReplayBuffer, online: ReplayBuffer | None, batch_size: 
 # ---- evaluation, and online episodes in the same env with the same transform -------------
 
 
-def env_step(env: gym.Env, action: np.ndarray, args: Args
-             ) -> tuple[Any, float, bool, bool, bool | None]:
-    """One env step -> (obs, raw reward, terminal, time-limit truncation, success or None
-    when the env reports no success). Binary tasks: reward success - 1, and the episode
-    ends, as a terminal, at success."""
-    obs, reward, terminated, truncated, info = env.step(action)
-    success = bool(info["success"]) if "success" in info else None
-    if args.binary:
-        # Binary Adroit as the official mj_envs fork (nakamotoo/mj_envs, `reward_type=
-        # "binary"`: r = goal_achieved - 1) and Cal-QL's sampler (JaxCQL/sampler.py ends the
-        # episode when goal_achieved). The env's own `terminated` is dropped: the fork's
-        # pen-binary-v0 never ends early (early_termination=False), door/relocate never do.
-        reward, terminated = float(bool(success)) - 1.0, bool(success)
-    return obs, float(reward), bool(terminated), bool(truncated) and not terminated, success
-
-
 def collect_trajectory(agent: Agent, env: gym.Env, tf: Transform, args: Args,
                        device: torch.device, seed: int) -> tuple[dict[str, np.ndarray], bool]:
     """One whole trajectory with the STOCHASTIC policy (official sampler), its MC returns."""
@@ -739,8 +721,7 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
 
 
 def main(args: Args) -> dict[str, Any]:
-    """Offline pre-training, then online fine-tuning, from complete Args (parse_args, or
-    preset_args + dataclasses.replace); returns the summary."""
+    """Pre-train, then fine-tune, with a complete Args (parse_args, or preset_args plus replace)."""
     check_args(args)
     device = pick_device(args.device)
     args = replace(args, run_dir=args.resume or args.run_dir or default_run_dir(args))
@@ -1154,6 +1135,22 @@ def binary_relabel(success: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     flags = success[:int(np.flatnonzero(success)[-1]) + 1].astype(np.float32)
     return flags - 1.0, flags
+
+
+def env_step(env: gym.Env, action: np.ndarray, args: Args
+             ) -> tuple[Any, float, bool, bool, bool | None]:
+    """One env step -> (obs, raw reward, terminal, time-limit truncation, success or None
+    when the env reports no success). Binary tasks: reward success - 1, and the episode
+    ends, as a terminal, at success."""
+    obs, reward, terminated, truncated, info = env.step(action)
+    success = bool(info["success"]) if "success" in info else None
+    if args.binary:
+        # Binary Adroit as the official mj_envs fork (nakamotoo/mj_envs, `reward_type=
+        # "binary"`: r = goal_achieved - 1) and Cal-QL's sampler (JaxCQL/sampler.py ends the
+        # episode when goal_achieved). The env's own `terminated` is dropped: the fork's
+        # pen-binary-v0 never ends early (early_termination=False), door/relocate never do.
+        reward, terminated = float(bool(success)) - 1.0, bool(success)
+    return obs, float(reward), bool(terminated), bool(truncated) and not terminated, success
 
 
 # ---- family: AntMaze ---------------------------------------------------------------------
