@@ -79,7 +79,7 @@ class Args:
     eval_every: int = 2_000
     """Evaluate (and checkpoint) every this many env steps during fine-tuning."""
     eval_episodes: int = 20
-    """Deterministic evaluation episodes."""
+    """Episodes per evaluation, deterministic policy."""
     batch_size: int = 256
     """Transitions per gradient step; online: mixing_ratio of them offline, the rest online."""
     mixing_ratio: float = 0.5
@@ -146,8 +146,8 @@ class Args:
     cql_tau: float = 1.0
     """Target action gap of the Lagrange form (official `cql_target_action_gap`)."""
     log_alpha_prime_init: float = 1.0
-    """Initial log alpha' (Lagrange only): 1.0 in Cal-QL (`Scalar(1.0)`) and CORL, i.e.
-    alpha' = e at the start; 0.0 in rlkit `cql.py` (`ptu.zeros(1)`)."""
+    """Initial log alpha' (Lagrange only): 0.0 in rlkit `cql.py` (`ptu.zeros(1)`), 1.0 in Cal-QL
+    (`Scalar(1.0)`) and CORL."""
     alpha_prime_lr: float = 3e-4
     """Learning rate of log alpha' (Lagrange only)."""
 
@@ -169,7 +169,7 @@ class Args:
     reward_neg: float = -1.0
     """Raw failure reward r_neg: an all-r_neg trajectory gets MC returns r_neg / (1 - gamma)."""
     normalize_states: bool = False
-    """Normalize observations with the offline data's mean/std (eps 1e-3), at evaluation too."""
+    """Normalize observations with the dataset mean/std (eps 1e-3), at evaluation too."""
 
     # ---- run -------------------------------------------------------------------------
     log_every: int = 1000
