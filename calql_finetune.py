@@ -17,13 +17,13 @@ Where the official code and the paper's appendix differ, the official code is fo
     python calql_finetune.py --env antmaze-medium-play --no-enable-calql   # plain CQL
     python calql_finetune.py --dataset-id mujoco/hopper/medium-v0    # generic preset
 
-- Part I, the algorithm (lines 55-792): Args, networks, losses, training step, buffers,
+- Part I, the algorithm (lines 55-791): Args, networks, losses, training step, buffers,
   evaluation and online episodes, main.
-- Part II, datasets and presets (lines 793-1510): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 792-1508): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1511-2129): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1509-2127): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -727,11 +727,10 @@ def main(args: Args) -> dict[str, Any]:
     args = replace(args, run_dir=args.resume or args.run_dir or default_run_dir(args))
     torch.manual_seed(args.seed)  # all training randomness is torch's; envs are seeded
     data = load_data(args)
-    obs_dim, action_dim = data.info["obs_dim"], data.info["action_dim"]
     offline = ReplayBuffer(data.transitions, device, args.seed)
     online = ReplayBuffer({k: v[:0] for k, v in data.transitions.items()}, device,
                           args.seed + 1, args.online_steps + data.eval_env["max_episode_steps"])
-    agent = Agent(obs_dim, action_dim, args).to(device)
+    agent = Agent(data.info["obs_dim"], data.info["action_dim"], args).to(device)
     trainer = Trainer(agent, args, device)
     spec = dict(data.eval_env, value_gap=value_gap_spec(
         args.gamma, data.eval_env["max_episode_steps"], data.transitions["rewards"]))
@@ -1035,8 +1034,7 @@ def load_data(args: Args) -> Data:
     dataset = load_minari_dataset(args.dataset_id)
     if not isinstance(dataset.action_space, gym.spaces.Box):
         fail(f"dataset {args.dataset_id} has a {type(dataset.action_space).__name__} action "
-             "space; Cal-QL needs continuous (Box) actions (cql_qrdqn_atari.py trains "
-             "discrete ones)")
+             "space; this script needs continuous (Box) actions: use cql_qrdqn_atari.py")
     episodes, reached, total = [], [], 0
     for ep in tqdm(dataset.iterate_episodes(), total=dataset.total_episodes, leave=False,
                    desc=f"loading {args.dataset_id}", disable=not args.progress):
