@@ -17,13 +17,13 @@ Where the official code and the paper's appendix differ, the official code is fo
     python calql_finetune.py --env antmaze-medium-play --no-enable-calql   # plain CQL
     python calql_finetune.py --dataset-id mujoco/hopper/medium-v0    # generic preset
 
-- Part I, the algorithm (lines 55-844): Args, networks, losses, training step, buffers,
+- Part I, the algorithm (lines 55-791): Args, networks, losses, training step, buffers,
   evaluation and online episodes, main.
-- Part II, datasets and presets (lines 845-1510): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 792-1508): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1511-2129): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1509-2127): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -59,8 +59,7 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
-    """Cal-QL fine-tuning. Defaults are the pen-binary preset; `--env X` loads X's preset
-    (`--env X --help` shows it, `--presets` lists every preset value with its source)."""
+    """Cal-QL fine-tuning, defaults pen-binary (`--env X --help`: X's values; `--presets`)."""
 
     env: str = "pen-binary"
     """Task with a preset: pen/door/relocate-binary, antmaze-<maze>, pointmaze-binary (local);
@@ -76,12 +75,11 @@ class Args:
     online_steps: int = 200_000
     """Environment steps of online fine-tuning."""
     offline_eval_every: int = 2_000
-    """Evaluate (and checkpoint) every N pre-training updates, at step 0 (the official epoch 0)
-    and at its end (the 'offline score')."""
+    """Evaluate and checkpoint every N pre-training updates, at 0 (official epoch 0) and the end."""
     eval_every: int = 2_000
     """Evaluate (and checkpoint) every this many env steps during fine-tuning."""
     eval_episodes: int = 20
-    """Deterministic evaluation episodes."""
+    """Episodes per evaluation, deterministic policy."""
     batch_size: int = 256
     """Transitions per gradient step; online: mixing_ratio of them offline, the rest online."""
     mixing_ratio: float = 0.5
@@ -148,8 +146,8 @@ class Args:
     cql_tau: float = 1.0
     """Target action gap of the Lagrange form (official `cql_target_action_gap`)."""
     log_alpha_prime_init: float = 1.0
-    """Initial log alpha' (Lagrange only): 1.0 in Cal-QL (`Scalar(1.0)`) and CORL, i.e.
-    alpha' = e at the start; 0.0 in rlkit `cql.py` (`ptu.zeros(1)`)."""
+    """Initial log alpha' (Lagrange only): 0.0 in rlkit `cql.py` (`ptu.zeros(1)`), 1.0 in Cal-QL
+    (`Scalar(1.0)`) and CORL."""
     alpha_prime_lr: float = 3e-4
     """Learning rate of log alpha' (Lagrange only)."""
 
@@ -171,7 +169,7 @@ class Args:
     reward_neg: float = -1.0
     """Raw failure reward r_neg: an all-r_neg trajectory gets MC returns r_neg / (1 - gamma)."""
     normalize_states: bool = False
-    """Normalize observations with the offline data's mean/std (eps 1e-3), at evaluation too."""
+    """Normalize observations with the dataset mean/std (eps 1e-3), at evaluation too."""
 
     # ---- run -------------------------------------------------------------------------
     log_every: int = 1000
@@ -649,22 +647,6 @@ def mixed_batch(offline: ReplayBuffer, online: ReplayBuffer | None, batch_size: 
 # ---- evaluation, and online episodes in the same env with the same transform -------------
 
 
-def env_step(env: gym.Env, action: np.ndarray, args: Args
-             ) -> tuple[Any, float, bool, bool, bool | None]:
-    """One env step -> (obs, raw reward, terminal, time-limit truncation, success or None
-    when the env reports no success). Binary tasks: reward success - 1, and the episode
-    ends, as a terminal, at success."""
-    obs, reward, terminated, truncated, info = env.step(action)
-    success = bool(info["success"]) if "success" in info else None
-    if args.binary:
-        # Binary Adroit as the official mj_envs fork (nakamotoo/mj_envs, `reward_type=
-        # "binary"`: r = goal_achieved - 1) and Cal-QL's sampler (JaxCQL/sampler.py ends the
-        # episode when goal_achieved). The env's own `terminated` is dropped: the fork's
-        # pen-binary-v0 never ends early (early_termination=False), door/relocate never do.
-        reward, terminated = float(bool(success)) - 1.0, bool(success)
-    return obs, float(reward), bool(terminated), bool(truncated) and not terminated, success
-
-
 def collect_trajectory(agent: Agent, env: gym.Env, tf: Transform, args: Args,
                        device: torch.device, seed: int) -> tuple[dict[str, np.ndarray], bool]:
     """One whole trajectory with the STOCHASTIC policy (official sampler), its MC returns."""
@@ -738,33 +720,17 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
 # ---- main loop ---------------------------------------------------------------------------
 
 
-class Counters:
-    """Checkpointed loop counters: phase (offline | online), online env steps, trajectories
-    (online episode k has its own reset seed: a resumed run continues bit-identically)."""
-
-    def __init__(self):
-        self.phase, self.env_steps, self.episodes = "offline", 0, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        vars(self).update(state)
-
-
 def main(args: Args) -> dict[str, Any]:
-    """Offline pre-training, then online fine-tuning, from complete Args (parse_args, or
-    preset_args + dataclasses.replace); returns the summary."""
+    """Pre-train, then fine-tune, with a complete Args (parse_args, or preset_args plus replace)."""
     check_args(args)
     device = pick_device(args.device)
     args = replace(args, run_dir=args.resume or args.run_dir or default_run_dir(args))
     torch.manual_seed(args.seed)  # all training randomness is torch's; envs are seeded
     data = load_data(args)
-    obs_dim, action_dim = data.info["obs_dim"], data.info["action_dim"]
     offline = ReplayBuffer(data.transitions, device, args.seed)
     online = ReplayBuffer({k: v[:0] for k, v in data.transitions.items()}, device,
                           args.seed + 1, args.online_steps + data.eval_env["max_episode_steps"])
-    agent = Agent(obs_dim, action_dim, args).to(device)
+    agent = Agent(data.info["obs_dim"], data.info["action_dim"], args).to(device)
     trainer = Trainer(agent, args, device)
     spec = dict(data.eval_env, value_gap=value_gap_spec(
         args.gamma, data.eval_env["max_episode_steps"], data.transitions["rewards"]))
@@ -821,25 +787,6 @@ def main(args: Args) -> dict[str, Any]:
         resource.close()
     return run.finish(dict(final_summary(run.history), gradient_steps=step,
                            env_steps=loop.env_steps, episodes=loop.episodes))
-
-
-def final_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Offline score (end of pre-training), final score, cumulative regret (mean over online
-    evaluations of 1 - success rate), largest drop below the pre-trained score, calibration."""
-    offline = [r for r in history if r["phase"] == "offline"]
-    online = [r for r in history if r["phase"] == "online"]
-    pre, last = offline[-1], history[-1]
-    rates = [r["success_rate"] for r in online if r["success_rate"] is not None]
-    return dict(
-        offline_score=pre["score"], offline_success_rate=pre["success_rate"],
-        final_score=last["score"], final_success_rate=last["success_rate"],
-        final_return=last["return_mean"], value_gap=last["value_gap"],
-        cumulative_regret=float(np.mean([1.0 - s for s in rates])) if rates else None,
-        max_drop_below_offline=max(0.0, pre["score"] - min(r["score"] for r in online))
-        if online else None,
-        calib_below_share=last.get("calib_below_share"),
-        calib_q_minus_vmu=last.get("calib_q_minus_vmu"),
-        calib_below_share_offline_end=pre.get("calib_below_share"))
 
 
 # ======================================================================================
@@ -1087,8 +1034,7 @@ def load_data(args: Args) -> Data:
     dataset = load_minari_dataset(args.dataset_id)
     if not isinstance(dataset.action_space, gym.spaces.Box):
         fail(f"dataset {args.dataset_id} has a {type(dataset.action_space).__name__} action "
-             "space; Cal-QL needs continuous (Box) actions (cql_qrdqn_atari.py trains "
-             "discrete ones)")
+             "space; this script needs continuous (Box) actions: use cql_qrdqn_atari.py")
     episodes, reached, total = [], [], 0
     for ep in tqdm(dataset.iterate_episodes(), total=dataset.total_episodes, leave=False,
                    desc=f"loading {args.dataset_id}", disable=not args.progress):
@@ -1187,6 +1133,22 @@ def binary_relabel(success: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     flags = success[:int(np.flatnonzero(success)[-1]) + 1].astype(np.float32)
     return flags - 1.0, flags
+
+
+def env_step(env: gym.Env, action: np.ndarray, args: Args
+             ) -> tuple[Any, float, bool, bool, bool | None]:
+    """One env step -> (obs, raw reward, terminal, time-limit truncation, success or None
+    when the env reports no success). Binary tasks: reward success - 1, and the episode
+    ends, as a terminal, at success."""
+    obs, reward, terminated, truncated, info = env.step(action)
+    success = bool(info["success"]) if "success" in info else None
+    if args.binary:
+        # Binary Adroit as the official mj_envs fork (nakamotoo/mj_envs, `reward_type=
+        # "binary"`: r = goal_achieved - 1) and Cal-QL's sampler (JaxCQL/sampler.py ends the
+        # episode when goal_achieved). The env's own `terminated` is dropped: the fork's
+        # pen-binary-v0 never ends early (early_termination=False), door/relocate never do.
+        reward, terminated = float(bool(success)) - 1.0, bool(success)
+    return obs, float(reward), bool(terminated), bool(truncated) and not terminated, success
 
 
 # ---- family: AntMaze ---------------------------------------------------------------------
@@ -1498,6 +1460,42 @@ def presets_markdown() -> str:
                       for p, g in FALLBACK.items())
     return "\n".join([*lines, "", f"`--env` -> dataset, groups over the defaults: {envs}.", "",
                       f"`--dataset-id` without a preset `--env`: {alone}."])
+
+
+# ---- the run: loop counters, summary and length (main and Part III) ----------------------
+
+
+class Counters:
+    """Checkpointed loop counters: phase (offline | online), online env steps, trajectories
+    (online episode k has its own reset seed: a resumed run continues bit-identically)."""
+
+    def __init__(self):
+        self.phase, self.env_steps, self.episodes = "offline", 0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+
+
+def final_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Offline score (end of pre-training), final score, cumulative regret (mean over online
+    evaluations of 1 - success rate), largest drop below the pre-trained score, calibration."""
+    offline = [r for r in history if r["phase"] == "offline"]
+    online = [r for r in history if r["phase"] == "online"]
+    pre, last = offline[-1], history[-1]
+    rates = [r["success_rate"] for r in online if r["success_rate"] is not None]
+    return dict(
+        offline_score=pre["score"], offline_success_rate=pre["success_rate"],
+        final_score=last["score"], final_success_rate=last["success_rate"],
+        final_return=last["return_mean"], value_gap=last["value_gap"],
+        cumulative_regret=float(np.mean([1.0 - s for s in rates])) if rates else None,
+        max_drop_below_offline=max(0.0, pre["score"] - min(r["score"] for r in online))
+        if online else None,
+        calib_below_share=last.get("calib_below_share"),
+        calib_q_minus_vmu=last.get("calib_q_minus_vmu"),
+        calib_below_share_offline_end=pre.get("calib_below_share"))
 
 
 LENGTH_FIELD = "online_steps"  # the run length a resume may grow (Part III)

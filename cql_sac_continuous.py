@@ -9,13 +9,13 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
     python cql_sac_continuous.py --env pendulum-medium          # local dataset (see README)
     python cql_sac_continuous.py --dataset-id mujoco/hopper/expert-v0 --device cuda
 
-- Part I, the algorithm (lines 47-653): Args, networks, losses, the training step, the replay
+- Part I, the algorithm (lines 47-645): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 654-1351): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 646-1354): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1352-1970): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1355-1973): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -641,14 +641,6 @@ def main(args: Args) -> dict[str, Any]:
         run.stop_if_signalled(step)
     env.close()
     return run.finish(final_summary(run.history, data.info, args))
-
-
-def final_summary(history: list[dict], info: dict[str, Any], args: Args) -> dict[str, Any]:
-    """summary.json's numbers: the last evaluation, and how its score is computed."""
-    last = history[-1]
-    return dict(final_normalized_score=last["normalized_score"], final_return=last["return_mean"],
-                score=info["score"], ref_source=info["ref_source"], value_gap=last["value_gap"],
-                success_rate=last["success_rate"], total_steps=args.total_steps)
 
 
 # ======================================================================================
@@ -1339,6 +1331,17 @@ def presets_markdown() -> str:
                       for p, g in FALLBACK.items())
     return "\n".join([*lines, "", f"`--env` -> dataset, groups over the defaults: {envs}.", "",
                       f"`--dataset-id` without a preset `--env`: {alone}."])
+
+
+# ---- the run: its summary and length (main and Part III) ---------------------------------
+
+
+def final_summary(history: list[dict], info: dict[str, Any], args: Args) -> dict[str, Any]:
+    """summary.json's numbers: the last evaluation, and how its score is computed."""
+    last = history[-1]
+    return dict(final_normalized_score=last["normalized_score"], final_return=last["return_mean"],
+                score=info["score"], ref_source=info["ref_source"], value_gap=last["value_gap"],
+                success_rate=last["success_rate"], total_steps=args.total_steps)
 
 
 LENGTH_FIELD = "total_steps"  # the run length a resume may grow (Part III)
