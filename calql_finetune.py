@@ -19,11 +19,11 @@ Where the official code and the paper's appendix differ, the official code is fo
 
 - Part I, the algorithm (lines 55-791): Args, networks, losses, training step, buffers,
   evaluation and online episodes, main.
-- Part II, datasets and presets (lines 792-1508): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 792-1516): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1509-2127): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1517-2135): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -912,7 +912,7 @@ def make_eval_env(spec: dict[str, Any], max_episode_steps: int | None = None) ->
     """The env of an eval_env spec (config.json's `eval_env`; online episodes use it too):
     built from its recorded entry point where it has one, else by its registered id, with the
     spec's time limit or `max_episode_steps` (evaluation: the value gap's longer rollout)."""
-    register_robotics_envs()
+    register_robotics_envs(spec["id"])
     kwargs, steps = copy.deepcopy(spec["kwargs"]), max_episode_steps or spec["max_episode_steps"]
     try:
         if spec.get("entry_point"):
@@ -925,12 +925,20 @@ def make_eval_env(spec: dict[str, Any], max_episode_steps: int | None = None) ->
              "and PointMaze envs need gymnasium-robotics (pip install gymnasium-robotics)")
 
 
-def register_robotics_envs() -> None:
-    """Register gymnasium-robotics' envs (Adroit, AntMaze, Kitchen, PointMaze) when it is
-    installed; the generic path (any other gymnasium env) does not need it."""
-    with contextlib.suppress(ImportError):
+def register_robotics_envs(env_id: str) -> None:
+    """Register gymnasium-robotics' envs (Adroit, AntMaze, Kitchen, PointMaze) for an env id
+    gymnasium does not know, when it is installed; the generic path does not need it. Its
+    import-time notice (the Door/Hammer/Relocate v1 reward change, Gymnasium-Robotics #220)
+    is shown only for those envs."""
+    if env_id in gym.registry:
+        return
+    notice = io.StringIO()
+    with contextlib.suppress(ImportError), contextlib.redirect_stderr(notice):
         import gymnasium_robotics
         gym.register_envs(gymnasium_robotics)
+    concerned = env_id.startswith(("AdroitHandDoor", "AdroitHandHammer", "AdroitHandRelocate"))
+    if concerned and notice.getvalue().strip():
+        print(notice.getvalue().strip(), file=sys.stderr)
 
 
 def step_success(infos: dict | None, steps: int) -> np.ndarray | None:

@@ -11,11 +11,11 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
 
 - Part I, the algorithm (lines 47-645): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 646-1354): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 646-1362): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1355-1973): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1363-1981): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -766,7 +766,7 @@ def make_eval_env(spec: dict[str, Any], max_episode_steps: int | None = None) ->
     """The env of an eval_env spec (config.json's `eval_env`; online episodes use it too):
     built from its recorded entry point where it has one, else by its registered id, with the
     spec's time limit or `max_episode_steps` (evaluation: the value gap's longer rollout)."""
-    register_robotics_envs()
+    register_robotics_envs(spec["id"])
     kwargs, steps = copy.deepcopy(spec["kwargs"]), max_episode_steps or spec["max_episode_steps"]
     try:
         if spec.get("entry_point"):
@@ -779,12 +779,20 @@ def make_eval_env(spec: dict[str, Any], max_episode_steps: int | None = None) ->
              "and PointMaze envs need gymnasium-robotics (pip install gymnasium-robotics)")
 
 
-def register_robotics_envs() -> None:
-    """Register gymnasium-robotics' envs (Adroit, AntMaze, Kitchen, PointMaze) when it is
-    installed; the generic path (any other gymnasium env) does not need it."""
-    with contextlib.suppress(ImportError):
+def register_robotics_envs(env_id: str) -> None:
+    """Register gymnasium-robotics' envs (Adroit, AntMaze, Kitchen, PointMaze) for an env id
+    gymnasium does not know, when it is installed; the generic path does not need it. Its
+    import-time notice (the Door/Hammer/Relocate v1 reward change, Gymnasium-Robotics #220)
+    is shown only for those envs."""
+    if env_id in gym.registry:
+        return
+    notice = io.StringIO()
+    with contextlib.suppress(ImportError), contextlib.redirect_stderr(notice):
         import gymnasium_robotics
         gym.register_envs(gymnasium_robotics)
+    concerned = env_id.startswith(("AdroitHandDoor", "AdroitHandHammer", "AdroitHandRelocate"))
+    if concerned and notice.getvalue().strip():
+        print(notice.getvalue().strip(), file=sys.stderr)
 
 
 def episode_to_transitions(observations: Any, actions: np.ndarray, rewards: np.ndarray,
@@ -857,7 +865,7 @@ def scoring(meta: dict[str, Any], family: str | None, dataset_id: str) -> dict[s
 def eval_env_spec(dataset, family: str | None) -> gym.envs.registration.EnvSpec:
     """The env evaluation runs in: the dataset's eval env spec (else its env spec), as the
     family changes it."""
-    register_robotics_envs()
+    register_robotics_envs(dataset.env_spec.id)
     text = dataset.storage.metadata.get("eval_env_spec")
     eval_spec = gym.envs.registration.EnvSpec.from_json(text) if text else None
     return family_of(family).eval_spec(dataset.env_spec, eval_spec)

@@ -71,7 +71,8 @@ def test_cli_list_and_build(fresh_root: Path, capsys: pytest.CaptureFixture) -> 
         datasets.main(["pendulum-random", "local/pen/nope-v0"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "unknown dataset local/pen/nope-v0; buildable here: pendulum-random" in err
+    assert "unknown dataset local/pen/nope-v0 (did you mean local/pen/cloned-v0?); buildable " \
+           "here: pendulum-random" in err
     datasets.main(["local/pendulum/random-v0"])  # ids are accepted too
     assert "present local/pendulum/random-v0" in capsys.readouterr().out
 

@@ -82,7 +82,7 @@ OFFICIAL = {
                              critic_hidden_dims=(64, 64), horizon=100),
 }
 # Fields that are run settings, not hyperparameters of a preset.
-RUN_FIELDS = {"env", "seed", "device", "run_dir", "hidden_dims", "normalize_states",
+RUN_FIELDS = {"env", "seed", "device", "run_dir", "hidden_dims", "normalize_states", "tf32",
               "log_every", "max_abs_q", "compile", "cudagraphs", "resume", "track",
               "wandb_project", "wandb_entity", "progress"}
 

@@ -94,3 +94,20 @@ def test_env_builds_resets_and_steps(env_id, kwargs):
         assert env.observation_space.contains(obs) or isinstance(obs, dict)
     finally:
         env.close()
+
+
+@pytest.mark.parametrize("module", ["cql_sac_continuous", "calql_finetune"])
+def test_the_adroit_reward_notice_shows_only_for_the_envs_it_concerns(module):
+    """gymnasium-robotics prints, when imported, that AdroitHand{Door,Hammer,Relocate}-v1
+    changed their reward (Gymnasium-Robotics #220): shown for those envs, not for others."""
+    import subprocess
+    import sys
+
+    def stderr(env_id: str) -> str:
+        code = f"import {module} as m; m.register_robotics_envs({env_id!r})"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              cwd=calql_finetune.__file__.rsplit("/", 1)[0], timeout=120).stderr
+
+    assert "pull/220" in stderr("AdroitHandDoor-v1")
+    assert "pull/220" not in stderr("PointMaze_UMaze-v3")
+    assert "pull/220" not in stderr("Pendulum-v1")

@@ -741,6 +741,7 @@ def test_config_records_the_command_the_commit_and_the_versions(s, local_dataset
     argv = s.args(tmp_path / "run")
     out = run_script(s.path, *argv)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "pull/220" not in out.stderr  # gymnasium-robotics' Adroit notice: not this env's
     config = read_json(tmp_path / "run" / "config.json")
     assert config["command"] == shlex.join(["python", s.file, *argv])
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
