@@ -31,7 +31,7 @@ The file reads in three parts:
     (vector observations, local datasets), the Atari family block (Minari Atari and DQN
     Replay: data, evaluation env, score; registered in FAMILIES), the presets with their
     sources, the command line.
-  Part III, run plumbing, lines 1354-1972: run directory, checkpoints, resume, signals.
+  Part III, run plumbing, lines 1354-1987: run directory, checkpoints, resume, signals.
 To use the file on your own discrete-action data, delete the family block (ale-py and OpenCV
 go with it): the generic path loads any Minari dataset of vector observations (--dataset-id)
 and evaluates it in the dataset's own env.
@@ -1640,6 +1640,20 @@ def git_commit() -> str | None:
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
+def check_switches(argv: list[str]) -> None:
+    """A boolean flag given a value (`--compile True`, `--track=false`): a one-line answer
+    that it is a switch, instead of the parser's error about an extra argument."""
+    from dataclasses import fields
+
+    switches = {f.name.replace("_", "-") for f in fields(Args) if f.type in (bool, "bool")}
+    for i, word in enumerate(argv):
+        name, _, value = word.removeprefix("--").partition("=")
+        if not value and i + 1 < len(argv):
+            value = argv[i + 1]
+        if word.startswith("--") and name in switches and value.lower() in ("true", "false"):
+            fail(f"--{name} is a switch: use --{name} or --no-{name} (no value)")
+
+
 class StartupSignal(BaseException):
     """SIGINT/SIGTERM before Run took the signals over (the command line's start-up)."""
 
@@ -1960,6 +1974,7 @@ def cli() -> None:
     Run.restore_signals = False
     Run.command = shlex.join(["python", Path(sys.argv[0]).name, *sys.argv[1:]])
     try:
+        check_switches(sys.argv[1:])
         main(check_run_args(parse_args()))
     except StartupSignal as stop:
         signum = stop.args[0]

@@ -15,7 +15,7 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1363-1981): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1363-1996): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -1649,6 +1649,20 @@ def git_commit() -> str | None:
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
+def check_switches(argv: list[str]) -> None:
+    """A boolean flag given a value (`--compile True`, `--track=false`): a one-line answer
+    that it is a switch, instead of the parser's error about an extra argument."""
+    from dataclasses import fields
+
+    switches = {f.name.replace("_", "-") for f in fields(Args) if f.type in (bool, "bool")}
+    for i, word in enumerate(argv):
+        name, _, value = word.removeprefix("--").partition("=")
+        if not value and i + 1 < len(argv):
+            value = argv[i + 1]
+        if word.startswith("--") and name in switches and value.lower() in ("true", "false"):
+            fail(f"--{name} is a switch: use --{name} or --no-{name} (no value)")
+
+
 class StartupSignal(BaseException):
     """SIGINT/SIGTERM before Run took the signals over (the command line's start-up)."""
 
@@ -1969,6 +1983,7 @@ def cli() -> None:
     Run.restore_signals = False
     Run.command = shlex.join(["python", Path(sys.argv[0]).name, *sys.argv[1:]])
     try:
+        check_switches(sys.argv[1:])
         main(check_run_args(parse_args()))
     except StartupSignal as stop:
         signum = stop.args[0]

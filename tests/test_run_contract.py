@@ -752,3 +752,13 @@ def test_config_records_the_command_the_commit_and_the_versions(s, local_dataset
     assert config["versions"]["torch"] == torch.__version__.split("+")[0]
     assert config["versions"]["numpy"] == numpy.__version__
     assert config["versions"]["python"] == sys.version.split()[0]
+
+
+@PARAMS
+@pytest.mark.parametrize("flag", [["--compile", "True"], ["--track=false"]])
+def test_a_switch_given_a_value_is_answered_in_one_line(s, flag):
+    out = run_script(s.path, *s.argv, *flag)
+    name = flag[0].split("=")[0]
+    assert out.returncode == 1
+    assert one_line_error(out.stderr) == \
+        f"error: {name} is a switch: use {name} or --no-{name[2:]} (no value)"
