@@ -19,11 +19,11 @@ Where the official code and the paper's appendix differ, the official code is fo
 
 - Part I, the algorithm (lines 55-791): Args, networks, losses, training step, buffers,
   evaluation and online episodes, main.
-- Part II, datasets and presets (lines 792-1516): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 792-1520): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1517-2150): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1521-2154): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -1407,8 +1407,12 @@ def check_env(env: str, dataset_id: str | None = None) -> None:
     if env not in ENVS and (hint := ENV_HINT(env)):
         fail(f"--env {env}: {hint}")
     if env not in ENVS and dataset_id is None:
-        fail(f"unknown --env {env!r}; choose one of {', '.join(ENVS)}, or pass a Minari id "
-             "with --dataset-id")
+        import difflib
+
+        close = difflib.get_close_matches(env, ENVS, n=3)
+        maybe = f" (did you mean {' or '.join(close)}?)" if close else ""
+        fail(f"unknown --env {env!r}{maybe}; choose one of {', '.join(ENVS)}, or pass a Minari "
+             "id with --dataset-id")
 
 
 def preset_args(env: str, dataset_id: str | None = None) -> Args:

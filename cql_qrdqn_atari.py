@@ -27,11 +27,11 @@ ALE's internal frame-skip 4), no no-op starts.
 The file reads in three parts:
   Part I, the algorithm, lines 67-613: Args, the quantile network, the losses (QR-DQN,
     CQL(H)), the training step, the replay buffer, evaluation and the main loop.
-  Part II, datasets and presets, lines 614-1353: Minari loading and the generic path
+  Part II, datasets and presets, lines 614-1357: Minari loading and the generic path
     (vector observations, local datasets), the Atari family block (Minari Atari and DQN
     Replay: data, evaluation env, score; registered in FAMILIES), the presets with their
     sources, the command line.
-  Part III, run plumbing, lines 1354-1987: run directory, checkpoints, resume, signals.
+  Part III, run plumbing, lines 1358-1991: run directory, checkpoints, resume, signals.
 To use the file on your own discrete-action data, delete the family block (ale-py and OpenCV
 go with it): the generic path loads any Minari dataset of vector observations (--dataset-id)
 and evaluates it in the dataset's own env.
@@ -674,7 +674,11 @@ def resolve_source(env: str, dataset_id: str | None = None, dqn_replay_dir: str 
     if env.lower() in LOCAL_ENVS:
         return DataSource("minari", None, LOCAL_ENVS[env.lower()], LOCAL_ENVS[env.lower()])
     valid = [n for family in FAMILIES.values() for n in family.names] + list(LOCAL_ENVS)
-    fail(f"unknown --env '{env}'; valid: {', '.join(valid)}"
+    import difflib
+
+    close = difflib.get_close_matches(env.lower(), valid, n=3)
+    maybe = f" (did you mean {' or '.join(close)}?)" if close else ""
+    fail(f"unknown --env '{env}'{maybe}; valid: {', '.join(valid)}"
          + "".join(family.hint for family in FAMILIES.values()))
 
 

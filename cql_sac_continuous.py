@@ -11,11 +11,11 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
 
 - Part I, the algorithm (lines 47-645): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 646-1362): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 646-1377): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1363-1996): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1378-2011): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -1210,6 +1210,17 @@ PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
 
 
 ADROIT_TASKS = ("pen", "door", "relocate", "hammer")
+D4RL_ONLY_LEVELS = ("random", "medium-replay", "medium-expert", "full-replay")
+
+
+def d4rl_level_hint(env: str) -> str | None:
+    """What to use for a D4RL MuJoCo level that Minari's mujoco/ datasets do not have."""
+    robot, _, level = env.partition("-")
+    if robot not in ("hopper", "halfcheetah", "walker2d", "ant") or level not in D4RL_ONLY_LEVELS:
+        return None
+    return (f"Minari's mujoco/{robot} datasets have the levels simple, medium and expert, not "
+            f"D4RL's {level}; use --env {robot}-medium (or -simple, -expert), or --dataset-id "
+            "for another Minari dataset")
 # `--env` -> (Minari dataset id, preset groups over the defaults): "{task}-{level}" for each
 # (group, dataset id pattern, tasks, levels).
 ENVS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -1230,7 +1241,7 @@ FALLBACK: dict[str, tuple[str, ...]] = {
     "": (), "mujoco/": ("gym",), "D4RL/antmaze/": ("antmaze",), "D4RL/kitchen/": ("kitchen",),
     "local/pendulum/": ("pendulum",), **{f"D4RL/{t}/": ("adroit",) for t in ADROIT_TASKS}}
 ALONE_TAKES_ITS_PRESET = False  # `--dataset-id D4RL/pen/human-v2` alone runs as pen-human-v2
-ENV_HINT: Callable[[str], str | None] = lambda env: None  # no `--env` needs a reason
+ENV_HINT: Callable[[str], str | None] = lambda env: d4rl_level_hint(env)
 _POSITIVE, _NON_NEGATIVE = ("positive", lambda v: v > 0), (">= 0", lambda v: v >= 0)
 _WIDTHS = ("positive widths", lambda v: min(v, default=1) > 0)
 # Field -> (rule, check of its value); None values are not checked.
@@ -1278,8 +1289,12 @@ def check_env(env: str, dataset_id: str | None = None) -> None:
     if env not in ENVS and (hint := ENV_HINT(env)):
         fail(f"--env {env}: {hint}")
     if env not in ENVS and dataset_id is None:
-        fail(f"unknown --env {env!r}; choose one of {', '.join(ENVS)}, or pass a Minari id "
-             "with --dataset-id")
+        import difflib
+
+        close = difflib.get_close_matches(env, ENVS, n=3)
+        maybe = f" (did you mean {' or '.join(close)}?)" if close else ""
+        fail(f"unknown --env {env!r}{maybe}; choose one of {', '.join(ENVS)}, or pass a Minari "
+             "id with --dataset-id")
 
 
 def preset_args(env: str, dataset_id: str | None = None) -> Args:

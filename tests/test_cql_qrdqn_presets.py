@@ -156,3 +156,9 @@ def test_env_groups_are_the_groups_preset_groups_resolves(local_dataset):
             spec = minari.load_dataset(local_dataset(env)).spec
         assert m.preset_groups(source, spec=spec) == groups, env
     assert m.GROUP_RULE in m.presets_markdown()
+
+
+def test_an_unknown_env_gets_the_closest_names():
+    with pytest.raises(SystemExit) as stop:
+        m.parse_args(["--env", "cartpol-expert"])
+    assert "unknown --env 'cartpol-expert' (did you mean cartpole-expert" in str(stop.value)

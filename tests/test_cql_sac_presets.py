@@ -275,3 +275,16 @@ def test_config_records_the_resolved_args(local_dataset, tmp_path):
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["args"]
     assert saved["actor_hidden_dims"] == [8] and saved["policy_lr"] == 1e-3
     assert "hidden_dims" not in saved and saved["lagrange"] is False
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--env", "hoper-medium"], "unknown --env 'hoper-medium' (did you mean hopper-medium"),
+    (["--env", "hopper-medium-replay"], "--env hopper-medium-replay: Minari's mujoco/hopper "
+     "datasets have the levels simple, medium and expert, not D4RL's medium-replay; use --env "
+     "hopper-medium"),
+    (["--env", "walker2d-random"], "not D4RL's random; use --env walker2d-medium"),
+])
+def test_an_unknown_env_gets_the_closest_names_or_what_to_use(argv, message):
+    with pytest.raises(SystemExit) as stop:
+        cql.parse_args(argv)
+    assert message in str(stop.value)
