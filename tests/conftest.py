@@ -319,6 +319,18 @@ BAD_INPUTS: dict[str, dict[str, tuple[list[str], tuple[str | re.Pattern, ...], s
         "no-cuda": (["--device", "cuda"], ("no CUDA device",), "main"),
         "no-network": (["--dataset-id", "D4RL/pen/human-v2"], ("could not be downloaded",),
                        "cli"),
+        "no-stepped-episode": (["--dataset-id", "test/pendulum/all-empty-v0"], (
+            "test/pendulum/all-empty-v0 has no episode with at least one step",), "main"),
+        "actions-outside-bounds": (["--dataset-id", "test/pendulum/narrow-v0"], (
+            "narrow-v0: 16 of 20 actions are outside", "(low [-0.5], high [0.5])"), "main"),
+        "unbounded-actions": (["--dataset-id", "test/pendulum/unbounded-v0"],
+                              ("unbounded-v0: its action space", "not finite"), "main"),
+        "unregistered-env": (["--dataset-id", "test/pendulum/unregistered-v0"], (
+            "unregistered-v0: cannot build the evaluation env NoSuchEnv-v0",
+            "install the package that registers it"), "main"),
+        "missing-entry-point": (["--dataset-id", "test/pendulum/no-module-v0"],
+                                ("no-module-v0: cannot build", "NoSuchEnv-v0"), "main"),
+        "gamma-one": (["--gamma", "1.0"], ("--gamma must be in [0, 1), got 1.0",), "main"),
     },
     "calql": {
         "no-success-info": (["--env", "pen-binary", "--dataset-id", "test/pendulum/dense-v0"],
@@ -335,6 +347,19 @@ BAD_INPUTS: dict[str, dict[str, tuple[list[str], tuple[str | re.Pattern, ...], s
         "missing-local": (["--env", "pointmaze-binary"], (
             "build it with: python benchmark/datasets.py local/pointmaze/sparse-v0",), "main"),
         "no-network": (["--env", "pen-binary"], ("could not be downloaded",), "cli"),
+        "no-stepped-episode": (["--dataset-id", "test/pendulum/all-empty-v0"], (
+            "test/pendulum/all-empty-v0 has no episode with at least one step",), "main"),
+        "actions-outside-bounds": (["--dataset-id", "test/pendulum/narrow-v0"], (
+            "narrow-v0: 16 of 20 actions are outside", "(low [-0.5], high [0.5])"), "main"),
+        "unbounded-actions": (["--dataset-id", "test/pendulum/unbounded-v0"],
+                              ("unbounded-v0: its action space", "not finite"), "main"),
+        "unregistered-env": (["--dataset-id", "test/pendulum/unregistered-v0"], (
+            "unregistered-v0: cannot build the evaluation env NoSuchEnv-v0",
+            "install the package that registers it"), "main"),
+        "missing-entry-point": (["--dataset-id", "test/pendulum/no-module-v0"],
+                                ("no-module-v0: cannot build",
+                                 "install the package with the module nosuchpkg"), "main"),
+        "gamma-one": (["--gamma", "1.0"], ("--gamma must be in [0, 1), got 1.0",), "main"),
     },
     "qrdqn": {
         "unknown-env": (["--env", "walker"], ("unknown --env 'walker'; valid: pong, breakout",),
@@ -359,5 +384,6 @@ BAD_INPUTS: dict[str, dict[str, tuple[list[str], tuple[str | re.Pattern, ...], s
             "minari download atari/breakout/expert-v0"), "cli"),
         "nan": (["--dataset-id", "test/cartpole/nan-v0"], ("test/cartpole/nan-v0 contains NaN",),
                 "main"),
+        "gamma-one": (["--gamma", "1.0"], ("--gamma must be in [0, 1), got 1.0",), "main"),
     },
 }
