@@ -19,11 +19,11 @@ Where the official code and the paper's appendix differ, the official code is fo
 
 - Part I, the algorithm (lines 55-791): Args, networks, losses, training step, buffers,
   evaluation and online episodes, main.
-- Part II, datasets and presets (lines 792-1520): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 792-1570): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1521-2154): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1571-2204): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -840,6 +840,7 @@ def load_minari_dataset(dataset_id: str):
         import minari
     except ImportError:
         fail("loading a Minari dataset needs the package minari (pip install minari)")
+    check_datasets_root()
     with contextlib.suppress(FileNotFoundError):
         return minari.load_dataset(dataset_id)
     if dataset_id.startswith("local/"):  # built by this project, never downloaded
@@ -851,6 +852,17 @@ def load_minari_dataset(dataset_id: str):
         fail(f"dataset {dataset_id} is not in {os.environ.get('MINARI_DATASETS_PATH', '~/.minari')}"
              f" and could not be downloaded ({type(exc).__name__}); on a machine with network "
              f"run `minari download {dataset_id}` and copy the datasets folder here")
+
+
+def check_datasets_root() -> None:
+    """MINARI_DATASETS_PATH (else ~/.minari/datasets) must exist or be creatable: Minari
+    creates it and would fail with an OSError traceback."""
+    root = Path(os.environ.get("MINARI_DATASETS_PATH") or "~/.minari/datasets").expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"MINARI_DATASETS_PATH {root} cannot be created ({exc.strerror}); set "
+             "MINARI_DATASETS_PATH to a writable folder")
 
 
 def flatten_obs(obs: Any) -> np.ndarray:
@@ -868,6 +880,34 @@ def check_finite(data: dict[str, np.ndarray], dataset_id: str) -> None:
         if bad:
             fail(f"dataset {dataset_id} has {bad} non-finite values in '{key}'; clean or filter "
                  "those episodes before training")
+
+
+def stepped_episodes(episodes, dataset_id: str):
+    """The episodes with at least one step (a zero-step episode has no transition: skipped);
+    an error if none remains."""
+    kept = 0
+    for ep in episodes:
+        if len(ep.actions):
+            kept += 1
+            yield ep
+    if not kept:
+        fail(f"dataset {dataset_id} has no episode with at least one step; rebuild it or pick "
+             "another dataset")
+
+
+def check_actions(actions: np.ndarray, space: gym.spaces.Box, dataset_id: str) -> None:
+    """Actions are rescaled from the Box bounds to [-1, 1]: the bounds must be finite and hold
+    every dataset action (else it would be clipped without a word)."""
+    low, high = space.low.astype(np.float32), space.high.astype(np.float32)
+    if not (np.isfinite(low).all() and np.isfinite(high).all()):
+        fail(f"dataset {dataset_id}: its action space {space} has bounds that are not finite "
+             f"(low {low.tolist()}, high {high.tolist()}); this script needs a bounded Box: "
+             "rebuild the dataset with finite bounds")
+    slack = 1e-5 * np.maximum(high - low, 1.0)  # float rounding of stored actions is no error
+    if bad := int(((actions < low - slack) | (actions > high + slack)).any(axis=1).sum()):
+        fail(f"dataset {dataset_id}: {bad} of {len(actions)} actions are outside the action "
+             f"space's bounds (low {low.tolist()}, high {high.tolist()}); clip or drop them, or "
+             "rebuild the dataset with the right bounds")
 
 
 @dataclass
@@ -908,7 +948,8 @@ def d4rl_adroit_horizon(env_id: str) -> int | None:
     return 100 if "Pen" in env_id else 200
 
 
-def make_eval_env(spec: dict[str, Any], max_episode_steps: int | None = None) -> gym.Env:
+def make_eval_env(spec: dict[str, Any], max_episode_steps: int | None = None,
+                  dataset_id: str | None = None) -> gym.Env:
     """The env of an eval_env spec (config.json's `eval_env`; online episodes use it too):
     built from its recorded entry point where it has one, else by its registered id, with the
     spec's time limit or `max_episode_steps` (evaluation: the value gap's longer rollout)."""
@@ -920,9 +961,13 @@ def make_eval_env(spec: dict[str, Any], max_episode_steps: int | None = None) ->
                 id=spec["id"], entry_point=spec["entry_point"], max_episode_steps=steps,
                 kwargs=kwargs))
         return gym.make(spec["id"], max_episode_steps=steps, **kwargs)
-    except (gym.error.UnregisteredEnv, ModuleNotFoundError) as exc:
-        fail(f"cannot build the evaluation env {spec['id']} ({exc}); Adroit, AntMaze, Kitchen "
-             "and PointMaze envs need gymnasium-robotics (pip install gymnasium-robotics)")
+    except Exception as exc:  # noqa: BLE001 - unregistered id, missing entry-point module, ...
+        what = (f"the package with the module {exc.name}" if isinstance(exc, ModuleNotFoundError)
+                else "the package that registers it")
+        fail(f"{f'dataset {dataset_id}: ' if dataset_id else ''}cannot build the evaluation env "
+             f"{spec['id']} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+             f"install {what} (Adroit, AntMaze, Kitchen and PointMaze envs: pip install "
+             "gymnasium-robotics)")
 
 
 def register_robotics_envs(env_id: str) -> None:
@@ -1044,8 +1089,9 @@ def load_data(args: Args) -> Data:
         fail(f"dataset {args.dataset_id} has a {type(dataset.action_space).__name__} action "
              "space; this script needs continuous (Box) actions: use cql_qrdqn_atari.py")
     episodes, reached, total = [], [], 0
-    for ep in tqdm(dataset.iterate_episodes(), total=dataset.total_episodes, leave=False,
-                   desc=f"loading {args.dataset_id}", disable=not args.progress):
+    for ep in stepped_episodes(tqdm(dataset.iterate_episodes(), total=dataset.total_episodes,
+                                    leave=False, desc=f"loading {args.dataset_id}",
+                                    disable=not args.progress), args.dataset_id):
         total += 1
         tr = episode_transitions(ep, args)
         reached.append(False if tr is None else tr.pop("reached"))  # None: binary, no success
@@ -1056,6 +1102,7 @@ def load_data(args: Args) -> Data:
              "nothing is left after dropping failures")
     raw = {k: np.concatenate([e[k] for e in episodes]) for k in episodes[0]}
     check_finite(raw, args.dataset_id)
+    check_actions(raw["actions"], dataset.action_space, args.dataset_id)
     low = dataset.action_space.low.astype(np.float32)
     high = dataset.action_space.high.astype(np.float32)
     dim = raw["obs"].shape[1]
@@ -1072,6 +1119,7 @@ def load_data(args: Args) -> Data:
                 rewards=np.asarray(tf.reward(raw["rewards"]), np.float32),
                 dones=raw["dones"].astype(np.float32), mc_returns=np.concatenate(mc))
     eval_env, comparable = eval_env_description(dataset, args)
+    make_eval_env(eval_env, dataset_id=args.dataset_id).close()  # now, not after training
     meta = dataset.storage.metadata
     info = dict(dataset_id=args.dataset_id, episodes_in_dataset=total,
                 episodes_kept=len(episodes), transitions=len(data["obs"]), obs_dim=dim,
@@ -1115,7 +1163,7 @@ def eval_env_description(dataset, args: Args) -> tuple[dict[str, Any], bool]:
         spec, kwargs = data_spec, antmaze_eval_kwargs(dict(data_spec.kwargs), data_spec.id)
         comparable = False  # Minari's antmaze references score the continuing eval env
     return dict(id=spec.id, max_episode_steps=horizon, kwargs=jsonable(kwargs),
-                entry_point=str(spec.entry_point)), comparable
+                entry_point=spec.entry_point and str(spec.entry_point)), comparable
 
 
 # ---- dataset families: what the presets load, how it differs from the paper's -----------
@@ -1366,7 +1414,7 @@ RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
                      "cql_temp", "max_abs_q", "utd", "horizon", "mean_clamp"), _POSITIVE),
     **dict.fromkeys(("bc_steps", "cql_weight", "offline_steps", "online_steps",
                      "cql_weight_online"), _NON_NEGATIVE),
-    "gamma": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "gamma": ("in [0, 1)", lambda v: 0 <= v < 1),  # 1: no discounting, MC returns divide by 0
     "soft_target_update": ("in (0, 1]", lambda v: 0 < v <= 1),
     **dict.fromkeys(("actor_hidden_dims", "critic_hidden_dims"), _WIDTHS),
     "mixing_ratio": ("in [0, 1] (the share of offline data in each online batch)",
@@ -1443,6 +1491,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
 def check_args(args: Args) -> None:
     """Every argument checked once, up front (RULES): one-line errors, never a traceback."""
     check_env(args.env, args.dataset_id)
+    if not 0 <= args.seed < SEED_END:  # the rule of check_run_args, before any data loads
+        fail(f"--seed {args.seed} is outside [0, 2**31); pick a seed in that range")
     for name, (rule, ok) in RULES.items():
         value = getattr(args, name)
         if value is not None and not ok(value):

@@ -27,11 +27,11 @@ ALE's internal frame-skip 4), no no-op starts.
 The file reads in three parts:
   Part I, the algorithm, lines 67-613: Args, the quantile network, the losses (QR-DQN,
     CQL(H)), the training step, the replay buffer, evaluation and the main loop.
-  Part II, datasets and presets, lines 614-1357: Minari loading and the generic path
+  Part II, datasets and presets, lines 614-1371: Minari loading and the generic path
     (vector observations, local datasets), the Atari family block (Minari Atari and DQN
     Replay: data, evaluation env, score; registered in FAMILIES), the presets with their
     sources, the command line.
-  Part III, run plumbing, lines 1358-1991: run directory, checkpoints, resume, signals.
+  Part III, run plumbing, lines 1372-2005: run directory, checkpoints, resume, signals.
 To use the file on your own discrete-action data, delete the family block (ale-py and OpenCV
 go with it): the generic path loads any Minari dataset of vector observations (--dataset-id)
 and evaluates it in the dataset's own env.
@@ -685,6 +685,7 @@ def resolve_source(env: str, dataset_id: str | None = None, dqn_replay_dir: str 
 def load_minari_dataset(dataset_id: str):
     """The raw Minari dataset: the local copy, else a download; one-line errors."""
     minari = optional_import("minari", "minari", "Minari data")
+    check_datasets_root()
     try:
         return minari.load_dataset(dataset_id)
     except Exception as e:  # noqa: BLE001 - any failure: not there locally
@@ -701,6 +702,17 @@ def load_minari_dataset(dataset_id: str):
              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else local_error}); "
              f"get it with `minari download {dataset_id}` where there is network, "
              f"or set MINARI_DATASETS_PATH")
+
+
+def check_datasets_root() -> None:
+    """MINARI_DATASETS_PATH (else ~/.minari/datasets) must exist or be creatable: Minari
+    creates it and would fail with an OSError traceback."""
+    root = Path(os.environ.get("MINARI_DATASETS_PATH") or "~/.minari/datasets").expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"MINARI_DATASETS_PATH {root} cannot be created ({exc.strerror}); set "
+             "MINARI_DATASETS_PATH to a writable folder")
 
 
 def host_zeros(shape: tuple[int, ...], dtype, pin: bool) -> np.ndarray:
@@ -1310,7 +1322,7 @@ def check_args(args: Args) -> None:
     """Every argument checked once, up front: one-line errors, never a traceback or a NaN."""
     rules = [(name, "positive", getattr(args, name) > 0) for name in POSITIVE] + [
         ("data_fraction", "in (0, 1]", 0.0 < args.data_fraction <= 1.0),
-        ("gamma", "in [0, 1]", 0.0 <= args.gamma <= 1.0),
+        ("gamma", "in [0, 1)", 0.0 <= args.gamma < 1.0),
         ("cql_weight", ">= 0", args.cql_weight >= 0),
         ("sticky_prob", "in [0, 1]", args.sticky_prob is None or 0.0 <= args.sticky_prob <= 1.0),
         ("eval_epsilon", "in [0, 1]", 0.0 <= args.eval_epsilon <= 1.0),
@@ -1319,6 +1331,8 @@ def check_args(args: Args) -> None:
         ("threads", "positive", args.threads is None or args.threads > 0),
         ("checkpoints", "'all' or a list such as 0-9,20",
          re.fullmatch(r"all|\d+(-\d+)?(,\d+(-\d+)?)*", args.checkpoints.replace(" ", "")))]
+    if not 0 <= args.seed < SEED_END:  # the rule of check_run_args, before any data loads
+        fail(f"--seed {args.seed} is outside [0, 2**31); pick a seed in that range")
     for name, rule, ok in rules:
         if not ok:
             fail(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")

@@ -3,8 +3,10 @@ three scripts as the run-contract tests drive them; hand-made bad datasets and b
 
 import importlib
 import json
+import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -253,6 +255,27 @@ def write_dataset(root: Path, dataset_id: str, env_id: str, episodes: int = 2,
         os.environ["MINARI_DATASETS_PATH"] = old or ""
 
 
+def edit_dataset(root: Path, source: str, dataset_id: str, empty: tuple[int, ...] = (),
+                 **meta: Any) -> None:
+    """A copy of dataset `source` in `root` as `dataset_id`, its episodes `empty` left with no
+    step and the metadata's `meta` entries (action_space, env_spec: dicts) replaced."""
+    import h5py
+
+    src, dst = root / source, root / dataset_id
+    shutil.copytree(src, dst)
+    (dst / "data" / "metadata.json").write_text(json.dumps({
+        **json.loads((src / "data" / "metadata.json").read_text()), "dataset_id": dataset_id,
+        **{k: json.dumps(v) for k, v in meta.items()}}))
+    with h5py.File(dst / "data" / "main_data.hdf5", "a") as f:
+        for k in empty:
+            ep = f[f"episode_{k}"]
+            for name in list(ep):
+                data = ep[name][()]
+                del ep[name]
+                ep.create_dataset(name, data=data[:1 if name == "observations" else 0])
+            ep.attrs["total_steps"] = 0
+
+
 @pytest.fixture(scope="session")
 def bad_root(tmp_path_factory) -> Path:
     """A datasets root with hand-made datasets and nothing else (no local datasets)."""
@@ -262,6 +285,20 @@ def bad_root(tmp_path_factory) -> Path:
     write_dataset(root, "test/pendulum/nan-v0", "Pendulum-v1", nan_reward=True)
     write_dataset(root, "test/pendulum/dense-v0", "Pendulum-v1")
     write_dataset(root, "test/pendulum/fail-v0", "Pendulum-v1", success=False)
+    # issue 19: zero-step episodes, actions outside the bounds, an env that cannot be made
+    dense, box = "test/pendulum/dense-v0", dict(type="Box", dtype="float32", shape=[1])
+    edit_dataset(root, dense, "test/pendulum/one-empty-v0", empty=(0,))
+    edit_dataset(root, dense, "test/pendulum/all-empty-v0", empty=(0, 1))
+    edit_dataset(root, dense, "test/pendulum/narrow-v0", action_space={**box, "low": [-0.5],
+                                                                      "high": [0.5]})
+    edit_dataset(root, dense, "test/pendulum/unbounded-v0",
+                 action_space={**box, "low": [-math.inf], "high": [math.inf]})
+    spec = json.loads(json.loads((root / dense / "data" / "metadata.json").read_text())[
+        "env_spec"])
+    edit_dataset(root, dense, "test/pendulum/unregistered-v0",
+                 env_spec={**spec, "id": "NoSuchEnv-v0", "entry_point": None})
+    edit_dataset(root, dense, "test/pendulum/no-module-v0",
+                 env_spec={**spec, "id": "NoSuchEnv-v0", "entry_point": "nosuchpkg.envs:Env"})
     return root
 
 
@@ -282,6 +319,18 @@ BAD_INPUTS: dict[str, dict[str, tuple[list[str], tuple[str | re.Pattern, ...], s
         "no-cuda": (["--device", "cuda"], ("no CUDA device",), "main"),
         "no-network": (["--dataset-id", "D4RL/pen/human-v2"], ("could not be downloaded",),
                        "cli"),
+        "no-stepped-episode": (["--dataset-id", "test/pendulum/all-empty-v0"], (
+            "test/pendulum/all-empty-v0 has no episode with at least one step",), "main"),
+        "actions-outside-bounds": (["--dataset-id", "test/pendulum/narrow-v0"], (
+            "narrow-v0: 16 of 20 actions are outside", "(low [-0.5], high [0.5])"), "main"),
+        "unbounded-actions": (["--dataset-id", "test/pendulum/unbounded-v0"],
+                              ("unbounded-v0: its action space", "not finite"), "main"),
+        "unregistered-env": (["--dataset-id", "test/pendulum/unregistered-v0"], (
+            "unregistered-v0: cannot build the evaluation env NoSuchEnv-v0",
+            "install the package that registers it"), "main"),
+        "missing-entry-point": (["--dataset-id", "test/pendulum/no-module-v0"],
+                                ("no-module-v0: cannot build", "NoSuchEnv-v0"), "main"),
+        "gamma-one": (["--gamma", "1.0"], ("--gamma must be in [0, 1), got 1.0",), "main"),
     },
     "calql": {
         "no-success-info": (["--env", "pen-binary", "--dataset-id", "test/pendulum/dense-v0"],
@@ -298,6 +347,19 @@ BAD_INPUTS: dict[str, dict[str, tuple[list[str], tuple[str | re.Pattern, ...], s
         "missing-local": (["--env", "pointmaze-binary"], (
             "build it with: python benchmark/datasets.py local/pointmaze/sparse-v0",), "main"),
         "no-network": (["--env", "pen-binary"], ("could not be downloaded",), "cli"),
+        "no-stepped-episode": (["--dataset-id", "test/pendulum/all-empty-v0"], (
+            "test/pendulum/all-empty-v0 has no episode with at least one step",), "main"),
+        "actions-outside-bounds": (["--dataset-id", "test/pendulum/narrow-v0"], (
+            "narrow-v0: 16 of 20 actions are outside", "(low [-0.5], high [0.5])"), "main"),
+        "unbounded-actions": (["--dataset-id", "test/pendulum/unbounded-v0"],
+                              ("unbounded-v0: its action space", "not finite"), "main"),
+        "unregistered-env": (["--dataset-id", "test/pendulum/unregistered-v0"], (
+            "unregistered-v0: cannot build the evaluation env NoSuchEnv-v0",
+            "install the package that registers it"), "main"),
+        "missing-entry-point": (["--dataset-id", "test/pendulum/no-module-v0"],
+                                ("no-module-v0: cannot build",
+                                 "install the package with the module nosuchpkg"), "main"),
+        "gamma-one": (["--gamma", "1.0"], ("--gamma must be in [0, 1), got 1.0",), "main"),
     },
     "qrdqn": {
         "unknown-env": (["--env", "walker"], ("unknown --env 'walker'; valid: pong, breakout",),
@@ -322,5 +384,6 @@ BAD_INPUTS: dict[str, dict[str, tuple[list[str], tuple[str | re.Pattern, ...], s
             "minari download atari/breakout/expert-v0"), "cli"),
         "nan": (["--dataset-id", "test/cartpole/nan-v0"], ("test/cartpole/nan-v0 contains NaN",),
                 "main"),
+        "gamma-one": (["--gamma", "1.0"], ("--gamma must be in [0, 1), got 1.0",), "main"),
     },
 }

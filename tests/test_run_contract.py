@@ -390,6 +390,24 @@ def test_script_bad_inputs(s, case, bad_root, tmp_path, monkeypatch):
             (want, message)
 
 
+@PARAMS
+def test_a_datasets_path_that_cannot_be_created_is_named(s, tmp_path, monkeypatch):
+    """MINARI_DATASETS_PATH below a file: one line naming it (was an OSError traceback)."""
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "file" / "datasets"))
+    message = error_of(s.module, s.args(tmp_path / "run"))
+    assert f"MINARI_DATASETS_PATH {tmp_path / 'file' / 'datasets'} cannot be created" in message
+
+
+@pytest.mark.parametrize("s", [SCRIPTS["cql_sac"], SCRIPTS["calql"]], ids=["cql_sac", "calql"])
+def test_a_zero_step_episode_is_skipped(s, bad_root, monkeypatch):
+    """One zero-step episode among good ones is skipped (was `cannot reshape array of size
+    0`): the other episode's 10 transitions load."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(bad_root))
+    args = s.module.parse_args(["--dataset-id", "test/pendulum/one-empty-v0", "--no-progress"])
+    assert s.module.load_data(args).info["transitions"] == 10
+
+
 # ------------------------------------------------ the run's own bad input (issue 19)
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json")
 
