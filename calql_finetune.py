@@ -9,21 +9,16 @@ weight) plus ONE change: in the logsumexp, the Q-values of the policy actions (p
 pi(.|s'), both scored at s) are replaced by max(Q(s,a), V_mu(s)), V_mu the Monte-Carlo
 return-to-go of the behaviour policy. `--no-enable-calql` gives plain CQL, all else equal.
 Where the official code and the paper's appendix differ, the official code is followed.
-`--env X --help` shows the values that run for X; `--presets` lists their sources.
-`diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL changes.
 
-    python benchmark/datasets.py pointmaze-sparse pen-cloned-local   # local datasets
-    python calql_finetune.py --env pointmaze-binary                 # CPU, about a minute
-    python calql_finetune.py --env antmaze-medium-play --no-enable-calql   # plain CQL
-    python calql_finetune.py --dataset-id mujoco/hopper/medium-v0    # generic preset
+    python benchmark/datasets.py pointmaze-binary     # builds the local dataset
+    python calql_finetune.py --env pointmaze-binary
 
-- Part I, the algorithm (lines 55-791): Args, networks, losses, training step, buffers,
-  evaluation and online episodes, main.
-- Part II, datasets and presets (lines 792-1570): Minari loading, one block per dataset family
+- Part I, the algorithm (lines 54-790): Args, networks, losses, training step, buffers, main.
+- Part II, datasets and presets (lines 791-1569): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1571-2204): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1570-2203): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -43,6 +38,10 @@ from dataclasses import asdict, dataclass, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal, NoReturn
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load: exit 130, one line
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("error: stopped by signal 2 during "
+                  "start-up; nothing was written; run the command again", file=sys.stderr) or 130))
 
 import gymnasium as gym
 import numpy as np

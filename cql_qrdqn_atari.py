@@ -25,13 +25,13 @@ dataset (atari/<game>/expert-v0) in its own env spec's setting (repeat_action_pr
 ALE's internal frame-skip 4), no no-op starts.
 
 The file reads in three parts:
-  Part I, the algorithm, lines 67-613: Args, the quantile network, the losses (QR-DQN,
+  Part I, the algorithm, lines 71-617: Args, the quantile network, the losses (QR-DQN,
     CQL(H)), the training step, the replay buffer, evaluation and the main loop.
-  Part II, datasets and presets, lines 614-1371: Minari loading and the generic path
+  Part II, datasets and presets, lines 618-1375: Minari loading and the generic path
     (vector observations, local datasets), the Atari family block (Minari Atari and DQN
     Replay: data, evaluation env, score; registered in FAMILIES), the presets with their
     sources, the command line.
-  Part III, run plumbing, lines 1372-2005: run directory, checkpoints, resume, signals.
+  Part III, run plumbing, lines 1376-2009: run directory, checkpoints, resume, signals.
 To use the file on your own discrete-action data, delete the family block (ale-py and OpenCV
 go with it): the generic path loads any Minari dataset of vector observations (--dataset-id)
 and evaluates it in the dataset's own env.
@@ -56,6 +56,10 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NoReturn
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load: exit 130, one line
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("error: stopped by signal 2 during "
+                  "start-up; nothing was written; run the command again", file=sys.stderr) or 130))
 
 import gymnasium as gym
 import numpy as np

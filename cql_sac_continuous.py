@@ -9,13 +9,13 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
     python cql_sac_continuous.py --env pendulum-medium          # local dataset (see README)
     python cql_sac_continuous.py --dataset-id mujoco/hopper/expert-v0 --device cuda
 
-- Part I, the algorithm (lines 47-645): Args, networks, losses, the training step, the replay
+- Part I, the algorithm (lines 51-649): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 646-1427): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 650-1431): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1428-2061): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1432-2065): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ from dataclasses import asdict, dataclass, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal, NoReturn
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load: exit 130, one line
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("error: stopped by signal 2 during "
+                  "start-up; nothing was written; run the command again", file=sys.stderr) or 130))
 
 import gymnasium as gym
 import numpy as np
