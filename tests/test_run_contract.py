@@ -787,7 +787,7 @@ def test_ctrl_c_while_the_imports_load_exits_130_with_one_line(s, tmp_path):
     """SIGINT while torch and gymnasium are still being imported (the first second of a
     command line): exit 130 with one line, no KeyboardInterrupt traceback."""
     proc = start_script(s.path, *s.args(tmp_path / "run"))
-    time.sleep(1.0)  # the stdlib imports and the handler take ms; torch and the data seconds
+    time.sleep(0.6)  # the stdlib imports and the handler take ms; torch and the data seconds
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
