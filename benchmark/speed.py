@@ -423,13 +423,14 @@ def markdown(results: list[dict[str, Any]], flops: dict[str, Any], loading: list
              "(CUDA: peak allocation above the resident state; CPU: RSS growth, 0 once the "
              "allocator reuses its memory). Outside graph: the share of the step in the eager "
              "batch sampling (the same in eager mode, where nothing is compiled).", "",
-             "| script | size | setup | mode | updates/s | mean | warm-up s | timed steps | "
-             "MiB/update | outside graph |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| script | size | setup | mode | updates/s | mean | h per 1M updates | warm-up s | "
+             "timed steps | MiB/update | outside graph |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {ALGORITHM[r['script']]} | {r['size']} | {r['description']} | "
                      f"{r['mode']} | {r['updates_per_sec']:.2f} | "
-                     f"{r['mean_updates_per_sec']:.2f} | {r['warmup_s']:.1f} | "
+                     f"{r['mean_updates_per_sec']:.2f} | "
+                     f"{1e6 / max(r['updates_per_sec'], 1e-9) / 3600:.1f} | {r['warmup_s']:.1f} | "
                      f"{r['steps']} | {r['update_memory_bytes'] / 2**20:.1f} "
                      f"({r['memory_kind']}) | {100 * r['outside_share']:.1f}% |")
     lines += ["", "## CQL-SAC update vs. float32 matmul throughput", "",
