@@ -302,6 +302,20 @@ def bad_root(tmp_path_factory) -> Path:
     return root
 
 
+# Bad continuous-action data (issue 19), the same cases and messages for CQL-SAC and Cal-QL.
+_CONTINUOUS_DATA: dict[str, tuple[list[str], tuple[str, ...], str]] = {
+    "no-stepped-episode": (["--dataset-id", "test/pendulum/all-empty-v0"], (
+        "test/pendulum/all-empty-v0 has no episode with at least one step",), "main"),
+    "actions-outside-bounds": (["--dataset-id", "test/pendulum/narrow-v0"], (
+        "narrow-v0: 16 of 20 actions are outside", "(low [-0.5], high [0.5])"), "main"),
+    "unbounded-actions": (["--dataset-id", "test/pendulum/unbounded-v0"],
+                          ("unbounded-v0: its action space", "not finite"), "main"),
+    "unregistered-env": (["--dataset-id", "test/pendulum/unregistered-v0"], (
+        "unregistered-v0: cannot build the evaluation env NoSuchEnv-v0",
+        "install the package that registers it"), "main"),
+}
+
+
 # Per script, bad inputs on the datasets of `bad_root` (MINARI_DATASETS_PATH) with no
 # network (HF_HUB_OFFLINE=1): case -> (flags after the tiny run's, what the error line says
 # (substrings, or regular expressions), "main" (main(parse_args) in the test's process) or
@@ -319,15 +333,7 @@ BAD_INPUTS: dict[str, dict[str, tuple[list[str], tuple[str | re.Pattern, ...], s
         "no-cuda": (["--device", "cuda"], ("no CUDA device",), "main"),
         "no-network": (["--dataset-id", "D4RL/pen/human-v2"], ("could not be downloaded",),
                        "cli"),
-        "no-stepped-episode": (["--dataset-id", "test/pendulum/all-empty-v0"], (
-            "test/pendulum/all-empty-v0 has no episode with at least one step",), "main"),
-        "actions-outside-bounds": (["--dataset-id", "test/pendulum/narrow-v0"], (
-            "narrow-v0: 16 of 20 actions are outside", "(low [-0.5], high [0.5])"), "main"),
-        "unbounded-actions": (["--dataset-id", "test/pendulum/unbounded-v0"],
-                              ("unbounded-v0: its action space", "not finite"), "main"),
-        "unregistered-env": (["--dataset-id", "test/pendulum/unregistered-v0"], (
-            "unregistered-v0: cannot build the evaluation env NoSuchEnv-v0",
-            "install the package that registers it"), "main"),
+        **_CONTINUOUS_DATA,
         "missing-entry-point": (["--dataset-id", "test/pendulum/no-module-v0"],
                                 ("no-module-v0: cannot build", "NoSuchEnv-v0"), "main"),
         "gamma-one": (["--gamma", "1.0"], ("--gamma must be in [0, 1), got 1.0",), "main"),
@@ -347,15 +353,7 @@ BAD_INPUTS: dict[str, dict[str, tuple[list[str], tuple[str | re.Pattern, ...], s
         "missing-local": (["--env", "pointmaze-binary"], (
             "build it with: python benchmark/datasets.py local/pointmaze/sparse-v0",), "main"),
         "no-network": (["--env", "pen-binary"], ("could not be downloaded",), "cli"),
-        "no-stepped-episode": (["--dataset-id", "test/pendulum/all-empty-v0"], (
-            "test/pendulum/all-empty-v0 has no episode with at least one step",), "main"),
-        "actions-outside-bounds": (["--dataset-id", "test/pendulum/narrow-v0"], (
-            "narrow-v0: 16 of 20 actions are outside", "(low [-0.5], high [0.5])"), "main"),
-        "unbounded-actions": (["--dataset-id", "test/pendulum/unbounded-v0"],
-                              ("unbounded-v0: its action space", "not finite"), "main"),
-        "unregistered-env": (["--dataset-id", "test/pendulum/unregistered-v0"], (
-            "unregistered-v0: cannot build the evaluation env NoSuchEnv-v0",
-            "install the package that registers it"), "main"),
+        **_CONTINUOUS_DATA,
         "missing-entry-point": (["--dataset-id", "test/pendulum/no-module-v0"],
                                 ("no-module-v0: cannot build",
                                  "install the package with the module nosuchpkg"), "main"),
