@@ -399,6 +399,24 @@ def test_a_datasets_path_that_cannot_be_created_is_named(s, tmp_path, monkeypatc
     assert f"MINARI_DATASETS_PATH {tmp_path / 'file' / 'datasets'} cannot be created" in message
 
 
+@PARAMS
+def test_a_read_only_datasets_path_is_named(s, tmp_path, monkeypatch):
+    """MINARI_DATASETS_PATH in a read-only folder (simulated: this machine runs as root, whom
+    permissions do not bind): one line naming it and the reason."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "ro" / "datasets"))
+    mkdir = Path.mkdir
+
+    def refuse(self, *args, **kwargs):
+        if "ro" in self.parts:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    message = error_of(s.module, s.args(tmp_path / "run"))
+    assert f"MINARI_DATASETS_PATH {tmp_path / 'ro' / 'datasets'} cannot be created " \
+           "(Permission denied)" in message
+
+
 @pytest.mark.parametrize("s", [SCRIPTS["cql_sac"], SCRIPTS["calql"]], ids=["cql_sac", "calql"])
 def test_a_zero_step_episode_is_skipped(s, bad_root, monkeypatch):
     """One zero-step episode among good ones is skipped (was `cannot reshape array of size
