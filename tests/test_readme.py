@@ -146,3 +146,17 @@ def test_readme_command(command, tmp_path, monkeypatch, twin, local_dataset,
              "--run-dir", str(tmp_path / "run")]
     summary = module.main(module.parse_args(brief))
     assert summary is not None and (tmp_path / "run" / "summary.json").exists()
+
+
+def test_the_readme_speed_table_is_the_reports():
+    """Each row of the README's speed table is a row of benchmark/results/speed_cpu.md."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### Speed", 1)[1].split("\n#", 1)[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| CQL") or line.startswith("| Cal-QL")]
+    report = [[c.strip() for c in line.strip("|").split("|")]
+              for line in (ROOT / "benchmark" / "results" / "speed_cpu.md").read_text().splitlines()
+              if line.startswith("| CQL") or line.startswith("| Cal-QL")]
+    assert len(rows) >= 6
+    for row in rows:
+        assert any([r[0], r[1], r[3], r[4], r[6]] == row for r in report), row
