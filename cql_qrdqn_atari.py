@@ -31,7 +31,7 @@ The file reads in three parts:
     (vector observations, local datasets), the Atari family block (Minari Atari and DQN
     Replay: data, evaluation env, score; registered in FAMILIES), the presets with their
     sources, the command line.
-  Part III, run plumbing, lines 1376-2009: run directory, checkpoints, resume, signals.
+  Part III, run plumbing, lines 1376-2011: run directory, checkpoints, resume, signals.
 To use the file on your own discrete-action data, delete the family block (ale-py and OpenCV
 go with it): the generic path loads any Minari dataset of vector observations (--dataset-id)
 and evaluates it in the dataset's own env.
@@ -57,9 +57,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-if __name__ == "__main__":  # Ctrl-C while the imports below load: exit 130, one line
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("error: stopped by signal 2 during "
-                  "start-up; nothing was written; run the command again", file=sys.stderr) or 130))
+STARTUP_SIGNALS: list[int] = []  # Ctrl-C while the imports below load: cli() stops after them
+if __name__ == "__main__":  # (an exception raised inside torch's import can abort the process)
+    signal.signal(signal.SIGINT, lambda signum, _: STARTUP_SIGNALS.append(signum))
 
 import gymnasium as gym
 import numpy as np
@@ -1996,6 +1996,8 @@ def cli() -> None:
     Run.restore_signals = False
     Run.command = shlex.join(["python", Path(sys.argv[0]).name, *sys.argv[1:]])
     try:
+        if STARTUP_SIGNALS:  # a Ctrl-C that came while the imports loaded
+            _startup_signal(STARTUP_SIGNALS[0], None)
         check_switches(sys.argv[1:])
         main(check_run_args(parse_args()))
     except StartupSignal as stop:

@@ -15,7 +15,7 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1432-2065): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1432-2067): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-if __name__ == "__main__":  # Ctrl-C while the imports below load: exit 130, one line
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("error: stopped by signal 2 during "
-                  "start-up; nothing was written; run the command again", file=sys.stderr) or 130))
+STARTUP_SIGNALS: list[int] = []  # Ctrl-C while the imports below load: cli() stops after them
+if __name__ == "__main__":  # (an exception raised inside torch's import can abort the process)
+    signal.signal(signal.SIGINT, lambda signum, _: STARTUP_SIGNALS.append(signum))
 
 import gymnasium as gym
 import numpy as np
@@ -2052,6 +2052,8 @@ def cli() -> None:
     Run.restore_signals = False
     Run.command = shlex.join(["python", Path(sys.argv[0]).name, *sys.argv[1:]])
     try:
+        if STARTUP_SIGNALS:  # a Ctrl-C that came while the imports loaded
+            _startup_signal(STARTUP_SIGNALS[0], None)
         check_switches(sys.argv[1:])
         main(check_run_args(parse_args()))
     except StartupSignal as stop:
