@@ -259,6 +259,73 @@ def gap_sign(gap: float) -> str:
     return "below" if gap <= 0 else "above"
 
 
+# CQL's lower bound at convergence (issue 18). A run's settled gap is the mean value gap over
+# its last 20 % of evaluations (at least one); the run has converged when that mean differs
+# from the mean over the 20 % before it by at most 5 % of the obtained discounted return's
+# magnitude over the last window (|Q(s0, pi(s0)) - gap|). Stated before the runs were seen.
+CONVERGENCE = ("settled gap = mean value gap over the last 20% of evaluations; converged = it "
+               "differs from the mean over the 20% before by at most 5% of the obtained "
+               "discounted return's magnitude")
+WINDOW, BAND_SHARE = 0.2, 0.05
+
+
+@dataclass
+class Settled:
+    """The value gap a run settled at, and whether it had stopped moving."""
+
+    gap: float
+    converged: bool | None  # None: too few evaluations or no Q(s0) logged to judge
+    drift: float | None
+    band: float | None
+
+
+def settle(run: Run) -> Settled | None:
+    """The settled value gap of a run and the convergence test (CONVERGENCE)."""
+    rows = [r for r in run.rows if r.get("value_gap") is not None
+            and r.get("phase", "offline") == "offline"]
+    if not rows:
+        return None
+    w = max(1, int(np.ceil(WINDOW * len(rows))))
+    last, prev = rows[-w:], rows[-2 * w:-w]
+    gap = float(np.mean([r["value_gap"] for r in last]))
+    if len(prev) < w or any(r.get("q_pred_s0") is None for r in last):
+        return Settled(gap, None, None, None)
+    drift = gap - float(np.mean([r["value_gap"] for r in prev]))
+    band = BAND_SHARE * float(np.mean([abs(r["q_pred_s0"] - r["value_gap"]) for r in last]))
+    return Settled(gap, abs(drift) <= band, drift, band)
+
+
+def return_units(run: Run) -> float | None:
+    """Factor from training-reward units to return units (1 / reward scale), None when the
+    rewards were not only scaled."""
+    args = run.config.get("args", {})
+    if args.get("reward_mode", "none") == "none":
+        return 1.0
+    if args.get("reward_mode") == "scale_bias" and not args.get("reward_bias", 0.0):
+        return 1.0 / float(args.get("reward_scale", 1.0))
+    return None
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k / n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def count_cell(k: int, n: int) -> str:
+    """'k/n [low, high]' with the Wilson interval of the share."""
+    low, high = wilson(k, n)
+    return f"{k}/{n} [{low:.2f}, {high:.2f}]"
+
+
+def settled_gaps(group: list[Run]) -> list[float]:
+    return [s.gap for r in group if (s := settle(r)) is not None]
+
+
 def pair_line(runs: list[Run], script: str, env: str, tag: str = "") -> str | None:
     """One sentence, from the numbers, on what a method shows next to its baseline; `tag`
     names a side condition run for both (variants <method><tag> and <baseline><tag>)."""
@@ -274,19 +341,26 @@ def pair_line(runs: list[Run], script: str, env: str, tag: str = "") -> str | No
     no_verdict = (f": {'one seed' if max(len(a), len(b)) == 1 else 'fewer than 3 seeds'}, "
                   "too few for a verdict.")
     if script == CQL_SAC:
-        ga, gb = (mean_of([r.summary.get("value_gap") for r in g]) for g in (a, b))
+        da, db = settled_gaps(a), settled_gaps(b)
         sa, sb = (mean_of([r.final for r in g]) for g in (a, b))
-        if ga is None or gb is None:
+        if not da or not db:
             return None
-        verdict = ("CQL's predicted value is a lower bound of the return it obtains and "
-                   "naive SAC over-estimates" if ga <= 0 < gb else
-                   "both under-estimate (the data cover what either policy does)"
-                   if ga <= 0 and gb <= 0 else
-                   "CQL over-estimates here: the lower bound does not hold")
+        ga, gb = float(np.mean(da)), float(np.mean(db))
+        ka, kb = sum(g <= 0 for g in da), sum(g <= 0 for g in db)
+        verdict = ("CQL's predicted value is a lower bound of the return it obtains on every "
+                   "run and naive SAC over-estimates on every run" if ka == len(da)
+                   and kb == 0 else
+                   "both under-estimate on every run (the data cover what either policy does)"
+                   if ka == len(da) and kb == len(db) else
+                   "CQL over-estimates here: the lower bound does not hold (on any run)"
+                   if ka == 0 else
+                   f"the lower bound holds on {ka} of {len(da)} runs only, not on every run")
         return (f"- **CQL vs naive offline SAC**, {where} ({seeds}): value gap {ga:+.1f} vs "
-                f"{gb:+.1f} (predicted minus obtained discounted return: CQL "
-                f"{gap_sign(ga)}, SAC {gap_sign(gb)} the truth), {name} "
-                f"{fmt(sa)} vs {fmt(sb)}" + (no_verdict if few else f": {verdict}."))
+                f"{gb:+.1f} (predicted minus obtained discounted return, settled: mean over "
+                f"the last 20% of evaluations; CQL {gap_sign(ga)}, SAC {gap_sign(gb)} the "
+                f"truth on average), runs with gap <= 0: {count_cell(ka, len(da))} vs "
+                f"{count_cell(kb, len(db))}, {name} {fmt(sa)} vs {fmt(sb)}"
+                + (no_verdict if few else f": {verdict}."))
     if script == CQL_QRDQN:
         sa, sb = (mean_of([r.final for r in g]) for g in (a, b))
         if sa is None or sb is None:
@@ -320,23 +394,30 @@ def pair_line(runs: list[Run], script: str, env: str, tag: str = "") -> str | No
 
 
 def bound_line(runs: list[Run]) -> str | None:
-    """Across datasets: on how many CQL's (and naive SAC's) mean last value gap is <= 0."""
-    method, base = PAIRS[CQL_SAC]
-    ours = [r for r in runs if r.job["script"] == CQL_SAC]
+    """Across datasets, per CQL-SAC variant: the runs whose settled gap is <= 0 out of all
+    runs (Wilson 95% CI), per dataset, and how many converged (CONVERGENCE)."""
+    ours = [r for r in runs if r.job["script"] == CQL_SAC and r.summary is not None and r.rows]
     envs = sorted({r.job["env"] for r in ours})
-    others = sorted({r.job["variant"] for r in ours} - {method, base})
-    gaps = {v: [mean_of([r.summary.get("value_gap") for r in finished(runs, CQL_SAC, e, v)])
-                for e in envs] for v in (method, base, *others)}
-    if len(envs) < 2 or any(g is None for v in (method, base) for g in gaps[v]):
+    if len(envs) < 2:
         return None
-    below = {v: sum(g is not None and g <= 0 for g in gaps[v]) for v in gaps}
-    seeds = len(finished(runs, CQL_SAC, envs[0], method))
-    side = "".join(f"; variant `{v}` on {below[v]} of {sum(g is not None for g in gaps[v])}"
-                   for v in others)
-    return (f"- **Lower bound across {len(envs)} datasets** ({seeds} seeds each): CQL's mean "
-            f"value gap at the last evaluation is <= 0 on {below[method]} of {len(envs)} "
-            f"datasets (largest {max(gaps[method]):+.1f}), naive SAC's on {below[base]} of "
-            f"{len(envs)} (largest {max(gaps[base]):+.1f}){side}.")
+    method, base = PAIRS[CQL_SAC]
+    variants = sorted({r.job["variant"] for r in ours},
+                      key=lambda v: (v not in (method, base), v != method, v))
+    lines = [f"- **Lower bound across {len(envs)} datasets** (runs with settled value gap "
+             "<= 0 out of all runs, Wilson 95% CI; per dataset; runs that converged):"]
+    for v in variants:
+        per = {e: [settle(r) for r in ours if r.key == (CQL_SAC, e, v)] for e in envs}
+        per = {e: [s for s in group if s is not None] for e, group in per.items() if group}
+        n = sum(len(g) for g in per.values())
+        k = sum(s.gap <= 0 for g in per.values() for s in g)
+        conv = sum(bool(s.converged) for g in per.values() for s in g)
+        each = ", ".join(f"{e.removeprefix('pendulum-')} {sum(s.gap <= 0 for s in g)}/{len(g)}"
+                         for e, g in per.items())
+        word = ("on every run" if k == n else "on no run" if k == 0 else
+                f"on {k} of {n} runs, not on every run")
+        lines.append(f"  - `{v}` ({variant_label(CQL_SAC, v)}): {count_cell(k, n)} ({each}); "
+                     f"converged {conv}/{n}: gap <= 0 {word}.")
+    return "\n".join(lines)
 
 
 def pair_lines(runs: list[Run]) -> list[str]:
@@ -377,19 +458,28 @@ def lower_bound_table(runs: list[Run]) -> list[str]:
         return []
     steps = gap_steps([r for g in groups.values() for r in g])
     head = ["dataset", "variant", "seeds", *(f"value gap @{s}" for s in steps),
-            "runs with gap <= 0 (last)", "final normalized score"]
+            "runs with gap <= 0 (last)", "final normalized score", "settled gap",
+            "settled gap, return units", "runs with settled gap <= 0 [95% CI]", "converged"]
     lines = ["**Lower bound** (CQL paper Table 4): value gap = min over twins of "
-             "Q(s0, pi(s0)) minus the discounted return obtained from s0, mean [95% CI] over "
-             "seeds at gradient steps " + ", ".join(map(str, steps)) + "; <= 0: the "
-             "predicted value is a lower bound.", "",
+             "Q(s0, pi(s0)) minus the discounted return obtained from s0 (training-reward "
+             "units: x0.1 for the pendulum preset), mean [95% CI] over seeds at gradient "
+             "steps " + ", ".join(map(str, steps)) + "; <= 0: the predicted value is a lower "
+             f"bound. {CONVERGENCE[0].upper()}{CONVERGENCE[1:]}; return units = divided by "
+             "the reward scale. Runs: Wilson 95% CI of the share.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (env, variant), group in sorted(groups.items()):
         gaps = [ci_cell([(row_at(r, s) or {}).get("value_gap") for r in group], signed=True)
                 for s in steps]
         below = sum(r.summary.get("value_gap", 1.0) <= 0 for r in group)
-        lines.append("| " + " | ".join([env, variant, str(len(group)), *gaps,
-                                        f"{below}/{len(group)}",
-                                        ci_cell([r.final for r in group])]) + " |")
+        settled = [(settle(r), return_units(r)) for r in group]
+        settled = [(s, u) for s, u in settled if s is not None]
+        k = sum(s.gap <= 0 for s, _ in settled)
+        conv = sum(bool(s.converged) for s, _ in settled)
+        lines.append("| " + " | ".join([
+            env, variant, str(len(group)), *gaps, f"{below}/{len(group)}",
+            ci_cell([r.final for r in group]), ci_cell([s.gap for s, _ in settled], signed=True),
+            ci_cell([s.gap * u for s, u in settled if u is not None], signed=True),
+            count_cell(k, len(settled)), f"{conv}/{len(settled)}"]) + " |")
     return [*lines, ""]
 
 

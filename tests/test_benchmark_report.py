@@ -269,3 +269,57 @@ def test_verdict_lines_name_the_metric_they_compare(tmp_path):
     text = report.pair_lines(report.load_runs(root)["demo"])[2]
     assert "(3 seeds each): normalized score 80.0 vs 20.0: CQL's is higher" in text
     assert "return" not in text
+
+
+def gap_rows(gaps: list[float], discounted_return: float = -100.0) -> list[dict]:
+    """Evaluation rows every 1000 steps with these value gaps; Q(s0) = return + gap."""
+    return [dict(step=1000 * (i + 1), normalized_score=50.0, value_gap=g,
+                 q_pred_s0=discounted_return + g) for i, g in enumerate(gaps)]
+
+
+def test_settled_gap_and_convergence_by_hand(tmp_path):
+    root = tmp_path / "runs"
+    # 10 evaluations: window = 2; band = 5% of |return| = 5
+    flat = [9.0, 7, 5, 3, 1, 0, -1, 1, -1, -3]  # last 2 mean -2, the 2 before mean 0: drift -2
+    moving = [30.0, 28, 26, 24, 22, 20, 18, 16, 6, 4]  # last 2 mean 5, before 17: drift -12
+    for seed, gaps in enumerate((flat, moving)):
+        fake_run(root, "claims", CQL_SAC, "pendulum-medium", "cql", seed, gap_rows(gaps),
+                 dict(value_gap=gaps[-1]), config=dict(reward_mode="scale_bias",
+                                                       reward_scale=0.1))
+    a, b = sorted(report.load_runs(root)["claims"], key=lambda r: r.job["seed"])
+    sa, sb = report.settle(a), report.settle(b)
+    assert (sa.gap, sa.drift, sa.band, sa.converged) == (-2.0, -2.0, 5.0, True)
+    assert (sb.gap, sb.drift, sb.band, sb.converged) == (5.0, -12.0, 5.0, False)
+    assert report.return_units(a) == pytest.approx(10.0)  # x0.1 rewards: gap x 10 in returns
+    one = fake_run(root, "x", CQL_SAC, "e", "v", 0, gap_rows([3.0]), dict(value_gap=3.0))
+    assert report.settle(report.load_runs(one.parents[2])["x"][0]).converged is None
+
+
+def test_wilson_interval_by_hand():
+    # Wilson (1927): centre (k + z^2/2) / (n + z^2), half-width z sqrt(k(n-k)/n + z^2/4) / (n+z^2)
+    z = 1.96
+    for k, n in ((3, 3), (0, 5), (7, 15)):
+        centre = (k + z * z / 2) / (n + z * z)
+        half = z * np.sqrt(k * (n - k) / n + z * z / 4) / (n + z * z)
+        low, high = report.wilson(k, n)
+        assert low == pytest.approx(max(0, centre - half)) and high == pytest.approx(
+            min(1, centre + half))
+    assert report.wilson(3, 3)[0] == pytest.approx(0.4385, abs=1e-4)
+    assert report.count_cell(2, 3) == "2/3 [0.21, 0.94]"
+
+
+def test_bound_line_counts_runs_not_the_sign_of_a_mean(tmp_path):
+    """Two datasets: on one CQL's mean gap is below 0 but one of its 3 runs is above."""
+    root = tmp_path / "runs"
+    for env, cql in (("pendulum-medium", (-20.0, -20.0, 4.0)), ("pendulum-expert", (-1.0,) * 3)):
+        for seed in range(3):
+            for variant, gap in (("cql", cql[seed]), ("sac", 30.0)):
+                fake_run(root, "claims", CQL_SAC, env, variant, seed, gap_rows([gap] * 5),
+                         dict(value_gap=gap))
+    text = report.bound_line(report.load_runs(root)["claims"])
+    assert "`cql` (CQL): 5/6 [" in text and "(expert 3/3, medium 2/3)" in text
+    assert "converged 6/6: gap <= 0 on 5 of 6 runs, not on every run" in text
+    assert "`sac` (naive SAC (CQL weight 0)): 0/6 [" in text and "on no run" in text
+    line = report.pair_line(report.load_runs(root)["claims"], CQL_SAC, "pendulum-medium")
+    assert "value gap -12.0 vs +30.0" in line and "2/3 [0.21, 0.94] vs 0/3" in line
+    assert "the lower bound holds on 2 of 3 runs only, not on every run" in line

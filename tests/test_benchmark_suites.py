@@ -2,6 +2,7 @@
 `parse_args`, presets included, without running anything)."""
 
 import importlib
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -42,34 +43,61 @@ def test_suite_structure():
         assert len(jobs) == sum(e.seeds or suite.seeds for e in suite.entries)
         assert len({j.run_dir for j in jobs}) == len(jobs), f"{name}: run dirs collide"
         assert {j.entry.script for j in jobs} <= set(SCRIPTS)
-    # smoke, demo, local and claims run on local data only; all but claims use all scripts
-    for name in ("smoke", "demo", "local", "claims"):
+    # the CPU suites run on local data only; smoke, demo and local use all scripts
+    for name in ("smoke", "demo", "local", "claims", "finetune", "umaze-finetune"):
         entries = SUITES[name].entries
-        assert name == "claims" or {e.script for e in entries} == set(SCRIPTS)
+        assert name not in ("smoke", "demo", "local") or {e.script for e in entries} == set(
+            SCRIPTS)
         assert all(datasets.is_local(d) for e in entries for d in e.datasets)
     assert {e.variant for e in SUITES["local"].entries} == {"cql", "sac", "qrdqn", "calql"}
 
 
-def test_claims_and_demo_put_each_method_next_to_its_baseline():
+def test_claims_put_each_method_next_to_its_baseline():
+    """Issue 18: every local Pendulum dataset, the paper's Polyak rate run longest, the
+    preset's rate and naive SAC beside it, >= 3 seeds each (a CI); reward x1 vs x0.1."""
     jobs = suite_jobs("claims", Path("/runs"))
-    pendulum = {(j.entry.env, j.entry.variant) for j in jobs if j.entry.script == CQL_SAC}
+    count = Counter((j.entry.env, j.entry.variant) for j in jobs if j.entry.script == CQL_SAC)
     for level in ("random", "medium", "expert", "medium-replay", "medium-expert"):
-        for variant in ("cql", "sac"):  # issue 12: every local Pendulum dataset, >= 5 seeds
-            assert sum(j.entry.env == f"pendulum-{level}" and j.entry.variant == variant
-                       for j in jobs) >= 5
-        assert (f"pendulum-{level}", "cql-eq1-polyak5e-3") in pendulum
-    for suite in ("claims", "demo"):
-        by_variant = {}
+        for variant in ("cql", "sac", "cql-polyak5e-3"):
+            assert count[(f"pendulum-{level}", variant)] >= 3
+    args = {(j.entry.env, j.entry.variant): parse(j) for j in suite_jobs("claims", Path("/r"),
+                                                                         seeds=1)}
+    paper, preset = args[("pendulum-medium", "cql-polyak5e-3")], args[("pendulum-medium", "cql")]
+    assert paper.soft_target_update == 5e-3 and preset.soft_target_update == 0.05
+    # 150 and 400 target time constants, 30 and 20 evaluations
+    assert paper.total_steps * paper.soft_target_update >= 150
+    assert preset.total_steps * preset.soft_target_update >= 400
+    assert paper.total_steps // paper.eval_every >= 20 <= preset.total_steps // preset.eval_every
+    x1 = args[("pendulum-random", "cql-reward-x1")]
+    assert x1.reward_scale == 1.0 and args[("pendulum-random", "cql")].reward_scale == 0.1
+    assert args[("pendulum-random", "sac-reward-x1")].cql_weight == 0.0
+    # only the named change differs between a variant and the preset's CQL
+    for (env, variant), a in args.items():
+        base = vars(args[(env, "cql")])
+        changed = {k for k, v in vars(a).items() if v != base[k]} - {"run_dir"}
+        assert changed == {"cql-polyak5e-3": {"soft_target_update", "total_steps",
+                                              "eval_every"},
+                           "cql": set(), "sac": {"cql_weight"},
+                           "cql-reward-x1": {"reward_scale"},
+                           "sac-reward-x1": {"reward_scale", "cql_weight"}}[variant], variant
+
+
+def test_demo_and_finetune_put_each_method_next_to_its_baseline():
+    for suite in ("demo", "finetune", "umaze-finetune"):
+        pairs: dict[str, dict[str, object]] = {}  # side condition -> method -> args
         for job in suite_jobs(suite, Path("/runs"), seeds=1):
             args = parse(job)
             if job.entry.script == CQL_SAC and job.entry.variant in ("cql", "sac"):
                 assert args.cql_weight == (0.0 if job.entry.variant == "sac" else 5.0)
             if job.entry.script == CALQL:  # the paper's protocol: only the flag differs
-                by_variant[job.entry.variant] = args
-        calql, cql = by_variant["calql"], by_variant["cql"]
-        assert calql.enable_calql and not cql.enable_calql
-        assert {k for k in vars(calql) if getattr(calql, k) != getattr(cql, k)} == {
-            "enable_calql", "run_dir"}
+                method = "calql" if job.entry.variant.startswith("calql") else "cql"
+                pairs.setdefault(job.entry.variant.removeprefix(method), {})[method] = args
+        assert pairs
+        for pair in pairs.values():
+            calql, cql = pair["calql"], pair["cql"]
+            assert calql.enable_calql and not cql.enable_calql
+            assert {k for k in vars(calql) if getattr(calql, k) != getattr(cql, k)} == {
+                "enable_calql", "run_dir"}
     scripts = {j.entry.script for j in suite_jobs("demo", Path("/runs"))}
     assert scripts == set(SCRIPTS) and SUITES["demo"].seeds == 1
 
