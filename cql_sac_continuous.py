@@ -9,13 +9,13 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
     python cql_sac_continuous.py --env pendulum-medium          # local dataset (see README)
     python cql_sac_continuous.py --dataset-id mujoco/hopper/expert-v0 --device cuda
 
-- Part I, the algorithm (lines 51-649): Args, networks, losses, the training step, the replay
+- Part I, the algorithm (lines 51-654): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 650-1431): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 655-1454): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1432-2067): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1455-2380): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -180,6 +180,8 @@ class Args:
     """W&B entity."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    capture_video: bool = False
+    """Render the final evaluation's episodes to RUN_DIR/videos (MuJoCo: MUJOCO_GL=egl)."""
 
 
 # ---- networks: tanh-Gaussian actor, twin critics fused into one batched ensemble ---------
@@ -632,16 +634,19 @@ def main(args: Args) -> dict[str, Any]:
     trainer = Trainer(agent, args, device)
     spec = dict(data.eval_env, value_gap=value_gap_spec(
         args.gamma, data.eval_env["max_episode_steps"], data.transitions["rewards"]))
-    env = make_eval_env(spec, spec["value_gap"]["rollout_max_steps"])
+    env = make_eval_env(spec, spec["value_gap"]["rollout_max_steps"], render_mode(args))
     run = Run(args, dict(agent=agent, trainer=trainer, buffer=buffer), data.info, spec, device)
+    env = run.recorded(env)  # --capture-video (Part III)
+    evaluation = lambda: evaluate(agent, env, data.tf, args, data.info, device, spec["value_gap"])
+    if run.after:  # --evaluate / --export-policy RUN_DIR (Part III)
+        return run.after_training(evaluation, lambda: EnvPolicy(agent.actor, data.tf))
     for step in tqdm(range(run.step + 1, args.total_steps + 1), initial=run.step,
                      total=args.total_steps, desc=f"CQL {args.env}", disable=not args.progress):
         metrics = trainer.step(buffer.sample(args.batch_size))
         if run.due(step, args.log_every, args.eval_every, last=args.total_steps):
             run.log(step, metrics)
         if run.due(step, args.eval_every, last=args.total_steps):
-            run.evaluate_and_checkpoint(step, lambda: evaluate(
-                agent, env, data.tf, args, data.info, device, spec["value_gap"]))
+            run.evaluate_and_checkpoint(step, evaluation)
         run.stop_if_signalled(step)
     env.close()
     return run.finish(final_summary(run.history, data.info, args))
@@ -796,6 +801,24 @@ class Transform:
             np.float32)
 
 
+class EnvPolicy(nn.Module):
+    """The deterministic policy as the env sees it (--export-policy): raw observations
+    (B, obs_dim) in, env actions (B, action_dim) out, the Transform applied as in evaluate."""
+
+    def __init__(self, actor: TanhGaussianActor, tf: Transform):
+        super().__init__()
+        self.actor = copy.deepcopy(actor).cpu()
+        for name in ("obs_mean", "obs_std", "action_scale", "action_bias"):
+            self.register_buffer(name, torch.as_tensor(getattr(tf, name), dtype=torch.float32))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = (obs - self.obs_mean) / self.obs_std
+        return torch.tanh(self.actor.dist(x)[0]) * self.action_scale + self.action_bias
+
+    def example_input(self) -> torch.Tensor:
+        return self.obs_mean.expand(2, -1).clone()
+
+
 def d4rl_adroit_horizon(env_id: str) -> int | None:
     """D4RL's horizon of an Adroit env, which D4RL's reference scores are measured on: 100
     steps for pen, 200 for door, relocate and hammer (d4rl/hand_manipulation_suite/
@@ -807,7 +830,7 @@ def d4rl_adroit_horizon(env_id: str) -> int | None:
 
 
 def make_eval_env(spec: dict[str, Any], max_episode_steps: int | None = None,
-                  dataset_id: str | None = None) -> gym.Env:
+                  render_mode: str | None = None, dataset_id: str | None = None) -> gym.Env:
     """The env of an eval_env spec (config.json's `eval_env`; online episodes use it too):
     built from its recorded entry point where it has one, else by its registered id, with the
     spec's time limit or `max_episode_steps` (evaluation: the value gap's longer rollout)."""
@@ -817,8 +840,8 @@ def make_eval_env(spec: dict[str, Any], max_episode_steps: int | None = None,
         if spec.get("entry_point"):
             return gym.make(gym.envs.registration.EnvSpec(
                 id=spec["id"], entry_point=spec["entry_point"], max_episode_steps=steps,
-                kwargs=kwargs))
-        return gym.make(spec["id"], max_episode_steps=steps, **kwargs)
+                kwargs=kwargs), render_mode=render_mode)
+        return gym.make(spec["id"], max_episode_steps=steps, render_mode=render_mode, **kwargs)
     except Exception as exc:  # noqa: BLE001 - unregistered id, missing entry-point module, ...
         what = (f"the package with the module {exc.name}" if isinstance(exc, ModuleNotFoundError)
                 else "the package that registers it")
@@ -1747,6 +1770,8 @@ class Run:
 
     restore_signals = True  # cli(): False, the process ends with the run
     command: str | None = None  # cli(): the command line, for config.json
+    after: dict[str, Any] | None = None  # --evaluate / --export-policy: kind, video
+    last_dir: Path | None = None  # the directory of the last run started in this process
 
     def __init__(self, args: Args, parts: dict[str, Any], info: dict[str, Any],
                  eval_env: dict[str, Any], device: torch.device):
@@ -1757,12 +1782,16 @@ class Run:
         self.timing = dict(train_s=0.0, wall_s=0.0)
         self.train_values: dict[str, float] = {}
         self.signal: int | None = None
-        self.wandb = None
+        self.wandb, self.videos = None, []
+        Run.last_dir = self.dir
         # first: a stop signal from here on is honoured at the first step boundary
-        self._handlers = {s: signal.signal(s, self._on_signal)
-                          for s in (signal.SIGINT, signal.SIGTERM)}
+        self._handlers = {} if Run.after else {s: signal.signal(s, self._on_signal)
+                                               for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            self.start(info, eval_env, device)
+            if Run.after:  # after training: the checkpoint's parts, nothing written
+                self.load(check=False)
+            else:
+                self.start(info, eval_env, device)
         except BaseException:
             self.close()
             raise
@@ -1903,6 +1932,43 @@ class Run:
               file=sys.stderr)
         return summary
 
+    def recorded(self, env: gym.Env, tag: str = "") -> gym.Env:
+        """--evaluate --capture-video: the env's episodes to RUN_DIR/videos; else env."""
+        if not (Run.after and Run.after["video"]):
+            return env
+        self.videos.append(record_video(env, self.dir / "videos" / evaluation_name(
+            self.args, self.step), tag or "eval"))
+        return self.videos[-1]
+
+    def after_training(self, evaluation: Callable[[], dict[str, Any]],
+                       policy: Callable[[], nn.Module]) -> dict[str, Any]:
+        """--export-policy: RUN_DIR/policy.pt2. --evaluate: one evaluation of the
+        checkpoint to RUN_DIR/evaluations/<name>.json and one line; no training file
+        changes."""
+        self.close()
+        if Run.after["kind"] == "export":
+            path = export_policy(policy(), self.dir / POLICY_FILE)
+            print(f"wrote {path} (the policy of step {self.step}): torch.export.load(path)"
+                  ".module()(obs) gives the action", file=sys.stderr)
+            return dict(policy=str(path))
+        row, name = evaluation(), evaluation_name(self.args, self.step)
+        for env in self.videos:
+            env.close()  # writes the last video
+        path = self.dir / "evaluations" / f"{name}.json"
+        path.parent.mkdir(exist_ok=True)
+        write_json(path, json_safe(dict(step=self.step, seed=self.args.seed,
+                                        eval_episodes=self.args.eval_episodes,
+                                        command=Run.command, **row)))
+        score = next((row[k] for k in ("score", "normalized_score") if row.get(k) is not None),
+                     row.get("return_mean"))
+        success = "" if row.get("success_rate") is None else \
+            f" | success rate {row['success_rate']:.2f}"
+        videos = f" | videos in {self.dir / 'videos' / name}" if self.videos else ""
+        print(f"evaluated {self.dir} at step {self.step} ({self.args.eval_episodes} episodes, "
+              f"seed {self.args.seed}): score {score:.4g}{success} | value gap "
+              f"{row.get('value_gap', float('nan')):.4g}{videos} | {path}", file=sys.stderr)
+        return row
+
     def close(self) -> None:
         """The directory's lock goes; the signal handlers go back. On the command line the
         process ends here: signals are ignored (Python's exit would otherwise put back the
@@ -1950,7 +2016,8 @@ class Run:
         atomic_write(self.ckpt, buffer.getvalue())
         self.saved = self.step
 
-    def load(self) -> None:
+    def load(self, check: bool = True) -> None:
+        """The checkpoint into the parts; `check`: refuse other arguments (a resume)."""
         try:
             state = torch.load(self.ckpt, map_location="cpu", weights_only=False)
             problem = "" if isinstance(state, dict) and {"parts", "step", "history"} <= \
@@ -1967,10 +2034,11 @@ class Run:
         if state.get("script", this) != this:
             fail(f"{self.ckpt} was written by {state['script']}, not {this}: it belongs to "
                  f"another run; {unchanged}")
-        detail = arg_changes(state.get("args", now), now)
+        detail = arg_changes(state.get("args", now), now) if check else ""
         if detail:
             fail(f"{self.ckpt} was made by another run of {this} ({detail}); {unchanged}")
-        check_length(f"--resume {self.dir}", state.get("args", now), now)
+        if check:
+            check_length(f"--resume {self.dir}", state.get("args", now), now)
         try:
             for k, part in self.parts.items():
                 part.load_state_dict(state["parts"][k])
@@ -2042,6 +2110,244 @@ class CompiledStep:
         return self.update(batch, self.switch)
 
 
+# ---- after training: --evaluate, --export-policy, --push-to-hub RUN_DIR -------------------
+AFTER_USAGE = ("after training: --evaluate RUN_DIR|hf://REPO_ID [--seed S] [--eval-episodes N] "
+               "[--device D] [--capture-video]; --export-policy RUN_DIR; --push-to-hub REPO_ID "
+               "RUN_DIR [--hub-folder DIR]")
+AFTER_FLAGS = ("--evaluate", "--export-policy", "--push-to-hub")
+POLICY_FILE = "policy.pt2"  # torch.export: torch.export.load(path).module()(obs) -> action
+HUB_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", POLICY_FILE)
+
+
+def after_training_args(argv: list[str]) -> argparse.Namespace | None:
+    """The after-training command of argv (None: argv trains)."""
+    if not any(word.split("=")[0] in AFTER_FLAGS for word in argv):
+        return None
+    p = argparse.ArgumentParser(prog=Path(__file__).name, add_help=False)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--evaluate", metavar="RUN_DIR")
+    what.add_argument("--export-policy", metavar="RUN_DIR")
+    what.add_argument("--push-to-hub", nargs=2, metavar=("REPO_ID", "RUN_DIR"))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--eval-episodes", type=int)
+    p.add_argument("--device", choices=DEVICES)
+    p.add_argument("--capture-video", action="store_true")
+    p.add_argument("--hub-folder", type=Path)
+    p.error = lambda message: fail(f"{message}; {AFTER_USAGE}")  # one line, not argparse's two
+    return p.parse_args(argv)
+
+
+def run_config(run_dir: Path) -> dict[str, Any]:
+    """config.json of a run of this script with a checkpoint, or a one-line error."""
+    if not ((run_dir / "config.json").is_file() and (run_dir / "checkpoint.pt").is_file()):
+        fail(f"{run_dir} is not a run directory (no config.json and checkpoint.pt); pass the "
+             "--run-dir of a run that wrote its first checkpoint")
+    config, this = read_config(run_dir / "config.json"), Path(__file__).name
+    if config.get("script", this) != this:
+        fail(f"{run_dir} is a run of {config['script']}, not of {this}; use python "
+             f"{config['script']} with the same flags")
+    return config
+
+
+def saved_args(config: dict[str, Any], run_dir: Path, **changes: Any) -> Args:
+    """The run's Args from config.json, for a run that only evaluates (nothing compiled,
+    tracked or resumed), with `changes` (None: keep the run's)."""
+    from dataclasses import fields
+
+    defaults = {f.name: getattr(Args, f.name, None) for f in fields(Args)}
+    # JSON has no inf: json_safe wrote None where the default is +-inf (the clip bounds)
+    unsaved = lambda k, v: v is None and isinstance(defaults[k], float) and not math.isfinite(
+        defaults[k])
+    values = {k: defaults[k] if unsaved(k, v) else tuple(v) if isinstance(v, list) else v
+              for k, v in config["args"].items() if k in defaults}
+    quiet = dict(resume=None, run_dir=str(run_dir), track=False, progress=False,
+                 compile=False, cudagraphs=False)
+    return replace(Args(**values), **quiet, **{k: v for k, v in changes.items() if v is not None})
+
+
+def hub_download(source: str) -> Path:
+    """hf://REPO_ID -> a local copy of the repo (runs/hf/REPO_ID), a run directory."""
+    repo_id = source.removeprefix("hf://")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        fail("hf:// runs need the package huggingface_hub (pip install huggingface_hub)")
+    local = Path("runs") / "hf" / repo_id
+    try:
+        snapshot_download(repo_id, local_dir=local)
+    except Exception as exc:  # noqa: BLE001 - network, auth, missing repo: many error types
+        fail(f"could not download {repo_id} from the Hugging Face Hub ({type(exc).__name__}: "
+             f"{str(exc).splitlines()[0] if str(exc) else ''}); check the id and the network")
+    return local
+
+
+def after_training(ns: argparse.Namespace) -> None:
+    """Run the after-training command: evaluate, export the policy, or push to the Hub."""
+    if ns.push_to_hub:
+        push_to_hub(ns.push_to_hub[0], Path(ns.push_to_hub[1]), ns.hub_folder)
+        return
+    source = ns.evaluate or ns.export_policy
+    run_dir = hub_download(source) if source.startswith("hf://") else Path(source)
+    config = run_config(run_dir)
+    Run.after = dict(kind="evaluate" if ns.evaluate else "export", video=ns.capture_video)
+    try:
+        main(saved_args(config, run_dir, seed=ns.seed, eval_episodes=ns.eval_episodes,
+                        device=ns.device, capture_video=ns.capture_video or None))
+    finally:
+        Run.after = None  # the next main() in this process trains
+
+
+def evaluation_name(args: Args, step: int) -> str:
+    return f"step{step}-seed{args.seed}-episodes{args.eval_episodes}"
+
+
+def record_video(env: gym.Env, folder: Path, prefix: str) -> gym.Env:
+    """Every episode of env to folder/<prefix>-episode-<i>.mp4 (gymnasium RecordVideo)."""
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame (classic control): no display
+    os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+    if env.render_mode != "rgb_array":
+        fail(f"the evaluation env {env.spec.id if env.spec else env} renders no frames "
+             f"(render_mode {env.render_mode!r}); --capture-video needs rgb_array rendering")
+    try:
+        env.reset(seed=0)
+        env.render()  # now, not in the middle of the evaluation (evaluate reseeds its resets)
+        return gym.wrappers.RecordVideo(env, str(folder), episode_trigger=lambda _: True,
+                                        name_prefix=prefix, disable_logger=True)
+    except gym.error.DependencyNotInstalled as exc:
+        fail(f"--capture-video: {exc}")
+    except Exception as exc:  # noqa: BLE001 - OpenGL back ends fail in many ways
+        fail(f"--capture-video: the evaluation env cannot render ({type(exc).__name__}: "
+             f"{str(exc).splitlines()[0] if str(exc) else ''}); MuJoCo without a display needs "
+             "MUJOCO_GL=egl (libEGL) or MUJOCO_GL=osmesa (libOSMesa)")
+
+
+def export_policy(policy: nn.Module, path: Path) -> Path:
+    """The deterministic policy, observation in and env action out, as a torch.export file
+    that needs neither this script nor its classes (only torch)."""
+    example = policy.example_input()
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(policy.eval(), (example,), dynamic_shapes=({0: batch},))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    atomic_write(path, buffer.getvalue())
+    return path
+
+
+def model_card(run_dir: Path, config: dict[str, Any], summary: dict[str, Any],
+               repo_id: str) -> str:
+    """The Hub README: metadata (library, tags, the Minari dataset, a model-index entry with
+    the score), the command that made the run, machine, versions and the curve."""
+    args, dataset = config["args"], config.get("dataset", {})
+    data_id = dataset.get("dataset_id") or dataset.get("source") or args.get("dataset_id")
+    score_key = next((k for k in ("final_score", "final_normalized_score", "final_return")
+                      if summary.get(k) is not None), None)
+    score = summary.get(score_key) if score_key else None
+    name = Path(__file__).stem
+    meta = ["---", "library_name: pytorch", "tags:", "- reinforcement-learning",
+            "- offline-reinforcement-learning", f"- {name}", "- minari", "model-index:",
+            f"- name: {name}", "  results:", "  - task:", "      type: reinforcement-learning",
+            "      name: reinforcement-learning", "    dataset:", f"      name: {data_id}",
+            f"      type: {data_id}", "    metrics:",
+            f"    - type: {(score_key or 'score').removeprefix('final_')}",
+            f"      value: {'null' if score is None else round(float(score), 2)}",
+            f"      name: {(score_key or 'score').removeprefix('final_').replace('_', ' ')}",
+            "---", ""]
+    versions = config.get("versions", {})
+    body = [f"# {name} on {data_id}", "",
+            f"Trained with `{Path(__file__).name}` (github: cql-calql reference implementations); "
+            f"`{repo_id}` holds the run directory as the script wrote it.", "",
+            "## Result", "", f"- final {(score_key or 'score').removeprefix('final_')}: "
+            f"{score}", f"- value gap: {summary.get('value_gap')}",
+            f"- wall time: {summary.get('wall_time_s', 0):.0f} s on {config.get('device')}", "",
+            "## Reproduce", "", "```bash", config.get("command") or "(command not recorded)",
+            f"python {Path(__file__).name} --evaluate hf://{repo_id}", "```", "",
+            f"git commit: {config.get('git_commit')}", "",
+            "## Versions", "", *(f"- {k} {v}" for k, v in versions.items()), "",
+            "## Use the policy without the script", "", "```python", "import torch",
+            f"policy = torch.export.load(\"{POLICY_FILE}\").module()",
+            "action = policy(torch.as_tensor(obs, dtype=torch.float32)[None])[0]", "```", "",
+            "![learning curve](curve.png)", ""]
+    return "\n".join(meta + body)
+
+
+def curve_png(rows: list[dict[str, Any]], path: Path) -> None:
+    """The evaluation curve of metrics.jsonl (score or return by step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = next((k for k in ("score", "normalized_score", "return_mean")
+                if any(r.get(k) is not None for r in rows)), "return_mean")
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot([r["step"] for r in rows], [r.get(key) for r in rows], marker=".")
+    ax.set_xlabel("gradient steps")
+    ax.set_ylabel(key.replace("_", " "))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def hub_folder(run_dir: Path, repo_id: str, folder: Path) -> Path:
+    """What --push-to-hub uploads: the run files, the policy, videos, curve and model card."""
+    import shutil
+
+    config = run_config(run_dir)
+    if not (run_dir / "summary.json").is_file():
+        fail(f"{run_dir} has no summary.json: the run has not finished; finish it with "
+             f"--resume {run_dir} first")
+    if not (run_dir / POLICY_FILE).is_file():
+        after_training(argparse.Namespace(push_to_hub=None, evaluate=None,
+                                          export_policy=str(run_dir), capture_video=False,
+                                          seed=None, eval_episodes=None, device="cpu"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in HUB_FILES:
+        shutil.copy2(run_dir / name, folder / name)
+    for sub in ("videos", "evaluations"):
+        if (run_dir / sub).is_dir():
+            shutil.copytree(run_dir / sub, folder / sub, dirs_exist_ok=True)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
+    curve_png(rows, folder / "curve.png")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (folder / "README.md").write_text(model_card(run_dir, config, summary, repo_id))
+    return folder
+
+
+def push_to_hub(repo_id: str, run_dir: Path, folder: Path | None) -> None:
+    """Upload a finished run (hub_folder) to the Hugging Face Hub; with --hub-folder only
+    write the folder."""
+    import tempfile
+
+    if folder is not None:
+        hub_folder(run_dir, repo_id, folder)
+        print(f"wrote {folder} (not uploaded; without --hub-folder it goes to {repo_id})",
+              file=sys.stderr)
+        return
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        fail("--push-to-hub needs the package huggingface_hub (pip install huggingface_hub)")
+    with tempfile.TemporaryDirectory() as tmp:
+        hub_folder(run_dir, repo_id, Path(tmp))
+        try:
+            api = HfApi()
+            api.create_repo(repo_id, exist_ok=True)
+            api.upload_folder(folder_path=tmp, repo_id=repo_id,
+                              commit_message=f"{Path(__file__).name} run {run_dir.name}")
+        except Exception as exc:  # noqa: BLE001 - network, auth: many error types
+            fail(f"could not upload to {repo_id} ({type(exc).__name__}: "
+                 f"{str(exc).splitlines()[0] if str(exc) else ''}); log in with `hf auth "
+                 "login` (or set HF_TOKEN) and check the network")
+    print(f"pushed {run_dir} to https://huggingface.co/{repo_id}", file=sys.stderr)
+
+
+def render_mode(args: Args) -> str | None:
+    """The evaluation env's render mode: frames for --capture-video only."""
+    return "rgb_array" if args.capture_video else None
+
+
 def cli() -> None:
     """The command line: run checks before the data loads; a stop signal before Run takes
     the signals over exits 128+signal with one line (Ctrl-C: 130)."""
@@ -2054,8 +2360,15 @@ def cli() -> None:
     try:
         if STARTUP_SIGNALS:  # a Ctrl-C that came while the imports loaded
             _startup_signal(STARTUP_SIGNALS[0], None)
+        if (command := after_training_args(sys.argv[1:])) is not None:
+            return after_training(command)
         check_switches(sys.argv[1:])
-        main(check_run_args(parse_args()))
+        args = check_run_args(parse_args())
+        main(args)
+        if args.capture_video:  # the final evaluation again, rendered (the same episodes)
+            after_training(argparse.Namespace(push_to_hub=None, export_policy=None, seed=None,
+                                              evaluate=str(Run.last_dir), capture_video=True,
+                                              eval_episodes=None, device=None))
     except StartupSignal as stop:
         signum = stop.args[0]
         print(f"error: stopped by signal {signum} during start-up, before training began; "

@@ -164,14 +164,14 @@ PENDULUM_LEVELS = ("random", "medium", "expert", "medium-replay", "medium-expert
 # CQL's lower bound at convergence (issue 18): the paper's Polyak rate 5e-3 for 30k updates
 # (150 target time constants; a 100-step horizon needs ~200 of them to propagate from Q = 0,
 # so the report says per run whether the gap stopped moving), the pendulum preset's 0.05 and
-# naive SAC (CQL weight 0, at 0.05) for 8k updates (400 time constants). Evaluated every
-# 1000 / 400 updates: 30 / 20 evaluations, the last 20 % of which decide convergence
+# naive SAC (CQL weight 0, at 0.05) for 6k updates (300 time constants). Evaluated every
+# 1000 / 300 updates: 30 / 20 evaluations, the last 20 % of which decide convergence
 # (benchmark/report.py CONVERGENCE). 3 seeds each: what two cores run in about two hours.
 _CLAIMS_LONG = ("--soft-target-update", "5e-3", "--total-steps", "30000", "--eval-every",
                 "1000", "--eval-episodes", "10")
-_CLAIMS_RUN = ("--total-steps", "8000", "--eval-every", "400", "--eval-episodes", "10")
-# The local preset's reward scale x0.1 against the paper's raw rewards (x1), on the data
-# where the scale matters most for CQL's score (random) and on medium.
+_CLAIMS_RUN = ("--total-steps", "6000", "--eval-every", "300", "--eval-episodes", "10")
+# The local preset's reward scale x0.1 against the paper's raw rewards (x1), on random data
+# (where CQL scored 4 and naive SAC 100 before issue 18).
 _REWARD_X1 = ("--reward-scale", "1")
 
 
@@ -189,12 +189,8 @@ CLAIMS = Suite("claims", "CQL's lower bound (CQL paper Table 4) at convergence o
       if e.variant == "cql-polyak5e-3"),
     *(e for level in PENDULUM_LEVELS for e in lower_bound_entries(level)
       if e.variant != "cql-polyak5e-3"),
-    *(Entry(CQL_SAC, f"pendulum-{level}", f"{variant}-reward-x1", (*_CLAIMS_RUN, *_REWARD_X1,
-                                                                    *extra),
-            (f"pendulum-{level}",))
-      for level, variant, extra in (("random", "cql", ()), ("random", "sac", ("--cql-weight",
-                                                                               "0")),
-                                    ("medium", "cql", ()))),
+    Entry(CQL_SAC, "pendulum-random", "cql-reward-x1", (*_CLAIMS_RUN, *_REWARD_X1),
+          ("pendulum-random",)),
 ), seeds=3)
 
 # A side condition for both methods alike: the flags under which CQL's values on this task

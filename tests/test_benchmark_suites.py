@@ -64,13 +64,12 @@ def test_claims_put_each_method_next_to_its_baseline():
                                                                          seeds=1)}
     paper, preset = args[("pendulum-medium", "cql-polyak5e-3")], args[("pendulum-medium", "cql")]
     assert paper.soft_target_update == 5e-3 and preset.soft_target_update == 0.05
-    # 150 and 400 target time constants, 30 and 20 evaluations
+    # 150 and 300 target time constants, 30 and 20 evaluations
     assert paper.total_steps * paper.soft_target_update >= 150
-    assert preset.total_steps * preset.soft_target_update >= 400
+    assert preset.total_steps * preset.soft_target_update >= 300
     assert paper.total_steps // paper.eval_every >= 20 <= preset.total_steps // preset.eval_every
     x1 = args[("pendulum-random", "cql-reward-x1")]
     assert x1.reward_scale == 1.0 and args[("pendulum-random", "cql")].reward_scale == 0.1
-    assert args[("pendulum-random", "sac-reward-x1")].cql_weight == 0.0
     # only the named change differs between a variant and the preset's CQL
     for (env, variant), a in args.items():
         base = vars(args[(env, "cql")])
@@ -78,8 +77,7 @@ def test_claims_put_each_method_next_to_its_baseline():
         assert changed == {"cql-polyak5e-3": {"soft_target_update", "total_steps",
                                               "eval_every"},
                            "cql": set(), "sac": {"cql_weight"},
-                           "cql-reward-x1": {"reward_scale"},
-                           "sac-reward-x1": {"reward_scale", "cql_weight"}}[variant], variant
+                           "cql-reward-x1": {"reward_scale"}}[variant], variant
 
 
 def test_demo_and_finetune_put_each_method_next_to_its_baseline():
