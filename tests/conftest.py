@@ -417,10 +417,11 @@ BAD_INPUTS: dict[str, dict[str, tuple[list[str], tuple[str | re.Pattern, ...], s
         "local-as-game": (["--env", "cartpole-expert", "--dqn-replay-dir", "{tmp}"],
                           ("'cartpole-expert' is a local dataset, not an Atari",), "main"),
         "missing-local": (["--env", "cartpole-expert"], (
-            "local/cartpole/expert-v0 not found",
-            "build it with: python benchmark/datasets.py cartpole-expert"), "cli"),
+            "dataset local/cartpole/expert-v0 is not under",
+            "build it with: python benchmark/datasets.py local/cartpole/expert-v0"), "cli"),
         "no-network": (["--env", "breakout"], (
             "error: dataset atari/breakout/expert-v0 is not under",
+            "(OfflineModeIsEnabled: Cannot reach https://huggingface.co/",
             "minari download atari/breakout/expert-v0"), "cli"),
         "nan": (["--dataset-id", "test/cartpole/nan-v0"], ("test/cartpole/nan-v0 contains NaN",),
                 "main"),
