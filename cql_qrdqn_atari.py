@@ -27,11 +27,11 @@ ALE's internal frame-skip 4), no no-op starts.
 The file reads in three parts:
   Part I, the algorithm, lines 71-617: Args, the quantile network, the losses (QR-DQN,
     CQL(H)), the training step, the replay buffer, evaluation and the main loop.
-  Part II, datasets and presets, lines 618-1431: Minari loading and the generic path
+  Part II, datasets and presets, lines 618-1439: Minari loading and the generic path
     (vector observations, local datasets), the Atari family block (Minari Atari and DQN
     Replay: data, evaluation env, score; registered in FAMILIES), the presets with their
     sources, the command line.
-  Part III, run plumbing, lines 1432-2067: run directory, checkpoints, resume, signals.
+  Part III, run plumbing, lines 1440-2075: run directory, checkpoints, resume, signals.
 To use the file on your own discrete-action data, delete the family block (ale-py and OpenCV
 go with it): the generic path loads any Minari dataset of vector observations (--dataset-id)
 and evaluates it in the dataset's own env.
@@ -1088,6 +1088,16 @@ def dqn_replay_game(path: str) -> str | None:
     return None
 
 
+def dqn_replay_download(game: str | None) -> str:
+    """How to get run 1 of `game`'s DQN Replay logs (Pong's without a game) into a path that
+    dqn_replay_game reads the game from: gsutil's `cp -R SRC DEST` into an existing folder
+    DEST adds SRC's last name, so <Game>/1 copied into DIR/<Game> is DIR/<Game>/1."""
+    name = "".join(w.capitalize() for w in (game or "pong").split("_"))  # the bucket's names
+    return (f"download run 1 of {name}'s logs with `mkdir -p DIR/{name} && gsutil -m cp -R "
+            f"gs://atari-replay-datasets/dqn/{name}/1 DIR/{name}` and pass "
+            f"DIR/{name}/1/replay_logs")
+
+
 def load_dqn_replay(path: str, fraction: float, checkpoints: str = "all",
                     progress: bool = True, game: str | None = None, game_actions: int | None = None,
                     pin: bool = False) -> Data:
@@ -1099,9 +1109,7 @@ def load_dqn_replay(path: str, fraction: float, checkpoints: str = "all",
     Only 10k x 50 is the paper's 1%: this loader follows the 1%/10% definitions."""
     root = Path(path)
     if not root.is_dir():
-        fail(f"--dqn-replay-dir {path} does not exist; download a game's logs with "
-             f"`gsutil -m cp -R gs://atari-replay-datasets/dqn/Pong/1 DIR` and pass "
-             f"DIR/Pong/1/replay_logs")
+        fail(f"--dqn-replay-dir {path} does not exist; {dqn_replay_download(game)}")
     found = sorted(int(m.group(1)) for p in root.iterdir()
                    if (m := re.fullmatch(r"\$store\$_observation_ckpt\.(\d+)\.gz", p.name)))
     if not found:

@@ -1,6 +1,7 @@
 """cql_qrdqn_atari.py data: frame stacking, the DQN Replay loader, Minari Atari preprocessing."""
 
 import gzip
+import re
 from pathlib import Path
 
 import gymnasium as gym
@@ -378,3 +379,22 @@ def test_a_mistyped_local_id_gives_the_closest_one_and_a_build_command_that_work
     command = "build it with: python benchmark/datasets.py "
     names = [m.how_to_get(ds).removeprefix(command) for ds in m.LOCAL_ENVS.values()]
     assert datasets_cli(*names) == list(m.LOCAL_ENVS.values())
+
+
+@pytest.mark.parametrize("game", ["pong", "space_invaders"])
+def test_the_gsutil_command_of_a_missing_replay_dir_puts_the_run_where_it_says(game, tmp_path):
+    """`gsutil cp -R SRC DEST` into an existing folder DEST writes DEST/<SRC's last name>: the
+    hint's mkdir, gsutil copy and path to pass agree, and the game is read from that path."""
+    pytest.importorskip("ale_py")
+    with pytest.raises(SystemExit) as stop:
+        m.load_dqn_replay(str(tmp_path / "missing"), 1.0, game=game)
+    line = str(stop.value.code).replace("DIR", str(tmp_path))
+    made, src, dest = re.search(r"`mkdir -p (\S+) && gsutil -m cp -R (gs://\S+) (\S+)`",
+                                line).groups()
+    assert made == dest and src.startswith("gs://atari-replay-datasets/dqn/")
+    copied = make_dqn_replay_dir(Path(dest) / src.rsplit("/", 1)[1] / "replay_logs",
+                                 num_checkpoints=1, steps_per_checkpoint=200)
+    passed = re.search(r"and pass (\S+)$", line).group(1)
+    assert Path(passed) == copied and m.dqn_replay_game(passed) == game
+    data = m.load_dqn_replay(passed, 1.0, progress=False, game=game)
+    assert len(data.valid) > 0
