@@ -14,11 +14,11 @@ Where the official code and the paper's appendix differ, the official code is fo
     python calql_finetune.py --env pointmaze-binary
 
 - Part I, the algorithm (lines 54-796): Args, networks, losses, training step, buffers, main.
-- Part II, datasets and presets (lines 797-1593): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 797-1639): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1594-2519): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1640-2565): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -848,21 +848,67 @@ def load_minari_dataset(dataset_id: str):
     check_datasets_root()
     with contextlib.suppress(FileNotFoundError):
         return minari.load_dataset(dataset_id)
+    known = sorted({ds for ds, _ in ENVS.values()})  # the ids the presets name
     if dataset_id.startswith("local/"):  # built by this project, never downloaded
-        fail(f"dataset {dataset_id} not found; build it with: "
-             f"python benchmark/datasets.py {dataset_id}")
+        fail(missing_dataset(dataset_id, known))
     try:
         return minari.load_dataset(dataset_id, download=True)
     except Exception as exc:  # network errors come in many types
-        fail(f"dataset {dataset_id} is not in {os.environ.get('MINARI_DATASETS_PATH', '~/.minari')}"
-             f" and could not be downloaded ({type(exc).__name__}); on a machine with network "
-             f"run `minari download {dataset_id}` and copy the datasets folder here")
+        fail(missing_dataset(dataset_id, known, exc))
+
+
+def datasets_root() -> str:
+    """The datasets folder Minari reads, as the user would type it: MINARI_DATASETS_PATH,
+    else Minari's default ~/.minari/datasets."""
+    return os.environ.get("MINARI_DATASETS_PATH") or "~/.minari/datasets"
+
+
+def missing_dataset(dataset_id: str, known: list[str], exc: Exception | None = None) -> str:
+    """The one-line error for a dataset not under datasets_root(): the download's error
+    (`exc`), then how to get the dataset, or for an id that no preset names (`known`: the ids
+    they name) the closest one that is: a typo's own download or build command cannot work."""
+    where = f"dataset {dataset_id} is not under {datasets_root()}"
+    if exc is not None:
+        where += f" and could not be downloaded ({error_line(exc)})"
+    if dataset_id in known:
+        return f"{where}; {how_to_get(dataset_id)}"
+    import difflib
+
+    close = difflib.get_close_matches(dataset_id, known, n=1)
+    if close:
+        return (f"{where}; no preset names it: did you mean {close[0]}? "
+                f"({how_to_get(close[0])}; {how_to_list(dataset_id)})")
+    return f"{where}; no preset names it or an id close to it; {how_to_list(dataset_id)}"
+
+
+def error_line(exc: Exception) -> str:
+    """'Type: first line of the message' (an httpx or Hugging Face message runs on)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def how_to_get(dataset_id: str) -> str:
+    """The command that puts `dataset_id` under datasets_root(): a local/ id is built by
+    benchmark/datasets.py (which takes the id), any other is downloaded where there is network
+    (into that machine's ~/.minari/datasets) and copied here."""
+    if dataset_id.startswith("local/"):
+        return f"build it with: python benchmark/datasets.py {dataset_id}"
+    return (f"get it with `minari download {dataset_id}` on a machine with network and copy "
+            f"its ~/.minari/datasets/{dataset_id} to {datasets_root()}/{dataset_id} here")
+
+
+def how_to_list(dataset_id: str) -> str:
+    """Where the ids that exist are listed: the local datasets benchmark/datasets.py builds
+    (some that no preset names), or Minari's remote ones."""
+    if dataset_id.startswith("local/"):
+        return "`python benchmark/datasets.py --list` lists the local datasets it builds"
+    return "`minari list remote` (with network) lists Minari's ids"
 
 
 def check_datasets_root() -> None:
     """MINARI_DATASETS_PATH (else ~/.minari/datasets) must exist or be creatable: Minari
     creates it and would fail with an OSError traceback."""
-    root = Path(os.environ.get("MINARI_DATASETS_PATH") or "~/.minari/datasets").expanduser()
+    root = Path(datasets_root()).expanduser()
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -27,11 +27,11 @@ ALE's internal frame-skip 4), no no-op starts.
 The file reads in three parts:
   Part I, the algorithm, lines 72-643: Args, the quantile network, the losses (QR-DQN,
     CQL(H)), the training step, the replay buffer, evaluation and the main loop.
-  Part II, datasets and presets, lines 644-1401: Minari loading and the generic path
+  Part II, datasets and presets, lines 644-1465: Minari loading and the generic path
     (vector observations, local datasets), the Atari family block (Minari Atari and DQN
     Replay: data, evaluation env, score; registered in FAMILIES), the presets with their
     sources, the command line.
-  Part III, run plumbing, lines 1402-2327: run directory, checkpoints, resume, signals.
+  Part III, run plumbing, lines 1466-2391: run directory, checkpoints, resume, signals.
 To use the file on your own discrete-action data, delete the family block (ale-py and OpenCV
 go with it): the generic path loads any Minari dataset of vector observations (--dataset-id)
 and evaluates it in the dataset's own env.
@@ -684,6 +684,7 @@ class Family:
     frames: Callable[..., Data] | None = None  # (ds, progress, pin): Minari frames -> Data
     names: tuple[str, ...] = ()  # --env names and the tail of the unknown-env error
     hint: str = ""
+    dataset_ids: Callable[[], list[str]] = list  # the Minari ids of its data a bad id is checked on
 
 
 FAMILIES: dict[str, Family] = {}  # each family block adds itself
@@ -716,28 +717,70 @@ def load_minari_dataset(dataset_id: str):
     """The raw Minari dataset: the local copy, else a download; one-line errors."""
     minari = optional_import("minari", "minari", "Minari data")
     check_datasets_root()
-    try:
+    with contextlib.suppress(Exception):  # any failure: not there locally
         return minari.load_dataset(dataset_id)
-    except Exception as e:  # noqa: BLE001 - any failure: not there locally
-        local_error = e
-    root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
-    if dataset_id.startswith("local/"):
-        name = next((k for k, v in LOCAL_ENVS.items() if v == dataset_id), dataset_id)
-        fail(f"dataset {dataset_id} not found under {root}; build it with: "
-             f"python benchmark/datasets.py {name}")
+    # the ids this script names: its local datasets and its families' (Atari: the games')
+    known = [*LOCAL_ENVS.values(), *(i for f in FAMILIES.values() for i in f.dataset_ids())]
+    if dataset_id.startswith("local/"):  # built by benchmark/datasets.py, never downloaded
+        fail(missing_dataset(dataset_id, known))
     try:
         return minari.load_dataset(dataset_id, download=True)
-    except Exception as e:  # noqa: BLE001 - no network, unknown id, ...
-        fail(f"dataset {dataset_id} is not under {root} and could not be downloaded "
-             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else local_error}); "
-             f"get it with `minari download {dataset_id}` where there is network, "
-             f"or set MINARI_DATASETS_PATH")
+    except Exception as exc:  # noqa: BLE001 - no network, unknown id, ...
+        fail(missing_dataset(dataset_id, known, exc))
+
+
+def datasets_root() -> str:
+    """The datasets folder Minari reads, as the user would type it: MINARI_DATASETS_PATH,
+    else Minari's default ~/.minari/datasets."""
+    return os.environ.get("MINARI_DATASETS_PATH") or "~/.minari/datasets"
+
+
+def missing_dataset(dataset_id: str, known: list[str], exc: Exception | None = None) -> str:
+    """The one-line error for a dataset not under datasets_root(): the download's error
+    (`exc`), then how to get the dataset, or for an id that no preset names (`known`: the ids
+    they name) the closest one that is: a typo's own download or build command cannot work."""
+    where = f"dataset {dataset_id} is not under {datasets_root()}"
+    if exc is not None:
+        where += f" and could not be downloaded ({error_line(exc)})"
+    if dataset_id in known:
+        return f"{where}; {how_to_get(dataset_id)}"
+    import difflib
+
+    close = difflib.get_close_matches(dataset_id, known, n=1)
+    if close:
+        return (f"{where}; no preset names it: did you mean {close[0]}? "
+                f"({how_to_get(close[0])}; {how_to_list(dataset_id)})")
+    return f"{where}; no preset names it or an id close to it; {how_to_list(dataset_id)}"
+
+
+def error_line(exc: Exception) -> str:
+    """'Type: first line of the message' (an httpx or Hugging Face message runs on)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def how_to_get(dataset_id: str) -> str:
+    """The command that puts `dataset_id` under datasets_root(): a local/ id is built by
+    benchmark/datasets.py (which takes the id), any other is downloaded where there is network
+    (into that machine's ~/.minari/datasets) and copied here."""
+    if dataset_id.startswith("local/"):
+        return f"build it with: python benchmark/datasets.py {dataset_id}"
+    return (f"get it with `minari download {dataset_id}` on a machine with network and copy "
+            f"its ~/.minari/datasets/{dataset_id} to {datasets_root()}/{dataset_id} here")
+
+
+def how_to_list(dataset_id: str) -> str:
+    """Where the ids that exist are listed: the local datasets benchmark/datasets.py builds
+    (some that no preset names), or Minari's remote ones."""
+    if dataset_id.startswith("local/"):
+        return "`python benchmark/datasets.py --list` lists the local datasets it builds"
+    return "`minari list remote` (with network) lists Minari's ids"
 
 
 def check_datasets_root() -> None:
     """MINARI_DATASETS_PATH (else ~/.minari/datasets) must exist or be creatable: Minari
     creates it and would fail with an OSError traceback."""
-    root = Path(os.environ.get("MINARI_DATASETS_PATH") or "~/.minari/datasets").expanduser()
+    root = Path(datasets_root()).expanduser()
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -1071,6 +1114,16 @@ def dqn_replay_game(path: str) -> str | None:
     return None
 
 
+def dqn_replay_download(game: str | None) -> str:
+    """How to get run 1 of `game`'s DQN Replay logs (Pong's without a game) into a path that
+    dqn_replay_game reads the game from: gsutil's `cp -R SRC DEST` into an existing folder
+    DEST adds SRC's last name, so <Game>/1 copied into DIR/<Game> is DIR/<Game>/1."""
+    name = "".join(w.capitalize() for w in (game or "pong").split("_"))  # the bucket's names
+    return (f"download run 1 of {name}'s logs with `mkdir -p DIR/{name} && gsutil -m cp -R "
+            f"gs://atari-replay-datasets/dqn/{name}/1 DIR/{name}` and pass "
+            f"DIR/{name}/1/replay_logs")
+
+
 def load_dqn_replay(path: str, fraction: float, checkpoints: str = "all",
                     progress: bool = True, game: str | None = None, game_actions: int | None = None,
                     pin: bool = False) -> Data:
@@ -1082,9 +1135,7 @@ def load_dqn_replay(path: str, fraction: float, checkpoints: str = "all",
     Only 10k x 50 is the paper's 1%: this loader follows the 1%/10% definitions."""
     root = Path(path)
     if not root.is_dir():
-        fail(f"--dqn-replay-dir {path} does not exist; download a game's logs with "
-             f"`gsutil -m cp -R gs://atari-replay-datasets/dqn/Pong/1 DIR` and pass "
-             f"DIR/Pong/1/replay_logs")
+        fail(f"--dqn-replay-dir {path} does not exist; {dqn_replay_download(game)}")
     found = sorted(int(m.group(1)) for p in root.iterdir()
                    if (m := re.fullmatch(r"\$store\$_observation_ckpt\.(\d+)\.gz", p.name)))
     if not found:
@@ -1218,10 +1269,23 @@ def minari_atari_eval_env(args: Args, source: DataSource, data: Data) -> dict | 
                           args.max_episode_steps, full)
 
 
+def atari_dataset_ids() -> list[str]:
+    """The Minari ids that --env GAME loads (atari_source): atari/<game>/expert-v0 of every ALE
+    game, or of the paper's games without ale-py."""
+    try:
+        import ale_py
+    except ImportError:
+        games: Iterable[str] = PAPER_GAMES
+    else:
+        games = ale_py.roms.get_all_rom_ids()
+    return [f"atari/{game.replace('_', '')}/expert-v0" for game in games]
+
+
 FAMILIES["atari"] = Family(
     atari_source, atari_preset, dqn_replay_data, minari_atari_eval_env, minari_atari_frames,
     names=PAPER_GAMES,
-    hint=", or any ALE game id (python -c 'import ale_py; print(ale_py.roms.get_all_rom_ids())')")
+    hint=", or any ALE game id (python -c 'import ale_py; print(ale_py.roms.get_all_rom_ids())')",
+    dataset_ids=atari_dataset_ids)
 
 
 # --- Presets: every value with its source ----------------------------------------------------

@@ -216,6 +216,45 @@ def error_of(module, argv: list[str]) -> str:
     raise AssertionError(f"{argv} ran without an error")
 
 
+
+@pytest.fixture
+def offline_minari(monkeypatch, tmp_path):
+    """Minari with no network: MINARI_DATASETS_PATH an empty folder, and every download failing
+    with a two-line message (as httpx's do; a one-line error keeps only the first line).
+    Returns the ids a download was tried for (a local/ id must never be one)."""
+    import minari
+
+    local_only, tried = minari.load_dataset, []
+
+    def load_dataset(dataset_id: str, download: bool = False):
+        if not download:
+            return local_only(dataset_id)  # FileNotFoundError: the folder is empty
+        tried.append(dataset_id)
+        raise ConnectionError("[Errno -2] Name or service not known\n"
+                              "while requesting GET https://huggingface.co/api/datasets")
+
+    monkeypatch.setattr(minari, "load_dataset", load_dataset)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "datasets"))
+    return tried
+
+
+@pytest.fixture
+def datasets_cli(monkeypatch):
+    """Return `datasets_cli(*argv) -> names`: `python benchmark/datasets.py argv` as its main()
+    takes it (unknown names exit 2), with each build recorded instead of run."""
+    from benchmark import datasets
+
+    built: list[str] = []
+    monkeypatch.setattr(datasets, "is_built", lambda name: False)
+    monkeypatch.setattr(datasets, "build", lambda name, force=False: built.append(name))
+
+    def run(*argv: str) -> list[str]:
+        datasets.main(list(argv))
+        return built
+
+    return run
+
+
 # ---------------------------------------------------------------- hand-made bad datasets
 def write_dataset(root: Path, dataset_id: str, env_id: str, episodes: int = 2,
                   steps: int = 10, nan_reward: bool = False, success: bool | None = None) -> None:
@@ -331,8 +370,9 @@ BAD_INPUTS: dict[str, dict[str, tuple[list[str], tuple[str | re.Pattern, ...], s
         "nan": (["--dataset-id", "test/pendulum/nan-v0"], ("non-finite values in 'rewards'",),
                 "main"),
         "no-cuda": (["--device", "cuda"], ("no CUDA device",), "main"),
-        "no-network": (["--dataset-id", "D4RL/pen/human-v2"], ("could not be downloaded",),
-                       "cli"),
+        "no-network": (["--dataset-id", "D4RL/pen/human-v2"], (
+            "could not be downloaded (OfflineModeIsEnabled: Cannot reach https://huggingface.co/",
+            "get it with `minari download D4RL/pen/human-v2` on a machine with network"), "cli"),
         **_CONTINUOUS_DATA,
         "missing-entry-point": (["--dataset-id", "test/pendulum/no-module-v0"],
                                 ("no-module-v0: cannot build", "NoSuchEnv-v0"), "main"),
@@ -352,7 +392,9 @@ BAD_INPUTS: dict[str, dict[str, tuple[list[str], tuple[str | re.Pattern, ...], s
         "unknown-env": (["--env", "pen-human"], ("unknown --env 'pen-human'",), "main"),
         "missing-local": (["--env", "pointmaze-binary"], (
             "build it with: python benchmark/datasets.py local/pointmaze/sparse-v0",), "main"),
-        "no-network": (["--env", "pen-binary"], ("could not be downloaded",), "cli"),
+        "no-network": (["--env", "pen-binary"], (
+            "could not be downloaded (OfflineModeIsEnabled: Cannot reach https://huggingface.co/",
+            "get it with `minari download D4RL/pen/cloned-v2` on a machine with network"), "cli"),
         **_CONTINUOUS_DATA,
         "missing-entry-point": (["--dataset-id", "test/pendulum/no-module-v0"],
                                 ("no-module-v0: cannot build",
@@ -375,10 +417,11 @@ BAD_INPUTS: dict[str, dict[str, tuple[list[str], tuple[str | re.Pattern, ...], s
         "local-as-game": (["--env", "cartpole-expert", "--dqn-replay-dir", "{tmp}"],
                           ("'cartpole-expert' is a local dataset, not an Atari",), "main"),
         "missing-local": (["--env", "cartpole-expert"], (
-            "local/cartpole/expert-v0 not found",
-            "build it with: python benchmark/datasets.py cartpole-expert"), "cli"),
+            "dataset local/cartpole/expert-v0 is not under",
+            "build it with: python benchmark/datasets.py local/cartpole/expert-v0"), "cli"),
         "no-network": (["--env", "breakout"], (
             "error: dataset atari/breakout/expert-v0 is not under",
+            "(OfflineModeIsEnabled: Cannot reach https://huggingface.co/",
             "minari download atari/breakout/expert-v0"), "cli"),
         "nan": (["--dataset-id", "test/cartpole/nan-v0"], ("test/cartpole/nan-v0 contains NaN",),
                 "main"),

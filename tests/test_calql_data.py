@@ -8,6 +8,7 @@ import minari
 import numpy as np
 import pytest
 import torch
+from conftest import error_of
 
 import calql_finetune as calql
 
@@ -182,3 +183,32 @@ def test_online_trajectory_ends_at_success_and_gets_its_mc_returns():
     assert online.data["mc_returns"][6:].abs().sum() == 0
     with pytest.raises(SystemExit, match="online buffer full"):
         online.add_trajectory(traj)
+
+
+# ---------------------------------------------------------------- a dataset that is not there
+def test_a_mistyped_remote_id_gives_the_download_error_and_the_closest_preset_id(
+        offline_minari, tmp_path):
+    line = error_of(calql, ["--dataset-id", "D4RL/door/clonned-v2",
+                            "--run-dir", str(tmp_path / "run")])
+    root = tmp_path / "datasets"
+    assert line == (f"error: dataset D4RL/door/clonned-v2 is not under {root} and could not be "
+                    "downloaded (ConnectionError: [Errno -2] Name or service not known); no "
+                    "preset names it: did you mean D4RL/door/cloned-v2? (get it with `minari "
+                    "download D4RL/door/cloned-v2` on a machine with network and copy its "
+                    f"~/.minari/datasets/D4RL/door/cloned-v2 to {root}/D4RL/door/cloned-v2 "
+                    "here; `minari list remote` (with network) lists Minari's ids)")
+    assert offline_minari == ["D4RL/door/clonned-v2"]
+
+
+def test_a_mistyped_local_id_gives_the_closest_one_and_a_build_command_that_works(
+        offline_minari, datasets_cli, tmp_path):
+    line = error_of(calql, ["--dataset-id", "local/pointmaze/sprase-v0",
+                            "--run-dir", str(tmp_path / "run")])
+    assert line.endswith("no preset names it: did you mean local/pointmaze/sparse-v0? (build it "
+                         "with: python benchmark/datasets.py local/pointmaze/sparse-v0; `python "
+                         "benchmark/datasets.py --list` lists the local datasets it builds)"), line
+    assert offline_minari == []  # a local id is never downloaded
+    local = sorted(ds for ds, _ in calql.ENVS.values() if ds.startswith("local/"))
+    command = "build it with: python benchmark/datasets.py "
+    names = [calql.how_to_get(ds).removeprefix(command) for ds in local]
+    assert local == ["local/pointmaze/sparse-v0"] and datasets_cli(*names) == local

@@ -1,6 +1,7 @@
 """cql_qrdqn_atari.py data: frame stacking, the DQN Replay loader, Minari Atari preprocessing."""
 
 import gzip
+import re
 from pathlib import Path
 
 import gymnasium as gym
@@ -348,3 +349,52 @@ def test_an_env_that_cannot_be_created_is_named(edit, names, tmp_path, monkeypat
     line = load_error(dataset_id, tmp_path)
     assert line.startswith(f"error: dataset {dataset_id}: cannot create its environment")
     assert names in line, line
+
+
+# --- a dataset that is not there ---------------------------------------------------------------
+
+
+def test_a_mistyped_game_id_gives_the_download_error_and_the_closest_known_id(
+        offline_minari, tmp_path):
+    pytest.importorskip("ale_py")  # the games' ids come from ale-py's ROMs
+    line = load_error("atari/pongg/expert-v0", tmp_path)
+    root = tmp_path / "datasets"
+    assert line == (f"error: dataset atari/pongg/expert-v0 is not under {root} and could not be "
+                    "downloaded (ConnectionError: [Errno -2] Name or service not known); no "
+                    "preset names it: did you mean atari/pong/expert-v0? (get it with `minari "
+                    "download atari/pong/expert-v0` on a machine with network and copy its "
+                    f"~/.minari/datasets/atari/pong/expert-v0 to {root}/atari/pong/expert-v0 "
+                    "here; `minari list remote` (with network) lists Minari's ids)")
+    assert offline_minari == ["atari/pongg/expert-v0"]
+    assert "atari/spaceinvaders/expert-v0" in m.atari_dataset_ids()  # any ALE game, as --env
+
+
+def test_a_mistyped_local_id_gives_the_closest_one_and_a_build_command_that_works(
+        offline_minari, datasets_cli, tmp_path):
+    line = load_error("local/cartpole/expret-v0", tmp_path)
+    assert line.endswith("no preset names it: did you mean local/cartpole/expert-v0? (build it "
+                         "with: python benchmark/datasets.py local/cartpole/expert-v0; `python "
+                         "benchmark/datasets.py --list` lists the local datasets it builds)"), line
+    assert offline_minari == []  # a local id is never downloaded
+    command = "build it with: python benchmark/datasets.py "
+    names = [m.how_to_get(ds).removeprefix(command) for ds in m.LOCAL_ENVS.values()]
+    assert datasets_cli(*names) == list(m.LOCAL_ENVS.values())
+
+
+@pytest.mark.parametrize("game", ["pong", "space_invaders"])
+def test_the_gsutil_command_of_a_missing_replay_dir_puts_the_run_where_it_says(game, tmp_path):
+    """`gsutil cp -R SRC DEST` into an existing folder DEST writes DEST/<SRC's last name>: the
+    hint's mkdir, gsutil copy and path to pass agree, and the game is read from that path."""
+    pytest.importorskip("ale_py")
+    with pytest.raises(SystemExit) as stop:
+        m.load_dqn_replay(str(tmp_path / "missing"), 1.0, game=game)
+    line = str(stop.value.code).replace("DIR", str(tmp_path))
+    made, src, dest = re.search(r"`mkdir -p (\S+) && gsutil -m cp -R (gs://\S+) (\S+)`",
+                                line).groups()
+    assert made == dest and src.startswith("gs://atari-replay-datasets/dqn/")
+    copied = make_dqn_replay_dir(Path(dest) / src.rsplit("/", 1)[1] / "replay_logs",
+                                 num_checkpoints=1, steps_per_checkpoint=200)
+    passed = re.search(r"and pass (\S+)$", line).group(1)
+    assert Path(passed) == copied and m.dqn_replay_game(passed) == game
+    data = m.load_dqn_replay(passed, 1.0, progress=False, game=game)
+    assert len(data.valid) > 0

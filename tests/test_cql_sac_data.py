@@ -6,6 +6,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import error_of
 
 import cql_sac_continuous as cql
 
@@ -118,3 +119,62 @@ def test_load_data_on_local_pendulum(local_dataset):
     assert float(tf.action_scale[0]) == 2.0
     env = cql.make_eval_env(data.eval_env)
     assert env.spec.id == "Pendulum-v1" and env.spec.max_episode_steps == 200
+
+
+# ---------------------------------------------------------------- a dataset that is not there
+def test_a_mistyped_remote_id_gives_the_download_error_and_the_closest_preset_id(
+        offline_minari, tmp_path):
+    line = error_of(cql, ["--dataset-id", "mujoco/hoper/medium-v0",
+                          "--run-dir", str(tmp_path / "run")])
+    root = tmp_path / "datasets"
+    assert line.startswith(f"error: dataset mujoco/hoper/medium-v0 is not under {root} and "
+                           "could not be downloaded (ConnectionError: [Errno -2] Name or "
+                           "service not known); no preset names it: did you mean "
+                           "mujoco/hopper/medium-v0? (get it with `minari download "
+                           "mujoco/hopper/medium-v0` on a machine with network and copy its "
+                           f"~/.minari/datasets/mujoco/hopper/medium-v0 to {root}/mujoco/"
+                           "hopper/medium-v0 here; `minari list remote`"), line
+    assert "while requesting" not in line and "download mujoco/hoper" not in line
+    assert offline_minari == ["mujoco/hoper/medium-v0"]  # it may be an id no preset names
+
+
+def test_a_preset_remote_id_gets_its_download_command_and_minaris_default_folder(
+        offline_minari, tmp_path, monkeypatch):
+    monkeypatch.delenv("MINARI_DATASETS_PATH")
+    monkeypatch.setenv("HOME", str(tmp_path))  # Minari's default: ~/.minari/datasets
+    line = error_of(cql, ["--env", "hopper-medium", "--run-dir", str(tmp_path / "run")])
+    assert line == ("error: dataset mujoco/hopper/medium-v0 is not under ~/.minari/datasets and "
+                    "could not be downloaded (ConnectionError: [Errno -2] Name or service not "
+                    "known); get it with `minari download mujoco/hopper/medium-v0` on a machine "
+                    "with network and copy its ~/.minari/datasets/mujoco/hopper/medium-v0 to "
+                    "~/.minari/datasets/mujoco/hopper/medium-v0 here")
+
+
+def test_a_mistyped_local_id_gives_the_closest_one_and_a_build_command_that_works(
+        offline_minari, datasets_cli, tmp_path):
+    line = error_of(cql, ["--dataset-id", "local/pendulum/expret-v0",
+                          "--run-dir", str(tmp_path / "run")])
+    assert line == (f"error: dataset local/pendulum/expret-v0 is not under {tmp_path / 'datasets'}"
+                    "; no preset names it: did you mean local/pendulum/expert-v0? (build it "
+                    "with: python benchmark/datasets.py local/pendulum/expert-v0; `python "
+                    "benchmark/datasets.py --list` lists the local datasets it builds)")
+    assert offline_minari == []  # a local id is never downloaded
+    with pytest.raises(SystemExit) as typo:  # what the typo's own build command answers
+        datasets_cli("local/pendulum/expret-v0")
+    assert typo.value.code == 2
+    assert datasets_cli("local/pendulum/expert-v0") == ["local/pendulum/expert-v0"]
+
+
+def test_an_id_close_to_no_preset_id_points_to_minaris_list(offline_minari, tmp_path):
+    line = error_of(cql, ["--dataset-id", "foo/bar/baz-v0", "--run-dir", str(tmp_path / "run")])
+    assert line.endswith("(ConnectionError: [Errno -2] Name or service not known); no preset "
+                         "names it or an id close to it; `minari list remote` (with network) "
+                         "lists Minari's ids"), line
+
+
+def test_the_build_command_of_each_local_preset_dataset_is_one_benchmark_datasets_takes(
+        datasets_cli):
+    local = sorted(ds for ds, _ in cql.ENVS.values() if ds.startswith("local/"))
+    command = "build it with: python benchmark/datasets.py "
+    names = [cql.how_to_get(ds).removeprefix(command) for ds in local]
+    assert len(local) == 5 and datasets_cli(*names) == local
