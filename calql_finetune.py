@@ -13,12 +13,12 @@ Where the official code and the paper's appendix differ, the official code is fo
     python benchmark/datasets.py pointmaze-binary     # builds the local dataset
     python calql_finetune.py --env pointmaze-binary
 
-- Part I, the algorithm (lines 54-796): Args, networks, losses, training step, buffers, main.
-- Part II, datasets and presets (lines 797-1639): Minari loading, one block per dataset family
+- Part I, the algorithm (lines 54-795): Args, networks, losses, training step, buffers, main.
+- Part II, datasets and presets (lines 796-1638): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1640-2565): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1639-2565): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -145,8 +145,7 @@ class Args:
     cql_tau: float = 1.0
     """Target action gap of the Lagrange form (official `cql_target_action_gap`)."""
     log_alpha_prime_init: float = 1.0
-    """Initial log alpha' (Lagrange only): 0.0 in rlkit `cql.py` (`ptu.zeros(1)`), 1.0 in Cal-QL
-    (`Scalar(1.0)`) and CORL."""
+    """Initial log alpha' (Lagrange only): rlkit `cql.py` 0.0, Cal-QL (`Scalar(1.0)`), CORL 1.0."""
     alpha_prime_lr: float = 3e-4
     """Learning rate of log alpha' (Lagrange only)."""
 
@@ -2411,7 +2410,8 @@ def export_policy(policy: nn.Module, path: Path) -> Path:
     that needs neither this script nor its classes (only torch)."""
     example = policy.example_input()
     batch = torch.export.Dim("batch")
-    program = torch.export.export(policy.eval(), (example,), dynamic_shapes=({0: batch},))
+    program = torch.export.export(policy.eval().requires_grad_(False), (example,),
+                                  dynamic_shapes=({0: batch},))  # actions, no autograd graph
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     atomic_write(path, buffer.getvalue())

@@ -31,7 +31,7 @@ The file reads in three parts:
     (vector observations, local datasets), the Atari family block (Minari Atari and DQN
     Replay: data, evaluation env, score; registered in FAMILIES), the presets with their
     sources, the command line.
-  Part III, run plumbing, lines 1466-2391: run directory, checkpoints, resume, signals.
+  Part III, run plumbing, lines 1466-2392: run directory, checkpoints, resume, signals.
 To use the file on your own discrete-action data, delete the family block (ale-py and OpenCV
 go with it): the generic path loads any Minari dataset of vector observations (--dataset-id)
 and evaluates it in the dataset's own env.
@@ -2237,7 +2237,8 @@ def export_policy(policy: nn.Module, path: Path) -> Path:
     that needs neither this script nor its classes (only torch)."""
     example = policy.example_input()
     batch = torch.export.Dim("batch")
-    program = torch.export.export(policy.eval(), (example,), dynamic_shapes=({0: batch},))
+    program = torch.export.export(policy.eval().requires_grad_(False), (example,),
+                                  dynamic_shapes=({0: batch},))  # actions, no autograd graph
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     atomic_write(path, buffer.getvalue())

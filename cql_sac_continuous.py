@@ -9,13 +9,13 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
     python cql_sac_continuous.py --env pendulum-medium          # local dataset (see README)
     python cql_sac_continuous.py --dataset-id mujoco/hopper/expert-v0 --device cuda
 
-- Part I, the algorithm (lines 51-654): Args, networks, losses, the training step, the replay
+- Part I, the algorithm (lines 51-648): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 655-1500): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 649-1494): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1501-2426): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1495-2421): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -509,13 +509,7 @@ class Trainer:
             return self.compiled(batch, bc)
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        total, metrics = compute_losses(self.agent, batch, self.args, bc)
-        total.backward()
-        for opt in self.optimizers.values():
-            opt.step()
-        with torch.no_grad():  # Polyak averaging of the target critics
-            torch._foreach_lerp_(self.target, self.online, self.args.soft_target_update)
-        return metrics
+        return sac_update(self, batch, bc)
 
     def state_dict(self) -> dict[str, Any]:
         return dict(updates=self.updates,
@@ -527,11 +521,11 @@ class Trainer:
             opt.load_state_dict(state["optimizers"][k])
 
 
-# ---- compiled step (--compile / --cudagraphs): not needed to read the algorithm ---------
-# Trainer.step's update as one function, compiled (and CUDA-graphed) by CompiledStep (Part III)
+# ---- the update: eager in Trainer.step, or compiled (--compile) by CompiledStep (Part III) --
 
 
 def sac_update(t: Trainer, batch: dict[str, torch.Tensor], bc: bool) -> dict[str, torch.Tensor]:
+    """Losses, backward, Adam steps, then Polyak averaging of the target critics."""
     total, metrics = compute_losses(t.agent, batch, t.args, bc)
     total.backward()
     for opt in t.optimizers.values():
@@ -2272,7 +2266,8 @@ def export_policy(policy: nn.Module, path: Path) -> Path:
     that needs neither this script nor its classes (only torch)."""
     example = policy.example_input()
     batch = torch.export.Dim("batch")
-    program = torch.export.export(policy.eval(), (example,), dynamic_shapes=({0: batch},))
+    program = torch.export.export(policy.eval().requires_grad_(False), (example,),
+                                  dynamic_shapes=({0: batch},))  # actions, no autograd graph
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     atomic_write(path, buffer.getvalue())

@@ -218,7 +218,8 @@ def test_imports_follow_need(name):
 def test_test_files_are_named_by_script():
     prefixes = ("test_cql_sac_", "test_cql_qrdqn_", "test_calql_", "test_benchmark_")
     shared = {"test_run_contract.py", "test_layout.py", "test_readme.py", "test_twins.py",
-              "test_envs.py", "test_compile.py", "test_license_citation.py"}
+              "test_envs.py", "test_compile.py", "test_license_citation.py",
+              "test_after_training.py"}
     for path in (ROOT / "tests").glob("test_*.py"):
         assert path.name in shared or path.name.startswith(prefixes), path.name
 

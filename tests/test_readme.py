@@ -81,6 +81,54 @@ def test_the_readme_quotes_results_verbatim():
         assert line in reports.splitlines(), line
 
 
+def brief_run(program: str, run_dir: str, tmp_path: Path, local_dataset) -> Path:
+    """The README's training command for `--run-dir run_dir`, brief, in tmp_path."""
+    (command,) = [c for c in COMMANDS if c.startswith(f"python {program}")
+                  and shlex.split(c)[-2:] == ["--run-dir", run_dir]]
+    module, argv = SCRIPTS[program], shlex.split(command)[2:-2]
+    local_dataset(data_of(module.parse_args(argv)))
+    path = tmp_path / run_dir
+    module.main(module.parse_args([*argv, *shlex.split(BRIEF[program]), "--device", "cpu",
+                                   "--no-progress", "--run-dir", str(path)]))
+    return path
+
+
+def after_training_command(module, program: str, ns: argparse.Namespace, tmp_path: Path,
+                           local_dataset) -> None:
+    """--evaluate / --export-policy / --push-to-hub on a brief run of the README's own
+    training command for that directory (the Hub folder only: no network here)."""
+    documented = ns.evaluate or ns.export_policy or ns.push_to_hub[1]
+    run_dir = brief_run(program, documented, tmp_path, local_dataset)
+    if ns.push_to_hub:
+        assert ns.hub_folder is not None, "the README's push must be runnable here"
+        ns.push_to_hub, ns.hub_folder = [ns.push_to_hub[0], str(run_dir)], tmp_path / "hub"
+    else:
+        ns.evaluate, ns.export_policy = (str(run_dir) if x else None
+                                         for x in (ns.evaluate, ns.export_policy))
+    module.after_training(ns)
+    expected = {"evaluate": run_dir / "evaluations", "export_policy": run_dir / "policy.pt2",
+                "push_to_hub": tmp_path / "hub" / "README.md"}
+    assert next(path for key, path in expected.items() if getattr(ns, key)).exists()
+
+
+def test_readme_python_blocks_run(tmp_path, local_dataset, one_torch_thread):
+    """The README's Python (the exported policy, used without the script) runs as written,
+    on a brief run's policy.pt2 at the path it names."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    for code in blocks:
+        (path,) = re.findall(r'"(runs/[^"]+/policy.pt2)"', code)
+        run_dir = brief_run("cql_sac_continuous.py", str(Path(path).parent), tmp_path,
+                            local_dataset)
+        cql_sac_continuous.after_training(argparse.Namespace(
+            push_to_hub=None, evaluate=None, export_policy=str(run_dir), capture_video=False,
+            seed=None, eval_episodes=None, device="cpu"))
+        scope: dict = {}
+        exec(code.replace(path, str(run_dir / "policy.pt2")), scope)  # noqa: S102
+        assert scope["action"].shape == (1, 1)
+
+
 class Parsed(Exception):
     """Raised instead of running a benchmark program once its arguments are parsed."""
 
@@ -124,6 +172,8 @@ def test_readme_command(command, tmp_path, monkeypatch, twin, local_dataset,
             parse_only(module, argv, monkeypatch)
         return
     module = SCRIPTS[program]
+    if (after := module.after_training_args(argv)) is not None:
+        return after_training_command(module, program, after, tmp_path, local_dataset)
     if "--help" in argv or "--presets" in argv:
         with pytest.raises(SystemExit) as done:
             module.parse_args(argv)
