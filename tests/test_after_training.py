@@ -76,7 +76,9 @@ def test_evaluate_equals_the_final_evaluation_and_writes_nothing_else(finished):
 
 
 def test_capture_video_counts_a_frame_per_step(finished):
-    """Pendulum and CartPole render in CI (classic control); PointMaze is MuJoCo: EGL."""
+    """Pendulum and CartPole render in CI (classic control); PointMaze is MuJoCo: EGL.
+    moviepy is optional (it pins pillow < 12, requirements.txt needs pillow >= 13)."""
+    pytest.importorskip("moviepy")
     script, run_dir = finished
     env = {"MUJOCO_GL": "egl"} if script.key == "calql" else None
     out = run_script(script.path, "--evaluate", str(run_dir), "--capture-video",
@@ -97,6 +99,7 @@ def test_capture_video_counts_a_frame_per_step(finished):
 
 
 def test_training_with_capture_video_records_its_final_evaluation(tmp_path, local_dataset):
+    pytest.importorskip("moviepy")
     script = SCRIPTS["cql_sac"]
     local_dataset(script.dataset)
     run_dir = tmp_path / "run"
