@@ -14,11 +14,11 @@ Where the official code and the paper's appendix differ, the official code is fo
     python calql_finetune.py --env pointmaze-binary
 
 - Part I, the algorithm (lines 54-795): Args, networks, losses, training step, buffers, main.
-- Part II, datasets and presets (lines 796-1638): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 796-1639): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1639-2565): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1640-2567): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -1023,12 +1023,13 @@ def make_eval_env(spec: dict[str, Any], max_episode_steps: int | None = None,
     spec's time limit or `max_episode_steps` (evaluation: the value gap's longer rollout)."""
     register_robotics_envs(spec["id"])
     kwargs, steps = copy.deepcopy(spec["kwargs"]), max_episode_steps or spec["max_episode_steps"]
+    frames = {"render_mode": render_mode} if render_mode else {}  # envs without the argument
     try:
         if spec.get("entry_point"):
             return gym.make(gym.envs.registration.EnvSpec(
                 id=spec["id"], entry_point=spec["entry_point"], max_episode_steps=steps,
-                kwargs=kwargs), render_mode=render_mode)
-        return gym.make(spec["id"], max_episode_steps=steps, render_mode=render_mode, **kwargs)
+                kwargs=kwargs), **frames)
+        return gym.make(spec["id"], max_episode_steps=steps, **frames, **kwargs)
     except Exception as exc:  # noqa: BLE001 - unregistered id, missing entry-point module, ...
         what = (f"the package with the module {exc.name}" if isinstance(exc, ModuleNotFoundError)
                 else "the package that registers it")
@@ -1658,7 +1659,8 @@ def planned_updates(args: Args) -> int:
 # state_dict() / load_state_dict(): agent, trainer, buffers, loop counters).
 
 RESUME_FREE = {"resume", "run_dir", "track", "wandb_project", "wandb_entity", "progress",
-               "log_every", LENGTH_FIELD}  # a resume may change these (the length: grow only)
+               "capture_video", "log_every", LENGTH_FIELD}  # a resume may change these
+# (the length: grow only)
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json")
 LOCK_FILE = "run.lock"
 DEVICES = ("auto", "cpu", "cuda")

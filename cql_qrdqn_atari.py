@@ -25,13 +25,13 @@ dataset (atari/<game>/expert-v0) in its own env spec's setting (repeat_action_pr
 ALE's internal frame-skip 4), no no-op starts.
 
 The file reads in three parts:
-  Part I, the algorithm, lines 72-643: Args, the quantile network, the losses (QR-DQN,
+  Part I, the algorithm, lines 72-644: Args, the quantile network, the losses (QR-DQN,
     CQL(H)), the training step, the replay buffer, evaluation and the main loop.
-  Part II, datasets and presets, lines 644-1465: Minari loading and the generic path
+  Part II, datasets and presets, lines 645-1466: Minari loading and the generic path
     (vector observations, local datasets), the Atari family block (Minari Atari and DQN
     Replay: data, evaluation env, score; registered in FAMILIES), the presets with their
     sources, the command line.
-  Part III, run plumbing, lines 1466-2392: run directory, checkpoints, resume, signals.
+  Part III, run plumbing, lines 1467-2394: run directory, checkpoints, resume, signals.
 To use the file on your own discrete-action data, delete the family block (ale-py and OpenCV
 go with it): the generic path loads any Minari dataset of vector observations (--dataset-id)
 and evaluates it in the dataset's own env.
@@ -478,10 +478,11 @@ def make_eval_env(spec: dict, max_episode_steps: int | None = None,
     each of its `wrappers` (gymnasium.wrappers name -> kwargs) in order. With wrappers (Atari:
     `atari_eval_env`) the agent-step limit is evaluate's (a TimeLimit would count ALE frames);
     max_episode_steps: a longer TimeLimit than the spec's (the value_gap rollout)."""
+    frames = {"render_mode": render_mode} if render_mode else {}  # envs without the argument
     if "wrappers" not in spec:
         return gym.make(spec["id"], max_episode_steps=max_episode_steps or
-                        spec["max_episode_steps"], render_mode=render_mode, **spec["kwargs"])
-    env = gym.make(spec["id"], render_mode=render_mode, **spec["kwargs"])
+                        spec["max_episode_steps"], **frames, **spec["kwargs"])
+    env = gym.make(spec["id"], **frames, **spec["kwargs"])
     for name, kwargs in spec["wrappers"].items():
         env = getattr(gym.wrappers, name)(env, **kwargs)
     return env
@@ -1485,7 +1486,8 @@ def planned_updates(args: Args) -> int:
 # state_dict() / load_state_dict(): agent, trainer, buffers, loop counters).
 
 RESUME_FREE = {"resume", "run_dir", "track", "wandb_project", "wandb_entity", "progress",
-               "log_every", LENGTH_FIELD}  # a resume may change these (the length: grow only)
+               "capture_video", "log_every", LENGTH_FIELD}  # a resume may change these
+# (the length: grow only)
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json")
 LOCK_FILE = "run.lock"
 DEVICES = ("auto", "cpu", "cuda")

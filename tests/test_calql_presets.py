@@ -84,7 +84,7 @@ OFFICIAL = {
 # Fields that are run settings, not hyperparameters of a preset.
 RUN_FIELDS = {"env", "seed", "device", "run_dir", "hidden_dims", "normalize_states", "tf32",
               "log_every", "max_abs_q", "compile", "cudagraphs", "resume", "track",
-              "wandb_project", "wandb_entity", "progress"}
+              "wandb_project", "wandb_entity", "progress", "capture_video"}
 
 
 def test_every_env_has_an_official_row():
