@@ -143,7 +143,7 @@ def changed_lines(a: str, b: str) -> int:
                for tag, i1, i2, j1, j2 in matcher.get_opcodes() if tag != "equal")
 
 
-DIFF_NOW = 1310  # 2026-12-07: 1308 (issue 21 added the after-training hooks in each main): may shrink, never grow
+DIFF_NOW = 1310  # 2026-12-07: 1308 (issue 21: the after-training hooks); may shrink, never grow
 
 
 @pytest.mark.xfail(strict=True, reason="issue 16 open: the diff is ~1290 changed lines, not <= "
