@@ -49,7 +49,24 @@ def test_suite_structure():
         assert name not in ("smoke", "demo", "local") or {e.script for e in entries} == set(
             SCRIPTS)
         assert all(datasets.is_local(d) for e in entries for d in e.datasets)
-    assert {e.variant for e in SUITES["local"].entries} == {"cql", "sac", "qrdqn", "calql"}
+    assert {e.variant for e in SUITES["local"].entries} == {"cql", "sac", "qrdqn", "calql",
+                                                            "cql-reward-x1"}
+
+
+def test_local_runs_the_presets_as_a_newcomer_does():
+    """Issue 22: `python cql_sac_continuous.py --env pendulum-<level>` (and CartPole's) is a
+    local suite entry, so a newcomer's run compares with benchmark/results/local.md."""
+    levels = {j.entry.env for j in suite_jobs("local", Path("/r"), seeds=1)
+              if j.entry.script == CQL_SAC}
+    assert levels == {f"pendulum-{lv}" for lv in suites.PENDULUM_LEVELS}
+    for job in suite_jobs("local", Path("/r"), seeds=1):
+        if job.entry.script == CALQL:
+            continue  # the corridor run's flags are the README's Cal-QL command
+        module = MODULES[job.entry.script]
+        args, preset = vars(parse(job)), vars(module.preset_args(job.entry.env))
+        changed = {k for k in args if args[k] != preset[k]} - {"run_dir", "progress"}
+        assert changed == {"cql": set(), "sac": {"cql_weight"}, "qrdqn": {"cql_weight"},
+                           "cql-reward-x1": {"reward_scale"}}[job.entry.variant], job.label
 
 
 def test_claims_put_each_method_next_to_its_baseline():
