@@ -13,12 +13,12 @@ Where the official code and the paper's appendix differ, the official code is fo
     python benchmark/datasets.py pointmaze-binary     # builds the local dataset
     python calql_finetune.py --env pointmaze-binary
 
-- Part I, the algorithm (lines 54-795): Args, networks, losses, training step, buffers, main.
-- Part II, datasets and presets (lines 796-1639): Minari loading, one block per dataset family
+- Part I, the algorithm (lines 54-797): Args, networks, losses, training step, buffers, main.
+- Part II, datasets and presets (lines 798-1643): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1640-2567): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1644-2581): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ class Args:
     """Random seed (networks, sampling, online and evaluation episodes)."""
     device: str = "auto"
     """Device: auto, cpu or cuda (auto picks CUDA when available)."""
+    threads: int | None = None
+    """CPU threads of torch; None keeps torch's default."""
     offline_steps: int = 20_000
     """Gradient steps of offline pre-training."""
     online_steps: int = 200_000
@@ -1480,7 +1482,8 @@ _WIDTHS = ("positive widths", lambda v: min(v, default=1) > 0)
 RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     **dict.fromkeys(("offline_eval_every", "eval_every", "eval_episodes", "batch_size",
                      "cql_n_actions", "log_every", "policy_lr", "qf_lr", "alpha_prime_lr",
-                     "cql_temp", "max_abs_q", "utd", "horizon", "mean_clamp"), _POSITIVE),
+                     "cql_temp", "max_abs_q", "threads", "utd", "horizon", "mean_clamp"),
+                    _POSITIVE),
     **dict.fromkeys(("bc_steps", "cql_weight", "offline_steps", "online_steps",
                      "cql_weight_online"), _NON_NEGATIVE),
     "gamma": ("in [0, 1)", lambda v: 0 <= v < 1),  # 1: no discounting, MC returns divide by 0
@@ -1552,7 +1555,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
     pre.add_argument("--dataset-id", "--dataset_id", default=None)
     known, _ = pre.parse_known_args(argv)
     env = known.env or (env_for_dataset(known.dataset_id) if known.dataset_id else Args.env)
-    args = tyro.cli(Args, default=preset_args(env, known.dataset_id), args=argv)
+    args = tyro.cli(Args, default=preset_args(env, known.dataset_id), args=argv,
+                    description=help_header(env))
     check_args(args)
     return args
 
@@ -1675,6 +1679,14 @@ _LOCKS: dict[str, int] = {}  # run directory -> descriptor of its lock, held by 
 def default_run_dir(args: Args) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return f"runs/{Path(__file__).stem}__{args.env}__s{args.seed}__{stamp}"
+
+
+def help_header(env: str) -> str:
+    """--help's first lines: what the values shown are, and where the others are."""
+    return (f"{__doc__.splitlines()[0].removesuffix('.')}. The values shown are the ones "
+            f"`--env {env}` runs: its preset over the defaults (`--env X --help`: task X's). "
+            "`--presets` prints every preset value with its source, the papers' defaults "
+            "included. Switches take no value: `--compile` / `--no-compile`.")
 
 
 def fail(message: str) -> NoReturn:
@@ -1962,6 +1974,8 @@ class Run:
     def __init__(self, args: Args, parts: dict[str, Any], info: dict[str, Any],
                  eval_env: dict[str, Any], device: torch.device):
         self.args, self.parts = args, parts
+        if args.threads is not None:  # --threads: before the first update
+            torch.set_num_threads(args.threads)
         self.dir = Path(args.run_dir)
         self.ckpt = self.dir / "checkpoint.pt"
         self.step, self.history, self.saved = 0, [], None  # saved: the checkpoint's step

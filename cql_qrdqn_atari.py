@@ -25,13 +25,13 @@ dataset (atari/<game>/expert-v0) in its own env spec's setting (repeat_action_pr
 ALE's internal frame-skip 4), no no-op starts.
 
 The file reads in three parts:
-  Part I, the algorithm, lines 72-644: Args, the quantile network, the losses (QR-DQN,
+  Part I, the algorithm, lines 72-642: Args, the quantile network, the losses (QR-DQN,
     CQL(H)), the training step, the replay buffer, evaluation and the main loop.
-  Part II, datasets and presets, lines 645-1466: Minari loading and the generic path
+  Part II, datasets and presets, lines 643-1464: Minari loading and the generic path
     (vector observations, local datasets), the Atari family block (Minari Atari and DQN
     Replay: data, evaluation env, score; registered in FAMILIES), the presets with their
     sources, the command line.
-  Part III, run plumbing, lines 1467-2394: run directory, checkpoints, resume, signals.
+  Part III, run plumbing, lines 1465-2402: run directory, checkpoints, resume, signals.
 To use the file on your own discrete-action data, delete the family block (ale-py and OpenCV
 go with it): the generic path loads any Minari dataset of vector observations (--dataset-id)
 and evaluates it in the dataset's own env.
@@ -584,8 +584,6 @@ def main(args: Args) -> dict[str, Any]:
     check_args(args)
     device = pick_device(args.device)
     args = replace(args, run_dir=args.resume or args.run_dir or default_run_dir(args))
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     data = load_data(args)
     buffer = ReplayBuffer(data, device, args.seed, args.clip_reward,
@@ -1451,7 +1449,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
              "names the data; see --help")
     preset = preset_args(env or Args.env, known.dataset_id, known.dqn_replay_dir,
                          known.data_fraction)
-    args = tyro.cli(Args, default=preset, args=argv, description=__doc__.split("\n\n")[0])
+    args = tyro.cli(Args, default=preset, args=argv, description=help_header(env or Args.env))
     check_args(args)
     return args
 
@@ -1502,6 +1500,14 @@ _LOCKS: dict[str, int] = {}  # run directory -> descriptor of its lock, held by 
 def default_run_dir(args: Args) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return f"runs/{Path(__file__).stem}__{args.env}__s{args.seed}__{stamp}"
+
+
+def help_header(env: str) -> str:
+    """--help's first lines: what the values shown are, and where the others are."""
+    return (f"{__doc__.splitlines()[0].removesuffix('.')}. The values shown are the ones "
+            f"`--env {env}` runs: its preset over the defaults (`--env X --help`: task X's). "
+            "`--presets` prints every preset value with its source, the papers' defaults "
+            "included. Switches take no value: `--compile` / `--no-compile`.")
 
 
 def fail(message: str) -> NoReturn:
@@ -1789,6 +1795,8 @@ class Run:
     def __init__(self, args: Args, parts: dict[str, Any], info: dict[str, Any],
                  eval_env: dict[str, Any], device: torch.device):
         self.args, self.parts = args, parts
+        if args.threads is not None:  # --threads: before the first update
+            torch.set_num_threads(args.threads)
         self.dir = Path(args.run_dir)
         self.ckpt = self.dir / "checkpoint.pt"
         self.step, self.history, self.saved = 0, [], None  # saved: the checkpoint's step

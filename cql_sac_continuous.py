@@ -9,13 +9,13 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
     python cql_sac_continuous.py --env pendulum-medium          # local dataset (see README)
     python cql_sac_continuous.py --dataset-id mujoco/hopper/expert-v0 --device cuda
 
-- Part I, the algorithm (lines 51-648): Args, networks, losses, the training step, the replay
+- Part I, the algorithm (lines 51-649): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 649-1497): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 650-1499): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1498-2425): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1500-2437): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -70,6 +70,8 @@ class Args:
     """Random seed (networks, sampling, evaluation episodes)."""
     device: str = "auto"
     """Device: auto, cpu or cuda (auto picks CUDA when available)."""
+    threads: int | None = None
+    """CPU threads of torch; None keeps torch's default."""
     total_steps: int = 1_000_000
     """Number of gradient steps."""
     eval_every: int = 10_000
@@ -119,10 +121,9 @@ class Args:
     # ---- CQL -------------------------------------------------------------------------
     cql_weight: float = 5.0
     """Weight w of the conservative penalty (official `min_q_weight`; 0: naive offline SAC)."""
-    cql_variant: Literal["is", "plain"] = "is"
-    """`is`: CQL(H) with the importance-sampled logsumexp (App. F; official `min_q_version 3`).
-    `plain`: logsumexp over [rand, data, pi(s'), pi(s)] Q-values with temperature, no importance
-    weights (official `min_q_version 2`, which the official README calls "CQL(rho)")."""
+    cql_importance_sample: bool = True
+    """CQL(H)'s importance-sampled logsumexp (App. F; official `min_q_version 3`); --no-...:
+    plain logsumexp over [rand, data, pi(s'), pi(s)] Q (`min_q_version 2`, "CQL(rho)")."""
     cql_data_term: bool = True
     """Subtract E_D[Q(s,a)] (Eq. 2/4); --no-cql-data-term gives the Eq. 1 variant (Table 5)."""
     cql_n_actions: int = 10
@@ -461,7 +462,7 @@ def cql_term(agent: Agent, batch: dict[str, torch.Tensor], args: Args, q_data: t
     # One critic call for all 3N actions, every one of them scored at the CURRENT state s.
     q_all = agent.critic(rep_obs.repeat(1, 3, 1), torch.cat([a_rand, a_cur, a_next], 1))
     q_rand, q_cur, q_next = q_all.split(n, dim=-1)  # each [E, B, N]
-    if args.cql_variant == "is":
+    if args.cql_importance_sample:
         push_down = cql_logsumexp_is(q_rand, q_cur, logp_cur, q_next, logp_next, action_dim,
                                      args.cql_temp)
     else:
@@ -1231,7 +1232,7 @@ DEFAULT_SOURCES: dict[str, str] = dict(
     max_backup=f"{_MUJOCO_NEW} `--max_q_backup` default 'False'",
     max_backup_form="rlkit cql.py L219-224: per critic the max over 10 actions, then the min",
     cql_weight="CQL README, MuJoCo command `--min_q_weight=(5.0 or 10.0)`",
-    cql_variant=f"{_MUJOCO_NEW} `--min_q_version` default 3 (CQL(H))",
+    cql_importance_sample=f"{_MUJOCO_NEW} `--min_q_version` default 3 (CQL(H))",
     cql_data_term="paper Eq. 4 (CQL(H)); rlkit cql.py subtracts `q1_pred.mean()`",
     cql_n_actions=f"{_MUJOCO_NEW} `num_random=10`; paper App. F",
     cql_temp=f"{_MUJOCO_NEW} `temp=1.0`",
@@ -1366,7 +1367,7 @@ _WIDTHS = ("positive widths", lambda v: min(v, default=1) > 0)
 RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     **dict.fromkeys(("total_steps", "eval_every", "eval_episodes", "batch_size",
                      "cql_n_actions", "log_every", "policy_lr", "qf_lr", "alpha_prime_lr",
-                     "cql_temp", "max_abs_q", "mean_clamp"), _POSITIVE),
+                     "cql_temp", "max_abs_q", "threads", "mean_clamp"), _POSITIVE),
     **dict.fromkeys(("bc_steps", "cql_weight"), _NON_NEGATIVE),
     "gamma": ("in [0, 1)", lambda v: 0 <= v < 1),  # 1: no discounting, MC returns divide by 0
     "soft_target_update": ("in (0, 1]", lambda v: 0 < v <= 1),
@@ -1435,7 +1436,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
     pre.add_argument("--dataset-id", "--dataset_id", default=None)
     known, _ = pre.parse_known_args(argv)
     env = known.env or (env_for_dataset(known.dataset_id) if known.dataset_id else Args.env)
-    args = tyro.cli(Args, default=preset_args(env, known.dataset_id), args=argv)
+    args = tyro.cli(Args, default=preset_args(env, known.dataset_id), args=argv,
+                    description=help_header(env))
     check_args(args)
     return args
 
@@ -1533,6 +1535,14 @@ _LOCKS: dict[str, int] = {}  # run directory -> descriptor of its lock, held by 
 def default_run_dir(args: Args) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return f"runs/{Path(__file__).stem}__{args.env}__s{args.seed}__{stamp}"
+
+
+def help_header(env: str) -> str:
+    """--help's first lines: what the values shown are, and where the others are."""
+    return (f"{__doc__.splitlines()[0].removesuffix('.')}. The values shown are the ones "
+            f"`--env {env}` runs: its preset over the defaults (`--env X --help`: task X's). "
+            "`--presets` prints every preset value with its source, the papers' defaults "
+            "included. Switches take no value: `--compile` / `--no-compile`.")
 
 
 def fail(message: str) -> NoReturn:
@@ -1820,6 +1830,8 @@ class Run:
     def __init__(self, args: Args, parts: dict[str, Any], info: dict[str, Any],
                  eval_env: dict[str, Any], device: torch.device):
         self.args, self.parts = args, parts
+        if args.threads is not None:  # --threads: before the first update
+            torch.set_num_threads(args.threads)
         self.dir = Path(args.run_dir)
         self.ckpt = self.dir / "checkpoint.pt"
         self.step, self.history, self.saved = 0, [], None  # saved: the checkpoint's step

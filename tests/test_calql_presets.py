@@ -84,7 +84,7 @@ OFFICIAL = {
 # Fields that are run settings, not hyperparameters of a preset.
 RUN_FIELDS = {"env", "seed", "device", "run_dir", "hidden_dims", "normalize_states", "tf32",
               "log_every", "max_abs_q", "compile", "cudagraphs", "resume", "track",
-              "wandb_project", "wandb_entity", "progress", "capture_video"}
+              "wandb_project", "wandb_entity", "progress", "capture_video", "threads"}
 
 
 def test_every_env_has_an_official_row():
@@ -192,8 +192,8 @@ def help_defaults(env: str) -> dict[str, str]:
 def test_help_shows_the_values_that_will_run(env):
     shown = help_defaults(env)
     args = calql.preset_args(env)
-    optional = {"run-dir", "target-entropy", "cql-weight-online", "resume",
-                "wandb-entity", "mean-clamp"}  # documented: None = derived at run time / not set
+    optional = {"run-dir", "target-entropy", "cql-weight-online", "resume", "wandb-entity",
+                "mean-clamp", "threads"}  # documented: None = derived at run time / not set
     for f in fields(args):
         flag = f.name.replace("_", "-")
         value = getattr(args, f.name)

@@ -46,7 +46,7 @@ OFFICIAL_DEFAULTS = dict(
     backup_entropy=False,  # cql_mujoco_new.py --deterministic_backup default "True"
     max_backup=False,  # cql_mujoco_new.py --max_q_backup default "False"
     cql_weight=5.0,  # CQL README: --min_q_weight=(5.0 or 10.0)
-    cql_variant="is",  # cql_mujoco_new.py --min_q_version default 3
+    cql_importance_sample=True,  # cql_mujoco_new.py --min_q_version default 3
     cql_data_term=True,
     cql_n_actions=10,  # cql_mujoco_new.py num_random=10
     cql_temp=1.0,  # cql_mujoco_new.py temp=1.0
@@ -203,7 +203,7 @@ def test_help_shows_the_values_that_will_run(capsys, monkeypatch):
     assert "(default: 5.0)" in option(text, "--cql-tau")
     assert "(default: D4RL/pen/human-v2)" in option(text, "--dataset-id")
     # None only where it means "derived at run time" (documented in the field's help)
-    allowed = {"--run-dir", "--target-entropy", "--resume", "--wandb-entity"}
+    allowed = {"--run-dir", "--target-entropy", "--resume", "--wandb-entity", "--threads"}
     for flag in ("--policy-lr", "--bc-steps", "--lagrange", "--max-backup", "--reward-mode",
                  "--actor-hidden-dims", "--log-alpha-prime-init", "--total-steps"):
         assert "(default: None)" not in option(text, flag), flag

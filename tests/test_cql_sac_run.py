@@ -19,7 +19,7 @@ def tiny_args(run_dir: Path, **overrides) -> cql.Args:
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(cql_variant="plain", cql_temp=0.5),
+    dict(cql_importance_sample=False, cql_temp=0.5),
     dict(cql_data_term=False),
     dict(lagrange=True, cql_tau=1.0, lagrange_form="calql"),
     dict(max_backup=True, backup_entropy=True, max_backup_form="calql", init="orthogonal"),

@@ -43,6 +43,7 @@ in the per-script test files):
 
 import contextlib
 import errno
+import importlib
 import os
 import random
 import re
@@ -811,3 +812,20 @@ def test_ctrl_c_while_the_imports_load_exits_130_with_one_line(s, tmp_path):
     assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
     assert "stopped by signal 2 during start-up" in one_line_error(err)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name, env", [("cql_sac_continuous", "pendulum-expert"),
+                                       ("cql_qrdqn_atari", "cartpole-expert"),
+                                       ("calql_finetune", "antmaze-umaze")])
+def test_help_says_what_the_values_shown_are(name, env, capsys, monkeypatch):
+    """Issue 22: --help's first line names the task whose values it shows and --presets."""
+    module = importlib.import_module(name)
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as exc:
+        module.parse_args(["--env", env, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert exc.value.code == 0
+    assert f"The values shown are the ones `--env {env}` runs" in text
+    assert "`--presets` prints every preset value with its source" in text
+    assert "--threads" in text  # one name per concept in the three scripts
+    assert name == "cql_qrdqn_atari" or "--cql-importance-sample" in text  # exact in QR-DQN
