@@ -89,6 +89,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import io
 import json
 import os
 import shutil
@@ -419,9 +420,12 @@ def make_env(env_id: str, **kwargs: Any) -> gym.Env:
 
         gym.register_envs(ale_py)
     if env_id.startswith(("AdroitHand", "PointMaze", "AntMaze")):
-        import gymnasium_robotics
-
+        notice = io.StringIO()  # its import warns about three Adroit envs: shown for those only
+        with contextlib.redirect_stderr(notice):
+            import gymnasium_robotics
         gym.register_envs(gymnasium_robotics)
+        if env_id.startswith(("AdroitHandDoor", "AdroitHandHammer", "AdroitHandRelocate")):
+            print(notice.getvalue().strip(), file=sys.stderr)
     return gym.make(env_id, **kwargs)
 
 

@@ -345,3 +345,13 @@ def test_pointmaze_umaze_structure(local_dataset) -> None:
             np.testing.assert_allclose(ep_a.observations["observation"],
                                        ep.observations["observation"])
     assert sum(len(ep.rewards) for ep in short[0]) == 1_000
+
+
+def test_building_a_maze_shows_no_adroit_warning():
+    """Issue 22: gymnasium-robotics' import warning names three Adroit envs; not shown for
+    the others (a fresh process: the warning comes with the first import)."""
+    code = "from benchmark.datasets import make_env; make_env('PointMaze_UMaze-v3').close()"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Adroit" not in proc.stderr, proc.stderr
