@@ -525,7 +525,8 @@ def _num(value: Any) -> float:
 AXIS_LABELS = {"normalized_score": "normalized score (0 = random, 100 = expert)",
                "return_mean": "episode return (mean over evaluation episodes)",
                "score": "score (success rate, %)",
-               "value_gap": "value gap: predicted minus\nobtained discounted return",
+               "value_gap": "value gap: predicted minus obtained\ndiscounted return "
+                            "(training rewards)",
                "calib_below_share": "share of batch states with\nQ(s, π(s)) < V_μ(s)  (0 to 1)"}
 # Variant labels in words: (script or None for any, variant base) -> words; suffix -> words.
 VARIANT_WORDS = {(CQL_SAC, "cql"): "CQL", (CQL_SAC, "sac"): "naive SAC (CQL weight 0)",
@@ -533,7 +534,8 @@ VARIANT_WORDS = {(CQL_SAC, "cql"): "CQL", (CQL_SAC, "sac"): "naive SAC (CQL weig
                  (CALQL, "calql"): "Cal-QL", (CALQL, "cql"): "CQL (no calibration)"}
 SUFFIX_WORDS = {"-eq1": "without the data term (Eq. 1)",
                 "-polyak5e-3": "Polyak rate 5e-3 (the paper's)",
-                "-conservative": "conservative settings"}
+                "-conservative": "conservative settings", "-reward-x1": "raw rewards (x1)",
+                "-umaze": "U-maze"}
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
            "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
 BAND = "band = 95% bootstrap CI of the mean over seeds (as in the tables)"

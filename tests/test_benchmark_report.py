@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -323,3 +324,14 @@ def test_bound_line_counts_runs_not_the_sign_of_a_mean(tmp_path):
     line = report.pair_line(report.load_runs(root)["claims"], CQL_SAC, "pendulum-medium")
     assert "value gap -12.0 vs +30.0" in line and "2/3 [0.21, 0.94] vs 0/3" in line
     assert "the lower bound holds on 2 of 3 runs only, not on every run" in line
+
+
+def test_every_suite_variant_has_a_label_in_words():
+    """Issue 22: no jargon labels such as `cql-reward-x1` in legends."""
+    from benchmark.suites import SUITES
+
+    for suite in SUITES.values():
+        for entry in suite.entries:
+            label = report.variant_label(entry.script, entry.variant)
+            assert not re.search(r"\b[a-z]+-[a-z]", label), label  # no `cql-umaze` left
+    assert report.variant_label(report.CQL_SAC, "cql-reward-x1") == "CQL, raw rewards (x1)"
