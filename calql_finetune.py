@@ -13,12 +13,12 @@ Where the official code and the paper's appendix differ, the official code is fo
     python benchmark/datasets.py pointmaze-binary     # builds the local dataset
     python calql_finetune.py --env pointmaze-binary
 
-- Part I, the algorithm (lines 54-797): Args, networks, losses, training step, buffers, main.
-- Part II, datasets and presets (lines 798-1643): Minari loading, one block per dataset family
+- Part I, the algorithm (lines 54-803): Args, networks, losses, training step, buffers, main.
+- Part II, datasets and presets (lines 804-1655): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1644-2581): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1656-2611): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -102,8 +102,7 @@ class Args:
     mean_clamp: float | None = None
     """Clamp of |mean| in the BC log-likelihood only (CQL code: 9; None, Cal-QL: none)."""
     log_std_affine: bool = True
-    """Actor log-std = m * log_std + b with learnable scalars m (init 1.0) and b (init -1.0),
-    before the clamp (Cal-QL `model.py` TanhGaussianPolicy, CORL `cql.py` the same)."""
+    """Learnable log-std m * log_std + b (m 1, b -1 at init) before the clamp (Cal-QL model.py)."""
 
     # ---- SAC -------------------------------------------------------------------------
     gamma: float = 0.99
@@ -158,8 +157,7 @@ class Args:
     goal_terminals: bool = False
     """Goal-reward steps (`success` info) are terminal, as D4RL's antmaze `terminals`."""
     horizon: int | None = 100
-    """Episode length of online and evaluation episodes; None (generic preset): D4RL's for
-    Adroit (d4rl_adroit_horizon), else the evaluation env spec's max_episode_steps."""
+    """Online and evaluation episode length; None: D4RL's (Adroit), else the eval spec's."""
     reward_scale: float = 10.0
     """Rewards become r * scale + bias."""
     reward_bias: float = 5.0
@@ -679,11 +677,12 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
     score: 100 * success rate where the env reports success (the papers' metric on binary and
     goal-reaching tasks), else the normalized return (only where the dataset's reference
     scores apply to the evaluated return, see eval_env_description), else the mean return.
-    return_mean: the raw env return (binary: the relabelled {-1, 0} return); length_mean:
+    return_mean: the raw env return (binary: the relabelled {-1, 0} return); episode_length:
     mean episode length (the horizon bounds it; success ends it).
     value_gap: min_j Q_j(s0, pi(s0)) minus the discounted (scaled) return of the whole
     rollout: to a terminal or `rollout_max_steps` (a time limit is no end: training
-    bootstraps through it); negative = conservative. value_gap_steps: its mean length;
+    bootstraps through it); negative = conservative; value_gap_return: the same divided by
+    the reward scale (return_mean's units). value_gap_steps: its mean length;
     value_gap_tail_bound: the mean bound on the return left out (0 after a terminal)."""
     score_steps, rollout_steps = (gap[k] or math.inf for k in ("score_max_steps",
                                                                 "rollout_max_steps"))
@@ -706,17 +705,23 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
             discount, end, t = discount * args.gamma, terminal or truncated, t + 1
             end = end or t >= rollout_steps
         tail = 0.0 if terminal else gap_tail_bound(args.gamma, t, gap["reward_abs_max"])
-        episodes.append((ep_return, min(t, score_steps), pred - disc_return, success, t, tail))
-    returns, lengths, gaps, successes, steps, tails = zip(*episodes, strict=True)
+        episodes.append((ep_return, pred, pred - disc_return, success, min(t, score_steps), t,
+                         tail))
+    returns, preds, gaps, successes, lengths, steps = (np.array(x, np.float64) for x in zip(
+        *(e[:6] for e in episodes), strict=True))
+    tails = [e[6] for e in episodes]  # None: unbounded
     ret = float(np.mean(returns))
     lo, hi = info.get("ref_min_score"), info.get("ref_max_score")
     norm = 100.0 * (ret - lo) / (hi - lo) if lo is not None and hi is not None else None
     rate = float(np.mean(successes)) if has_success else None
     score = 100.0 * rate if rate is not None else (norm if norm is not None else ret)
-    return dict(score=score, success_rate=rate, return_mean=ret, normalized_score=norm,
-                length_mean=float(np.mean(lengths)), value_gap=float(np.mean(gaps)),
+    return dict(return_mean=float(np.mean(returns)), return_std=float(np.std(returns)),
+                score=score, success_rate=float(np.mean(successes)) if has_success else None,
+                episode_length=float(np.mean(lengths)), value_gap=float(np.mean(gaps)),
+                value_gap_return=float(np.mean(gaps)) / (tf.reward_scale or math.nan),
                 value_gap_steps=float(np.mean(steps)),
-                value_gap_tail_bound=None if None in tails else float(np.mean(tails)))
+                value_gap_tail_bound=None if None in tails else float(np.mean(tails)),
+                q_pred_s0=float(np.mean(preds)))
 
 
 # ---- main loop ---------------------------------------------------------------------------
@@ -751,9 +756,10 @@ def main(args: Args) -> dict[str, Any]:
     # ---- offline pre-training: CQL / Cal-QL updates on offline batches -----------------
     if not run.history:  # the initial policy, as the official loop's epoch 0
         run.evaluate_and_checkpoint(0, evaluate_policy, phase="offline", env_steps=0)
-    for step in tqdm(range(run.step + 1, args.offline_steps + 1), desc=f"{name} offline",
-                     disable=not args.progress, dynamic_ncols=True):
+    bar = progress_bar(args, run.step, args.offline_steps, f"{name} offline")  # as `step`
+    for step in range(run.step + 1, args.offline_steps + 1):
         metrics = trainer.step(offline.sample(args.batch_size))
+        advance(bar, 1, last=step == args.offline_steps)
         if run.due(step, args.log_every, args.offline_eval_every, last=args.offline_steps):
             run.log(step, metrics)
         if run.due(step, args.offline_eval_every, last=args.offline_steps):  # last: offline score
@@ -767,8 +773,7 @@ def main(args: Args) -> dict[str, Any]:
     # run resumes from the last evaluation and re-collects the trajectories since then.
     loop.phase, step = "online", run.step
     trainer.start_online()
-    bar = tqdm(total=args.online_steps, initial=min(loop.env_steps, args.online_steps),
-               desc=f"{name} online", disable=not args.progress, dynamic_ncols=True)
+    bar = progress_bar(args, loop.env_steps, args.online_steps, f"{name} online")  # env_steps
     while loop.env_steps < args.online_steps:
         traj, _ = collect_trajectory(agent, env, data.tf, args, device,
                                      seed=1_000_000 * (args.seed + 1) + loop.episodes)
@@ -781,7 +786,8 @@ def main(args: Args) -> dict[str, Any]:
                                                args.mixing_ratio))
             if run.due(step, args.log_every):
                 run.log(step, metrics)
-        bar.update(n)
+        bar.total = max(bar.total, loop.env_steps)  # the last trajectory may run past it
+        advance(bar, n, last=loop.env_steps >= args.online_steps)
         # evaluate once each time the env steps pass a multiple of --eval-every, and at the end
         if loop.env_steps // args.eval_every > before // args.eval_every or \
                 loop.env_steps >= args.online_steps:
@@ -791,7 +797,7 @@ def main(args: Args) -> dict[str, Any]:
         run.stop_if_signalled(step)
     for resource in (bar, env, eval_env):
         resource.close()
-    return run.finish(dict(final_summary(run.history), gradient_steps=step,
+    return run.finish(dict(final_summary(run.history, data.info), gradient_steps=step,
                            env_steps=loop.env_steps, episodes=loop.episodes))
 
 
@@ -1614,17 +1620,23 @@ class Counters:
         vars(self).update(state)
 
 
-def final_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Offline score (end of pre-training), final score, cumulative regret (mean over online
-    evaluations of 1 - success rate), largest drop below the pre-trained score, calibration."""
+def final_summary(history: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
+    """Offline score (end of pre-training), final score and how it is computed (evaluate),
+    cumulative regret (mean over online evaluations of 1 - success rate), largest drop below
+    the pre-trained score, calibration."""
     offline = [r for r in history if r["phase"] == "offline"]
     online = [r for r in history if r["phase"] == "online"]
     pre, last = offline[-1], history[-1]
     rates = [r["success_rate"] for r in online if r["success_rate"] is not None]
+    refs = None not in (info.get("ref_min_score"), info.get("ref_max_score"))
+    definition = ("100 * success rate" if last["success_rate"] is not None else
+                  "100 * (return - ref_min) / (ref_max - ref_min)" if refs else
+                  "return (no success info, no reference scores)")
     return dict(
         offline_score=pre["score"], offline_success_rate=pre["success_rate"],
         final_score=last["score"], final_success_rate=last["success_rate"],
         final_return=last["return_mean"], value_gap=last["value_gap"],
+        value_gap_return=last["value_gap_return"], score_definition=definition,
         cumulative_regret=float(np.mean([1.0 - s for s in rates])) if rates else None,
         max_drop_below_offline=max(0.0, pre["score"] - min(r["score"] for r in online))
         if online else None,
@@ -1671,8 +1683,8 @@ DEVICES = ("auto", "cpu", "cuda")
 SEED_END = 2**31  # seeds in [0, 2**31): torch, numpy and gymnasium accept all of them
 WANDB_REFUSED = ":;,#?/'"  # not allowed in a W&B run id (wandb/sdk/wandb_settings.py)
 CPU_WARN_UPDATES = 100_000  # more updates than this on a CPU: a warning and a time estimate
-REPORT_KEYS = ("step", "phase", "env_steps", "return_mean", "score", "normalized_score",
-               "success_rate", "value_gap")  # printed after each evaluation, when present
+REPORT_KEYS = ("step", "phase", "env_steps", "return_mean", "score", "success_rate",
+               "value_gap")  # printed after each evaluation, when present
 _LOCKS: dict[str, int] = {}  # run directory -> descriptor of its lock, held by this process
 
 
@@ -2074,10 +2086,13 @@ class Run:
 
     def evaluate_and_checkpoint(self, step: int, evaluate: Callable[[], dict[str, Any]],
                                 **fields: Any) -> dict[str, Any]:
-        """One metrics row: `fields`, the evaluation, the last training metrics; then the
-        checkpoint. Evaluation time is not training time (updates_per_sec)."""
+        """One metrics row: `fields`, the wall time so far (all sessions, the evaluation
+        included), the evaluation, the last training metrics; then the checkpoint.
+        Evaluation time is not training time (updates_per_sec)."""
         self.timing["train_s"] += time.perf_counter() - self._train0
-        row = dict(step=step, **fields, **evaluate(), **self.train_values)
+        result = evaluate()
+        row = dict(step=step, **fields, wall_time_s=time.perf_counter() - self._wall0,
+                   **result, **self.train_values)
         self.history.append(row)
         metrics = target = self.dir / "metrics.jsonl"
         size = metrics.stat().st_size if metrics.exists() else 0
@@ -2124,9 +2139,7 @@ class Run:
             self.wandb.finish()
         self.close()
         fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-        last = self.history[-1] if self.history else {}
-        score = summary.get("final_score", summary.get("final_normalized_score"))
-        gap = summary.get("value_gap", last.get("value_gap"))
+        score, gap = summary.get("final_score"), summary.get("value_gap")
         print(f"done: final score {fmt(score)} | value gap {fmt(gap)} "
               f"| wall time {summary['wall_time_s']:.0f} s | {self.dir / 'summary.json'}",
               file=sys.stderr)
@@ -2159,8 +2172,7 @@ class Run:
         write_json(path, json_safe(dict(step=self.step, seed=self.args.seed,
                                         eval_episodes=self.args.eval_episodes,
                                         command=Run.command, **row)))
-        score = next((row[k] for k in ("score", "normalized_score") if row.get(k) is not None),
-                     row.get("return_mean"))
+        score = row["return_mean"] if row.get("score") is None else row["score"]
         success = "" if row.get("success_rate") is None else \
             f" | success rate {row['success_rate']:.2f}"
         videos = f" | videos in {self.dir / 'videos' / name}" if self.videos else ""
@@ -2440,8 +2452,8 @@ def model_card(run_dir: Path, config: dict[str, Any], summary: dict[str, Any],
     the score), the command that made the run, machine, versions and the curve."""
     args, dataset = config["args"], config.get("dataset", {})
     data_id = dataset.get("dataset_id") or dataset.get("source") or args.get("dataset_id")
-    score_key = next((k for k in ("final_score", "final_normalized_score", "final_return")
-                      if summary.get(k) is not None), None)
+    score_key = next((k for k in ("final_score", "final_return") if summary.get(k) is not None),
+                     None)
     score = summary.get(score_key) if score_key else None
     name = Path(__file__).stem
     meta = ["---", "library_name: pytorch", "tags:", "- reinforcement-learning",
@@ -2458,7 +2470,8 @@ def model_card(run_dir: Path, config: dict[str, Any], summary: dict[str, Any],
             f"Trained with `{Path(__file__).name}` (github: cql-calql reference implementations); "
             f"`{repo_id}` holds the run directory as the script wrote it.", "",
             "## Result", "", f"- final {(score_key or 'score').removeprefix('final_')}: "
-            f"{score}", f"- value gap: {summary.get('value_gap')}",
+            f"{score}", f"- value gap: {summary.get('value_gap')} (return units: "
+            f"{summary.get('value_gap_return')})",
             f"- wall time: {summary.get('wall_time_s', 0):.0f} s on {config.get('device')}", "",
             "## Reproduce", "", "```bash", config.get("command") or "(command not recorded)",
             f"python {Path(__file__).name} --evaluate hf://{repo_id}", "```", "",
@@ -2478,7 +2491,7 @@ def curve_png(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = next((k for k in ("score", "normalized_score", "return_mean")
+    key = next((k for k in ("score", "return_mean")
                 if any(r.get(k) is not None for r in rows)), "return_mean")
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot([r["step"] for r in rows], [r.get(key) for r in rows], marker=".")
@@ -2542,6 +2555,23 @@ def push_to_hub(repo_id: str, run_dir: Path, folder: Path | None) -> None:
                  f"{str(exc).splitlines()[0] if str(exc) else ''}); log in with `hf auth "
                  "login` (or set HF_TOKEN) and check the network")
     print(f"pushed {run_dir} to https://huggingface.co/{repo_id}", file=sys.stderr)
+
+
+def progress_bar(args: Args, done: int, total: int, desc: str) -> tqdm:
+    """A main loop's progress bar at `done` of `total` (none with --no-progress or when
+    nothing is left); advance() moves it."""
+    return tqdm(total=total, initial=done, desc=desc, dynamic_ncols=True,
+                disable=not args.progress or done >= total)
+
+
+def advance(bar: tqdm, n: int, last: bool) -> None:
+    """The bar `n` steps on; at the last step it closes without drawing first (closing
+    draws it), so that its last line prints once, above the last evaluation's row."""
+    if last:
+        bar.n += n
+        bar.close()
+    else:
+        bar.update(n)
 
 
 def render_mode(args: Args) -> str | None:

@@ -25,13 +25,13 @@ dataset (atari/<game>/expert-v0) in its own env spec's setting (repeat_action_pr
 ALE's internal frame-skip 4), no no-op starts.
 
 The file reads in three parts:
-  Part I, the algorithm, lines 72-642: Args, the quantile network, the losses (QR-DQN,
+  Part I, the algorithm, lines 72-651: Args, the quantile network, the losses (QR-DQN,
     CQL(H)), the training step, the replay buffer, evaluation and the main loop.
-  Part II, datasets and presets, lines 643-1464: Minari loading and the generic path
+  Part II, datasets and presets, lines 652-1473: Minari loading and the generic path
     (vector observations, local datasets), the Atari family block (Minari Atari and DQN
     Replay: data, evaluation env, score; registered in FAMILIES), the presets with their
     sources, the command line.
-  Part III, run plumbing, lines 1465-2402: run directory, checkpoints, resume, signals.
+  Part III, run plumbing, lines 1474-2429: run directory, checkpoints, resume, signals.
 To use the file on your own discrete-action data, delete the family block (ale-py and OpenCV
 go with it): the generic path loads any Minari dataset of vector observations (--dataset-id)
 and evaluates it in the dataset's own env.
@@ -537,10 +537,12 @@ def evaluate(q: QRNetwork, envs: list[gym.Env], epsilon: float, seed: int, devic
              r_absmax: float = 1.0) -> dict[str, Any]:
     """One epsilon-greedy episode on mean-over-quantiles Q in each env, side by side (env e reset
     with seed + e, its own epsilon RNG; equal to one after the other), one batch per step. The
-    score (return, normalized_score = 100 (R - lo) / (hi - lo), score_range = (lo, hi)) counts
-    the first max_steps steps. value_gap, the lower-bound check (paper Table 4): max_a Q(s_0, a)
-    minus the discounted return of the training rewards (clipped for Atari) from s_0, summed
-    until a true termination or rollout_steps (>= max_steps; a time limit is not an end)."""
+    score (return, score = 100 (R - lo) / (hi - lo), score_range = (lo, hi); None without;
+    episode_length) counts the first max_steps steps; no success rate. value_gap, the
+    lower-bound check (paper Table 4): max_a Q(s_0, a) minus the discounted return of the
+    training rewards (clipped for Atari) from s_0, summed until a true termination or
+    rollout_steps (>= max_steps; a time limit is not an end); value_gap_return: the same (the
+    rewards are not scaled)."""
     episodes, limit = len(envs), max(max_steps, rollout_steps or 0)
     rngs = [np.random.default_rng([seed, e]) for e in range(episodes)]
     obs = [np.asarray(env.reset(seed=seed + e)[0]) for e, env in enumerate(envs)]
@@ -570,11 +572,13 @@ def evaluate(q: QRNetwork, envs: list[gym.Env], epsilon: float, seed: int, devic
     lo, hi = score_range or (0.0, 0.0)
     tails = [gap_tail_bound(gamma, int(t), r_absmax, bool(d))
              for t, d in zip(steps, terminated, strict=True)]
+    gap = float((q_s0 - disc).mean())
     return dict(return_mean=ret, return_std=float(returns.std()),
-                normalized_score=100.0 * (ret - lo) / (hi - lo) if score_range else None,
-                q_pred_s0=float(q_s0.mean()), value_gap=float((q_s0 - disc).mean()),
-                value_gap_steps=float(steps.mean()), value_gap_tail_bound=None
-                if None in tails else float(np.mean(tails)), episode_returns=returns.tolist())
+                score=100.0 * (ret - lo) / (hi - lo) if score_range else None,
+                success_rate=None, episode_length=float(np.minimum(steps, max_steps).mean()),
+                value_gap=gap, value_gap_return=gap, value_gap_steps=float(steps.mean()),
+                value_gap_tail_bound=None if None in tails else float(np.mean(tails)),
+                q_pred_s0=float(q_s0.mean()), episode_returns=returns.tolist())
 
 
 # --- Main loop -------------------------------------------------------------------------------
@@ -604,9 +608,10 @@ def main(args: Args) -> dict[str, Any]:
         gap["reward_abs_max"])
     if run.after:  # --evaluate / --export-policy RUN_DIR (Part III)
         return run.after_training(evaluation(run.step), lambda: GreedyPolicy(agent.q, envs[0]))
-    for step in tqdm(range(run.step + 1, args.total_steps + 1), initial=run.step,
-                     total=args.total_steps, disable=not args.progress, desc="cql-qrdqn"):
+    bar = progress_bar(args, run.step, args.total_steps, "cql-qrdqn")
+    for step in range(run.step + 1, args.total_steps + 1):
         metrics = trainer.step(buffer.sample(args.batch_size))
+        advance(bar, 1, last=step == args.total_steps)
         if run.due(step, args.log_every, args.eval_every, last=args.total_steps):
             run.log(step, metrics)
         if run.due(step, args.eval_every, last=args.total_steps):
@@ -634,8 +639,12 @@ class GreedyPolicy(nn.Module):
 
 
 def final_summary(history: list[dict[str, Any]], args: Args, data: Data) -> dict[str, Any]:
-    last = history[-1]
-    return dict(final_normalized_score=last["normalized_score"], final_return=last["return_mean"],
+    """summary.json's numbers: the last evaluation, and how its score is computed."""
+    last, (lo, hi) = history[-1], data.score_range or (None, None)
+    definition = None if lo is None else f"100 * (return - {lo}) / ({hi} - {lo})"
+    return dict(final_score=last["score"], final_return=last["return_mean"],
+                final_success_rate=last["success_rate"], value_gap=last["value_gap"],
+                value_gap_return=last["value_gap_return"], score_definition=definition,
                 total_steps=args.total_steps, dataset=data.info["source"],
                 transitions=data.info["transitions"])
 
@@ -1492,8 +1501,8 @@ DEVICES = ("auto", "cpu", "cuda")
 SEED_END = 2**31  # seeds in [0, 2**31): torch, numpy and gymnasium accept all of them
 WANDB_REFUSED = ":;,#?/'"  # not allowed in a W&B run id (wandb/sdk/wandb_settings.py)
 CPU_WARN_UPDATES = 100_000  # more updates than this on a CPU: a warning and a time estimate
-REPORT_KEYS = ("step", "phase", "env_steps", "return_mean", "score", "normalized_score",
-               "success_rate", "value_gap")  # printed after each evaluation, when present
+REPORT_KEYS = ("step", "phase", "env_steps", "return_mean", "score", "success_rate",
+               "value_gap")  # printed after each evaluation, when present
 _LOCKS: dict[str, int] = {}  # run directory -> descriptor of its lock, held by this process
 
 
@@ -1895,10 +1904,13 @@ class Run:
 
     def evaluate_and_checkpoint(self, step: int, evaluate: Callable[[], dict[str, Any]],
                                 **fields: Any) -> dict[str, Any]:
-        """One metrics row: `fields`, the evaluation, the last training metrics; then the
-        checkpoint. Evaluation time is not training time (updates_per_sec)."""
+        """One metrics row: `fields`, the wall time so far (all sessions, the evaluation
+        included), the evaluation, the last training metrics; then the checkpoint.
+        Evaluation time is not training time (updates_per_sec)."""
         self.timing["train_s"] += time.perf_counter() - self._train0
-        row = dict(step=step, **fields, **evaluate(), **self.train_values)
+        result = evaluate()
+        row = dict(step=step, **fields, wall_time_s=time.perf_counter() - self._wall0,
+                   **result, **self.train_values)
         self.history.append(row)
         metrics = target = self.dir / "metrics.jsonl"
         size = metrics.stat().st_size if metrics.exists() else 0
@@ -1945,9 +1957,7 @@ class Run:
             self.wandb.finish()
         self.close()
         fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-        last = self.history[-1] if self.history else {}
-        score = summary.get("final_score", summary.get("final_normalized_score"))
-        gap = summary.get("value_gap", last.get("value_gap"))
+        score, gap = summary.get("final_score"), summary.get("value_gap")
         print(f"done: final score {fmt(score)} | value gap {fmt(gap)} "
               f"| wall time {summary['wall_time_s']:.0f} s | {self.dir / 'summary.json'}",
               file=sys.stderr)
@@ -1980,8 +1990,7 @@ class Run:
         write_json(path, json_safe(dict(step=self.step, seed=self.args.seed,
                                         eval_episodes=self.args.eval_episodes,
                                         command=Run.command, **row)))
-        score = next((row[k] for k in ("score", "normalized_score") if row.get(k) is not None),
-                     row.get("return_mean"))
+        score = row["return_mean"] if row.get("score") is None else row["score"]
         success = "" if row.get("success_rate") is None else \
             f" | success rate {row['success_rate']:.2f}"
         videos = f" | videos in {self.dir / 'videos' / name}" if self.videos else ""
@@ -2261,8 +2270,8 @@ def model_card(run_dir: Path, config: dict[str, Any], summary: dict[str, Any],
     the score), the command that made the run, machine, versions and the curve."""
     args, dataset = config["args"], config.get("dataset", {})
     data_id = dataset.get("dataset_id") or dataset.get("source") or args.get("dataset_id")
-    score_key = next((k for k in ("final_score", "final_normalized_score", "final_return")
-                      if summary.get(k) is not None), None)
+    score_key = next((k for k in ("final_score", "final_return") if summary.get(k) is not None),
+                     None)
     score = summary.get(score_key) if score_key else None
     name = Path(__file__).stem
     meta = ["---", "library_name: pytorch", "tags:", "- reinforcement-learning",
@@ -2279,7 +2288,8 @@ def model_card(run_dir: Path, config: dict[str, Any], summary: dict[str, Any],
             f"Trained with `{Path(__file__).name}` (github: cql-calql reference implementations); "
             f"`{repo_id}` holds the run directory as the script wrote it.", "",
             "## Result", "", f"- final {(score_key or 'score').removeprefix('final_')}: "
-            f"{score}", f"- value gap: {summary.get('value_gap')}",
+            f"{score}", f"- value gap: {summary.get('value_gap')} (return units: "
+            f"{summary.get('value_gap_return')})",
             f"- wall time: {summary.get('wall_time_s', 0):.0f} s on {config.get('device')}", "",
             "## Reproduce", "", "```bash", config.get("command") or "(command not recorded)",
             f"python {Path(__file__).name} --evaluate hf://{repo_id}", "```", "",
@@ -2299,7 +2309,7 @@ def curve_png(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = next((k for k in ("score", "normalized_score", "return_mean")
+    key = next((k for k in ("score", "return_mean")
                 if any(r.get(k) is not None for r in rows)), "return_mean")
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot([r["step"] for r in rows], [r.get(key) for r in rows], marker=".")
@@ -2363,6 +2373,23 @@ def push_to_hub(repo_id: str, run_dir: Path, folder: Path | None) -> None:
                  f"{str(exc).splitlines()[0] if str(exc) else ''}); log in with `hf auth "
                  "login` (or set HF_TOKEN) and check the network")
     print(f"pushed {run_dir} to https://huggingface.co/{repo_id}", file=sys.stderr)
+
+
+def progress_bar(args: Args, done: int, total: int, desc: str) -> tqdm:
+    """A main loop's progress bar at `done` of `total` (none with --no-progress or when
+    nothing is left); advance() moves it."""
+    return tqdm(total=total, initial=done, desc=desc, dynamic_ncols=True,
+                disable=not args.progress or done >= total)
+
+
+def advance(bar: tqdm, n: int, last: bool) -> None:
+    """The bar `n` steps on; at the last step it closes without drawing first (closing
+    draws it), so that its last line prints once, above the last evaluation's row."""
+    if last:
+        bar.n += n
+        bar.close()
+    else:
+        bar.update(n)
 
 
 def render_mode(args: Args) -> str | None:

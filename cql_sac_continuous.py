@@ -9,13 +9,13 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
     python cql_sac_continuous.py --env pendulum-medium          # local dataset (see README)
     python cql_sac_continuous.py --dataset-id mujoco/hopper/expert-v0 --device cuda
 
-- Part I, the algorithm (lines 51-649): Args, networks, losses, the training step, the replay
+- Part I, the algorithm (lines 51-650): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 650-1499): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 651-1502): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1500-2437): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1503-2458): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -95,8 +95,7 @@ class Args:
     mean_clamp: float | None = 9.0
     """Clamp of |mean| in the BC log-likelihood only (CQL code: 9; None, Cal-QL: none)."""
     log_std_affine: bool = False
-    """Actor log-std = m * log_std + b with learnable scalars m (init 1.0) and b (init -1.0),
-    before the clamp (Cal-QL `model.py` TanhGaussianPolicy, CORL `cql.py` the same)."""
+    """Learnable log-std m * log_std + b (m 1, b -1 at init) before the clamp (Cal-QL model.py)."""
 
     # ---- SAC -------------------------------------------------------------------------
     gamma: float = 0.99
@@ -566,13 +565,14 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
              device: torch.device, gap: dict[str, Any]) -> dict[str, float | None]:
     """Deterministic policy for `eval_episodes` episodes, seeds fixed (independent of history),
     one rollout each (`gap`: config.json's eval_env["value_gap"]). The score counts the first
-    `score_max_steps` steps (the family's horizon): normalized_score is the family's score
-    (info["score"], Part II), by default 100*(return - ref_min)/(ref_max - ref_min);
+    `score_max_steps` steps (the family's horizon): score is the family's score
+    (info["score_definition"], Part II), by default 100*(return - ref_min)/(ref_max - ref_min);
     return_mean is the raw return unless the family's score replaces it.
     value_gap (paper Table 4): min over twins of Q(s0, pi(s0)) minus the discounted return
     (rewards as trained) of the whole rollout, to a true termination or `rollout_max_steps`
-    (a time limit is no end: training bootstraps through it); < 0: conservative. Its mean
-    length: value_gap_steps; the mean bound on the return left out: value_gap_tail_bound."""
+    (a time limit is no end: training bootstraps through it); < 0: conservative; over the
+    reward scale: value_gap_return. Its mean length: value_gap_steps; the mean bound on the
+    return left out: value_gap_tail_bound."""
     score_steps, rollout_steps = (gap[k] or math.inf for k in ("score_max_steps",
                                                                 "rollout_max_steps"))
     episodes, has_success = [], False
@@ -603,15 +603,15 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
     returns, preds, gaps, successes, lengths, steps = (np.array(x, np.float64) for x in zip(
         *(e[:6] for e in episodes), strict=True))
     tails = [e[6] for e in episodes]  # None: unbounded
-    norm, extra = family_of(info.get("family")).score(info, returns, successes,
-                                                      [e[7] for e in episodes])
+    score, extra = family_of(info.get("family")).score(info, returns, successes,
+                                                       [e[7] for e in episodes])
     return dict(return_mean=float(np.mean(returns)), return_std=float(np.std(returns)),
-                normalized_score=norm, value_gap=float(np.mean(gaps)),
+                score=score, success_rate=float(np.mean(successes)) if has_success else None,
+                episode_length=float(np.mean(lengths)), value_gap=float(np.mean(gaps)),
+                value_gap_return=float(np.mean(gaps)) / (tf.reward_scale or math.nan),
                 value_gap_steps=float(np.mean(steps)),
                 value_gap_tail_bound=None if None in tails else float(np.mean(tails)),
-                q_pred_s0=float(np.mean(preds)),
-                success_rate=float(np.mean(successes)) if has_success else None,
-                episode_length=float(np.mean(lengths))) | extra
+                q_pred_s0=float(np.mean(preds))) | extra
 
 
 # ---- main loop ---------------------------------------------------------------------------
@@ -635,9 +635,10 @@ def main(args: Args) -> dict[str, Any]:
     evaluation = lambda: evaluate(agent, env, data.tf, args, data.info, device, spec["value_gap"])
     if run.after:  # --evaluate / --export-policy RUN_DIR (Part III)
         return run.after_training(evaluation, lambda: EnvPolicy(agent.actor, data.tf))
-    for step in tqdm(range(run.step + 1, args.total_steps + 1), initial=run.step,
-                     total=args.total_steps, desc=f"CQL {args.env}", disable=not args.progress):
+    bar = progress_bar(args, run.step, args.total_steps, f"CQL {args.env}")
+    for step in range(run.step + 1, args.total_steps + 1):
         metrics = trainer.step(buffer.sample(args.batch_size))
+        advance(bar, 1, last=step == args.total_steps)
         if run.due(step, args.log_every, args.eval_every, last=args.total_steps):
             run.log(step, metrics)
         if run.due(step, args.eval_every, last=args.total_steps):
@@ -972,7 +973,7 @@ def spec_dict(spec: gym.envs.registration.EnvSpec) -> dict[str, Any]:
 
 
 def scoring(meta: dict[str, Any], family: str | None, dataset_id: str) -> dict[str, Any]:
-    """How `normalized_score` is computed for this dataset, with its source."""
+    """How `score` is computed for this dataset (`score_definition`), with its source."""
     return family_of(family).scoring(meta, dataset_id)
 
 
@@ -1030,13 +1031,13 @@ def reference_scoring(meta: dict[str, Any], dataset_id: str) -> dict[str, Any]:
               for k in ("ref_min_score", "ref_max_score"))
     source = None if lo is None or hi is None else "dataset metadata (ref_min_score / " \
         "ref_max_score)"
-    return dict(score="100 * (return - ref_min) / (ref_max - ref_min)" if source else None,
-                ref_min_score=lo, ref_max_score=hi, ref_source=source)
+    return dict(score_definition="100 * (return - ref_min) / (ref_max - ref_min)" if source
+                else None, ref_min_score=lo, ref_max_score=hi, ref_source=source)
 
 
 def reference_score(info: dict[str, Any], returns: np.ndarray, successes: np.ndarray,
                     last_infos: list[dict]) -> tuple[float | None, dict[str, float]]:
-    """normalized_score of evaluation episodes from the reference returns (None without)."""
+    """The score of evaluation episodes from the reference returns (None without)."""
     ret, lo, hi = float(np.mean(returns)), info.get("ref_min_score"), info.get("ref_max_score")
     return (100.0 * (ret - lo) / (hi - lo) if lo is not None and hi is not None else None), {}
 
@@ -1068,7 +1069,7 @@ D4RL_MUJOCO_REFS = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953,
 def gym_scoring(meta: dict[str, Any], dataset_id: str) -> dict[str, Any]:
     out, robot = reference_scoring(meta, dataset_id), dataset_id.split("/")[1]
     if out["ref_source"] is None and robot in D4RL_MUJOCO_REFS:  # Minari #323: none stored
-        out.update(score="100 * (return - ref_min) / (ref_max - ref_min)",
+        out.update(score_definition="100 * (return - ref_min) / (ref_max - ref_min)",
                    ref_min_score=D4RL_MUJOCO_REFS[robot][0],
                    ref_max_score=D4RL_MUJOCO_REFS[robot][1],
                    ref_source="D4RL d4rl/gym_mujoco/__init__.py random/expert returns of the "
@@ -1133,8 +1134,8 @@ def kitchen_score(info: dict[str, Any], returns: np.ndarray, successes: np.ndarr
 
 FAMILIES["kitchen"] = Family(
     eval_spec=kitchen_eval_spec, score=kitchen_score, scoring=lambda meta, dataset_id: dict(
-        score="tasks completed (0-4) x 25, as D4RL (ref_min 0, ref_max 4)", ref_min_score=0.0,
-        ref_max_score=4.0,
+        score_definition="tasks completed (0-4) x 25, as D4RL (ref_min 0, ref_max 4)",
+        ref_min_score=0.0, ref_max_score=4.0,
         ref_source="D4RL d4rl/kitchen/__init__.py ref_min_score 0, ref_max_score 4"))
 
 
@@ -1197,9 +1198,9 @@ def antmaze_eval_spec(data_spec, eval_spec) -> gym.envs.registration.EnvSpec:
 FAMILIES["antmaze"] = Family(
     terminals=goal_terminals, eval_spec=antmaze_eval_spec,
     score=lambda info, returns, successes, last_infos: (100.0 * float(np.mean(successes)), {}),
-    scoring=lambda meta, dataset_id: dict(score="success rate x100 (CQL paper Table 2)",
-                                          ref_min_score=None, ref_max_score=None,
-                                          ref_source=None))
+    scoring=lambda meta, dataset_id: dict(
+        score_definition="success rate x100 (CQL paper Table 2)", ref_min_score=None,
+        ref_max_score=None, ref_source=None))
 
 
 # ---- presets, each value with its source; the command line -------------------------------
@@ -1484,9 +1485,11 @@ def presets_markdown() -> str:
 def final_summary(history: list[dict], info: dict[str, Any], args: Args) -> dict[str, Any]:
     """summary.json's numbers: the last evaluation, and how its score is computed."""
     last = history[-1]
-    return dict(final_normalized_score=last["normalized_score"], final_return=last["return_mean"],
-                score=info["score"], ref_source=info["ref_source"], value_gap=last["value_gap"],
-                success_rate=last["success_rate"], total_steps=args.total_steps)
+    return dict(final_score=last["score"], final_return=last["return_mean"],
+                final_success_rate=last["success_rate"], value_gap=last["value_gap"],
+                value_gap_return=last["value_gap_return"],
+                score_definition=info["score_definition"], ref_source=info["ref_source"],
+                total_steps=args.total_steps)
 
 
 LENGTH_FIELD = "total_steps"  # the run length a resume may grow (Part III)
@@ -1527,8 +1530,8 @@ DEVICES = ("auto", "cpu", "cuda")
 SEED_END = 2**31  # seeds in [0, 2**31): torch, numpy and gymnasium accept all of them
 WANDB_REFUSED = ":;,#?/'"  # not allowed in a W&B run id (wandb/sdk/wandb_settings.py)
 CPU_WARN_UPDATES = 100_000  # more updates than this on a CPU: a warning and a time estimate
-REPORT_KEYS = ("step", "phase", "env_steps", "return_mean", "score", "normalized_score",
-               "success_rate", "value_gap")  # printed after each evaluation, when present
+REPORT_KEYS = ("step", "phase", "env_steps", "return_mean", "score", "success_rate",
+               "value_gap")  # printed after each evaluation, when present
 _LOCKS: dict[str, int] = {}  # run directory -> descriptor of its lock, held by this process
 
 
@@ -1930,10 +1933,13 @@ class Run:
 
     def evaluate_and_checkpoint(self, step: int, evaluate: Callable[[], dict[str, Any]],
                                 **fields: Any) -> dict[str, Any]:
-        """One metrics row: `fields`, the evaluation, the last training metrics; then the
-        checkpoint. Evaluation time is not training time (updates_per_sec)."""
+        """One metrics row: `fields`, the wall time so far (all sessions, the evaluation
+        included), the evaluation, the last training metrics; then the checkpoint.
+        Evaluation time is not training time (updates_per_sec)."""
         self.timing["train_s"] += time.perf_counter() - self._train0
-        row = dict(step=step, **fields, **evaluate(), **self.train_values)
+        result = evaluate()
+        row = dict(step=step, **fields, wall_time_s=time.perf_counter() - self._wall0,
+                   **result, **self.train_values)
         self.history.append(row)
         metrics = target = self.dir / "metrics.jsonl"
         size = metrics.stat().st_size if metrics.exists() else 0
@@ -1980,9 +1986,7 @@ class Run:
             self.wandb.finish()
         self.close()
         fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-        last = self.history[-1] if self.history else {}
-        score = summary.get("final_score", summary.get("final_normalized_score"))
-        gap = summary.get("value_gap", last.get("value_gap"))
+        score, gap = summary.get("final_score"), summary.get("value_gap")
         print(f"done: final score {fmt(score)} | value gap {fmt(gap)} "
               f"| wall time {summary['wall_time_s']:.0f} s | {self.dir / 'summary.json'}",
               file=sys.stderr)
@@ -2015,8 +2019,7 @@ class Run:
         write_json(path, json_safe(dict(step=self.step, seed=self.args.seed,
                                         eval_episodes=self.args.eval_episodes,
                                         command=Run.command, **row)))
-        score = next((row[k] for k in ("score", "normalized_score") if row.get(k) is not None),
-                     row.get("return_mean"))
+        score = row["return_mean"] if row.get("score") is None else row["score"]
         success = "" if row.get("success_rate") is None else \
             f" | success rate {row['success_rate']:.2f}"
         videos = f" | videos in {self.dir / 'videos' / name}" if self.videos else ""
@@ -2296,8 +2299,8 @@ def model_card(run_dir: Path, config: dict[str, Any], summary: dict[str, Any],
     the score), the command that made the run, machine, versions and the curve."""
     args, dataset = config["args"], config.get("dataset", {})
     data_id = dataset.get("dataset_id") or dataset.get("source") or args.get("dataset_id")
-    score_key = next((k for k in ("final_score", "final_normalized_score", "final_return")
-                      if summary.get(k) is not None), None)
+    score_key = next((k for k in ("final_score", "final_return") if summary.get(k) is not None),
+                     None)
     score = summary.get(score_key) if score_key else None
     name = Path(__file__).stem
     meta = ["---", "library_name: pytorch", "tags:", "- reinforcement-learning",
@@ -2314,7 +2317,8 @@ def model_card(run_dir: Path, config: dict[str, Any], summary: dict[str, Any],
             f"Trained with `{Path(__file__).name}` (github: cql-calql reference implementations); "
             f"`{repo_id}` holds the run directory as the script wrote it.", "",
             "## Result", "", f"- final {(score_key or 'score').removeprefix('final_')}: "
-            f"{score}", f"- value gap: {summary.get('value_gap')}",
+            f"{score}", f"- value gap: {summary.get('value_gap')} (return units: "
+            f"{summary.get('value_gap_return')})",
             f"- wall time: {summary.get('wall_time_s', 0):.0f} s on {config.get('device')}", "",
             "## Reproduce", "", "```bash", config.get("command") or "(command not recorded)",
             f"python {Path(__file__).name} --evaluate hf://{repo_id}", "```", "",
@@ -2334,7 +2338,7 @@ def curve_png(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = next((k for k in ("score", "normalized_score", "return_mean")
+    key = next((k for k in ("score", "return_mean")
                 if any(r.get(k) is not None for r in rows)), "return_mean")
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot([r["step"] for r in rows], [r.get(key) for r in rows], marker=".")
@@ -2398,6 +2402,23 @@ def push_to_hub(repo_id: str, run_dir: Path, folder: Path | None) -> None:
                  f"{str(exc).splitlines()[0] if str(exc) else ''}); log in with `hf auth "
                  "login` (or set HF_TOKEN) and check the network")
     print(f"pushed {run_dir} to https://huggingface.co/{repo_id}", file=sys.stderr)
+
+
+def progress_bar(args: Args, done: int, total: int, desc: str) -> tqdm:
+    """A main loop's progress bar at `done` of `total` (none with --no-progress or when
+    nothing is left); advance() moves it."""
+    return tqdm(total=total, initial=done, desc=desc, dynamic_ncols=True,
+                disable=not args.progress or done >= total)
+
+
+def advance(bar: tqdm, n: int, last: bool) -> None:
+    """The bar `n` steps on; at the last step it closes without drawing first (closing
+    draws it), so that its last line prints once, above the last evaluation's row."""
+    if last:
+        bar.n += n
+        bar.close()
+    else:
+        bar.update(n)
 
 
 def render_mode(args: Args) -> str | None:

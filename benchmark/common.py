@@ -56,6 +56,31 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# Run-file keys renamed by issue 22 item 4 (docs/run_files.md): today's key -> the one older
+# runs wrote. Cal-QL's old rows had both `score` and an always-null `normalized_score`.
+OLD_KEYS = {"score": "normalized_score", "episode_length": "length_mean",
+            "final_score": "final_normalized_score"}
+
+
+def current_keys(record: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row or summary.json in today's keys: an older run's `normalized_score`
+    becomes `score` (and so on, OLD_KEYS), its summary's text `score` `score_definition`.
+    Keys a run never wrote (`value_gap_return`, `wall_time_s` in rows) stay absent."""
+    out = dict(record)
+    if isinstance(out.get("score"), str):  # CQL-SAC's summary: how the score is computed
+        out.setdefault("score_definition", out.pop("score"))
+    for new, old in OLD_KEYS.items():
+        if old in out:
+            value = out.pop(old)
+            out.setdefault(new, value)
+    return out
+
+
+def current_metric(metric: str) -> str:
+    """A job.json `metric` in today's keys (older jobs name `normalized_score`)."""
+    return next((new for new, old in OLD_KEYS.items() if old == metric), metric)
+
+
 def run_status(run_dir: Path) -> Status:
     """done: summary.json exists; resume: a checkpoint without summary; new: otherwise."""
     run_dir = Path(run_dir)

@@ -4,7 +4,9 @@
     python benchmark/report.py runs/bench --suite local --out benchmark/results
 
 Every finished run (summary.json) contributes its metric at the last evaluation (the job's
-`metric`: normalized score, return, or Cal-QL's score = success rate x 100). Over seeds:
+`metric`: the family's `score`, D4RL-normalized for CQL-SAC and QR-DQN, success rate x 100
+for Cal-QL's tasks; or the return). Runs written before the run-file keys were unified
+(`normalized_score`, `final_normalized_score`, `length_mean`) read as today's. Over seeds:
 mean with a 95% bootstrap CI, sample standard deviation (ddof 1), and the interquartile
 mean (IQM) with a 95% percentile bootstrap CI (rliable, Agarwal et al. 2021), side by side
 with the papers' numbers (REFERENCES below) where the task matches. Cal-QL rows add the
@@ -85,10 +87,11 @@ for _pct, _table in {
 MIN_VERDICT_SEEDS = 3  # below this a pair line gives its numbers and no verdict
 CALQL_COLUMNS = (("offline score", "offline_score"), ("cum. regret", "cumulative_regret"),
                  ("largest drop", "max_drop_below_offline"))
-METRIC_NAMES = {"normalized_score": "normalized score", "return_mean": "return",
-                "score": "score (success % or normalized)",
-                "value_gap": "value gap (predicted - obtained)",
+METRIC_NAMES = {"return_mean": "return", "value_gap": "value gap (predicted - obtained)",
                 "calib_below_share": "share of states with Q(s,pi(s)) < V_mu(s)"}
+# The rows' `score` is each family's own (docs/run_files.md): its name per script.
+SCORE_NAMES = {CQL_SAC: "normalized score", CQL_QRDQN: "normalized score",
+               CALQL: "score (success % or normalized)"}
 # Extra figures: file suffix -> (metric, scripts, symlog y); drawn where such runs exist.
 FIGURES = {"value_gap": ("value_gap", (CQL_SAC,), True),
            "calibration": ("calib_below_share", (CALQL,), False)}
@@ -153,13 +156,22 @@ def load_runs(root: Path) -> dict[str, list[Run]]:
         d = job_file.parent
         summary = read_json(d / "summary.json") if (d / "summary.json").exists() else None
         config = read_json(d / "config.json") if (d / "config.json").exists() else {}
-        job = read_json(job_file)
-        suites[job["suite"]].append(Run(d, job, read_jsonl(d / "metrics.jsonl"), summary,
+        job = read_json(job_file)  # an older run's keys, as today's (common.current_keys)
+        job["metric"] = common.current_metric(job["metric"])
+        rows = [common.current_keys(r) for r in read_jsonl(d / "metrics.jsonl")]
+        suites[job["suite"]].append(Run(d, job, rows, summary and common.current_keys(summary),
                                         config))
     return dict(suites)
 
 
 # ----------------------------------------------------------------------------------- tables
+def metric_name(script: str, metric: str) -> str:
+    """A metric in words (the score: the script's family's)."""
+    if metric == "score":
+        return SCORE_NAMES.get(script, "score")
+    return METRIC_NAMES.get(metric, metric)
+
+
 def fmt(value: float | None, digits: int = 1) -> str:
     return "—" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
@@ -190,7 +202,7 @@ def suite_table(runs: list[Run]) -> list[str]:
         header = ["task", "variant", "seeds", "mean [95% CI]", "std", "IQM [95% CI]",
                   *(name for name, _ in extra), *SOURCES.values(), "updates/s"]
         lines += [f"**{ALGORITHM.get(script, script)}** (`{script}`), final "
-                  f"{METRIC_NAMES.get(metric, metric)}:", "",
+                  f"{metric_name(script, metric)}:", "",
                   "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for (env, variant), group in sorted(groups.items()):
             done = [r for r in group if r.summary is not None and r.final is not None]
@@ -279,14 +291,22 @@ class Settled:
     band: float | None
 
 
-def settle(run: Run) -> Settled | None:
-    """The settled value gap of a run and the convergence test (CONVERGENCE)."""
+def gap_windows(run: Run) -> tuple[list[dict], list[dict]] | None:
+    """The (offline) rows with a value gap: the last WINDOW of them and the window before."""
     rows = [r for r in run.rows if r.get("value_gap") is not None
             and r.get("phase", "offline") == "offline"]
     if not rows:
         return None
     w = max(1, int(np.ceil(WINDOW * len(rows))))
-    last, prev = rows[-w:], rows[-2 * w:-w]
+    return rows[-w:], rows[-2 * w:-w]
+
+
+def settle(run: Run) -> Settled | None:
+    """The settled value gap of a run and the convergence test (CONVERGENCE)."""
+    if (windows := gap_windows(run)) is None:
+        return None
+    last, prev = windows
+    w = len(last)
     gap = float(np.mean([r["value_gap"] for r in last]))
     if len(prev) < w or any(r.get("q_pred_s0") is None for r in last):
         return Settled(gap, None, None, None)
@@ -295,9 +315,21 @@ def settle(run: Run) -> Settled | None:
     return Settled(gap, abs(drift) <= band, drift, band)
 
 
+def settled_return_gap(run: Run) -> float | None:
+    """The settled value gap in return units: the rows' value_gap_return over the same
+    window; a run written without it, its settled gap x return_units (None: unknown)."""
+    if (windows := gap_windows(run)) is None:
+        return None
+    last = windows[0]
+    if all(r.get("value_gap_return") is not None for r in last):
+        return float(np.mean([r["value_gap_return"] for r in last]))
+    units = return_units(run)
+    return None if units is None else settle(run).gap * units
+
+
 def return_units(run: Run) -> float | None:
     """Factor from training-reward units to return units (1 / reward scale), None when the
-    rewards were not only scaled."""
+    rewards were not only scaled; for runs whose rows lack value_gap_return (older runs)."""
     args = run.config.get("args", {})
     if args.get("reward_mode", "none") == "none":
         return 1.0
@@ -336,7 +368,7 @@ def pair_line(runs: list[Run], script: str, env: str, tag: str = "") -> str | No
         return None
     seeds = (f"{len(a)} seed{'s' if len(a) > 1 else ''} each" if len(a) == len(b) else
              f"{len(a)} and {len(b)} seeds")
-    name = METRIC_NAMES.get(a[0].job["metric"], a[0].job["metric"])
+    name = metric_name(script, a[0].job["metric"])
     few = min(len(a), len(b)) < MIN_VERDICT_SEEDS
     no_verdict = (f": {'one seed' if max(len(a), len(b)) == 1 else 'fewer than 3 seeds'}, "
                   "too few for a verdict.")
@@ -464,21 +496,22 @@ def lower_bound_table(runs: list[Run]) -> list[str]:
              "Q(s0, pi(s0)) minus the discounted return obtained from s0 (training-reward "
              "units: x0.1 for the pendulum preset), mean [95% CI] over seeds at gradient "
              "steps " + ", ".join(map(str, steps)) + "; <= 0: the predicted value is a lower "
-             f"bound. {CONVERGENCE[0].upper()}{CONVERGENCE[1:]}; return units = divided by "
-             "the reward scale. Runs: Wilson 95% CI of the share.", "",
+             f"bound. {CONVERGENCE[0].upper()}{CONVERGENCE[1:]}; return units = the rows' "
+             "value_gap_return (older runs: the gap divided by the reward scale). Runs: "
+             "Wilson 95% CI of the share.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (env, variant), group in sorted(groups.items()):
         gaps = [ci_cell([(row_at(r, s) or {}).get("value_gap") for r in group], signed=True)
                 for s in steps]
         below = sum(r.summary.get("value_gap", 1.0) <= 0 for r in group)
-        settled = [(settle(r), return_units(r)) for r in group]
-        settled = [(s, u) for s, u in settled if s is not None]
+        settled = [(settle(r), settled_return_gap(r)) for r in group]
+        settled = [(s, g) for s, g in settled if s is not None]
         k = sum(s.gap <= 0 for s, _ in settled)
         conv = sum(bool(s.converged) for s, _ in settled)
         lines.append("| " + " | ".join([
             env, variant, str(len(group)), *gaps, f"{below}/{len(group)}",
             ci_cell([r.final for r in group]), ci_cell([s.gap for s, _ in settled], signed=True),
-            ci_cell([s.gap * u for s, u in settled if u is not None], signed=True),
+            ci_cell([g for _, g in settled if g is not None], signed=True),
             count_cell(k, len(settled)), f"{conv}/{len(settled)}"]) + " |")
     return [*lines, ""]
 
@@ -522,12 +555,13 @@ def _num(value: Any) -> float:
 
 
 # Axis labels: what the number is, its units and scale.
-AXIS_LABELS = {"normalized_score": "normalized score (0 = random, 100 = expert)",
-               "return_mean": "episode return (mean over evaluation episodes)",
-               "score": "score (success rate, %)",
+AXIS_LABELS = {"return_mean": "episode return (mean over evaluation episodes)",
                "value_gap": "value gap: predicted minus obtained\ndiscounted return "
                             "(training rewards)",
                "calib_below_share": "share of batch states with\nQ(s, π(s)) < V_μ(s)  (0 to 1)"}
+SCORE_AXES = {CQL_SAC: "normalized score (0 = random, 100 = expert)",
+              CQL_QRDQN: "normalized score (0 = random, 100 = expert)",
+              CALQL: "score (success rate, %)"}  # the axis of each script's `score`
 # Variant labels in words: (script or None for any, variant base) -> words; suffix -> words.
 VARIANT_WORDS = {(CQL_SAC, "cql"): "CQL", (CQL_SAC, "sac"): "naive SAC (CQL weight 0)",
                  (CQL_QRDQN, "cql"): "CQL", (CQL_QRDQN, "qrdqn"): "QR-DQN (CQL weight 0)",
@@ -611,7 +645,8 @@ def draw_panel(ax, script: str, env: str, groups: dict[str, list[Run]], key: str
         ax.set_yscale("symlog", linthresh=10)
         ax.axhline(0, color="k", lw=0.8, label="0: prediction = outcome")
         scale = "\n(symlog scale: linear in ±10)"
-    ax.set_ylabel(AXIS_LABELS.get(key, key) + scale, fontsize=9)
+    label = SCORE_AXES.get(script, "score") if key == "score" else AXIS_LABELS.get(key, key)
+    ax.set_ylabel(label + scale, fontsize=9)
     ax.set_xlabel({None: "gradient steps", "offline": "pre-training: gradient steps",
                    "online": "fine-tuning: environment steps after the switch"}[phase])
     what = {None: "", "offline": ", offline pre-training", "online": ", online fine-tuning"}

@@ -47,6 +47,8 @@ from benchmark.common import (
     SUITE_FILE,
     HelpFormatter,
     command_line,
+    current_keys,
+    current_metric,
     failure_reason,
     machine_info,
     read_json,
@@ -81,9 +83,10 @@ class Result:
 
 
 def final_score(job: Job) -> float | None:
-    """The job's metric at its last evaluation (None before the first one)."""
+    """The job's metric at its last evaluation (None before the first one; an older run's
+    keys read as today's)."""
     rows = read_jsonl(job.run_dir / "metrics.jsonl")
-    return rows[-1].get(job.entry.metric) if rows else None
+    return current_keys(rows[-1]).get(current_metric(job.entry.metric)) if rows else None
 
 
 def execute(job: Job, env: dict[str, str] | None = None,

@@ -46,7 +46,7 @@ class Entry:
     """Extra command-line arguments; `{data_root}` is replaced by the runner's --data-root."""
     datasets: tuple[str, ...] = ()
     """Datasets to provide before the run: local names (built) or Minari ids (downloaded)."""
-    metric: str = "normalized_score"
+    metric: str = "score"
     """Key of the metrics.jsonl rows that the report aggregates."""
     reference: str | None = None
     """Key into report.REFERENCES (paper numbers for this task and variant)."""

@@ -79,6 +79,18 @@ def twin(monkeypatch):
 # The three scripts, as the run-contract tests (tests/test_run_contract.py) drive them
 # ======================================================================================
 TIMING_KEYS = ("updates_per_sec", "wall_time_s")  # the only summary values that vary per run
+ROW_TIMING_KEYS = ("wall_time_s",)  # the only metrics-row value that varies per run
+# The run-file keys the three scripts share (docs/run_files.md): every metrics row has
+# ROW_KEYS (Cal-QL also phase and env_steps; then each script's training metrics), every
+# summary.json SUMMARY_KEYS; none has one of the keys they replace (issue 22 item 4).
+ROW_KEYS = frozenset({"step", "wall_time_s", "return_mean", "return_std", "score",
+                      "success_rate", "episode_length", "value_gap", "value_gap_return",
+                      "value_gap_steps", "value_gap_tail_bound", "q_pred_s0"})
+SUMMARY_KEYS = frozenset({"final_score", "final_return", "final_success_rate", "value_gap",
+                          "value_gap_return", "score_definition", "updates_per_sec",
+                          "wall_time_s"})
+OLD_ROW_KEYS = frozenset({"normalized_score", "length_mean"})
+OLD_SUMMARY_KEYS = frozenset({"final_normalized_score", "score", "success_rate"})
 
 
 @dataclass(frozen=True)
@@ -103,7 +115,7 @@ class Script:
     config: dict[str, Any]       # config.json "section.key" -> value, for the tiny run
     finite: tuple[str, ...]      # row keys finite in every row after step 0
     summary_of_last_row: dict[str, str]  # summary key -> the last row's key it repeats
-    scored: bool                 # normalized_score = 100 (return - ref_min) / (ref_max - ref_min)
+    scored: bool                 # score = 100 (return - ref_min) / (ref_max - ref_min)
 
     @property
     def path(self) -> str:
@@ -121,6 +133,9 @@ class Script:
                 str(run_dir), *extra]
 
 
+SUMMARY_OF_LAST_ROW = {"final_score": "score", "final_return": "return_mean",
+                       "final_success_rate": "success_rate", "value_gap": "value_gap",
+                       "value_gap_return": "value_gap_return"}
 SAC_WIDTHS = ("--actor-hidden-dims", "16", "16", "--critic-hidden-dims", "16", "16")
 TINY = ("--batch-size", "32", "--eval-episodes", "1",
         "--log-every", "25", "--no-progress")
@@ -133,10 +148,8 @@ SCRIPTS = {s.key: s for s in (
             "args.actor_hidden_dims": [16, 16], "args.critic_hidden_dims": [16, 16],
             "dataset.dataset_id": "local/pendulum/medium-v0", "eval_env.id": "Pendulum-v1",
             "eval_env.max_episode_steps": 200},
-           ("normalized_score", "return_mean", "value_gap", "critic_loss", "actor_loss",
-            "alpha", "alpha_prime", "cql_gap", "bellman_loss"),
-           {"final_return": "return_mean", "final_normalized_score": "normalized_score"},
-           True),
+           ("score", "return_mean", "value_gap", "critic_loss", "actor_loss",
+            "alpha", "alpha_prime", "cql_gap", "bellman_loss"), SUMMARY_OF_LAST_ROW, True),
     # Cal-QL: offline 100 gradient steps, then 200 environment steps at UTD 1; evaluation at
     # step 0 (before any update), every 50 offline steps, every 100 environment steps.
     Script("calql", "calql_finetune.py", "pointmaze-sparse",
@@ -149,7 +162,7 @@ SCRIPTS = {s.key: s for s in (
             "args.critic_hidden_dims": [16, 16], "dataset.dataset_id": "local/pointmaze/sparse-v0",
             "eval_env.id": "PointMaze_UMaze-v3", "eval_env.max_episode_steps": 100},
            ("score", "success_rate", "value_gap", "critic_loss", "actor_loss", "cql_gap"),
-           {"final_score": "score"}, False),
+           SUMMARY_OF_LAST_ROW, False),
     Script("qrdqn", "cql_qrdqn_atari.py", "cartpole-medium",
            ("--env", "cartpole-medium", "--hidden-dims", "16", "16", *TINY, "--num-quantiles", "8"),
            {"--total-steps": "400", "--eval-every": "100"}, "--total-steps", "200",
@@ -157,16 +170,19 @@ SCRIPTS = {s.key: s for s in (
            {"args.env": "cartpole-medium", "args.cql_weight": 1.0, "args.hidden_dims": [16, 16],
             "dataset.dataset_id": "local/cartpole/medium-v0", "eval_env.id": "CartPole-v1",
             "eval_env.max_episode_steps": 500, "eval_env.kwargs": {}},
-           ("return_mean", "normalized_score", "qr_loss", "cql_loss", "cql_gap",
-            "alpha_prime", "q_pred_s0", "value_gap"),
-           {"final_return": "return_mean", "final_normalized_score": "normalized_score"},
-           True),
+           ("return_mean", "score", "qr_loss", "cql_loss", "cql_gap",
+            "alpha_prime", "q_pred_s0", "value_gap"), SUMMARY_OF_LAST_ROW, True),
 )}
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """metrics.jsonl rows; strict JSON (NaN/Infinity refused)."""
     return [strict_json(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def untimed(rows: list[dict]) -> list[dict]:
+    """Metrics rows without their wall time (ROW_TIMING_KEYS), to compare two runs."""
+    return [{k: v for k, v in r.items() if k not in ROW_TIMING_KEYS} for r in rows]
 
 
 def read_json(path: Path) -> Any:

@@ -16,9 +16,6 @@ import torch
 from conftest import SCRIPTS, one_line_error, read_json, read_metrics, run_script
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json")
-SCORE = {"cql_sac": "normalized_score", "qrdqn": "normalized_score", "calql": "score"}
-FINAL = {"cql_sac": "final_normalized_score", "qrdqn": "final_normalized_score",
-         "calql": "final_score"}
 
 
 @pytest.fixture(scope="module", params=sorted(SCRIPTS))
@@ -64,11 +61,12 @@ def test_evaluate_equals_the_final_evaluation_and_writes_nothing_else(finished):
     config = read_json(run_dir / "config.json")["args"]
     name = f"step{last['step']}-seed{config['seed']}-episodes{config['eval_episodes']}"
     result = read_json(run_dir / "evaluations" / f"{name}.json")
-    for key in (SCORE[script.key], "return_mean", "value_gap", "success_rate"):
+    for key in ("score", "return_mean", "value_gap", "value_gap_return", "success_rate",
+                "episode_length"):
         assert result.get(key) == last.get(key), key  # the same episodes, bit for bit
     line = out.stderr.strip().splitlines()[-1]
     assert line.startswith(f"evaluated {run_dir} at step {last['step']}") and name in line
-    assert f"score {last[SCORE[script.key]]:.4g}" in line
+    assert f"score {last['score']:.4g}" in line
     assert digests(run_dir) == before  # the training files are untouched
     after(script, "--evaluate", str(run_dir), "--seed", "7", "--eval-episodes", "2")
     other = read_json(run_dir / "evaluations" / f"step{last['step']}-seed7-episodes2.json")
@@ -109,7 +107,7 @@ def test_training_with_capture_video_records_its_final_evaluation(tmp_path, loca
     (video,) = (run_dir / "videos").glob("step100-*/*.mp4")
     assert frames(video) - last["value_gap_steps"] in (0, 1)  # as above
     (evaluation,) = (run_dir / "evaluations").glob("*.json")
-    assert read_json(evaluation)["normalized_score"] == last["normalized_score"]
+    assert read_json(evaluation)["score"] == last["score"]
 
 
 def script_actions(script, run_dir: Path, obs: np.ndarray) -> np.ndarray:
@@ -191,7 +189,9 @@ def test_hub_folder_and_model_card_as_uploaded(finished, tmp_path):
     (result,) = card.data.eval_results
     data = config["dataset"]
     assert result.dataset_name == (data.get("dataset_id") or data.get("source"))
-    assert result.metric_value == round(summary[FINAL[script.key]], 2)
+    assert result.metric_value == round(summary["final_score"], 2)
+    assert f"- value gap: {summary['value_gap']} (return units: " \
+        f"{summary['value_gap_return']})" in card.text
     assert config["command"] in card.text and "git commit" in card.text
     assert "--evaluate hf://someone/cql-test" in card.text
     assert all(f"{k} {v}" in card.text for k, v in config["versions"].items())
@@ -231,7 +231,7 @@ def test_push_and_download_go_through_the_hub_client(finished, tmp_path, monkeyp
     episodes = read_json(run_dir / "config.json")["args"]["eval_episodes"]
     result = (tmp_path / "runs" / "hf" / "someone" / "cql-test" / "evaluations"
               / f"step{last['step']}-seed{seed}-episodes{episodes}.json")
-    assert read_json(result)[SCORE[script.key]] == last[SCORE[script.key]]
+    assert read_json(result)["score"] == last["score"]
 
 
 def test_track_with_the_real_wandb_client_offline(finished, tmp_path):
@@ -246,6 +246,6 @@ def test_track_with_the_real_wandb_client_offline(finished, tmp_path):
     (log,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     data = log.read_bytes()
     env = read_json(run_dir / "config.json")["args"]["env"]
-    final = read_json(run_dir / "summary.json")[FINAL[script.key]]
-    for text in (f'"{env}"', f"eval/{SCORE[script.key]}", FINAL[script.key], json.dumps(final)):
+    final = read_json(run_dir / "summary.json")["final_score"]
+    for text in (f'"{env}"', "eval/score", "eval/wall_time_s", "final_score", json.dumps(final)):
         assert text.encode() in data, text

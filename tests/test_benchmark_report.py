@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from benchmark import report
-from benchmark.common import JOB_FILE, write_json
+from benchmark.common import JOB_FILE, current_keys, current_metric, write_json
 from benchmark.suites import CALQL, CQL_SAC
 
 
@@ -51,7 +51,7 @@ def test_bootstrap_cis_match_the_exact_bootstrap_distribution():
 
 
 def fake_run(root: Path, suite: str, script: str, env: str, variant: str, seed: int,
-             rows: list[dict], summary: dict | None, metric: str = "normalized_score",
+             rows: list[dict], summary: dict | None, metric: str = "score",
              reference: str | None = None, config: dict | None = None) -> Path:
     """A run directory as the runner and a script leave it."""
     d = root / suite / f"{Path(script).stem}__{variant}__{env}" / f"s{seed}"
@@ -69,11 +69,11 @@ def run_root(tmp_path):
     root = tmp_path / "runs"
     for seed, final in enumerate([10.0, 20.0, 60.0]):
         fake_run(root, "local", CQL_SAC, "pendulum-expert", "cql", seed,
-                 [dict(step=500, normalized_score=0.0), dict(step=1000, normalized_score=final)],
+                 [dict(step=500, score=0.0), dict(step=1000, score=final)],
                  dict(value_gap=-1.0 - seed))
     # an interrupted run: counted as not finished, not aggregated
     fake_run(root, "local", CQL_SAC, "pendulum-expert", "cql", 3,
-             [dict(step=500, normalized_score=99.0)], None)
+             [dict(step=500, score=99.0)], None)
     for seed, (offline, final) in enumerate([(40.0, 80.0), (60.0, 100.0)]):
         rows = [dict(step=100, phase="offline", env_steps=0, score=offline / 2),
                 dict(step=200, phase="offline", env_steps=0, score=offline),
@@ -81,10 +81,9 @@ def run_root(tmp_path):
                 dict(step=400, phase="online", env_steps=200, score=final)]
         fake_run(root, "local", CALQL, "pointmaze-binary", "calql", seed, rows,
                  dict(offline_score=offline, cumulative_regret=0.5 + 0.1 * seed,
-                      max_drop_below_offline=30.0), metric="score",
-                 config=dict(offline_steps=200))
+                      max_drop_below_offline=30.0), config=dict(offline_steps=200))
     fake_run(root, "d4rl-gym", CQL_SAC, "hopper-medium", "cql", 0,
-             [dict(step=1000, normalized_score=55.0)], dict(value_gap=-3.0),
+             [dict(step=1000, score=55.0)], dict(value_gap=-3.0),
              reference="cql-sac/hopper-medium")
     return root
 
@@ -130,7 +129,7 @@ def test_calql_curves_split_at_the_switch(run_root):
     x, y = report.phase_curve(calql, "score", "online")  # from the switch, in env steps
     assert list(x) == [0, 100, 200] and list(y) == [40, 10, 80]
     sac = next(r for r in runs if r.job["script"] == CQL_SAC)
-    assert list(report.phase_curve(sac, "normalized_score", None)[0]) == [500, 1000]
+    assert list(report.phase_curve(sac, "score", None)[0]) == [500, 1000]
 
 
 def test_empty_root_is_an_error(tmp_path):
@@ -143,7 +142,7 @@ def claims_root(tmp_path: Path, cql_gap: float, seeds: int = 3) -> Path:
     root = tmp_path / "runs"
     for seed in range(seeds):
         for variant, last_gap in (("cql", cql_gap), ("sac", 50.0)):
-            rows = [dict(step=s, normalized_score=90.0 - (variant == "sac") * 60,
+            rows = [dict(step=s, score=90.0 - (variant == "sac") * 60,
                          value_gap=last_gap * s / 3000 + seed) for s in (1000, 2000, 3000)]
             fake_run(root, "claims", CQL_SAC, "pendulum-medium", variant, seed, rows,
                      dict(value_gap=rows[-1]["value_gap"]))
@@ -159,7 +158,7 @@ def claims_root(tmp_path: Path, cql_gap: float, seeds: int = 3) -> Path:
             fake_run(root, "claims", CALQL, "pointmaze-binary", variant, seed, rows,
                      dict(offline_score=100.0, cumulative_regret=regret,
                           calib_below_share_offline_end=rows[0]["calib_below_share"]),
-                     metric="score", config=dict(offline_steps=3000))
+                     config=dict(offline_steps=3000))
     return root
 
 
@@ -225,7 +224,7 @@ def test_figure_reads_without_the_code(tmp_path):
     panel, CI bands only with 2+ seeds, units on the axes, Cal-QL's switch on its own axis."""
     root = claims_root(tmp_path, -6.0)
     fake_run(root, "claims", CQL_SAC, "pendulum-medium", "cql-eq1-polyak5e-3", 0,
-             [dict(step=s, normalized_score=50.0, value_gap=5.0) for s in (1000, 2000, 3000)],
+             [dict(step=s, score=50.0, value_gap=5.0) for s in (1000, 2000, 3000)],
              dict(value_gap=5.0))
     runs = report.load_runs(root)["claims"]
     fig = report.suite_figure("claims", runs)
@@ -266,7 +265,7 @@ def test_verdict_lines_name_the_metric_they_compare(tmp_path):
     for seed in range(3):
         for variant, final in (("cql", 80.0), ("qrdqn", 20.0)):
             fake_run(root, "demo", CQL_QRDQN, "cartpole-expert", variant, seed,
-                     [dict(step=500, normalized_score=final)], {})
+                     [dict(step=500, score=final)], {})
     text = report.pair_lines(report.load_runs(root)["demo"])[2]
     assert "(3 seeds each): normalized score 80.0 vs 20.0: CQL's is higher" in text
     assert "return" not in text
@@ -274,7 +273,7 @@ def test_verdict_lines_name_the_metric_they_compare(tmp_path):
 
 def gap_rows(gaps: list[float], discounted_return: float = -100.0) -> list[dict]:
     """Evaluation rows every 1000 steps with these value gaps; Q(s0) = return + gap."""
-    return [dict(step=1000 * (i + 1), normalized_score=50.0, value_gap=g,
+    return [dict(step=1000 * (i + 1), score=50.0, value_gap=g,
                  q_pred_s0=discounted_return + g) for i, g in enumerate(gaps)]
 
 
@@ -335,3 +334,35 @@ def test_every_suite_variant_has_a_label_in_words():
             label = report.variant_label(entry.script, entry.variant)
             assert not re.search(r"\b[a-z]+-[a-z]", label), label  # no `cql-umaze` left
     assert report.variant_label(report.CQL_SAC, "cql-reward-x1") == "CQL, raw rewards (x1)"
+
+
+def test_runs_written_with_the_old_keys_read_as_today(tmp_path):
+    """Runs from before the run-file keys were unified (issue 22 item 4): job metric and rows
+    `normalized_score`, summary `final_normalized_score` and a text `score`, no
+    value_gap_return and no wall_time_s in the rows: the report reads them as today's keys,
+    the gap in return units from the reward scale. A run of today takes value_gap_return."""
+    root = tmp_path / "runs"
+    old_rows = [dict(step=1000 * (i + 1), normalized_score=40.0 + i, value_gap=g,
+                     q_pred_s0=g - 100.0) for i, g in enumerate([-3.0] * 5)]
+    fake_run(root, "claims", CQL_SAC, "pendulum-medium", "cql", 0, old_rows,
+             dict(final_normalized_score=44.0, score="100 * (return - ref_min) / ...",
+                  value_gap=-3.0), metric="normalized_score",
+             config=dict(reward_mode="scale_bias", reward_scale=0.1))
+    new_rows = [dict(r, value_gap_return=-7.0, wall_time_s=float(i))  # not -3 x 10: read
+                for i, r in enumerate(gap_rows([-3.0] * 5))]
+    fake_run(root, "claims", CQL_SAC, "pendulum-medium", "cql", 1, new_rows,
+             dict(final_score=50.0, value_gap=-3.0, value_gap_return=-7.0),
+             config=dict(reward_mode="locomotion"))  # return_units: unknown
+    a, b = sorted(report.load_runs(root)["claims"], key=lambda r: r.job["seed"])
+    assert a.job["metric"] == "score" and a.final == 44.0 and a.rows[-1]["score"] == 44.0
+    assert "normalized_score" not in a.rows[-1] and a.summary["final_score"] == 44.0
+    assert a.summary["score_definition"].startswith("100 * (return")
+    assert report.settled_return_gap(a) == pytest.approx(-30.0)  # -3 / 0.1
+    assert report.settled_return_gap(b) == -7.0 and report.return_units(b) is None
+    assert report.main([str(root), "--out", str(tmp_path / "r")]) == 0
+    row = table_row((tmp_path / "r" / "claims.md").read_text().split("**Lower bound**")[1],
+                    "pendulum-medium", "cql")
+    assert row[-3].startswith("-18.5 [")  # the return-units column: mean of -30 and -7
+    assert current_metric("normalized_score") == "score"
+    assert current_keys(dict(step=1, score=50.0, normalized_score=None)) == dict(
+        step=1, score=50.0)  # Cal-QL's old rows: the score kept, the null dropped

@@ -29,7 +29,7 @@ FAKE_SCRIPT = textwrap.dedent("""
         sys.exit(3)
     (run_dir / "checkpoint.pt").write_text("ckpt")
     with open(run_dir / "metrics.jsonl", "a") as fh:
-        fh.write(json.dumps({"step": 10, "normalized_score": 42.0}) + "\\n")
+        fh.write(json.dumps({"step": 10, "score": 42.0}) + "\\n")
     if env == "stop":
         sys.exit(130)
     (run_dir / "summary.json").write_text(json.dumps({"updates_per_sec": 1.0}))

@@ -3,6 +3,7 @@ offline-only run extended online and stopped there, the README command. The run 
 files, signals, kills, resume, divergence, bad inputs) is tests/test_run_contract.py."""
 
 import os
+import re
 import signal
 from dataclasses import replace
 from pathlib import Path
@@ -60,7 +61,8 @@ def test_offline_then_online_end_to_end(local_dataset, tmp_path, task):
                       "bound_rate_pi_next", "calib_below_share", "calib_q_minus_vmu")
         for key in ("score", "success_rate", "value_gap", *(train_keys if r["step"] else ())):
             assert np.isfinite(r[key]), key
-        assert r["normalized_score"] is None  # binary: no score from relabelled returns
+        assert "normalized_score" not in r  # score: the success rate x 100
+        assert r["value_gap_return"] == pytest.approx(r["value_gap"] / args.reward_scale)
     on_disk = read_json(run / "summary.json")
     assert on_disk == summary
     assert summary["offline_score"] == rows[2]["score"]
@@ -137,6 +139,25 @@ def test_an_offline_only_run_extended_online_stops_at_a_trajectory_end(local_dat
     assert loop["phase"] == "online" and loop["env_steps"] < 250
     assert state["step"] == 20 + loop["env_steps"] >= 20 + 35
     assert state["parts"]["online"]["size"] == loop["env_steps"]
+
+
+def test_the_bars_count_what_the_rows_count_and_print_their_last_line_once(
+        local_dataset, tmp_path, capsys):
+    """The offline bar counts gradient steps (the rows' `step`), the online one environment
+    steps (the rows' `env_steps`; its total grows when the last trajectory runs past
+    --online-steps: 300 of 250 here); each bar's last line prints once (tqdm.write redraws a
+    bar after a row, and closing it draws it again: it closes before its phase's last row)."""
+    local_dataset("pointmaze-sparse")
+    summary = calql.main(tiny_args(tmp_path / "run", progress=True))
+    frames = [f.strip() for f in re.split(r"[\r\n]", capsys.readouterr().err) if f.strip()]
+    rows, n = read_metrics(tmp_path / "run"), summary["env_steps"]
+    assert n == rows[-1]["env_steps"] == 300
+    for phase, last in (("offline", "| 40/40 "), ("online", f"| {n}/{n} ")):
+        bar = [f for f in frames if f" {phase}: " in f]
+        assert sum(last in f for f in bar) == 1, bar
+        counts = [tuple(map(int, m.groups())) for f in bar
+                  if (m := re.search(r"\| (\d+)/(\d+) ", f))]
+        assert counts and all(done <= total for done, total in counts), counts
 
 
 def test_command_line_run_on_the_local_pen_dataset(local_dataset, tmp_path):

@@ -131,10 +131,10 @@ def test_antmaze_runs_end_to_end_and_scores_success_x100(twin, tmp_path, env, ds
     for r in rows:
         assert r["success_rate"] in (0.0, 1.0)  # one evaluation episode
         assert r["score"] == 100.0 * r["success_rate"]  # success rate x 100, never null
-        assert r["normalized_score"] is None and np.isfinite(r["return_mean"])
+        assert "normalized_score" not in r and np.isfinite(r["return_mean"])
         assert r["return_mean"] == r["success_rate"]  # sparse reward 1 only at the goal
-        assert 1 <= r["length_mean"] <= steps
-        assert r["length_mean"] == steps or r["success_rate"] == 1.0  # ends at the goal
+        assert 1 <= r["episode_length"] <= steps
+        assert r["episode_length"] == steps or r["success_rate"] == 1.0  # ends at the goal
     assert summary["final_score"] == rows[-1]["score"] is not None
 
 
@@ -153,10 +153,9 @@ def test_pen_binary_runs_end_to_end_with_the_d4rl_horizon(twin, tmp_path):
     assert config["dataset"]["success_in_data"] == 0.5
     assert config["dataset"]["episodes_kept"] == 1
     for r in rows:
-        assert r["normalized_score"] is None  # no score from relabelled {-1, 0} returns
-        assert r["score"] == 100.0 * r["success_rate"]
-        assert 1 <= r["length_mean"] <= 100
-        assert r["length_mean"] == 100 or r["success_rate"] == 1.0
+        assert r["score"] == 100.0 * r["success_rate"]  # not from relabelled {-1, 0} returns
+        assert 1 <= r["episode_length"] <= 100
+        assert r["episode_length"] == 100 or r["success_rate"] == 1.0
         assert -100 <= r["return_mean"] <= 0  # success - 1 per step
     assert summary["env_steps"] >= 50 and summary["offline_score"] is not None
 

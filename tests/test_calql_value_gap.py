@@ -63,11 +63,12 @@ def evaluate(binary: bool, **env_kwargs) -> dict:
 
 def test_dense_gap_runs_past_the_time_limit_and_the_score_does_not():
     out = evaluate(binary=False)
-    assert out["return_mean"] == -200.0 and out["length_mean"] == 200
+    assert out["return_mean"] == -200.0 and out["episode_length"] == 200
     assert out["success_rate"] == 0.0 and out["value_gap_steps"] == 459
     obtained = -(1 - GAMMA**459) / (1 - GAMMA)  # sum_{t<459} gamma^t (-1)
     assert out["value_gap"] == pytest.approx(out["q0"] - obtained, abs=1e-6)
     assert out["value_gap_tail_bound"] == pytest.approx(GAMMA**459 / (1 - GAMMA))
+    assert out["q_pred_s0"] == out["q0"] and out["value_gap_return"] == out["value_gap"]
     failed = evaluate(binary=True)  # a failed binary episode: r = -1 for all 459 steps
     assert failed["value_gap"] == pytest.approx(failed["q0"] - obtained, abs=1e-6)
     assert failed["value_gap_steps"] == 459 and failed["success_rate"] == 0.0
@@ -76,14 +77,14 @@ def test_dense_gap_runs_past_the_time_limit_and_the_score_does_not():
 def test_binary_success_is_a_terminal_that_ends_the_rollout():
     out = evaluate(binary=True, win=3)
     assert out["value_gap_steps"] == 3 and out["value_gap_tail_bound"] == 0.0
-    assert out["length_mean"] == 3 and out["success_rate"] == 1.0
+    assert out["episode_length"] == 3 and out["success_rate"] == 1.0
     assert out["return_mean"] == -2.0  # r = success - 1: -1, -1, 0
     assert out["value_gap"] == pytest.approx(out["q0"] - (-1 - GAMMA), abs=1e-6)
 
 
 def test_success_after_the_horizon_ends_the_gap_but_does_not_score():
     out = evaluate(binary=True, win=300)
-    assert out["success_rate"] == 0.0 and out["score"] == 0.0 and out["length_mean"] == 200
+    assert out["success_rate"] == 0.0 and out["score"] == 0.0 and out["episode_length"] == 200
     assert out["value_gap_steps"] == 300 and out["value_gap_tail_bound"] == 0.0
 
 
@@ -110,6 +111,6 @@ def test_online_trajectories_keep_the_horizon(local_dataset, tmp_path, monkeypat
     assert gap["reward_abs_max"] == 5.0  # pointmaze-binary: r * 10 - 5 on {0, 1}
     assert seen and all(limit == horizon and n <= horizon for limit, n in seen), seen
     for row in read_metrics(tmp_path / "run"):
-        assert row["length_mean"] <= horizon and row["value_gap_steps"] <= 459
+        assert row["episode_length"] <= horizon and row["value_gap_steps"] <= 459
         failed = row["success_rate"] == 0.0  # no terminal: the whole rollout, 459 steps
         assert not failed or row["value_gap_steps"] == 459

@@ -13,7 +13,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import SCRIPTS, read_json, read_metrics, run_script
+from conftest import SCRIPTS, read_json, read_metrics, run_script, untimed
 from dqn_replay import make_dqn_replay_dir
 
 import cql_qrdqn_atari as m
@@ -47,7 +47,7 @@ def test_pong_local_run_with_nature_torso(tmp_path, local_dataset):
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [2, 4]
     ret = rows[-1]["return_mean"]
-    assert summary["final_normalized_score"] == pytest.approx(100 * (ret + 20.7) / (14.6 + 20.7))
+    assert summary["final_score"] == pytest.approx(100 * (ret + 20.7) / (14.6 + 20.7))
 
 
 def test_dqn_replay_run(tmp_path):
@@ -123,7 +123,7 @@ def test_stop_and_resume_across_target_refreshes_with_lagrange(tmp_path, local_d
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [100, 200, 230]
     assert all(len(r["episode_returns"]) == 2 for r in rows)  # --eval-episodes 2
-    assert rows == read_metrics(tmp_path / "full")
+    assert untimed(rows) == untimed(read_metrics(tmp_path / "full"))
     assert resumed["final_return"] == full["final_return"]
     a, b = (torch.load(d / "checkpoint.pt", weights_only=False)["parts"]
             for d in (tmp_path / "full", run))
@@ -172,7 +172,9 @@ def test_value_gap_is_q_s0_minus_discounted_return():
     # 5 steps of reward 1 (capped): discounted return 1 + .5 + .25 + .125 + .0625
     assert out["q_pred_s0"] == 7.0
     assert out["value_gap"] == pytest.approx(7.0 - 1.9375)
-    assert out["return_mean"] == 5.0 and out["normalized_score"] == pytest.approx(200.0)
+    assert out["return_mean"] == 5.0 and out["score"] == pytest.approx(200.0)
+    assert out["value_gap_return"] == out["value_gap"] and out["episode_length"] == 5.0
+    assert out["success_rate"] is None
 
 
 class MinusOne(gym.Env):
@@ -268,5 +270,5 @@ def test_track_logs_to_wandb(tmp_path, local_dataset, monkeypatch):
     assert calls["init"]["project"] == "cql-calql" and calls["init"]["entity"] == "me"
     assert calls["init"]["config"]["env"] == "cartpole-medium"
     assert [s for s, d in calls["log"] if "train/qr_loss" in d] == [10, 20]
-    assert [s for s, d in calls["log"] if "eval/normalized_score" in d] == [20]
+    assert [s for s, d in calls["log"] if "eval/score" in d and "eval/wall_time_s" in d] == [20]
     assert "final_return" in calls["summary"] and calls.get("finished")

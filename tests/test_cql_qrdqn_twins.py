@@ -56,7 +56,7 @@ def test_minari_atari_evaluates_with_the_datasets_sticky_setting(twin, tmp_path)
     assert ev["wrappers"]["AtariPreprocessing"]["noop_max"] == 0
     assert ale_settings(ev) == (0.0, 0)
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
-    assert summary["final_return"] is not None and summary["final_normalized_score"] is not None
+    assert summary["final_return"] is not None and summary["final_score"] is not None
 
 
 def test_minari_atari_sticky_comes_from_the_data_not_a_constant(local_dataset, tmp_path):

@@ -49,7 +49,7 @@ def runs(tmp_path_factory, local_dataset):
 
 
 def score(run: dict) -> float:
-    return run["summary"]["final_normalized_score"]
+    return run["summary"]["final_score"]
 
 
 @pytest.mark.slow

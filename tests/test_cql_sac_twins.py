@@ -100,10 +100,10 @@ def test_antmaze_evaluates_in_the_data_maze_ending_at_the_goal(twin, tmp_path, d
 
     # Scored as success rate x100 (paper Table 2), raw return logged too.
     last = out["rows"][-1]
-    assert last["normalized_score"] is not None
-    assert last["normalized_score"] == pytest.approx(100.0 * last["success_rate"])
+    assert last["score"] is not None
+    assert last["score"] == pytest.approx(100.0 * last["success_rate"])
     assert np.isfinite(last["return_mean"]) and last["episode_length"] <= horizon
-    assert out["summary"]["score"].startswith("success rate x100")
+    assert out["summary"]["score_definition"].startswith("success rate x100")
     assert out["config"]["dataset"]["goal_terminals"] is True
 
 
@@ -133,7 +133,7 @@ def test_adroit_horizon_matches_the_reference_scores(twin, tmp_path, task, horiz
     assert last["episode_length"] == horizon  # Adroit never terminates
     lo, hi = minari.load_dataset(dataset_id).storage.metadata["ref_min_score"], \
         minari.load_dataset(dataset_id).storage.metadata["ref_max_score"]
-    assert last["normalized_score"] == pytest.approx(
+    assert last["score"] == pytest.approx(
         100 * (last["return_mean"] - lo) / (hi - lo))
     assert last["success_rate"] is not None
 
@@ -157,8 +157,8 @@ def test_kitchen_evaluates_in_the_data_semantics_and_scores_tasks_x25(twin, tmp_
                                                        "slide cabinet"]
     assert recorded["value_gap"]["rollout_max_steps"] == 459  # never terminates: 459 steps
     last = out["rows"][-1]
-    assert last["normalized_score"] is not None
-    assert last["normalized_score"] == 25.0 * last["tasks_completed"]
+    assert last["score"] is not None
+    assert last["score"] == 25.0 * last["tasks_completed"]
     assert last["tasks_completed"] == last["return_mean"]  # D4RL's return: each task once
     assert last["episode_length"] == 280 and last["value_gap_steps"] == 459
     assert cql.load_data(out["args"]).eval_env == without_gap(recorded)
@@ -204,7 +204,7 @@ def test_kitchen_score_counts_tasks_within_280_steps_and_the_gap_the_whole_rollo
     gap = cql.value_gap_spec(args.gamma, cql.KITCHEN_HORIZON, np.array([2.0]))
     out = cql.evaluate(agent, TasksEnv(), tf, args, info, torch.device("cpu"), gap)
     # the task of step 300 is past D4RL's 280 steps: one task, read at step 280
-    assert out["tasks_completed"] == 1 and out["normalized_score"] == 25.0
+    assert out["tasks_completed"] == 1 and out["score"] == 25.0
     assert out["return_mean"] == 1.0 and out["episode_length"] == 280
     assert out["return_std"] == 0.0  # each episode's own count (the env reuses its list)
     assert out["value_gap_steps"] == 459
@@ -215,7 +215,7 @@ def test_kitchen_score_counts_tasks_within_280_steps_and_the_gap_the_whole_rollo
 # ---------------------------------------------------------------- mujoco/*
 
 
-def test_mujoco_normalized_score_is_never_null(twin, tmp_path):
+def test_mujoco_score_is_never_null(twin, tmp_path):
     dataset_id = twin("mujoco/hopper/medium-v0")
     assert minari.load_dataset(dataset_id).storage.metadata.get("ref_min_score") is None
     out = run("hopper-medium", dataset_id, tmp_path, eval_episodes=1)
@@ -225,6 +225,6 @@ def test_mujoco_normalized_score_is_never_null(twin, tmp_path):
     assert "NOT like-for-like" in dataset["ref_source"]
     assert "NOT like-for-like" in out["summary"]["ref_source"]
     last = out["rows"][-1]
-    assert last["normalized_score"] == pytest.approx(
+    assert last["score"] == pytest.approx(
         100 * (last["return_mean"] + 20.272305) / (3234.3 + 20.272305))
-    assert out["summary"]["final_normalized_score"] is not None
+    assert out["summary"]["final_score"] is not None

@@ -63,9 +63,9 @@ class MinusOne(gym.Env):
 gym.register("CqlSacGapMinusOne-v0", entry_point=MinusOne, max_episode_steps=200)
 
 
-def evaluate(env_kwargs: dict, score_steps: int = 200) -> dict:
+def evaluate(env_kwargs: dict, score_steps: int = 200, reward_scale: float = 1.0) -> dict:
     """Evaluate an untrained agent on MinusOne built as main builds it (make_eval_env with
-    the gap's rollout limit), rewards as trained = raw (-1)."""
+    the gap's rollout limit), rewards as trained = raw (-1) x reward_scale."""
     torch.manual_seed(0)
     args = cql.replace(cql.preset_args("pendulum-medium"), actor_hidden_dims=(8,),
                        critic_hidden_dims=(8,), eval_episodes=2, gamma=GAMMA)
@@ -74,7 +74,7 @@ def evaluate(env_kwargs: dict, score_steps: int = 200) -> dict:
     env = cql.make_eval_env(spec, gap["rollout_max_steps"])
     assert env.spec.max_episode_steps == gap["rollout_max_steps"] == 459
     tf = cql.Transform(np.zeros(3, np.float32), np.ones(3, np.float32), np.ones(2, np.float32),
-                       np.zeros(2, np.float32), 1.0, 0.0)
+                       np.zeros(2, np.float32), reward_scale, 0.0)
     out = cql.evaluate(cql.Agent(3, 2, args), env, tf, args, {}, torch.device("cpu"), gap)
     env.close()
     return out
@@ -88,6 +88,15 @@ def test_the_gap_runs_past_the_time_limit_and_the_score_does_not():
     assert out["value_gap"] == pytest.approx(out["q_pred_s0"] - obtained, abs=1e-9)
     assert out["value_gap_tail_bound"] == pytest.approx(GAMMA**459 / (1 - GAMMA))  # <= 1%
     assert out["value_gap_tail_bound"] < cql.GAP_TAIL / (1 - GAMMA)
+    assert out["value_gap_return"] == out["value_gap"]  # rewards not scaled
+
+
+def test_the_gap_in_return_units_is_the_gap_over_the_reward_scale():
+    out = evaluate({}, reward_scale=0.1)
+    obtained = -0.1 * (1 - GAMMA**459) / (1 - GAMMA)  # in training-reward (Q) units
+    assert out["value_gap"] == pytest.approx(out["q_pred_s0"] - obtained, abs=1e-9)
+    assert out["value_gap_return"] == pytest.approx(out["value_gap"] / 0.1)
+    assert out["return_mean"] == -200.0  # the score's return: raw rewards
 
 
 def test_a_true_termination_ends_the_rollout_with_no_tail():

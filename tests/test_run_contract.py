@@ -55,6 +55,7 @@ import sys
 import time
 import types
 from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
 
 import minari
@@ -62,8 +63,12 @@ import pytest
 import torch
 from conftest import (
     BAD_INPUTS,
+    OLD_ROW_KEYS,
+    OLD_SUMMARY_KEYS,
     ROOT,
+    ROW_KEYS,
     SCRIPTS,
+    SUMMARY_KEYS,
     TIMING_KEYS,
     Script,
     error_of,
@@ -73,6 +78,7 @@ from conftest import (
     run_script,
     script_env,
     start_script,
+    untimed,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -107,7 +113,7 @@ def main(s: Script, argv: list[str]) -> dict:
 
 def same_results(run: Path, ref: Path) -> None:
     """Bit-identical evaluation rows (training metrics included) and summary, but timing."""
-    rows, ref_rows = read_metrics(run), read_metrics(ref)
+    rows, ref_rows = untimed(read_metrics(run)), untimed(read_metrics(ref))
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
     for a, b in zip(rows, ref_rows, strict=True):
         assert a == b
@@ -180,8 +186,42 @@ def test_run_files(s, reference):
         lo, hi = meta["ref_min_score"], meta["ref_max_score"]
         assert config["dataset"].get("ref_min_score", lo) == lo
         assert config["dataset"].get("ref_max_score", hi) == hi
-        assert rows[-1]["normalized_score"] == pytest.approx(
+        assert rows[-1]["score"] == pytest.approx(
             100 * (rows[-1]["return_mean"] - lo) / (hi - lo))
+
+
+def reward_scale(config: dict) -> float:
+    """The factor the run's rewards were trained at (QR-DQN: none, 1)."""
+    args = config["args"]
+    return 1.0 if args.get("reward_mode") == "none" else args.get("reward_scale", 1.0)
+
+
+def test_the_three_scripts_write_one_set_of_keys(references, local_dataset):
+    """One set of run-file keys (docs/run_files.md, issue 22 item 4): the metrics rows of the
+    three scripts share exactly ROW_KEYS (besides them: Cal-QL's phase and env_steps, each
+    script's training metrics, QR-DQN's episode returns), their summaries SUMMARY_KEYS, none
+    the keys these replaced; value_gap_return is value_gap over the reward scale (return
+    units), and wall_time_s grows from row to row."""
+    rows, summaries = {}, {}
+    for s in SCRIPTS.values():
+        local_dataset(s.dataset)
+        run = references(s)
+        rows[s.key], summaries[s.key] = read_metrics(run), read_json(run / "summary.json")
+        scale, summary = reward_scale(read_json(run / "config.json")), summaries[s.key]
+        for row in rows[s.key]:
+            assert row.keys() >= ROW_KEYS and not OLD_ROW_KEYS & row.keys(), (s.key, row)
+            assert row["value_gap_return"] == pytest.approx(row["value_gap"] / scale)
+        times = [r["wall_time_s"] for r in rows[s.key]]
+        assert all(0 < a < b for a, b in pairwise(times)), times
+        assert times[-1] <= summary["wall_time_s"]
+        assert summary.keys() >= SUMMARY_KEYS and not OLD_SUMMARY_KEYS & summary.keys()
+        assert summary["value_gap_return"] == pytest.approx(summary["value_gap"] / scale)
+    assert reward_scale(read_json(references(SCRIPTS["cql_sac"]) / "config.json")) == 0.1
+    assert set(rows["calql"][0]) == ROW_KEYS | {"phase", "env_steps"}  # step 0: no training
+    assert set.intersection(*(set(r) for rs in rows.values() for r in rs)) == ROW_KEYS
+    assert set.intersection(*(set(v) for v in summaries.values())) == SUMMARY_KEYS
+    assert rows["qrdqn"][-1]["success_rate"] is None
+    assert summaries["qrdqn"]["final_success_rate"] is None
 
 
 # ---------------------------------------------------------------- signals, kills, resume
@@ -201,6 +241,8 @@ def test_sigterm_on_the_command_line_then_resume_is_bit_identical(s, reference, 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     same_results(run, reference)
     assert read_json(run / "summary.json")["wall_time_s"] > first_session_s  # accumulates
+    times = [r["wall_time_s"] for r in read_metrics(run)]  # the rows' too, session to session
+    assert all(a < b for a, b in pairwise(times)) and times[-1] > first_session_s
 
 
 @PARAMS
@@ -235,8 +277,8 @@ def test_signal_stops_then_resume_is_bit_identical(s, reference, tmp_path, monke
             assert loop["phase"] == ("offline" if at == 45 else "online")
             assert (loop["env_steps"] > 0) == (loop["phase"] == "online")
             assert online["size"] == loop["env_steps"]
-        rows = read_metrics(run)
-        assert rows == read_metrics(reference)[:len(rows)]
+        rows = untimed(read_metrics(run))
+        assert rows == untimed(read_metrics(reference))[:len(rows)]
     monkeypatch.setattr(s.module.Trainer, "step", step)
     main(s, s.args(run, "--resume", str(run)))
     same_results(run, reference)
@@ -267,8 +309,8 @@ def test_a_finished_run_is_extended_from_its_last_step(s, reference, tmp_path):
     uninterrupted longer run's numbers; a free field (--log-every) may change."""
     run = tmp_path / "run"
     short = main(s, s.args(run, s.length, s.short))
-    rows = read_metrics(run)
-    assert rows == read_metrics(reference)[:len(rows)] and len(rows) < len(
+    rows = untimed(read_metrics(run))
+    assert rows == untimed(read_metrics(reference))[:len(rows)] and len(rows) < len(
         read_metrics(reference))
     if s.key == "calql":
         assert short["env_steps"] == 0
@@ -595,13 +637,13 @@ def test_a_failed_write_leaves_no_temp_file_and_names_the_intact_checkpoint(
 
     monkeypatch.setattr(os, "replace", disk_full)
     message = error_of(s.module, s.args(run))
-    ref_rows = read_metrics(reference)
+    ref_rows = untimed(read_metrics(reference))
     kept = ref_rows[0 if target == "checkpoint.pt" else -1]["step"]
     assert f"could not write {run / target} (No space left on device)" in message, message
     assert f"the checkpoint of step {kept} ({run / 'checkpoint.pt'}) is intact" in message
     assert not list(run.glob("*.tmp"))
     assert checkpoint(run)["step"] == kept
-    assert read_metrics(run) == ref_rows[:len(checkpoint(run)["history"])]
+    assert untimed(read_metrics(run)) == ref_rows[:len(checkpoint(run)["history"])]
     monkeypatch.setattr(os, "replace", real)
     main(s, s.args(run, "--resume", str(run)))
     same_results(run, reference)
@@ -622,7 +664,7 @@ def test_a_second_process_on_a_run_dir_refuses_with_the_first_ones_pid(s, refere
     finally:
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=120)
-    rows, ref_rows = read_metrics(run), read_metrics(reference)
+    rows, ref_rows = untimed(read_metrics(run)), untimed(read_metrics(reference))
     n = min(len(rows), len(ref_rows))
     assert rows[:n] == ref_rows[:n]  # no row twice, none of another run
     assert [r["step"] for r in rows] == sorted({r["step"] for r in rows})
@@ -738,8 +780,8 @@ def test_random_signal_stops_then_resume_is_bit_identical(s, reference, tmp_path
         with pytest.raises(SystemExit) as exc:
             main(s, s.args(run, *(("--resume", str(run)) if session else ())))
         assert exc.value.code == 128 + sig, (session, n, sig)
-        rows = read_metrics(run)
-        assert rows == read_metrics(reference)[:len(rows)]
+        rows = untimed(read_metrics(run))
+        assert rows == untimed(read_metrics(reference))[:len(rows)]
     monkeypatch.setattr(s.module.Trainer, "step", step)
     main(s, s.args(run, "--resume", str(run)))
     same_results(run, reference)
@@ -766,8 +808,7 @@ def test_a_run_says_where_it_runs_and_how_it_ended(s, local_dataset, tmp_path, c
     assert sum(line.startswith("estimate: ") and "hours to go" in line for line in err) == 1
     end = [line for line in err if line.startswith("done: ")]
     assert end == [end[0]] and end[0].endswith(f"| {run / 'summary.json'}")
-    gap = summary.get("value_gap", read_metrics(run)[-1]["value_gap"])
-    assert f"value gap {gap:.4g} |" in end[0]
+    assert f"value gap {summary['value_gap']:.4g} |" in end[0]
 
 
 @PARAMS
