@@ -15,7 +15,7 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1503-2458): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1503-2511): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -2260,24 +2260,77 @@ def evaluation_name(args: Args, step: int) -> str:
     return f"step{step}-seed{args.seed}-episodes{args.eval_episodes}"
 
 
+class VideoRecorder(gym.Wrapper):
+    """Every episode of env to folder/<prefix>-episode-<k>.mp4, k = 0, 1, ... by reset: the
+    reset frame and one frame per step (steps + 1 frames), H.264 at the env's render_fps
+    (default 30) through imageio's ffmpeg writer, streamed as the episode runs. An episode's
+    file is complete at its termination or truncation, the next reset, or close."""
+
+    def __init__(self, env: gym.Env, folder: Path, prefix: str):
+        super().__init__(env)
+        self.folder, self.prefix, self.episode, self.writer = folder, prefix, -1, None
+
+    def reset(self, **kwargs):
+        self.stop()
+        out = self.env.reset(**kwargs)
+        self.episode += 1
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.writer = imageio_writer(self.folder / f"{self.prefix}-episode-{self.episode}.mp4",
+                                     self.metadata.get("render_fps") or 30)
+        self.writer.append_data(self.env.render())
+        return out
+
+    def step(self, action):
+        out = self.env.step(action)
+        if self.writer is not None:  # after the episode's end: no frames until the reset
+            self.writer.append_data(self.env.render())
+            if out[2] or out[3]:  # terminated, truncated
+                self.stop()
+        return out
+
+    def stop(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def close(self) -> None:
+        self.stop()
+        super().close()
+
+
+def imageio_writer(path: Path, fps: float):
+    """imageio's ffmpeg writer (the binary comes with imageio-ffmpeg); macro block 2: frames
+    keep their size (an odd side is scaled up by one pixel, as H.264's yuv420p needs)."""
+    import imageio.v2 as imageio
+
+    return imageio.get_writer(path, format="FFMPEG", fps=fps, macro_block_size=2)
+
+
 def record_video(env: gym.Env, folder: Path, prefix: str) -> gym.Env:
-    """Every episode of env to folder/<prefix>-episode-<i>.mp4 (gymnasium RecordVideo)."""
+    """Every episode of env to folder/<prefix>-episode-<k>.mp4 (VideoRecorder)."""
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame (classic control): no display
     os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
     if env.render_mode != "rgb_array":
         fail(f"the evaluation env {env.spec.id if env.spec else env} renders no frames "
              f"(render_mode {env.render_mode!r}); --capture-video needs rgb_array rendering")
     try:
+        import imageio  # noqa: F401 - now, not at the first frame
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()  # the bundled binary (or IMAGEIO_FFMPEG_EXE)
+    except (ImportError, RuntimeError) as exc:
+        fail(f"--capture-video needs imageio and imageio-ffmpeg ({type(exc).__name__}: "
+             f"{str(exc).splitlines()[0] if str(exc) else ''}); pip install -r requirements.txt")
+    try:
         env.reset(seed=0)
         env.render()  # now, not in the middle of the evaluation (evaluate reseeds its resets)
-        return gym.wrappers.RecordVideo(env, str(folder), episode_trigger=lambda _: True,
-                                        name_prefix=prefix, disable_logger=True)
     except gym.error.DependencyNotInstalled as exc:
         fail(f"--capture-video: {exc}")
     except Exception as exc:  # noqa: BLE001 - OpenGL back ends fail in many ways
         fail(f"--capture-video: the evaluation env cannot render ({type(exc).__name__}: "
              f"{str(exc).splitlines()[0] if str(exc) else ''}); MuJoCo without a display needs "
              "MUJOCO_GL=egl (libEGL) or MUJOCO_GL=osmesa (libOSMesa)")
+    return VideoRecorder(env, folder, prefix)
 
 
 def export_policy(policy: nn.Module, path: Path) -> Path:

@@ -48,9 +48,10 @@ def digests(run_dir: Path) -> dict[str, str]:
 
 
 def frames(path: Path) -> int:
-    import cv2
+    """The frames in an mp4, each decoded (imageio's ffmpeg reader)."""
+    import imageio.v3 as iio
 
-    return int(cv2.VideoCapture(str(path)).get(cv2.CAP_PROP_FRAME_COUNT))
+    return sum(1 for _ in iio.imiter(path, plugin="FFMPEG"))
 
 
 def test_evaluate_equals_the_final_evaluation_and_writes_nothing_else(finished):
@@ -74,9 +75,7 @@ def test_evaluate_equals_the_final_evaluation_and_writes_nothing_else(finished):
 
 
 def test_capture_video_counts_a_frame_per_step(finished):
-    """Pendulum and CartPole render in CI (classic control); PointMaze is MuJoCo: EGL.
-    moviepy is optional (it pins pillow < 12, requirements.txt needs pillow >= 13)."""
-    pytest.importorskip("moviepy")
+    """Pendulum and CartPole render in CI (classic control); PointMaze is MuJoCo: EGL."""
     script, run_dir = finished
     env = {"MUJOCO_GL": "egl"} if script.key == "calql" else None
     out = run_script(script.path, "--evaluate", str(run_dir), "--capture-video",
@@ -90,14 +89,12 @@ def test_capture_video_counts_a_frame_per_step(finished):
     videos = sorted((run_dir / "videos" / f"step{step}-seed{seed}-episodes2").glob("*.mp4"))
     assert len(videos) == 2
     result = read_json(run_dir / "evaluations" / f"step{step}-seed{seed}-episodes2.json")
-    # RecordVideo keeps the reset frame and one per step; moviepy's encoder may drop the
-    # last one (seen: 460 kept, 459 in the file): a frame per step, the whole rollout
-    excess = [frames(v) for v in videos]
-    assert 0 <= np.mean(excess) - result["value_gap_steps"] <= 1, excess  # mean episode length
+    # the reset frame and one per step, the whole rollout (value_gap_steps: the mean length)
+    counts = [frames(v) for v in videos]
+    assert np.mean(counts) == result["value_gap_steps"] + 1, counts
 
 
 def test_training_with_capture_video_records_its_final_evaluation(tmp_path, local_dataset):
-    pytest.importorskip("moviepy")
     script = SCRIPTS["cql_sac"]
     local_dataset(script.dataset)
     run_dir = tmp_path / "run"
@@ -105,9 +102,39 @@ def test_training_with_capture_video_records_its_final_evaluation(tmp_path, loca
     assert out.returncode == 0, out.stderr[-2000:]
     last = read_metrics(run_dir)[-1]
     (video,) = (run_dir / "videos").glob("step100-*/*.mp4")
-    assert frames(video) - last["value_gap_steps"] in (0, 1)  # as above
+    assert frames(video) == last["value_gap_steps"] + 1  # as above
     (evaluation,) = (run_dir / "evaluations").glob("*.json")
     assert read_json(evaluation)["score"] == last["score"]
+
+
+def test_the_recorder_writes_the_reset_frame_and_one_per_step(tmp_path):
+    """Part III's recorder, alone: one file per reset; an episode ends at its truncation (no
+    frames after it), the next reset or close; frames kept exactly, at render_fps."""
+    import gymnasium as gym
+    import imageio.v3 as iio
+
+    from cql_sac_continuous import record_video
+
+    env = record_video(gym.make("Pendulum-v1", render_mode="rgb_array", max_episode_steps=7),
+                       tmp_path / "videos", "eval")
+    env.reset(seed=1)
+    for _ in range(7):
+        *_, truncated, _ = env.step(env.action_space.sample())
+    assert truncated
+    env.step(env.action_space.sample())  # past the episode's end: not recorded
+    env.reset(seed=2)
+    env.step(env.action_space.sample())
+    env.reset(seed=3)  # ends episode 1 early
+    for _ in range(2):
+        env.step(env.action_space.sample())
+    env.close()  # ends episode 2
+    names = sorted(p.name for p in (tmp_path / "videos").iterdir())
+    assert names == [f"eval-episode-{k}.mp4" for k in range(3)]
+    counts = [frames(tmp_path / "videos" / n) for n in names]
+    assert counts == [8, 2, 3]
+    props = iio.improps(tmp_path / "videos" / names[0], plugin="FFMPEG")
+    meta = iio.immeta(tmp_path / "videos" / names[0], plugin="FFMPEG")
+    assert props.shape[1:] == (500, 500, 3) and meta["fps"] == 30  # Pendulum's render_fps
 
 
 def script_actions(script, run_dir: Path, obs: np.ndarray) -> np.ndarray:

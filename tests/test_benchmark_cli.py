@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-from benchmark import datasets, report, run, speed
+from benchmark import datasets, gif, report, run, speed
 from benchmark.suites import CALQL, SCRIPTS
 
 MODULES = {script: importlib.import_module(script.removesuffix(".py")) for script in SCRIPTS}
@@ -35,8 +35,9 @@ def parser_of(main, monkeypatch) -> argparse.ArgumentParser:
 
 
 @pytest.mark.parametrize(("main", "n_values"), [(run.main, 7), (report.main, 0),
-                                               (datasets.main, 0), (speed.main, 7)],
-                         ids=["run", "report", "datasets", "speed"])
+                                               (datasets.main, 0), (speed.main, 7),
+                                               (gif.main, 2)],
+                         ids=["run", "report", "datasets", "speed", "gif"])
 def test_help_shows_every_default(main, n_values, monkeypatch):
     """Every option has help; each default that is a value (not None: the help says what
     then) appears as `(default: VALUE)`."""

@@ -22,13 +22,14 @@ from dqn_replay import make_dqn_replay_dir
 import calql_finetune
 import cql_qrdqn_atari
 import cql_sac_continuous
-from benchmark import datasets, report, run, speed
+from benchmark import datasets, gif, report, run, speed
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"cql_sac_continuous.py": cql_sac_continuous, "calql_finetune.py": calql_finetune,
            "cql_qrdqn_atari.py": cql_qrdqn_atari}
 BENCHMARK = {"benchmark/run.py": run, "benchmark/report.py": report,
-             "benchmark/speed.py": speed, "benchmark/datasets.py": datasets}
+             "benchmark/speed.py": speed, "benchmark/datasets.py": datasets,
+             "benchmark/gif.py": gif}  # gif: run on a tiny video in test_benchmark_gif.py
 SETUP = ["pip install -r requirements.txt", "python -m pytest"]
 # Appended for the brief run: a few steps, tiny networks, one short evaluation.
 BRIEF = {
