@@ -14,11 +14,11 @@ Where the official code and the paper's appendix differ, the official code is fo
     python calql_finetune.py --env pointmaze-binary
 
 - Part I, the algorithm (lines 54-803): Args, networks, losses, training step, buffers, main.
-- Part II, datasets and presets (lines 804-1655): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 804-1654): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1656-2664): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1655-2730): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -1561,8 +1561,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     pre.add_argument("--dataset-id", "--dataset_id", default=None)
     known, _ = pre.parse_known_args(argv)
     env = known.env or (env_for_dataset(known.dataset_id) if known.dataset_id else Args.env)
-    args = tyro.cli(Args, default=preset_args(env, known.dataset_id), args=argv,
-                    description=help_header(env))
+    args = args_from_argv(preset_args(env, known.dataset_id), argv, env)
     check_args(args)
     return args
 
@@ -1699,6 +1698,73 @@ def help_header(env: str) -> str:
             f"`--env {env}` runs: its preset over the defaults (`--env X --help`: task X's). "
             "`--presets` prints every preset value with its source, the papers' defaults "
             "included. Switches take no value: `--compile` / `--no-compile`.")
+
+def args_from_argv(default: Args, argv: list[str], env: str) -> Args:
+    """`argv` parsed by tyro over `default` (the preset); `-h`/`--help` prints grouped_help."""
+    if {"-h", "--help"} & set(argv):
+        print(grouped_help(default, env))
+        raise SystemExit(0)
+    return tyro.cli(Args, default=default, args=argv, description=help_header(env))
+
+
+def arg_groups() -> list[tuple[str, list[tuple[str, str]]]]:
+    """Args' fields with their docstrings, grouped by the `# ---- group ----` banners of its
+    source (the order of the class; fields above the first banner: 'run and data')."""
+    import ast
+    import inspect
+    import textwrap
+
+    source = textwrap.dedent(inspect.getsource(Args))
+    body = ast.parse(source).body[0].body
+    docs = {a.target.id: inspect.cleandoc(d.value.value)
+            for a, d in zip(body[:-1], body[1:], strict=True)
+            if isinstance(a, ast.AnnAssign) and isinstance(d, ast.Expr)}
+    groups: list[tuple[str, list[tuple[str, str]]]] = [("run and data", [])]
+    for line in source.splitlines():
+        if line.strip().startswith("# ----"):
+            groups.append((line.strip(" #-"), []))
+        elif (name := line.split(":")[0].strip()) in docs and line.startswith(f"    {name}:"):
+            groups[-1][1].append((name, docs[name]))
+    return [g for g in groups if g[1]]
+
+
+def flag_usage(name: str, hint: Any) -> str:
+    """`--policy-lr FLOAT`, `--compile | --no-compile`, `--init {rlkit,orthogonal,pytorch}`."""
+    import typing
+
+    flag = "--" + name.replace("_", "-")
+    args = typing.get_args(hint)
+    if hint is bool:
+        return f"{flag} | --no-{flag[2:]}"
+    if typing.get_origin(hint) is Literal:
+        return f"{flag} {{{','.join(map(str, args))}}}"
+    if typing.get_origin(hint) is tuple:
+        return f"{flag} {args[0].__name__.upper()} [{args[0].__name__.upper()} ...]"
+    if type(None) in args:  # `X | None`
+        inner = next(a for a in args if a is not type(None))
+        return f"{flag_usage(name, inner)}|None"
+    return f"{flag} {hint.__name__.upper()}"
+
+
+def grouped_help(default: Args, env: str) -> str:
+    """--help: the header, then each group's flags with their docstrings and the values that
+    `--env env` runs (`default`)."""
+    import textwrap
+    import typing
+
+    hints = typing.get_type_hints(Args)
+    shown = lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else str(v)  # noqa: E731
+    out = [f"usage: {Path(sys.argv[0]).name} [--env ENV] [FLAGS]", "",
+           *textwrap.wrap(help_header(env), 96), "", "  -h, --help", "      Show this message.",
+           "  --presets", "      Print every preset value with its source, then exit."]
+    for group, fields in arg_groups():
+        out += ["", f"{group}:"]
+        for name, doc in fields:
+            text = f"{' '.join(doc.split())} (default: {shown(getattr(default, name))})"
+            out += [f"  {flag_usage(name, hints[name])}",
+                    *textwrap.wrap(text, 96, initial_indent="      ",
+                                   subsequent_indent="      ")]
+    return "\n".join(out)
 
 
 def fail(message: str) -> NoReturn:

@@ -5,11 +5,8 @@ Kumar et al., "Conservative Q-Learning for Offline Reinforcement Learning" (Neur
 and App. F, as built on QR-DQN (Dabney et al., 2018) in the official code
 (github.com/aviralkumar2907/CQL, atari/batch_rl/multi_head/quantile_agent.py, on dopamine).
 
-    # the paper's 1% DQN Replay setting (Pong), CQL weight 4.0:
+    # the paper's 1% DQN Replay setting (Pong), CQL weight 4.0 (--data-fraction 0.1: 10%, 1.0):
     python cql_qrdqn_atari.py --env pong --dqn-replay-dir D/Pong/1/replay_logs --data-fraction 0.01
-    # 10% with CQL weight 1.0, frames kept in host memory (fits a 24 GB GPU):
-    python cql_qrdqn_atari.py --env pong --dqn-replay-dir D/Pong/1/replay_logs --data-fraction 0.1 \
-        --buffer-device cpu
     # offline on CPU, a local CartPole dataset (build it with benchmark/datasets.py):
     python cql_qrdqn_atari.py --env cartpole-expert
     # any discrete Minari dataset: the preset follows its observations (frames: Atari)
@@ -18,20 +15,18 @@ and App. F, as built on QR-DQN (Dabney et al., 2018) in the official code
     python cql_qrdqn_atari.py --env pong --dqn-replay-dir D/Pong/1/replay_logs --help
     python cql_qrdqn_atari.py --presets
 
-Evaluation (config.json `eval_env`): DQN Replay data as dopamine evaluates it (atari_lib.
-create_atari_environment: ALE v5, sticky actions 0.25, no no-op starts, frame-skip 4 with
-max-pooling, 84x84 gray, 4-frame stack), epsilon 0.001, at most 27k agent steps; a Minari Atari
-dataset (atari/<game>/expert-v0) in its own env spec's setting (repeat_action_probability 0,
-ALE's internal frame-skip 4), no no-op starts.
+Evaluation (config.json `eval_env`): DQN Replay data as dopamine evaluates it (ALE v5, sticky
+actions 0.25, frame-skip 4 with max-pooling, 84x84 gray, 4 frames), epsilon 0.001, <= 27k agent
+steps; Minari Atari data in its env spec's setting (no sticky actions); no no-op starts.
 
 The file reads in three parts:
-  Part I, the algorithm, lines 72-651: Args, the quantile network, the losses (QR-DQN,
+  Part I, the algorithm, lines 67-658: Args, the quantile network, the losses (QR-DQN,
     CQL(H)), the training step, the replay buffer, evaluation and the main loop.
-  Part II, datasets and presets, lines 652-1473: Minari loading and the generic path
+  Part II, datasets and presets, lines 659-1480: Minari loading and the generic path
     (vector observations, local datasets), the Atari family block (Minari Atari and DQN
     Replay: data, evaluation env, score; registered in FAMILIES), the presets with their
     sources, the command line.
-  Part III, run plumbing, lines 1474-2482: run directory, checkpoints, resume, signals.
+  Part III, run plumbing, lines 1481-2556: run directory, checkpoints, resume, signals.
 To use the file on your own discrete-action data, delete the family block (ale-py and OpenCV
 go with it): the generic path loads any Minari dataset of vector observations (--dataset-id)
 and evaluates it in the dataset's own env.
@@ -100,6 +95,8 @@ class Args:
     buffer_device: Literal["device", "cpu"] = "device"
     """Where the replay buffer lives: the training device, or host memory ('cpu': pinned with
     CUDA, only sampled batches move; 10% of a game is 5M frames = 35 GB, beyond most GPUs)."""
+    threads: int | None = None
+    """CPU threads of torch; None keeps torch's default."""
     total_steps: int = 62_500_000
     """Number of gradient steps (Atari: 1000 dopamine iterations of 62.5k gradient steps)."""
     eval_every: int = 62_500
@@ -108,6 +105,16 @@ class Args:
     """Episodes per evaluation."""
     batch_size: int = 32
     """Minibatch size."""
+    run_dir: str | None = None
+    """Run directory; None: runs/cql_qrdqn_atari__{env}__s{seed}__{YYYYmmdd-HHMMSS}."""
+
+    # ---- networks --------------------------------------------------------------------
+    hidden_dims: tuple[int, ...] = (512,)
+    """MLP torso for vector observations (frames: the Nature DQN conv torso, dense layer 512)."""
+    torso_padding: Literal["same", "valid"] = "same"
+    """Conv padding: 'same' as the official dopamine network, 'valid' as the Nature DQN paper."""
+
+    # ---- QR-DQN ----------------------------------------------------------------------
     qf_lr: float = 5e-5
     """Adam learning rate of the quantile network."""
     adam_eps: float = 3.125e-4
@@ -120,8 +127,12 @@ class Args:
     """Quantile Huber loss threshold."""
     target_update_every: int = 2000
     """Gradient steps between hard target-network updates (2000 = 8000 agent steps)."""
+
+    # ---- CQL -------------------------------------------------------------------------
     cql_weight: float = 4.0
     """CQL weight alpha (paper: 4.0 for 1% data, 1.0 for 10%); 0 gives plain offline QR-DQN."""
+
+    # ---- Lagrange --------------------------------------------------------------------
     lagrange: bool = False
     """Tune alpha' by dual gradient descent so that the CQL gap approaches --cql-tau."""
     cql_tau: float = 1.0
@@ -130,12 +141,8 @@ class Args:
     """Adam learning rate of log alpha' (only with --lagrange)."""
     log_alpha_prime_init: float = 0.0
     """Initial log alpha' (only with --lagrange; the official Atari code has no Lagrange form)."""
-    max_abs_q: float = 1e6
-    """Stop as diverged when a logged |Q| exceeds this."""
-    hidden_dims: tuple[int, ...] = (512,)
-    """MLP torso for vector observations (frames: the Nature DQN conv torso, dense layer 512)."""
-    torso_padding: Literal["same", "valid"] = "same"
-    """Conv padding: 'same' as the official dopamine network, 'valid' as the Nature DQN paper."""
+
+    # ---- Atari evaluation ------------------------------------------------------------
     clip_reward: bool = True
     """Clip training rewards to [-1, 1] (Atari; the DQN Replay data is already clipped)."""
     eval_epsilon: float = 0.001
@@ -148,18 +155,12 @@ class Args:
     """Atari evaluation: at most this many no-op actions at reset (dopamine's and Minari's: 0)."""
     max_episode_steps: int = 27_000
     """Atari evaluation: agent steps per episode at most (27k = 108k frames)."""
-    threads: int | None = None
-    """CPU threads of torch; None keeps torch's default."""
-    run_dir: str | None = None
-    """Run directory; None: runs/cql_qrdqn_atari__{env}__s{seed}__{YYYYmmdd-HHMMSS}."""
+
+    # ---- logging and run -------------------------------------------------------------
     log_every: int = 1000
     """Gradient steps between host syncs for logging and divergence checks."""
-    track: bool = False
-    """Log to Weights & Biases."""
-    wandb_project: str = "cql-calql"
-    """W&B project."""
-    wandb_entity: str | None = None
-    """W&B entity; None: your default entity."""
+    max_abs_q: float = 1e6
+    """Stop as diverged when a logged |Q| exceeds this."""
     compile: bool = False
     """`torch.compile` the whole update step (losses, backward, Adam, target copy)."""
     cudagraphs: bool = False
@@ -169,6 +170,12 @@ class Args:
     measured on a GPU)."""
     resume: str | None = None
     """RUN_DIR to resume from (same other arguments); None: a new run."""
+    track: bool = False
+    """Log to Weights & Biases."""
+    wandb_project: str = "cql-calql"
+    """W&B project."""
+    wandb_entity: str | None = None
+    """W&B entity; None: your default entity."""
     progress: bool = True
     """Show a tqdm progress bar."""
     capture_video: bool = False
@@ -176,23 +183,6 @@ class Args:
 
 
 # --- Networks --------------------------------------------------------------------------------
-
-def variance_scaling_(module: nn.Module):
-    """dopamine's init: VarianceScaling(scale=1/sqrt(3), mode='fan_in', 'uniform'), zero bias."""
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            fan_in = m.weight[0].numel()
-            bound = math.sqrt(3.0 * (1.0 / math.sqrt(3.0)) / fan_in)
-            nn.init.uniform_(m.weight, -bound, bound)
-            nn.init.zeros_(m.bias)
-
-
-def _tf_same_pad(size: int, k: int, s: int) -> tuple[int, int, int]:
-    """TensorFlow 'same' padding (before, after) and the output size."""
-    out = -(-size // s)
-    total = max((out - 1) * s + k - size, 0)
-    return total // 2, total - total // 2, out
-
 
 class QRNetwork(nn.Module):
     """obs -> (B, A, N) quantiles. Nature DQN torso (conv 32x8x8/4, 64x4x4/2, 64x3x3/1, dense 512)
@@ -227,6 +217,23 @@ class QRNetwork(nn.Module):
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         x = obs.float() / 255.0 if self.frames else obs.float()
         return self.head(self.torso(x)).view(-1, self.n_actions, self.n_quantiles)
+
+
+def variance_scaling_(module: nn.Module):
+    """dopamine's init: VarianceScaling(scale=1/sqrt(3), mode='fan_in', 'uniform'), zero bias."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            fan_in = m.weight[0].numel()
+            bound = math.sqrt(3.0 * (1.0 / math.sqrt(3.0)) / fan_in)
+            nn.init.uniform_(m.weight, -bound, bound)
+            nn.init.zeros_(m.bias)
+
+
+def _tf_same_pad(size: int, k: int, s: int) -> tuple[int, int, int]:
+    """TensorFlow 'same' padding (before, after) and the output size."""
+    out = -(-size // s)
+    total = max((out - 1) * s + k - size, 0)
+    return total // 2, total - total // 2, out
 
 
 class Agent(nn.Module):
@@ -1458,7 +1465,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
              "names the data; see --help")
     preset = preset_args(env or Args.env, known.dataset_id, known.dqn_replay_dir,
                          known.data_fraction)
-    args = tyro.cli(Args, default=preset, args=argv, description=help_header(env or Args.env))
+    args = args_from_argv(preset, argv, env or Args.env)
     check_args(args)
     return args
 
@@ -1517,6 +1524,73 @@ def help_header(env: str) -> str:
             f"`--env {env}` runs: its preset over the defaults (`--env X --help`: task X's). "
             "`--presets` prints every preset value with its source, the papers' defaults "
             "included. Switches take no value: `--compile` / `--no-compile`.")
+
+def args_from_argv(default: Args, argv: list[str], env: str) -> Args:
+    """`argv` parsed by tyro over `default` (the preset); `-h`/`--help` prints grouped_help."""
+    if {"-h", "--help"} & set(argv):
+        print(grouped_help(default, env))
+        raise SystemExit(0)
+    return tyro.cli(Args, default=default, args=argv, description=help_header(env))
+
+
+def arg_groups() -> list[tuple[str, list[tuple[str, str]]]]:
+    """Args' fields with their docstrings, grouped by the `# ---- group ----` banners of its
+    source (the order of the class; fields above the first banner: 'run and data')."""
+    import ast
+    import inspect
+    import textwrap
+
+    source = textwrap.dedent(inspect.getsource(Args))
+    body = ast.parse(source).body[0].body
+    docs = {a.target.id: inspect.cleandoc(d.value.value)
+            for a, d in zip(body[:-1], body[1:], strict=True)
+            if isinstance(a, ast.AnnAssign) and isinstance(d, ast.Expr)}
+    groups: list[tuple[str, list[tuple[str, str]]]] = [("run and data", [])]
+    for line in source.splitlines():
+        if line.strip().startswith("# ----"):
+            groups.append((line.strip(" #-"), []))
+        elif (name := line.split(":")[0].strip()) in docs and line.startswith(f"    {name}:"):
+            groups[-1][1].append((name, docs[name]))
+    return [g for g in groups if g[1]]
+
+
+def flag_usage(name: str, hint: Any) -> str:
+    """`--policy-lr FLOAT`, `--compile | --no-compile`, `--init {rlkit,orthogonal,pytorch}`."""
+    import typing
+
+    flag = "--" + name.replace("_", "-")
+    args = typing.get_args(hint)
+    if hint is bool:
+        return f"{flag} | --no-{flag[2:]}"
+    if typing.get_origin(hint) is Literal:
+        return f"{flag} {{{','.join(map(str, args))}}}"
+    if typing.get_origin(hint) is tuple:
+        return f"{flag} {args[0].__name__.upper()} [{args[0].__name__.upper()} ...]"
+    if type(None) in args:  # `X | None`
+        inner = next(a for a in args if a is not type(None))
+        return f"{flag_usage(name, inner)}|None"
+    return f"{flag} {hint.__name__.upper()}"
+
+
+def grouped_help(default: Args, env: str) -> str:
+    """--help: the header, then each group's flags with their docstrings and the values that
+    `--env env` runs (`default`)."""
+    import textwrap
+    import typing
+
+    hints = typing.get_type_hints(Args)
+    shown = lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else str(v)  # noqa: E731
+    out = [f"usage: {Path(sys.argv[0]).name} [--env ENV] [FLAGS]", "",
+           *textwrap.wrap(help_header(env), 96), "", "  -h, --help", "      Show this message.",
+           "  --presets", "      Print every preset value with its source, then exit."]
+    for group, fields in arg_groups():
+        out += ["", f"{group}:"]
+        for name, doc in fields:
+            text = f"{' '.join(doc.split())} (default: {shown(getattr(default, name))})"
+            out += [f"  {flag_usage(name, hints[name])}",
+                    *textwrap.wrap(text, 96, initial_indent="      ",
+                                   subsequent_indent="      ")]
+    return "\n".join(out)
 
 
 def fail(message: str) -> NoReturn:

@@ -42,6 +42,7 @@ in the per-script test files):
 """
 
 import contextlib
+import dataclasses
 import errno
 import importlib
 import os
@@ -870,3 +871,45 @@ def test_help_says_what_the_values_shown_are(name, env, capsys, monkeypatch):
     assert "`--presets` prints every preset value with its source" in text
     assert "--threads" in text  # one name per concept in the three scripts
     assert name == "cql_qrdqn_atari" or "--cql-importance-sample" in text  # exact in QR-DQN
+
+
+HELP_GROUPS = {  # issue 22 item 6: --help's groups, in order (the banners of each Args)
+    "cql_sac_continuous": ["run and data", "networks", "SAC", "CQL", "Lagrange",
+                           "data transforms", "logging and run"],
+    "calql_finetune": ["run and data", "networks", "SAC", "CQL / Cal-QL", "Lagrange",
+                       "data transforms", "logging and run"],
+    "cql_qrdqn_atari": ["run and data", "networks", "QR-DQN", "CQL", "Lagrange",
+                        "Atari evaluation", "logging and run"]}
+
+
+@pytest.mark.parametrize("name, env", [("cql_sac_continuous", "pendulum-expert"),
+                                       ("cql_qrdqn_atari", "cartpole-expert"),
+                                       ("calql_finetune", "pointmaze-binary")])
+def test_help_lists_every_flag_once_in_its_group_with_the_value_that_runs(name, env, capsys):
+    """Issue 22 item 6: --help in groups, every field of Args once, under its group, with its
+    docstring and the value `--env env` runs; `--presets` listed; lines of at most 100."""
+    module = importlib.import_module(name)
+    with pytest.raises(SystemExit) as exc:
+        module.parse_args(["--env", env, "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and max(map(len, out.splitlines())) <= 100
+    groups, flags, group = [], {}, None
+    for line in out.splitlines():
+        if line.endswith(":") and not line.startswith(" "):
+            group = line[:-1]
+            groups.append(group)
+        elif line.startswith("  --"):
+            flag = line.split()[0]
+            assert flag not in flags, f"{flag} twice"
+            flags[flag] = group
+    assert groups == HELP_GROUPS[name]
+    fields = {f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(module.Args)}
+    assert set(flags) - {"--presets"} == fields and flags["--presets"] is None
+    preset = module.preset_args(env)
+    text = " ".join(out.split())
+    for field in dataclasses.fields(module.Args):
+        value = getattr(preset, field.name)
+        shown = " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        assert f"(default: {shown})" in text, field.name
+    assert flags["--seed"] == "run and data" and flags["--compile"] == "logging and run"
+    assert flags["--lagrange"] == "Lagrange"
