@@ -379,6 +379,7 @@ def pair_line(runs: list[Run], script: str, env: str, tag: str = "") -> str | No
             return None
         ga, gb = float(np.mean(da)), float(np.mean(db))
         ka, kb = sum(g <= 0 for g in da), sum(g <= 0 for g in db)
+        ca, cb = (sum(bool(s and s.converged) for s in map(settle, g)) for g in (a, b))
         verdict = ("CQL's predicted value is a lower bound of the return it obtains on every "
                    "run and naive SAC over-estimates on every run" if ka == len(da)
                    and kb == 0 else
@@ -391,8 +392,10 @@ def pair_line(runs: list[Run], script: str, env: str, tag: str = "") -> str | No
                 f"{gb:+.1f} (predicted minus obtained discounted return, settled: mean over "
                 f"the last 20% of evaluations; CQL {gap_sign(ga)}, SAC {gap_sign(gb)} the "
                 f"truth on average), runs with gap <= 0: {count_cell(ka, len(da))} vs "
-                f"{count_cell(kb, len(db))}, {name} {fmt(sa)} vs {fmt(sb)}"
-                + (no_verdict if few else f": {verdict}."))
+                f"{count_cell(kb, len(db))}, converged {ca}/{len(a)} vs {cb}/{len(b)}, "
+                f"{name} {fmt(sa)} vs {fmt(sb)}" + (no_verdict if few else f": {verdict}"
+                + ("." if ca == len(a) else f" (by the end of the budget; CQL's gap had "
+                   f"stopped moving on {ca} of {len(a)} runs).")))
     if script == CQL_QRDQN:
         sa, sb = (mean_of([r.final for r in g]) for g in (a, b))
         if sa is None or sb is None:

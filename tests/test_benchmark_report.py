@@ -322,7 +322,16 @@ def test_bound_line_counts_runs_not_the_sign_of_a_mean(tmp_path):
     assert "`sac` (naive SAC (CQL weight 0)): 0/6 [" in text and "on no run" in text
     line = report.pair_line(report.load_runs(root)["claims"], CQL_SAC, "pendulum-medium")
     assert "value gap -12.0 vs +30.0" in line and "2/3 [0.21, 0.94] vs 0/3" in line
-    assert "the lower bound holds on 2 of 3 runs only, not on every run" in line
+    assert "the lower bound holds on 2 of 3 runs only, not on every run." in line
+    assert "converged 3/3 vs 3/3" in line and "by the end of the budget" not in line
+    # CQL's gaps still moving on one run (the last two evaluations far from the two before):
+    # the verdict says it is the end of the budget
+    fake_run(root, "claims", CQL_SAC, "pendulum-medium", "cql", 3,
+             gap_rows([-20.0, -20, -20, -20, -40]), dict(value_gap=-40.0))
+    line = report.pair_line(report.load_runs(root)["claims"], CQL_SAC, "pendulum-medium")
+    assert "converged 3/4 vs 3/3" in line
+    assert line.endswith("(by the end of the budget; CQL's gap had stopped moving on 3 of 4 "
+                         "runs).")
 
 
 def test_every_suite_variant_has_a_label_in_words():
