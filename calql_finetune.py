@@ -1763,7 +1763,7 @@ def grouped_help(default: Args, env: str) -> str:
             text = f"{' '.join(doc.split())} (default: {shown(getattr(default, name))})"
             out += [f"  {flag_usage(name, hints[name])}",
                     *textwrap.wrap(text, 96, initial_indent="      ",
-                                   subsequent_indent="      ")]
+                                   subsequent_indent="      ", break_on_hyphens=False)]
     return "\n".join(out)
 
 

@@ -142,7 +142,7 @@ class Args:
     log_alpha_prime_init: float = 0.0
     """Initial log alpha' (only with --lagrange; the official Atari code has no Lagrange form)."""
 
-    # ---- Atari evaluation ------------------------------------------------------------
+    # ---- Atari -----------------------------------------------------------------------
     clip_reward: bool = True
     """Clip training rewards to [-1, 1] (Atari; the DQN Replay data is already clipped)."""
     eval_epsilon: float = 0.001
@@ -1589,7 +1589,7 @@ def grouped_help(default: Args, env: str) -> str:
             text = f"{' '.join(doc.split())} (default: {shown(getattr(default, name))})"
             out += [f"  {flag_usage(name, hints[name])}",
                     *textwrap.wrap(text, 96, initial_indent="      ",
-                                   subsequent_indent="      ")]
+                                   subsequent_indent="      ", break_on_hyphens=False)]
     return "\n".join(out)
 
 

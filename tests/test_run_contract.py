@@ -879,7 +879,7 @@ HELP_GROUPS = {  # issue 22 item 6: --help's groups, in order (the banners of ea
     "calql_finetune": ["run and data", "networks", "SAC", "CQL / Cal-QL", "Lagrange",
                        "data transforms", "logging and run"],
     "cql_qrdqn_atari": ["run and data", "networks", "QR-DQN", "CQL", "Lagrange",
-                        "Atari evaluation", "logging and run"]}
+                        "Atari", "logging and run"]}
 
 
 @pytest.mark.parametrize("name, env", [("cql_sac_continuous", "pendulum-expert"),
