@@ -13,12 +13,12 @@ Where the official code and the paper's appendix differ, the official code is fo
     python benchmark/datasets.py pointmaze-binary     # builds the local dataset
     python calql_finetune.py --env pointmaze-binary
 
-- Part I, the algorithm (lines 54-803): Args, networks, losses, training step, buffers, main.
-- Part II, datasets and presets (lines 804-1655): Minari loading, one block per dataset family
+- Part I, the algorithm (lines 54-799): Args, networks, losses, training step, buffers, main.
+- Part II, datasets and presets (lines 800-1705): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1656-2664): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1706-2714): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -656,10 +656,10 @@ def collect_trajectory(agent: Agent, env: gym.Env, tf: Transform, args: Args,
         x = torch.as_tensor(tf.obs(flatten_obs(obs)), device=device).reshape(1, -1)
         with torch.no_grad():
             action = agent.actor(x)[0][0].cpu().numpy()
-        obs, reward, terminal, truncated, ok = env_step(env, tf.to_env_action(action), args)
+        obs, reward, terminal, truncated, info = env_step(env, tf.to_env_action(action), args)
         rows.append((x[0].cpu().numpy(), tf.obs(flatten_obs(obs)), action, tf.reward(reward),
                      float(terminal)))
-        success, done = success or bool(ok), terminal or truncated
+        success, done = success or bool(info.get("success", False)), terminal or truncated
     columns = zip(*rows, strict=True)  # obs, next_obs, actions, rewards, dones: KEYS[:5]
     traj = {k: np.asarray(v, np.float32) for k, v in zip(KEYS[:5], columns, strict=True)}
     traj["mc_returns"] = mc_returns(traj["rewards"], traj["dones"], args.gamma,
@@ -669,59 +669,55 @@ def collect_trajectory(agent: Agent, env: gym.Env, tf: Transform, args: Args,
 
 def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[str, Any],
              device: torch.device, gap: dict[str, Any]) -> dict[str, float | None]:
-    """Deterministic policy for `eval_episodes` episodes with fixed seeds, one rollout each;
-    `gap` = config.json's eval_env["value_gap"] (value_gap_spec). Binary episodes end at
-    success. The score counts the first `score_max_steps` steps only (the horizon); success
-    rate = share of episodes that reach success within them.
-
-    score: 100 * success rate where the env reports success (the papers' metric on binary and
-    goal-reaching tasks), else the normalized return (only where the dataset's reference
-    scores apply to the evaluated return, see eval_env_description), else the mean return.
-    return_mean: the raw env return (binary: the relabelled {-1, 0} return); episode_length:
-    mean episode length (the horizon bounds it; success ends it).
-    value_gap: min_j Q_j(s0, pi(s0)) minus the discounted (scaled) return of the whole
-    rollout: to a terminal or `rollout_max_steps` (a time limit is no end: training
-    bootstraps through it); negative = conservative; value_gap_return: the same divided by
-    the reward scale (return_mean's units). value_gap_steps: its mean length;
-    value_gap_tail_bound: the mean bound on the return left out (0 after a terminal)."""
+    """Deterministic policy for `eval_episodes` episodes, seeds fixed (independent of history),
+    one rollout each (`gap`: config.json's eval_env["value_gap"]), stepped by env_step (Cal-QL:
+    binary episodes end at success). Scored over the first `score_max_steps` steps (the
+    horizon): score is the family's (info["score_definition"], Part II), success_rate the
+    share with a success (None: none reported), return_mean the raw return unless replaced.
+    value_gap (paper Table 4): min over twins of Q(s0, pi(s0)) minus the discounted return
+    (rewards as trained) of the whole rollout, to a true termination or `rollout_max_steps`
+    (a time limit is no end: training bootstraps through it); < 0: conservative; over the
+    reward scale: value_gap_return. Its mean length: value_gap_steps; the mean bound on the
+    return left out: value_gap_tail_bound."""
     score_steps, rollout_steps = (gap[k] or math.inf for k in ("score_max_steps",
                                                                 "rollout_max_steps"))
     episodes, has_success = [], False
     for i in range(args.eval_episodes):
         obs, _ = env.reset(seed=10_000 * (args.seed + 1) + i)
-        end, ep_return, disc_return, discount, t, success = False, 0.0, 0.0, 1.0, 0, False
+        end, ep_return, disc_return, discount, t, success, score_info = (
+            False, 0.0, 0.0, 1.0, 0, False, {})
         while not end:
             x = torch.as_tensor(tf.obs(flatten_obs(obs)), device=device).reshape(1, -1)
             action = agent.actor.act_deterministic(x)
             if t == 0:
                 with torch.no_grad():
                     pred = agent.critic(x, action).min(0).values.item()
-            obs, reward, terminal, truncated, ok = env_step(
+            obs, reward, terminated, truncated, step_info = env_step(
                 env, tf.to_env_action(action[0].cpu().numpy()), args)
             if t < score_steps:
-                has_success, success = has_success or ok is not None, success or bool(ok)
-                ep_return += reward
-            disc_return += discount * float(tf.reward(reward))
-            discount, end, t = discount * args.gamma, terminal or truncated, t + 1
-            end = end or t >= rollout_steps
-        tail = 0.0 if terminal else gap_tail_bound(args.gamma, t, gap["reward_abs_max"])
+                ep_return += float(reward)
+                has_success = has_success or "success" in step_info
+                success = success or bool(step_info.get("success", False))
+            disc_return += discount * float(tf.reward(float(reward)))
+            discount, t = discount * args.gamma, t + 1
+            end = terminated or truncated or t >= rollout_steps
+            if t == score_steps or end and t < score_steps:  # the last scored step's info,
+                score_info = copy.deepcopy(step_info)  # copied: envs may grow its lists later
+        tail = 0.0 if terminated else gap_tail_bound(args.gamma, t, gap["reward_abs_max"])
         episodes.append((ep_return, pred, pred - disc_return, success, min(t, score_steps), t,
-                         tail))
+                         tail, score_info))
     returns, preds, gaps, successes, lengths, steps = (np.array(x, np.float64) for x in zip(
         *(e[:6] for e in episodes), strict=True))
-    tails = [e[6] for e in episodes]  # None: unbounded
-    ret = float(np.mean(returns))
-    lo, hi = info.get("ref_min_score"), info.get("ref_max_score")
-    norm = 100.0 * (ret - lo) / (hi - lo) if lo is not None and hi is not None else None
-    rate = float(np.mean(successes)) if has_success else None
-    score = 100.0 * rate if rate is not None else (norm if norm is not None else ret)
+    tails, rate = [e[6] for e in episodes], float(np.mean(successes)) if has_success else None
+    score, extra = family_of(info.get("family")).score(info, returns, rate,
+                                                       [e[7] for e in episodes])
     return dict(return_mean=float(np.mean(returns)), return_std=float(np.std(returns)),
-                score=score, success_rate=float(np.mean(successes)) if has_success else None,
-                episode_length=float(np.mean(lengths)), value_gap=float(np.mean(gaps)),
+                score=score, success_rate=rate, episode_length=float(np.mean(lengths)),
+                value_gap=float(np.mean(gaps)),
                 value_gap_return=float(np.mean(gaps)) / (tf.reward_scale or math.nan),
                 value_gap_steps=float(np.mean(steps)),
                 value_gap_tail_bound=None if None in tails else float(np.mean(tails)),
-                q_pred_s0=float(np.mean(preds)))
+                q_pred_s0=float(np.mean(preds))) | extra
 
 
 # ---- main loop ---------------------------------------------------------------------------
@@ -1211,6 +1207,61 @@ def load_data(args: Args) -> Data:
     return Data(data, tf, info, eval_env)
 
 
+# ---- dataset families: what each does to the data, its evaluation env, its score ----------
+# One block per family, each registering a Family in FAMILIES; a dataset of no family takes
+# FAMILIES[""] where set (Cal-QL: its success score), else the generic Family() defaults (as
+# in a copy of this file with the blocks deleted).
+
+
+def reference_scoring(meta: dict[str, Any], dataset_id: str) -> dict[str, Any]:
+    """Generic score: the dataset metadata's reference returns, where it has them."""
+    lo, hi = (None if meta.get(k) is None else float(meta[k])
+              for k in ("ref_min_score", "ref_max_score"))
+    source = None if lo is None or hi is None else "dataset metadata (ref_min_score / " \
+        "ref_max_score)"
+    return dict(score_definition="100 * (return - ref_min) / (ref_max - ref_min)" if source
+                else None, ref_min_score=lo, ref_max_score=hi, ref_source=source)
+
+
+def reference_score(info: dict[str, Any], returns: np.ndarray, rate: float | None,
+                    last_infos: list[dict]) -> tuple[float | None, dict[str, float]]:
+    """The score of evaluation episodes from the reference returns (None without)."""
+    ret, lo, hi = float(np.mean(returns)), info.get("ref_min_score"), info.get("ref_max_score")
+    return (100.0 * (ret - lo) / (hi - lo) if lo is not None and hi is not None else None), {}
+
+
+@dataclass(frozen=True)
+class Family:
+    """A dataset family's changes to the generic path (the defaults)."""
+
+    terminals: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None  # new `dones`
+    eval_spec: Callable[[Any, Any], Any] = lambda data_spec, eval_spec: eval_spec or data_spec
+    scoring: Callable[[dict[str, Any], str], dict[str, Any]] = reference_scoring
+    score: Callable[..., tuple[float | None, dict[str, float]]] = reference_score
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def family_of(name: str | None) -> Family:
+    return FAMILIES.get(name or "", Family())
+
+
+def success_score(info: dict[str, Any], returns: np.ndarray, rate: float | None,
+                  last_infos: list[dict]) -> tuple[float, dict[str, float]]:
+    """Cal-QL's score of every dataset: 100 x success rate where the env reports success (the
+    papers' metric on binary and goal-reaching tasks), else the normalized return (only where
+    the dataset's reference scores apply to the evaluated return, see eval_env_description),
+    else the mean return."""
+    norm, _ = reference_score(info, returns, rate, last_infos)
+    if rate is not None:
+        return 100.0 * rate, {}
+    return (norm if norm is not None else float(np.mean(returns))), {}
+
+
+FAMILIES[""] = Family(score=success_score)  # Cal-QL's datasets name no family: family_of(None)
+
+
 def jsonable(value: Any) -> Any:
     """Spec kwargs as plain JSON values (tuples -> lists, numpy -> Python)."""
     return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist")
@@ -1269,19 +1320,18 @@ def binary_relabel(success: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def env_step(env: gym.Env, action: np.ndarray, args: Args
-             ) -> tuple[Any, float, bool, bool, bool | None]:
-    """One env step -> (obs, raw reward, terminal, time-limit truncation, success or None
-    when the env reports no success). Binary tasks: reward success - 1, and the episode
-    ends, as a terminal, at success."""
+             ) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+    """One env step -> (obs, raw reward, terminal, time-limit truncation, info). Binary tasks:
+    reward success - 1, and the episode ends, as a terminal, at success."""
     obs, reward, terminated, truncated, info = env.step(action)
-    success = bool(info["success"]) if "success" in info else None
     if args.binary:
         # Binary Adroit as the official mj_envs fork (nakamotoo/mj_envs, `reward_type=
         # "binary"`: r = goal_achieved - 1) and Cal-QL's sampler (JaxCQL/sampler.py ends the
         # episode when goal_achieved). The env's own `terminated` is dropped: the fork's
         # pen-binary-v0 never ends early (early_termination=False), door/relocate never do.
-        reward, terminated = float(bool(success)) - 1.0, bool(success)
-    return obs, float(reward), bool(terminated), bool(truncated) and not terminated, success
+        success = bool(info.get("success", False))
+        reward, terminated = float(success) - 1.0, success
+    return obs, float(reward), bool(terminated), bool(truncated) and not terminated, info
 
 
 # ---- family: AntMaze ---------------------------------------------------------------------

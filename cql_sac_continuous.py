@@ -11,11 +11,11 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
 
 - Part I, the algorithm (lines 51-650): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 651-1502): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 651-1510): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1503-2511): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1511-2519): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -564,10 +564,10 @@ class ReplayBuffer:
 def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[str, Any],
              device: torch.device, gap: dict[str, Any]) -> dict[str, float | None]:
     """Deterministic policy for `eval_episodes` episodes, seeds fixed (independent of history),
-    one rollout each (`gap`: config.json's eval_env["value_gap"]). The score counts the first
-    `score_max_steps` steps (the family's horizon): score is the family's score
-    (info["score_definition"], Part II), by default 100*(return - ref_min)/(ref_max - ref_min);
-    return_mean is the raw return unless the family's score replaces it.
+    one rollout each (`gap`: config.json's eval_env["value_gap"]), stepped by env_step (Cal-QL:
+    binary episodes end at success). Scored over the first `score_max_steps` steps (the
+    horizon): score is the family's (info["score_definition"], Part II), success_rate the
+    share with a success (None: none reported), return_mean the raw return unless replaced.
     value_gap (paper Table 4): min over twins of Q(s0, pi(s0)) minus the discounted return
     (rewards as trained) of the whole rollout, to a true termination or `rollout_max_steps`
     (a time limit is no end: training bootstraps through it); < 0: conservative; over the
@@ -586,8 +586,8 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
             if t == 0:
                 with torch.no_grad():
                     pred = agent.critic(x, action).min(0).values.item()
-            obs, reward, terminated, truncated, step_info = env.step(
-                tf.to_env_action(action[0].cpu().numpy()))
+            obs, reward, terminated, truncated, step_info = env_step(
+                env, tf.to_env_action(action[0].cpu().numpy()), args)
             if t < score_steps:
                 ep_return += float(reward)
                 has_success = has_success or "success" in step_info
@@ -602,12 +602,12 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
                          tail, score_info))
     returns, preds, gaps, successes, lengths, steps = (np.array(x, np.float64) for x in zip(
         *(e[:6] for e in episodes), strict=True))
-    tails = [e[6] for e in episodes]  # None: unbounded
-    score, extra = family_of(info.get("family")).score(info, returns, successes,
+    tails, rate = [e[6] for e in episodes], float(np.mean(successes)) if has_success else None
+    score, extra = family_of(info.get("family")).score(info, returns, rate,
                                                        [e[7] for e in episodes])
     return dict(return_mean=float(np.mean(returns)), return_std=float(np.std(returns)),
-                score=score, success_rate=float(np.mean(successes)) if has_success else None,
-                episode_length=float(np.mean(lengths)), value_gap=float(np.mean(gaps)),
+                score=score, success_rate=rate, episode_length=float(np.mean(lengths)),
+                value_gap=float(np.mean(gaps)),
                 value_gap_return=float(np.mean(gaps)) / (tf.reward_scale or math.nan),
                 value_gap_steps=float(np.mean(steps)),
                 value_gap_tail_bound=None if None in tails else float(np.mean(tails)),
@@ -1021,8 +1021,9 @@ def load_data(args: Args) -> Data:
 
 
 # ---- dataset families: what each does to the data, its evaluation env, its score ----------
-# One block per family, each registering a Family in FAMILIES; a dataset of no family (or a
-# copy of this file with the blocks deleted) takes the generic Family() defaults.
+# One block per family, each registering a Family in FAMILIES; a dataset of no family takes
+# FAMILIES[""] where set (Cal-QL: its success score), else the generic Family() defaults (as
+# in a copy of this file with the blocks deleted).
 
 
 def reference_scoring(meta: dict[str, Any], dataset_id: str) -> dict[str, Any]:
@@ -1035,7 +1036,7 @@ def reference_scoring(meta: dict[str, Any], dataset_id: str) -> dict[str, Any]:
                 else None, ref_min_score=lo, ref_max_score=hi, ref_source=source)
 
 
-def reference_score(info: dict[str, Any], returns: np.ndarray, successes: np.ndarray,
+def reference_score(info: dict[str, Any], returns: np.ndarray, rate: float | None,
                     last_infos: list[dict]) -> tuple[float | None, dict[str, float]]:
     """The score of evaluation episodes from the reference returns (None without)."""
     ret, lo, hi = float(np.mean(returns)), info.get("ref_min_score"), info.get("ref_max_score")
@@ -1057,6 +1058,13 @@ FAMILIES: dict[str, Family] = {}
 
 def family_of(name: str | None) -> Family:
     return FAMILIES.get(name or "", Family())
+
+
+def env_step(env: gym.Env, action: np.ndarray, args: Args
+             ) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+    """One env step of evaluate -> (obs, reward, terminated, truncated, info), the env's own
+    (Cal-QL's binary tasks change it)."""
+    return env.step(action)
 
 
 # ---- family: gym (Minari's mujoco/*) ------------------------------------------------------
@@ -1119,7 +1127,7 @@ def kitchen_eval_spec(data_spec, eval_spec) -> gym.envs.registration.EnvSpec:
                    kwargs={**kept, **data_spec.kwargs})
 
 
-def kitchen_score(info: dict[str, Any], returns: np.ndarray, successes: np.ndarray,
+def kitchen_score(info: dict[str, Any], returns: np.ndarray, rate: float | None,
                   last_infos: list[dict]) -> tuple[float, dict[str, float]]:
     """D4RL's score: distinct tasks completed in the 280 steps x 25. The env lists every task
     completed so far in info["episode_task_completions"] whether or not it removes them
@@ -1197,7 +1205,7 @@ def antmaze_eval_spec(data_spec, eval_spec) -> gym.envs.registration.EnvSpec:
 
 FAMILIES["antmaze"] = Family(
     terminals=goal_terminals, eval_spec=antmaze_eval_spec,
-    score=lambda info, returns, successes, last_infos: (100.0 * float(np.mean(successes)), {}),
+    score=lambda info, returns, rate, last_infos: (100.0 * (rate or 0.0), {}),  # None: 0
     scoring=lambda meta, dataset_id: dict(
         score_definition="success rate x100 (CQL paper Table 2)", ref_min_score=None,
         ref_max_score=None, ref_source=None))
