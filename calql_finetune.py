@@ -14,11 +14,11 @@ Where the official code and the paper's appendix differ, the official code is fo
     python calql_finetune.py --env pointmaze-binary
 
 - Part I, the algorithm (lines 54-799): Args, networks, losses, training step, buffers, main.
-- Part II, datasets and presets (lines 800-1705): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 800-1732): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1706-2714): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1733-2741): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -1059,6 +1059,48 @@ def register_robotics_envs(env_id: str) -> None:
         print(notice.getvalue().strip(), file=sys.stderr)
 
 
+def episode_to_transitions(observations: Any, actions: np.ndarray, rewards: np.ndarray,
+                           terminations: np.ndarray, truncations: np.ndarray) -> dict[str, Any]:
+    """One episode (T+1 observations, T steps) -> T transitions, `next_obs[t] = obs[t+1]`; `done`
+    is termination only: a truncation (time limit) is not terminal, its target bootstraps."""
+    obs = flatten_obs(observations)
+    if obs.ndim == 1:
+        obs = obs[:, None]
+    steps = len(actions)
+    if len(obs) != steps + 1:
+        fail(f"episode has {len(obs)} observations for {steps} actions (expected T+1)")
+    return dict(obs=obs[:-1], next_obs=obs[1:],
+                actions=np.asarray(actions, np.float32).reshape(steps, -1),
+                rewards=np.asarray(rewards, np.float32).reshape(steps),
+                dones=np.asarray(terminations, np.float32).reshape(steps),
+                timeouts=np.asarray(truncations, np.float32).reshape(steps))
+
+
+def reward_scale_bias(data: dict[str, np.ndarray], args: Args) -> tuple[float, float]:
+    """The rewards' r * scale + bias (make_transform): --reward-scale, --reward-bias."""
+    return float(args.reward_scale), float(args.reward_bias)
+
+
+def make_transform(data: dict[str, np.ndarray], action_space: gym.spaces.Box,
+                   args: Args) -> Transform:
+    """Observation statistics, action rescaling and reward scale/bias from the dataset."""
+    dim = data["obs"].shape[1]
+    mean, std = np.zeros(dim, np.float32), np.ones(dim, np.float32)
+    if args.normalize_states:
+        mean, std = data["obs"].mean(0), data["obs"].std(0) + 1e-3
+    low, high = action_space.low.astype(np.float32), action_space.high.astype(np.float32)
+    return Transform(mean.astype(np.float32), std.astype(np.float32), (high - low) / 2,
+                     (high + low) / 2, *reward_scale_bias(data, args))
+
+
+def apply_transform(data: dict[str, np.ndarray], tf: Transform) -> dict[str, np.ndarray]:
+    """Normalized observations, actions in [-1, 1], scaled rewards: what the networks see."""
+    return dict(obs=tf.obs(data["obs"]), next_obs=tf.obs(data["next_obs"]),
+                actions=tf.from_env_action(data["actions"]),
+                rewards=np.asarray(tf.reward(data["rewards"]), np.float32),
+                dones=data["dones"])
+
+
 def step_success(infos: dict | None, steps: int) -> np.ndarray | None:
     """Per-step `success` flags [T] from Minari episode infos, or None if not recorded
     (Minari's collectors store the reset info first: T+1 entries, the last T are the steps)."""
@@ -1115,13 +1157,9 @@ def episode_transitions(ep, args: Args) -> dict[str, np.ndarray] | None:
     """One Minari episode -> raw transitions (rewards relabelled if binary), or None if a
     binary trajectory without success is dropped. `reached`: the episode has a success step
     (from the `success` infos; None when the dataset records none)."""
-    obs = flatten_obs(ep.observations)
-    obs = obs[:, None] if obs.ndim == 1 else obs
-    steps = len(ep.actions)
-    if len(obs) != steps + 1:
-        fail(f"episode has {len(obs)} observations for {steps} actions (expected T+1)")
-    rewards = np.asarray(ep.rewards, np.float32).reshape(steps)
-    terms = np.asarray(ep.terminations, np.float32).reshape(steps)
+    tr = episode_to_transitions(ep.observations, ep.actions, ep.rewards, ep.terminations,
+                                ep.truncations)
+    rewards, terms, steps = tr["rewards"], tr["dones"], len(tr["actions"])
     success = step_success(getattr(ep, "infos", None), steps)
     if (args.binary or args.goal_terminals) and success is None:
         fail(f"dataset {args.dataset_id} has no per-step 'success' info; --env {args.env} "
@@ -1138,11 +1176,9 @@ def episode_transitions(ep, args: Args) -> dict[str, np.ndarray] | None:
         # AntMaze data is a continuing task (never terminated); its reward 1 and `success`
         # info are the same event (distance to the goal <= 0.45).
         terms = np.maximum(terms, success.astype(np.float32))
-    actions = np.asarray(ep.actions, np.float32).reshape(len(ep.actions), -1)
     reached = None if success is None else bool(success[:steps].any())
-    return dict(obs=obs[:steps], next_obs=obs[1:steps + 1], actions=actions[:steps],
-                rewards=rewards, dones=terms, reached=reached)
-
+    return dict(obs=tr["obs"][:steps], next_obs=tr["next_obs"][:steps],
+                actions=tr["actions"][:steps], rewards=rewards, dones=terms, reached=reached)
 
 @dataclass
 class Data:
@@ -1161,41 +1197,32 @@ def load_data(args: Args) -> Data:
     if not isinstance(dataset.action_space, gym.spaces.Box):
         fail(f"dataset {args.dataset_id} has a {type(dataset.action_space).__name__} action "
              "space; this script needs continuous (Box) actions: use cql_qrdqn_atari.py")
-    episodes, reached, total = [], [], 0
-    for ep in stepped_episodes(tqdm(dataset.iterate_episodes(), total=dataset.total_episodes,
-                                    leave=False, desc=f"loading {args.dataset_id}",
-                                    disable=not args.progress), args.dataset_id):
-        total += 1
+    episodes = tqdm(dataset.iterate_episodes(), total=dataset.total_episodes, leave=False,
+                    desc=f"loading {args.dataset_id}", disable=not args.progress)
+    kept, reached = [], []
+    for ep in stepped_episodes(episodes, args.dataset_id):
         tr = episode_transitions(ep, args)
         reached.append(False if tr is None else tr.pop("reached"))  # None: binary, no success
         if tr is not None and len(tr["rewards"]):
-            episodes.append(tr)
-    if not episodes:
-        fail(f"dataset {args.dataset_id}: none of its {total} trajectories reaches success; "
-             "nothing is left after dropping failures")
-    raw = {k: np.concatenate([e[k] for e in episodes]) for k in episodes[0]}
-    check_finite(raw, args.dataset_id)
-    check_actions(raw["actions"], dataset.action_space, args.dataset_id)
-    low = dataset.action_space.low.astype(np.float32)
-    high = dataset.action_space.high.astype(np.float32)
-    dim = raw["obs"].shape[1]
-    mean, std = ((raw["obs"].mean(0), raw["obs"].std(0) + 1e-3) if args.normalize_states
-                 else (np.zeros(dim, np.float32), np.ones(dim, np.float32)))
-    tf = Transform(mean.astype(np.float32), std.astype(np.float32), (high - low) / 2,
-                   (high + low) / 2, float(args.reward_scale), float(args.reward_bias))
+            kept.append(tr)
+    if not kept:
+        fail(f"dataset {args.dataset_id}: none of its {len(reached)} trajectories reaches "
+             "success; nothing is left after dropping failures")
+    data = {k: np.concatenate([e[k] for e in kept]) for k in kept[0]}
+    check_finite(data, args.dataset_id)
+    check_actions(data["actions"], dataset.action_space, args.dataset_id)
+    tf = make_transform(data, dataset.action_space, args)
     r_neg = float(tf.reward(args.reward_neg))
     # MC returns per trajectory, on the scaled rewards (Cal-QL official order).
     mc = [segment_mc_returns(tf.reward(e["rewards"]), e["dones"], args.gamma,
-                             args.sparse_reward, r_neg) for e in episodes]
-    data = dict(obs=tf.obs(raw["obs"]), next_obs=tf.obs(raw["next_obs"]),
-                actions=tf.from_env_action(raw["actions"]),
-                rewards=np.asarray(tf.reward(raw["rewards"]), np.float32),
-                dones=raw["dones"].astype(np.float32), mc_returns=np.concatenate(mc))
+                             args.sparse_reward, r_neg) for e in kept]
+    data = dict(apply_transform(data, tf), mc_returns=np.concatenate(mc))
     eval_env, comparable = eval_env_description(dataset, args)
     make_eval_env(eval_env, dataset_id=args.dataset_id).close()  # now, not after training
     meta = dataset.storage.metadata
-    info = dict(dataset_id=args.dataset_id, episodes_in_dataset=total,
-                episodes_kept=len(episodes), transitions=len(data["obs"]), obs_dim=dim,
+    info = dict(dataset_id=args.dataset_id, episodes_in_dataset=len(reached),
+                episodes_kept=len(kept), transitions=len(data["obs"]),
+                obs_dim=data["obs"].shape[1],
                 action_dim=data["actions"].shape[1], horizon=eval_env["max_episode_steps"],
                 # share of the dataset's episodes with a success step (from the `success`
                 # infos, before any is dropped); None: the dataset records no success

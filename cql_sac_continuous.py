@@ -11,11 +11,11 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
 
 - Part I, the algorithm (lines 51-650): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 651-1510): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 651-1512): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1511-2519): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1513-2521): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -939,6 +939,16 @@ def episodes_to_transitions(episodes) -> dict[str, np.ndarray]:
     return data
 
 
+def reward_scale_bias(data: dict[str, np.ndarray], args: Args) -> tuple[float, float]:
+    """The rewards' r * scale + bias (make_transform), by --reward-mode."""
+    if args.reward_mode == "none":
+        return 1.0, 0.0
+    if args.reward_mode == "locomotion":  # CORL / IQL: r * 1000 / (max_ret - min_ret)
+        spread = float(data["episode_returns"].max() - data["episode_returns"].min())
+        return 1000.0 / max(spread, 1e-6), 0.0
+    return float(args.reward_scale), float(args.reward_bias)
+
+
 def make_transform(data: dict[str, np.ndarray], action_space: gym.spaces.Box,
                    args: Args) -> Transform:
     """Observation statistics, action rescaling and reward scale/bias from the dataset."""
@@ -947,21 +957,13 @@ def make_transform(data: dict[str, np.ndarray], action_space: gym.spaces.Box,
     if args.normalize_states:
         mean, std = data["obs"].mean(0), data["obs"].std(0) + 1e-3
     low, high = action_space.low.astype(np.float32), action_space.high.astype(np.float32)
-    scale, bias = float(args.reward_scale), float(args.reward_bias)
-    if args.reward_mode == "none":
-        scale, bias = 1.0, 0.0
-    elif args.reward_mode == "locomotion":  # CORL / IQL: r * 1000 / (max_ret - min_ret)
-        spread = float(data["episode_returns"].max() - data["episode_returns"].min())
-        scale, bias = 1000.0 / max(spread, 1e-6), 0.0
     return Transform(mean.astype(np.float32), std.astype(np.float32), (high - low) / 2,
-                     (high + low) / 2, scale, bias)
-
+                     (high + low) / 2, *reward_scale_bias(data, args))
 
 def apply_transform(data: dict[str, np.ndarray], tf: Transform) -> dict[str, np.ndarray]:
     """Normalized observations, actions in [-1, 1], scaled rewards: what the networks see."""
-    actions = (data["actions"] - tf.action_bias) / tf.action_scale
     return dict(obs=tf.obs(data["obs"]), next_obs=tf.obs(data["next_obs"]),
-                actions=np.clip(actions, -1.0, 1.0).astype(np.float32),
+                actions=tf.from_env_action(data["actions"]),
                 rewards=np.asarray(tf.reward(data["rewards"]), np.float32),
                 dones=data["dones"])
 
