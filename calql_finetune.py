@@ -14,11 +14,11 @@ Where the official code and the paper's appendix differ, the official code is fo
     python calql_finetune.py --env pointmaze-binary
 
 - Part I, the algorithm (lines 54-799): Args, networks, losses, training step, buffers, main.
-- Part II, datasets and presets (lines 800-1732): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 800-1731): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1733-2741): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1732-2740): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class Args:
     dataset_id: str = "D4RL/pen/cloned-v2"
     """Minari dataset id (the preset's by default); another id keeps the preset's values."""
     seed: int = 0
-    """Random seed (networks, sampling, online and evaluation episodes)."""
+    """Random seed (networks, sampling, evaluation episodes; Cal-QL: online ones too)."""
     device: str = "auto"
     """Device: auto, cpu or cuda (auto picks CUDA when available)."""
     threads: int | None = None
@@ -116,7 +116,7 @@ class Args:
     target_entropy: float | None = None
     """Entropy target of the automatic temperature; None: -|A| (SAC)."""
     bc_steps: int = 0
-    """Behaviour-cloning warm start of the actor for this many offline steps."""
+    """Behaviour cloning of the actor for the first N (offline) steps (CQL `policy_eval_start`)."""
     backup_entropy: bool = False
     """Keep -alpha*log pi in the Bellman target (JaxCQL `backup_entropy`)."""
     max_backup: bool = True
@@ -131,10 +131,10 @@ class Args:
     """CQL weight alpha (official `cql_min_q_weight`); with --lagrange it multiplies the gap."""
     cql_weight_online: float | None = None
     """CQL weight during fine-tuning; None: --cql-weight (official `cql_min_q_weight_online=-1`)."""
+    cql_importance_sample: bool = True
+    """Importance-sampled logsumexp, CQL(H) (`min_q_version 3`); --no-...: plain, with Q_data."""
     cql_n_actions: int = 10
     """N actions per state from each proposal (uniform, pi(.|s), pi(.|s'))."""
-    cql_importance_sample: bool = True
-    """Importance-sampled logsumexp (official default); --no-...: plain logsumexp incl. Q_data."""
     cql_temp: float = 1.0
     """Temperature T of T*logsumexp(Q/T)."""
     cql_clip_diff_min: float = -math.inf
@@ -146,7 +146,7 @@ class Args:
     cql_tau: float = 1.0
     """Target action gap of the Lagrange form (official `cql_target_action_gap`)."""
     log_alpha_prime_init: float = 1.0
-    """Initial log alpha' (Lagrange only): rlkit `cql.py` 0.0, Cal-QL (`Scalar(1.0)`), CORL 1.0."""
+    """Initial log alpha' (Lagrange only): rlkit `cql.py` 0.0 (`ptu.zeros(1)`), Cal-QL/CORL 1.0."""
     alpha_prime_lr: float = 3e-4
     """Learning rate of log alpha' (Lagrange only)."""
 
@@ -159,9 +159,9 @@ class Args:
     horizon: int | None = 100
     """Online and evaluation episode length; None: D4RL's (Adroit), else the eval spec's."""
     reward_scale: float = 10.0
-    """Rewards become r * scale + bias."""
+    """Rewards become r * scale + bias (CQL-SAC: with --reward-mode scale_bias)."""
     reward_bias: float = 5.0
-    """Rewards become r * scale + bias."""
+    """Rewards become r * scale + bias (CQL-SAC: with --reward-mode scale_bias)."""
     sparse_reward: bool = True
     """Apply the all-failure rule to MC returns (sparse tasks)."""
     reward_neg: float = -1.0
@@ -171,7 +171,7 @@ class Args:
 
     # ---- run -------------------------------------------------------------------------
     log_every: int = 1000
-    """Read training metrics to the host (the only sync in pre-training) every N updates."""
+    """Read training metrics to the host (the only sync; Cal-QL: offline) every N updates."""
     max_abs_q: float = 1e6
     """Stop the run when |Q| exceeds this (divergence guard), checked when metrics are read."""
     compile: bool = False
@@ -1184,15 +1184,14 @@ def episode_transitions(ep, args: Args) -> dict[str, np.ndarray] | None:
 class Data:
     """What training and evaluation take from a dataset."""
 
-    transitions: dict[str, np.ndarray]  # KEYS, transformed: the offline replay buffer
-    tf: Transform  # applied identically to online and evaluation steps
+    transitions: dict[str, np.ndarray]  # obs, next_obs, actions, rewards, dones (+ mc_returns)
+    tf: Transform  # applied identically at evaluation (Cal-QL: and to online steps)
     info: dict[str, Any]  # dataset facts and how it is scored (config.json "dataset")
-    eval_env: dict[str, Any]  # JSON spec of the online/evaluation env (make_eval_env)
+    eval_env: dict[str, Any]  # JSON spec of the evaluation env (config.json "eval_env")
 
 
 def load_data(args: Args) -> Data:
-    """Dataset id -> offline transitions with MC returns, transform, dataset facts and the
-    evaluation env's spec."""
+    """Dataset id -> transitions as the networks see them, their transform, facts, eval env."""
     dataset = load_minari_dataset(args.dataset_id)
     if not isinstance(dataset.action_space, gym.spaces.Box):
         fail(f"dataset {args.dataset_id} has a {type(dataset.action_space).__name__} action "

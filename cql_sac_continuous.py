@@ -9,13 +9,13 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
     python cql_sac_continuous.py --env pendulum-medium          # local dataset (see README)
     python cql_sac_continuous.py --dataset-id mujoco/hopper/expert-v0 --device cuda
 
-- Part I, the algorithm (lines 51-650): Args, networks, losses, the training step, the replay
+- Part I, the algorithm (lines 51-648): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 651-1512): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 649-1510): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1513-2521): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1511-2519): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class Args:
     unknown or no `--env`, takes the preset of its family (mujoco/, D4RL/antmaze/, ...), else
     the defaults (the paper's, for any continuous-action dataset)."""
     seed: int = 0
-    """Random seed (networks, sampling, evaluation episodes)."""
+    """Random seed (networks, sampling, evaluation episodes; Cal-QL: online ones too)."""
     device: str = "auto"
     """Device: auto, cpu or cuda (auto picks CUDA when available)."""
     threads: int | None = None
@@ -109,7 +109,7 @@ class Args:
     target_entropy: float | None = None
     """Entropy target of the automatic temperature; None: -|A| (SAC)."""
     bc_steps: int = 0
-    """Behaviour-cloning warm start of the actor, this many steps (official `policy_eval_start`)."""
+    """Behaviour cloning of the actor for the first N (offline) steps (CQL `policy_eval_start`)."""
     backup_entropy: bool = False
     """Keep -alpha*log pi in the Bellman target (off: the official `deterministic_backup=True`)."""
     max_backup: bool = False
@@ -121,8 +121,7 @@ class Args:
     cql_weight: float = 5.0
     """Weight w of the conservative penalty (official `min_q_weight`; 0: naive offline SAC)."""
     cql_importance_sample: bool = True
-    """CQL(H)'s importance-sampled logsumexp (App. F; official `min_q_version 3`); --no-...:
-    plain logsumexp over [rand, data, pi(s'), pi(s)] Q (`min_q_version 2`, "CQL(rho)")."""
+    """Importance-sampled logsumexp, CQL(H) (`min_q_version 3`); --no-...: plain, with Q_data."""
     cql_data_term: bool = True
     """Subtract E_D[Q(s,a)] (Eq. 2/4); --no-cql-data-term gives the Eq. 1 variant (Table 5)."""
     cql_n_actions: int = 10
@@ -144,8 +143,7 @@ class Args:
     """`cql`: alpha'*(w*gap - tau) (rlkit `cql.py`); `calql`: alpha'*w*(gap - tau) (Cal-QL
     `conservative_sac.py`, CORL `cql.py`). See --cql-tau."""
     log_alpha_prime_init: float = 0.0
-    """Initial log alpha' (Lagrange only): 0.0 in rlkit `cql.py` (`ptu.zeros(1)`), 1.0 in Cal-QL
-    (`Scalar(1.0)`) and CORL."""
+    """Initial log alpha' (Lagrange only): rlkit `cql.py` 0.0 (`ptu.zeros(1)`), Cal-QL/CORL 1.0."""
     alpha_prime_lr: float = 3e-4
     """Learning rate of log alpha' (Lagrange only)."""
 
@@ -153,15 +151,15 @@ class Args:
     reward_mode: Literal["none", "locomotion", "scale_bias"] = "none"
     """`none`; `locomotion`: r*1000/(max_return - min_return); `scale_bias`: r*scale + bias."""
     reward_scale: float = 1.0
-    """Scale for reward_mode scale_bias."""
+    """Rewards become r * scale + bias (CQL-SAC: with --reward-mode scale_bias)."""
     reward_bias: float = 0.0
-    """Bias for reward_mode scale_bias."""
+    """Rewards become r * scale + bias (CQL-SAC: with --reward-mode scale_bias)."""
     normalize_states: bool = False
     """Normalize observations with the dataset mean/std (eps 1e-3), at evaluation too."""
 
     # ---- run -------------------------------------------------------------------------
     log_every: int = 1000
-    """Read training metrics to the host (the only sync) every this many steps."""
+    """Read training metrics to the host (the only sync; Cal-QL: offline) every N updates."""
     max_abs_q: float = 1e6
     """Stop the run when |Q| exceeds this (divergence guard), checked when metrics are read."""
     compile: bool = False
@@ -992,8 +990,8 @@ def eval_env_spec(dataset, family: str | None) -> gym.envs.registration.EnvSpec:
 class Data:
     """What training and evaluation take from a dataset."""
 
-    transitions: dict[str, np.ndarray]  # obs, actions, rewards, next_obs, dones, as trained on
-    tf: Transform  # applied identically at evaluation
+    transitions: dict[str, np.ndarray]  # obs, next_obs, actions, rewards, dones (+ mc_returns)
+    tf: Transform  # applied identically at evaluation (Cal-QL: and to online steps)
     info: dict[str, Any]  # dataset facts and how it is scored (config.json "dataset")
     eval_env: dict[str, Any]  # JSON spec of the evaluation env (config.json "eval_env")
 
