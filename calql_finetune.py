@@ -13,12 +13,12 @@ Where the official code and the paper's appendix differ, the official code is fo
     python benchmark/datasets.py pointmaze-binary     # builds the local dataset
     python calql_finetune.py --env pointmaze-binary
 
-- Part I, the algorithm (lines 54-799): Args, networks, losses, training step, buffers, main.
-- Part II, datasets and presets (lines 800-1731): Minari loading, one block per dataset family
+- Part I, the algorithm (lines 54-791): Args, networks, losses, training step, buffers, main.
+- Part II, datasets and presets (lines 792-1723): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1732-2740): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1724-2732): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -523,7 +523,7 @@ class Trainer:
 
     def __init__(self, agent: Agent, args: Args, device: torch.device):
         self.agent, self.args, self.updates = agent, args, 0
-        self.fine_tuning, self.cql_weight = False, args.cql_weight
+        self.fine_tuning = False  # start_online
         fused = device.type == "cuda"
         if fused:  # --tf32: TF32 matmuls on CUDA; default float32
             torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
@@ -537,8 +537,9 @@ class Trainer:
                                alpha_prime=adam([agent.log_alpha_prime], args.alpha_prime_lr))
         self.online = list(agent.critic.parameters())
         self.target = list(agent.target_critic.parameters())
-        self.weight = torch.tensor(float(args.cql_weight), device=device)  # compiled
-        update = lambda b, bc: calql_update(self, b, bc)
+        # the CQL weight, a tensor: the phase switch changes its value, not the compiled graph
+        self.weight = torch.tensor(float(args.cql_weight), device=device)
+        update = lambda b, bc: sac_update(self, b, bc)
         self.compiled = CompiledStep(update, self.optimizers.values(), args.cudagraphs and fused) \
             if args.compile else None
 
@@ -546,23 +547,16 @@ class Trainer:
         """The phase switch: no BC warm start, the online CQL weight."""
         self.fine_tuning = True
         if self.args.cql_weight_online is not None:
-            self.cql_weight = self.args.cql_weight_online
-            self.weight.fill_(float(self.cql_weight))  # the compiled step's: same graph
+            self.weight.fill_(float(self.args.cql_weight_online))
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         bc = not self.fine_tuning and self.updates < self.args.bc_steps
         self.updates += 1
-        if self.compiled is not None:  # --compile: this update, compiled (calql_update)
+        if self.compiled is not None:  # --compile: this update, compiled (sac_update)
             return self.compiled(batch, bc)
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        total, metrics = compute_losses(self.agent, batch, self.args, bc, self.cql_weight)
-        total.backward()
-        for opt in self.optimizers.values():
-            opt.step()
-        with torch.no_grad():  # Polyak averaging of the target critics
-            torch._foreach_lerp_(self.target, self.online, self.args.soft_target_update)
-        return metrics
+        return sac_update(self, batch, bc)
 
     def state_dict(self) -> dict[str, Any]:
         return dict(updates=self.updates,
@@ -574,13 +568,11 @@ class Trainer:
             opt.load_state_dict(state["optimizers"][k])
 
 
-# ---- compiled step (--compile / --cudagraphs): not needed to read the algorithm ---------
-# Trainer.step's update as one function, compiled (and CUDA-graphed) by CompiledStep (Part
-# III); the CQL weight a tensor (the phase switch changes its value, not the graph)
+# ---- the update: eager in Trainer.step, or compiled (--compile) by CompiledStep (Part III) --
 
 
-def calql_update(t: Trainer, batch: dict[str, torch.Tensor], bc: bool
-                 ) -> dict[str, torch.Tensor]:
+def sac_update(t: Trainer, batch: dict[str, torch.Tensor], bc: bool) -> dict[str, torch.Tensor]:
+    """Losses, backward, Adam steps, then Polyak averaging of the target critics."""
     total, metrics = compute_losses(t.agent, batch, t.args, bc, t.weight)
     total.backward()
     for opt in t.optimizers.values():
