@@ -13,12 +13,12 @@ Where the official code and the paper's appendix differ, the official code is fo
     python benchmark/datasets.py pointmaze-binary     # builds the local dataset
     python calql_finetune.py --env pointmaze-binary
 
-- Part I, the algorithm (lines 54-791): Args, networks, losses, training step, buffers, main.
-- Part II, datasets and presets (lines 792-1723): Minari loading, one block per dataset family
+- Part I, the algorithm (lines 54-790): Args, networks, losses, training step, buffers, main.
+- Part II, datasets and presets (lines 791-1722): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1724-2732): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1723-2731): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -453,10 +453,10 @@ def compute_losses(agent: Agent, batch: dict[str, torch.Tensor], args: Args, bc:
       alpha_prime_loss  log_alpha_prime   gap detached (lagrange_terms)
       (none)            target_critic     requires_grad False; Polyak in Trainer.step
 
-    Checked by tests/test_calql_losses.py::
-    test_gradients_are_disjoint_and_the_penalty_never_trains_the_actor (the map above).
+    Checked by tests/test_cql_sac_losses.py (test_compute_losses_gradients_are_disjoint: the
+    map above; alpha' a constant to the critics) and tests/test_calql_losses.py (the map).
     `bc`: behaviour cloning instead of the SAC actor loss (the first bc_steps updates);
-    `cql_weight`: the phase's CQL weight (Trainer.start_online)."""
+    `cql_weight` (Cal-QL): the phase's CQL weight (Trainer.start_online)."""
     obs, actions = batch["obs"], batch["actions"]
     alpha = agent.log_alpha.exp()  # before this step's update (rlkit steps alpha first, L164)
     # ---- actor: SAC loss, or behaviour cloning for the first bc_steps (official code) ----
@@ -729,21 +729,20 @@ def main(args: Args) -> dict[str, Any]:
     trainer = Trainer(agent, args, device)
     spec = dict(data.eval_env, value_gap=value_gap_spec(
         args.gamma, data.eval_env["max_episode_steps"], data.transitions["rewards"]))
-    # online episodes keep the horizon; evaluation rolls out the value gap's longer limit
-    env = make_eval_env(spec)
-    eval_env = make_eval_env(spec, spec["value_gap"]["rollout_max_steps"], render_mode(args))
+    env = make_eval_env(spec, spec["value_gap"]["rollout_max_steps"], render_mode(args))
     loop = Counters()
     run = Run(args, dict(agent=agent, trainer=trainer, offline=offline, online=online,
                          loop=loop), data.info, spec, device)
-    eval_env = run.recorded(eval_env)  # --capture-video (Part III)
-    evaluate_policy = lambda: evaluate(agent, eval_env, data.tf, args, data.info, device,
-                                       spec["value_gap"])
+    env = run.recorded(env)  # --capture-video (Part III)
+    evaluation = lambda: evaluate(agent, env, data.tf, args, data.info, device, spec["value_gap"])
     if run.after:  # --evaluate / --export-policy RUN_DIR (Part III)
-        return run.after_training(evaluate_policy, lambda: EnvPolicy(agent.actor, data.tf))
+        return run.after_training(evaluation, lambda: EnvPolicy(agent.actor, data.tf))
+    # online episodes keep the horizon; evaluation (env) rolls out the value gap's longer limit
+    online_env = make_eval_env(spec)
     name = f"{'Cal-QL' if args.enable_calql else 'CQL'} {args.env}"
     # ---- offline pre-training: CQL / Cal-QL updates on offline batches -----------------
     if not run.history:  # the initial policy, as the official loop's epoch 0
-        run.evaluate_and_checkpoint(0, evaluate_policy, phase="offline", env_steps=0)
+        run.evaluate_and_checkpoint(0, evaluation, phase="offline", env_steps=0)
     bar = progress_bar(args, run.step, args.offline_steps, f"{name} offline")  # as `step`
     for step in range(run.step + 1, args.offline_steps + 1):
         metrics = trainer.step(offline.sample(args.batch_size))
@@ -751,7 +750,7 @@ def main(args: Args) -> dict[str, Any]:
         if run.due(step, args.log_every, args.offline_eval_every, last=args.offline_steps):
             run.log(step, metrics)
         if run.due(step, args.offline_eval_every, last=args.offline_steps):  # last: offline score
-            run.evaluate_and_checkpoint(step, evaluate_policy, phase="offline", env_steps=0)
+            run.evaluate_and_checkpoint(step, evaluation, phase="offline", env_steps=0)
         run.stop_if_signalled(step)
 
     # ---- online fine-tuning (Cal-QL official loop): a whole trajectory with the stochastic
@@ -763,7 +762,7 @@ def main(args: Args) -> dict[str, Any]:
     trainer.start_online()
     bar = progress_bar(args, loop.env_steps, args.online_steps, f"{name} online")  # env_steps
     while loop.env_steps < args.online_steps:
-        traj, _ = collect_trajectory(agent, env, data.tf, args, device,
+        traj, _ = collect_trajectory(agent, online_env, data.tf, args, device,
                                      seed=1_000_000 * (args.seed + 1) + loop.episodes)
         online.add_trajectory(traj)
         n, before = len(traj["rewards"]), loop.env_steps
@@ -780,10 +779,10 @@ def main(args: Args) -> dict[str, Any]:
         if loop.env_steps // args.eval_every > before // args.eval_every or \
                 loop.env_steps >= args.online_steps:
             run.log(step, metrics)
-            run.evaluate_and_checkpoint(step, evaluate_policy, phase="online",
+            run.evaluate_and_checkpoint(step, evaluation, phase="online",
                                         env_steps=loop.env_steps)
         run.stop_if_signalled(step)
-    for resource in (bar, env, eval_env):
+    for resource in (bar, online_env, env):
         resource.close()
     return run.finish(dict(final_summary(run.history, data.info), gradient_steps=step,
                            env_steps=loop.env_steps, episodes=loop.episodes))

@@ -414,10 +414,10 @@ def compute_losses(agent: Agent, batch: dict[str, torch.Tensor], args: Args, bc:
       alpha_prime_loss  log_alpha_prime   gap detached (lagrange_terms)
       (none)            target_critic     requires_grad False; Polyak in Trainer.step
 
-    Checked by tests/test_cql_sac_losses.py: test_compute_losses_gradients_are_disjoint
-    (the map above), test_cql_term_matches_manual_computation_and_never_trains_the_actor,
-    test_lagrange_alpha_prime_rises_above_tau_and_falls_below (alpha' constant to critics).
-    `bc`: behaviour cloning instead of the SAC actor loss (the first bc_steps updates)."""
+    Checked by tests/test_cql_sac_losses.py (test_compute_losses_gradients_are_disjoint: the
+    map above; alpha' a constant to the critics) and tests/test_calql_losses.py (the map).
+    `bc`: behaviour cloning instead of the SAC actor loss (the first bc_steps updates);
+    `cql_weight` (Cal-QL): the phase's CQL weight (Trainer.start_online)."""
     obs, actions = batch["obs"], batch["actions"]
     alpha = agent.log_alpha.exp()  # before this step's update (rlkit steps alpha first, L164)
     # ---- actor: SAC loss, or behaviour cloning for the first bc_steps (official code) ----
@@ -620,7 +620,7 @@ def main(args: Args) -> dict[str, Any]:
     check_args(args)
     device = pick_device(args.device)
     args = replace(args, run_dir=args.resume or args.run_dir or default_run_dir(args))
-    torch.manual_seed(args.seed)  # all training randomness is torch's; eval envs are seeded
+    torch.manual_seed(args.seed)  # all training randomness is torch's; envs are seeded
     data = load_data(args)
     buffer = ReplayBuffer(data.transitions, device, args.seed)
     agent = Agent(data.info["obs_dim"], data.info["action_dim"], args).to(device)
