@@ -13,12 +13,12 @@ Where the official code and the paper's appendix differ, the official code is fo
     python benchmark/datasets.py pointmaze-binary     # builds the local dataset
     python calql_finetune.py --env pointmaze-binary
 
-- Part I, the algorithm (lines 54-790): Args, networks, losses, training step, buffers, main.
-- Part II, datasets and presets (lines 791-1722): Minari loading, one block per dataset family
+- Part I, the algorithm (lines 54-800): Args, networks, losses, training step, buffers, main.
+- Part II, datasets and presets (lines 801-1732): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1723-2731): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1733-2741): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -587,18 +587,35 @@ KEYS = ("obs", "next_obs", "actions", "rewards", "dones", "mc_returns")
 
 
 class ReplayBuffer:
-    """Transitions (KEYS) on the training device, sampled uniformly there: the dataset, or
-    (`capacity`) the online trajectories with their MC returns, which checkpoints hold."""
+    """The whole dataset as tensors on the training device; uniform sampling on the device."""
 
-    def __init__(self, data: dict[str, np.ndarray], device: torch.device, seed: int,
-                 capacity: int = 0):
-        self.size, self.online = 0, capacity > 0
-        self.capacity = capacity or len(data["obs"])
-        self.data = {k: torch.zeros((self.capacity, *data[k].shape[1:]), device=device)
-                     for k in KEYS}
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
-        self.add_trajectory(data)
+    def __init__(self, data: dict[str, np.ndarray], device: torch.device, seed: int):
+        self.data = {k: torch.as_tensor(v, device=device) for k, v in data.items()}
+        self.size = len(self.data["obs"])
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, self.size, (batch_size,), device=self.data["obs"].device,
+                            generator=self.generator)
+        return {k: v[idx] for k, v in self.data.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(generator=self.generator.get_state())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class OnlineBuffer(ReplayBuffer):
+    """The online trajectories with their MC returns (KEYS, as `like`), appended up to
+    `capacity` and sampled as ReplayBuffer; checkpoints hold them."""
+
+    def __init__(self, like: dict[str, np.ndarray], device: torch.device, seed: int,
+                 capacity: int):
+        self.data = {k: torch.zeros((capacity, *v.shape[1:]), device=device)
+                     for k, v in like.items()}
+        self.size, self.capacity = 0, capacity
+        self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def add_trajectory(self, traj: dict[str, np.ndarray]) -> None:
         n = len(traj["obs"])
@@ -608,24 +625,17 @@ class ReplayBuffer:
             self.data[k][self.size:self.size + n] = torch.as_tensor(traj[k])
         self.size += n
 
-    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
-        idx = torch.randint(0, self.size, (batch_size,), device=self.data["obs"].device,
-                            generator=self.generator)
-        return {k: v[idx] for k, v in self.data.items()}
-
     def state_dict(self) -> dict[str, Any]:
-        data = {k: v[:self.size].cpu() for k, v in self.data.items()} if self.online else None
+        data = {k: v[:self.size].cpu() for k, v in self.data.items()}
         return dict(size=self.size, data=data, generator=self.generator.get_state())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.online:
-            self.size = state["size"]
-            for k, v in state["data"].items():
-                self.data[k][:self.size] = v.to(self.data[k].device)
+        self.size = state["size"]
+        for k, v in state["data"].items():
+            self.data[k][:self.size] = v.to(self.data[k].device)
         self.generator.set_state(state["generator"])
 
-
-def mixed_batch(offline: ReplayBuffer, online: ReplayBuffer | None, batch_size: int,
+def mixed_batch(offline: ReplayBuffer, online: OnlineBuffer | None, batch_size: int,
                 mixing_ratio: float) -> dict[str, torch.Tensor]:
     """Online: round(batch * mixing_ratio) offline rows, the rest online (official
     `concatenate_batches` with int(): equal for 0.5, 128 + 128); pre-training: all offline."""
@@ -723,8 +733,8 @@ def main(args: Args) -> dict[str, Any]:
     torch.manual_seed(args.seed)  # all training randomness is torch's; envs are seeded
     data = load_data(args)
     offline = ReplayBuffer(data.transitions, device, args.seed)
-    online = ReplayBuffer({k: v[:0] for k, v in data.transitions.items()}, device,
-                          args.seed + 1, args.online_steps + data.eval_env["max_episode_steps"])
+    online = OnlineBuffer(data.transitions, device, args.seed + 1,
+                          args.online_steps + data.eval_env["max_episode_steps"])
     agent = Agent(data.info["obs_dim"], data.info["action_dim"], args).to(device)
     trainer = Trainer(agent, args, device)
     spec = dict(data.eval_env, value_gap=value_gap_spec(
