@@ -124,7 +124,7 @@ class Args:
     max_backup_form: Literal["cql", "calql"] = "calql"
     """`cql`: min over critics of each one's max (rlkit); `calql`: max of the twin-min (Cal-QL)."""
 
-    # ---- CQL / Cal-QL ------------------------------------------------------------------
+    # ---- the conservative penalty (CQL; Cal-QL: calibrated) --------------------------
     enable_calql: bool = True
     """Calibrate the policy-action Q-values with max(Q, V_mu); --no-enable-calql: plain CQL."""
     cql_weight: float = 1.0
@@ -646,7 +646,7 @@ def mixed_batch(offline: ReplayBuffer, online: OnlineBuffer | None, batch_size: 
     return {k: torch.cat([a[k], b[k]]) for k in KEYS}
 
 
-# ---- evaluation, and online episodes in the same env with the same transform -------------
+# ---- evaluation (Cal-QL: and online episodes, the same env and transform) ----------------
 
 
 def collect_trajectory(agent: Agent, env: gym.Env, tf: Transform, args: Args,
@@ -840,7 +840,7 @@ def value_gap_spec(gamma: float, score_steps: int | None, rewards: np.ndarray
         "an env's own truncation before rollout_max_steps: see value_gap_tail_bound in metrics")
 
 
-# ---- Minari loading: episodes to transitions with MC returns, the evaluation env ---------
+# ---- Minari loading: episodes to transitions (+ MC returns), transforms, the eval env -----
 
 
 def load_minari_dataset(dataset_id: str):
@@ -1680,7 +1680,7 @@ def presets_markdown() -> str:
                       f"`--dataset-id` without a preset `--env`: {alone}."])
 
 
-# ---- the run: loop counters, summary and length (main and Part III) ----------------------
+# ---- the run: its summary and length (main and Part III; Cal-QL: loop counters) ----------
 
 
 class Counters:

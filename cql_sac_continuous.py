@@ -117,7 +117,7 @@ class Args:
     max_backup_form: Literal["cql", "calql"] = "cql"
     """`cql`: min over critics of each one's max (rlkit); `calql`: max of the twin-min (Cal-QL)."""
 
-    # ---- CQL -------------------------------------------------------------------------
+    # ---- the conservative penalty (CQL; Cal-QL: calibrated) --------------------------
     cql_weight: float = 5.0
     """Weight w of the conservative penalty (official `min_q_weight`; 0: naive offline SAC)."""
     cql_importance_sample: bool = True
@@ -556,7 +556,7 @@ class ReplayBuffer:
         self.generator.set_state(state["generator"])
 
 
-# ---- evaluation --------------------------------------------------------------------------
+# ---- evaluation (Cal-QL: and online episodes, the same env and transform) ----------------
 
 
 def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[str, Any],
@@ -688,7 +688,7 @@ def value_gap_spec(gamma: float, score_steps: int | None, rewards: np.ndarray
         "an env's own truncation before rollout_max_steps: see value_gap_tail_bound in metrics")
 
 
-# ---- Minari loading: episodes to transitions, the transforms, the evaluation env ---------
+# ---- Minari loading: episodes to transitions (+ MC returns), transforms, the eval env -----
 
 
 def load_minari_dataset(dataset_id: str):
@@ -1487,7 +1487,7 @@ def presets_markdown() -> str:
                       f"`--dataset-id` without a preset `--env`: {alone}."])
 
 
-# ---- the run: its summary and length (main and Part III) ---------------------------------
+# ---- the run: its summary and length (main and Part III; Cal-QL: loop counters) ----------
 
 
 def final_summary(history: list[dict], info: dict[str, Any], args: Args) -> dict[str, Any]:
