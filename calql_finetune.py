@@ -13,12 +13,12 @@ Where the official code and the paper's appendix differ, the official code is fo
     python benchmark/datasets.py pointmaze-binary     # builds the local dataset
     python calql_finetune.py --env pointmaze-binary
 
-- Part I, the algorithm (lines 54-800): Args, networks, losses, training step, buffers, main.
-- Part II, datasets and presets (lines 801-1732): Minari loading, one block per dataset family
+- Part I, the algorithm (lines 54-801): Args, networks, losses, training step, buffers, main.
+- Part II, datasets and presets (lines 802-1734): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1733-2741): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1735-2743): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -635,6 +635,7 @@ class OnlineBuffer(ReplayBuffer):
             self.data[k][:self.size] = v.to(self.data[k].device)
         self.generator.set_state(state["generator"])
 
+
 def mixed_batch(offline: ReplayBuffer, online: OnlineBuffer | None, batch_size: int,
                 mixing_ratio: float) -> dict[str, torch.Tensor]:
     """Online: round(batch * mixing_ratio) offline rows, the rest online (official
@@ -1180,6 +1181,7 @@ def episode_transitions(ep, args: Args) -> dict[str, np.ndarray] | None:
     reached = None if success is None else bool(success[:steps].any())
     return dict(obs=tr["obs"][:steps], next_obs=tr["next_obs"][:steps],
                 actions=tr["actions"][:steps], rewards=rewards, dones=terms, reached=reached)
+
 
 @dataclass
 class Data:

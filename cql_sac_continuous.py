@@ -11,11 +11,11 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
 
 - Part I, the algorithm (lines 51-648): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 649-1510): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 649-1511): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1511-2519): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1512-2520): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -957,6 +957,7 @@ def make_transform(data: dict[str, np.ndarray], action_space: gym.spaces.Box,
     low, high = action_space.low.astype(np.float32), action_space.high.astype(np.float32)
     return Transform(mean.astype(np.float32), std.astype(np.float32), (high - low) / 2,
                      (high + low) / 2, *reward_scale_bias(data, args))
+
 
 def apply_transform(data: dict[str, np.ndarray], tf: Transform) -> dict[str, np.ndarray]:
     """Normalized observations, actions in [-1, 1], scaled rewards: what the networks see."""
