@@ -131,10 +131,10 @@ class Args:
     """CQL weight alpha (official `cql_min_q_weight`); with --lagrange it multiplies the gap."""
     cql_weight_online: float | None = None
     """CQL weight during fine-tuning; None: --cql-weight (official `cql_min_q_weight_online=-1`)."""
-    cql_importance_sample: bool = True
-    """Importance-sampled logsumexp, CQL(H) (`min_q_version 3`); --no-...: plain, with Q_data."""
     cql_n_actions: int = 10
     """N actions per state from each proposal (uniform, pi(.|s), pi(.|s'))."""
+    cql_importance_sample: bool = True
+    """Importance-sampled logsumexp, CQL(H) (`min_q_version 3`); --no-...: plain, with Q_data."""
     cql_temp: float = 1.0
     """Temperature T of T*logsumexp(Q/T)."""
     cql_clip_diff_min: float = -math.inf
