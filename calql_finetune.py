@@ -519,7 +519,7 @@ def cql_term(agent: Agent, batch: dict[str, torch.Tensor], args: Args, q_data: t
 class Trainer:
     """Optimizers and one gradient step with no host sync (the metrics stay on the device until
     Run.log reads them); counts its updates for the behaviour-cloning warm start.
-    `start_online()` sets the fine-tuning phase's CQL weight (--cql-weight-online)."""
+    Cal-QL: `start_online()` sets the fine-tuning phase's CQL weight (--cql-weight-online)."""
 
     def __init__(self, agent: Agent, args: Args, device: torch.device):
         self.agent, self.args, self.updates = agent, args, 0
@@ -733,7 +733,7 @@ def main(args: Args) -> dict[str, Any]:
     args = replace(args, run_dir=args.resume or args.run_dir or default_run_dir(args))
     torch.manual_seed(args.seed)  # all training randomness is torch's; envs are seeded
     data = load_data(args)
-    offline = ReplayBuffer(data.transitions, device, args.seed)
+    buffer = ReplayBuffer(data.transitions, device, args.seed)
     online = OnlineBuffer(data.transitions, device, args.seed + 1,
                           args.online_steps + data.eval_env["max_episode_steps"])
     agent = Agent(data.info["obs_dim"], data.info["action_dim"], args).to(device)
@@ -742,7 +742,7 @@ def main(args: Args) -> dict[str, Any]:
         args.gamma, data.eval_env["max_episode_steps"], data.transitions["rewards"]))
     env = make_eval_env(spec, spec["value_gap"]["rollout_max_steps"], render_mode(args))
     loop = Counters()
-    run = Run(args, dict(agent=agent, trainer=trainer, offline=offline, online=online,
+    run = Run(args, dict(agent=agent, trainer=trainer, offline=buffer, online=online,
                          loop=loop), data.info, spec, device)
     env = run.recorded(env)  # --capture-video (Part III)
     evaluation = lambda: evaluate(agent, env, data.tf, args, data.info, device, spec["value_gap"])
@@ -756,7 +756,7 @@ def main(args: Args) -> dict[str, Any]:
         run.evaluate_and_checkpoint(0, evaluation, phase="offline", env_steps=0)
     bar = progress_bar(args, run.step, args.offline_steps, f"{name} offline")  # as `step`
     for step in range(run.step + 1, args.offline_steps + 1):
-        metrics = trainer.step(offline.sample(args.batch_size))
+        metrics = trainer.step(buffer.sample(args.batch_size))
         advance(bar, 1, last=step == args.offline_steps)
         if run.due(step, args.log_every, args.offline_eval_every, last=args.offline_steps):
             run.log(step, metrics)
@@ -780,7 +780,7 @@ def main(args: Args) -> dict[str, Any]:
         loop.env_steps, loop.episodes = before + n, loop.episodes + 1
         for _ in range(n * args.utd):
             step += 1
-            metrics = trainer.step(mixed_batch(offline, online, args.batch_size,
+            metrics = trainer.step(mixed_batch(buffer, online, args.batch_size,
                                                args.mixing_ratio))
             if run.due(step, args.log_every):
                 run.log(step, metrics)

@@ -9,13 +9,13 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
     python cql_sac_continuous.py --env pendulum-medium          # local dataset (see README)
     python cql_sac_continuous.py --dataset-id mujoco/hopper/expert-v0 --device cuda
 
-- Part I, the algorithm (lines 51-648): Args, networks, losses, the training step, the replay
+- Part I, the algorithm (lines 51-649): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 649-1511): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 650-1512): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1512-2520): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1513-2521): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -480,7 +480,8 @@ def cql_term(agent: Agent, batch: dict[str, torch.Tensor], args: Args, q_data: t
 
 class Trainer:
     """Optimizers and one gradient step with no host sync (the metrics stay on the device until
-    Run.log reads them); counts its updates for the behaviour-cloning warm start."""
+    Run.log reads them); counts its updates for the behaviour-cloning warm start.
+    Cal-QL: `start_online()` sets the fine-tuning phase's CQL weight (--cql-weight-online)."""
 
     def __init__(self, agent: Agent, args: Args, device: torch.device):
         self.agent, self.args, self.updates = agent, args, 0
