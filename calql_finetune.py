@@ -13,12 +13,12 @@ Where the official code and the paper's appendix differ, the official code is fo
     python benchmark/datasets.py pointmaze-binary     # builds the local dataset
     python calql_finetune.py --env pointmaze-binary
 
-- Part I, the algorithm (lines 54-803): Args, networks, losses, training step, buffers, main.
-- Part II, datasets and presets (lines 804-1654): Minari loading, one block per dataset family
+- Part I, the algorithm (lines 54-801): Args, networks, losses, training step, buffers, main.
+- Part II, datasets and presets (lines 802-1733): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1655-2730): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1734-2809): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class Args:
     dataset_id: str = "D4RL/pen/cloned-v2"
     """Minari dataset id (the preset's by default); another id keeps the preset's values."""
     seed: int = 0
-    """Random seed (networks, sampling, online and evaluation episodes)."""
+    """Random seed (networks, sampling, evaluation episodes; Cal-QL: online ones too)."""
     device: str = "auto"
     """Device: auto, cpu or cuda (auto picks CUDA when available)."""
     threads: int | None = None
@@ -116,7 +116,7 @@ class Args:
     target_entropy: float | None = None
     """Entropy target of the automatic temperature; None: -|A| (SAC)."""
     bc_steps: int = 0
-    """Behaviour-cloning warm start of the actor for this many offline steps."""
+    """Behaviour cloning of the actor for the first N (offline) steps (CQL `policy_eval_start`)."""
     backup_entropy: bool = False
     """Keep -alpha*log pi in the Bellman target (JaxCQL `backup_entropy`)."""
     max_backup: bool = True
@@ -124,7 +124,7 @@ class Args:
     max_backup_form: Literal["cql", "calql"] = "calql"
     """`cql`: min over critics of each one's max (rlkit); `calql`: max of the twin-min (Cal-QL)."""
 
-    # ---- CQL / Cal-QL ------------------------------------------------------------------
+    # ---- the conservative penalty (CQL; Cal-QL: calibrated) --------------------------
     enable_calql: bool = True
     """Calibrate the policy-action Q-values with max(Q, V_mu); --no-enable-calql: plain CQL."""
     cql_weight: float = 1.0
@@ -134,7 +134,7 @@ class Args:
     cql_n_actions: int = 10
     """N actions per state from each proposal (uniform, pi(.|s), pi(.|s'))."""
     cql_importance_sample: bool = True
-    """Importance-sampled logsumexp (official default); --no-...: plain logsumexp incl. Q_data."""
+    """Importance-sampled logsumexp, CQL(H) (`min_q_version 3`); --no-...: plain, with Q_data."""
     cql_temp: float = 1.0
     """Temperature T of T*logsumexp(Q/T)."""
     cql_clip_diff_min: float = -math.inf
@@ -146,7 +146,7 @@ class Args:
     cql_tau: float = 1.0
     """Target action gap of the Lagrange form (official `cql_target_action_gap`)."""
     log_alpha_prime_init: float = 1.0
-    """Initial log alpha' (Lagrange only): rlkit `cql.py` 0.0, Cal-QL (`Scalar(1.0)`), CORL 1.0."""
+    """Initial log alpha' (Lagrange only): rlkit `cql.py` 0.0 (`ptu.zeros(1)`), Cal-QL/CORL 1.0."""
     alpha_prime_lr: float = 3e-4
     """Learning rate of log alpha' (Lagrange only)."""
 
@@ -159,9 +159,9 @@ class Args:
     horizon: int | None = 100
     """Online and evaluation episode length; None: D4RL's (Adroit), else the eval spec's."""
     reward_scale: float = 10.0
-    """Rewards become r * scale + bias."""
+    """Rewards become r * scale + bias (CQL-SAC: with --reward-mode scale_bias)."""
     reward_bias: float = 5.0
-    """Rewards become r * scale + bias."""
+    """Rewards become r * scale + bias (CQL-SAC: with --reward-mode scale_bias)."""
     sparse_reward: bool = True
     """Apply the all-failure rule to MC returns (sparse tasks)."""
     reward_neg: float = -1.0
@@ -171,7 +171,7 @@ class Args:
 
     # ---- run -------------------------------------------------------------------------
     log_every: int = 1000
-    """Read training metrics to the host (the only sync in pre-training) every N updates."""
+    """Read training metrics to the host (the only sync; Cal-QL: offline) every N updates."""
     max_abs_q: float = 1e6
     """Stop the run when |Q| exceeds this (divergence guard), checked when metrics are read."""
     compile: bool = False
@@ -453,10 +453,10 @@ def compute_losses(agent: Agent, batch: dict[str, torch.Tensor], args: Args, bc:
       alpha_prime_loss  log_alpha_prime   gap detached (lagrange_terms)
       (none)            target_critic     requires_grad False; Polyak in Trainer.step
 
-    Checked by tests/test_calql_losses.py::
-    test_gradients_are_disjoint_and_the_penalty_never_trains_the_actor (the map above).
+    Checked by tests/test_cql_sac_losses.py (test_compute_losses_gradients_are_disjoint: the
+    map above; alpha' a constant to the critics) and tests/test_calql_losses.py (the map).
     `bc`: behaviour cloning instead of the SAC actor loss (the first bc_steps updates);
-    `cql_weight`: the phase's CQL weight (Trainer.start_online)."""
+    `cql_weight` (Cal-QL): the phase's CQL weight (Trainer.start_online)."""
     obs, actions = batch["obs"], batch["actions"]
     alpha = agent.log_alpha.exp()  # before this step's update (rlkit steps alpha first, L164)
     # ---- actor: SAC loss, or behaviour cloning for the first bc_steps (official code) ----
@@ -519,11 +519,11 @@ def cql_term(agent: Agent, batch: dict[str, torch.Tensor], args: Args, q_data: t
 class Trainer:
     """Optimizers and one gradient step with no host sync (the metrics stay on the device until
     Run.log reads them); counts its updates for the behaviour-cloning warm start.
-    `start_online()` sets the fine-tuning phase's CQL weight (--cql-weight-online)."""
+    Cal-QL: `start_online()` sets the fine-tuning phase's CQL weight (--cql-weight-online)."""
 
     def __init__(self, agent: Agent, args: Args, device: torch.device):
         self.agent, self.args, self.updates = agent, args, 0
-        self.fine_tuning, self.cql_weight = False, args.cql_weight
+        self.fine_tuning = False  # start_online
         fused = device.type == "cuda"
         if fused:  # --tf32: TF32 matmuls on CUDA; default float32
             torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
@@ -537,8 +537,9 @@ class Trainer:
                                alpha_prime=adam([agent.log_alpha_prime], args.alpha_prime_lr))
         self.online = list(agent.critic.parameters())
         self.target = list(agent.target_critic.parameters())
-        self.weight = torch.tensor(float(args.cql_weight), device=device)  # compiled
-        update = lambda b, bc: calql_update(self, b, bc)
+        # the CQL weight, a tensor: the phase switch changes its value, not the compiled graph
+        self.weight = torch.tensor(float(args.cql_weight), device=device)
+        update = lambda b, bc: sac_update(self, b, bc)
         self.compiled = CompiledStep(update, self.optimizers.values(), args.cudagraphs and fused) \
             if args.compile else None
 
@@ -546,23 +547,16 @@ class Trainer:
         """The phase switch: no BC warm start, the online CQL weight."""
         self.fine_tuning = True
         if self.args.cql_weight_online is not None:
-            self.cql_weight = self.args.cql_weight_online
-            self.weight.fill_(float(self.cql_weight))  # the compiled step's: same graph
+            self.weight.fill_(float(self.args.cql_weight_online))
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         bc = not self.fine_tuning and self.updates < self.args.bc_steps
         self.updates += 1
-        if self.compiled is not None:  # --compile: this update, compiled (calql_update)
+        if self.compiled is not None:  # --compile: this update, compiled (sac_update)
             return self.compiled(batch, bc)
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        total, metrics = compute_losses(self.agent, batch, self.args, bc, self.cql_weight)
-        total.backward()
-        for opt in self.optimizers.values():
-            opt.step()
-        with torch.no_grad():  # Polyak averaging of the target critics
-            torch._foreach_lerp_(self.target, self.online, self.args.soft_target_update)
-        return metrics
+        return sac_update(self, batch, bc)
 
     def state_dict(self) -> dict[str, Any]:
         return dict(updates=self.updates,
@@ -574,13 +568,11 @@ class Trainer:
             opt.load_state_dict(state["optimizers"][k])
 
 
-# ---- compiled step (--compile / --cudagraphs): not needed to read the algorithm ---------
-# Trainer.step's update as one function, compiled (and CUDA-graphed) by CompiledStep (Part
-# III); the CQL weight a tensor (the phase switch changes its value, not the graph)
+# ---- the update: eager in Trainer.step, or compiled (--compile) by CompiledStep (Part III) --
 
 
-def calql_update(t: Trainer, batch: dict[str, torch.Tensor], bc: bool
-                 ) -> dict[str, torch.Tensor]:
+def sac_update(t: Trainer, batch: dict[str, torch.Tensor], bc: bool) -> dict[str, torch.Tensor]:
+    """Losses, backward, Adam steps, then Polyak averaging of the target critics."""
     total, metrics = compute_losses(t.agent, batch, t.args, bc, t.weight)
     total.backward()
     for opt in t.optimizers.values():
@@ -595,18 +587,35 @@ KEYS = ("obs", "next_obs", "actions", "rewards", "dones", "mc_returns")
 
 
 class ReplayBuffer:
-    """Transitions (KEYS) on the training device, sampled uniformly there: the dataset, or
-    (`capacity`) the online trajectories with their MC returns, which checkpoints hold."""
+    """The whole dataset as tensors on the training device; uniform sampling on the device."""
 
-    def __init__(self, data: dict[str, np.ndarray], device: torch.device, seed: int,
-                 capacity: int = 0):
-        self.size, self.online = 0, capacity > 0
-        self.capacity = capacity or len(data["obs"])
-        self.data = {k: torch.zeros((self.capacity, *data[k].shape[1:]), device=device)
-                     for k in KEYS}
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
-        self.add_trajectory(data)
+    def __init__(self, data: dict[str, np.ndarray], device: torch.device, seed: int):
+        self.data = {k: torch.as_tensor(v, device=device) for k, v in data.items()}
+        self.size = len(self.data["obs"])
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, self.size, (batch_size,), device=self.data["obs"].device,
+                            generator=self.generator)
+        return {k: v[idx] for k, v in self.data.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(generator=self.generator.get_state())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class OnlineBuffer(ReplayBuffer):
+    """The online trajectories with their MC returns (KEYS, as `like`), appended up to
+    `capacity` and sampled as ReplayBuffer; checkpoints hold them."""
+
+    def __init__(self, like: dict[str, np.ndarray], device: torch.device, seed: int,
+                 capacity: int):
+        self.data = {k: torch.zeros((capacity, *v.shape[1:]), device=device)
+                     for k, v in like.items()}
+        self.size, self.capacity = 0, capacity
+        self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def add_trajectory(self, traj: dict[str, np.ndarray]) -> None:
         n = len(traj["obs"])
@@ -616,24 +625,18 @@ class ReplayBuffer:
             self.data[k][self.size:self.size + n] = torch.as_tensor(traj[k])
         self.size += n
 
-    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
-        idx = torch.randint(0, self.size, (batch_size,), device=self.data["obs"].device,
-                            generator=self.generator)
-        return {k: v[idx] for k, v in self.data.items()}
-
     def state_dict(self) -> dict[str, Any]:
-        data = {k: v[:self.size].cpu() for k, v in self.data.items()} if self.online else None
+        data = {k: v[:self.size].cpu() for k, v in self.data.items()}
         return dict(size=self.size, data=data, generator=self.generator.get_state())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.online:
-            self.size = state["size"]
-            for k, v in state["data"].items():
-                self.data[k][:self.size] = v.to(self.data[k].device)
+        self.size = state["size"]
+        for k, v in state["data"].items():
+            self.data[k][:self.size] = v.to(self.data[k].device)
         self.generator.set_state(state["generator"])
 
 
-def mixed_batch(offline: ReplayBuffer, online: ReplayBuffer | None, batch_size: int,
+def mixed_batch(offline: ReplayBuffer, online: OnlineBuffer | None, batch_size: int,
                 mixing_ratio: float) -> dict[str, torch.Tensor]:
     """Online: round(batch * mixing_ratio) offline rows, the rest online (official
     `concatenate_batches` with int(): equal for 0.5, 128 + 128); pre-training: all offline."""
@@ -644,7 +647,7 @@ def mixed_batch(offline: ReplayBuffer, online: ReplayBuffer | None, batch_size: 
     return {k: torch.cat([a[k], b[k]]) for k in KEYS}
 
 
-# ---- evaluation, and online episodes in the same env with the same transform -------------
+# ---- evaluation (Cal-QL: and online episodes, the same env and transform) ----------------
 
 
 def collect_trajectory(agent: Agent, env: gym.Env, tf: Transform, args: Args,
@@ -656,10 +659,10 @@ def collect_trajectory(agent: Agent, env: gym.Env, tf: Transform, args: Args,
         x = torch.as_tensor(tf.obs(flatten_obs(obs)), device=device).reshape(1, -1)
         with torch.no_grad():
             action = agent.actor(x)[0][0].cpu().numpy()
-        obs, reward, terminal, truncated, ok = env_step(env, tf.to_env_action(action), args)
+        obs, reward, terminal, truncated, info = env_step(env, tf.to_env_action(action), args)
         rows.append((x[0].cpu().numpy(), tf.obs(flatten_obs(obs)), action, tf.reward(reward),
                      float(terminal)))
-        success, done = success or bool(ok), terminal or truncated
+        success, done = success or bool(info.get("success", False)), terminal or truncated
     columns = zip(*rows, strict=True)  # obs, next_obs, actions, rewards, dones: KEYS[:5]
     traj = {k: np.asarray(v, np.float32) for k, v in zip(KEYS[:5], columns, strict=True)}
     traj["mc_returns"] = mc_returns(traj["rewards"], traj["dones"], args.gamma,
@@ -669,59 +672,55 @@ def collect_trajectory(agent: Agent, env: gym.Env, tf: Transform, args: Args,
 
 def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[str, Any],
              device: torch.device, gap: dict[str, Any]) -> dict[str, float | None]:
-    """Deterministic policy for `eval_episodes` episodes with fixed seeds, one rollout each;
-    `gap` = config.json's eval_env["value_gap"] (value_gap_spec). Binary episodes end at
-    success. The score counts the first `score_max_steps` steps only (the horizon); success
-    rate = share of episodes that reach success within them.
-
-    score: 100 * success rate where the env reports success (the papers' metric on binary and
-    goal-reaching tasks), else the normalized return (only where the dataset's reference
-    scores apply to the evaluated return, see eval_env_description), else the mean return.
-    return_mean: the raw env return (binary: the relabelled {-1, 0} return); episode_length:
-    mean episode length (the horizon bounds it; success ends it).
-    value_gap: min_j Q_j(s0, pi(s0)) minus the discounted (scaled) return of the whole
-    rollout: to a terminal or `rollout_max_steps` (a time limit is no end: training
-    bootstraps through it); negative = conservative; value_gap_return: the same divided by
-    the reward scale (return_mean's units). value_gap_steps: its mean length;
-    value_gap_tail_bound: the mean bound on the return left out (0 after a terminal)."""
+    """Deterministic policy for `eval_episodes` episodes, seeds fixed (independent of history),
+    one rollout each (`gap`: config.json's eval_env["value_gap"]), stepped by env_step (Cal-QL:
+    binary episodes end at success). Scored over the first `score_max_steps` steps (the
+    horizon): score is the family's (info["score_definition"], Part II), success_rate the
+    share with a success (None: none reported), return_mean the raw return unless replaced.
+    value_gap (paper Table 4): min over twins of Q(s0, pi(s0)) minus the discounted return
+    (rewards as trained) of the whole rollout, to a true termination or `rollout_max_steps`
+    (a time limit is no end: training bootstraps through it); < 0: conservative; over the
+    reward scale: value_gap_return. Its mean length: value_gap_steps; the mean bound on the
+    return left out: value_gap_tail_bound."""
     score_steps, rollout_steps = (gap[k] or math.inf for k in ("score_max_steps",
                                                                 "rollout_max_steps"))
     episodes, has_success = [], False
     for i in range(args.eval_episodes):
         obs, _ = env.reset(seed=10_000 * (args.seed + 1) + i)
-        end, ep_return, disc_return, discount, t, success = False, 0.0, 0.0, 1.0, 0, False
+        end, ep_return, disc_return, discount, t, success, score_info = (
+            False, 0.0, 0.0, 1.0, 0, False, {})
         while not end:
             x = torch.as_tensor(tf.obs(flatten_obs(obs)), device=device).reshape(1, -1)
             action = agent.actor.act_deterministic(x)
             if t == 0:
                 with torch.no_grad():
                     pred = agent.critic(x, action).min(0).values.item()
-            obs, reward, terminal, truncated, ok = env_step(
+            obs, reward, terminated, truncated, step_info = env_step(
                 env, tf.to_env_action(action[0].cpu().numpy()), args)
             if t < score_steps:
-                has_success, success = has_success or ok is not None, success or bool(ok)
-                ep_return += reward
-            disc_return += discount * float(tf.reward(reward))
-            discount, end, t = discount * args.gamma, terminal or truncated, t + 1
-            end = end or t >= rollout_steps
-        tail = 0.0 if terminal else gap_tail_bound(args.gamma, t, gap["reward_abs_max"])
+                ep_return += float(reward)
+                has_success = has_success or "success" in step_info
+                success = success or bool(step_info.get("success", False))
+            disc_return += discount * float(tf.reward(float(reward)))
+            discount, t = discount * args.gamma, t + 1
+            end = terminated or truncated or t >= rollout_steps
+            if t == score_steps or end and t < score_steps:  # the last scored step's info,
+                score_info = copy.deepcopy(step_info)  # copied: envs may grow its lists later
+        tail = 0.0 if terminated else gap_tail_bound(args.gamma, t, gap["reward_abs_max"])
         episodes.append((ep_return, pred, pred - disc_return, success, min(t, score_steps), t,
-                         tail))
+                         tail, score_info))
     returns, preds, gaps, successes, lengths, steps = (np.array(x, np.float64) for x in zip(
         *(e[:6] for e in episodes), strict=True))
-    tails = [e[6] for e in episodes]  # None: unbounded
-    ret = float(np.mean(returns))
-    lo, hi = info.get("ref_min_score"), info.get("ref_max_score")
-    norm = 100.0 * (ret - lo) / (hi - lo) if lo is not None and hi is not None else None
-    rate = float(np.mean(successes)) if has_success else None
-    score = 100.0 * rate if rate is not None else (norm if norm is not None else ret)
+    tails, rate = [e[6] for e in episodes], float(np.mean(successes)) if has_success else None
+    score, extra = family_of(info.get("family")).score(info, returns, rate,
+                                                       [e[7] for e in episodes])
     return dict(return_mean=float(np.mean(returns)), return_std=float(np.std(returns)),
-                score=score, success_rate=float(np.mean(successes)) if has_success else None,
-                episode_length=float(np.mean(lengths)), value_gap=float(np.mean(gaps)),
+                score=score, success_rate=rate, episode_length=float(np.mean(lengths)),
+                value_gap=float(np.mean(gaps)),
                 value_gap_return=float(np.mean(gaps)) / (tf.reward_scale or math.nan),
                 value_gap_steps=float(np.mean(steps)),
                 value_gap_tail_bound=None if None in tails else float(np.mean(tails)),
-                q_pred_s0=float(np.mean(preds)))
+                q_pred_s0=float(np.mean(preds))) | extra
 
 
 # ---- main loop ---------------------------------------------------------------------------
@@ -734,36 +733,35 @@ def main(args: Args) -> dict[str, Any]:
     args = replace(args, run_dir=args.resume or args.run_dir or default_run_dir(args))
     torch.manual_seed(args.seed)  # all training randomness is torch's; envs are seeded
     data = load_data(args)
-    offline = ReplayBuffer(data.transitions, device, args.seed)
-    online = ReplayBuffer({k: v[:0] for k, v in data.transitions.items()}, device,
-                          args.seed + 1, args.online_steps + data.eval_env["max_episode_steps"])
+    buffer = ReplayBuffer(data.transitions, device, args.seed)
+    online = OnlineBuffer(data.transitions, device, args.seed + 1,
+                          args.online_steps + data.eval_env["max_episode_steps"])
     agent = Agent(data.info["obs_dim"], data.info["action_dim"], args).to(device)
     trainer = Trainer(agent, args, device)
     spec = dict(data.eval_env, value_gap=value_gap_spec(
         args.gamma, data.eval_env["max_episode_steps"], data.transitions["rewards"]))
-    # online episodes keep the horizon; evaluation rolls out the value gap's longer limit
-    env = make_eval_env(spec)
-    eval_env = make_eval_env(spec, spec["value_gap"]["rollout_max_steps"], render_mode(args))
+    env = make_eval_env(spec, spec["value_gap"]["rollout_max_steps"], render_mode(args))
     loop = Counters()
-    run = Run(args, dict(agent=agent, trainer=trainer, offline=offline, online=online,
+    run = Run(args, dict(agent=agent, trainer=trainer, offline=buffer, online=online,
                          loop=loop), data.info, spec, device)
-    eval_env = run.recorded(eval_env)  # --capture-video (Part III)
-    evaluate_policy = lambda: evaluate(agent, eval_env, data.tf, args, data.info, device,
-                                       spec["value_gap"])
+    env = run.recorded(env)  # --capture-video (Part III)
+    evaluation = lambda: evaluate(agent, env, data.tf, args, data.info, device, spec["value_gap"])
     if run.after:  # --evaluate / --export-policy RUN_DIR (Part III)
-        return run.after_training(evaluate_policy, lambda: EnvPolicy(agent.actor, data.tf))
+        return run.after_training(evaluation, lambda: EnvPolicy(agent.actor, data.tf))
+    # online episodes keep the horizon; evaluation (env) rolls out the value gap's longer limit
+    online_env = make_eval_env(spec)
     name = f"{'Cal-QL' if args.enable_calql else 'CQL'} {args.env}"
     # ---- offline pre-training: CQL / Cal-QL updates on offline batches -----------------
     if not run.history:  # the initial policy, as the official loop's epoch 0
-        run.evaluate_and_checkpoint(0, evaluate_policy, phase="offline", env_steps=0)
+        run.evaluate_and_checkpoint(0, evaluation, phase="offline", env_steps=0)
     bar = progress_bar(args, run.step, args.offline_steps, f"{name} offline")  # as `step`
     for step in range(run.step + 1, args.offline_steps + 1):
-        metrics = trainer.step(offline.sample(args.batch_size))
+        metrics = trainer.step(buffer.sample(args.batch_size))
         advance(bar, 1, last=step == args.offline_steps)
         if run.due(step, args.log_every, args.offline_eval_every, last=args.offline_steps):
             run.log(step, metrics)
         if run.due(step, args.offline_eval_every, last=args.offline_steps):  # last: offline score
-            run.evaluate_and_checkpoint(step, evaluate_policy, phase="offline", env_steps=0)
+            run.evaluate_and_checkpoint(step, evaluation, phase="offline", env_steps=0)
         run.stop_if_signalled(step)
 
     # ---- online fine-tuning (Cal-QL official loop): a whole trajectory with the stochastic
@@ -775,14 +773,14 @@ def main(args: Args) -> dict[str, Any]:
     trainer.start_online()
     bar = progress_bar(args, loop.env_steps, args.online_steps, f"{name} online")  # env_steps
     while loop.env_steps < args.online_steps:
-        traj, _ = collect_trajectory(agent, env, data.tf, args, device,
+        traj, _ = collect_trajectory(agent, online_env, data.tf, args, device,
                                      seed=1_000_000 * (args.seed + 1) + loop.episodes)
         online.add_trajectory(traj)
         n, before = len(traj["rewards"]), loop.env_steps
         loop.env_steps, loop.episodes = before + n, loop.episodes + 1
         for _ in range(n * args.utd):
             step += 1
-            metrics = trainer.step(mixed_batch(offline, online, args.batch_size,
+            metrics = trainer.step(mixed_batch(buffer, online, args.batch_size,
                                                args.mixing_ratio))
             if run.due(step, args.log_every):
                 run.log(step, metrics)
@@ -792,10 +790,10 @@ def main(args: Args) -> dict[str, Any]:
         if loop.env_steps // args.eval_every > before // args.eval_every or \
                 loop.env_steps >= args.online_steps:
             run.log(step, metrics)
-            run.evaluate_and_checkpoint(step, evaluate_policy, phase="online",
+            run.evaluate_and_checkpoint(step, evaluation, phase="online",
                                         env_steps=loop.env_steps)
         run.stop_if_signalled(step)
-    for resource in (bar, env, eval_env):
+    for resource in (bar, online_env, env):
         resource.close()
     return run.finish(dict(final_summary(run.history, data.info), gradient_steps=step,
                            env_steps=loop.env_steps, episodes=loop.episodes))
@@ -843,7 +841,7 @@ def value_gap_spec(gamma: float, score_steps: int | None, rewards: np.ndarray
         "an env's own truncation before rollout_max_steps: see value_gap_tail_bound in metrics")
 
 
-# ---- Minari loading: episodes to transitions with MC returns, the evaluation env ---------
+# ---- Minari loading: episodes to transitions (+ MC returns), transforms, the eval env -----
 
 
 def load_minari_dataset(dataset_id: str):
@@ -1063,6 +1061,48 @@ def register_robotics_envs(env_id: str) -> None:
         print(notice.getvalue().strip(), file=sys.stderr)
 
 
+def episode_to_transitions(observations: Any, actions: np.ndarray, rewards: np.ndarray,
+                           terminations: np.ndarray, truncations: np.ndarray) -> dict[str, Any]:
+    """One episode (T+1 observations, T steps) -> T transitions, `next_obs[t] = obs[t+1]`; `done`
+    is termination only: a truncation (time limit) is not terminal, its target bootstraps."""
+    obs = flatten_obs(observations)
+    if obs.ndim == 1:
+        obs = obs[:, None]
+    steps = len(actions)
+    if len(obs) != steps + 1:
+        fail(f"episode has {len(obs)} observations for {steps} actions (expected T+1)")
+    return dict(obs=obs[:-1], next_obs=obs[1:],
+                actions=np.asarray(actions, np.float32).reshape(steps, -1),
+                rewards=np.asarray(rewards, np.float32).reshape(steps),
+                dones=np.asarray(terminations, np.float32).reshape(steps),
+                timeouts=np.asarray(truncations, np.float32).reshape(steps))
+
+
+def reward_scale_bias(data: dict[str, np.ndarray], args: Args) -> tuple[float, float]:
+    """The rewards' r * scale + bias (make_transform): --reward-scale, --reward-bias."""
+    return float(args.reward_scale), float(args.reward_bias)
+
+
+def make_transform(data: dict[str, np.ndarray], action_space: gym.spaces.Box,
+                   args: Args) -> Transform:
+    """Observation statistics, action rescaling and reward scale/bias from the dataset."""
+    dim = data["obs"].shape[1]
+    mean, std = np.zeros(dim, np.float32), np.ones(dim, np.float32)
+    if args.normalize_states:
+        mean, std = data["obs"].mean(0), data["obs"].std(0) + 1e-3
+    low, high = action_space.low.astype(np.float32), action_space.high.astype(np.float32)
+    return Transform(mean.astype(np.float32), std.astype(np.float32), (high - low) / 2,
+                     (high + low) / 2, *reward_scale_bias(data, args))
+
+
+def apply_transform(data: dict[str, np.ndarray], tf: Transform) -> dict[str, np.ndarray]:
+    """Normalized observations, actions in [-1, 1], scaled rewards: what the networks see."""
+    return dict(obs=tf.obs(data["obs"]), next_obs=tf.obs(data["next_obs"]),
+                actions=tf.from_env_action(data["actions"]),
+                rewards=np.asarray(tf.reward(data["rewards"]), np.float32),
+                dones=data["dones"])
+
+
 def step_success(infos: dict | None, steps: int) -> np.ndarray | None:
     """Per-step `success` flags [T] from Minari episode infos, or None if not recorded
     (Minari's collectors store the reset info first: T+1 entries, the last T are the steps)."""
@@ -1119,13 +1159,9 @@ def episode_transitions(ep, args: Args) -> dict[str, np.ndarray] | None:
     """One Minari episode -> raw transitions (rewards relabelled if binary), or None if a
     binary trajectory without success is dropped. `reached`: the episode has a success step
     (from the `success` infos; None when the dataset records none)."""
-    obs = flatten_obs(ep.observations)
-    obs = obs[:, None] if obs.ndim == 1 else obs
-    steps = len(ep.actions)
-    if len(obs) != steps + 1:
-        fail(f"episode has {len(obs)} observations for {steps} actions (expected T+1)")
-    rewards = np.asarray(ep.rewards, np.float32).reshape(steps)
-    terms = np.asarray(ep.terminations, np.float32).reshape(steps)
+    tr = episode_to_transitions(ep.observations, ep.actions, ep.rewards, ep.terminations,
+                                ep.truncations)
+    rewards, terms, steps = tr["rewards"], tr["dones"], len(tr["actions"])
     success = step_success(getattr(ep, "infos", None), steps)
     if (args.binary or args.goal_terminals) and success is None:
         fail(f"dataset {args.dataset_id} has no per-step 'success' info; --env {args.env} "
@@ -1142,64 +1178,53 @@ def episode_transitions(ep, args: Args) -> dict[str, np.ndarray] | None:
         # AntMaze data is a continuing task (never terminated); its reward 1 and `success`
         # info are the same event (distance to the goal <= 0.45).
         terms = np.maximum(terms, success.astype(np.float32))
-    actions = np.asarray(ep.actions, np.float32).reshape(len(ep.actions), -1)
     reached = None if success is None else bool(success[:steps].any())
-    return dict(obs=obs[:steps], next_obs=obs[1:steps + 1], actions=actions[:steps],
-                rewards=rewards, dones=terms, reached=reached)
+    return dict(obs=tr["obs"][:steps], next_obs=tr["next_obs"][:steps],
+                actions=tr["actions"][:steps], rewards=rewards, dones=terms, reached=reached)
 
 
 @dataclass
 class Data:
     """What training and evaluation take from a dataset."""
 
-    transitions: dict[str, np.ndarray]  # KEYS, transformed: the offline replay buffer
-    tf: Transform  # applied identically to online and evaluation steps
+    transitions: dict[str, np.ndarray]  # obs, next_obs, actions, rewards, dones (+ mc_returns)
+    tf: Transform  # applied identically at evaluation (Cal-QL: and to online steps)
     info: dict[str, Any]  # dataset facts and how it is scored (config.json "dataset")
-    eval_env: dict[str, Any]  # JSON spec of the online/evaluation env (make_eval_env)
+    eval_env: dict[str, Any]  # JSON spec of the evaluation env (config.json "eval_env")
 
 
 def load_data(args: Args) -> Data:
-    """Dataset id -> offline transitions with MC returns, transform, dataset facts and the
-    evaluation env's spec."""
+    """Dataset id -> transitions as the networks see them, their transform, facts, eval env."""
     dataset = load_minari_dataset(args.dataset_id)
     if not isinstance(dataset.action_space, gym.spaces.Box):
         fail(f"dataset {args.dataset_id} has a {type(dataset.action_space).__name__} action "
              "space; this script needs continuous (Box) actions: use cql_qrdqn_atari.py")
-    episodes, reached, total = [], [], 0
-    for ep in stepped_episodes(tqdm(dataset.iterate_episodes(), total=dataset.total_episodes,
-                                    leave=False, desc=f"loading {args.dataset_id}",
-                                    disable=not args.progress), args.dataset_id):
-        total += 1
+    episodes = tqdm(dataset.iterate_episodes(), total=dataset.total_episodes, leave=False,
+                    desc=f"loading {args.dataset_id}", disable=not args.progress)
+    kept, reached = [], []
+    for ep in stepped_episodes(episodes, args.dataset_id):
         tr = episode_transitions(ep, args)
         reached.append(False if tr is None else tr.pop("reached"))  # None: binary, no success
         if tr is not None and len(tr["rewards"]):
-            episodes.append(tr)
-    if not episodes:
-        fail(f"dataset {args.dataset_id}: none of its {total} trajectories reaches success; "
-             "nothing is left after dropping failures")
-    raw = {k: np.concatenate([e[k] for e in episodes]) for k in episodes[0]}
-    check_finite(raw, args.dataset_id)
-    check_actions(raw["actions"], dataset.action_space, args.dataset_id)
-    low = dataset.action_space.low.astype(np.float32)
-    high = dataset.action_space.high.astype(np.float32)
-    dim = raw["obs"].shape[1]
-    mean, std = ((raw["obs"].mean(0), raw["obs"].std(0) + 1e-3) if args.normalize_states
-                 else (np.zeros(dim, np.float32), np.ones(dim, np.float32)))
-    tf = Transform(mean.astype(np.float32), std.astype(np.float32), (high - low) / 2,
-                   (high + low) / 2, float(args.reward_scale), float(args.reward_bias))
+            kept.append(tr)
+    if not kept:
+        fail(f"dataset {args.dataset_id}: none of its {len(reached)} trajectories reaches "
+             "success; nothing is left after dropping failures")
+    data = {k: np.concatenate([e[k] for e in kept]) for k in kept[0]}
+    check_finite(data, args.dataset_id)
+    check_actions(data["actions"], dataset.action_space, args.dataset_id)
+    tf = make_transform(data, dataset.action_space, args)
     r_neg = float(tf.reward(args.reward_neg))
     # MC returns per trajectory, on the scaled rewards (Cal-QL official order).
     mc = [segment_mc_returns(tf.reward(e["rewards"]), e["dones"], args.gamma,
-                             args.sparse_reward, r_neg) for e in episodes]
-    data = dict(obs=tf.obs(raw["obs"]), next_obs=tf.obs(raw["next_obs"]),
-                actions=tf.from_env_action(raw["actions"]),
-                rewards=np.asarray(tf.reward(raw["rewards"]), np.float32),
-                dones=raw["dones"].astype(np.float32), mc_returns=np.concatenate(mc))
+                             args.sparse_reward, r_neg) for e in kept]
+    data = dict(apply_transform(data, tf), mc_returns=np.concatenate(mc))
     eval_env, comparable = eval_env_description(dataset, args)
     make_eval_env(eval_env, dataset_id=args.dataset_id).close()  # now, not after training
     meta = dataset.storage.metadata
-    info = dict(dataset_id=args.dataset_id, episodes_in_dataset=total,
-                episodes_kept=len(episodes), transitions=len(data["obs"]), obs_dim=dim,
+    info = dict(dataset_id=args.dataset_id, episodes_in_dataset=len(reached),
+                episodes_kept=len(kept), transitions=len(data["obs"]),
+                obs_dim=data["obs"].shape[1],
                 action_dim=data["actions"].shape[1], horizon=eval_env["max_episode_steps"],
                 # share of the dataset's episodes with a success step (from the `success`
                 # infos, before any is dropped); None: the dataset records no success
@@ -1209,6 +1234,61 @@ def load_data(args: Args) -> Data:
                 **{k: float(meta[k]) if comparable and meta.get(k) is not None else None
                    for k in ("ref_min_score", "ref_max_score")})
     return Data(data, tf, info, eval_env)
+
+
+# ---- dataset families: what each does to the data, its evaluation env, its score ----------
+# One block per family, each registering a Family in FAMILIES; a dataset of no family takes
+# FAMILIES[""] where set (Cal-QL: its success score), else the generic Family() defaults (as
+# in a copy of this file with the blocks deleted).
+
+
+def reference_scoring(meta: dict[str, Any], dataset_id: str) -> dict[str, Any]:
+    """Generic score: the dataset metadata's reference returns, where it has them."""
+    lo, hi = (None if meta.get(k) is None else float(meta[k])
+              for k in ("ref_min_score", "ref_max_score"))
+    source = None if lo is None or hi is None else "dataset metadata (ref_min_score / " \
+        "ref_max_score)"
+    return dict(score_definition="100 * (return - ref_min) / (ref_max - ref_min)" if source
+                else None, ref_min_score=lo, ref_max_score=hi, ref_source=source)
+
+
+def reference_score(info: dict[str, Any], returns: np.ndarray, rate: float | None,
+                    last_infos: list[dict]) -> tuple[float | None, dict[str, float]]:
+    """The score of evaluation episodes from the reference returns (None without)."""
+    ret, lo, hi = float(np.mean(returns)), info.get("ref_min_score"), info.get("ref_max_score")
+    return (100.0 * (ret - lo) / (hi - lo) if lo is not None and hi is not None else None), {}
+
+
+@dataclass(frozen=True)
+class Family:
+    """A dataset family's changes to the generic path (the defaults)."""
+
+    terminals: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None  # new `dones`
+    eval_spec: Callable[[Any, Any], Any] = lambda data_spec, eval_spec: eval_spec or data_spec
+    scoring: Callable[[dict[str, Any], str], dict[str, Any]] = reference_scoring
+    score: Callable[..., tuple[float | None, dict[str, float]]] = reference_score
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def family_of(name: str | None) -> Family:
+    return FAMILIES.get(name or "", Family())
+
+
+def success_score(info: dict[str, Any], returns: np.ndarray, rate: float | None,
+                  last_infos: list[dict]) -> tuple[float, dict[str, float]]:
+    """Cal-QL's score of every dataset: 100 x success rate where the env reports success (the
+    papers' metric on binary and goal-reaching tasks), else the normalized return (only where
+    the dataset's reference scores apply to the evaluated return, see eval_env_description),
+    else the mean return."""
+    norm, _ = reference_score(info, returns, rate, last_infos)
+    if rate is not None:
+        return 100.0 * rate, {}
+    return (norm if norm is not None else float(np.mean(returns))), {}
+
+
+FAMILIES[""] = Family(score=success_score)  # Cal-QL's datasets name no family: family_of(None)
 
 
 def jsonable(value: Any) -> Any:
@@ -1269,19 +1349,18 @@ def binary_relabel(success: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def env_step(env: gym.Env, action: np.ndarray, args: Args
-             ) -> tuple[Any, float, bool, bool, bool | None]:
-    """One env step -> (obs, raw reward, terminal, time-limit truncation, success or None
-    when the env reports no success). Binary tasks: reward success - 1, and the episode
-    ends, as a terminal, at success."""
+             ) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+    """One env step -> (obs, raw reward, terminal, time-limit truncation, info). Binary tasks:
+    reward success - 1, and the episode ends, as a terminal, at success."""
     obs, reward, terminated, truncated, info = env.step(action)
-    success = bool(info["success"]) if "success" in info else None
     if args.binary:
         # Binary Adroit as the official mj_envs fork (nakamotoo/mj_envs, `reward_type=
         # "binary"`: r = goal_achieved - 1) and Cal-QL's sampler (JaxCQL/sampler.py ends the
         # episode when goal_achieved). The env's own `terminated` is dropped: the fork's
         # pen-binary-v0 never ends early (early_termination=False), door/relocate never do.
-        reward, terminated = float(bool(success)) - 1.0, bool(success)
-    return obs, float(reward), bool(terminated), bool(truncated) and not terminated, success
+        success = bool(info.get("success", False))
+        reward, terminated = float(success) - 1.0, success
+    return obs, float(reward), bool(terminated), bool(truncated) and not terminated, info
 
 
 # ---- family: AntMaze ---------------------------------------------------------------------
@@ -1602,7 +1681,7 @@ def presets_markdown() -> str:
                       f"`--dataset-id` without a preset `--env`: {alone}."])
 
 
-# ---- the run: loop counters, summary and length (main and Part III) ----------------------
+# ---- the run: its summary and length (main and Part III; Cal-QL: loop counters) ----------
 
 
 class Counters:

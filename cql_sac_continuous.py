@@ -9,13 +9,13 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
     python cql_sac_continuous.py --env pendulum-medium          # local dataset (see README)
     python cql_sac_continuous.py --dataset-id mujoco/hopper/expert-v0 --device cuda
 
-- Part I, the algorithm (lines 51-650): Args, networks, losses, the training step, the replay
+- Part I, the algorithm (lines 51-649): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 651-1501): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 650-1511): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1502-2577): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1512-2587): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class Args:
     unknown or no `--env`, takes the preset of its family (mujoco/, D4RL/antmaze/, ...), else
     the defaults (the paper's, for any continuous-action dataset)."""
     seed: int = 0
-    """Random seed (networks, sampling, evaluation episodes)."""
+    """Random seed (networks, sampling, evaluation episodes; Cal-QL: online ones too)."""
     device: str = "auto"
     """Device: auto, cpu or cuda (auto picks CUDA when available)."""
     threads: int | None = None
@@ -109,7 +109,7 @@ class Args:
     target_entropy: float | None = None
     """Entropy target of the automatic temperature; None: -|A| (SAC)."""
     bc_steps: int = 0
-    """Behaviour-cloning warm start of the actor, this many steps (official `policy_eval_start`)."""
+    """Behaviour cloning of the actor for the first N (offline) steps (CQL `policy_eval_start`)."""
     backup_entropy: bool = False
     """Keep -alpha*log pi in the Bellman target (off: the official `deterministic_backup=True`)."""
     max_backup: bool = False
@@ -117,12 +117,11 @@ class Args:
     max_backup_form: Literal["cql", "calql"] = "cql"
     """`cql`: min over critics of each one's max (rlkit); `calql`: max of the twin-min (Cal-QL)."""
 
-    # ---- CQL -------------------------------------------------------------------------
+    # ---- the conservative penalty (CQL; Cal-QL: calibrated) --------------------------
     cql_weight: float = 5.0
     """Weight w of the conservative penalty (official `min_q_weight`; 0: naive offline SAC)."""
     cql_importance_sample: bool = True
-    """CQL(H)'s importance-sampled logsumexp (App. F; official `min_q_version 3`); --no-...:
-    plain logsumexp over [rand, data, pi(s'), pi(s)] Q (`min_q_version 2`, "CQL(rho)")."""
+    """Importance-sampled logsumexp, CQL(H) (`min_q_version 3`); --no-...: plain, with Q_data."""
     cql_data_term: bool = True
     """Subtract E_D[Q(s,a)] (Eq. 2/4); --no-cql-data-term gives the Eq. 1 variant (Table 5)."""
     cql_n_actions: int = 10
@@ -144,8 +143,7 @@ class Args:
     """`cql`: alpha'*(w*gap - tau) (rlkit `cql.py`); `calql`: alpha'*w*(gap - tau) (Cal-QL
     `conservative_sac.py`, CORL `cql.py`). See --cql-tau."""
     log_alpha_prime_init: float = 0.0
-    """Initial log alpha' (Lagrange only): 0.0 in rlkit `cql.py` (`ptu.zeros(1)`), 1.0 in Cal-QL
-    (`Scalar(1.0)`) and CORL."""
+    """Initial log alpha' (Lagrange only): rlkit `cql.py` 0.0 (`ptu.zeros(1)`), Cal-QL/CORL 1.0."""
     alpha_prime_lr: float = 3e-4
     """Learning rate of log alpha' (Lagrange only)."""
 
@@ -153,15 +151,15 @@ class Args:
     reward_mode: Literal["none", "locomotion", "scale_bias"] = "none"
     """`none`; `locomotion`: r*1000/(max_return - min_return); `scale_bias`: r*scale + bias."""
     reward_scale: float = 1.0
-    """Scale for reward_mode scale_bias."""
+    """Rewards become r * scale + bias (CQL-SAC: with --reward-mode scale_bias)."""
     reward_bias: float = 0.0
-    """Bias for reward_mode scale_bias."""
+    """Rewards become r * scale + bias (CQL-SAC: with --reward-mode scale_bias)."""
     normalize_states: bool = False
     """Normalize observations with the dataset mean/std (eps 1e-3), at evaluation too."""
 
     # ---- run -------------------------------------------------------------------------
     log_every: int = 1000
-    """Read training metrics to the host (the only sync) every this many steps."""
+    """Read training metrics to the host (the only sync; Cal-QL: offline) every N updates."""
     max_abs_q: float = 1e6
     """Stop the run when |Q| exceeds this (divergence guard), checked when metrics are read."""
     compile: bool = False
@@ -416,10 +414,10 @@ def compute_losses(agent: Agent, batch: dict[str, torch.Tensor], args: Args, bc:
       alpha_prime_loss  log_alpha_prime   gap detached (lagrange_terms)
       (none)            target_critic     requires_grad False; Polyak in Trainer.step
 
-    Checked by tests/test_cql_sac_losses.py: test_compute_losses_gradients_are_disjoint
-    (the map above), test_cql_term_matches_manual_computation_and_never_trains_the_actor,
-    test_lagrange_alpha_prime_rises_above_tau_and_falls_below (alpha' constant to critics).
-    `bc`: behaviour cloning instead of the SAC actor loss (the first bc_steps updates)."""
+    Checked by tests/test_cql_sac_losses.py (test_compute_losses_gradients_are_disjoint: the
+    map above; alpha' a constant to the critics) and tests/test_calql_losses.py (the map).
+    `bc`: behaviour cloning instead of the SAC actor loss (the first bc_steps updates);
+    `cql_weight` (Cal-QL): the phase's CQL weight (Trainer.start_online)."""
     obs, actions = batch["obs"], batch["actions"]
     alpha = agent.log_alpha.exp()  # before this step's update (rlkit steps alpha first, L164)
     # ---- actor: SAC loss, or behaviour cloning for the first bc_steps (official code) ----
@@ -482,7 +480,8 @@ def cql_term(agent: Agent, batch: dict[str, torch.Tensor], args: Args, q_data: t
 
 class Trainer:
     """Optimizers and one gradient step with no host sync (the metrics stay on the device until
-    Run.log reads them); counts its updates for the behaviour-cloning warm start."""
+    Run.log reads them); counts its updates for the behaviour-cloning warm start.
+    Cal-QL: `start_online()` sets the fine-tuning phase's CQL weight (--cql-weight-online)."""
 
     def __init__(self, agent: Agent, args: Args, device: torch.device):
         self.agent, self.args, self.updates = agent, args, 0
@@ -558,16 +557,16 @@ class ReplayBuffer:
         self.generator.set_state(state["generator"])
 
 
-# ---- evaluation --------------------------------------------------------------------------
+# ---- evaluation (Cal-QL: and online episodes, the same env and transform) ----------------
 
 
 def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[str, Any],
              device: torch.device, gap: dict[str, Any]) -> dict[str, float | None]:
     """Deterministic policy for `eval_episodes` episodes, seeds fixed (independent of history),
-    one rollout each (`gap`: config.json's eval_env["value_gap"]). The score counts the first
-    `score_max_steps` steps (the family's horizon): score is the family's score
-    (info["score_definition"], Part II), by default 100*(return - ref_min)/(ref_max - ref_min);
-    return_mean is the raw return unless the family's score replaces it.
+    one rollout each (`gap`: config.json's eval_env["value_gap"]), stepped by env_step (Cal-QL:
+    binary episodes end at success). Scored over the first `score_max_steps` steps (the
+    horizon): score is the family's (info["score_definition"], Part II), success_rate the
+    share with a success (None: none reported), return_mean the raw return unless replaced.
     value_gap (paper Table 4): min over twins of Q(s0, pi(s0)) minus the discounted return
     (rewards as trained) of the whole rollout, to a true termination or `rollout_max_steps`
     (a time limit is no end: training bootstraps through it); < 0: conservative; over the
@@ -586,8 +585,8 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
             if t == 0:
                 with torch.no_grad():
                     pred = agent.critic(x, action).min(0).values.item()
-            obs, reward, terminated, truncated, step_info = env.step(
-                tf.to_env_action(action[0].cpu().numpy()))
+            obs, reward, terminated, truncated, step_info = env_step(
+                env, tf.to_env_action(action[0].cpu().numpy()), args)
             if t < score_steps:
                 ep_return += float(reward)
                 has_success = has_success or "success" in step_info
@@ -602,12 +601,12 @@ def evaluate(agent: Agent, env: gym.Env, tf: Transform, args: Args, info: dict[s
                          tail, score_info))
     returns, preds, gaps, successes, lengths, steps = (np.array(x, np.float64) for x in zip(
         *(e[:6] for e in episodes), strict=True))
-    tails = [e[6] for e in episodes]  # None: unbounded
-    score, extra = family_of(info.get("family")).score(info, returns, successes,
+    tails, rate = [e[6] for e in episodes], float(np.mean(successes)) if has_success else None
+    score, extra = family_of(info.get("family")).score(info, returns, rate,
                                                        [e[7] for e in episodes])
     return dict(return_mean=float(np.mean(returns)), return_std=float(np.std(returns)),
-                score=score, success_rate=float(np.mean(successes)) if has_success else None,
-                episode_length=float(np.mean(lengths)), value_gap=float(np.mean(gaps)),
+                score=score, success_rate=rate, episode_length=float(np.mean(lengths)),
+                value_gap=float(np.mean(gaps)),
                 value_gap_return=float(np.mean(gaps)) / (tf.reward_scale or math.nan),
                 value_gap_steps=float(np.mean(steps)),
                 value_gap_tail_bound=None if None in tails else float(np.mean(tails)),
@@ -622,7 +621,7 @@ def main(args: Args) -> dict[str, Any]:
     check_args(args)
     device = pick_device(args.device)
     args = replace(args, run_dir=args.resume or args.run_dir or default_run_dir(args))
-    torch.manual_seed(args.seed)  # all training randomness is torch's; eval envs are seeded
+    torch.manual_seed(args.seed)  # all training randomness is torch's; envs are seeded
     data = load_data(args)
     buffer = ReplayBuffer(data.transitions, device, args.seed)
     agent = Agent(data.info["obs_dim"], data.info["action_dim"], args).to(device)
@@ -690,7 +689,7 @@ def value_gap_spec(gamma: float, score_steps: int | None, rewards: np.ndarray
         "an env's own truncation before rollout_max_steps: see value_gap_tail_bound in metrics")
 
 
-# ---- Minari loading: episodes to transitions, the transforms, the evaluation env ---------
+# ---- Minari loading: episodes to transitions (+ MC returns), transforms, the eval env -----
 
 
 def load_minari_dataset(dataset_id: str):
@@ -939,6 +938,16 @@ def episodes_to_transitions(episodes) -> dict[str, np.ndarray]:
     return data
 
 
+def reward_scale_bias(data: dict[str, np.ndarray], args: Args) -> tuple[float, float]:
+    """The rewards' r * scale + bias (make_transform), by --reward-mode."""
+    if args.reward_mode == "none":
+        return 1.0, 0.0
+    if args.reward_mode == "locomotion":  # CORL / IQL: r * 1000 / (max_ret - min_ret)
+        spread = float(data["episode_returns"].max() - data["episode_returns"].min())
+        return 1000.0 / max(spread, 1e-6), 0.0
+    return float(args.reward_scale), float(args.reward_bias)
+
+
 def make_transform(data: dict[str, np.ndarray], action_space: gym.spaces.Box,
                    args: Args) -> Transform:
     """Observation statistics, action rescaling and reward scale/bias from the dataset."""
@@ -947,21 +956,14 @@ def make_transform(data: dict[str, np.ndarray], action_space: gym.spaces.Box,
     if args.normalize_states:
         mean, std = data["obs"].mean(0), data["obs"].std(0) + 1e-3
     low, high = action_space.low.astype(np.float32), action_space.high.astype(np.float32)
-    scale, bias = float(args.reward_scale), float(args.reward_bias)
-    if args.reward_mode == "none":
-        scale, bias = 1.0, 0.0
-    elif args.reward_mode == "locomotion":  # CORL / IQL: r * 1000 / (max_ret - min_ret)
-        spread = float(data["episode_returns"].max() - data["episode_returns"].min())
-        scale, bias = 1000.0 / max(spread, 1e-6), 0.0
     return Transform(mean.astype(np.float32), std.astype(np.float32), (high - low) / 2,
-                     (high + low) / 2, scale, bias)
+                     (high + low) / 2, *reward_scale_bias(data, args))
 
 
 def apply_transform(data: dict[str, np.ndarray], tf: Transform) -> dict[str, np.ndarray]:
     """Normalized observations, actions in [-1, 1], scaled rewards: what the networks see."""
-    actions = (data["actions"] - tf.action_bias) / tf.action_scale
     return dict(obs=tf.obs(data["obs"]), next_obs=tf.obs(data["next_obs"]),
-                actions=np.clip(actions, -1.0, 1.0).astype(np.float32),
+                actions=tf.from_env_action(data["actions"]),
                 rewards=np.asarray(tf.reward(data["rewards"]), np.float32),
                 dones=data["dones"])
 
@@ -990,8 +992,8 @@ def eval_env_spec(dataset, family: str | None) -> gym.envs.registration.EnvSpec:
 class Data:
     """What training and evaluation take from a dataset."""
 
-    transitions: dict[str, np.ndarray]  # obs, actions, rewards, next_obs, dones, as trained on
-    tf: Transform  # applied identically at evaluation
+    transitions: dict[str, np.ndarray]  # obs, next_obs, actions, rewards, dones (+ mc_returns)
+    tf: Transform  # applied identically at evaluation (Cal-QL: and to online steps)
     info: dict[str, Any]  # dataset facts and how it is scored (config.json "dataset")
     eval_env: dict[str, Any]  # JSON spec of the evaluation env (config.json "eval_env")
 
@@ -1021,8 +1023,9 @@ def load_data(args: Args) -> Data:
 
 
 # ---- dataset families: what each does to the data, its evaluation env, its score ----------
-# One block per family, each registering a Family in FAMILIES; a dataset of no family (or a
-# copy of this file with the blocks deleted) takes the generic Family() defaults.
+# One block per family, each registering a Family in FAMILIES; a dataset of no family takes
+# FAMILIES[""] where set (Cal-QL: its success score), else the generic Family() defaults (as
+# in a copy of this file with the blocks deleted).
 
 
 def reference_scoring(meta: dict[str, Any], dataset_id: str) -> dict[str, Any]:
@@ -1035,7 +1038,7 @@ def reference_scoring(meta: dict[str, Any], dataset_id: str) -> dict[str, Any]:
                 else None, ref_min_score=lo, ref_max_score=hi, ref_source=source)
 
 
-def reference_score(info: dict[str, Any], returns: np.ndarray, successes: np.ndarray,
+def reference_score(info: dict[str, Any], returns: np.ndarray, rate: float | None,
                     last_infos: list[dict]) -> tuple[float | None, dict[str, float]]:
     """The score of evaluation episodes from the reference returns (None without)."""
     ret, lo, hi = float(np.mean(returns)), info.get("ref_min_score"), info.get("ref_max_score")
@@ -1057,6 +1060,13 @@ FAMILIES: dict[str, Family] = {}
 
 def family_of(name: str | None) -> Family:
     return FAMILIES.get(name or "", Family())
+
+
+def env_step(env: gym.Env, action: np.ndarray, args: Args
+             ) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+    """One env step of evaluate -> (obs, reward, terminated, truncated, info), the env's own
+    (Cal-QL's binary tasks change it)."""
+    return env.step(action)
 
 
 # ---- family: gym (Minari's mujoco/*) ------------------------------------------------------
@@ -1119,7 +1129,7 @@ def kitchen_eval_spec(data_spec, eval_spec) -> gym.envs.registration.EnvSpec:
                    kwargs={**kept, **data_spec.kwargs})
 
 
-def kitchen_score(info: dict[str, Any], returns: np.ndarray, successes: np.ndarray,
+def kitchen_score(info: dict[str, Any], returns: np.ndarray, rate: float | None,
                   last_infos: list[dict]) -> tuple[float, dict[str, float]]:
     """D4RL's score: distinct tasks completed in the 280 steps x 25. The env lists every task
     completed so far in info["episode_task_completions"] whether or not it removes them
@@ -1197,7 +1207,7 @@ def antmaze_eval_spec(data_spec, eval_spec) -> gym.envs.registration.EnvSpec:
 
 FAMILIES["antmaze"] = Family(
     terminals=goal_terminals, eval_spec=antmaze_eval_spec,
-    score=lambda info, returns, successes, last_infos: (100.0 * float(np.mean(successes)), {}),
+    score=lambda info, returns, rate, last_infos: (100.0 * (rate or 0.0), {}),  # None: 0
     scoring=lambda meta, dataset_id: dict(
         score_definition="success rate x100 (CQL paper Table 2)", ref_min_score=None,
         ref_max_score=None, ref_source=None))
@@ -1478,7 +1488,7 @@ def presets_markdown() -> str:
                       f"`--dataset-id` without a preset `--env`: {alone}."])
 
 
-# ---- the run: its summary and length (main and Part III) ---------------------------------
+# ---- the run: its summary and length (main and Part III; Cal-QL: loop counters) ----------
 
 
 def final_summary(history: list[dict], info: dict[str, Any], args: Args) -> dict[str, Any]:

@@ -119,8 +119,7 @@ def test_mixed_batches_have_the_requested_ratio():
                                  torch.device("cpu"), seed=0)
     traj = {k: np.ones((40, 2) if k in ("obs", "next_obs", "actions") else 40, np.float32)
             for k in calql.KEYS}
-    online = calql.ReplayBuffer({k: v[:0] for k, v in traj.items()}, torch.device("cpu"),
-                                seed=0, capacity=100)
+    online = calql.OnlineBuffer(traj, torch.device("cpu"), seed=0, capacity=100)
     assert calql.mixed_batch(offline, online, 64, 0.5)["obs"].sum() == 0  # online empty
     online.add_trajectory(traj)
     assert online.size == 40
@@ -176,8 +175,7 @@ def test_online_trajectory_ends_at_success_and_gets_its_mc_returns():
     traj, success = calql.collect_trajectory(agent, env, tf, args, torch.device("cpu"), seed=1)
     assert not success and len(traj["rewards"]) == 6 and not traj["dones"].any()
     np.testing.assert_allclose(traj["mc_returns"], np.full(6, -5 / 0.1), rtol=1e-6)
-    online = calql.ReplayBuffer({k: v[:0] for k, v in traj.items()}, torch.device("cpu"),
-                                seed=0, capacity=10)
+    online = calql.OnlineBuffer(traj, torch.device("cpu"), seed=0, capacity=10)
     online.add_trajectory(traj)
     np.testing.assert_allclose(online.data["mc_returns"][:6].numpy(), traj["mc_returns"])
     assert online.data["mc_returns"][6:].abs().sum() == 0

@@ -173,9 +173,9 @@ def test_adroit_eval_env_horizon(twin, task, steps):
         args = calql.preset_args(f"{task}-binary")
         t, done = 0, False
         while not done:  # zero actions never succeed: the episode is cut at the horizon
-            _, reward, terminal, truncated, success = calql.env_step(
+            _, reward, terminal, truncated, info = calql.env_step(
                 env, np.zeros(env.action_space.shape), args)
-            assert reward == -1.0 and not success and not terminal
+            assert reward == -1.0 and not info["success"] and not terminal
             done, t = truncated, t + 1
         assert t == steps
     finally:
