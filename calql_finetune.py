@@ -1,8 +1,7 @@
 """Cal-QL: calibrated CQL pre-training, then online fine-tuning (offline-to-online RL).
 
-Nakamoto, Zhai, Singh, Sobol Mark, Ma, Finn, Kumar, Levine. "Cal-QL: Calibrated Offline RL
-Pre-Training for Efficient Online Fine-Tuning." NeurIPS 2023. https://arxiv.org/abs/2303.05479
-Official code: github.com/nakamotoo/Cal-QL (JAX, built on JaxCQL). CQL: Kumar et al. 2020.
+Nakamoto et al., "Cal-QL: Calibrated Offline RL Pre-Training for Efficient Online Fine-Tuning"
+(NeurIPS 2023). Official code: github.com/nakamotoo/Cal-QL (JAX, on JaxCQL).
 
 Cal-QL is CQL (importance-sampled logsumexp, twin critics, max backup, fixed or Lagrange
 weight) plus ONE change: in the logsumexp, the Q-values of the policy actions (pi(.|s) and
@@ -10,15 +9,14 @@ pi(.|s'), both scored at s) are replaced by max(Q(s,a), V_mu(s)), V_mu the Monte
 return-to-go of the behaviour policy. `--no-enable-calql` gives plain CQL, all else equal.
 Where the official code and the paper's appendix differ, the official code is followed.
 
-    python benchmark/datasets.py pointmaze-binary     # builds the local dataset
-    python calql_finetune.py --env pointmaze-binary
+    python benchmark/datasets.py pointmaze-binary && python calql_finetune.py --env pointmaze-binary
 
-- Part I, the algorithm (lines 54-801): Args, networks, losses, training step, buffers, main.
-- Part II, datasets and presets (lines 802-1733): Minari loading, one block per dataset family
+- Part I, the algorithm (lines 52-801): Args, networks, losses, training step, buffers, main.
+- Part II, datasets and presets (lines 802-1738): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1734-2809): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1739-2814): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -89,12 +87,13 @@ class Args:
     """Online update-to-data ratio: gradient steps per collected env step."""
     run_dir: str | None = None
     """Run directory; None: runs/calql_finetune__<env>__s<seed>__<time>."""
+    # ---- networks --------------------------------------------------------------------
     actor_hidden_dims: tuple[int, ...] = (512, 512)
     """Actor hidden widths."""
     critic_hidden_dims: tuple[int, ...] = (512, 512, 512)
     """Critic hidden widths (each of the twin critics)."""
     init: Literal["rlkit", "orthogonal", "pytorch"] = "orthogonal"
-    """Network init: `rlkit` (CQL code), `orthogonal` (Cal-QL code), `pytorch` (see init_)."""
+    """Network init: `rlkit` (CQL code), `orthogonal` (Cal-QL code), `pytorch` (its default)."""
     log_std_min: float = -20.0
     """Lower clamp of the actor's log-std (CQL code -5, Cal-QL -20)."""
     log_std_max: float = 2.0
@@ -124,7 +123,7 @@ class Args:
     max_backup_form: Literal["cql", "calql"] = "calql"
     """`cql`: min over critics of each one's max (rlkit); `calql`: max of the twin-min (Cal-QL)."""
 
-    # ---- the conservative penalty (CQL; Cal-QL: calibrated) --------------------------
+    # ---- CQL and Cal-QL --------------------------------------------------------------
     enable_calql: bool = True
     """Calibrate the policy-action Q-values with max(Q, V_mu); --no-enable-calql: plain CQL."""
     cql_weight: float = 1.0
@@ -141,6 +140,7 @@ class Args:
     """Lower clip of the penalty (pushed-down minus data Q), per critic (Cal-QL code)."""
     cql_clip_diff_max: float = math.inf
     """Upper clip of the penalty, per critic (Cal-QL code)."""
+    # ---- Lagrange --------------------------------------------------------------------
     lagrange: bool = False
     """Tune alpha' by dual descent towards the gap --cql-tau (Cal-QL: alpha' * w * (gap - tau))."""
     cql_tau: float = 1.0
@@ -150,7 +150,7 @@ class Args:
     alpha_prime_lr: float = 3e-4
     """Learning rate of log alpha' (Lagrange only)."""
 
-    # ---- data ------------------------------------------------------------------------
+    # ---- data transforms -------------------------------------------------------------
     binary: bool = True
     """Binary relabelling (Adroit): r = success - 1, success terminal, failures dropped, each
     trajectory cut after its last success; online episodes end at success."""
@@ -169,7 +169,7 @@ class Args:
     normalize_states: bool = False
     """Normalize observations with the dataset mean/std (eps 1e-3), at evaluation too."""
 
-    # ---- run -------------------------------------------------------------------------
+    # ---- logging and run -------------------------------------------------------------
     log_every: int = 1000
     """Read training metrics to the host (the only sync; Cal-QL: offline) every N updates."""
     max_abs_q: float = 1e6
@@ -1551,7 +1551,12 @@ DENSE_TASKS = ("hopper", "halfcheetah", "walker2d", "ant", "pendulum", "cartpole
 
 
 def binary_hint(env: str) -> str | None:
-    """Why a `<task>-binary` without a preset has none (ENV_HINT)."""
+    """Why an env without a preset has none (ENV_HINT): a D4RL level of a binary task
+    (pen-cloned: Cal-QL's is pen-binary), or a `<task>-binary` with no binary version."""
+    task, _, level = env.partition("-")
+    if level in ("human", "cloned", "expert") and (binary := f"{task}-binary") in ENVS:
+        return (f"Cal-QL runs {binary.removesuffix('-binary')} as its binary task: use --env "
+                f"{binary} ({ENVS[binary][0]} relabelled with success rewards)")
     if not env.endswith("-binary"):
         return None
     base = env.removesuffix("-binary")

@@ -9,13 +9,13 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
     python cql_sac_continuous.py --env pendulum-medium          # local dataset (see README)
     python cql_sac_continuous.py --dataset-id mujoco/hopper/expert-v0 --device cuda
 
-- Part I, the algorithm (lines 51-649): Args, networks, losses, the training step, the replay
+- Part I, the algorithm (lines 51-650): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 650-1511): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 651-1512): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1512-2587): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1513-2588): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -55,9 +55,8 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
-    """CQL-SAC. Defaults are the CQL paper's (App. F) and official code's; `--env` puts its
-    preset on top, and `--env X --help` shows the values that will run for X. `--presets`
-    prints every preset value with its source."""
+    """CQL-SAC. Defaults: the CQL paper's (App. F) and official code's; `--env` puts its preset
+    on top (`--env X --help`: X's values; `--presets`: every preset value with its source)."""
 
     env: str = "pendulum-medium"
     """Task name with a preset (see `--presets`), e.g. hopper-medium, antmaze-umaze, pen-human,
@@ -82,12 +81,13 @@ class Args:
     """Transitions per gradient step."""
     run_dir: str | None = None
     """Run directory; None: runs/cql_sac_continuous__<env>__s<seed>__<time>."""
+    # ---- networks --------------------------------------------------------------------
     actor_hidden_dims: tuple[int, ...] = (256, 256, 256)
     """Actor hidden widths."""
     critic_hidden_dims: tuple[int, ...] = (256, 256, 256)
     """Critic hidden widths (each of the twin critics)."""
     init: Literal["rlkit", "orthogonal", "pytorch"] = "rlkit"
-    """Network init: `rlkit` (CQL code), `orthogonal` (Cal-QL code), `pytorch` (see init_)."""
+    """Network init: `rlkit` (CQL code), `orthogonal` (Cal-QL code), `pytorch` (its default)."""
     log_std_min: float = -5.0
     """Lower clamp of the actor's log-std (CQL code -5, Cal-QL -20)."""
     log_std_max: float = 2.0
@@ -117,7 +117,7 @@ class Args:
     max_backup_form: Literal["cql", "calql"] = "cql"
     """`cql`: min over critics of each one's max (rlkit); `calql`: max of the twin-min (Cal-QL)."""
 
-    # ---- the conservative penalty (CQL; Cal-QL: calibrated) --------------------------
+    # ---- CQL -------------------------------------------------------------------------
     cql_weight: float = 5.0
     """Weight w of the conservative penalty (official `min_q_weight`; 0: naive offline SAC)."""
     cql_importance_sample: bool = True
@@ -132,6 +132,7 @@ class Args:
     """Lower clip of the penalty (pushed-down minus data Q), per critic (Cal-QL code)."""
     cql_clip_diff_max: float = math.inf
     """Upper clip of the penalty, per critic (Cal-QL code)."""
+    # ---- Lagrange --------------------------------------------------------------------
     lagrange: bool = False
     """Tune alpha' by dual gradient descent towards a target gap (Eq. 30); see --cql-tau."""
     cql_tau: float = 10.0
@@ -147,7 +148,7 @@ class Args:
     alpha_prime_lr: float = 3e-4
     """Learning rate of log alpha' (Lagrange only)."""
 
-    # ---- data ------------------------------------------------------------------------
+    # ---- data transforms -------------------------------------------------------------
     reward_mode: Literal["none", "locomotion", "scale_bias"] = "none"
     """`none`; `locomotion`: r*1000/(max_return - min_return); `scale_bias`: r*scale + bias."""
     reward_scale: float = 1.0
@@ -157,7 +158,7 @@ class Args:
     normalize_states: bool = False
     """Normalize observations with the dataset mean/std (eps 1e-3), at evaluation too."""
 
-    # ---- run -------------------------------------------------------------------------
+    # ---- logging and run -------------------------------------------------------------
     log_every: int = 1000
     """Read training metrics to the host (the only sync; Cal-QL: offline) every N updates."""
     max_abs_q: float = 1e6

@@ -405,7 +405,10 @@ BAD_INPUTS: dict[str, dict[str, tuple[list[str], tuple[str | re.Pattern, ...], s
         "mixing-ratio": (["--mixing-ratio", "1.5"], ("--mixing-ratio must be in [0, 1]",),
                          "cli"),
         "negative-mixing": (["--mixing-ratio", "-0.1"], ("must be in [0, 1]",), "main"),
-        "unknown-env": (["--env", "pen-human"], ("unknown --env 'pen-human'",), "main"),
+        "unknown-env": (["--env", "antmaze-umazee"], ("unknown --env 'antmaze-umazee' (did "
+                                                       "you mean antmaze-umaze",), "main"),
+        "adroit-level": (["--env", "pen-cloned"], ("--env pen-cloned: Cal-QL runs pen as its "
+                                                   "binary task: use --env pen-binary",), "cli"),
         "missing-local": (["--env", "pointmaze-binary"], (
             "build it with: python benchmark/datasets.py local/pointmaze/sparse-v0",), "main"),
         "no-network": (["--env", "pen-binary"], (

@@ -876,7 +876,7 @@ def test_help_says_what_the_values_shown_are(name, env, capsys, monkeypatch):
 HELP_GROUPS = {  # issue 22 item 6: --help's groups, in order (the banners of each Args)
     "cql_sac_continuous": ["run and data", "networks", "SAC", "CQL", "Lagrange",
                            "data transforms", "logging and run"],
-    "calql_finetune": ["run and data", "networks", "SAC", "CQL / Cal-QL", "Lagrange",
+    "calql_finetune": ["run and data", "networks", "SAC", "CQL and Cal-QL", "Lagrange",
                        "data transforms", "logging and run"],
     "cql_qrdqn_atari": ["run and data", "networks", "QR-DQN", "CQL", "Lagrange",
                         "Atari", "logging and run"]}
