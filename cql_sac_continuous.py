@@ -9,13 +9,13 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
     python cql_sac_continuous.py --env pendulum-medium          # local dataset (see README)
     python cql_sac_continuous.py --dataset-id mujoco/hopper/expert-v0 --device cuda
 
-- Part I, the algorithm (lines 51-650): Args, networks, losses, the training step, the replay
+- Part I, the algorithm (lines 51-649): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 651-1512): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 650-1511): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1513-2588): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1512-2587): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -55,8 +55,7 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
-    """CQL-SAC. Defaults: the CQL paper's (App. F) and official code's; `--env` puts its preset
-    on top (`--env X --help`: X's values; `--presets`: every preset value with its source)."""
+    """CQL-SAC, defaults the CQL paper's, App. F (`--env X --help`: X's values; `--presets`)."""
 
     env: str = "pendulum-medium"
     """Task name with a preset (see `--presets`), e.g. hopper-medium, antmaze-umaze, pen-human,
