@@ -178,3 +178,22 @@ def test_the_build_command_of_each_local_preset_dataset_is_one_benchmark_dataset
     command = "build it with: python benchmark/datasets.py "
     names = [cql.how_to_get(ds).removeprefix(command) for ds in local]
     assert len(local) == 5 and datasets_cli(*names) == local
+
+
+def test_antmaze_umaze_diverse_gets_umaze_start_and_goal():
+    """The U-maze data map with its goal cell (umaze) and without it (umaze-diverse, whose
+    registered map has none): the eval spec's cells (tests/twins.py, Minari's EVAL_ENV_MAPS)
+    land on the same data cells, start (3, 1) and goal (1, 1), as D4RL's umaze and
+    umaze-diverse share their goal and Cal-QL's ANTMAZE_CELLS place it."""
+    from twins import ANTMAZE_EVAL_MAPS, ANTMAZE_UMAZE_DATA_MAP
+
+    bare = [[1 if c == 1 else 0 for c in row] for row in ANTMAZE_UMAZE_DATA_MAP]
+    eval_spec = gym.envs.registration.EnvSpec("AntMaze_UMaze-v5", max_episode_steps=700,
+                                              kwargs={"maze_map": ANTMAZE_EVAL_MAPS["umaze"]})
+    for data_map in (ANTMAZE_UMAZE_DATA_MAP, bare):
+        data_spec = gym.envs.registration.EnvSpec("AntMaze_UMaze-v5", max_episode_steps=1000,
+                                                  kwargs={"maze_map": data_map})
+        maze = cql.antmaze_eval_spec(data_spec, eval_spec).kwargs["maze_map"]
+        cells = {c: (i, j) for i, row in enumerate(maze) for j, c in enumerate(row)
+                 if isinstance(c, str)}
+        assert cells == {"r": (3, 1), "g": (1, 1)}
