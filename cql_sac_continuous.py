@@ -11,11 +11,11 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
 
 - Part I, the algorithm (lines 51-649): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 650-1513): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 650-1511): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1514-2589): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1512-2587): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -1185,9 +1185,7 @@ def antmaze_eval_spec(data_spec, eval_spec) -> gym.envs.registration.EnvSpec:
              "cell; cannot fix the evaluation episodes")
     eval_walls = np.array([[c == 1 for c in row] for row in source_map])
     (h, w), data_goal = walls.shape, _cell(data_map, "g")
-    # (name, map transform, cell transform): identity, rot180 (Minari #304's relation: first,
-    # so that a maze symmetric under a mirror, the U, without a data goal (umaze-diverse)
-    # gets umaze's cells), then the two mirrors
+    # (name, map, cell transform); rot180 (#304) before the mirrors: umaze-diverse's tie
     symmetries = (("identity", lambda a: a, lambda i, j: (i, j)),
                   ("rot180", lambda a: a[::-1, ::-1], lambda i, j: (h - 1 - i, w - 1 - j)),
                   ("mirror-lr", lambda a: a[:, ::-1], lambda i, j: (i, w - 1 - j)),
