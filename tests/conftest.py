@@ -221,6 +221,26 @@ def one_line_error(text: str) -> str:
     return line
 
 
+def help_entries(out: str) -> dict[str, str]:
+    """A script's --help (Part III's grouped_help) -> {flag: its entry on one line, usage and
+    help text, ending in `(default: X)`}."""
+    entries, flag = {}, None
+    for line in out.splitlines():
+        if line.startswith("  --"):
+            flag = line.split()[0]
+            entries[flag] = line.strip()
+        elif line.startswith("      ") and flag is not None:
+            entries[flag] += " " + line.strip()
+        else:
+            flag = None
+    return entries
+
+
+def help_default(entry: str) -> str:
+    """The value an entry of help_entries shows: `(default: X)` -> X."""
+    return entry.rsplit("(default: ", 1)[1].removesuffix(")")
+
+
 def error_of(module, argv: list[str]) -> str:
     """`main(parse_args(argv))` in this process must stop with a one-line error (exit 1)."""
     try:

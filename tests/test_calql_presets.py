@@ -3,7 +3,6 @@ command line (`--env X --help` shows literal values, `--presets`, `--no-enable-c
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from types import SimpleNamespace
 import gymnasium as gym
 import pytest
 import torch
+from conftest import help_default, help_entries
 
 import calql_finetune as calql
 
@@ -163,7 +163,8 @@ def test_no_enable_calql_and_other_flags_parse():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--env", "pen-human"], "unknown --env 'pen-human'"),
+    (["--env", "pen-humn"], "unknown --env 'pen-humn'"),
+    (["--env", "pen-human"], "Cal-QL runs pen as its binary task: use --env pen-binary"),
     (["--env", "hopper-binary", "--help"], "hopper is a dense-reward task"),
     (["--env", "pen-binary", "--mixing-ratio", "2"], "must be in [0, 1]"),
 ])
@@ -174,18 +175,12 @@ def test_bad_command_lines_give_one_line_errors(argv, message):
 
 
 def help_defaults(env: str) -> dict[str, str]:
-    """`--env X --help` -> {flag: printed default}, from a wide terminal (no wrapping)."""
+    """`--env X --help` -> {flag without `--`: printed default}."""
     proc = subprocess.run([sys.executable, SCRIPT, "--env", env, "--help"], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "COLUMNS": "400"})
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out, flag = {}, None
-    for line in proc.stdout.splitlines():
-        start = re.match(r"│ --([a-z0-9-]+)", line)  # an option's first line
-        flag = start.group(1) if start else flag
-        default = re.search(r"\(default: (.*?)\)\s*│?$", line)
-        if default and flag is not None:
-            out[flag] = default.group(1)
-    return out
+    return {flag[2:]: help_default(entry) for flag, entry in help_entries(proc.stdout).items()
+            if "(default: " in entry}
 
 
 @pytest.mark.parametrize("env", ["antmaze-medium-play", "door-binary"])
@@ -197,8 +192,6 @@ def test_help_shows_the_values_that_will_run(env):
     for f in fields(args):
         flag = f.name.replace("_", "-")
         value = getattr(args, f.name)
-        if isinstance(value, bool):
-            flag = flag if flag in shown else f"no-{flag}"
         assert flag in shown, (flag, sorted(shown))
         if flag in optional:
             continue

@@ -14,13 +14,13 @@ so a preset change that departs from its source fails:
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import help_entries
 
 import cql_sac_continuous as cql
 
@@ -182,18 +182,15 @@ def test_initial_alpha_prime_and_log_std_affine_reach_the_networks():
 
 
 def help_text(argv, capsys, monkeypatch) -> str:
-    monkeypatch.setenv("COLUMNS", "200")
     with pytest.raises(SystemExit) as exc:
         cql.parse_args([*argv, "--help"])
     assert exc.value.code == 0
-    return " ".join(capsys.readouterr().out.split())
+    return capsys.readouterr().out
 
 
 def option(text: str, flag: str) -> str:
-    """The help entry of one option (up to the next option)."""
-    head = re.search(rf" {flag} [A-Z{{\[]| {flag}, --no-{flag[2:]} ", text)
-    nxt = re.search(r" --[a-z-]+ [A-Z{\[]| --[a-z-]+, --no-", text[head.end():])
-    return text[head.start() + 1:head.end() + nxt.start() if nxt else None]
+    """The help entry of one option, on one line (conftest.help_entries)."""
+    return help_entries(text)[flag]
 
 
 def test_help_shows_the_values_that_will_run(capsys, monkeypatch):
