@@ -385,6 +385,8 @@ def pair_line(runs: list[Run], script: str, env: str, tag: str = "") -> str | No
                    and kb == 0 else
                    "both under-estimate on every run (the data cover what either policy does)"
                    if ka == len(da) and kb == len(db) else
+                   f"CQL's predicted value is a lower bound on every run, naive SAC's on {kb} "
+                   f"of {len(db)}" if ka == len(da) else
                    "CQL over-estimates here: the lower bound does not hold (on any run)"
                    if ka == 0 else
                    f"the lower bound holds on {ka} of {len(da)} runs only, not on every run")

@@ -332,6 +332,14 @@ def test_bound_line_counts_runs_not_the_sign_of_a_mean(tmp_path):
     assert "converged 3/4 vs 3/3" in line
     assert line.endswith("(by the end of the budget; CQL's gap had stopped moving on 3 of 4 "
                          "runs).")
+    line = report.pair_line(report.load_runs(root)["claims"], CQL_SAC, "pendulum-expert")
+    assert line.endswith("CQL's predicted value is a lower bound of the return it obtains on "
+                         "every run and naive SAC over-estimates on every run.")
+    fake_run(root, "claims", CQL_SAC, "pendulum-expert", "sac", 3, gap_rows([-5.0] * 5),
+             dict(value_gap=-5.0))
+    line = report.pair_line(report.load_runs(root)["claims"], CQL_SAC, "pendulum-expert")
+    assert line.endswith("CQL's predicted value is a lower bound on every run, naive SAC's on "
+                         "1 of 4.")
 
 
 def test_every_suite_variant_has_a_label_in_words():
