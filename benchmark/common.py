@@ -18,6 +18,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -81,11 +82,28 @@ def current_metric(metric: str) -> str:
     return next((new for new, old in OLD_KEYS.items() if old == metric), metric)
 
 
-def run_status(run_dir: Path) -> Status:
-    """done: summary.json exists; resume: a checkpoint without summary; new: otherwise."""
+# The flags of each script's run length, as Part III's LENGTH_FIELD: a resume may grow them.
+LENGTH_FLAGS = {"--total-steps": "total_steps", "--online-steps": "online_steps"}
+
+
+def grows(run_dir: Path, argv: Sequence[str]) -> bool:
+    """Whether `argv` asks for a longer run than the finished one in run_dir (a length flag
+    above config.json's value)."""
+    try:
+        saved = read_json(Path(run_dir) / "config.json")["args"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    asked = {LENGTH_FLAGS[a]: b for a, b in zip(argv, argv[1:], strict=False)
+             if a in LENGTH_FLAGS}
+    return any(k in saved and int(v) > saved[k] for k, v in asked.items())
+
+
+def run_status(run_dir: Path, argv: Sequence[str] = ()) -> Status:
+    """done: summary.json exists; resume: a checkpoint without summary, or a finished run
+    that `argv` (the job's arguments) grows; new: otherwise."""
     run_dir = Path(run_dir)
     if (run_dir / "summary.json").exists():
-        return "done"
+        return "resume" if grows(run_dir, argv) else "done"
     if (run_dir / "checkpoint.pt").exists():
         return "resume"
     return "new"

@@ -7,10 +7,12 @@
 
 Run directories are <out>/<suite>/<script>__<variant>__<env>/s<seed>. A run with summary.json is
 skipped, one with checkpoint.pt but no summary.json is resumed (`--resume RUN_DIR` with the
-same arguments), anything else starts fresh. Each run's output goes to its log.txt, which
-ends with the exit code; a failed run is reported with the tail of that log and does not
-stop the others. At the end the report (benchmark/report.py) of the suite is written to
-<out>/<suite>/<suite>.md, with its figures <out>/<suite>/<suite>_*.png next to it.
+same arguments), and so is a finished one that the suite now runs longer (its --total-steps
+or --online-steps above config.json's: the resume grows the run); anything else starts
+fresh. Each run's output goes to its log.txt, which ends with the exit code; a failed run
+is reported with the tail of that log and does not stop the others. At the end the report
+(benchmark/report.py) of the suite is written to <out>/<suite>/<suite>.md, with its figures
+<out>/<suite>/<suite>_*.png next to it.
 
 Launchers: `local` (default) runs --jobs processes at once on this machine, each with
 cores/jobs torch threads; `slurm` submits one Slurm job per run through submitit (a job
@@ -96,7 +98,7 @@ def execute(job: Job, env: dict[str, str] | None = None,
     The script's stdout and stderr are appended to <run_dir>/log.txt. Never raises for a
     failing script: the failure is returned with the log's tail.
     """
-    status = run_status(job.run_dir)
+    status = run_status(job.run_dir, job.argv())
     if status == "done":
         return Result(job.label, "skipped", summary=read_json(job.run_dir / "summary.json"),
                       score=final_score(job))
@@ -120,7 +122,7 @@ def execute(job: Job, env: dict[str, str] | None = None,
         returncode = proc.wait()
         seconds = time.perf_counter() - t0
         log.write(f"{EXIT_MARK}{returncode} after {seconds:.0f}s\n")  # the report reads it
-    if returncode == 0 and run_status(job.run_dir) == "done":
+    if returncode == 0 and run_status(job.run_dir, job.argv()) == "done":
         return Result(job.label, "ok", seconds, 0, resume,
                       summary=read_json(job.run_dir / "summary.json"), score=final_score(job))
     return Result(job.label, "failed", seconds, returncode, resume,
@@ -312,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = suite_jobs(args.suite, out, args.seeds, str(args.data_root.resolve()), tuple(common))
     if args.only:
         jobs = [j for j in jobs if args.only in j.label]
-    statuses = [run_status(j.run_dir) for j in jobs]
+    statuses = [run_status(j.run_dir, j.argv()) for j in jobs]
     print(f"suite {args.suite}: {len(jobs)} runs ({statuses.count('done')} finished, "
           f"{statuses.count('resume')} to resume, {statuses.count('new')} new); "
           f"{args.jobs} at once, launcher {args.launcher}; run root {out / args.suite}; "
@@ -321,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     invocation = dict(command=command_line(), machine=machine_info(), jobs=args.jobs,
                       launcher=args.launcher, started=time.strftime("%Y-%m-%d %H:%M:%S"))
 
-    todo = [j for j in jobs if run_status(j.run_dir) != "done"]
+    todo = [j for j in jobs if run_status(j.run_dir, j.argv()) != "done"]
     errors = prepare_datasets(todo)
     blocked = {j.label: errors[d] for j in todo for d in j.entry.datasets if d in errors}
     results = [fail_result(j, f"dataset not available: {blocked[j.label]}")
