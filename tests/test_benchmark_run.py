@@ -23,6 +23,9 @@ FAKE_SCRIPT = textwrap.dedent("""
     env = argv[argv.index("--env") + 1]
     with open(run_dir / "calls.jsonl", "a") as fh:
         fh.write(json.dumps(argv) + "\\n")
+    if "--total-steps" in argv:  # config.json records the run length, as the scripts' do
+        steps = int(argv[argv.index("--total-steps") + 1])
+        (run_dir / "config.json").write_text(json.dumps({"args": {"total_steps": steps}}))
     print("fake training", env)
     if env == "fail":
         print("error: boom, the dataset is broken", file=sys.stderr)
@@ -89,6 +92,33 @@ def test_interrupted_run_fails_then_resumes(fake_suite):
     assert run_status(job.run_dir) == "resume"
     second = run.execute(job)
     assert second.resumed and calls(job)[-1][-2:] == ["--resume", str(job.run_dir)]
+
+
+def test_a_finished_run_the_suite_now_runs_longer_is_resumed(fake_suite):
+    """A suite whose --total-steps grew resumes its finished runs (the script's resume grows
+    them, tests/test_run_contract.py); the same or a shorter length leaves them done."""
+    script = suites.SUITES["fake"].entries[0].script
+
+    def job(steps: int) -> suites.Job:
+        return suites.Job("fake", suites.Entry(script, "ok", "v", ("--total-steps", str(steps))),
+                          0, fake_suite / "grow")
+
+    assert run.execute(job(10)).status == "ok"
+    assert [run_status(job(n).run_dir, job(n).argv()) for n in (5, 10, 20)] == [
+        "done", "done", "resume"]
+    assert run.execute(job(10)).status == "skipped"
+    grown = run.execute(job(20))
+    assert grown.status == "ok" and grown.resumed
+    assert calls(job(20))[-1] == job(20).argv(resume=True)
+    assert run_status(job(20).run_dir, job(20).argv()) == "done"
+
+
+def test_the_length_flags_are_the_scripts_run_lengths():
+    """common.LENGTH_FLAGS names each script's LENGTH_FIELD (Part III), as its flag."""
+    for script in ("cql_sac_continuous.py", "cql_qrdqn_atari.py", "calql_finetune.py"):
+        (field,) = re.findall(r'^LENGTH_FIELD = "(\w+)"', (common.REPO / script).read_text(),
+                              re.MULTILINE)
+        assert common.LENGTH_FLAGS["--" + field.replace("_", "-")] == field, script
 
 
 def test_submitit_local_executor(fake_suite):
