@@ -12,11 +12,11 @@ Where the official code and the paper's appendix differ, the official code is fo
     python benchmark/datasets.py pointmaze-binary && python calql_finetune.py --env pointmaze-binary
 
 - Part I, the algorithm (lines 52-801): Args, networks, losses, training step, buffers, main.
-- Part II, datasets and presets (lines 802-1738): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 802-1756): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1739-2814): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1757-2832): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ class Args:
     """Binary relabelling (Adroit): r = success - 1, success terminal, failures dropped, each
     trajectory cut after its last success; online episodes end at success."""
     goal_terminals: bool = False
-    """Goal-reward steps (`success` info) are terminal, as D4RL's antmaze `terminals`."""
+    """Goal-reward steps (raw reward 1) are terminal, as D4RL's antmaze `terminals`."""
     horizon: int | None = 100
     """Online and evaluation episode length; None: D4RL's (Adroit), else the eval spec's."""
     reward_scale: float = 10.0
@@ -1163,21 +1163,15 @@ def episode_transitions(ep, args: Args) -> dict[str, np.ndarray] | None:
                                 ep.truncations)
     rewards, terms, steps = tr["rewards"], tr["dones"], len(tr["actions"])
     success = step_success(getattr(ep, "infos", None), steps)
-    if (args.binary or args.goal_terminals) and success is None:
+    if args.binary and success is None:
         fail(f"dataset {args.dataset_id} has no per-step 'success' info; --env {args.env} "
-             f"needs it ({'binary task' if args.binary else 'goal terminals'}; Minari's "
-             "D4RL/<task>/*-v2 and D4RL/antmaze/*-v1 datasets record it)")
+             "needs it (binary task; Minari's D4RL/<task>/*-v2 datasets record it)")
     if args.binary:
         if (kept := binary_relabel(success)) is None:
             return None
         (rewards, terms), steps = kept, len(kept[0])
-    elif args.goal_terminals:
-        # D4RL antmaze convention (D4RL #199): terminal = 1 exactly where the goal reward is
-        # received; Cal-QL reads these terminals (replay_buffer.py
-        # `get_d4rl_dataset_with_mc_calculation`: dones = dataset['terminals']). Minari's
-        # AntMaze data is a continuing task (never terminated); its reward 1 and `success`
-        # info are the same event (distance to the goal <= 0.45).
-        terms = np.maximum(terms, success.astype(np.float32))
+    elif args.goal_terminals:  # D4RL antmaze's `terminals`, which Cal-QL reads
+        terms = goal_terminals(dict(dones=terms, rewards=rewards))
     reached = None if success is None else bool(success[:steps].any())
     return dict(obs=tr["obs"][:steps], next_obs=tr["next_obs"][:steps],
                 actions=tr["actions"][:steps], rewards=rewards, dones=terms, reached=reached)
@@ -1301,10 +1295,10 @@ def eval_env_description(dataset, args: Args) -> tuple[dict[str, Any], bool]:
     """{id, max_episode_steps, kwargs, entry_point} of the env that online episodes and
     evaluation use, and whether the dataset's reference scores apply to its returns.
 
-    AntMaze: built from the DATA's env spec (antmaze_eval_kwargs). Others: the dataset's eval
-    env spec (else its env spec) with `--horizon` steps (Adroit: D4RL's 100 for pen; Minari's
-    spec says 200 since Minari #286, and pen episodes are 100-200 steps, #303), or the
-    spec's own limit where --horizon is None (generic preset)."""
+    AntMaze: the DATA's maze with the eval spec's cells (antmaze_eval_spec). Others: the
+    dataset's eval env spec (else its env spec) with `--horizon` steps (Adroit: D4RL's 100 for
+    pen; Minari's spec says 200 since Minari #286, and pen episodes are 100-200 steps, #303),
+    or the spec's own limit where --horizon is None (generic preset)."""
     data_spec = dataset.env_spec
     # Minari 0.5 parses the eval spec on load but exposes it only through
     # recover_environment(eval_env=True); this is the same parsed EnvSpec.
@@ -1317,8 +1311,9 @@ def eval_env_description(dataset, args: Args) -> tuple[dict[str, Any], bool]:
     kwargs = dict(spec.kwargs)
     comparable = not args.binary  # relabelled {-1, 0} returns are not D4RL's dense returns
     if data_spec is not None and data_spec.id.startswith("AntMaze"):
-        spec, kwargs = data_spec, antmaze_eval_kwargs(dict(data_spec.kwargs), data_spec.id)
-        comparable = False  # Minari's antmaze references score the continuing eval env
+        spec = antmaze_eval_spec(data_spec, getattr(dataset, "_eval_env_spec", None))
+        # Minari's antmaze references score the continuing eval env
+        kwargs, comparable = spec.kwargs, False
     return dict(id=spec.id, max_episode_steps=horizon, kwargs=jsonable(kwargs),
                 entry_point=spec.entry_point and str(spec.entry_point)), comparable
 
@@ -1363,38 +1358,61 @@ def env_step(env: gym.Env, action: np.ndarray, args: Args
     return obs, float(reward), bool(terminated), bool(truncated) and not terminated, info
 
 
-# ---- family: AntMaze ---------------------------------------------------------------------
-# AntMaze start and goal cells (row, col) in Minari's maze maps, used in the DATA's maze.
-# umaze: the r/g cells of the antmaze-umaze data map (minari-dataset-generation-scripts
-# scripts/antmaze/create_antmaze_dataset.py), which place start and goal as D4RL's
-# antmaze-umaze-v2 (goal 8 m "above" the start, the wall between); umaze-diverse data uses
-# the same walls and has no r/g cells. medium/large: the r/g cells of the script's
-# EVAL_ENV_MAPS, whose walls equal the data's. The umaze EVAL_ENV_MAPS (the datasets' eval
-# env spec) is the MIRROR image of the data maze (Minari #304): not used.
-ANTMAZE_CELLS = {"UMaze": ((3, 1), (1, 1)), "Medium": ((1, 1), (6, 6)),
-                 "Large": ((1, 1), (7, 9))}
+# ---- family: antmaze (D4RL/antmaze) ---------------------------------------------------------
 
 
-def maze_walls(maze_map: list[list[Any]]) -> list[list[int]]:
-    """1 = wall, 0 = free (reset/goal/combined cells are free)."""
-    return [[1 if cell == 1 else 0 for cell in row] for row in maze_map]
+def goal_terminals(data: dict[str, np.ndarray]) -> np.ndarray:
+    """AntMaze: every goal-reaching step (raw reward 1) is terminal. Minari's AntMaze data come
+    from a continuing task (never terminated, reward 1 at every step within 0.45 of the goal).
+    D4RL's antmaze datasets store `terminals` equal to these rewards (D4RL issue #199: "a
+    reward/terminal of 1 when the ant is near the goal"), and the official codes train on
+    those terminals: CQL `cql_antmaze_new.py` (`load_hdf5`: `_terminals = dataset['terminals']`
+    from d4rl.qlearning_dataset) and Cal-QL `replay_buffer.py` (`dones=dataset['terminals']`).
+    We follow them: done = reward == 1. Without it Q at the goal heads to r/(1-gamma), and
+    evaluation, which ends at the goal, would not match the data."""
+    return np.maximum(data["dones"], (data["rewards"] == 1.0).astype(np.float32))
 
 
-def antmaze_eval_kwargs(data_kwargs: dict[str, Any], env_id: str) -> dict[str, Any]:
-    """Evaluation env kwargs for AntMaze data: the data's maze walls, the fixed start and
-    goal cells of ANTMAZE_CELLS, and an episodic task (terminated at the goal, as D4RL's
-    antmaze eval envs, `eval=True`, and the official Cal-QL loop see it)."""
-    kind = env_id.split("_")[1].split("-")[0]  # AntMaze_UMaze-v4 -> UMaze
-    if kind not in ANTMAZE_CELLS:
-        fail(f"AntMaze env {env_id}: no start/goal cells for this maze (known: "
-             f"{', '.join(ANTMAZE_CELLS)})")
-    walls = maze_walls(data_kwargs["maze_map"])
-    (sr, sc), (gr, gc) = ANTMAZE_CELLS[kind]
-    if walls[sr][sc] or walls[gr][gc]:
-        fail(f"AntMaze env {env_id}: the start/goal cells are walls in the data's maze")
-    walls[sr][sc], walls[gr][gc] = "r", "g"
-    return dict(data_kwargs, maze_map=walls, continuing_task=False, reset_target=False)
+def _cell(maze_map: list[list[Any]], mark: str) -> tuple[int, int] | None:
+    found = [(i, j) for i, row in enumerate(maze_map) for j, c in enumerate(row) if c == mark]
+    return found[0] if len(found) == 1 else None
 
+
+def antmaze_eval_spec(data_spec, eval_spec) -> gym.envs.registration.EnvSpec:
+    """The DATA's maze with the eval spec's fixed start (r) and goal (g) cells, ending at the
+    goal (continuing_task=False), the eval horizon (700 umaze, 1000 others). The eval spec's
+    maze is the data maze seen under a symmetry: identical for medium/large, the 180-degree
+    rotation for umaze/umaze-diverse (Minari #304, #301: its walls are the mirror image). The
+    eval cells are mapped through the symmetry that takes the eval walls onto the data walls
+    (and, where the data map has a goal cell, its goal onto that goal)."""
+    data_map = data_spec.kwargs.get("maze_map") or gym.spec(data_spec.id).kwargs["maze_map"]
+    walls = np.array([[c == 1 for c in row] for row in data_map])
+    source_map = eval_spec.kwargs.get("maze_map", data_map) if eval_spec else data_map
+    reset, goal = _cell(source_map, "r"), _cell(source_map, "g")
+    if reset is None or goal is None:
+        fail(f"the AntMaze eval spec of {data_spec.id} has no single start (r) and goal (g) "
+             "cell; cannot fix the evaluation episodes")
+    eval_walls = np.array([[c == 1 for c in row] for row in source_map])
+    (h, w), data_goal = walls.shape, _cell(data_map, "g")
+    # (name, map, cell transform); rot180 (#304) before the mirrors: umaze-diverse's tie
+    symmetries = (("identity", lambda a: a, lambda i, j: (i, j)),
+                  ("rot180", lambda a: a[::-1, ::-1], lambda i, j: (h - 1 - i, w - 1 - j)),
+                  ("mirror-lr", lambda a: a[:, ::-1], lambda i, j: (i, w - 1 - j)),
+                  ("mirror-ud", lambda a: a[::-1, :], lambda i, j: (h - 1 - i, j)))
+    options = [(name, cell) for name, grid, cell in symmetries
+               if eval_walls.shape == walls.shape and np.array_equal(grid(eval_walls), walls)]
+    options.sort(key=lambda option: option[1](*goal) != data_goal)  # no data goal: no change
+    if not options:
+        fail(f"the AntMaze eval maze of {data_spec.id} matches the data maze under no "
+             "mirror or rotation; cannot place its start and goal in the data maze")
+    _, cell = options[0]
+    maze = [[1 if c == 1 else 0 for c in row] for row in data_map]
+    (ri, rj), (gi, gj) = cell(*reset), cell(*goal)
+    maze[ri][rj], maze[gi][gj] = "r", "g"
+    kwargs = {**data_spec.kwargs, "maze_map": maze, "continuing_task": False,
+              "reset_target": False}
+    steps = (eval_spec or data_spec).max_episode_steps
+    return replace(data_spec, kwargs=kwargs, max_episode_steps=steps)
 
 # ---- presets, each value with its source; the command line -------------------------------
 ADROIT_SH = "Cal-QL scripts/run_adroit.sh"

@@ -30,6 +30,11 @@ def cells(maze_map, kind):
     return [(i, j) for i, row in enumerate(maze_map) for j, c in enumerate(row) if c == kind]
 
 
+def walls(maze_map):
+    """1 = wall, 0 = free (start, goal and combined cells are free)."""
+    return [[1 if c == 1 else 0 for c in row] for row in maze_map]
+
+
 def read_run(run_dir):
     config = json.loads((run_dir / "config.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -49,9 +54,9 @@ def test_antmaze_is_evaluated_in_the_data_maze_and_ends_at_the_goal(twin, env, d
     eval_spec_map = dataset._eval_env_spec.kwargs["maze_map"]
     kwargs = description["kwargs"]
     # the data's walls, not the eval spec's (its umaze is the mirror image, Minari #304)
-    assert calql.maze_walls(kwargs["maze_map"]) == calql.maze_walls(data_map)
+    assert walls(kwargs["maze_map"]) == walls(data_map)
     if env == "antmaze-umaze":
-        assert calql.maze_walls(eval_spec_map) != calql.maze_walls(data_map)
+        assert walls(eval_spec_map) != walls(data_map)
         assert (cells(data_map, "r"), cells(data_map, "g")) == ([start], [goal])  # its own
     else:
         assert (cells(eval_spec_map, "r"), cells(eval_spec_map, "g")) == ([start], [goal])
@@ -122,7 +127,7 @@ def test_antmaze_runs_end_to_end_and_scores_success_x100(twin, tmp_path, env, ds
     config, rows = read_run(run)
     eval_env = config["eval_env"]
     assert eval_env["id"] == env_id and eval_env["max_episode_steps"] == steps
-    assert calql.maze_walls(eval_env["kwargs"]["maze_map"]) == calql.maze_walls(
+    assert walls(eval_env["kwargs"]["maze_map"]) == walls(
         minari.load_dataset(ds_id).env_spec.kwargs["maze_map"])
     assert eval_env["kwargs"]["continuing_task"] is False
     assert config["dataset"]["success_in_data"] == 0.5

@@ -184,7 +184,7 @@ def test_antmaze_umaze_diverse_gets_umaze_start_and_goal():
     """The U-maze data map with its goal cell (umaze) and without it (umaze-diverse, whose
     registered map has none): the eval spec's cells (tests/twins.py, Minari's EVAL_ENV_MAPS)
     land on the same data cells, start (3, 1) and goal (1, 1), as D4RL's umaze and
-    umaze-diverse share their goal and Cal-QL's ANTMAZE_CELLS place it."""
+    umaze-diverse share their goal (antmaze_eval_spec: the same code in Cal-QL)."""
     from twins import ANTMAZE_EVAL_MAPS, ANTMAZE_UMAZE_DATA_MAP
 
     bare = [[1 if c == 1 else 0 for c in row] for row in ANTMAZE_UMAZE_DATA_MAP]

@@ -142,11 +142,12 @@ def changed_lines(a: str, b: str) -> int:
                for tag, i1, i2, j1, j2 in matcher.get_opcodes() if tag != "equal")
 
 
-DIFF_NOW = 1105  # 2026-12-07: 1102 (issue 16: shared evaluate, data loading), then +3 for
-# Cal-QL's answer to a D4RL Adroit level (issue 22, binary_hint); may shrink, not grow
+DIFF_NOW = 1031  # 2026-12-07: 1102 (issue 16: shared evaluate, data loading), +3 for Cal-QL's
+# answer to a D4RL Adroit level (issue 22, binary_hint), -74 for one AntMaze block (issue 16);
+# may shrink, not grow
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 open: the diff is 1105 changed lines, not <= "
+@pytest.mark.xfail(strict=True, reason="issue 16 open: the diff is 1031 changed lines, not <= "
                    "700 (each paper's presets and families, Cal-QL's online phase and MC returns)")
 def test_the_calql_diff_shows_only_what_calql_changes():
     assert changed_lines(source("cql_sac_continuous.py"), source("calql_finetune.py")) <= DIFF_MAX
