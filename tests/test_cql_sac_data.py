@@ -197,3 +197,25 @@ def test_antmaze_umaze_diverse_gets_umaze_start_and_goal():
         cells = {c: (i, j) for i, row in enumerate(maze) for j, c in enumerate(row)
                  if isinstance(c, str)}
         assert cells == {"r": (3, 1), "g": (1, 1)}
+
+
+@pytest.mark.parametrize("env_id, maze, start, goal", [
+    ("AntMaze_Medium-v4", "medium", (1, 1), (6, 6)),
+    ("AntMaze_Medium_Diverse_GR-v4", "medium", (1, 1), (6, 6)),
+    ("AntMaze_Large-v4", "large", (1, 1), (7, 9)),
+    ("AntMaze_Large_Diverse_GR-v4", "large", (1, 1), (7, 9)),
+])
+def test_antmaze_medium_and_large_keep_the_eval_cells(env_id, maze, start, goal):
+    """The registered data mazes of Minari's medium/large datasets (their generation script's
+    DATASET_ID_TO_ENV_ID) have the eval maps' walls: the eval cells stay where they are."""
+    from twins import ANTMAZE_EVAL_MAPS
+
+    cql.register_robotics_envs(env_id)
+    data_spec = gym.spec(env_id)
+    eval_spec = gym.envs.registration.EnvSpec(env_id, max_episode_steps=1000,
+                                              kwargs={"maze_map": ANTMAZE_EVAL_MAPS[maze]})
+    spec = cql.antmaze_eval_spec(data_spec, eval_spec)
+    cells = {c: (i, j) for i, row in enumerate(spec.kwargs["maze_map"]) for j, c in
+             enumerate(row) if isinstance(c, str)}
+    assert cells == {"r": start, "g": goal} and spec.max_episode_steps == 1000
+    assert spec.kwargs["continuing_task"] is False
