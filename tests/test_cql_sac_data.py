@@ -180,6 +180,12 @@ def test_the_build_command_of_each_local_preset_dataset_is_one_benchmark_dataset
     assert len(local) == 5 and datasets_cli(*names) == local
 
 
+def marked_cells(spec) -> dict[str, tuple[int, int]]:
+    """The start (r) and goal (g) cells of an eval spec's maze map."""
+    return {c: (i, j) for i, row in enumerate(spec.kwargs["maze_map"]) for j, c in
+            enumerate(row) if isinstance(c, str)}
+
+
 def test_antmaze_umaze_diverse_gets_umaze_start_and_goal():
     """The U-maze data map with its goal cell (umaze) and without it (umaze-diverse, whose
     registered map has none): the eval spec's cells (tests/twins.py, Minari's EVAL_ENV_MAPS)
@@ -193,10 +199,8 @@ def test_antmaze_umaze_diverse_gets_umaze_start_and_goal():
     for data_map in (ANTMAZE_UMAZE_DATA_MAP, bare):
         data_spec = gym.envs.registration.EnvSpec("AntMaze_UMaze-v5", max_episode_steps=1000,
                                                   kwargs={"maze_map": data_map})
-        maze = cql.antmaze_eval_spec(data_spec, eval_spec).kwargs["maze_map"]
-        cells = {c: (i, j) for i, row in enumerate(maze) for j, c in enumerate(row)
-                 if isinstance(c, str)}
-        assert cells == {"r": (3, 1), "g": (1, 1)}
+        assert marked_cells(cql.antmaze_eval_spec(data_spec, eval_spec)) == {
+            "r": (3, 1), "g": (1, 1)}
 
 
 @pytest.mark.parametrize("env_id, maze, start, goal", [
@@ -215,7 +219,5 @@ def test_antmaze_medium_and_large_keep_the_eval_cells(env_id, maze, start, goal)
     eval_spec = gym.envs.registration.EnvSpec(env_id, max_episode_steps=1000,
                                               kwargs={"maze_map": ANTMAZE_EVAL_MAPS[maze]})
     spec = cql.antmaze_eval_spec(data_spec, eval_spec)
-    cells = {c: (i, j) for i, row in enumerate(spec.kwargs["maze_map"]) for j, c in
-             enumerate(row) if isinstance(c, str)}
-    assert cells == {"r": start, "g": goal} and spec.max_episode_steps == 1000
+    assert marked_cells(spec) == {"r": start, "g": goal} and spec.max_episode_steps == 1000
     assert spec.kwargs["continuing_task"] is False
