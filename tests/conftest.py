@@ -1,6 +1,7 @@
 """Shared fixtures: local Minari datasets are built once per checkout into .cache/minari; the
 three scripts as the run-contract tests drive them; hand-made bad datasets and bad inputs."""
 
+import collections
 import importlib
 import json
 import math
@@ -22,6 +23,17 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: more threads oversubscribe
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(ROOT))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run order for `--dist loadfile` (pyproject.toml): the learning checks' modules (marked
+    slow; each a module-scoped run of minutes) first, then the others by number of tests, most
+    first. xdist orders by count alone (its --loadscope-reorder, turned off in addopts), which
+    sent the learning modules, a few tests each, last: one worker then ran the 3-minute CQL-SAC
+    fixture alone at the end (2026-12-07, 2 cores: 578 s, the other worker idle the last 175)."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    count = collections.Counter(item.path for item in items)
+    items.sort(key=lambda item: (item.path not in slow, -count[item.path], str(item.path)))
 
 
 @pytest.fixture(scope="session")
