@@ -496,14 +496,16 @@ def lower_bound_table(runs: list[Run]) -> list[str]:
     steps = gap_steps([r for g in groups.values() for r in g])
     head = ["dataset", "variant", "seeds", *(f"value gap @{s}" for s in steps),
             "runs with gap <= 0 (last)", "final normalized score", "settled gap",
-            "settled gap, return units", "runs with settled gap <= 0 [95% CI]", "converged"]
+            "settled gap, return units", "runs with settled gap <= 0 [95% CI]", "converged",
+            "drift / band, per run"]
     lines = ["**Lower bound** (CQL paper Table 4): value gap = min over twins of "
              "Q(s0, pi(s0)) minus the discounted return obtained from s0 (training-reward "
              "units: x0.1 for the pendulum preset), mean [95% CI] over seeds at gradient "
              "steps " + ", ".join(map(str, steps)) + "; <= 0: the predicted value is a lower "
              f"bound. {CONVERGENCE[0].upper()}{CONVERGENCE[1:]}; return units = the rows' "
              "value_gap_return (older runs: the gap divided by the reward scale). Runs: "
-             "Wilson 95% CI of the share.", "",
+             "Wilson 95% CI of the share. Drift / band: each run's settled gap minus the mean "
+             "of the window before, and its band (converged: |drift| <= band).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (env, variant), group in sorted(groups.items()):
         gaps = [ci_cell([(row_at(r, s) or {}).get("value_gap") for r in group], signed=True)
@@ -517,7 +519,9 @@ def lower_bound_table(runs: list[Run]) -> list[str]:
             env, variant, str(len(group)), *gaps, f"{below}/{len(group)}",
             ci_cell([r.final for r in group]), ci_cell([s.gap for s, _ in settled], signed=True),
             ci_cell([g for _, g in settled if g is not None], signed=True),
-            count_cell(k, len(settled)), f"{conv}/{len(settled)}"]) + " |")
+            count_cell(k, len(settled)), f"{conv}/{len(settled)}",
+            ", ".join(f"{s.drift:+.1f}/{s.band:.1f}" for s, _ in settled
+                      if s.converged is not None) or "—"]) + " |")
     return [*lines, ""]
 
 
