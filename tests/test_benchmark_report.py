@@ -291,8 +291,8 @@ def test_settled_gap_and_convergence_by_hand(tmp_path):
     assert (sa.gap, sa.drift, sa.band, sa.converged) == (-2.0, -2.0, 5.0, True)
     assert (sb.gap, sb.drift, sb.band, sb.converged) == (5.0, -12.0, 5.0, False)
     assert report.return_units(a) == pytest.approx(10.0)  # x0.1 rewards: gap x 10 in returns
-    (row,) = [r for r in report.lower_bound_table([a, b]) if r.startswith("| pendulum-medium")]
-    assert row.endswith("| 1/2 | -2.0/5.0, -12.0/5.0 |"), row  # converged, drift / band per run
+    row = table_row("\n".join(report.lower_bound_table([a, b])), "pendulum-medium", "cql")
+    assert row[-2:] == ["1/2", "-2.0/5.0, -12.0/5.0"], row  # converged; drift / band per run
     one = fake_run(root, "x", CQL_SAC, "e", "v", 0, gap_rows([3.0]), dict(value_gap=3.0))
     assert report.settle(report.load_runs(one.parents[2])["x"][0]).converged is None
 
