@@ -45,6 +45,7 @@ import contextlib
 import dataclasses
 import errno
 import importlib
+import json
 import os
 import random
 import re
@@ -73,6 +74,7 @@ from conftest import (
     TIMING_KEYS,
     Script,
     error_of,
+    fresh_python,
     help_default,
     help_entries,
     one_line_error,
@@ -843,6 +845,50 @@ def test_a_switch_given_a_value_is_answered_in_one_line(s, flag):
     assert out.returncode == 1
     assert one_line_error(out.stderr) == \
         f"error: {name} is a switch: use {name} or --no-{name[2:]} (no value)"
+
+
+PROBE = """import json, os, signal, sys
+print(json.dumps(dict(argv=sys.argv, path0=sys.path[0], path=sys.path[1:], file=__file__,
+                      name=__name__, cwd=os.getcwd(), env=os.environ.get("PROBE_VALUE"),
+                      main=sys.modules["__main__"].__dict__ is globals())))
+print("to stderr", file=sys.stderr)
+how = sys.argv[1]
+if how == "exit":
+    sys.exit(3)
+if how == "raise":
+    raise ValueError("boom")
+if how == "signal":
+    os.kill(os.getpid(), signal.SIGTERM)
+if how == "message":
+    sys.exit("stopped")
+"""
+
+
+@pytest.mark.parametrize("how, code", [("end", 0), ("exit", 3), ("raise", 1),
+                                       ("signal", -signal.SIGTERM), ("message", 1)])
+def test_run_script_is_what_a_fresh_interpreter_gives(how, code, tmp_path):
+    """run_script forks from a process with torch imported (tests/preloaded.py): the child's
+    argv, sys.path, __file__, __main__, cwd, environment, output and status are a fresh
+    `python SCRIPT ARGV`'s."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    env = {"PROBE_VALUE": "x"}
+    fast, fresh = (run(str(probe), how, "--flag", env=env) for run in (run_script, fresh_python))
+    assert fast.returncode == fresh.returncode == code, (fast.stderr, fresh.stderr)
+    assert fast.stdout == fresh.stdout and json.loads(fast.stdout)["env"] == "x"
+    if how == "raise":  # the same traceback but for the frames that ran the script
+        assert fast.stderr.endswith("ValueError: boom\n") and "Traceback" in fast.stderr
+        assert fresh.stderr.endswith("ValueError: boom\n")
+    else:
+        assert fast.stderr == fresh.stderr
+
+
+@PARAMS
+def test_run_script_gives_a_scripts_one_line_error_as_a_fresh_interpreter(s):
+    fast, fresh = (run(s.path, *s.argv, "--compile", "True") for run in (run_script,
+                                                                       fresh_python))
+    assert (fast.returncode, fast.stdout, fast.stderr) == (
+        fresh.returncode, fresh.stdout, fresh.stderr)
 
 
 @PARAMS
