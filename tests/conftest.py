@@ -35,7 +35,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     sent the learning modules, a few tests each, last: one worker then ran the 3-minute CQL-SAC
     fixture alone at the end (2026-12-07, 2 cores: 578 s, the other worker idle the last 175).
     With this order no worker idles, but CI took 568 s: the fixture took 270 s next to a busy
-    worker against 175 s alone, so the two CPUs here do not run two workers at full speed."""
+    worker against 175 s alone, so the two CPUs here do not run two workers at full speed.
+    What brought CI to 405 s (fresh clone and venv, cold caches) was less work: run_script
+    forks from a process with torch imported (tests/preloaded.py), saving 1.6 s per command."""
     slow = {item.path for item in items if item.get_closest_marker("slow")}
     count = collections.Counter(item.path for item in items)
     items.sort(key=lambda item: (item.path not in slow, -count[item.path], str(item.path)))
