@@ -13,6 +13,7 @@ cwd, sys_path, stdout, stderr}; on the reply pipe {"pid": N}, then {"returncode"
 (negative: killed by signal -R, as subprocess). EOF on stdin ends the server.
 """
 
+import io
 import json
 import os
 import sys
@@ -37,8 +38,11 @@ def run_as_main(request: dict) -> int:
         out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(out, fd)
         os.close(out)
-    sys.stdout = open(1, "w", encoding="utf-8", buffering=1, closefd=False)  # noqa: SIM115
-    sys.stderr = open(2, "w", encoding="utf-8", buffering=1, closefd=False)  # noqa: SIM115
+    # unbuffered, as PYTHONUNBUFFERED=1 (script_env) makes a fresh interpreter's streams
+    stream = lambda fd, errors: io.TextIOWrapper(
+        io.FileIO(fd, "w", closefd=False), encoding="utf-8", errors=errors,
+        line_buffering=True, write_through=True)
+    sys.stdout, sys.stderr = stream(1, "strict"), stream(2, "backslashreplace")
     sys.argv = [request["script"], *request["argv"]]
     sys.path[:] = request["sys_path"]
     code: int = 0
