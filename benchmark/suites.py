@@ -11,7 +11,7 @@ Suites:
     demo           each method next to its baseline on local data (the README's main job)
     claims         CQL's lower bound at convergence on 5 Pendulum datasets
     claims-random  its long runs on random data, twice as long (where 80k had not settled)
-    claims-expert  the same on expert data
+    claims-expert  the same on expert data (and claims-medium-replay, claims-medium-expert)
     finetune       Cal-QL vs CQL through the switch to online, PointMaze corridor
     umaze-finetune the same on the local U-maze (Minari's pointmaze recipe)
     local          local datasets at a size that shows learning on a CPU (committed results)
@@ -221,7 +221,8 @@ def claims_longer(level: str) -> Suite:
         seeds=3)
 
 
-CLAIMS_RANDOM, CLAIMS_EXPERT = claims_longer("random"), claims_longer("expert")
+CLAIMS_LONGER = tuple(claims_longer(level) for level in ("random", "expert", "medium-replay",
+                                                         "medium-expert"))
 
 # A side condition for both methods alike: the flags under which CQL's values on this task
 # fall below V_mu on most states (tests/test_calql_learning.py), the premise of unlearning.
@@ -290,8 +291,8 @@ def _atari(name: str, fraction: str, pct: str) -> Suite:
 
 
 SUITES: dict[str, Suite] = {s.name: s for s in (
-    SMOKE, DEMO, LOCAL, CLAIMS, CLAIMS_RANDOM, CLAIMS_EXPERT, FINETUNE, UMAZE_FINETUNE, D4RL_GYM,
-    ANTMAZE, ADROIT_BINARY, _atari("atari-1pct", "0.01", "1pct"),
+    SMOKE, DEMO, LOCAL, CLAIMS, *CLAIMS_LONGER, FINETUNE, UMAZE_FINETUNE, D4RL_GYM, ANTMAZE,
+    ADROIT_BINARY, _atari("atari-1pct", "0.01", "1pct"),
     _atari("atari-10pct", "0.1", "10pct"))}
 
 
