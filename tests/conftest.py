@@ -276,14 +276,18 @@ class PreloadedPython:
             self.server.stdin.flush()
             pid = self.reply(None)["pid"]
             done = self.reply(timeout)
-            if done is None:
+            if done is None:  # past its time: killed, as subprocess.run(timeout=) does
                 os.kill(pid, signal.SIGKILL)
                 self.reply(None)
-            read = lambda p: p.read_bytes().decode("utf-8", "replace") if p.exists() else ""
-            if done is None:
-                raise subprocess.TimeoutExpired([script, *argv], timeout, read(out), read(err))
+                raise subprocess.TimeoutExpired([script, *argv], timeout, text_of(out),
+                                                text_of(err))
             return subprocess.CompletedProcess([sys.executable, script, *argv],
-                                               done["returncode"], read(out), read(err))
+                                               done["returncode"], text_of(out), text_of(err))
+
+
+def text_of(path: Path) -> str:
+    """A captured stream's text ('' where the child never wrote it)."""
+    return path.read_bytes().decode("utf-8", "replace") if path.exists() else ""
 
 
 PRELOADED = PreloadedPython()

@@ -861,6 +861,8 @@ if how == "signal":
     os.kill(os.getpid(), signal.SIGTERM)
 if how == "message":
     sys.exit("stopped")
+if how == "hang":
+    signal.pause()
 """
 
 
@@ -881,6 +883,20 @@ def test_run_script_is_what_a_fresh_interpreter_gives(how, code, tmp_path):
         assert fresh.stderr.endswith("ValueError: boom\n")
     else:
         assert fast.stderr == fresh.stderr
+
+
+def test_run_script_kills_a_child_past_its_time_as_subprocess_run_does(tmp_path):
+    """Past `timeout` the child is killed and TimeoutExpired carries what it wrote; the next
+    command runs as usual."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    for run in (run_script, fresh_python):
+        with pytest.raises(subprocess.TimeoutExpired) as late:
+            run(str(probe), "hang", timeout=3)
+        output = late.value.output
+        written = output.decode() if isinstance(output, bytes) else output
+        assert json.loads(written)["argv"][1:] == ["hang"]
+    assert run_script(str(probe), "end").returncode == 0
 
 
 @PARAMS
