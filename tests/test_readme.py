@@ -22,7 +22,7 @@ from dqn_replay import make_dqn_replay_dir
 import calql_finetune
 import cql_qrdqn_atari
 import cql_sac_continuous
-from benchmark import datasets, gif, report, run, speed
+from benchmark import datasets, gif, report, run, speed, suites
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"cql_sac_continuous.py": cql_sac_continuous, "calql_finetune.py": calql_finetune,
@@ -80,6 +80,59 @@ def test_the_readme_quotes_results_verbatim():
     assert len(quoted) >= 2
     for line in quoted:
         assert line in reports.splitlines(), line
+
+
+def markdown_tables(text: str) -> list[list[dict[str, str]]]:
+    """Every table of a markdown text as rows of {header: cell}."""
+    tables, lines = [], text.splitlines()
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith("| ") and lines[i + 1].startswith("|---"):
+            head = [c.strip() for c in line.strip("|").split(" | ")]
+            body = []
+            for row in lines[i + 2:]:
+                if not row.startswith("| "):
+                    break
+                body.append(dict(zip(head, (c.strip() for c in row.strip("|").split(" | ")),
+                                     strict=True)))
+            tables.append(body)
+    return tables
+
+
+BOUND_CELLS = {"CQL settled gap": ("cql", "settled gap"),
+               "CQL runs <= 0 [95% CI]": ("cql", "runs with settled gap <= 0 [95% CI]"),
+               "CQL converged": ("cql", "converged"),
+               "naive SAC settled gap": ("sac", "settled gap"),
+               "naive SAC runs <= 0 [95% CI]": ("sac", "runs with settled gap <= 0 [95% CI]")}
+
+
+def test_the_readme_lower_bound_table_is_the_reports():
+    """Each row of the README's per-dataset lower-bound table: its cells are the named
+    report's lower-bound row for that dataset at the paper's Polyak rate, and `updates` is
+    the --total-steps that report's suite ran."""
+    readme = (ROOT / "README.md").read_text()
+    (table,) = [t for t in markdown_tables(readme) if t and "CQL settled gap" in t[0]]
+    assert {row["dataset"] for row in table} == set(suites.PENDULUM_LEVELS)
+    for row in table:
+        name = re.fullmatch(r"\[(.+)\]\(benchmark/results/(.+)\)", row["report"]).group(2)
+        report = (ROOT / "benchmark" / "results" / name).read_text()
+        env = f"pendulum-{row['dataset']}"
+        found = {r["variant"]: r for t in markdown_tables(report) for r in t
+                 if "settled gap" in r and r["dataset"] == env}
+        for cell, (method, column) in BOUND_CELLS.items():
+            assert row[cell] == found[method + suites.LONG][column], (name, env, cell)
+        (entry,) = [e for e in suites.SUITES[Path(name).stem].entries
+                    if e.env == env and e.variant == "cql" + suites.LONG]
+        assert row["updates"] == entry.args[entry.args.index("--total-steps") + 1], name
+    # the status table's summary is the sum of these rows
+    runs = {c: [tuple(map(int, row[c].split()[0].split("/"))) for row in table]
+            for c in ("CQL runs <= 0 [95% CI]", "naive SAC runs <= 0 [95% CI]", "CQL converged")}
+    k, n = (sum(x) for x in zip(*runs["CQL runs <= 0 [95% CI]"], strict=True))
+    below = {row["dataset"]: row["CQL runs <= 0 [95% CI]"].split()[0] for row in table}
+    each = ", ".join(f"{d} {below[d]}" for d in sorted(below, key=lambda d: -int(below[d][0])))
+    sac = sum(x for x, _ in runs["naive SAC runs <= 0 [95% CI]"])
+    conv = sum(x for x, _ in runs["CQL converged"])
+    assert (f"CQL's settled gap is <= 0 on {k}/{n} runs ({each}), naive SAC's on {sac}/{n}; "
+            f"CQL's gap passed the stated convergence test on {conv}/{n}") in readme
 
 
 def brief_run(program: str, run_dir: str, tmp_path: Path, local_dataset) -> Path:
