@@ -11,11 +11,11 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
 
 - Part I, the algorithm (lines 51-649): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 650-1511): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 650-1523): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1512-2587): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1524-2599): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -1015,7 +1015,8 @@ def load_data(args: Args) -> Data:
     tf = make_transform(data, dataset.action_space, args)
     info = dict(dataset_id=args.dataset_id, family=family, transitions=len(data["obs"]),
                 episodes=len(data["episode_returns"]), obs_dim=data["obs"].shape[1],
-                action_dim=data["actions"].shape[1], goal_terminals=terminals is not None,
+                action_dim=data["actions"].shape[1],
+                terminals=terminals and terminals.__name__,  # the family's, None: the data's
                 **scoring(dataset.storage.metadata, family, args.dataset_id))
     eval_env = spec_dict(eval_env_spec(dataset, family))
     make_eval_env(eval_env, dataset_id=args.dataset_id).close()  # now, not after training
@@ -1142,8 +1143,19 @@ def kitchen_score(info: dict[str, Any], returns: np.ndarray, rate: float | None,
         tasks_completed=float(np.mean(tasks)))
 
 
+def demo_end_terminals(data: dict[str, np.ndarray]) -> np.ndarray:
+    """Kitchen: the last step of each demonstration is terminal, as in D4RL's kitchen data
+    (D4RL scripts/generation/generate_kitchen_datasets.py: `terminals` True at each demo's last
+    step), which the official CQL code trains on (d4rl/examples/cql_mujoco_new.py `load_hdf5`
+    of `d4rl.qlearning_dataset`). Minari replays each demonstration as one episode and ends it
+    by truncation (minari-dataset-generation-scripts scripts/D4RL/kitchen/
+    create_franka_dataset.py: a reset between demos, limits 280 / 450 above every demo)."""
+    return np.maximum(data["dones"], data["timeouts"])
+
+
 FAMILIES["kitchen"] = Family(
-    eval_spec=kitchen_eval_spec, score=kitchen_score, scoring=lambda meta, dataset_id: dict(
+    terminals=demo_end_terminals, eval_spec=kitchen_eval_spec, score=kitchen_score,
+    scoring=lambda meta, dataset_id: dict(
         score_definition="tasks completed (0-4) x 25, as D4RL (ref_min 0, ref_max 4)",
         ref_min_score=0.0, ref_max_score=4.0,
         ref_source="D4RL d4rl/kitchen/__init__.py ref_min_score 0, ref_max_score 4"))

@@ -104,7 +104,7 @@ def test_antmaze_evaluates_in_the_data_maze_ending_at_the_goal(twin, tmp_path, d
     assert last["score"] == pytest.approx(100.0 * last["success_rate"])
     assert np.isfinite(last["return_mean"]) and last["episode_length"] <= horizon
     assert out["summary"]["score_definition"].startswith("success rate x100")
-    assert out["config"]["dataset"]["goal_terminals"] is True
+    assert out["config"]["dataset"]["terminals"] == "goal_terminals"
 
 
 def test_antmaze_goal_steps_are_terminal(twin):
@@ -192,6 +192,23 @@ class TasksEnv(gym.Env):
         info = dict(step_task_completions=[new] if new else [],
                     episode_task_completions=self.done_tasks)
         return np.zeros(3, np.float32), 2.0, False, False, info
+
+
+def test_kitchen_demonstration_ends_are_terminal(twin):
+    """The official CQL code trains on D4RL's kitchen terminals, True at each demonstration's
+    last step; Minari ends each demonstration by truncation: that step becomes terminal, and
+    no other."""
+    dataset_id = twin("D4RL/kitchen/complete-v2")
+    episodes = list(minari.load_dataset(dataset_id).iterate_episodes())
+    raw = cql.episodes_to_transitions(episodes)
+    assert raw["dones"].sum() == 0 and raw["timeouts"].sum() == len(episodes) > 1
+    ends = np.cumsum([len(ep.actions) for ep in episodes]) - 1
+    data = cql.load_data(cql.replace(cql.preset_args("kitchen-complete"), progress=False))
+    np.testing.assert_array_equal(np.flatnonzero(data.transitions["dones"]), ends)
+    assert data.info["terminals"] == "demo_end_terminals"
+    mujoco = cql.load_data(cql.replace(cql.preset_args("hopper-medium", twin(
+        "mujoco/hopper/medium-v0")), progress=False))
+    assert mujoco.info["terminals"] is None  # the data's own terminations
 
 
 def test_kitchen_score_counts_tasks_within_280_steps_and_the_gap_the_whole_rollout():
