@@ -12,11 +12,11 @@ Where the official code and the paper's appendix differ, the official code is fo
     python benchmark/datasets.py pointmaze-binary && python calql_finetune.py --env pointmaze-binary
 
 - Part I, the algorithm (lines 52-801): Args, networks, losses, training step, buffers, main.
-- Part II, datasets and presets (lines 802-1756): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 802-1865): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1757-2832): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1866-2941): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -1177,6 +1177,42 @@ def episode_transitions(ep, args: Args) -> dict[str, np.ndarray] | None:
                 actions=tr["actions"][:steps], rewards=rewards, dones=terms, reached=reached)
 
 
+def spec_dict(spec: gym.envs.registration.EnvSpec) -> dict[str, Any]:
+    """What config.json records as `eval_env`: id, horizon, kwargs (maze_map included) and the
+    entry point make_eval_env builds it from, as plain JSON (tuples -> lists, numpy -> Python)."""
+    entry_point = spec.entry_point and str(spec.entry_point)
+    return json.loads(json.dumps(dict(id=spec.id, max_episode_steps=spec.max_episode_steps,
+                                      kwargs=spec.kwargs, entry_point=entry_point),
+                                 default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+
+
+def scoring(meta: dict[str, Any], family: str | None, dataset_id: str) -> dict[str, Any]:
+    """How `score` is computed for this dataset (`score_definition`), with its source."""
+    return family_of(family).scoring(meta, dataset_id)
+
+
+def eval_env_spec(dataset, family: str | None) -> gym.envs.registration.EnvSpec:
+    """The env evaluation runs in: the dataset's eval env spec (else its env spec), as the
+    family changes it."""
+    if dataset.env_spec is None:
+        fail(f"dataset {dataset.storage.metadata.get('dataset_id')} records no environment "
+             "(env_spec) to evaluate in; recreate it from an env")
+    register_robotics_envs(dataset.env_spec.id)
+    text = dataset.storage.metadata.get("eval_env_spec")
+    eval_spec = gym.envs.registration.EnvSpec.from_json(text) if text else None
+    return family_of(family).eval_spec(dataset.env_spec, eval_spec)
+
+
+def eval_env_description(dataset, args: Args) -> dict[str, Any]:
+    """config.json's `eval_env`, the env of evaluation and of online episodes: the family's
+    (eval_env_spec; AntMaze: the DATA's maze with fixed cells; Adroit: D4RL's horizons) with
+    `--horizon` steps where set, else the spec's (the generic preset)."""
+    spec = eval_env_spec(dataset, family_name(args.dataset_id))
+    if not (args.horizon or spec.max_episode_steps):
+        fail(f"dataset {args.dataset_id}: its env spec has no max_episode_steps; set --horizon")
+    return spec_dict(replace(spec, max_episode_steps=args.horizon or spec.max_episode_steps))
+
+
 @dataclass
 class Data:
     """What training and evaluation take from a dataset."""
@@ -1196,8 +1232,8 @@ def load_data(args: Args) -> Data:
     episodes = tqdm(dataset.iterate_episodes(), total=dataset.total_episodes, leave=False,
                     desc=f"loading {args.dataset_id}", disable=not args.progress)
     kept, reached = [], []
-    for ep in stepped_episodes(episodes, args.dataset_id):
-        tr = episode_transitions(ep, args)
+    for ep in stepped_episodes(episodes, args.dataset_id):  # terminals: --binary and
+        tr = episode_transitions(ep, args)  # --goal-terminals (presets), not Family.terminals
         reached.append(False if tr is None else tr.pop("reached"))  # None: binary, no success
         if tr is not None and len(tr["rewards"]):
             kept.append(tr)
@@ -1213,27 +1249,28 @@ def load_data(args: Args) -> Data:
     mc = [segment_mc_returns(tf.reward(e["rewards"]), e["dones"], args.gamma,
                              args.sparse_reward, r_neg) for e in kept]
     data = dict(apply_transform(data, tf), mc_returns=np.concatenate(mc))
-    eval_env, comparable = eval_env_description(dataset, args)
+    eval_env = eval_env_description(dataset, args)
     make_eval_env(eval_env, dataset_id=args.dataset_id).close()  # now, not after training
-    meta = dataset.storage.metadata
-    info = dict(dataset_id=args.dataset_id, episodes_in_dataset=len(reached),
+    family = family_name(args.dataset_id)
+    scored = scoring(dataset.storage.metadata, family, args.dataset_id)
+    if args.binary:  # no reference scores: relabelled {-1, 0} returns are not D4RL's dense ones
+        scored.update(score_definition=None, ref_min_score=None, ref_max_score=None,
+                      ref_source=None)
+    info = dict(dataset_id=args.dataset_id, family=family, episodes_in_dataset=len(reached),
                 episodes_kept=len(kept), transitions=len(data["obs"]),
                 obs_dim=data["obs"].shape[1],
                 action_dim=data["actions"].shape[1], horizon=eval_env["max_episode_steps"],
                 # share of the dataset's episodes with a success step (from the `success`
                 # infos, before any is dropped); None: the dataset records no success
                 success_in_data=None if None in reached else float(np.mean(reached)),
-                terminals_in_data=int(data["dones"].sum()),
-                # reference scores only where the evaluated return is the one they refer to
-                **{k: float(meta[k]) if comparable and meta.get(k) is not None else None
-                   for k in ("ref_min_score", "ref_max_score")})
+                terminals_in_data=int(data["dones"].sum()), **scored)
     return Data(data, tf, info, eval_env)
 
 
 # ---- dataset families: what each does to the data, its evaluation env, its score ----------
-# One block per family, each registering a Family in FAMILIES; a dataset of no family takes
-# FAMILIES[""] where set (Cal-QL: its success score), else the generic Family() defaults (as
-# in a copy of this file with the blocks deleted).
+# One block per family, each registering a Family in FAMILIES with the dataset ids it takes; a
+# dataset of no family takes FAMILIES[""] where set (Cal-QL: success_first), else the generic
+# Family() defaults (as in a copy of this file with the blocks deleted).
 
 
 def reference_scoring(meta: dict[str, Any], dataset_id: str) -> dict[str, Any]:
@@ -1257,6 +1294,7 @@ def reference_score(info: dict[str, Any], returns: np.ndarray, rate: float | Non
 class Family:
     """A dataset family's changes to the generic path (the defaults)."""
 
+    prefixes: tuple[str, ...] = ()  # the dataset ids it takes: id prefixes
     terminals: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None  # new `dones`
     eval_spec: Callable[[Any, Any], Any] = lambda data_spec, eval_spec: eval_spec or data_spec
     scoring: Callable[[dict[str, Any], str], dict[str, Any]] = reference_scoring
@@ -1270,77 +1308,9 @@ def family_of(name: str | None) -> Family:
     return FAMILIES.get(name or "", Family())
 
 
-def success_score(info: dict[str, Any], returns: np.ndarray, rate: float | None,
-                  last_infos: list[dict]) -> tuple[float, dict[str, float]]:
-    """Cal-QL's score of every dataset: 100 x success rate where the env reports success (the
-    papers' metric on binary and goal-reaching tasks), else the normalized return (only where
-    the dataset's reference scores apply to the evaluated return, see eval_env_description),
-    else the mean return."""
-    norm, _ = reference_score(info, returns, rate, last_infos)
-    if rate is not None:
-        return 100.0 * rate, {}
-    return (norm if norm is not None else float(np.mean(returns))), {}
-
-
-FAMILIES[""] = Family(score=success_score)  # Cal-QL's datasets name no family: family_of(None)
-
-
-def jsonable(value: Any) -> Any:
-    """Spec kwargs as plain JSON values (tuples -> lists, numpy -> Python)."""
-    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist")
-                                 else str(v)))
-
-
-def eval_env_description(dataset, args: Args) -> tuple[dict[str, Any], bool]:
-    """{id, max_episode_steps, kwargs, entry_point} of the env that online episodes and
-    evaluation use, and whether the dataset's reference scores apply to its returns.
-
-    AntMaze: the DATA's maze with the eval spec's cells (antmaze_eval_spec). Others: the
-    dataset's eval env spec (else its env spec) with `--horizon` steps (Adroit: D4RL's 100 for
-    pen; Minari's spec says 200 since Minari #286, and pen episodes are 100-200 steps, #303),
-    or the spec's own limit where --horizon is None (generic preset)."""
-    data_spec = dataset.env_spec
-    # Minari 0.5 parses the eval spec on load but exposes it only through
-    # recover_environment(eval_env=True); this is the same parsed EnvSpec.
-    spec = getattr(dataset, "_eval_env_spec", None) or data_spec
-    if spec is None:
-        fail(f"dataset {args.dataset_id} records no environment to evaluate in")
-    horizon = args.horizon or d4rl_adroit_horizon(spec.id) or spec.max_episode_steps
-    if not horizon:
-        fail(f"dataset {args.dataset_id}: its env spec has no max_episode_steps; set --horizon")
-    kwargs = dict(spec.kwargs)
-    comparable = not args.binary  # relabelled {-1, 0} returns are not D4RL's dense returns
-    if data_spec is not None and data_spec.id.startswith("AntMaze"):
-        spec = antmaze_eval_spec(data_spec, getattr(dataset, "_eval_env_spec", None))
-        # Minari's antmaze references score the continuing eval env
-        kwargs, comparable = spec.kwargs, False
-    return dict(id=spec.id, max_episode_steps=horizon, kwargs=jsonable(kwargs),
-                entry_point=spec.entry_point and str(spec.entry_point)), comparable
-
-
-# ---- dataset families: what the presets load, how it differs from the paper's -----------
-# - Adroit binary (`pen|door|relocate-binary`): `D4RL/<task>/cloned-v2` (D4RL's human demos
-#   plus BC rollouts), re-labelled `r = success - 1` from its `success` infos. The official
-#   data, AWAC's 25 demos plus 500 BC trajectories per task (Cal-QL README, `JaxCQL/
-#   replay_buffer.py get_hand_dataset_with_mc_calculation`), is not on Minari; cloned-v2 is the
-#   closest public data. D4RL's horizons (pen 100, door/relocate 200); success rate, no
-#   normalized score (D4RL's reference scores are dense returns, not {-1, 0} ones).
-# - AntMaze (`antmaze-<maze>`): `D4RL/antmaze/<maze>-v1`, never terminated: goal-reward steps
-#   become terminals (D4RL's antmaze `terminals`, which Cal-QL reads); evaluated in the DATA's
-#   maze with fixed start and goal cells, ending at the goal, score = success rate x 100.
-# - Any other continuous-action dataset: `--dataset-id X` alone, the generic preset.
-
-
-# ---- family: Adroit binary (pen, door, relocate) -----------------------------------------
-def binary_relabel(success: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Adroit binary task (Cal-QL): r = success - 1 in {-1, 0} replaces the dense reward; a
-    success step is terminal; a trajectory with no success is dropped (None); a kept one is
-    cut after its last success (so it ends at a terminal). Returns the kept prefix's
-    (rewards, terminals); the caller cuts observations and actions to the same length."""
-    if not success.any():
-        return None
-    flags = success[:int(np.flatnonzero(success)[-1]) + 1].astype(np.float32)
-    return flags - 1.0, flags
+def family_name(dataset_id: str) -> str | None:
+    """The family taking `dataset_id` (the first whose prefix it starts with); None: generic."""
+    return next((name for name, f in FAMILIES.items() if dataset_id.startswith(f.prefixes)), None)
 
 
 def env_step(env: gym.Env, action: np.ndarray, args: Args
@@ -1356,6 +1326,100 @@ def env_step(env: gym.Env, action: np.ndarray, args: Args
         success = bool(info.get("success", False))
         reward, terminated = float(success) - 1.0, success
     return obs, float(reward), bool(terminated), bool(truncated) and not terminated, info
+
+
+# ---- family: gym (Minari's mujoco/*) ------------------------------------------------------
+# D4RL's Gym-MuJoCo reference returns (d4rl/gym_mujoco/__init__.py, *_RANDOM_SCORE and
+# *_EXPERT_SCORE, used for every split of the v0-v2 datasets): (random, expert).
+D4RL_MUJOCO_REFS = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0),
+                    "walker2d": (1.629008, 4592.3), "ant": (-325.6, 3879.7)}
+
+
+def gym_scoring(meta: dict[str, Any], dataset_id: str) -> dict[str, Any]:
+    out, robot = reference_scoring(meta, dataset_id), dataset_id.split("/")[1]
+    if out["ref_source"] is None and robot in D4RL_MUJOCO_REFS:  # Minari #323: none stored
+        out.update(score_definition="100 * (return - ref_min) / (ref_max - ref_min)",
+                   ref_min_score=D4RL_MUJOCO_REFS[robot][0],
+                   ref_max_score=D4RL_MUJOCO_REFS[robot][1],
+                   ref_source="D4RL d4rl/gym_mujoco/__init__.py random/expert returns of the "
+                   "v2 datasets' envs (Gym MuJoCo v3): NOT like-for-like with the v5 envs")
+    return out
+
+
+FAMILIES["gym"] = Family(prefixes=("mujoco/",), scoring=gym_scoring)
+
+
+# ---- family: adroit (D4RL/pen, door, relocate, hammer) --------------------------------------
+def adroit_eval_spec(data_spec, eval_spec) -> gym.envs.registration.EnvSpec:
+    """Minari's spec says 200 steps for every task (pen was 100 until Minari #286; pen
+    episodes are 100-200 steps, #303), but the reference scores are D4RL's, measured on
+    D4RL's horizons: 100 steps for pen, 200 for door, relocate and hammer."""
+    horizon = d4rl_adroit_horizon(data_spec.id) or 200
+    return replace(eval_spec or data_spec, max_episode_steps=horizon)
+
+
+def adroit_scoring(meta: dict[str, Any], dataset_id: str) -> dict[str, Any]:
+    out = reference_scoring(meta, dataset_id)
+    if out["ref_source"] is not None:
+        out["ref_source"] = ("dataset metadata: D4RL's reference scores (100-step pen "
+                             "episodes, see eval_env)")
+    return out
+
+
+FAMILIES["adroit"] = Family(
+    prefixes=("D4RL/pen/", "D4RL/door/", "D4RL/relocate/", "D4RL/hammer/"),
+    eval_spec=adroit_eval_spec, scoring=adroit_scoring)
+
+
+# ---- family: kitchen (D4RL/kitchen) ---------------------------------------------------------
+KITCHEN_HORIZON = 280  # D4RL d4rl/kitchen/__init__.py: max_episode_steps=280 for every task
+KITCHEN_TASK_SCORE = 25.0  # D4RL: ref_min_score 0, ref_max_score 4 tasks -> tasks x 25
+
+
+def kitchen_eval_spec(data_spec, eval_spec) -> gym.envs.registration.EnvSpec:
+    """The DATA's semantics: Minari collected with tasks kept and no termination
+    (`remove_task_when_completed=False, terminate_on_tasks_completed=False`), so the reward
+    is the number of goal tasks that hold at each step, as trained on, and the value gap
+    compares like with like; D4RL's 280 steps. (D4RL's own semantics, each task paying 1
+    once and the episode ending when all are done, would give returns <= 4 against Q-values
+    trained on per-step counts.) The score is still D4RL's: kitchen_score."""
+    # Minari collected so (minari-dataset-generation-scripts scripts/D4RL/kitchen/
+    # create_franka_dataset.py); the data spec's own kwargs win where it records them
+    kept = {"remove_task_when_completed": False, "terminate_on_tasks_completed": False}
+    return replace(data_spec, max_episode_steps=KITCHEN_HORIZON,
+                   kwargs={**kept, **data_spec.kwargs})
+
+
+def kitchen_score(info: dict[str, Any], returns: np.ndarray, rate: float | None,
+                  last_infos: list[dict]) -> tuple[float, dict[str, float]]:
+    """D4RL's score: distinct tasks completed in the 280 steps x 25. The env lists every task
+    completed so far in info["episode_task_completions"] whether or not it removes them
+    (gymnasium-robotics kitchen_env.py `step`), read at the last scored step; D4RL removes a
+    task when first completed, so its return is that count: return_mean reports it too."""
+    tasks = np.array([len(i.get("episode_task_completions", ())) for i in last_infos],
+                     np.float64)
+    return KITCHEN_TASK_SCORE * float(np.mean(tasks)), dict(
+        return_mean=float(np.mean(tasks)), return_std=float(np.std(tasks)),
+        tasks_completed=float(np.mean(tasks)))
+
+
+def demo_end_terminals(data: dict[str, np.ndarray]) -> np.ndarray:
+    """Kitchen: the last step of each demonstration is terminal, as in D4RL's kitchen data
+    (D4RL scripts/generation/generate_kitchen_datasets.py: `terminals` True at each demo's last
+    step), which the official CQL code trains on (d4rl/examples/cql_mujoco_new.py `load_hdf5`
+    of `d4rl.qlearning_dataset`). Minari replays each demonstration as one episode and ends it
+    by truncation (minari-dataset-generation-scripts scripts/D4RL/kitchen/
+    create_franka_dataset.py: a reset between demos, limits 280 / 450 above every demo)."""
+    return np.maximum(data["dones"], data["timeouts"])
+
+
+FAMILIES["kitchen"] = Family(
+    prefixes=("D4RL/kitchen/",), terminals=demo_end_terminals, eval_spec=kitchen_eval_spec,
+    score=kitchen_score,
+    scoring=lambda meta, dataset_id: dict(
+        score_definition="tasks completed (0-4) x 25, as D4RL (ref_min 0, ref_max 4)",
+        ref_min_score=0.0, ref_max_score=4.0,
+        ref_source="D4RL d4rl/kitchen/__init__.py ref_min_score 0, ref_max_score 4"))
 
 
 # ---- family: antmaze (D4RL/antmaze) ---------------------------------------------------------
@@ -1413,6 +1477,53 @@ def antmaze_eval_spec(data_spec, eval_spec) -> gym.envs.registration.EnvSpec:
               "reset_target": False}
     steps = (eval_spec or data_spec).max_episode_steps
     return replace(data_spec, kwargs=kwargs, max_episode_steps=steps)
+
+FAMILIES["antmaze"] = Family(
+    prefixes=("D4RL/antmaze/",), terminals=goal_terminals, eval_spec=antmaze_eval_spec,
+    score=lambda info, returns, rate, last_infos: (100.0 * (rate or 0.0), {}),  # None: 0
+    scoring=lambda meta, dataset_id: dict(
+        score_definition="success rate x100 (CQL paper Table 2)", ref_min_score=None,
+        ref_max_score=None, ref_source=None))
+
+
+# ---- Cal-QL: the success rate scores every family where the env reports success ---------
+
+
+def success_first(score: Callable[..., tuple[float | None, dict[str, float]]]
+                  ) -> Callable[..., tuple[float, dict[str, float]]]:
+    """Cal-QL's score of a family: 100 x success rate where the env reports success (the
+    papers' metric on binary and goal-reaching tasks), else the family's score (reference
+    scores only where they apply to the evaluated return, see load_data), else the mean
+    return."""
+    def scored(info: dict[str, Any], returns: np.ndarray, rate: float | None,
+               last_infos: list[dict]) -> tuple[float, dict[str, float]]:
+        if rate is not None:
+            return 100.0 * rate, {}
+        value, extra = score(info, returns, rate, last_infos)
+        return (float(np.mean(returns)) if value is None else value), extra
+    return scored
+
+
+FAMILIES.update({name: replace(family, score=success_first(family.score))
+                 for name, family in {"": Family(), **FAMILIES}.items()})
+
+
+# ---- family: Adroit binary (pen, door, relocate), flags over the adroit family ------------
+# `pen|door|relocate-binary` load `D4RL/<task>/cloned-v2` (D4RL's human demos plus BC rollouts),
+# re-labelled `r = success - 1` from its `success` infos (--binary). The official data, AWAC's
+# 25 demos plus 500 BC trajectories per task (Cal-QL README, `JaxCQL/replay_buffer.py
+# get_hand_dataset_with_mc_calculation`), is not on Minari; cloned-v2 is the closest public
+# data. Scored by success rate: D4RL's reference scores are dense returns, not {-1, 0} ones.
+def binary_relabel(success: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Adroit binary task (Cal-QL): r = success - 1 in {-1, 0} replaces the dense reward; a
+    success step is terminal; a trajectory with no success is dropped (None); a kept one is
+    cut after its last success (so it ends at a terminal). Returns the kept prefix's
+    (rewards, terminals); the caller cuts observations and actions to the same length."""
+    if not success.any():
+        return None
+    flags = success[:int(np.flatnonzero(success)[-1]) + 1].astype(np.float32)
+    return flags - 1.0, flags
+
 
 # ---- presets, each value with its source; the command line -------------------------------
 ADROIT_SH = "Cal-QL scripts/run_adroit.sh"
@@ -1729,10 +1840,8 @@ def final_summary(history: list[dict[str, Any]], info: dict[str, Any]) -> dict[s
     online = [r for r in history if r["phase"] == "online"]
     pre, last = offline[-1], history[-1]
     rates = [r["success_rate"] for r in online if r["success_rate"] is not None]
-    refs = None not in (info.get("ref_min_score"), info.get("ref_max_score"))
     definition = ("100 * success rate" if last["success_rate"] is not None else
-                  "100 * (return - ref_min) / (ref_max - ref_min)" if refs else
-                  "return (no success info, no reference scores)")
+                  info.get("score_definition") or "return (no success info, no reference scores)")
     return dict(
         offline_score=pre["score"], offline_success_rate=pre["success_rate"],
         final_score=last["score"], final_success_rate=last["success_rate"],

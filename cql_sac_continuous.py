@@ -11,11 +11,11 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
 
 - Part I, the algorithm (lines 51-649): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 650-1523): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 650-1538): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1524-2599): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1539-2614): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -969,9 +969,12 @@ def apply_transform(data: dict[str, np.ndarray], tf: Transform) -> dict[str, np.
 
 
 def spec_dict(spec: gym.envs.registration.EnvSpec) -> dict[str, Any]:
-    """What config.json records as `eval_env`: id, horizon and kwargs (maze_map included)."""
+    """What config.json records as `eval_env`: id, horizon, kwargs (maze_map included) and the
+    entry point make_eval_env builds it from, as plain JSON (tuples -> lists, numpy -> Python)."""
+    entry_point = spec.entry_point and str(spec.entry_point)
     return json.loads(json.dumps(dict(id=spec.id, max_episode_steps=spec.max_episode_steps,
-                                      kwargs=spec.kwargs)))
+                                      kwargs=spec.kwargs, entry_point=entry_point),
+                                 default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
 
 
 def scoring(meta: dict[str, Any], family: str | None, dataset_id: str) -> dict[str, Any]:
@@ -982,6 +985,9 @@ def scoring(meta: dict[str, Any], family: str | None, dataset_id: str) -> dict[s
 def eval_env_spec(dataset, family: str | None) -> gym.envs.registration.EnvSpec:
     """The env evaluation runs in: the dataset's eval env spec (else its env spec), as the
     family changes it."""
+    if dataset.env_spec is None:
+        fail(f"dataset {dataset.storage.metadata.get('dataset_id')} records no environment "
+             "(env_spec) to evaluate in; recreate it from an env")
     register_robotics_envs(dataset.env_spec.id)
     text = dataset.storage.metadata.get("eval_env_spec")
     eval_spec = gym.envs.registration.EnvSpec.from_json(text) if text else None
@@ -1009,7 +1015,7 @@ def load_data(args: Args) -> Data:
     data = episodes_to_transitions(stepped_episodes(episodes, args.dataset_id))
     check_finite(data, args.dataset_id)
     check_actions(data["actions"], dataset.action_space, args.dataset_id)
-    family = next(iter(fallback_groups(args.dataset_id)), None)
+    family = family_name(args.dataset_id)
     if (terminals := family_of(family).terminals) is not None:
         data["dones"] = terminals(data)
     tf = make_transform(data, dataset.action_space, args)
@@ -1024,9 +1030,9 @@ def load_data(args: Args) -> Data:
 
 
 # ---- dataset families: what each does to the data, its evaluation env, its score ----------
-# One block per family, each registering a Family in FAMILIES; a dataset of no family takes
-# FAMILIES[""] where set (Cal-QL: its success score), else the generic Family() defaults (as
-# in a copy of this file with the blocks deleted).
+# One block per family, each registering a Family in FAMILIES with the dataset ids it takes; a
+# dataset of no family takes FAMILIES[""] where set (Cal-QL: success_first), else the generic
+# Family() defaults (as in a copy of this file with the blocks deleted).
 
 
 def reference_scoring(meta: dict[str, Any], dataset_id: str) -> dict[str, Any]:
@@ -1050,6 +1056,7 @@ def reference_score(info: dict[str, Any], returns: np.ndarray, rate: float | Non
 class Family:
     """A dataset family's changes to the generic path (the defaults)."""
 
+    prefixes: tuple[str, ...] = ()  # the dataset ids it takes: id prefixes
     terminals: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None  # new `dones`
     eval_spec: Callable[[Any, Any], Any] = lambda data_spec, eval_spec: eval_spec or data_spec
     scoring: Callable[[dict[str, Any], str], dict[str, Any]] = reference_scoring
@@ -1061,6 +1068,11 @@ FAMILIES: dict[str, Family] = {}
 
 def family_of(name: str | None) -> Family:
     return FAMILIES.get(name or "", Family())
+
+
+def family_name(dataset_id: str) -> str | None:
+    """The family taking `dataset_id` (the first whose prefix it starts with); None: generic."""
+    return next((name for name, f in FAMILIES.items() if dataset_id.startswith(f.prefixes)), None)
 
 
 def env_step(env: gym.Env, action: np.ndarray, args: Args
@@ -1088,7 +1100,7 @@ def gym_scoring(meta: dict[str, Any], dataset_id: str) -> dict[str, Any]:
     return out
 
 
-FAMILIES["gym"] = Family(scoring=gym_scoring)
+FAMILIES["gym"] = Family(prefixes=("mujoco/",), scoring=gym_scoring)
 
 
 # ---- family: adroit (D4RL/pen, door, relocate, hammer) --------------------------------------
@@ -1108,7 +1120,9 @@ def adroit_scoring(meta: dict[str, Any], dataset_id: str) -> dict[str, Any]:
     return out
 
 
-FAMILIES["adroit"] = Family(eval_spec=adroit_eval_spec, scoring=adroit_scoring)
+FAMILIES["adroit"] = Family(
+    prefixes=("D4RL/pen/", "D4RL/door/", "D4RL/relocate/", "D4RL/hammer/"),
+    eval_spec=adroit_eval_spec, scoring=adroit_scoring)
 
 
 # ---- family: kitchen (D4RL/kitchen) ---------------------------------------------------------
@@ -1154,7 +1168,8 @@ def demo_end_terminals(data: dict[str, np.ndarray]) -> np.ndarray:
 
 
 FAMILIES["kitchen"] = Family(
-    terminals=demo_end_terminals, eval_spec=kitchen_eval_spec, score=kitchen_score,
+    prefixes=("D4RL/kitchen/",), terminals=demo_end_terminals, eval_spec=kitchen_eval_spec,
+    score=kitchen_score,
     scoring=lambda meta, dataset_id: dict(
         score_definition="tasks completed (0-4) x 25, as D4RL (ref_min 0, ref_max 4)",
         ref_min_score=0.0, ref_max_score=4.0,
@@ -1218,7 +1233,7 @@ def antmaze_eval_spec(data_spec, eval_spec) -> gym.envs.registration.EnvSpec:
     return replace(data_spec, kwargs=kwargs, max_episode_steps=steps)
 
 FAMILIES["antmaze"] = Family(
-    terminals=goal_terminals, eval_spec=antmaze_eval_spec,
+    prefixes=("D4RL/antmaze/",), terminals=goal_terminals, eval_spec=antmaze_eval_spec,
     score=lambda info, returns, rate, last_infos: (100.0 * (rate or 0.0), {}),  # None: 0
     scoring=lambda meta, dataset_id: dict(
         score_definition="success rate x100 (CQL paper Table 2)", ref_min_score=None,
@@ -1380,8 +1395,8 @@ ENVS: dict[str, tuple[str, tuple[str, ...]]] = {
     for task in tasks for level in levels}
 # `--dataset-id` without a preset `--env`: id prefix -> groups (the dataset's family).
 FALLBACK: dict[str, tuple[str, ...]] = {
-    "": (), "mujoco/": ("gym",), "D4RL/antmaze/": ("antmaze",), "D4RL/kitchen/": ("kitchen",),
-    "local/pendulum/": ("pendulum",), **{f"D4RL/{t}/": ("adroit",) for t in ADROIT_TASKS}}
+    "": (), **{p: (name,) for name, family in FAMILIES.items() for p in family.prefixes},
+    "local/pendulum/": ("pendulum",)}
 ALONE_TAKES_ITS_PRESET = False  # `--dataset-id D4RL/pen/human-v2` alone runs as pen-human-v2
 ENV_HINT: Callable[[str], str | None] = lambda env: d4rl_level_hint(env)
 _POSITIVE, _NON_NEGATIVE = ("positive", lambda v: v > 0), (">= 0", lambda v: v >= 0)

@@ -478,6 +478,9 @@ _CONTINUOUS_DATA: dict[str, tuple[list[str], tuple[str, ...], str]] = {
     "unregistered-env": (["--dataset-id", "test/pendulum/unregistered-v0"], (
         "unregistered-v0: cannot build the evaluation env NoSuchEnv-v0",
         "install the package that registers it"), "main"),
+    # the entry point config.json records (spec_dict) names the missing module
+    "missing-entry-point": (["--dataset-id", "test/pendulum/no-module-v0"], (
+        "no-module-v0: cannot build", "install the package with the module nosuchpkg"), "main"),
 }
 
 
@@ -500,8 +503,6 @@ BAD_INPUTS: dict[str, dict[str, tuple[list[str], tuple[str | re.Pattern, ...], s
             "could not be downloaded (OfflineModeIsEnabled: Cannot reach https://huggingface.co/",
             "get it with `minari download D4RL/pen/human-v2` on a machine with network"), "cli"),
         **_CONTINUOUS_DATA,
-        "missing-entry-point": (["--dataset-id", "test/pendulum/no-module-v0"],
-                                ("no-module-v0: cannot build", "NoSuchEnv-v0"), "main"),
         "gamma-one": (["--gamma", "1.0"], ("--gamma must be in [0, 1), got 1.0",), "main"),
     },
     "calql": {
@@ -525,9 +526,6 @@ BAD_INPUTS: dict[str, dict[str, tuple[list[str], tuple[str | re.Pattern, ...], s
             "could not be downloaded (OfflineModeIsEnabled: Cannot reach https://huggingface.co/",
             "get it with `minari download D4RL/pen/cloned-v2` on a machine with network"), "cli"),
         **_CONTINUOUS_DATA,
-        "missing-entry-point": (["--dataset-id", "test/pendulum/no-module-v0"],
-                                ("no-module-v0: cannot build",
-                                 "install the package with the module nosuchpkg"), "main"),
         "gamma-one": (["--gamma", "1.0"], ("--gamma must be in [0, 1), got 1.0",), "main"),
     },
     "qrdqn": {

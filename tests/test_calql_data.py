@@ -210,3 +210,40 @@ def test_a_mistyped_local_id_gives_the_closest_one_and_a_build_command_that_work
     command = "build it with: python benchmark/datasets.py "
     names = [calql.how_to_get(ds).removeprefix(command) for ds in local]
     assert local == ["local/pointmaze/sparse-v0"] and datasets_cli(*names) == local
+
+
+# ------------------------------------------------ families: named by id, success scores first
+
+
+def test_each_dataset_id_names_its_family_as_in_cql_sac():
+    import cql_sac_continuous as cql
+
+    for ds_id, family in [("mujoco/hopper/medium-v0", "gym"), ("D4RL/pen/cloned-v2", "adroit"),
+                          ("D4RL/hammer/human-v2", "adroit"), ("D4RL/kitchen/mixed-v2", "kitchen"),
+                          ("D4RL/antmaze/umaze-v1", "antmaze"), ("local/pointmaze/sparse-v0", None),
+                          ("D4RL/penx/a-v0", None)]:
+        assert calql.family_name(ds_id) == cql.family_name(ds_id) == family, ds_id
+    assert set(calql.FAMILIES) - {""} == set(cql.FAMILIES)
+
+
+def test_calql_scores_the_success_rate_first_then_the_family_then_the_return():
+    """success_first over each family: a reported success rate scores (x100) wherever it is;
+    without one, the family's score (kitchen: tasks x 25; reference scores), else the mean
+    return (the generic path without references)."""
+    returns, plain = np.array([1.0, 3.0]), [{}, {}]
+    assert calql.family_of("antmaze").score({}, returns, 0.5, plain) == (50.0, {})
+    assert calql.family_of("kitchen").score({}, returns, 0.25, plain) == (25.0, {})
+    assert calql.family_of(None).score({}, returns, None, plain) == (2.0, {})  # mean return
+    refs = dict(ref_min_score=0.0, ref_max_score=4.0)
+    assert calql.family_of("gym").score(refs, returns, None, plain) == (50.0, {})
+    done = [{"episode_task_completions": ["microwave", "kettle"]}, {"episode_task_completions":
+                                                                    ["microwave"]}]
+    score, extra = calql.family_of("kitchen").score(refs, returns, None, done)
+    assert score == 25.0 * 1.5 and extra["tasks_completed"] == 1.5
+
+
+def test_a_dataset_without_an_env_spec_is_refused_in_one_line():
+    dataset = SimpleNamespace(env_spec=None, storage=SimpleNamespace(metadata=dict(
+        dataset_id="someone/x/y-v0")))
+    with pytest.raises(SystemExit, match="someone/x/y-v0 records no environment"):
+        calql.eval_env_description(dataset, args_for())

@@ -241,11 +241,11 @@ def test_dataset_id_alone_evaluates_adroit_on_d4rls_horizon(env_id, ds_id, steps
     """D4RL's reference scores (kept: dense returns) are measured on 100-step pen episodes
     (d4rl/hand_manipulation_suite/__init__.py); Minari's spec says 200 for every task."""
     spec = gym.envs.registration.EnvSpec(id=env_id, entry_point="x:y", max_episode_steps=200)
-    dataset = SimpleNamespace(env_spec=spec, _eval_env_spec=None)
+    dataset = SimpleNamespace(env_spec=spec, storage=SimpleNamespace(metadata={}))
     args = calql.parse_args(["--dataset-id", ds_id])
-    assert args.horizon is None  # the generic preset
-    description, comparable = calql.eval_env_description(dataset, args)
-    assert description["max_episode_steps"] == steps and comparable
+    assert args.horizon is None and not args.binary  # the generic preset: refs kept (dense)
+    description = calql.eval_env_description(dataset, args)
+    assert description["max_episode_steps"] == steps
     assert calql.d4rl_adroit_horizon(env_id) == (None if env_id == "Pendulum-v1" else steps)
     if env_id.startswith("Adroit"):  # CQL-SAC's adroit family gives the same horizon
         import cql_sac_continuous as cql

@@ -49,7 +49,7 @@ def read_run(run_dir):
 def test_antmaze_is_evaluated_in_the_data_maze_and_ends_at_the_goal(twin, env, ds_id, steps,
                                                                      start, goal):
     dataset = minari.load_dataset(twin(ds_id))
-    description, comparable = calql.eval_env_description(dataset, calql.preset_args(env))
+    description = calql.eval_env_description(dataset, calql.preset_args(env))
     data_map = dataset.env_spec.kwargs["maze_map"]
     eval_spec_map = dataset._eval_env_spec.kwargs["maze_map"]
     kwargs = description["kwargs"]
@@ -64,7 +64,9 @@ def test_antmaze_is_evaluated_in_the_data_maze_and_ends_at_the_goal(twin, env, d
     assert kwargs["continuing_task"] is False and kwargs["reset_target"] is False
     assert description["max_episode_steps"] == steps and description["id"] == dataset.env_spec.id
     assert json.loads(json.dumps(description)) == description
-    assert not comparable  # Minari's antmaze references score the continuing task
+    # no reference scores: Minari's antmaze references score the continuing task
+    assert calql.family_name(ds_id) == "antmaze"
+    assert calql.scoring(dataset.storage.metadata, "antmaze", ds_id)["ref_min_score"] is None
     env_ = calql.make_eval_env(description)
     try:
         assert env_.spec.max_episode_steps == steps
@@ -168,9 +170,8 @@ def test_pen_binary_runs_end_to_end_with_the_d4rl_horizon(twin, tmp_path):
 @pytest.mark.parametrize("task, steps", [("pen", 100), ("door", 200), ("relocate", 200)])
 def test_adroit_eval_env_horizon(twin, task, steps):
     dataset = minari.load_dataset(twin(f"D4RL/{task}/cloned-v2"))
-    description, comparable = calql.eval_env_description(dataset,
-                                                         calql.preset_args(f"{task}-binary"))
-    assert description["max_episode_steps"] == steps and not comparable
+    description = calql.eval_env_description(dataset, calql.preset_args(f"{task}-binary"))
+    assert description["max_episode_steps"] == steps
     env = calql.make_eval_env(description)
     try:
         assert env.spec.max_episode_steps == steps
@@ -207,3 +208,30 @@ def test_door_and_relocate_twins_have_no_success_to_keep(twin, tmp_path):
     with pytest.raises(SystemExit) as exc:
         calql.main(tiny("door-binary", tmp_path / "run"))
     assert "none of its 2 trajectories reaches success" in str(exc.value)
+
+
+# ------------------------------------------------- the other families: as CQL-SAC has them
+@pytest.mark.parametrize("ds_id, family, steps", [
+    ("mujoco/hopper/medium-v0", "gym", 1000), ("D4RL/hammer/cloned-v2", "adroit", 200),
+    ("D4RL/kitchen/complete-v2", "kitchen", 280)])
+def test_a_dataset_without_a_preset_is_evaluated_and_scored_by_its_family(twin, ds_id, family,
+                                                                          steps):
+    """`--dataset-id X` alone (the generic preset): Cal-QL's evaluation env and reference
+    scores are the shared family block's, exactly CQL-SAC's (kitchen: D4RL's 280 steps with
+    the data's kept tasks; Adroit: D4RL's horizon; Gym: D4RL's references where Minari's data
+    store none)."""
+    import cql_sac_continuous as cql
+
+    dataset = minari.load_dataset(twin(ds_id))
+    args = calql.parse_args(["--dataset-id", ds_id])
+    assert args.horizon is None and not args.binary  # the generic preset
+    assert calql.family_name(ds_id) == cql.family_name(ds_id) == family
+    description = calql.eval_env_description(dataset, args)
+    assert description == cql.spec_dict(cql.eval_env_spec(dataset, family))
+    assert description["max_episode_steps"] == steps
+    meta = dataset.storage.metadata
+    scored = calql.scoring(meta, family, ds_id)
+    assert scored == cql.scoring(meta, family, ds_id) and scored["ref_max_score"] is not None
+    data = calql.load_data(args)
+    assert data.info["family"] == family and data.info["ref_source"] == scored["ref_source"]
+    assert data.eval_env == description

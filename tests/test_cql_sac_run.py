@@ -69,8 +69,8 @@ def test_compile_gives_the_eager_losses(one_torch_thread):
 
 def test_dataset_id_alone_runs_with_the_default_preset(tmp_path, monkeypatch):
     """No --env and a dataset of no known family: the paper's defaults, env named after it;
-    config.json's eval_env is exactly {id, max_episode_steps, kwargs, value_gap}: Pendulum
-    never terminates, so every evaluation rolls out the gap's 459 steps past its 200."""
+    config.json's eval_env is exactly {id, max_episode_steps, kwargs, entry_point, value_gap}:
+    Pendulum never terminates, so every evaluation rolls out the gap's 459 steps past its 200."""
     write_dataset(tmp_path, "someone/pendulum/tiny-v0", "Pendulum-v1")
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
     tiny = SCRIPTS["cql_sac"].argv[2:]  # the contract's tiny sizes, without its --env
@@ -81,7 +81,9 @@ def test_dataset_id_alone_runs_with_the_default_preset(tmp_path, monkeypatch):
     assert summary["total_steps"] == 2 and np.isfinite(summary["final_return"])
     eval_env = read_json(tmp_path / "run" / "config.json")["eval_env"]
     assert eval_env == {"id": "Pendulum-v1", "max_episode_steps": 200,
-                        "kwargs": eval_env["kwargs"], "value_gap": eval_env["value_gap"]}
+                        "kwargs": eval_env["kwargs"],
+                        "entry_point": "gymnasium.envs.classic_control.pendulum:PendulumEnv",
+                        "value_gap": eval_env["value_gap"]}
     gap = eval_env["value_gap"]
     assert (gap["horizon"], gap["score_max_steps"], gap["rollout_max_steps"]) == (459, 200, 459)
     assert gap["tail_fraction"] == 0.01 and gap["runs_past_time_limit"] is True
