@@ -186,6 +186,15 @@ def test_presets_have_one_shape(name):
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
+def test_the_docs_preset_tables_are_what_presets_prints(name):
+    """docs/presets_<script>.md (linked from docs/usage.md) is `python <script> --presets`."""
+    module = __import__(name.removesuffix(".py"))
+    doc = ROOT / "docs" / f"presets_{name.removesuffix('.py')}.md"
+    assert doc.read_text().rstrip("\n") == module.presets_markdown().rstrip("\n"), (
+        f"regenerate: python {name} --presets > {doc.relative_to(ROOT)}")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
 def test_help_texts_are_sentences(name):
     tree = ast.parse(source(name))
     args = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args")
