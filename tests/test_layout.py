@@ -257,3 +257,49 @@ def rewrite_maps() -> None:
 
 if __name__ == "__main__":
     rewrite_maps()
+
+
+def without_family_blocks(text: str) -> str:
+    """The script with each family block cut out: from a `# ---- family: ...` (QR-DQN:
+    `# --- Family: ...`) header to the next section header."""
+    out, skipping = [], False
+    for line in text.splitlines(keepends=True):
+        if re.match(r"# ---+ [Ff]amily: ", line):
+            skipping = True
+        elif skipping and re.match(r"# (---|===)", line):
+            skipping = False
+        if not skipping:
+            out.append(line)
+    return "".join(out)
+
+
+GENERIC_RUNS = {  # script key -> (env of the hand-made dataset, its few steps)
+    "cql_sac": ("Pendulum-v1", {"total_steps": "2", "eval_every": "2"}),
+    "calql": ("Pendulum-v1", {"offline_steps": "2", "offline_eval_every": "2",
+                              "online_steps": "2", "eval_every": "2"}),
+    "qrdqn": ("CartPole-v1", {"total_steps": "2", "eval_every": "2"}),
+}
+
+
+@pytest.mark.parametrize("key", list(GENERIC_RUNS))
+def test_a_copy_without_the_family_blocks_runs_on_ones_own_data(tmp_path, key):
+    """What each docstring tells someone copying the file: delete the family blocks and
+    the generic path still runs on a Minari dataset of one's own (`--dataset-id`, no
+    `--env`), and the copy imports neither ALE nor OpenCV (gymnasium-robotics stays a lazy
+    import, for an env id gymnasium does not know)."""
+    from conftest import SCRIPTS, read_json, run_script, write_dataset
+
+    script = SCRIPTS[key]
+    text = without_family_blocks(source(script.file))
+    assert len(text) < len(source(script.file)), f"{script.file}: no family block found"
+    for module in ("ale_py", "cv2"):
+        assert f"import {module}" not in text, f"{script.file} copy imports {module}"
+    copy = tmp_path / script.file
+    copy.write_text(text)
+    env_id, steps = GENERIC_RUNS[key]
+    write_dataset(tmp_path / "data", "someone/own/tiny-v0", env_id)
+    argv = script.args(tmp_path / "run", **steps)
+    argv[argv.index("--env"):argv.index("--env") + 2] = ["--dataset-id", "someone/own/tiny-v0"]
+    done = run_script(str(copy), *argv, env={"MINARI_DATASETS_PATH": str(tmp_path / "data")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_json(tmp_path / "run" / "summary.json")["final_return"] is not None
