@@ -86,7 +86,7 @@ class Args:
     utd: int = 1
     """Online update-to-data ratio: gradient steps per collected env step."""
     run_dir: str | None = None
-    """Run directory; None: runs/calql_finetune__<env>__s<seed>__<time>."""
+    """Run directory; None: runs/<script>__<env>__s<seed>__<time> (script: this file's name)."""
     # ---- networks --------------------------------------------------------------------
     actor_hidden_dims: tuple[int, ...] = (512, 512)
     """Actor hidden widths."""
@@ -142,9 +142,9 @@ class Args:
     """Upper clip of the penalty, per critic (Cal-QL code)."""
     # ---- Lagrange --------------------------------------------------------------------
     lagrange: bool = False
-    """Tune alpha' by dual descent towards the gap --cql-tau (Cal-QL: alpha' * w * (gap - tau))."""
+    """Tune alpha' by dual gradient descent towards a target gap (Eq. 30); see --cql-tau."""
     cql_tau: float = 1.0
-    """Target action gap of the Lagrange form (official `cql_target_action_gap`)."""
+    """Target gap tau of the Lagrange form alpha' * w * (gap - tau) (`cql_target_action_gap`)."""
     log_alpha_prime_init: float = 1.0
     """Initial log alpha' (Lagrange only): rlkit `cql.py` 0.0 (`ptu.zeros(1)`), Cal-QL/CORL 1.0."""
     alpha_prime_lr: float = 3e-4

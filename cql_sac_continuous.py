@@ -79,7 +79,7 @@ class Args:
     batch_size: int = 256
     """Transitions per gradient step."""
     run_dir: str | None = None
-    """Run directory; None: runs/cql_sac_continuous__<env>__s<seed>__<time>."""
+    """Run directory; None: runs/<script>__<env>__s<seed>__<time> (script: this file's name)."""
     # ---- networks --------------------------------------------------------------------
     actor_hidden_dims: tuple[int, ...] = (256, 256, 256)
     """Actor hidden widths."""
