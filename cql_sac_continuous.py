@@ -11,11 +11,11 @@ their sources. `diff cql_sac_continuous.py calql_finetune.py` shows what Cal-QL 
 
 - Part I, the algorithm (lines 51-649): Args, networks, losses, the training step, the replay
   buffer, generic evaluation, main.
-- Part II, datasets and presets (lines 650-1538): Minari loading, one block per dataset family
+- Part II, datasets and presets (lines 650-1559): Minari loading, one block per dataset family
   (its data, evaluation env and score), the presets with their sources, argument parsing.
   Copying the file for your own data: delete the family blocks and the presets and pass
   `--dataset-id`; the generic path (any Minari dataset with Box actions) still runs.
-- Part III, run plumbing (lines 1539-2614): run directory, checkpoints, resume, signals, W&B.
+- Part III, run plumbing (lines 1560-2635): run directory, checkpoints, resume, signals, W&B.
 """
 
 from __future__ import annotations
@@ -1292,6 +1292,7 @@ DEFAULT_SOURCES: dict[str, str] = dict(
 _CAL_QL = "Cal-QL code"
 _RUN_ANTMAZE = "Cal-QL scripts/run_antmaze.sh"
 _CORL_ANTMAZE = "CORL configs/offline/cql/antmaze/*.yaml"
+_ANTMAZE_NEW = "CQL code d4rl/examples/cql_antmaze_new.py"
 _APP_F_LAGRANGE = ("paper App. F: Lagrange with tau = 5 for Adroit and kitchen; "
                    f"{_MUJOCO_NEW} `--min_q_weight` default 1.0 (\"set to 5.0 or 10.0 if not "
                    "using lagrange\"), so in the CQL form the target gap is tau")
@@ -1304,7 +1305,7 @@ PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
         cql_weight=(5.0, "CQL README, MuJoCo command `--min_q_weight=(5.0 or 10.0)`"),
         lagrange=(False, "CQL README, MuJoCo command `--lagrange_thresh=-1.0`"),
     ),
-    "antmaze": dict(  # Cal-QL / CORL antmaze (the CQL code's own antmaze run differs)
+    "antmaze": dict(  # Cal-QL / CORL antmaze (the CQL code's own run: antmaze-cql-code)
         policy_lr=(1e-4, f"{_CAL_QL} conservative_sac.py `policy_lr = 1e-4`; CORL yaml 0.0001"),
         bc_steps=(0, f"{_CAL_QL}: no BC warm start; {_CORL_ANTMAZE} `bc_steps: 0`"),
         cql_weight=(5.0, f"{_RUN_ANTMAZE} `--cql_min_q_weight=5.0`; CORL `cql_alpha: 5.0`"),
@@ -1329,6 +1330,24 @@ PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
         reward_mode=("scale_bias", f"{_RUN_ANTMAZE} `--reward_scale/--reward_bias`"),
         reward_scale=(10.0, f"{_RUN_ANTMAZE} `--reward_scale=10.0`; CORL `reward_scale: 10.0`"),
         reward_bias=(-5.0, f"{_RUN_ANTMAZE} `--reward_bias=-5`; CORL `reward_bias: -5.0`"),
+    ),
+    # The CQL code's own antmaze run (`--env antmaze-<maze>-cql-code`): the defaults (rlkit
+    # networks, init, clamps, Lagrange form) with these. `antmaze` is instead the recipe that
+    # Cal-QL and CORL tuned, after CQL on antmaze did not reproduce (CORL #14, PR #56).
+    "antmaze-cql-code": dict(
+        policy_lr=(1e-4, f"{_ANTMAZE_NEW} `--policy_lr` default 1e-4; CQL README antmaze "
+                         "command `--policy_lr=1e-4`"),
+        bc_steps=(40_000, f"{_ANTMAZE_NEW} `--policy_eval_start` default 40000"),
+        lagrange=(True, f"{_ANTMAZE_NEW}: `with_lagrange` unless `--lagrange_thresh` < 0"),
+        cql_tau=(5.0, f"{_ANTMAZE_NEW} `--lagrange_thresh` default 5.0; CQL README antmaze "
+                      "command `--lagrange_thresh=5.0`"),
+        cql_weight=(5.0, "CQL README antmaze command `--min_q_wight=5.0` (sic: meant "
+                         f"--min_q_weight; {_ANTMAZE_NEW}'s default is 1.0)"),
+        max_backup=(False, f"{_ANTMAZE_NEW} `--max_q_backup` default 'False', not set by the "
+                           "README command (the paper's App. F: max backup for antmaze)"),
+        reward_mode=("scale_bias", f"{_ANTMAZE_NEW} `load_hdf5`: `(rewards - 0.5) * 4.0`"),
+        reward_scale=(4.0, f"{_ANTMAZE_NEW} `load_hdf5`: `(rewards - 0.5) * 4.0`"),
+        reward_bias=(-2.0, f"{_ANTMAZE_NEW} `load_hdf5`: `(rewards - 0.5) * 4.0`"),
     ),
     "adroit": dict(
         policy_lr=(3e-5, "paper App. F: 3e-5 (1e-4 performed badly on Adroit)"),
@@ -1393,6 +1412,8 @@ ENVS: dict[str, tuple[str, tuple[str, ...]]] = {
         ("pendulum", "local/{}/{}-v0", ("pendulum",),
          ("random", "medium", "expert", "medium-replay", "medium-expert"))]
     for task in tasks for level in levels}
+ENVS.update({f"{env}-cql-code": (dataset_id, ("antmaze-cql-code",))  # the CQL code's run
+             for env, (dataset_id, groups) in list(ENVS.items()) if groups == ("antmaze",)})
 # `--dataset-id` without a preset `--env`: id prefix -> groups (the dataset's family).
 FALLBACK: dict[str, tuple[str, ...]] = {
     "": (), **{p: (name,) for name, family in FAMILIES.items() for p in family.prefixes},

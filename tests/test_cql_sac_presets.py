@@ -83,6 +83,14 @@ OFFICIAL = dict(
         log_std_affine=True,  # model.py log_std_multiplier=1.0, log_std_offset=-1.0
         reward_mode="scale_bias", reward_scale=10.0, reward_bias=-5.0,  # --reward_scale/bias
     ),
+    **{"antmaze-cql-code": dict(  # CQL code d4rl/examples/cql_antmaze_new.py, CQL README
+        policy_lr=1e-4,  # --policy_lr default 1e-4; README antmaze command --policy_lr=1e-4
+        bc_steps=40_000,  # --policy_eval_start default 40000
+        lagrange=True, cql_tau=5.0,  # --lagrange_thresh default 5.0 (>= 0: with_lagrange)
+        cql_weight=5.0,  # README antmaze command --min_q_wight=5.0 (sic; the default is 1.0)
+        max_backup=False,  # --max_q_backup default 'False', not set by the README command
+        reward_mode="scale_bias", reward_scale=4.0, reward_bias=-2.0,  # (r - 0.5) * 4
+    )},
     adroit=dict(
         policy_lr=3e-5,  # paper App. F (1e-4 performed badly on Adroit)
         bc_steps=40_000,  # cql_mujoco_new.py --policy_eval_start default 40000
@@ -131,24 +139,26 @@ def test_preset_families_and_datasets():
               "pen-human": ("D4RL/pen/human-v2", "adroit"),
               "hammer-cloned": ("D4RL/hammer/cloned-v2", "adroit"),
               "kitchen-mixed": ("D4RL/kitchen/mixed-v2", "kitchen"),
-              "pendulum-expert": ("local/pendulum/expert-v0", "pendulum")}
+              "pendulum-expert": ("local/pendulum/expert-v0", "pendulum"),
+              "antmaze-umaze-cql-code": ("D4RL/antmaze/umaze-v1", "antmaze-cql-code")}
     for env, value in expect.items():
         assert cql.ENVS[env] == (value[0], (value[1],))
         assert cql.preset_args(env).dataset_id == value[0]
 
 
 @pytest.mark.parametrize("env", ["pen-human", "kitchen-partial", "walker2d-medium",
-                                 "antmaze-umaze"])
+                                 "antmaze-umaze", "antmaze-umaze-cql-code"])
 def test_lagrange_target_gap_is_the_papers_tau(env):
     """With the preset's weight and form, alpha' stops moving exactly at the paper's gap:
     tau 5 for Adroit/kitchen (App. F), 10 for gym with --lagrange --cql-weight 1, 0.8 for
-    antmaze (Cal-QL). The old Adroit preset (w=5 in the CQL form) stopped at gap 1."""
+    antmaze (Cal-QL); the CQL code's antmaze run, tau 5 and w 5 in the CQL form, at gap 1.
+    The old Adroit preset (w=5 in the CQL form) stopped at gap 1."""
     args = cql.preset_args(env)
     if env == "walker2d-medium":  # the README's Eq. 30 command
         args = cql.parse_args(["--env", env, "--lagrange", "--cql-tau", "10", "--cql-weight",
                                "1"])
     target = {"pen-human": 5.0, "kitchen-partial": 5.0, "walker2d-medium": 10.0,
-              "antmaze-umaze": 0.8}[env]
+              "antmaze-umaze": 0.8, "antmaze-umaze-cql-code": 1.0}[env]
     assert args.lagrange
     log_ap = torch.nn.Parameter(torch.zeros(()))
     for gap, sign in ((target, 0), (target + 0.5, -1), (target - 0.5, +1)):

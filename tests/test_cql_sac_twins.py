@@ -121,6 +121,21 @@ def test_antmaze_goal_steps_are_terminal(twin):
     np.testing.assert_array_equal(np.unique(data["rewards"]), [-5.0, 5.0])
 
 
+def test_the_cql_codes_antmaze_run_trains_on_its_centred_rewards(twin, tmp_path):
+    """`--env antmaze-umaze-cql-code` (cql_antmaze_new.py): the same goal terminals and
+    evaluation, rewards (r - 0.5) * 4 (goal steps +2, others -2), BC warm start, Lagrange in
+    the CQL form; it runs end to end on the twin."""
+    twin("D4RL/antmaze/umaze-v1")
+    args = cql.replace(cql.preset_args("antmaze-umaze-cql-code"), progress=False)
+    data = cql.load_data(args).transitions
+    np.testing.assert_array_equal(np.unique(data["rewards"]), [-2.0, 2.0])
+    np.testing.assert_array_equal(data["dones"], (data["rewards"] == 2.0).astype(np.float32))
+    out = run("antmaze-umaze-cql-code", "D4RL/antmaze/umaze-v1", tmp_path)
+    assert out["config"]["args"]["lagrange_form"] == "cql" and out["args"].bc_steps == 40_000
+    assert out["config"]["eval_env"]["kwargs"]["continuing_task"] is False
+    assert out["rows"][-1]["score"] == 100.0 * out["rows"][-1]["success_rate"]
+
+
 # ---------------------------------------------------------------- Adroit
 
 
