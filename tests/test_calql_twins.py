@@ -214,8 +214,8 @@ def test_door_and_relocate_twins_have_no_success_to_keep(twin, tmp_path):
 @pytest.mark.parametrize("ds_id, family, steps", [
     ("mujoco/hopper/medium-v0", "gym", 1000), ("D4RL/hammer/cloned-v2", "adroit", 200),
     ("D4RL/kitchen/complete-v2", "kitchen", 280)])
-def test_a_dataset_without_a_preset_is_evaluated_and_scored_by_its_family(twin, ds_id, family,
-                                                                          steps):
+def test_a_dataset_without_a_preset_is_evaluated_and_scored_by_its_family(twin, tmp_path, ds_id,
+                                                                          family, steps):
     """`--dataset-id X` alone (the generic preset): Cal-QL's evaluation env and reference
     scores are the shared family block's, exactly CQL-SAC's (kitchen: D4RL's 280 steps with
     the data's kept tasks; Adroit: D4RL's horizon; Gym: D4RL's references where Minari's data
@@ -235,3 +235,17 @@ def test_a_dataset_without_a_preset_is_evaluated_and_scored_by_its_family(twin, 
     data = calql.load_data(args)
     assert data.info["family"] == family and data.info["ref_source"] == scored["ref_source"]
     assert data.eval_env == description
+    # end to end, offline then online, scored by success_first over the family's score
+    run = calql.replace(tiny("pen-binary", tmp_path / "run"), **{
+        k: getattr(args, k) for k in ("dataset_id", "env", "binary", "horizon", "reward_scale",
+                                      "reward_bias", "sparse_reward", "reward_neg")})
+    calql.main(run)
+    _, rows = read_run(tmp_path / "run")
+    last, (lo, hi) = rows[-1], (scored["ref_min_score"], scored["ref_max_score"])
+    assert last["phase"] == "online" and last["episode_length"] <= steps
+    if last["success_rate"] is not None:  # Adroit reports success: Cal-QL's score
+        assert last["score"] == 100.0 * last["success_rate"]
+    elif family == "kitchen":  # D4RL's tasks x 25
+        assert last["score"] == 25.0 * last["tasks_completed"]
+    else:
+        assert last["score"] == pytest.approx(100.0 * (last["return_mean"] - lo) / (hi - lo))
